@@ -1,0 +1,88 @@
+// What ep_bench reports: timing statistics, result rows, the link-limit table, the target summary,
+// and their fixed-width and JSON renderings. Every number here is already reduced over ranks;
+// docs/benchmarks.md defines each one.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace epcomm::bench {
+
+struct Stats {
+  double med_us = 0;
+  double min_us = 0;
+  double max_us = 0;
+};
+
+// Median (mean of the middle two for an even count), minimum and maximum of per-call samples.
+Stats summarize(const std::vector<float>& samples_us);
+
+// One line of the main table. Time statistics are the maximum over ranks of each rank's
+// statistic; GB/s are the minimum over ranks of (this rank's bytes per call / its median time).
+struct Row {
+  std::string op;     // "dispatch", "combine", "ll dispatch", ...
+  std::string dtype;  // "bf16", "fp8" or "-"
+  int tokens = 0;     // tokens per rank
+  int hidden = 0;
+  int topk = 0;
+  int experts = 0;
+  int ranks = 0;
+  int sms = 0;        // SM budget of the op; 0 = not applicable
+  int input_sets = 0;
+  Stats time;
+  // Per-call bytes of one rank (min and max over ranks); empty where bytes do not apply.
+  std::optional<double> logical_bytes_min, logical_bytes_max;
+  std::optional<double> link_bytes_min, link_bytes_max;
+  std::optional<double> logical_gbps;  // min over ranks
+  std::optional<double> link_gbps;     // min over ranks
+  std::optional<double> link_pct;      // link_gbps / link limit * 100
+  std::optional<double> nccl_med_us;   // NCCL moving the same per-peer bytes
+  std::optional<double> vs_nccl;       // nccl_med_us / time.med_us
+};
+
+// One line of the link-limit table.
+struct LinkRow {
+  std::string method;  // "SM store", "SM load", "copy engine"
+  int sms = 0;         // 0 = copy engine
+  double bytes_per_rank = 0;
+  double med_us_max = 0;  // slowest rank's median
+  double gbps_min = 0;    // min over ranks of bytes / median
+  double gbps_max = 0;
+};
+
+struct Target {
+  std::string name;
+  std::optional<double> value;  // empty: not measured in this run
+  std::string unit;             // "%", "x", "us"
+  bool at_least = true;         // PASS when value >= threshold (else value <= threshold)
+  double threshold = 0;
+  std::string note;             // where the value comes from
+};
+
+// The setup block: human-readable lines for the terminal, typed values for the JSON.
+struct Setup {
+  std::vector<std::pair<std::string, std::string>> lines;
+  nlohmann::ordered_json json = nlohmann::ordered_json::object();
+
+  template <typename V>
+  void add(const std::string& key, const std::string& text, const V& value) {
+    lines.emplace_back(key, text);
+    json[key] = value;
+  }
+};
+
+void printSetup(const Setup& setup);
+void printLinkTable(const std::vector<LinkRow>& rows, const std::string& note);
+void printTable(const std::vector<Row>& rows);
+void printTargets(const std::vector<Target>& targets);
+
+// Writes everything as one JSON document. Returns an error message, or "" on success.
+std::string writeJson(const std::string& path, const nlohmann::ordered_json& options,
+                      const Setup& setup, const std::vector<LinkRow>& link,
+                      const std::optional<double>& link_limit_gbps, const std::vector<Row>& rows,
+                      const std::vector<Target>& targets);
+
+}  // namespace epcomm::bench

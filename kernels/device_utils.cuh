@@ -1,0 +1,221 @@
+// Device-side building blocks shared by every kernel family: system-scope release/acquire,
+// tagged signal words, bounded spin-waits that record why they gave up, and vector copies.
+//
+// Memory-ordering rule used everywhere: many threads write data (to peers or locally),
+// __syncthreads(), then ONE thread issues fence.acq_rel.sys and the release store of the signal.
+// The receiver's acquire load of the signal makes all of that data visible to it, and a
+// __syncthreads() after the acquire extends that to its block.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/launch.hpp"
+
+namespace epcomm::kernels::device {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// --- PTX primitives ------------------------------------------------------------------------------
+__device__ __forceinline__ uint64_t globalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint64_t ldAcquireSys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void stReleaseSys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void fenceAcqRelSys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+__device__ __forceinline__ uint32_t ldVolatileU32(const uint32_t* p) {
+  return *reinterpret_cast<const volatile uint32_t*>(p);
+}
+__device__ __forceinline__ int32_t ldVolatileI32(const int32_t* p) {
+  return *reinterpret_cast<const volatile int32_t*>(p);
+}
+__device__ __forceinline__ uint64_t ldVolatileU64(const uint64_t* p) {
+  return *reinterpret_cast<const volatile uint64_t*>(p);
+}
+
+// Read-only input that no other agent writes during the kernel: skip L1.
+__device__ __forceinline__ int4 ldNcNoAlloc(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Peer-written data after an acquire: a plain (weak) load that does not allocate in L1.
+__device__ __forceinline__ int4 ldNoAlloc(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void stNoAlloc(int4* p, const int4& v) {
+  asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// --- tagged words: (epoch << 32) | value ----------------------------------------------------------
+__device__ __forceinline__ uint64_t tag(uint64_t epoch, uint32_t value) {
+  return (epoch << 32) | value;
+}
+__device__ __forceinline__ uint64_t tagEpoch(uint64_t word) { return word >> 32; }
+__device__ __forceinline__ uint32_t tagValue(uint64_t word) {
+  return static_cast<uint32_t>(word & 0xffffffffu);
+}
+
+__device__ __forceinline__ ControlRegion* controlOf(const uint8_t* base) {
+  return reinterpret_cast<ControlRegion*>(const_cast<uint8_t*>(base));
+}
+
+// --- failure recording ------------------------------------------------------------------------
+// The first failing thread of this rank writes the host-mapped record; `kind` is written last so
+// the host never reads a half-written record. Failures that make this rank's op unable to finish
+// (`stops_waits`) also raise `failed`, which every wait of the rank polls and leaves on.
+__device__ __forceinline__ void recordFailure(DeviceErrorRecord* record, LocalState* local,
+                                              bool stops_waits, FailKind kind, OpId op, int phase,
+                                              int rank, int peer, int index, uint64_t expected,
+                                              uint64_t observed) {
+  if (stops_waits) atomicExch(&local->failed, 1);
+  if (atomicCAS(&local->record_claimed, 0, 1) != 0) return;
+  volatile DeviceErrorRecord* r = record;
+  r->op = static_cast<int32_t>(op);
+  r->phase = phase;
+  r->rank = rank;
+  r->peer = peer;
+  r->index = index;
+  r->expected = expected;
+  r->observed = observed;
+  __threadfence_system();
+  r->kind = static_cast<int32_t>(kind);
+  __threadfence_system();
+}
+
+// A failure in a cross-rank op: stops this rank's waits.
+__device__ __forceinline__ void recordOpFailure(const PeerContext& ctx, FailKind kind, OpId op,
+                                                int phase, int peer, uint64_t expected,
+                                                uint64_t observed) {
+  recordFailure(ctx.error, &reinterpret_cast<ControlRegion*>(ctx.local_base)->local, true, kind,
+                op, phase, ctx.rank, peer, -1, expected, observed);
+}
+
+// Per-thread context of a bounded wait.
+struct WaitContext {
+  const PeerContext* ctx;
+  OpId op;
+  uint64_t start_ns;
+};
+
+// How often the slower conditions (host-mapped abort word, peer rejection, clock) are polled.
+constexpr uint32_t kSlowCheckEvery = 64;
+
+// Spins until ready(ldAcquireSys(word)) holds and returns true with the value in *value.
+// Returns false, after recording why, when the deadline passes, the host aborts or a peer
+// rejected its input; also returns false when another thread of this rank already failed.
+// `tagged`: the word is (epoch << 32) | value and the error record shows its epoch part.
+template <typename Ready>
+__device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
+                                        const WaitContext& w, int phase, int peer,
+                                        uint64_t expected, uint64_t* value = nullptr) {
+  const PeerContext& ctx = *w.ctx;
+  ControlRegion* own = controlOf(ctx.local_base);
+  uint32_t spins = 0;
+  while (true) {
+    uint64_t v = ldAcquireSys(word);
+    if (ready(v)) {
+      if (value != nullptr) *value = v;
+      return true;
+    }
+    if (++spins % kSlowCheckEvery != 0) continue;
+    if (ldVolatileI32(&own->local.failed) != 0) return false;
+    uint64_t rejected = ldVolatileU64(&own->peer_rejected);
+    if (rejected != 0) {
+      recordOpFailure(ctx, FailKind::kPeerRejected, w.op, phase,
+                      static_cast<int>(rejected >> 32) - 1, expected, rejected & 0xffffffffu);
+      return false;
+    }
+    if (ldVolatileU32(ctx.abort_flag) != 0) {
+      recordOpFailure(ctx, FailKind::kAborted, w.op, phase, peer, expected,
+                      tagged ? tagEpoch(v) : v);
+      return false;
+    }
+    if (globalTimerNs() - w.start_ns > ctx.timeout_ns) {
+      recordOpFailure(ctx, FailKind::kTimeout, w.op, phase, peer, expected,
+                      tagged ? tagEpoch(v) : v);
+      return false;
+    }
+  }
+}
+
+// Waits until the epoch part of a tagged word (or a plain epoch word) reaches `epoch`.
+__device__ __forceinline__ bool waitTagged(const uint64_t* word, uint64_t epoch,
+                                           const WaitContext& w, int phase, int peer,
+                                           uint64_t* value = nullptr) {
+  return waitFor(
+      word, [epoch](uint64_t v) { return tagEpoch(v) >= epoch; }, true, w, phase, peer, epoch,
+      value);
+}
+__device__ __forceinline__ bool waitEpoch(const uint64_t* word, uint64_t epoch,
+                                          const WaitContext& w, int phase, int peer) {
+  return waitFor(
+      word, [epoch](uint64_t v) { return v >= epoch; }, false, w, phase, peer, epoch);
+}
+
+// --- "last block" arrival -------------------------------------------------------------------------
+// Every block calls this after its last store. Returns true in exactly one block (the last to
+// arrive), whose thread 0 then issues the release stores: each arriving block's thread 0 fences
+// at system scope before counting itself, and the last one fences again after seeing the count,
+// so every block's stores are ordered before the signals the last block sends.
+__device__ __forceinline__ bool arriveLastBlock(uint32_t* counter) {
+  __shared__ bool s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fenceAcqRelSys();
+    uint32_t previous = atomicAdd(counter, 1u);
+    s_last = previous == gridDim.x - 1;
+    if (s_last) {
+      *counter = 0;  // nobody else touches it any more in this launch
+      fenceAcqRelSys();
+    }
+  }
+  __syncthreads();
+  return s_last;
+}
+
+// --- BF16 helpers ------------------------------------------------------------------------------
+__device__ __forceinline__ void accumulateBf16x8(float (&acc)[8], const int4& v, float scale) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] = fmaf(f.x, scale, acc[2 * i]);
+    acc[2 * i + 1] = fmaf(f.y, scale, acc[2 * i + 1]);
+  }
+}
+
+__device__ __forceinline__ int4 packBf16x8(const float (&acc)[8]) {
+  int4 out;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  return out;
+}
+
+}  // namespace epcomm::kernels::device

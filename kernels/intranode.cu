@@ -1,0 +1,396 @@
+// High-throughput intranode dispatch and combine over NVLink loads and stores.
+//
+// Dispatch (one kernel, every block does all phases):
+//   1. notify: every block writes this rank's count row M[me][*] and its shape signature into
+//      every peer's control region (tagged with the call's epoch). Every block writes the same
+//      values, so no block ever waits for another block of its own grid to be scheduled.
+//   2. every block waits for all rows of M; from M it knows where this rank's rows start in
+//      each destination (rows are rank-major there: sources in rank order).
+//   3. warps stream token rows from x straight into the destinations' receive regions at their
+//      final offset — one pass over NVLink, no staging — plus scales, re-based top-k and source
+//      index. A token crosses to a rank once however many of its experts live there.
+//   4. the last block to finish tells every destination "my rows are written" and waits until
+//      every source said the same to this rank; it then sums the per-expert counts.
+// A peer's count row for call e also means "I have finished with my receive region of call
+// e-1" (it is written by a kernel stream-ordered after that rank's earlier work), so writing into
+// a peer only after seeing its row never overwrites data it still reads.
+//
+// Combine (pull): every rank's expert outputs sit in its symmetric combine-input region in
+// received-row order. After a readiness handshake each rank reads, for each of its tokens, the
+// rows from every rank the token went to, sums them in float32 (weighted, plus bias) and writes
+// BF16 in token order. A final handshake ("done pulling") makes the combine input reusable as
+// soon as the kernel completes.
+#include "check.hpp"
+#include "kernels/device_utils.cuh"
+#include "kernels/launch.hpp"
+
+namespace epcomm::kernels {
+namespace {
+
+using namespace device;
+
+constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
+constexpr int kUnroll = 4;  // 16-byte vectors in flight per lane
+
+enum ArriveSlot : int { kArriveHtDispatch = 0, kArriveHtCombine = 1 };
+
+enum HtDispatchPhase : int { kPhaseCounts = 1, kPhaseDone = 2, kPhaseExpertCounts = 3 };
+enum HtCombinePhase : int { kPhaseReady = 1, kPhasePullDone = 2 };
+
+// Copies one row of `num_vecs` 16-byte vectors from `src` to every destination row in `dst`
+// (one per set bit of `mask`), the warp's lanes striding over the row.
+__device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst, uint32_t mask,
+                                               int num_vecs, int lane) {
+  for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kWarpSize + lane;
+      if (i < num_vecs) v[u] = ldNcNoAlloc(src + i);
+    }
+    for (uint32_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i < num_vecs) stNoAlloc(dst[d] + i, v[u]);
+      }
+    }
+  }
+}
+
+template <typename IdxT>
+__global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchParams p) {
+  const PeerContext& ctx = p.peers;
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int num_ranks = ctx.num_ranks;
+  const int me = ctx.rank;
+  const int tid = threadIdx.x;
+  const uint64_t epoch = own->local.epoch[kEpochHtDispatch] + 1;
+  const int parity = static_cast<int>(epoch & 1);
+  const bool has_topk = p.topk_idx != nullptr;
+  const WaitContext w{&ctx, OpId::kHtDispatch, globalTimerNs()};
+
+  __shared__ uint32_t s_matrix[kMaxRanks][kMaxRanks + 1];
+  __shared__ int32_t s_offset[kMaxRanks];  // first row of this rank's rows in each destination
+  __shared__ uint8_t* s_peer[kMaxRanks];
+  __shared__ int4* s_dst[kWarpsPerBlock][kMaxRanks];       // the current token's rows, per warp
+  __shared__ int32_t s_dst_row[kWarpsPerBlock][kMaxRanks];
+  __shared__ int s_failed;
+
+  if (tid == 0) s_failed = 0;
+  if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
+
+  // 1. notify
+  const int row_words = num_ranks + 1;
+  if (tid < num_ranks * row_words) {
+    const int d = tid / row_words;
+    const int j = tid % row_words;
+    const uint32_t value = j < num_ranks ? static_cast<uint32_t>(p.rank_counts[j]) : p.signature;
+    stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_counts[parity][me][j], tag(epoch, value));
+  }
+  if (blockIdx.x == 0 && has_topk) {
+    const int local_experts = p.num_local_experts;
+    for (int i = tid; i < num_ranks * local_experts; i += kBlockThreads) {
+      const int d = i / local_experts;
+      const int e = i % local_experts;
+      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_expert_counts[parity][me][e],
+                   tag(epoch, static_cast<uint32_t>(p.expert_counts[i])));
+    }
+  }
+
+  // 2. wait for the whole count matrix
+  if (tid < num_ranks * row_words) {
+    const int s = tid / row_words;
+    const int j = tid % row_words;
+    uint64_t v = 0;
+    if (waitTagged(&own->ht_counts[parity][s][j], epoch, w, kPhaseCounts, s, &v)) {
+      s_matrix[s][j] = tagValue(v);
+    } else {
+      s_failed = 1;
+    }
+  }
+  __syncthreads();
+  if (s_failed) return;
+  if (tid == 0) {
+    for (int s = 0; s < num_ranks; ++s) {
+      if (s_matrix[s][num_ranks] != p.signature) {
+        recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kHtDispatch, kPhaseCounts, s,
+                        p.signature, s_matrix[s][num_ranks]);
+        s_failed = 1;
+      }
+    }
+    int64_t total = 0;
+    for (int s = 0; s < num_ranks; ++s) total += s_matrix[s][me];
+    if (total > p.regions.capacity) {
+      recordOpFailure(ctx, FailKind::kOverCapacity, OpId::kHtDispatch, kPhaseCounts, -1,
+                      static_cast<uint64_t>(p.regions.capacity), static_cast<uint64_t>(total));
+      s_failed = 1;
+    }
+  }
+  if (tid < num_ranks) {
+    int32_t offset = 0;
+    for (int s = 0; s < me; ++s) offset += static_cast<int32_t>(s_matrix[s][tid]);
+    s_offset[tid] = offset;
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  if (blockIdx.x == 0) {
+    if (tid < num_ranks * num_ranks) {
+      p.count_matrix[tid] = static_cast<int32_t>(s_matrix[tid / num_ranks][tid % num_ranks]);
+    }
+    if (tid == 0) {
+      int32_t prefix = 0;
+      for (int s = 0; s < num_ranks; ++s) {
+        p.recv_rank_prefix[s] = prefix;
+        prefix += static_cast<int32_t>(s_matrix[s][me]);
+      }
+      p.recv_rank_prefix[num_ranks] = prefix;
+      *p.num_recv = prefix;
+      if (p.host_count != nullptr) {
+        // Exact mode: the host polls this while the rows are still moving.
+        *reinterpret_cast<volatile uint64_t*>(p.host_count) =
+            tag(epoch, static_cast<uint32_t>(prefix));
+        __threadfence_system();
+      }
+    }
+  }
+
+  // 3. move the rows: one warp per token, tokens strided over every warp of the grid
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int num_vecs = static_cast<int>(p.x_row_bytes / 16);
+  const int num_topk = p.num_topk;
+  const int local_experts = p.num_local_experts;
+  for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
+       t += gridDim.x * kWarpsPerBlock) {
+    const uint32_t mask = p.token_mask[t];
+    // Shared (not a local array): the copy loop indexes the table with a run-time rank.
+    int4** dst = s_dst[warp];
+    int32_t* dst_row = s_dst_row[warp];
+    if (lane < num_ranks && ((mask >> lane) & 1u)) {
+      const int32_t row = s_offset[lane] + p.token_slot[static_cast<int64_t>(t) * num_ranks + lane];
+      dst_row[lane] = row;
+      dst[lane] = reinterpret_cast<int4*>(s_peer[lane] + p.regions.recv_x + row * p.x_row_bytes);
+    }
+    __syncwarp();
+    copyRowToRanks(reinterpret_cast<const int4*>(p.x + t * p.x_row_bytes), dst, mask, num_vecs,
+                   lane);
+
+    // Scales (FP8), top-k (re-based to the destination's local ids) and the source index.
+    for (int c = lane; c < p.num_scales; c += kWarpSize) {
+      const float scale = p.x_scales[t * p.scales_token_stride + c * p.scales_col_stride];
+      for (uint32_t m = mask; m != 0; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        reinterpret_cast<float*>(s_peer[d] + p.regions.recv_scales)
+            [static_cast<int64_t>(dst_row[d]) * p.num_scales + c] = scale;
+      }
+    }
+    if (has_topk && lane < num_topk) {
+      const int64_t e =
+          static_cast<int64_t>(static_cast<const IdxT*>(p.topk_idx)[int64_t{t} * num_topk + lane]);
+      const float weight = p.topk_weights ? p.topk_weights[int64_t{t} * num_topk + lane] : 0.f;
+      for (uint32_t m = mask; m != 0; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        const bool local = e >= int64_t{d} * local_experts && e < int64_t{d + 1} * local_experts &&
+                           e < p.num_experts;
+        const int64_t slot = static_cast<int64_t>(dst_row[d]) * num_topk + lane;
+        reinterpret_cast<IdxT*>(s_peer[d] + p.regions.recv_topk_idx)[slot] =
+            static_cast<IdxT>(local ? e - int64_t{d} * local_experts : -1);
+        reinterpret_cast<float*>(s_peer[d] + p.regions.recv_topk_weights)[slot] =
+            local ? weight : 0.f;
+      }
+    }
+    if (lane == 0) {
+      for (uint32_t m = mask; m != 0; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        reinterpret_cast<int32_t*>(s_peer[d] + p.regions.recv_src_idx)[dst_row[d]] = t;
+      }
+    }
+    __syncwarp();  // the next token rewrites this warp's table
+  }
+
+  // 4. the last block signals every destination and collects every source's signal
+  if (!arriveLastBlock(&own->local.arrive[kArriveHtDispatch])) return;
+  if (tid == 0) {
+    for (int d = 0; d < num_ranks; ++d) {
+      stReleaseSys(&controlOf(s_peer[d])->ht_dispatch_done[me], epoch);
+    }
+  }
+  bool ok = true;
+  if (tid < num_ranks) {
+    ok = waitEpoch(&own->ht_dispatch_done[tid], epoch, w, kPhaseDone, tid);
+  }
+  if (has_topk) {
+    for (int e = tid; e < local_experts && ok; e += kBlockThreads) {
+      int64_t count = 0;
+      for (int s = 0; s < num_ranks && ok; ++s) {
+        uint64_t v = 0;
+        ok = waitTagged(&own->ht_expert_counts[parity][s][e], epoch, w, kPhaseExpertCounts, s, &v);
+        count += tagValue(v);
+      }
+      const int64_t align = p.expert_alignment;
+      p.recv_expert_counts[e] = static_cast<int32_t>((count + align - 1) / align * align);
+    }
+  }  // a cached dispatch keeps the counts of the dispatch that laid the handle out
+  if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtDispatch] = epoch;
+}
+
+__global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams p) {
+  const PeerContext& ctx = p.peers;
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int num_ranks = ctx.num_ranks;
+  const int me = ctx.rank;
+  const int tid = threadIdx.x;
+  const uint64_t epoch = own->local.epoch[kEpochHtCombine] + 1;
+  const WaitContext w{&ctx, OpId::kHtCombine, globalTimerNs()};
+
+  __shared__ const uint8_t* s_src[kMaxRanks];  // my rows in each rank's combine input
+  __shared__ uint8_t* s_peer[kMaxRanks];
+  __shared__ const int4* s_row[kWarpsPerBlock][kMaxRanks];  // the current token's rows, per warp
+  __shared__ float s_weight[kWarpsPerBlock][kMaxRanks];
+
+  // 1. my combine input is in place (stream order): tell everyone, then wait for everyone.
+  if (tid == 0) {
+    fenceAcqRelSys();
+    for (int d = 0; d < num_ranks; ++d) {
+      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], epoch);
+    }
+  }
+  bool ok = true;
+  if (tid < num_ranks) {
+    ok = waitEpoch(&own->ht_combine_ready[tid], epoch, w, kPhaseReady, tid);
+    s_peer[tid] = ctx.peer_bases[tid];
+    int64_t first_row = 0;  // rows of lower-ranked sources come first in rank tid's region
+    for (int s = 0; s < me; ++s) first_row += p.count_matrix[s * num_ranks + tid];
+    s_src[tid] = ctx.peer_bases[tid] + p.regions.combine_in + first_row * p.row_bytes;
+  }
+  if (!__syncthreads_and(ok)) return;
+
+  // 2. one warp per token: pull, weight, sum in float32, write BF16
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int num_vecs = static_cast<int>(p.row_bytes / 16);
+  const int local_experts = p.num_local_experts;
+  for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
+       t += gridDim.x * kWarpsPerBlock) {
+    const uint32_t mask = p.token_mask[t];
+    float* weight = s_weight[warp];
+    const int4** src = s_row[warp];
+    if (p.topk_weights == nullptr) {
+      if (lane < kMaxRanks) weight[lane] = 1.f;
+    } else {
+      // weight of rank d = sum of the token's top-k weights whose expert lives on d
+      int my_rank_of_k = -1;
+      float my_weight = 0.f;
+      if (lane < p.num_topk) {
+        const int32_t e = p.topk_copy[int64_t{t} * p.num_topk + lane];
+        if (e >= 0) {
+          my_rank_of_k = e / local_experts;
+          my_weight = p.topk_weights[int64_t{t} * p.num_topk + lane];
+        }
+      }
+      for (int d = 0; d < num_ranks; ++d) {
+        float v = my_rank_of_k == d ? my_weight : 0.f;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+        if (lane == 0) weight[d] = v;
+      }
+    }
+    if (lane < num_ranks && ((mask >> lane) & 1u)) {
+      src[lane] = reinterpret_cast<const int4*>(
+          s_src[lane] + int64_t{p.token_slot[int64_t{t} * num_ranks + lane]} * p.row_bytes);
+    }
+    __syncwarp();
+    int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
+    const int4* bias = p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden)
+                              : nullptr;
+    for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
+      float acc[kUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
+      }
+      for (uint32_t m = mask; m != 0; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = base + u * kWarpSize + lane;
+          if (i < num_vecs) v[u] = ldNoAlloc(src[d] + i);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (base + u * kWarpSize + lane < num_vecs) accumulateBf16x8(acc[u], v[u], weight[d]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i < num_vecs) {
+          if (bias != nullptr) accumulateBf16x8(acc[u], ldNcNoAlloc(bias + i), 1.f);
+          out[i] = packBf16x8(acc[u]);
+        }
+      }
+    }
+    __syncwarp();  // the next token rewrites this warp's tables
+  }
+
+  // 3. done pulling: tell every rank; leave once every rank is done pulling from me
+  if (!arriveLastBlock(&own->local.arrive[kArriveHtCombine])) return;
+  if (tid == 0) {
+    for (int d = 0; d < num_ranks; ++d) {
+      stReleaseSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
+    }
+  }
+  ok = true;
+  if (tid < num_ranks) ok = waitEpoch(&own->ht_combine_done[tid], epoch, w, kPhasePullDone, tid);
+  if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtCombine] = epoch;
+}
+
+// Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t.
+template <typename Vec>
+__global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p) {
+  const int64_t rows = min(static_cast<int64_t>(*p.count), p.max_rows);
+  const int64_t vecs_per_row = p.row_bytes / static_cast<int64_t>(sizeof(Vec));
+  const int64_t total = rows * vecs_per_row;
+  for (int64_t i = blockIdx.x * int64_t{kBlockThreads} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kBlockThreads) {
+    const int64_t row = i / vecs_per_row;
+    const int64_t vec = i % vecs_per_row;
+    reinterpret_cast<Vec*>(p.dst + row * p.dst_stride)[vec] =
+        reinterpret_cast<const Vec*>(p.src + row * p.src_stride)[vec];
+  }
+}
+
+}  // namespace
+
+void launchHtDispatch(const HtDispatchParams& params, int num_blocks, cudaStream_t stream) {
+  if (params.idx_is_64) {
+    htDispatchKernel<int64_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    htDispatchKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
+  EPCOMM_LAUNCH_CHECK(htDispatchKernel);
+}
+
+void launchHtCombine(const HtCombineParams& params, int num_blocks, cudaStream_t stream) {
+  htCombineKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  EPCOMM_LAUNCH_CHECK(htCombineKernel);
+}
+
+void launchCopyRows(const CopyRowsParams& params, int num_blocks, cudaStream_t stream) {
+  const bool vec16 = (params.row_bytes | params.dst_stride | params.src_stride |
+                      reinterpret_cast<uintptr_t>(params.dst) |
+                      reinterpret_cast<uintptr_t>(params.src)) % 16 == 0;
+  if (vec16) {
+    copyRowsKernel<int4><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    copyRowsKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
+  EPCOMM_LAUNCH_CHECK(copyRowsKernel);
+}
+
+}  // namespace epcomm::kernels

@@ -1,0 +1,480 @@
+// Low-latency (LL) dispatch and combine for small decode batches. No count round trip: every
+// region has a fixed worst-case size, so a sender knows where to write before hearing from
+// anyone, and each op is a send kernel plus a receive kernel the caller may split.
+//
+//   dispatch send  (rank s): for every token and every rank d holding one of its experts, write
+//                  the row once (BF16, or cast to FP8 + scales) into d's staging area
+//                  [parity][s][slot] with its top-k ids and weights; the last block then posts
+//                  (epoch, rows sent) to every d.
+//   dispatch recv  (rank d): per source, wait for its post, then copy each staged row into the
+//                  expert-major output of every local expert it selected (positions taken with
+//                  atomics), remembering where each copy went.
+//   combine send   (rank d): for each staged row, sum weight * expert output over the row's local
+//                  experts in float32 and store that BF16 partial row into the token owner's
+//                  combine staging [parity][d][token]; the last block posts the epoch.
+//   combine recv   (rank s): wait for every rank's post, then sum the partial rows of each token
+//                  over the ranks it went to (float32) and write BF16.
+// Parity: consecutive calls alternate between two copies of every region peers write into, so a
+// rank may start call e+1 while a peer still reads call e. Call e+2 reuses call e's copy; by then
+// every peer has finished call e, because call e+1's combine could not complete without it.
+// Regions only this rank touches (outputs, bookkeeping) have one copy: its own stream orders them.
+#include <cuda_fp8.h>
+
+#include <cub/block/block_scan.cuh>
+
+#include "check.hpp"
+#include "kernels/device_utils.cuh"
+#include "kernels/launch.hpp"
+
+namespace epcomm::kernels {
+namespace {
+
+using namespace device;
+
+constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
+constexpr int kSegmentCols = 1024;              // columns one warp moves per work item
+constexpr int kColsPerRound = kWarpSize * 8;    // 8 BF16 (one 16-byte vector) per lane
+constexpr int kRoundsPerSegment = kSegmentCols / kColsPerRound;
+constexpr int kTile = kBlockThreads;            // tokens scanned per block-scan pass
+
+enum ArriveSlot : int { kArriveLlSend = 4, kArriveLlCombineSend = 5, kArriveLlCombineRecv = 6 };
+enum LlPhaseId : int { kPhaseDispatchPost = 1, kPhaseCombinePost = 2 };
+
+// Staged row metadata: word 0 = token | (num_topk << 24), then max_topk ids, then max_topk
+// weights.
+__device__ __forceinline__ int32_t* metaOf(const LlParams& p, int parity, int src, int row) {
+  return reinterpret_cast<int32_t*>(p.peers.local_base + p.regions.meta[parity] +
+                                    (int64_t{src} * p.regions.max_tokens + row) *
+                                        p.regions.meta_bytes);
+}
+
+// Per-rank counts of one tile, packed 16 bits per rank (a tile has at most kTile tokens).
+struct RankCounts {
+  uint64_t lo;
+  uint64_t hi;
+  __device__ __forceinline__ uint32_t get(int d) const {
+    return static_cast<uint32_t>(((d < 4 ? lo : hi) >> (16 * (d & 3))) & 0xffffu);
+  }
+};
+struct AddRankCounts {
+  __device__ __forceinline__ RankCounts operator()(const RankCounts& a, const RankCounts& b) const {
+    return RankCounts{a.lo + b.lo, a.hi + b.hi};
+  }
+};
+__device__ __forceinline__ RankCounts countsOfMask(uint32_t mask) {
+  RankCounts c{0, 0};
+  for (uint32_t m = mask; m != 0; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    if (d < 4) c.lo += 1ull << (16 * d);
+    else c.hi += 1ull << (16 * (d - 4));
+  }
+  return c;
+}
+
+template <typename IdxT>
+__device__ __forceinline__ uint32_t tokenMask(const LlParams& p, int t) {
+  const IdxT* topk = static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk;
+  uint32_t mask = 0;
+  for (int k = 0; k < p.num_topk; ++k) {
+    const int64_t e = static_cast<int64_t>(topk[k]);
+    if (e >= 0 && e < p.num_experts) mask |= 1u << (e / p.num_local_experts);
+  }
+  return mask;
+}
+
+// Moves one 1024-column segment of a BF16 row into a staging row, casting to FP8 if asked.
+__device__ __forceinline__ void stageSegment(const LlParams& p, const uint16_t* x_row,
+                                             uint8_t* staged, int seg, int lane) {
+  const int hidden = p.hidden;
+#pragma unroll
+  for (int r = 0; r < kRoundsPerSegment; ++r) {
+    const int col = seg * kSegmentCols + r * kColsPerRound + lane * 8;
+    const bool in_row = col < hidden;  // hidden is a multiple of 128: whole half-warps agree
+    int4 v = make_int4(0, 0, 0, 0);
+    if (in_row) v = ldNcNoAlloc(reinterpret_cast<const int4*>(x_row + col));
+    if (!p.use_fp8) {
+      if (in_row) *reinterpret_cast<int4*>(staged + int64_t{col} * 2) = v;
+      continue;
+    }
+    float f[8];
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 two = __bfloat1622float2(h[i]);
+      f[2 * i] = two.x;
+      f[2 * i + 1] = two.y;
+      amax = fmaxf(amax, fmaxf(fabsf(two.x), fabsf(two.y)));
+    }
+    // One scale per 128 columns = 16 lanes; xor offsets below 16 stay inside the half-warp.
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, off));
+    const float scale = fmaxf(amax, 1e-4f) / 448.0f;
+    const float inv = 1.0f / scale;
+    uint32_t packed[2] = {0, 0};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t q = __nv_cvt_float_to_fp8(__fmul_rn(f[i], inv), __NV_SATFINITE, __NV_E4M3);
+      packed[i / 4] |= q << (8 * (i % 4));
+    }
+    if (in_row) {
+      *reinterpret_cast<uint2*>(staged + col) = make_uint2(packed[0], packed[1]);
+      if ((lane & 15) == 0) {
+        reinterpret_cast<float*>(staged + hidden)[col / kFp8BlockSize] = scale;
+      }
+    }
+  }
+}
+
+template <typename IdxT>
+__global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p) {
+  using BlockScan = cub::BlockScan<RankCounts, kBlockThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  __shared__ int32_t s_base[kMaxRanks];            // rows sent to each rank before this tile
+  __shared__ uint32_t s_mask[kTile];
+  __shared__ int32_t s_slot[kTile][kMaxRanks];
+  __shared__ uint8_t* s_peer[kMaxRanks];
+
+  const PeerContext& ctx = p.peers;
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int num_ranks = ctx.num_ranks;
+  const int me = ctx.rank;
+  const uint64_t epoch = own->local.epoch[kEpochLl] + 1;
+  const int parity = static_cast<int>(epoch & 1);
+  const int n = p.num_tokens;
+  const LlRegions& r = p.regions;
+  const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
+
+  if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
+  if (blockIdx.x == 0) {
+    // This rank's receive side of the call starts from empty expert lists.
+    int32_t* counts = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
+    for (int e = tid; e < p.num_local_experts; e += kBlockThreads) counts[e] = 0;
+    if (tid == 0) *reinterpret_cast<int32_t*>(ctx.local_base + r.num_tokens) = n;
+  }
+
+  // This block's tokens: a contiguous chunk. Rows to each rank before the chunk = count of
+  // earlier tokens going there.
+  const int chunk = (n + gridDim.x - 1) / gridDim.x;
+  const int t_begin = min(n, blockIdx.x * chunk);
+  const int t_end = min(n, t_begin + chunk);
+  if (tid < kMaxRanks) s_base[tid] = 0;
+  __syncthreads();
+  for (int t = tid; t < t_begin; t += kBlockThreads) {
+    const uint32_t mask = tokenMask<IdxT>(p, t);
+    for (uint32_t m = mask; m != 0; m &= m - 1) atomicAdd(&s_base[__ffs(m) - 1], 1);
+  }
+  __syncthreads();
+
+  uint32_t* token_masks = reinterpret_cast<uint32_t*>(ctx.local_base + r.token_mask);
+  for (int tile = t_begin; tile < t_end; tile += kTile) {
+    const int tile_len = min(kTile, t_end - tile);
+    const int t = tile + tid;
+    const uint32_t mask = tid < tile_len ? tokenMask<IdxT>(p, t) : 0u;
+    RankCounts prefix, aggregate;
+    BlockScan(scan_storage).ExclusiveScan(countsOfMask(mask), prefix, RankCounts{0, 0},
+                                          AddRankCounts(), aggregate);
+    if (tid < tile_len) {
+      s_mask[tid] = mask;
+      token_masks[t] = mask;
+      for (int d = 0; d < num_ranks; ++d) {
+        s_slot[tid][d] = s_base[d] + static_cast<int32_t>(prefix.get(d));
+      }
+    }
+    __syncthreads();
+
+    // Work items: (token of the tile, destination rank, row segment); absent ranks are skipped.
+    const int items = tile_len * num_ranks * num_segments;
+    for (int item = warp; item < items; item += kWarpsPerBlock) {
+      const int local_t = item / (num_ranks * num_segments);
+      const int d = (item / num_segments) % num_ranks;
+      const int seg = item % num_segments;
+      if (((s_mask[local_t] >> d) & 1u) == 0) continue;
+      const int token = tile + local_t;
+      const int slot = s_slot[local_t][d];
+      uint8_t* peer = s_peer[d];
+      uint8_t* staged = peer + r.rows[parity] + (int64_t{me} * r.max_tokens + slot) * r.row_bytes;
+      stageSegment(p, p.x + int64_t{token} * p.hidden, staged, seg, lane);
+      if (seg == 0) {
+        int32_t* meta = reinterpret_cast<int32_t*>(
+            peer + r.meta[parity] + (int64_t{me} * r.max_tokens + slot) * r.meta_bytes);
+        if (lane == 0) meta[0] = token | (p.num_topk << 24);
+        if (lane < p.num_topk) {
+          const int64_t e = static_cast<int64_t>(
+              static_cast<const IdxT*>(p.topk_idx)[int64_t{token} * p.num_topk + lane]);
+          meta[1 + lane] = (e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
+          reinterpret_cast<float*>(meta + 1 + p.max_topk)[lane] =
+              p.topk_weights[int64_t{token} * p.num_topk + lane];
+        }
+      }
+    }
+    __syncthreads();
+    if (tid < kMaxRanks) s_base[tid] += static_cast<int32_t>(aggregate.get(tid));
+    __syncthreads();
+  }
+
+  // The last block posts (epoch, rows) to every rank, rows counted from every block's masks.
+  if (!arriveLastBlock(&own->local.arrive[kArriveLlSend])) return;
+  __shared__ int32_t s_total[kMaxRanks];
+  if (tid < kMaxRanks) s_total[tid] = 0;
+  __syncthreads();
+  for (int t = tid; t < n; t += kBlockThreads) {
+    const uint32_t mask = token_masks[t];
+    for (uint32_t m = mask; m != 0; m &= m - 1) atomicAdd(&s_total[__ffs(m) - 1], 1);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    fenceAcqRelSys();
+    for (int d = 0; d < num_ranks; ++d) {
+      stReleaseSys(&controlOf(s_peer[d])->ll_dispatch_flag[parity][me],
+                   tag(epoch, static_cast<uint32_t>(s_total[d])));
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p) {
+  const PeerContext& ctx = p.peers;
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int num_ranks = ctx.num_ranks;
+  const uint64_t epoch = own->local.epoch[kEpochLl] + 1;
+  const int parity = static_cast<int>(epoch & 1);
+  const LlRegions& r = p.regions;
+  const WaitContext w{&ctx, OpId::kLlDispatchRecv, globalTimerNs()};
+  const int first_local = ctx.rank * p.num_local_experts;
+  const int64_t out_row_bytes = p.use_fp8 ? p.hidden : int64_t{p.hidden} * 2;
+  const int num_scales = p.hidden / kFp8BlockSize;
+
+  __shared__ int32_t s_count;
+  __shared__ int s_failed;
+
+  // Blocks are split evenly over the sources; with fewer blocks than ranks a block takes several.
+  const int blocks_per_source = max(1, static_cast<int>(gridDim.x) / num_ranks);
+  const int sub = blockIdx.x / num_ranks;
+  if (sub >= blocks_per_source) return;
+  for (int s = blockIdx.x % num_ranks; s < num_ranks; s += min(num_ranks, static_cast<int>(gridDim.x))) {
+    if (tid == 0) {
+      uint64_t v = 0;
+      s_failed = !waitTagged(&own->ll_dispatch_flag[parity][s], epoch, w, kPhaseDispatchPost, s, &v);
+      s_count = static_cast<int32_t>(tagValue(v));
+      if (!s_failed && s_count > r.max_tokens) {
+        recordOpFailure(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
+                        static_cast<uint64_t>(r.max_tokens), static_cast<uint64_t>(s_count));
+        s_failed = 1;
+      }
+    }
+    __syncthreads();
+    if (s_failed) return;
+    const int count = s_count;
+    int32_t* counters = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
+    const int items = count * p.max_topk;
+    for (int item = sub * kWarpsPerBlock + warp; item < items;
+         item += blocks_per_source * kWarpsPerBlock) {
+      const int row = item / p.max_topk;
+      const int k = item % p.max_topk;
+      const int32_t* meta = metaOf(p, parity, s, row);
+      const int32_t header = meta[0];
+      const int token = header & 0xffffff;
+      const int row_topk = header >> 24;
+      int32_t* slot_of_row = reinterpret_cast<int32_t*>(ctx.local_base + r.slot_of_row) +
+                             (int64_t{s} * r.max_tokens + row) * p.max_topk;
+      const int32_t e = k < row_topk ? meta[1 + k] : -1;
+      const int local = e - first_local;
+      if (e < 0 || local < 0 || local >= p.num_local_experts) {
+        if (lane == 0) slot_of_row[k] = -1;
+        continue;
+      }
+      int32_t pos = 0;
+      if (lane == 0) pos = atomicAdd(&counters[local], 1);
+      pos = __shfl_sync(kFullMask, pos, 0);
+      const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
+      const uint8_t* staged = ctx.local_base + r.rows[parity] +
+                              (int64_t{s} * r.max_tokens + row) * r.row_bytes;
+      const int4* src = reinterpret_cast<const int4*>(staged);
+      int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
+      const int num_vecs = static_cast<int>(out_row_bytes / 16);
+      for (int i = lane; i < num_vecs; i += kWarpSize) dst[i] = ldNoAlloc(src + i);
+      if (p.use_fp8) {
+        const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
+        float* out_scales = reinterpret_cast<float*>(ctx.local_base + r.out_scales) +
+                            out_row * num_scales;
+        for (int c = lane; c < num_scales; c += kWarpSize) out_scales[c] = scales[c];
+      }
+      if (lane == 0) {
+        reinterpret_cast<int32_t*>(ctx.local_base + r.src_info)[out_row] =
+            s * static_cast<int32_t>(r.max_tokens) + token;
+        slot_of_row[k] = static_cast<int32_t>(out_row);
+      }
+    }
+    __syncthreads();  // s_count is rewritten for the next source
+  }
+}
+
+__global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
+  const PeerContext& ctx = p.peers;
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int num_ranks = ctx.num_ranks;
+  const int me = ctx.rank;
+  const uint64_t epoch = own->local.epoch[kEpochLl] + 1;
+  const int parity = static_cast<int>(epoch & 1);
+  const LlRegions& r = p.regions;
+  const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
+
+  __shared__ int32_t s_first_item[kMaxRanks + 1];
+  __shared__ uint8_t* s_peer[kMaxRanks];
+  if (tid == 0) {
+    // Rows staged from each source in this call (the posts arrived before dispatch recv ended).
+    int32_t total = 0;
+    for (int s = 0; s < num_ranks; ++s) {
+      s_first_item[s] = total;
+      total += static_cast<int32_t>(tagValue(own->ll_dispatch_flag[parity][s])) * num_segments;
+    }
+    s_first_item[num_ranks] = total;
+  }
+  if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
+  __syncthreads();
+
+  const int items = s_first_item[num_ranks];
+  for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
+       item += gridDim.x * kWarpsPerBlock) {
+    int s = 0;
+    while (item >= s_first_item[s + 1]) ++s;
+    const int row = (item - s_first_item[s]) / num_segments;
+    const int seg = (item - s_first_item[s]) % num_segments;
+    const int32_t* meta = metaOf(p, parity, s, row);
+    const int token = meta[0] & 0xffffff;
+    const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base +
+                                                                   r.slot_of_row) +
+                                 (int64_t{s} * r.max_tokens + row) * p.max_topk;
+    const float* weights = reinterpret_cast<const float*>(meta + 1 + p.max_topk);
+    float acc[kRoundsPerSegment][8];
+#pragma unroll
+    for (int u = 0; u < kRoundsPerSegment; ++u) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
+    }
+    for (int k = 0; k < p.max_topk; ++k) {
+      const int32_t out_row = slot_of_row[k];
+      if (out_row < 0) continue;
+      const float weight = weights[k];
+      const uint16_t* y = p.expert_out + int64_t{out_row} * p.hidden;
+#pragma unroll
+      for (int u = 0; u < kRoundsPerSegment; ++u) {
+        const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+        if (col < p.hidden) {
+          accumulateBf16x8(acc[u], ldNcNoAlloc(reinterpret_cast<const int4*>(y + col)), weight);
+        }
+      }
+    }
+    uint16_t* dst = reinterpret_cast<uint16_t*>(s_peer[s] + r.combine_rows[parity]) +
+                    (int64_t{me} * r.max_tokens + token) * p.hidden;
+#pragma unroll
+    for (int u = 0; u < kRoundsPerSegment; ++u) {
+      const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+      if (col < p.hidden) stNoAlloc(reinterpret_cast<int4*>(dst + col), packBf16x8(acc[u]));
+    }
+  }
+
+  if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineSend])) return;
+  if (tid == 0) {
+    for (int s = 0; s < num_ranks; ++s) {
+      stReleaseSys(&controlOf(s_peer[s])->ll_combine_flag[parity][me], epoch);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
+  const PeerContext& ctx = p.peers;
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int num_ranks = ctx.num_ranks;
+  const uint64_t epoch = own->local.epoch[kEpochLl] + 1;
+  const int parity = static_cast<int>(epoch & 1);
+  const LlRegions& r = p.regions;
+  const WaitContext w{&ctx, OpId::kLlCombineRecv, globalTimerNs()};
+  const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
+
+  bool ok = true;
+  if (tid < num_ranks) {
+    ok = waitEpoch(&own->ll_combine_flag[parity][tid], epoch, w, kPhaseCombinePost, tid);
+  }
+  if (!__syncthreads_and(ok)) return;
+
+  const int n = *reinterpret_cast<const int32_t*>(ctx.local_base + r.num_tokens);
+  const uint32_t* token_masks =
+      reinterpret_cast<const uint32_t*>(ctx.local_base + r.token_mask);
+  const uint16_t* partials =
+      reinterpret_cast<const uint16_t*>(ctx.local_base + r.combine_rows[parity]);
+  const int items = n * num_segments;
+  for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
+       item += gridDim.x * kWarpsPerBlock) {
+    const int token = item / num_segments;
+    const int seg = item % num_segments;
+    const uint32_t mask = token_masks[token];
+    float acc[kRoundsPerSegment][8];
+#pragma unroll
+    for (int u = 0; u < kRoundsPerSegment; ++u) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
+    }
+    for (uint32_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      const uint16_t* row = partials + (int64_t{d} * r.max_tokens + token) * p.hidden;
+#pragma unroll
+      for (int u = 0; u < kRoundsPerSegment; ++u) {
+        const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+        if (col < p.hidden) {
+          accumulateBf16x8(acc[u], ldNoAlloc(reinterpret_cast<const int4*>(row + col)), 1.f);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRoundsPerSegment; ++u) {
+      const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+      if (col < p.hidden) {
+        *reinterpret_cast<int4*>(p.out + int64_t{token} * p.hidden + col) = packBf16x8(acc[u]);
+      }
+    }
+  }
+
+  if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineRecv])) return;
+  if (tid == 0) own->local.epoch[kEpochLl] = epoch;
+}
+
+}  // namespace
+
+void launchLlDispatchSend(const LlParams& params, int num_blocks, cudaStream_t stream) {
+  if (params.idx_is_64) {
+    llDispatchSendKernel<int64_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    llDispatchSendKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
+  EPCOMM_LAUNCH_CHECK(llDispatchSendKernel);
+}
+
+void launchLlDispatchRecv(const LlParams& params, int num_blocks, cudaStream_t stream) {
+  llDispatchRecvKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  EPCOMM_LAUNCH_CHECK(llDispatchRecvKernel);
+}
+
+void launchLlCombineSend(const LlParams& params, int num_blocks, cudaStream_t stream) {
+  llCombineSendKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  EPCOMM_LAUNCH_CHECK(llCombineSendKernel);
+}
+
+void launchLlCombineRecv(const LlParams& params, int num_blocks, cudaStream_t stream) {
+  llCombineRecvKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  EPCOMM_LAUNCH_CHECK(llCombineRecvKernel);
+}
+
+}  // namespace epcomm::kernels

@@ -1,0 +1,93 @@
+#include "buffer_layout.hpp"
+
+#include <cstdint>
+#include <limits>
+
+#include "check.hpp"
+
+namespace epcomm {
+
+namespace {
+
+// Hands out aligned regions in order and refuses sizes that overflow.
+class Carver {
+ public:
+  explicit Carver(size_t start) : next_(start) {}
+  uint64_t take(uint64_t bytes) {
+    next_ = align(next_);
+    uint64_t offset = next_;
+    EPCOMM_ARG_CHECK(bytes <= std::numeric_limits<uint64_t>::max() / 2 - next_,
+                     "buffer size", bytes, "small enough to address");
+    next_ += bytes;
+    return offset;
+  }
+  uint64_t end() const { return align(next_); }
+
+ private:
+  static uint64_t align(uint64_t v) {
+    return (v + kRegionAlignment - 1) / kRegionAlignment * kRegionAlignment;
+  }
+  uint64_t next_;
+};
+
+uint64_t align16(uint64_t v) { return (v + 15) / 16 * 16; }
+
+}  // namespace
+
+BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
+  const BufferConfig& c = resolved.config;
+  const uint64_t ranks = static_cast<uint64_t>(resolved.num_ranks);
+  const uint64_t hidden = static_cast<uint64_t>(c.hidden);
+  const uint64_t max_topk = static_cast<uint64_t>(c.max_topk);
+  const uint64_t scales = hidden / kFp8BlockSize;
+  const uint64_t local_experts = static_cast<uint64_t>(c.num_experts) / ranks;
+
+  BufferLayout layout;
+  Carver carver(0);
+  carver.take(sizeof(kernels::ControlRegion));
+
+  if (c.max_tokens_per_rank > 0) {
+    layout.has_ht = true;
+    kernels::HtRegions& ht = layout.ht;
+    const uint64_t capacity = ranks * static_cast<uint64_t>(c.max_tokens_per_rank);
+    ht.capacity = static_cast<int64_t>(capacity);
+    ht.recv_x = carver.take(capacity * hidden * 2);
+    ht.recv_scales = carver.take(capacity * scales * sizeof(float));
+    ht.recv_topk_idx = carver.take(capacity * max_topk * sizeof(int64_t));
+    ht.recv_topk_weights = carver.take(capacity * max_topk * sizeof(float));
+    ht.recv_src_idx = carver.take(capacity * sizeof(int32_t));
+    ht.combine_in = carver.take(capacity * hidden * 2);
+  }
+
+  if (c.ll_max_tokens_per_rank > 0) {
+    layout.has_ll = true;
+    kernels::LlRegions& ll = layout.ll;
+    const uint64_t max_tokens = static_cast<uint64_t>(c.ll_max_tokens_per_rank);
+    ll.max_tokens = static_cast<int64_t>(max_tokens);
+    ll.rows_per_expert = static_cast<int64_t>(ranks * max_tokens);
+    // One stride fits a BF16 row (2 * hidden) and an FP8 row with its scales (hidden * 33 / 32).
+    ll.row_bytes = static_cast<int64_t>(hidden * 2);
+    ll.meta_bytes = static_cast<int64_t>(align16(sizeof(int32_t) * (1 + 2 * max_topk)));
+    const uint64_t staged = ranks * max_tokens;
+    for (int parity = 0; parity < 2; ++parity) {
+      ll.rows[parity] = carver.take(staged * static_cast<uint64_t>(ll.row_bytes));
+      ll.meta[parity] = carver.take(staged * static_cast<uint64_t>(ll.meta_bytes));
+      ll.combine_rows[parity] = carver.take(staged * hidden * 2);
+    }
+    const uint64_t out_rows = local_experts * ranks * max_tokens;
+    ll.slot_of_row = carver.take(staged * max_topk * sizeof(int32_t));
+    ll.out_x = carver.take(out_rows * hidden * 2);
+    ll.out_scales = carver.take(out_rows * scales * sizeof(float));
+    ll.src_info = carver.take(out_rows * sizeof(int32_t));
+    ll.expert_count = carver.take(local_experts * sizeof(int32_t));
+    ll.token_mask = carver.take(max_tokens * sizeof(uint32_t));
+    ll.num_tokens = carver.take(sizeof(int32_t));
+  }
+
+  layout.scratch_bytes = c.scratch_bytes;
+  layout.scratch_offset = carver.take(c.scratch_bytes);
+  layout.total_bytes = carver.end();
+  return layout;
+}
+
+}  // namespace epcomm

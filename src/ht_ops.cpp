@@ -1,0 +1,367 @@
+// HT front-end: argument checks (before any launch), the handle, and the launches of layout,
+// dispatch and combine.
+#include <chrono>
+#include <sstream>
+#include <thread>
+
+#include "buffer_impl.hpp"
+#include "check.hpp"
+
+namespace epcomm {
+
+namespace {
+
+constexpr int kDefaultHtSms = 32;
+constexpr int kMaxExpertAlignment = 1 << 16;
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Collects the first failed check; the caller rejects the input with it.
+class ArgChecker {
+ public:
+  template <typename V, typename L>
+  void require(bool ok, const char* arg, const V& value, const L& limit) {
+    if (ok || !message_.empty()) return;
+    std::ostringstream os;
+    os << "invalid argument " << arg << " = " << value << ": must be " << limit;
+    message_ = os.str();
+  }
+  bool failed() const { return !message_.empty(); }
+  const std::string& message() const { return message_; }
+
+ private:
+  std::string message_;
+};
+
+std::string pointerText(const void* p) {
+  std::ostringstream os;
+  os << p;
+  return os.str();
+}
+
+// Every rank must dispatch with the same shape; the kernel compares these across ranks.
+uint32_t dispatchSignature(int hidden, DType dtype, bool has_topk, int num_topk, int num_experts) {
+  return (static_cast<uint32_t>(hidden / kHiddenAlignment) & 0xffu) |
+         (dtype == DType::kFP8E4M3 ? 1u : 0u) << 8 | (has_topk ? 1u : 0u) << 9 |
+         (static_cast<uint32_t>(num_topk) & 0x1fu) << 10 |
+         (static_cast<uint32_t>(num_experts) & 0x3ffu) << 15;
+}
+
+void checkTopk(ArgChecker& check, const TopkView& topk, int max_topk, int max_tokens) {
+  check.require(topk.num_tokens >= 0 && topk.num_tokens <= max_tokens, "topk.num_tokens",
+                topk.num_tokens, "in [0, " + std::to_string(max_tokens) + "] (max_tokens_per_rank)");
+  check.require(topk.num_topk >= 1 && topk.num_topk <= max_topk, "topk.num_topk", topk.num_topk,
+                "in [1, " + std::to_string(max_topk) + "] (BufferConfig::max_topk)");
+  check.require(topk.num_tokens == 0 || topk.idx != nullptr, "topk.idx", pointerText(topk.idx),
+                "non-null when topk.num_tokens > 0");
+  check.require(topk.idx_type == IndexType::kInt32 || topk.idx_type == IndexType::kInt64,
+                "topk.idx_type", static_cast<int>(topk.idx_type), "kInt32 or kInt64");
+}
+
+}  // namespace
+
+// --- EpHandle ------------------------------------------------------------------------------------
+
+EpHandle::EpHandle(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+EpHandle::EpHandle(EpHandle&&) noexcept = default;
+EpHandle& EpHandle::operator=(EpHandle&&) noexcept = default;
+EpHandle::~EpHandle() = default;
+
+int EpHandle::numTokens() const { return impl_->num_tokens; }
+int EpHandle::numTopk() const { return impl_->num_topk; }
+const int32_t* EpHandle::numTokensPerRank() const { return impl_->rank_counts; }
+const int32_t* EpHandle::numTokensPerExpert() const { return impl_->expert_counts; }
+const bool* EpHandle::isTokenInRank() const { return impl_->is_token_in_rank; }
+const int32_t* EpHandle::tokenSlot() const { return impl_->token_slot; }
+
+EpHandle EpBuffer::createHandle() const {
+  const Impl& b = *impl_;
+  b.checkUsable();
+  EPCOMM_CHECK_CODE(b.layout.has_ht, ErrorCode::kInvalidArgument,
+                    "createHandle: HT mode is disabled (BufferConfig::max_tokens_per_rank = 0)");
+  DeviceGuard guard(b.device);
+  auto h = std::make_unique<EpHandle::Impl>();
+  const BufferConfig& c = b.resolved.config;
+  h->owner = &b;
+  h->num_ranks = b.num_ranks;
+  h->num_experts = c.num_experts;
+  h->max_tokens = c.max_tokens_per_rank;
+  h->max_topk = c.max_topk;
+
+  const size_t tokens = static_cast<size_t>(c.max_tokens_per_rank);
+  const size_t ranks = static_cast<size_t>(b.num_ranks);
+  size_t offset = 0;
+  auto carve = [&offset](size_t bytes) {
+    size_t start = offset;
+    offset += (bytes + 255) / 256 * 256;
+    return start;
+  };
+  const size_t o_mask = carve(tokens * sizeof(uint32_t));
+  const size_t o_slot = carve(tokens * ranks * sizeof(int32_t));
+  const size_t o_in_rank = carve(tokens * ranks * sizeof(bool));
+  const size_t o_rank_counts = carve(ranks * sizeof(int32_t));
+  const size_t o_expert_counts = carve(static_cast<size_t>(c.num_experts) * sizeof(int32_t));
+  const size_t o_topk = carve(tokens * static_cast<size_t>(c.max_topk) * sizeof(int32_t));
+  const size_t o_matrix = carve(ranks * ranks * sizeof(int32_t));
+  const size_t o_num_recv = carve(sizeof(int32_t));
+  const size_t o_prefix = carve((ranks + 1) * sizeof(int32_t));
+  const size_t o_recv_experts = carve(static_cast<size_t>(b.num_local_experts) * sizeof(int32_t));
+  h->memory = DeviceMemory(offset);
+  EPCOMM_CUDA_CHECK(cudaMemset(h->memory.get(), 0, offset));
+  h->token_mask = h->memory.as<uint32_t>(o_mask);
+  h->token_slot = h->memory.as<int32_t>(o_slot);
+  h->is_token_in_rank = h->memory.as<bool>(o_in_rank);
+  h->rank_counts = h->memory.as<int32_t>(o_rank_counts);
+  h->expert_counts = h->memory.as<int32_t>(o_expert_counts);
+  h->topk_copy = h->memory.as<int32_t>(o_topk);
+  h->count_matrix = h->memory.as<int32_t>(o_matrix);
+  h->num_recv = h->memory.as<int32_t>(o_num_recv);
+  h->recv_rank_prefix = h->memory.as<int32_t>(o_prefix);
+  h->recv_expert_counts = h->memory.as<int32_t>(o_recv_experts);
+  return EpHandle(std::move(h));
+}
+
+// --- layout --------------------------------------------------------------------------------------
+
+namespace {
+
+void launchLayoutInto(EpBuffer::Impl& b, const TopkView& topk, EpHandle::Impl& h,
+                      cudaStream_t stream) {
+  kernels::LayoutParams p{};
+  p.topk_idx = topk.idx;
+  p.idx_is_64 = topk.idx_type == IndexType::kInt64;
+  p.num_tokens = topk.num_tokens;
+  p.num_topk = topk.num_topk;
+  p.num_experts = b.resolved.config.num_experts;
+  p.num_ranks = b.num_ranks;
+  p.rank = b.rank;
+  p.token_mask = h.token_mask;
+  p.token_slot = h.token_slot;
+  p.is_token_in_rank = h.is_token_in_rank;
+  p.rank_counts = h.rank_counts;
+  p.expert_counts = h.expert_counts;
+  p.topk_copy = h.topk_copy;
+  p.local = &reinterpret_cast<kernels::ControlRegion*>(b.localBase())->local;
+  p.error = b.peers.error;
+  kernels::launchLayout(p, stream);
+  h.num_tokens = topk.num_tokens;
+  h.num_topk = topk.num_topk;
+  h.dispatched = false;
+}
+
+}  // namespace
+
+void EpBuffer::layout(const TopkView& topk, EpHandle& handle, cudaStream_t stream) {
+  Impl& b = *impl_;
+  b.checkUsable();
+  ArgChecker check;
+  check.require(b.layout.has_ht, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
+  check.require(handle.impl_ && handle.impl_->owner == &b, "handle", "foreign",
+                "a handle created by this EpBuffer");
+  checkTopk(check, topk, b.resolved.config.max_topk, b.resolved.config.max_tokens_per_rank);
+  // layout() is local: a bad input affects only this rank, so nothing is broken.
+  EPCOMM_CHECK_CODE(!check.failed(), ErrorCode::kInvalidArgument, check.message());
+  DeviceGuard guard(b.device);
+  launchLayoutInto(b, topk, *handle.impl_, stream);
+}
+
+// --- dispatch ------------------------------------------------------------------------------------
+
+DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cudaStream_t stream) {
+  Impl& b = *impl_;
+  b.checkUsable();
+  const BufferConfig& c = b.resolved.config;
+  const bool has_topk = args.topk.idx != nullptr || args.topk.num_topk > 0;
+  const bool fp8 = args.dtype == DType::kFP8E4M3;
+  const int hidden = c.hidden;
+  const int num_scales = hidden / kFp8BlockSize;
+
+  ArgChecker check;
+  check.require(b.layout.has_ht, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
+  check.require(handle.impl_ && handle.impl_->owner == &b, "handle", "foreign",
+                "a handle created by this EpBuffer");
+  check.require(args.dtype == DType::kBF16 || fp8, "DispatchArgs::dtype",
+                static_cast<int>(args.dtype), "kBF16 or kFP8E4M3");
+  check.require(args.num_tokens >= 0 && args.num_tokens <= c.max_tokens_per_rank,
+                "DispatchArgs::num_tokens", args.num_tokens,
+                "in [0, " + std::to_string(c.max_tokens_per_rank) + "] (max_tokens_per_rank)");
+  check.require(args.num_tokens == 0 || args.x != nullptr, "DispatchArgs::x", pointerText(args.x),
+                "non-null when num_tokens > 0");
+  check.require(aligned16(args.x), "DispatchArgs::x", pointerText(args.x), "16-byte aligned");
+  if (fp8) {
+    check.require(args.num_tokens == 0 || args.x_scales != nullptr, "DispatchArgs::x_scales",
+                  pointerText(args.x_scales), "non-null for FP8 input");
+    check.require(args.scales_token_stride >= 0, "DispatchArgs::scales_token_stride",
+                  args.scales_token_stride, ">= 0");
+    check.require(args.scales_col_stride >= 1, "DispatchArgs::scales_col_stride",
+                  args.scales_col_stride, ">= 1");
+  }
+  check.require(args.expert_alignment >= 1 && args.expert_alignment <= kMaxExpertAlignment,
+                "DispatchArgs::expert_alignment", args.expert_alignment,
+                "in [1, " + std::to_string(kMaxExpertAlignment) + "]");
+  check.require(aligned16(args.recv_x_out), "DispatchArgs::recv_x_out",
+                pointerText(args.recv_x_out), "16-byte aligned");
+  if (has_topk) {
+    checkTopk(check, args.topk, c.max_topk, c.max_tokens_per_rank);
+    check.require(args.topk.num_tokens == args.num_tokens, "topk.num_tokens",
+                  args.topk.num_tokens,
+                  "equal to DispatchArgs::num_tokens (" + std::to_string(args.num_tokens) + ")");
+  } else if (handle.impl_) {
+    check.require(handle.impl_->num_tokens >= 0, "DispatchArgs::topk.idx", "nullptr",
+                  "set, or a handle that holds a layout (cached dispatch)");
+    check.require(handle.impl_->num_tokens < 0 || handle.impl_->num_tokens == args.num_tokens,
+                  "DispatchArgs::num_tokens", args.num_tokens,
+                  "the handle's num_tokens (" + std::to_string(handle.impl_->num_tokens) +
+                      ") for a cached dispatch");
+  }
+  if (check.failed()) b.rejectInput(kernels::OpId::kHtDispatch, check.message());
+  const int sms = b.resolveSms(kernels::OpId::kHtDispatch, args.num_sms, c.num_sms, kDefaultHtSms,
+                               "DispatchArgs::num_sms");
+
+  DeviceGuard guard(b.device);
+  EpHandle::Impl& h = *handle.impl_;
+  if (has_topk) launchLayoutInto(b, args.topk, h, stream);
+
+  kernels::HtDispatchParams p{};
+  p.peers = b.peers;
+  p.regions = b.layout.ht;
+  p.x = static_cast<const uint8_t*>(args.x);
+  p.x_row_bytes = int64_t{hidden} * (fp8 ? 1 : 2);
+  p.x_scales = fp8 ? args.x_scales : nullptr;
+  p.scales_token_stride = args.scales_token_stride != 0 ? args.scales_token_stride : num_scales;
+  p.scales_col_stride = args.scales_col_stride;
+  p.num_scales = fp8 ? num_scales : 0;
+  p.topk_idx = has_topk ? args.topk.idx : nullptr;
+  p.idx_is_64 = args.topk.idx_type == IndexType::kInt64;
+  p.topk_weights = has_topk ? args.topk_weights : nullptr;
+  p.num_topk = has_topk ? args.topk.num_topk : 0;
+  p.num_tokens = args.num_tokens;
+  p.num_experts = c.num_experts;
+  p.num_local_experts = b.num_local_experts;
+  p.expert_alignment = args.expert_alignment;
+  p.signature = dispatchSignature(hidden, args.dtype, has_topk, p.num_topk, c.num_experts);
+  p.token_mask = h.token_mask;
+  p.token_slot = h.token_slot;
+  p.rank_counts = h.rank_counts;
+  p.expert_counts = h.expert_counts;
+  p.count_matrix = h.count_matrix;
+  p.num_recv = h.num_recv;
+  p.recv_rank_prefix = h.recv_rank_prefix;
+  p.recv_expert_counts = h.recv_expert_counts;
+  HostMappedState* host = b.hostState();
+  if (args.exact_count) {
+    *reinterpret_cast<volatile uint64_t*>(&host->ht_count) = 0;
+    p.host_count = &b.host_mapped.device<HostMappedState>()->ht_count;
+  }
+  kernels::launchHtDispatch(p, sms, stream);
+  h.dispatched = true;
+
+  const ResolvedConfig& rc = b.resolved;
+  uint8_t* base = b.localBase();
+  const kernels::HtRegions& ht = b.layout.ht;
+  if (args.recv_x_out != nullptr) {
+    kernels::CopyRowsParams copy{static_cast<uint8_t*>(args.recv_x_out), base + ht.recv_x,
+                                 p.x_row_bytes, p.x_row_bytes, p.x_row_bytes, h.num_recv,
+                                 ht.capacity};
+    kernels::launchCopyRows(copy, sms, stream);
+  }
+  if (fp8 && args.recv_scales_out != nullptr) {
+    const int64_t scale_row = int64_t{num_scales} * 4;
+    kernels::CopyRowsParams copy{reinterpret_cast<uint8_t*>(args.recv_scales_out),
+                                 base + ht.recv_scales, scale_row, scale_row, scale_row,
+                                 h.num_recv, ht.capacity};
+    kernels::launchCopyRows(copy, sms, stream);
+  }
+
+  DispatchResult result;
+  result.recv_x = base + ht.recv_x;
+  result.recv_x_scales = fp8 ? reinterpret_cast<const float*>(base + ht.recv_scales) : nullptr;
+  result.recv_topk_idx = has_topk ? base + ht.recv_topk_idx : nullptr;
+  result.recv_topk_weights =
+      has_topk ? reinterpret_cast<const float*>(base + ht.recv_topk_weights) : nullptr;
+  result.recv_src_idx = reinterpret_cast<const int32_t*>(base + ht.recv_src_idx);
+  result.num_recv_tokens = h.num_recv;
+  result.recv_rank_prefix = h.recv_rank_prefix;
+  result.num_recv_tokens_per_expert = h.recv_expert_counts;
+  result.capacity = ht.capacity;
+  result.combine_input = base + ht.combine_in;
+
+  if (args.exact_count) {
+    // Returns as soon as the count matrix is known; the rows may still be moving.
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration<double>(rc.config.timeout_s * 1.5 + 5.0);
+    while (true) {
+      const uint64_t word = *reinterpret_cast<volatile uint64_t*>(&host->ht_count);
+      if ((word >> 32) != 0) {
+        result.num_recv_tokens_host = static_cast<int64_t>(word & 0xffffffffu);
+        break;
+      }
+      b.checkUsable();
+      const cudaError_t status = cudaStreamQuery(stream);
+      if (status != cudaSuccess && status != cudaErrorNotReady) EPCOMM_CUDA_CHECK(status);
+      EPCOMM_CHECK_CODE(std::chrono::steady_clock::now() < deadline, ErrorCode::kTimeout,
+                        "exact_count dispatch: the received-row count did not arrive within "
+                            << rc.config.timeout_s * 1.5 + 5.0 << " s");
+      std::this_thread::sleep_for(std::chrono::microseconds(5));
+    }
+  }
+  return result;
+}
+
+// --- combine -------------------------------------------------------------------------------------
+
+void EpBuffer::combine(const CombineArgs& args, const EpHandle& handle, cudaStream_t stream) {
+  Impl& b = *impl_;
+  b.checkUsable();
+  const BufferConfig& c = b.resolved.config;
+  ArgChecker check;
+  check.require(b.layout.has_ht, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
+  check.require(handle.impl_ && handle.impl_->owner == &b, "handle", "foreign",
+                "a handle created by this EpBuffer");
+  const EpHandle::Impl* h = handle.impl_.get();
+  if (h != nullptr) {
+    check.require(h->dispatched, "handle", "not dispatched",
+                  "a handle that went through dispatch() (it holds the count matrix)");
+    check.require(h->num_tokens == 0 || args.out != nullptr, "CombineArgs::out",
+                  pointerText(args.out), "non-null when the handle has tokens");
+    check.require(args.topk_weights == nullptr || h->num_topk > 0, "CombineArgs::topk_weights",
+                  pointerText(args.topk_weights), "null for a handle laid out without top-k");
+  }
+  check.require(args.x != nullptr, "CombineArgs::x", pointerText(args.x), "non-null");
+  check.require(aligned16(args.x), "CombineArgs::x", pointerText(args.x), "16-byte aligned");
+  check.require(aligned16(args.out), "CombineArgs::out", pointerText(args.out), "16-byte aligned");
+  check.require(aligned16(args.bias), "CombineArgs::bias", pointerText(args.bias),
+                "16-byte aligned");
+  if (check.failed()) b.rejectInput(kernels::OpId::kHtCombine, check.message());
+  const int sms = b.resolveSms(kernels::OpId::kHtCombine, args.num_sms, c.num_sms, kDefaultHtSms,
+                               "CombineArgs::num_sms");
+
+  DeviceGuard guard(b.device);
+  uint8_t* base = b.localBase();
+  const kernels::HtRegions& ht = b.layout.ht;
+  const int64_t row_bytes = int64_t{c.hidden} * 2;
+  if (args.x != base + ht.combine_in) {
+    // Peers pull from the symmetric combine-input region; stage the rows there first.
+    kernels::CopyRowsParams copy{base + ht.combine_in, static_cast<const uint8_t*>(args.x),
+                                 row_bytes, row_bytes, row_bytes, h->num_recv, ht.capacity};
+    kernels::launchCopyRows(copy, sms, stream);
+  }
+  kernels::HtCombineParams p{};
+  p.peers = b.peers;
+  p.regions = ht;
+  p.row_bytes = row_bytes;
+  p.hidden = c.hidden;
+  p.num_tokens = h->num_tokens;
+  p.num_topk = h->num_topk;
+  p.num_local_experts = b.num_local_experts;
+  p.token_mask = h->token_mask;
+  p.token_slot = h->token_slot;
+  p.count_matrix = h->count_matrix;
+  p.topk_copy = h->topk_copy;
+  p.topk_weights = args.topk_weights;
+  p.bias = static_cast<const uint16_t*>(args.bias);
+  p.out = static_cast<uint16_t*>(args.out);
+  kernels::launchHtCombine(p, sms, stream);
+}
+
+}  // namespace epcomm

@@ -1,0 +1,188 @@
+// The CPU reference model of the dispatch and combine ops (DESIGN.md §5, §6, §8).
+//
+// Written from the op semantics in include/epcomm/ops.hpp, independently of the kernels: plain
+// loops over tokens, no shared code with src/ or kernels/. Experts are split evenly: rank r owns
+// experts [r*L, (r+1)*L) with L = num_experts / num_ranks; expert id -1 means "no expert"; a token
+// goes to a rank at most once however many of its experts live there.
+//
+// Every function takes the inputs of ALL ranks (from generateProblem() or built by hand) and
+// returns what ONE rank should see. All functions throw std::invalid_argument on inconsistent
+// arguments (sizes, expert ids out of range).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/test_data.hpp"
+
+namespace epcomm::test {
+
+// ----- layout --------------------------------------------------------------------------------
+
+struct LayoutRef {
+  std::vector<int> tokens_per_rank;       // [R] tokens sent to each rank
+  std::vector<int> tokens_per_expert;     // [E] (token, expert) pairs per expert
+  std::vector<uint8_t> is_token_in_rank;  // [N*R] 1 if token t is sent to rank r
+  std::vector<int> token_slot;            // [N*R] tokens t' < t sent to r, or -1 if t is not
+};
+
+LayoutRef referenceLayout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
+                          int num_ranks);
+
+// ----- HT dispatch / combine ----------------------------------------------------------------
+
+// What destination rank d receives. Rows are rank-major: all rows of source 0 in increasing token
+// order, then source 1, ...
+struct HtDispatchRef {
+  int num_recv = 0;
+  std::vector<int> rank_prefix;          // [R+1] row offset of each source; [R] = num_recv
+  std::vector<int> src_rank, src_token;  // [num_recv]
+  std::vector<uint16_t> recv_x_bf16;     // [num_recv*H]
+  std::vector<uint8_t> recv_x_fp8;       // [num_recv*H]
+  std::vector<float> recv_scales;        // [num_recv*H/128]
+  std::vector<int64_t> recv_topk_idx;    // [num_recv*K] e - d*L if expert e is on d, else -1
+  std::vector<float> recv_topk_weights;  // [num_recv*K] the weight where local, else 0.0f
+  std::vector<int> recv_src_idx;         // [num_recv] token index on the source rank
+  // [L] (row, k) pairs naming each local expert, rounded up to a multiple of expert_alignment.
+  std::vector<int> tokens_per_local_expert;
+};
+
+HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_rank, int hidden,
+                                  int num_experts, int num_topk, int expert_alignment);
+
+// What source rank s gets back from combine, [N_s*H] as float (the GPU writes bf16):
+//   out[t][c] = sum over ranks d that token t was sent to of w_d(t) * y_d[row of (s, t) on d][c]
+//               + bias[t][c]
+// with w_d(t) = the sum of topk_weights[t][k] over the k whose expert lives on d when `weighted`,
+// else 1. combine_inputs[d] holds d's expert outputs as bf16 rows in d's dispatch row order (at
+// least num_recv_d rows; extra rows, e.g. a whole capacity-sized buffer, are ignored). bias is
+// [N_s*H] bf16 or nullptr. Accumulated in double: this is the exact answer, compare with a
+// tolerance (kCombineAtol / kCombineRtol).
+std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int src_rank,
+                                      const std::vector<std::vector<uint16_t>>& combine_inputs,
+                                      int hidden, int num_experts, int num_topk, bool weighted,
+                                      const uint16_t* bias);
+
+// ----- LL dispatch / combine ----------------------------------------------------------------
+
+// The rows one local expert receives. The row order within an expert is not defined, so this is
+// a multiset; referenceLlDispatch() returns it sorted by (src_rank, src_token).
+struct LlExpertRows {
+  std::vector<int> src_rank, src_token;
+};
+
+struct LlDispatchRef {
+  std::vector<LlExpertRows> per_local_expert;  // [L]
+};
+
+LlDispatchRef referenceLlDispatch(const std::vector<RankInputs>& all, int dst_rank, int num_experts,
+                                  int num_topk);
+
+// The BF16 -> FP8 cast that the LL dispatch kernel performs; the GPU must match it bit for bit.
+// Per 128-column block: amax = max |x|; scale = fmaxf(amax, 1e-4f) / 448.0f; inv = 1.0f / scale;
+// q[c] = floatToFp8E4m3(x[c] * inv). All float32, in that order, no fused multiply-add.
+// q is [hidden], scales is [hidden / 128]; hidden must be a multiple of 128.
+void referenceFp8Cast(const uint16_t* row_bf16, int hidden, uint8_t* q, float* scales);
+
+using ExpertOutputFn =
+    std::function<float(int global_expert, int src_rank, int src_token, int col)>;
+
+// What source rank s gets back from LL combine, [N_s*hidden] as float:
+//   out[t][c] = sum over ranks d holding at least one of t's experts, in increasing d, of
+//               bf16round( sum over k (increasing) with expert e_k on d of
+//                          w[t][k] * expert_output(e_k, s, t, c), in float32 )
+// i.e. each rank's weighted partial is rounded to bf16 once (it travels as bf16), then the
+// partials are summed in float32. Tokens without a valid expert give 0.
+std::vector<float> referenceLlCombine(const std::vector<RankInputs>& all, int src_rank,
+                                      int num_experts, int num_topk,
+                                      const ExpertOutputFn& expert_output, int hidden);
+
+// ----- comparison helpers -------------------------------------------------------------------
+
+// Combine tolerance: |actual - expected| <= atol + rtol * |expected|. rtol is one bf16 ulp
+// (the output is rounded to bf16 once, half an ulp, plus float32 accumulation in any order);
+// atol covers cancellation to near zero.
+inline constexpr double kCombineRtol = 1.0 / 128.0;
+inline constexpr double kCombineAtol = 1e-3;
+
+// "src_rank 1, token 300" for a generated row, else "untagged row (col0 .., col1 .., col2 ..)".
+std::string describeRowOrigin(const uint16_t* row_bf16);
+
+// Compares a bf16 result [rows, cols] against a float reference within atol + rtol * |expected|.
+// NaN/inf in `actual` (e.g. poison left unwritten) always fails. The failure message names the
+// number of bad elements and the first few as (token, column): expected vs actual.
+::testing::AssertionResult compareBf16Near(const uint16_t* actual, const float* expected,
+                                           int64_t rows, int64_t cols, double atol = kCombineAtol,
+                                           double rtol = kCombineRtol);
+::testing::AssertionResult compareBf16Near(const std::vector<uint16_t>& actual,
+                                           const std::vector<float>& expected, int64_t cols,
+                                           double atol = kCombineAtol, double rtol = kCombineRtol);
+
+// Bitwise comparison of bf16 rows. With rows_have_origin, a failure also says which generated
+// row (decodeRowOrigin) was expected and which one arrived, which makes misplaced rows obvious.
+::testing::AssertionResult compareBf16Exact(const uint16_t* actual, const uint16_t* expected,
+                                            int64_t rows, int64_t cols,
+                                            bool rows_have_origin = false);
+
+// Exact element comparison of integer or float arrays [rows, cols] (floats by value, so NaN never
+// matches). `what` names the array in the message.
+template <typename T>
+::testing::AssertionResult compareExact(const T* actual, const T* expected, int64_t rows,
+                                        int64_t cols, const std::string& what = "array") {
+  static_assert(std::is_arithmetic<T>::value, "compareExact needs an arithmetic element type");
+  // Print small integer types as numbers, not characters; floats with all their digits.
+  using Printed = std::conditional_t<std::is_floating_point<T>::value, double, long long>;
+  int64_t bad = 0;
+  std::ostringstream first;
+  first.precision(9);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t i = r * cols + c;
+      if (actual[i] == expected[i]) continue;
+      if (bad < 4) {
+        first << "\n  (row " << r << ", column " << c << "): expected "
+              << static_cast<Printed>(expected[i]) << ", actual "
+              << static_cast<Printed>(actual[i]);
+      }
+      ++bad;
+    }
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << what << ": " << bad << " of " << rows * cols << " elements differ" << first.str();
+}
+
+template <typename T>
+::testing::AssertionResult compareExact(const std::vector<T>& actual,
+                                        const std::vector<T>& expected,
+                                        const std::string& what = "array") {
+  if (actual.size() != expected.size())
+    return ::testing::AssertionFailure()
+           << what << ": size " << actual.size() << ", expected " << expected.size();
+  return compareExact(actual.data(), expected.data(), 1, static_cast<int64_t>(actual.size()), what);
+}
+
+// Host copies of one local expert's rows from an LL dispatch result.
+struct LlExpertView {
+  int count = 0;                      // num_recv_tokens_per_expert[e]
+  const int32_t* src_info = nullptr;  // [count] src_rank * max_tokens_per_rank + src_token
+  const uint16_t* x_bf16 = nullptr;   // [count, hidden] for BF16 dispatch, else nullptr
+  const uint8_t* x_fp8 = nullptr;     // [count, hidden] for FP8 dispatch, else nullptr
+  const float* scales = nullptr;      // [count, hidden / 128] for FP8 dispatch
+};
+
+// Checks one local expert of an LL dispatch: the count, the multiset of (src_rank, src_token)
+// against `expected`, and every row's data against its source row (bf16 bit-exact, or FP8 bytes
+// and scales equal to referenceFp8Cast of the source row).
+::testing::AssertionResult checkLlExpertRows(const std::vector<RankInputs>& all,
+                                             const LlExpertRows& expected,
+                                             const LlExpertView& actual, int max_tokens_per_rank,
+                                             int hidden);
+
+}  // namespace epcomm::test

@@ -1,0 +1,584 @@
+// Bootstrap and fd exchange under mpirun (1, 2 and 4 ranks, CPU only, all ranks on one host).
+//
+// Every rank runs every test and reaches every collective in the same order, also on failure
+// paths: a rank that stopped early would turn a bug into a hang. Waits that could hang are
+// bounded by the bootstrap deadline (120 s, see mp_main.cpp) or by the short deadlines below.
+#include <cuda_runtime_api.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <mpi.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "common/test_env.hpp"
+#include "epcomm/bootstrap.hpp"
+#include "epcomm/error.hpp"
+#include "epcomm/mpi_bootstrap.hpp"
+#include "memory/fd_exchange.hpp"
+
+namespace epcomm {
+namespace {
+
+using memory::exchangeFds;
+using memory::UniqueFd;
+using Clock = std::chrono::steady_clock;
+
+constexpr double kFdTimeoutS = 30.0;
+
+Bootstrap& world() {
+  Bootstrap* bootstrap = test::mpiBootstrap();
+  if (bootstrap == nullptr) throw std::logic_error("mp test without the MPI bootstrap");
+  return *bootstrap;
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+// Rank-coded payload: a wrong byte says which rank and offset it came from.
+uint8_t payloadByte(int rank, size_t index, size_t bytes) {
+  return static_cast<uint8_t>(rank * 37 + index * 11 + bytes * 3 + 1);
+}
+
+void checkAllGather(Bootstrap& bootstrap, size_t bytes) {
+  SCOPED_TRACE(::testing::Message() << bytes << " bytes per rank");
+  const int size = bootstrap.size();
+  std::vector<uint8_t> send(bytes);
+  for (size_t i = 0; i < bytes; ++i) send[i] = payloadByte(bootstrap.rank(), i, bytes);
+  std::vector<uint8_t> recv(bytes * static_cast<size_t>(size), 0xEE);  // poisoned
+  bootstrap.allGather(send.data(), recv.data(), bytes);
+  for (int r = 0; r < size; ++r) {
+    for (size_t i = 0; i < bytes; ++i) {
+      const uint8_t got = recv[static_cast<size_t>(r) * bytes + i];
+      if (got != payloadByte(r, i, bytes)) {
+        ADD_FAILURE() << "rank " << bootstrap.rank() << ": byte " << i << " from rank " << r
+                      << " is " << int{got} << ", expected " << int{payloadByte(r, i, bytes)};
+        return;
+      }
+    }
+  }
+}
+
+void checkOneHostGrouping(const Bootstrap& bootstrap) {
+  EXPECT_EQ(bootstrap.numNodes(), 1);
+  EXPECT_EQ(bootstrap.localSize(), bootstrap.size());
+  EXPECT_EQ(bootstrap.localRank(), bootstrap.rank());
+  std::vector<int> all(static_cast<size_t>(bootstrap.size()));
+  std::iota(all.begin(), all.end(), 0);
+  EXPECT_EQ(bootstrap.localRanks(), all);
+}
+
+const size_t kPayloadSizes[] = {1, 3, 8, 128, 4097, size_t{1} << 20};
+
+// ---- MpiBootstrap ---------------------------------------------------------------------------
+
+TEST(MpiBootstrap, RankAndSizeMatchMpi) {
+  int rank = -1;
+  int size = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  EXPECT_EQ(world().rank(), rank);
+  EXPECT_EQ(world().size(), size);
+  auto* mpi = dynamic_cast<MpiBootstrap*>(&world());
+  ASSERT_NE(mpi, nullptr);
+  int compare = MPI_UNEQUAL;
+  MPI_Comm_compare(mpi->comm(), MPI_COMM_WORLD, &compare);
+  EXPECT_EQ(compare, MPI_CONGRUENT) << "the bootstrap must use its own duplicate";
+}
+
+TEST(MpiBootstrap, AllGatherOfSeveralSizes) {
+  for (size_t bytes : kPayloadSizes) checkAllGather(world(), bytes);
+}
+
+// Zero bytes is a legal (empty) collective: every rank must still call it.
+TEST(MpiBootstrap, AllGatherOfZeroBytes) {
+  EXPECT_NO_THROW(world().allGather(nullptr, nullptr, 0));
+  std::vector<uint8_t> recv(4, 0xAB);
+  EXPECT_NO_THROW(world().allGather(recv.data(), recv.data(), 0));
+  EXPECT_EQ(recv, std::vector<uint8_t>(4, 0xAB));
+}
+
+TEST(MpiBootstrap, AllGatherRejectsNullBuffersLocally) {
+  uint8_t byte = 0;
+  EXPECT_THROW(world().allGather(nullptr, &byte, 1), InvalidArgument);
+  EXPECT_THROW(world().allGather(&byte, nullptr, 1), InvalidArgument);
+}
+
+TEST(MpiBootstrap, BarrierWaitsForTheLastRank) {
+  // Ranks enter in a staggered order; nobody may leave before the last one entered. All ranks
+  // share one host, so CLOCK_MONOTONIC (steady_clock) is comparable across them.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20 * world().rank()));
+  const int64_t entered = Clock::now().time_since_epoch().count();
+  world().barrier();
+  const int64_t left = Clock::now().time_since_epoch().count();
+  std::vector<int64_t> all(static_cast<size_t>(world().size()));
+  world().allGather(&entered, all.data(), sizeof(entered));
+  for (int r = 0; r < world().size(); ++r) {
+    EXPECT_LE(all[static_cast<size_t>(r)], left)
+        << "left the barrier before rank " << r << " entered it";
+  }
+  for (int i = 0; i < 50; ++i) world().barrier();
+}
+
+TEST(MpiBootstrap, LocalGroupingOnOneHost) {
+  checkOneHostGrouping(world());
+}
+
+TEST(MpiBootstrap, RejectsBadArgumentsWithoutCommunicating) {
+  EXPECT_THROW(MpiBootstrap(MPI_COMM_NULL, 10.0), InvalidArgument);
+  EXPECT_THROW(MpiBootstrap(MPI_COMM_WORLD, 0.0), InvalidArgument);
+  EXPECT_THROW(MpiBootstrap(MPI_COMM_WORLD, -1.0), InvalidArgument);
+}
+
+TEST(MpiBootstrap, InstancesAreIndependentAndFreeTheirCommunicator) {
+  for (int i = 0; i < 20; ++i) {
+    MpiBootstrap other(MPI_COMM_WORLD, 60.0);
+    checkOneHostGrouping(other);
+    // Interleaved use must not cross-match: each has its own communicator.
+    checkAllGather(other, 16);
+    checkAllGather(world(), 24);
+    other.barrier();
+  }
+}
+
+TEST(MpiBootstrap, WorksOnASubCommunicator) {
+  // Even and odd world ranks form two groups.
+  MPI_Comm half = MPI_COMM_NULL;
+  ASSERT_EQ(MPI_Comm_split(MPI_COMM_WORLD, world().rank() % 2, world().rank(), &half), MPI_SUCCESS);
+  {
+    MpiBootstrap sub(half, 60.0);
+    EXPECT_EQ(sub.rank(), world().rank() / 2);
+    EXPECT_EQ(sub.size(), (world().size() + 1 - world().rank() % 2) / 2);
+    checkOneHostGrouping(sub);
+    checkAllGather(sub, 100);
+    sub.barrier();
+  }
+  MPI_Comm_free(&half);
+  // The process rank in messages stays the one of the last bootstrap built; restore the world's.
+  MpiBootstrap restore(MPI_COMM_WORLD, 60.0);
+}
+
+// Rank 0 enters a collective the others do not join in time. Afterwards the others complete
+// the abandoned collective, so no request stays pending and nothing hangs.
+TEST(MpiBootstrap, TimeoutNamesTheOperationAndBreaksTheBootstrap) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  for (const bool use_barrier : {true, false}) {
+    SCOPED_TRACE(use_barrier ? "barrier" : "allGather");
+    // Only rank 0 has the short deadline: the others must wait for it to time out and must
+    // then complete the abandoned collective, however slowly oversubscribed ranks progress.
+    MpiBootstrap bootstrap(MPI_COMM_WORLD, world().rank() == 0 ? 0.3 : 60.0);
+    uint64_t send = 0x5eed0000u + static_cast<uint64_t>(bootstrap.rank());
+    std::vector<uint64_t> recv(static_cast<size_t>(bootstrap.size()));
+    auto collective = [&] {
+      if (use_barrier) {
+        bootstrap.barrier();
+      } else {
+        bootstrap.allGather(&send, recv.data(), sizeof(send));
+      }
+    };
+    if (bootstrap.rank() == 0) {
+      const auto start = Clock::now();
+      try {
+        collective();
+        ADD_FAILURE() << "no timeout although no other rank joined";
+      } catch (const TimeoutError& e) {
+        const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+        EXPECT_GE(waited, 0.3);
+        EXPECT_LT(waited, 30.0);
+        EXPECT_EQ(e.peer(), -1);
+        const std::string what = e.what();
+        EXPECT_TRUE(contains(what, use_barrier ? "MPI_Ibarrier" : "MPI_Iallgather")) << what;
+        EXPECT_TRUE(contains(what, "0.3 s")) << what;
+        EXPECT_TRUE(contains(what, "unknown")) << what;
+        EXPECT_TRUE(contains(what, "rank 0")) << what;
+      }
+      // The communicator may still match the abandoned collective: refuse further use.
+      try {
+        bootstrap.barrier();
+        ADD_FAILURE() << "a timed-out bootstrap kept working";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::kBroken) << e.what();
+      }
+      EXPECT_THROW(bootstrap.allGather(&send, recv.data(), sizeof(send)), Error);
+      EXPECT_EQ(bootstrap.comm(), MPI_COMM_NULL);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    // Rank 0 progresses its abandoned request inside the MPI_Barrier below.
+    if (bootstrap.rank() != 0) {
+      EXPECT_NO_THROW(collective());
+    }
+    if (!use_barrier && bootstrap.rank() != 0) {
+      for (int r = 0; r < bootstrap.size(); ++r) {
+        EXPECT_EQ(recv[static_cast<size_t>(r)], 0x5eed0000u + static_cast<uint64_t>(r));
+      }
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+  }
+}
+
+// The constructor's duplication is collective too: a rank whose peers never construct theirs
+// gets a TimeoutError instead of hanging in MPI_Comm_dup.
+TEST(MpiBootstrap, ConstructorTimesOutWhenOthersDoNotJoin) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  if (world().rank() == 0) {
+    try {
+      MpiBootstrap lonely(MPI_COMM_WORLD, 0.3);
+      ADD_FAILURE() << "constructed although no other rank joined";
+    } catch (const TimeoutError& e) {
+      EXPECT_TRUE(contains(e.what(), "MPI_Comm_idup")) << e.what();
+      EXPECT_TRUE(contains(e.what(), "0.3 s")) << e.what();
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (world().rank() != 0) {
+    // Complete rank 0's abandoned duplication (a non-blocking collective only matches another
+    // non-blocking one); rank 0 progresses it inside the MPI_Barrier below.
+    MPI_Comm dup = MPI_COMM_NULL;
+    MPI_Request request = MPI_REQUEST_NULL;
+    ASSERT_EQ(MPI_Comm_idup(MPI_COMM_WORLD, &dup, &request), MPI_SUCCESS);
+    ASSERT_EQ(MPI_Wait(&request, MPI_STATUS_IGNORE), MPI_SUCCESS);
+    MPI_Comm_free(&dup);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// ---- CallbackBootstrap ----------------------------------------------------------------------
+
+void mpiAllGather(const void* send, void* recv, size_t bytes) {
+  const int rc = MPI_Allgather(send, static_cast<int>(bytes), MPI_BYTE, recv,
+                               static_cast<int>(bytes), MPI_BYTE, MPI_COMM_WORLD);
+  if (rc != MPI_SUCCESS) throw std::runtime_error("MPI_Allgather failed");
+}
+
+TEST(CallbackBootstrap, OverMpiAllgatherMatchesMpiBootstrap) {
+  int gathers = 0;
+  CallbackBootstrap bootstrap(world().rank(), world().size(),
+                              [&gathers](const void* send, void* recv, size_t bytes) {
+                                ++gathers;
+                                mpiAllGather(send, recv, bytes);
+                              });
+  EXPECT_EQ(gathers, 1) << "the constructor all-gathers the host identity once";
+  EXPECT_EQ(bootstrap.rank(), world().rank());
+  EXPECT_EQ(bootstrap.size(), world().size());
+  EXPECT_EQ(bootstrap.localRank(), world().localRank());
+  EXPECT_EQ(bootstrap.localRanks(), world().localRanks());
+  EXPECT_EQ(bootstrap.numNodes(), world().numNodes());
+  checkOneHostGrouping(bootstrap);
+  for (size_t bytes : kPayloadSizes) checkAllGather(bootstrap, bytes);
+  gathers = 0;
+  bootstrap.barrier();  // no barrier callback: a one-byte all-gather
+  EXPECT_EQ(gathers, 1);
+}
+
+TEST(CallbackBootstrap, UsesTheBarrierCallback) {
+  int barriers = 0;
+  CallbackBootstrap bootstrap(world().rank(), world().size(), mpiAllGather, [&barriers] {
+    ++barriers;
+    MPI_Barrier(MPI_COMM_WORLD);
+  });
+  bootstrap.barrier();
+  bootstrap.barrier();
+  EXPECT_EQ(barriers, 2);
+}
+
+TEST(CallbackBootstrap, ValidatesArgumentsBeforeCommunicating) {
+  auto never = [](const void*, void*, size_t) { FAIL() << "collective called"; };
+  EXPECT_THROW(CallbackBootstrap(-1, 2, never), InvalidArgument);
+  EXPECT_THROW(CallbackBootstrap(2, 2, never), InvalidArgument);
+  EXPECT_THROW(CallbackBootstrap(0, 0, never), InvalidArgument);
+  EXPECT_THROW(CallbackBootstrap(0, 1, CallbackBootstrap::AllGatherFn{}), InvalidArgument);
+  try {
+    CallbackBootstrap(5, 4, never);
+  } catch (const InvalidArgument& e) {
+    EXPECT_TRUE(contains(e.what(), "rank = 5")) << e.what();
+    EXPECT_TRUE(contains(e.what(), "[0, 4)")) << e.what();
+  }
+}
+
+TEST(CallbackBootstrap, SingleProcessWithoutMpi) {
+  CallbackBootstrap solo(0, 1, [](const void* send, void* recv, size_t bytes) {
+    if (bytes > 0) std::memcpy(recv, send, bytes);
+  });
+  EXPECT_EQ(solo.localSize(), 1);
+  EXPECT_EQ(solo.localRank(), 0);
+  EXPECT_EQ(solo.numNodes(), 1);
+  solo.barrier();
+  checkAllGather(solo, 5);
+  // Restore the process rank used in error messages.
+  MpiBootstrap restore(MPI_COMM_WORLD, 60.0);
+}
+
+// ---- selectDevice ---------------------------------------------------------------------------
+
+TEST(SelectDevice, PicksLocalRankModuloDeviceCountOrSaysWhy) {
+  std::string reason;
+  if (test::gpuAvailable(&reason)) {
+    int count = 0;
+    ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess);
+    const int device = selectDevice(world());
+    EXPECT_EQ(device, world().localRank() % count);
+    int current = -1;
+    ASSERT_EQ(cudaGetDevice(&current), cudaSuccess);
+    EXPECT_EQ(current, device);
+  } else {
+    try {
+      selectDevice(world());
+      ADD_FAILURE() << "selectDevice succeeded without a GPU (" << reason << ")";
+    } catch (const CudaError& e) {
+      EXPECT_TRUE(contains(e.what(), "cudaGetDeviceCount") || contains(e.what(), "no CUDA"))
+          << e.what();
+      EXPECT_TRUE(contains(e.what(), "CUDA_VISIBLE_DEVICES")) << e.what();
+    }
+  }
+}
+
+// ---- fd exchange ----------------------------------------------------------------------------
+
+std::string rankText(int rank, int iteration) {
+  return "epcomm fd test: rank " + std::to_string(rank) + ", iteration " +
+         std::to_string(iteration);
+}
+
+UniqueFd makeMemfd(const std::string& text) {
+  UniqueFd fd(memfd_create("epcomm-fd-test", MFD_CLOEXEC));
+  if (fd.get() < 0) throw std::runtime_error("memfd_create failed");
+  if (::pwrite(fd.get(), text.data(), text.size(), 0) != static_cast<ssize_t>(text.size())) {
+    throw std::runtime_error("pwrite to memfd failed");
+  }
+  return fd;
+}
+
+std::string readText(int fd) {
+  char buffer[256] = {};
+  const ssize_t n = ::pread(fd, buffer, sizeof(buffer), 0);
+  return n > 0 ? std::string(buffer, static_cast<size_t>(n)) : std::string();
+}
+
+int countOpenFds() {
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  int count = 0;
+  while (dirent* entry = ::readdir(dir)) {
+    if (std::strcmp(entry->d_name, ".") != 0 && std::strcmp(entry->d_name, "..") != 0) ++count;
+  }
+  ::closedir(dir);
+  return count;  // includes the directory's own fd, equally in every call
+}
+
+struct FileId {
+  uint64_t device;
+  uint64_t inode;
+};
+
+// Exchanges one memfd and checks every received fd: the peer's text, the very same file
+// (device and inode all-gathered separately) and close-on-exec.
+void exchangeAndCheck(Bootstrap& bootstrap, int iteration) {
+  const int rank = bootstrap.rank();
+  UniqueFd mine = makeMemfd(rankText(rank, iteration));
+  struct stat st {};
+  ASSERT_EQ(::fstat(mine.get(), &st), 0);
+  const FileId my_id{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino)};
+  std::vector<FileId> ids(static_cast<size_t>(bootstrap.size()));
+  bootstrap.allGather(&my_id, ids.data(), sizeof(FileId));
+
+  std::vector<UniqueFd> fds = exchangeFds(bootstrap, mine.get(), kFdTimeoutS);
+  ASSERT_EQ(fds.size(), static_cast<size_t>(bootstrap.size()));
+  const auto& local = bootstrap.localRanks();
+  for (int r = 0; r < bootstrap.size(); ++r) {
+    const int fd = fds[static_cast<size_t>(r)].get();
+    const bool expect_fd = r != rank && std::find(local.begin(), local.end(), r) != local.end();
+    if (!expect_fd) {
+      EXPECT_EQ(fd, -1) << "rank " << rank << " got an fd for rank " << r;
+      continue;
+    }
+    ASSERT_GE(fd, 0) << "rank " << rank << " got no fd from rank " << r;
+    EXPECT_NE(fd, mine.get());
+    EXPECT_EQ(readText(fd), rankText(r, iteration)) << "rank " << rank << " reading rank " << r;
+    struct stat peer {};
+    ASSERT_EQ(::fstat(fd, &peer), 0);
+    EXPECT_EQ(static_cast<uint64_t>(peer.st_ino), ids[static_cast<size_t>(r)].inode);
+    EXPECT_EQ(static_cast<uint64_t>(peer.st_dev), ids[static_cast<size_t>(r)].device);
+    EXPECT_NE(::fcntl(fd, F_GETFD) & FD_CLOEXEC, 0) << "received fds must be close-on-exec";
+  }
+}
+
+TEST(FdExchange, EveryLocalRankReadsEveryPeersFile) {
+  exchangeAndCheck(world(), 0);
+}
+
+TEST(FdExchange, OverCallbackBootstrap) {
+  CallbackBootstrap bootstrap(world().rank(), world().size(), mpiAllGather);
+  exchangeAndCheck(bootstrap, 1);
+}
+
+TEST(FdExchange, RepeatedExchangesLeakNoFds) {
+  exchangeAndCheck(world(), 2);  // warm-up: MPI may open its own fds on first use
+  world().barrier();
+  const int start = countOpenFds();
+  ASSERT_GT(start, 0);
+  const int peers = world().localSize() - 1;
+  for (int iteration = 0; iteration < 20; ++iteration) {
+    {
+      UniqueFd mine = makeMemfd(rankText(world().rank(), iteration));
+      std::vector<UniqueFd> fds = exchangeFds(world(), mine.get(), kFdTimeoutS);
+      // My memfd plus one fd per local peer; every socket is already closed.
+      EXPECT_EQ(countOpenFds(), start + 1 + peers) << "iteration " << iteration;
+      for (int r = 0; r < world().size(); ++r) {
+        if (fds[static_cast<size_t>(r)].get() >= 0) {
+          EXPECT_EQ(readText(fds[static_cast<size_t>(r)].get()), rankText(r, iteration));
+        }
+      }
+    }
+    EXPECT_EQ(countOpenFds(), start) << "iteration " << iteration;
+  }
+}
+
+TEST(FdExchange, BadFdOnOneRankFailsEveryRankQuickly) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int start = countOpenFds();
+  UniqueFd mine = makeMemfd("unused");
+  const int offered = world().rank() == 0 ? -1 : mine.get();
+  const auto began = Clock::now();
+  try {
+    exchangeFds(world(), offered, kFdTimeoutS);
+    ADD_FAILURE() << "rank " << world().rank() << ": exchange succeeded with a bad fd on rank 0";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(world().rank(), 0) << e.what();
+    EXPECT_TRUE(contains(e.what(), "my_fd = -1")) << e.what();
+  } catch (const Error& e) {
+    EXPECT_NE(world().rank(), 0) << e.what();
+    EXPECT_EQ(e.code(), ErrorCode::kRemote) << e.what();
+    EXPECT_TRUE(contains(e.what(), "rank(s) 0 ")) << e.what();
+  }
+  // Agreement through the bootstrap, not a socket timeout.
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - began).count(), kFdTimeoutS / 2);
+  mine.reset();
+  EXPECT_EQ(countOpenFds(), start);
+}
+
+// Wraps a bootstrap and doctors the host identities its constructor all-gathers, to fake
+// several hosts on one machine: as seen by rank `viewer`, rank r's identity is altered by
+// `host_of(viewer, r)` (0 = unchanged). The viewer's own record must stay unchanged: it is
+// compared with what the viewer sent. Everything after construction passes straight through.
+class FakeHostsBootstrap : public Bootstrap {
+ public:
+  using HostOf = std::function<uint8_t(int viewer, int rank)>;
+
+  FakeHostsBootstrap(Bootstrap& inner, HostOf host_of)
+      : inner_(inner), host_of_(std::move(host_of)) {
+    initLocalGroup();
+    host_of_ = nullptr;
+  }
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  void allGather(const void* send, void* recv, size_t bytes) override {
+    inner_.allGather(send, recv, bytes);
+    if (!host_of_ || bytes == 0) return;
+    auto* records = static_cast<uint8_t*>(recv);
+    for (int r = 0; r < size(); ++r) records[static_cast<size_t>(r) * bytes] ^= host_of_(rank(), r);
+  }
+  void barrier() override { inner_.barrier(); }
+
+ private:
+  Bootstrap& inner_;
+  HostOf host_of_;
+};
+
+// Even and odd ranks on two fake hosts: local groups that are not contiguous rank ranges, and
+// ranks on the other host that take part in the bootstrap steps only.
+TEST(FdExchange, OnlyRanksOfTheSameHostExchange) {
+  FakeHostsBootstrap bootstrap(
+      world(), [](int viewer, int r) { return static_cast<uint8_t>((r % 2) ^ (viewer % 2)); });
+  std::vector<int> expected;
+  for (int r = bootstrap.rank() % 2; r < bootstrap.size(); r += 2) expected.push_back(r);
+  EXPECT_EQ(bootstrap.localRanks(), expected);
+  EXPECT_EQ(bootstrap.localRank(), bootstrap.rank() / 2);
+  EXPECT_EQ(bootstrap.numNodes(), std::min(bootstrap.size(), 2));
+  exchangeAndCheck(bootstrap, 4);
+}
+
+TEST(FdExchange, AbsentPeerTimesOutNamingItAndNobodyHangs) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  constexpr int kAbsent = 1;
+  constexpr double kShortTimeoutS = 1.0;
+  // Rank 1 believes it is alone on its host, while every other rank (correctly) expects it
+  // locally. It then never listens nor connects, although it takes part in every bootstrap step
+  // of exchangeFds: the others must time out naming it, and nobody may hang.
+  FakeHostsBootstrap bootstrap(world(), [](int viewer, int r) {
+    return static_cast<uint8_t>(viewer == kAbsent && r != kAbsent ? 0xFF : 0);
+  });
+  const int rank = bootstrap.rank();
+  if (rank == kAbsent) {
+    ASSERT_EQ(bootstrap.localSize(), 1);
+    EXPECT_EQ(bootstrap.numNodes(), 2);
+  } else {
+    ASSERT_EQ(bootstrap.localSize(), bootstrap.size());
+  }
+  const int start = countOpenFds();
+  {
+    UniqueFd mine = makeMemfd(rankText(rank, 99));
+    const auto began = Clock::now();
+    try {
+      exchangeFds(bootstrap, mine.get(), kShortTimeoutS);
+      ADD_FAILURE() << "rank " << rank << ": exchange succeeded although rank 1 never listened";
+    } catch (const TimeoutError& e) {
+      EXPECT_NE(rank, kAbsent) << e.what();
+      EXPECT_EQ(e.peer(), kAbsent) << e.what();
+      EXPECT_TRUE(contains(e.what(), "rank 1")) << e.what();
+      EXPECT_TRUE(contains(e.what(), "deadline 1 s")) << e.what();
+    } catch (const Error& e) {
+      // The absent rank learns through the final bootstrap step that the others failed.
+      EXPECT_EQ(rank, kAbsent) << e.what();
+      EXPECT_EQ(e.code(), ErrorCode::kRemote) << e.what();
+      EXPECT_TRUE(contains(e.what(), "rank(s) 0")) << e.what();
+    }
+    const double waited = std::chrono::duration<double>(Clock::now() - began).count();
+    EXPECT_LT(waited, kShortTimeoutS + 20.0);
+    if (rank != kAbsent) {
+      EXPECT_GE(waited, kShortTimeoutS);
+    }
+  }
+  EXPECT_EQ(countOpenFds(), start) << "a failed exchange must close every socket and fd";
+  // Everyone is in step again: a normal exchange works right after.
+  exchangeAndCheck(world(), 3);
+}
+
+TEST(UniqueFd, OwnsMovesAndCloses) {
+  int pipe_fds[2] = {-1, -1};
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  UniqueFd a(pipe_fds[0]);
+  UniqueFd b(pipe_fds[1]);
+  UniqueFd moved(std::move(a));
+  EXPECT_EQ(a.get(), -1);  // NOLINT(bugprone-use-after-move): moved-from state is specified
+  EXPECT_EQ(moved.get(), pipe_fds[0]);
+  moved = std::move(b);  // closes the read end
+  EXPECT_EQ(::fcntl(pipe_fds[0], F_GETFD), -1);
+  EXPECT_EQ(moved.get(), pipe_fds[1]);
+  UniqueFd& same = moved;
+  moved = std::move(same);  // self-move keeps the fd
+  EXPECT_EQ(moved.get(), pipe_fds[1]);
+  const int raw = moved.release();
+  EXPECT_EQ(moved.get(), -1);
+  moved.reset(raw);
+  moved.reset(raw);  // same fd again: must not close it
+  EXPECT_GE(::fcntl(raw, F_GETFD), 0);
+  moved.reset();
+  EXPECT_EQ(::fcntl(raw, F_GETFD), -1);
+}
+
+}  // namespace
+}  // namespace epcomm

@@ -1,0 +1,768 @@
+// HT dispatch and combine across ranks (1, 2, 4 and 8 ranks; several ranks may share a GPU).
+// Every rank regenerates the inputs of all ranks from one seed and checks its own outputs against
+// the CPU reference model: dispatch exactly, combine within float tolerance. Outputs are poisoned
+// before every run.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/gpu_helpers.hpp"
+#include "common/reference.hpp"
+#include "common/test_data.hpp"
+#include "common/test_env.hpp"
+#include "epcomm/epcomm.hpp"
+
+namespace epcomm::test {
+namespace {
+
+struct HtCase {
+  int hidden = 2048;
+  int experts = 64;
+  int topk = 8;
+  int max_topk = 8;
+  int tokens = 192;
+  Routing routing = Routing::kUniform;
+  DType dtype = DType::kBF16;
+  IndexType idx_type = IndexType::kInt64;
+  int zero_rank = -1;  // this rank sends 0 tokens
+  int alignment = 1;
+  bool column_major_scales = false;
+  uint64_t seed = 7;
+  int max_tokens = 256;
+};
+
+// A CUDA stream owned by a test.
+class Stream {
+ public:
+  Stream() { EPCOMM_TEST_CUDA(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s_); }
+  cudaStream_t get() const { return s_; }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+ProblemSpec specOf(const HtCase& c, int num_ranks, uint64_t seed) {
+  ProblemSpec spec;
+  spec.num_ranks = num_ranks;
+  spec.hidden = c.hidden;
+  spec.num_experts = c.experts;
+  spec.num_topk = c.topk;
+  spec.tokens_per_rank.assign(num_ranks, c.tokens);
+  for (int r = 0; r < num_ranks; ++r) spec.tokens_per_rank[r] = c.tokens - (c.tokens / 16) * r;
+  if (c.zero_rank >= 0 && c.zero_rank < num_ranks) spec.tokens_per_rank[c.zero_rank] = 0;
+  spec.routing = c.routing;
+  spec.hot_rank = num_ranks - 1;
+  spec.seed = seed;
+  return spec;
+}
+
+BufferConfig configOf(const HtCase& c) {
+  BufferConfig config;
+  config.hidden = c.hidden;
+  config.num_experts = c.experts;
+  config.max_topk = c.max_topk;
+  config.max_tokens_per_rank = c.max_tokens;
+  config.timeout_s = 60;
+  return config;
+}
+
+// This rank's inputs on the device.
+struct DeviceInputs {
+  DeviceArray<uint16_t> x_bf16;
+  DeviceArray<uint8_t> x_fp8;
+  DeviceArray<float> scales;
+  DeviceArray<int64_t> idx64;
+  DeviceArray<int32_t> idx32;
+  DeviceArray<float> weights;
+
+  DeviceInputs(const RankInputs& in, const HtCase& c)
+      : x_bf16(std::max<size_t>(in.x_bf16.size(), 8)),
+        x_fp8(std::max<size_t>(in.x_fp8.size(), 16)),
+        scales(std::max<size_t>(in.x_scales.size(), 1)),
+        idx64(std::max<size_t>(in.topk_idx.size(), 1)),
+        idx32(std::max<size_t>(in.topk_idx32.size(), 1)),
+        weights(std::max<size_t>(in.topk_weights.size(), 1)) {
+    upload(in, c);
+  }
+  void upload(const RankInputs& in, const HtCase& c) {
+    x_bf16.upload(in.x_bf16);
+    x_fp8.upload(in.x_fp8);
+    if (c.column_major_scales) {
+      const int blocks = c.hidden / kFp8BlockSize;
+      std::vector<float> transposed(in.x_scales.size());
+      for (int t = 0; t < in.num_tokens; ++t) {
+        for (int b = 0; b < blocks; ++b) {
+          transposed[size_t(b) * in.num_tokens + t] = in.x_scales[size_t(t) * blocks + b];
+        }
+      }
+      scales.upload(transposed);
+    } else {
+      scales.upload(in.x_scales);
+    }
+    idx64.upload(in.topk_idx);
+    idx32.upload(in.topk_idx32);
+    weights.upload(in.topk_weights);
+  }
+
+  DispatchArgs args(const RankInputs& in, const HtCase& c, bool with_topk) const {
+    DispatchArgs a;
+    a.dtype = c.dtype;
+    a.num_tokens = in.num_tokens;
+    if (c.dtype == DType::kBF16) {
+      a.x = x_bf16.get();
+    } else {
+      a.x = x_fp8.get();
+      a.x_scales = scales.get();
+      if (c.column_major_scales) {
+        a.scales_token_stride = 1;
+        a.scales_col_stride = std::max(in.num_tokens, 1);
+      }
+    }
+    if (with_topk) {
+      a.topk.idx = c.idx_type == IndexType::kInt64 ? static_cast<const void*>(idx64.get())
+                                                   : static_cast<const void*>(idx32.get());
+      a.topk.idx_type = c.idx_type;
+      a.topk.num_tokens = in.num_tokens;
+      a.topk.num_topk = c.topk;
+      a.topk_weights = weights.get();
+    }
+    a.expert_alignment = c.alignment;
+    return a;
+  }
+};
+
+int rankNow() { return mpiBootstrap()->rank(); }
+
+// Poisons the zero-copy outputs of a previous dispatch (same pointers every call).
+void poisonDispatchViews(const DispatchResult& r, const HtCase& c, cudaStream_t stream) {
+  const size_t rows = static_cast<size_t>(r.capacity);
+  const size_t elem = c.dtype == DType::kBF16 ? 2 : 1;
+  poisonDevice(const_cast<void*>(r.recv_x), rows * c.hidden * elem, stream);
+  if (r.recv_x_scales) {
+    poisonDevice(const_cast<float*>(r.recv_x_scales), rows * (c.hidden / 128) * 4, stream);
+  }
+  if (r.recv_topk_idx) {
+    poisonDevice(const_cast<void*>(r.recv_topk_idx),
+                 rows * c.topk * (c.idx_type == IndexType::kInt64 ? 8 : 4), stream);
+    poisonDevice(const_cast<float*>(r.recv_topk_weights), rows * c.topk * 4, stream);
+  }
+  poisonDevice(const_cast<int32_t*>(r.recv_src_idx), rows * 4, stream);
+}
+
+// Checks the layout outputs in the handle against the reference.
+void checkLayout(const EpHandle& handle, const RankInputs& in, const HtCase& c, int num_ranks) {
+  const LayoutRef ref =
+      referenceLayout(in.topk_idx.data(), in.num_tokens, c.topk, c.experts, num_ranks);
+  const size_t n = static_cast<size_t>(in.num_tokens);
+  EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(handle.numTokensPerRank(), num_ranks),
+                           std::vector<int32_t>(ref.tokens_per_rank.begin(),
+                                                ref.tokens_per_rank.end()),
+                           "numTokensPerRank"));
+  EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(handle.numTokensPerExpert(), c.experts),
+                           std::vector<int32_t>(ref.tokens_per_expert.begin(),
+                                                ref.tokens_per_expert.end()),
+                           "numTokensPerExpert"));
+  std::vector<uint8_t> in_rank =
+      DeviceArray<uint8_t>::downloadFrom(handle.isTokenInRank(), n * num_ranks);
+  EXPECT_TRUE(compareExact(in_rank, ref.is_token_in_rank, "isTokenInRank"));
+  EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(handle.tokenSlot(), n * num_ranks),
+                           std::vector<int32_t>(ref.token_slot.begin(), ref.token_slot.end()),
+                           "tokenSlot"));
+}
+
+// Checks every output of a dispatch on this rank.
+void checkDispatch(const DispatchResult& r, const std::vector<RankInputs>& all, const HtCase& c,
+                   bool with_topk, const std::string& where) {
+  SCOPED_TRACE(where + " rank " + std::to_string(rankNow()));
+  const int me = rankNow();
+  const int num_ranks = static_cast<int>(all.size());
+  const HtDispatchRef ref = referenceHtDispatch(all, me, c.hidden, c.experts, c.topk, c.alignment);
+  const int n = DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens, 1)[0];
+  ASSERT_EQ(n, ref.num_recv) << "received rows";
+  ASSERT_LE(n, r.capacity);
+  EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(r.recv_rank_prefix, num_ranks + 1),
+                           std::vector<int32_t>(ref.rank_prefix.begin(), ref.rank_prefix.end()),
+                           "recv_rank_prefix"));
+  const size_t rows = static_cast<size_t>(n);
+  if (c.dtype == DType::kBF16) {
+    std::vector<uint16_t> x = DeviceArray<uint16_t>::downloadFrom(r.recv_x, rows * c.hidden);
+    EXPECT_TRUE(compareBf16Exact(x.data(), ref.recv_x_bf16.data(), n, c.hidden, true));
+  } else {
+    std::vector<uint8_t> x = DeviceArray<uint8_t>::downloadFrom(r.recv_x, rows * c.hidden);
+    EXPECT_TRUE(compareExact(x, ref.recv_x_fp8, "recv_x (fp8 bytes)"));
+    std::vector<float> s =
+        DeviceArray<float>::downloadFrom(r.recv_x_scales, rows * (c.hidden / kFp8BlockSize));
+    EXPECT_TRUE(compareExact(s, ref.recv_scales, "recv_x_scales"));
+  }
+  EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(r.recv_src_idx, rows),
+                           std::vector<int32_t>(ref.recv_src_idx.begin(), ref.recv_src_idx.end()),
+                           "recv_src_idx"));
+  const int local_experts = c.experts / num_ranks;
+  std::vector<int32_t> per_expert =
+      DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, local_experts);
+  if (with_topk) {
+    EXPECT_TRUE(compareExact(per_expert,
+                             std::vector<int32_t>(ref.tokens_per_local_expert.begin(),
+                                                  ref.tokens_per_local_expert.end()),
+                             "num_recv_tokens_per_expert"));
+    ASSERT_NE(r.recv_topk_idx, nullptr);
+    std::vector<int64_t> idx(rows * c.topk);
+    if (c.idx_type == IndexType::kInt64) {
+      idx = DeviceArray<int64_t>::downloadFrom(r.recv_topk_idx, rows * c.topk);
+    } else {
+      std::vector<int32_t> idx32 = DeviceArray<int32_t>::downloadFrom(r.recv_topk_idx, rows * c.topk);
+      idx.assign(idx32.begin(), idx32.end());
+    }
+    EXPECT_TRUE(compareExact(idx, ref.recv_topk_idx, "recv_topk_idx"));
+    EXPECT_TRUE(compareExact(DeviceArray<float>::downloadFrom(r.recv_topk_weights, rows * c.topk),
+                             ref.recv_topk_weights, "recv_topk_weights"));
+  } else {
+    EXPECT_EQ(r.recv_topk_idx, nullptr);
+  }
+}
+
+// Every rank's combine input rows: a deterministic non-zero value per (rank, row, column).
+std::vector<std::vector<uint16_t>> combineInputsOfAll(const std::vector<RankInputs>& all,
+                                                      const HtCase& c, uint64_t seed) {
+  const int num_ranks = static_cast<int>(all.size());
+  std::vector<std::vector<uint16_t>> inputs(num_ranks);
+  for (int d = 0; d < num_ranks; ++d) {
+    const HtDispatchRef ref = referenceHtDispatch(all, d, c.hidden, c.experts, c.topk, 1);
+    inputs[d].resize(size_t(ref.num_recv) * c.hidden);
+    for (int row = 0; row < ref.num_recv; ++row) {
+      for (int col = 0; col < c.hidden; ++col) {
+        inputs[d][size_t(row) * c.hidden + col] = expertOutputValue(seed, d, 0, row, col);
+      }
+    }
+  }
+  return inputs;
+}
+
+std::vector<uint16_t> biasOf(const RankInputs& in, int hidden, uint64_t seed) {
+  std::vector<uint16_t> bias(size_t(in.num_tokens) * hidden);
+  for (int t = 0; t < in.num_tokens; ++t) {
+    for (int col = 0; col < hidden; ++col) {
+      bias[size_t(t) * hidden + col] = expertOutputValue(seed ^ 0xb1a5, 1000 + in.rank, 0, t, col);
+    }
+  }
+  return bias;
+}
+
+// Runs combine with this rank's rows from `inputs` and checks the output.
+void runAndCheckCombine(EpBuffer& buffer, const EpHandle& handle, const DispatchResult& r,
+                        const std::vector<RankInputs>& all, const HtCase& c,
+                        const std::vector<std::vector<uint16_t>>& inputs, bool zero_copy,
+                        bool weighted, bool with_bias, cudaStream_t stream,
+                        const std::string& where) {
+  SCOPED_TRACE(where + " rank " + std::to_string(rankNow()) + (zero_copy ? " zero-copy" : " copy-in") +
+               (weighted ? " weighted" : "") + (with_bias ? " bias" : ""));
+  const int me = rankNow();
+  const RankInputs& in = all[me];
+  DeviceArray<uint16_t> x_separate(std::max<size_t>(inputs[me].size(), 8));
+  if (zero_copy) {
+    if (!inputs[me].empty()) {
+      EPCOMM_TEST_CUDA(cudaMemcpy(r.combine_input, inputs[me].data(), inputs[me].size() * 2,
+                                  cudaMemcpyHostToDevice));
+    }
+  } else {
+    x_separate.upload(inputs[me]);
+  }
+  DeviceArray<uint16_t> bias(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
+  const std::vector<uint16_t> bias_host = biasOf(in, c.hidden, c.seed);
+  bias.upload(bias_host);
+  DeviceArray<float> weights(std::max<size_t>(in.topk_weights.size(), 1));
+  weights.upload(in.topk_weights);
+  DeviceArray<uint16_t> out(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
+  out.poison();
+
+  CombineArgs args;
+  args.x = zero_copy ? r.combine_input : x_separate.get();
+  args.topk_weights = weighted ? weights.get() : nullptr;
+  args.bias = with_bias ? bias.get() : nullptr;
+  args.out = out.get();
+  buffer.combine(args, handle, stream);
+  buffer.sync(stream);
+
+  const std::vector<float> expected = referenceHtCombine(
+      all, me, inputs, c.hidden, c.experts, c.topk, weighted, with_bias ? bias_host.data() : nullptr);
+  EXPECT_TRUE(compareBf16Near(out.download(size_t(in.num_tokens) * c.hidden), expected, c.hidden));
+}
+
+// The full check of one case: layout, dispatch (copies and zero-copy views), combine in its
+// variants, the identity combine(dispatch(x)) = x * ranks, and a cached re-dispatch.
+void runCase(const HtCase& c) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  if (c.experts % num_ranks != 0) GTEST_SKIP() << c.experts << " experts on " << num_ranks << " ranks";
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle handle = buffer.createHandle();
+  Stream stream;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+  const RankInputs& in = all[me];
+  DeviceInputs dev(in, c);
+
+  // 1. dispatch with copies to poisoned caller buffers (exact mode)
+  const size_t capacity = size_t(num_ranks) * c.max_tokens;
+  const size_t elem = c.dtype == DType::kBF16 ? 2 : 1;
+  DeviceArray<uint8_t> recv_copy(capacity * c.hidden * elem);
+  DeviceArray<float> scales_copy(capacity * (c.hidden / 128));
+  recv_copy.poison();
+  scales_copy.poison();
+  DispatchArgs args = dev.args(in, c, true);
+  args.exact_count = true;
+  args.recv_x_out = recv_copy.get();
+  if (c.dtype == DType::kFP8E4M3) args.recv_scales_out = scales_copy.get();
+  DispatchResult first = buffer.dispatch(args, handle, stream.get());
+  buffer.sync(stream.get());
+  const HtDispatchRef ref = referenceHtDispatch(all, me, c.hidden, c.experts, c.topk, c.alignment);
+  EXPECT_EQ(first.num_recv_tokens_host, ref.num_recv);
+  if (c.dtype == DType::kBF16) {
+    std::vector<uint16_t> x =
+        DeviceArray<uint16_t>::downloadFrom(recv_copy.get(), size_t(ref.num_recv) * c.hidden);
+    EXPECT_TRUE(compareBf16Exact(x.data(), ref.recv_x_bf16.data(), ref.num_recv, c.hidden, true))
+        << "recv_x_out copy";
+  } else {
+    EXPECT_TRUE(compareExact(recv_copy.download(size_t(ref.num_recv) * c.hidden), ref.recv_x_fp8,
+                             "recv_x_out copy (fp8)"));
+    EXPECT_TRUE(compareExact(scales_copy.download(size_t(ref.num_recv) * (c.hidden / 128)),
+                             ref.recv_scales, "recv_scales_out copy"));
+  }
+  checkLayout(handle, in, c, num_ranks);
+
+  // 2. again into poisoned zero-copy views
+  poisonDispatchViews(first, c, stream.get());
+  args = dev.args(in, c, true);
+  DispatchResult r = buffer.dispatch(args, handle, stream.get());
+  buffer.sync(stream.get());
+  EXPECT_EQ(r.num_recv_tokens_host, -1);
+  checkDispatch(r, all, c, true, "zero-copy dispatch");
+
+  // 3. combine variants
+  const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed + 99);
+  runAndCheckCombine(buffer, handle, r, all, c, inputs, true, false, false, stream.get(), "combine");
+  runAndCheckCombine(buffer, handle, r, all, c, inputs, false, true, true, stream.get(), "combine");
+  runAndCheckCombine(buffer, handle, r, all, c, inputs, true, true, false, stream.get(), "combine");
+
+  // 4. identity: combine(dispatch(x)) = x * (number of ranks the token went to), BF16 only
+  if (c.dtype == DType::kBF16) {
+    DispatchResult again = buffer.dispatch(dev.args(in, c, true), handle, stream.get());
+    DeviceArray<uint16_t> out(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
+    out.poison();
+    CombineArgs cargs;
+    cargs.x = again.recv_x;
+    cargs.out = out.get();
+    buffer.combine(cargs, handle, stream.get());
+    buffer.sync(stream.get());
+    const LayoutRef layout =
+        referenceLayout(in.topk_idx.data(), in.num_tokens, c.topk, c.experts, num_ranks);
+    std::vector<float> expected(size_t(in.num_tokens) * c.hidden);
+    for (int t = 0; t < in.num_tokens; ++t) {
+      int ranks = 0;
+      for (int d = 0; d < num_ranks; ++d) ranks += layout.is_token_in_rank[size_t(t) * num_ranks + d];
+      for (int col = 0; col < c.hidden; ++col) {
+        expected[size_t(t) * c.hidden + col] = bf16ToFloat(in.x_bf16[size_t(t) * c.hidden + col]) * ranks;
+      }
+    }
+    EXPECT_TRUE(compareBf16Near(out.download(expected.size()), expected, c.hidden))
+        << "combine(dispatch(x)) != x * ranks";
+  }
+
+  // 5. cached dispatch: same routing, new rows, no top-k sent
+  std::vector<RankInputs> fresh = generateProblem(specOf(c, num_ranks, c.seed + 1000));
+  std::vector<RankInputs> same_routing = all;
+  for (int rank = 0; rank < num_ranks; ++rank) {
+    same_routing[rank].x_bf16 = fresh[rank].x_bf16;
+    same_routing[rank].x_fp8 = fresh[rank].x_fp8;
+    same_routing[rank].x_scales = fresh[rank].x_scales;
+  }
+  dev.upload(same_routing[me], c);
+  poisonDispatchViews(first, c, stream.get());
+  DispatchResult cached = buffer.dispatch(dev.args(same_routing[me], c, false), handle, stream.get());
+  buffer.sync(stream.get());
+  checkDispatch(cached, same_routing, c, false, "cached dispatch");
+}
+
+TEST(HtDispatchCombine, UniformBf16) { runCase(HtCase{}); }
+
+TEST(HtDispatchCombine, SkewedRouting) {
+  HtCase c;
+  c.routing = Routing::kSkewed;
+  runCase(c);
+}
+
+TEST(HtDispatchCombine, RankWithZeroTokens) {
+  HtCase c;
+  c.zero_rank = 0;
+  runCase(c);
+}
+
+TEST(HtDispatchCombine, NegativeEntriesAndInt32Ids) {
+  HtCase c;
+  c.routing = Routing::kWithNegatives;
+  c.idx_type = IndexType::kInt32;
+  c.alignment = 4;
+  runCase(c);
+}
+
+TEST(HtDispatchCombine, TopkVariants) {
+  for (int topk : {1, 2, 8, 9}) {
+    HtCase c;
+    c.topk = topk;
+    c.max_topk = 16;
+    c.hidden = 1024;
+    c.tokens = 128;
+    c.seed = 100 + topk;
+    SCOPED_TRACE("topk " + std::to_string(topk));
+    runCase(c);
+  }
+}
+
+TEST(HtDispatchCombine, HiddenSizesBf16AndFp8) {
+  for (int hidden : {2048, 4096, 5120, 7168, 8192}) {
+    for (DType dtype : {DType::kBF16, DType::kFP8E4M3}) {
+      HtCase c;
+      c.hidden = hidden;
+      c.dtype = dtype;
+      c.tokens = 96;
+      c.max_tokens = 128;
+      c.column_major_scales = hidden == 5120;
+      c.seed = hidden + (dtype == DType::kBF16 ? 0 : 1);
+      SCOPED_TRACE("hidden " + std::to_string(hidden) +
+                   (dtype == DType::kBF16 ? " bf16" : " fp8"));
+      runCase(c);
+    }
+  }
+}
+
+TEST(HtDispatchCombine, MaxExperts) {
+  HtCase c;
+  c.experts = kMaxExperts;
+  c.hidden = 1024;
+  runCase(c);
+}
+
+// 100 back-to-back dispatch/combine pairs with new routing every time, checked every time.
+TEST(HtDispatchCombine, BackToBackChangingRouting) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 64;
+  c.max_tokens = 64;
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle handle = buffer.createHandle();
+  Stream stream;
+  std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 1));
+  DeviceInputs dev(all[me], c);
+  for (int iter = 0; iter < 100; ++iter) {
+    c.seed = 5000 + iter;
+    c.routing = iter % 3 == 0 ? Routing::kSkewed : iter % 3 == 1 ? Routing::kWithNegatives
+                                                                : Routing::kUniform;
+    all = generateProblem(specOf(c, num_ranks, c.seed));
+    dev.upload(all[me], c);
+    DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+    const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed);
+    buffer.sync(stream.get());
+    checkDispatch(r, all, c, true, "iteration " + std::to_string(iter));
+    runAndCheckCombine(buffer, handle, r, all, c, inputs, iter % 2 == 0, iter % 4 < 2, false,
+                       stream.get(), "iteration " + std::to_string(iter));
+    if (::testing::Test::HasFailure()) break;
+  }
+}
+
+// dispatch (with layout) + combine captured in a CUDA graph: replays with new inputs give what
+// eager calls give.
+TEST(HtDispatchCombine, GraphReplayEqualsEager) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 1024;
+  c.tokens = 96;
+  c.max_tokens = 128;
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle handle = buffer.createHandle();
+  Stream stream;
+  std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 11));
+  DeviceInputs dev(all[me], c);
+  const size_t out_elems = std::max<size_t>(size_t(c.tokens) * c.hidden, 8);
+  DeviceArray<uint16_t> combine_x(size_t(num_ranks) * c.max_tokens * c.hidden);
+  DeviceArray<uint16_t> out(out_elems);
+
+  // Capture.
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  EPCOMM_TEST_CUDA(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+  DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+  CombineArgs cargs;
+  cargs.x = combine_x.get();
+  cargs.out = out.get();
+  buffer.combine(cargs, handle, stream.get());
+  EPCOMM_TEST_CUDA(cudaStreamEndCapture(stream.get(), &graph));
+  EPCOMM_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (int replay = 0; replay < 4; ++replay) {
+    SCOPED_TRACE("replay " + std::to_string(replay));
+    all = generateProblem(specOf(c, num_ranks, 200 + replay));
+    dev.upload(all[me], c);
+    const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, 300 + replay);
+    combine_x.upload(inputs[me]);
+    out.poison();
+    poisonDispatchViews(r, c, stream.get());
+    EPCOMM_TEST_CUDA(cudaStreamSynchronize(stream.get()));
+    EPCOMM_TEST_CUDA(cudaGraphLaunch(exec, stream.get()));
+    buffer.sync(stream.get());
+    checkDispatch(r, all, c, true, "graph");
+    const std::vector<uint16_t> graph_out = out.download(size_t(all[me].num_tokens) * c.hidden);
+    const std::vector<float> expected =
+        referenceHtCombine(all, me, inputs, c.hidden, c.experts, c.topk, false, nullptr);
+    EXPECT_TRUE(compareBf16Near(graph_out, expected, c.hidden));
+    // The same calls eagerly give bit-identical results.
+    out.poison();
+    buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+    buffer.combine(cargs, handle, stream.get());
+    buffer.sync(stream.get());
+    EXPECT_TRUE(compareExact(out.download(graph_out.size()), graph_out, "eager vs graph"));
+  }
+  EPCOMM_TEST_CUDA(cudaGraphExecDestroy(exec));
+  EPCOMM_TEST_CUDA(cudaGraphDestroy(graph));
+}
+
+// --- bad input -----------------------------------------------------------------------------------
+
+struct BadInput {
+  const char* name;
+  const char* expected_text;  // must appear in the message
+  std::function<void(EpBuffer&, EpHandle&, const RankInputs&, const DeviceInputs&, const HtCase&,
+                     cudaStream_t)>
+      call;
+};
+
+TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 3));
+  const RankInputs& in = all[me];
+  DeviceInputs dev(in, c);
+
+  const std::vector<BadInput> cases = {
+      {"num_tokens over capacity", "DispatchArgs::num_tokens",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.num_tokens = hc.max_tokens + 1;
+         a.topk.num_tokens = a.num_tokens;
+         b.dispatch(a, h, s);
+       }},
+      {"topk over max_topk", "topk.num_topk",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.topk.num_topk = hc.max_topk + 1;
+         b.dispatch(a, h, s);
+       }},
+      {"null x", "DispatchArgs::x",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.num_tokens = a.topk.num_tokens = 4;
+         a.x = nullptr;
+         b.dispatch(a, h, s);
+       }},
+      {"misaligned x", "16-byte aligned",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.x = static_cast<const char*>(a.x) + 2;
+         b.dispatch(a, h, s);
+       }},
+      {"bad dtype", "DispatchArgs::dtype",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.dtype = static_cast<DType>(7);
+         b.dispatch(a, h, s);
+       }},
+      {"fp8 without scales", "DispatchArgs::x_scales",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.num_tokens = a.topk.num_tokens = 4;
+         a.dtype = DType::kFP8E4M3;
+         a.x_scales = nullptr;
+         b.dispatch(a, h, s);
+       }},
+      {"topk token count mismatch", "topk.num_tokens",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.topk.num_tokens = a.num_tokens + 1;
+         b.dispatch(a, h, s);
+       }},
+      {"expert_alignment 0", "expert_alignment",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.expert_alignment = 0;
+         b.dispatch(a, h, s);
+       }},
+      {"num_sms 0", "num_sms",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.num_sms = 0;
+         b.dispatch(a, h, s);
+       }},
+      {"num_sms above the device", "num_sms",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.num_sms = 100000;
+         b.dispatch(a, h, s);
+       }},
+      {"cached dispatch without a layout", "topk.idx",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) { b.dispatch(d.args(i, hc, false), h, s); }},
+      {"combine before dispatch", "handle",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         CombineArgs a;
+         a.x = d.x_bf16.get();
+         a.out = const_cast<uint16_t*>(d.x_bf16.get());
+         b.combine(a, h, s);
+       }},
+  };
+  for (const BadInput& bad : cases) {
+    SCOPED_TRACE(bad.name);
+    EpBuffer buffer(bs, configOf(c));
+    EpHandle handle = buffer.createHandle();
+    Stream stream;
+    bool threw = false;
+    try {
+      bad.call(buffer, handle, in, dev, c, stream.get());
+    } catch (const InvalidArgument& e) {
+      threw = true;
+      EXPECT_NE(std::string(e.what()).find(bad.expected_text), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(threw) << bad.name << " was accepted on rank " << me;
+    // The buffer refuses further work with a clear error.
+    EXPECT_THROW(buffer.barrier(stream.get()), Error);
+  }
+}
+
+TEST(HtBadInput, ConfigRejectedWithArgumentAndLimit) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  struct ConfigCase {
+    const char* text;
+    std::function<void(BufferConfig&)> edit;
+  };
+  const std::vector<ConfigCase> cases = {
+      {"BufferConfig::hidden", [](BufferConfig& c) { c.hidden = 100; }},
+      {"BufferConfig::num_experts", [](BufferConfig& c) { c.num_experts = 7 * 8 + 1; }},
+      {"BufferConfig::max_topk", [](BufferConfig& c) { c.max_topk = kMaxTopk + 1; }},
+      {"BufferConfig::max_tokens_per_rank", [](BufferConfig& c) { c.max_tokens_per_rank = -1; }},
+  };
+  for (const ConfigCase& cc : cases) {
+    BufferConfig config = configOf(HtCase{});
+    cc.edit(config);
+    try {
+      EpBuffer buffer(bs, config);
+      ADD_FAILURE() << cc.text << " was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(cc.text), std::string::npos) << e.what();
+    }
+  }
+}
+
+// One rank rejects its input; the others stop with an error naming it instead of timing out.
+TEST(HtBadInput, OneRankRejectsOthersStopQuickly) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  selectDevice(bs);
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 4));
+  DeviceInputs dev(all[me], c);
+  EpBuffer buffer(bs, config);
+  EpHandle handle = buffer.createHandle();
+  Stream stream;
+  DispatchArgs args = dev.args(all[me], c, true);
+  if (me == 0) args.expert_alignment = -3;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    buffer.dispatch(args, handle, stream.get());
+    buffer.sync(stream.get());
+    ADD_FAILURE() << "rank " << me << " finished a dispatch that rank 0 rejected";
+  } catch (const Error& e) {
+    if (me == 0) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+    } else {
+      EXPECT_EQ(e.code(), ErrorCode::kRemote) << e.what();
+      EXPECT_NE(std::string(e.what()).find("rank 0"), std::string::npos) << e.what();
+    }
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 10.0) << "the peers waited instead of stopping";
+}
+
+// An expert id out of range is caught on the device, never used as an address, and reported.
+TEST(HtBadInput, ExpertIdOutOfRangeReportedFromDevice) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 5));
+  if (me == 0) {
+    all[0].topk_idx[3 * c.topk + 1] = c.experts + 5;
+    all[0].topk_idx32[3 * c.topk + 1] = c.experts + 5;
+  }
+  DeviceInputs dev(all[me], c);
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle handle = buffer.createHandle();
+  Stream stream;
+  try {
+    buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+    buffer.sync(stream.get());
+    EXPECT_NE(me, 0) << "rank 0 did not report its bad expert id";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(me, 0) << e.what();
+    EXPECT_NE(std::string(e.what()).find("topk_idx"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("token 3"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace epcomm::test

@@ -1,0 +1,416 @@
+// LL dispatch and combine across ranks (1, 2, 4 and 8 ranks; several ranks may share a GPU),
+// checked against the CPU reference on every rank: the expert-major rows (as multisets, since
+// positions within an expert are taken with atomics), their data (BF16 bit-exact, FP8 against the
+// reference cast), and combine within float tolerance. Outputs are poisoned before every run.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "common/gpu_helpers.hpp"
+#include "common/reference.hpp"
+#include "common/test_data.hpp"
+#include "common/test_env.hpp"
+#include "epcomm/epcomm.hpp"
+
+namespace epcomm::test {
+namespace {
+
+struct LlCase {
+  int hidden = 2048;
+  int experts = 64;
+  int topk = 8;
+  int max_topk = 8;
+  int max_tokens = 128;
+  int tokens = 128;
+  Routing routing = Routing::kUniform;
+  bool fp8 = false;
+  IndexType idx_type = IndexType::kInt64;
+  uint64_t seed = 17;
+};
+
+class Stream {
+ public:
+  Stream() { EPCOMM_TEST_CUDA(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s_); }
+  cudaStream_t get() const { return s_; }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+ProblemSpec specOf(const LlCase& c, int num_ranks, uint64_t seed) {
+  ProblemSpec spec;
+  spec.num_ranks = num_ranks;
+  spec.hidden = c.hidden;
+  spec.num_experts = c.experts;
+  spec.num_topk = c.topk;
+  spec.tokens_per_rank.assign(num_ranks, c.tokens);
+  // Uneven token counts (never above the capacity, never below 0).
+  for (int r = 1; r < num_ranks; r += 2) spec.tokens_per_rank[r] = c.tokens / 2;
+  spec.routing = c.routing;
+  spec.hot_rank = 0;
+  spec.seed = seed;
+  return spec;
+}
+
+BufferConfig configOf(const LlCase& c) {
+  BufferConfig config;
+  config.hidden = c.hidden;
+  config.num_experts = c.experts;
+  config.max_topk = c.max_topk;
+  config.max_tokens_per_rank = 0;  // LL only
+  config.ll_max_tokens_per_rank = c.max_tokens;
+  config.timeout_s = 60;
+  return config;
+}
+
+struct DeviceInputs {
+  DeviceArray<uint16_t> x;
+  DeviceArray<int64_t> idx64;
+  DeviceArray<int32_t> idx32;
+  DeviceArray<float> weights;
+  DeviceInputs(const LlCase& c)
+      : x(size_t(c.max_tokens) * c.hidden),
+        idx64(size_t(c.max_tokens) * c.max_topk),
+        idx32(size_t(c.max_tokens) * c.max_topk),
+        weights(size_t(c.max_tokens) * c.max_topk) {}
+  void upload(const RankInputs& in) {
+    x.upload(in.x_bf16);
+    idx64.upload(in.topk_idx);
+    idx32.upload(in.topk_idx32);
+    weights.upload(in.topk_weights);
+  }
+  LlDispatchArgs args(const RankInputs& in, const LlCase& c) const {
+    LlDispatchArgs a;
+    a.x = x.get();
+    a.num_tokens = in.num_tokens;
+    a.topk.idx = c.idx_type == IndexType::kInt64 ? static_cast<const void*>(idx64.get())
+                                                 : static_cast<const void*>(idx32.get());
+    a.topk.idx_type = c.idx_type;
+    a.topk.num_tokens = in.num_tokens;
+    a.topk.num_topk = c.topk;
+    a.topk_weights = weights.get();
+    a.use_fp8 = c.fp8;
+    return a;
+  }
+};
+
+int rankNow() { return mpiBootstrap()->rank(); }
+
+void poisonLlViews(const LlDispatchResult& r, int local_experts, const LlCase& c,
+                   cudaStream_t stream) {
+  const size_t rows = size_t(local_experts) * r.rows_per_expert;
+  poisonDevice(const_cast<void*>(r.recv_x), rows * c.hidden * 2, stream);
+  if (r.recv_x_scales) {
+    poisonDevice(const_cast<float*>(r.recv_x_scales), rows * (c.hidden / 128) * 4, stream);
+  }
+  poisonDevice(const_cast<int32_t*>(r.recv_src_info), rows * 4, stream);
+}
+
+// Checks an LL dispatch result and returns the host copy of src_info (for building the expert
+// outputs of the combine).
+std::vector<int32_t> checkLlDispatch(const LlDispatchResult& r, const std::vector<RankInputs>& all,
+                                     const LlCase& c, const std::string& where) {
+  SCOPED_TRACE(where + " rank " + std::to_string(rankNow()));
+  const int me = rankNow();
+  const int num_ranks = static_cast<int>(all.size());
+  const int local_experts = c.experts / num_ranks;
+  const size_t rows = size_t(r.rows_per_expert);
+  EXPECT_EQ(r.rows_per_expert, int64_t{num_ranks} * c.max_tokens);
+  const LlDispatchRef ref = referenceLlDispatch(all, me, c.experts, c.topk);
+  std::vector<int32_t> counts =
+      DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, local_experts);
+  std::vector<int32_t> src_info =
+      DeviceArray<int32_t>::downloadFrom(r.recv_src_info, local_experts * rows);
+  std::vector<uint16_t> x_bf16;
+  std::vector<uint8_t> x_fp8;
+  std::vector<float> scales;
+  if (c.fp8) {
+    EXPECT_NE(r.recv_x_scales, nullptr);
+    x_fp8 = DeviceArray<uint8_t>::downloadFrom(r.recv_x, local_experts * rows * c.hidden);
+    scales = DeviceArray<float>::downloadFrom(r.recv_x_scales,
+                                              local_experts * rows * (c.hidden / 128));
+  } else {
+    x_bf16 = DeviceArray<uint16_t>::downloadFrom(r.recv_x, local_experts * rows * c.hidden);
+  }
+  for (int e = 0; e < local_experts; ++e) {
+    LlExpertView view;
+    view.count = counts[e];
+    if (view.count < 0 || size_t(view.count) > rows) {
+      ADD_FAILURE() << "expert " << e << " count " << view.count << " outside [0, " << rows << "]";
+      continue;
+    }
+    view.src_info = src_info.data() + e * rows;
+    if (c.fp8) {
+      view.x_fp8 = x_fp8.data() + e * rows * c.hidden;
+      view.scales = scales.data() + e * rows * (c.hidden / 128);
+    } else {
+      view.x_bf16 = x_bf16.data() + e * rows * c.hidden;
+    }
+    EXPECT_TRUE(checkLlExpertRows(all, ref.per_local_expert[e], view, c.max_tokens, c.hidden))
+        << "local expert " << e;
+  }
+  return src_info;
+}
+
+float expertOutput(uint64_t seed, int expert, int src_rank, int src_token, int col) {
+  return bf16ToFloat(expertOutputValue(seed, expert, src_rank, src_token, col));
+}
+
+// The expert outputs for the rows this rank received: a function of (expert, source, column).
+std::vector<uint16_t> expertOutputsFor(const std::vector<int32_t>& src_info,
+                                       const std::vector<int32_t>& counts, int local_experts,
+                                       const LlCase& c, int64_t rows, uint64_t seed) {
+  const int me = rankNow();
+  std::vector<uint16_t> y(size_t(local_experts) * rows * c.hidden, 0x7f7f);
+  for (int e = 0; e < local_experts; ++e) {
+    const int global_expert = me * local_experts + e;
+    for (int i = 0; i < counts[e]; ++i) {
+      const int info = src_info[size_t(e) * rows + i];
+      const int s = info / c.max_tokens;
+      const int t = info % c.max_tokens;
+      uint16_t* row = y.data() + (size_t(e) * rows + i) * c.hidden;
+      for (int col = 0; col < c.hidden; ++col) row[col] = expertOutputValue(seed, global_expert, s, t, col);
+    }
+  }
+  return y;
+}
+
+// One dispatch + combine pair, optionally split into send/recv halves with work in between,
+// checked completely.
+// `last` holds the previous pair's views of this buffer (their addresses never change), used to
+// poison the outputs; it starts empty.
+void runPair(EpBuffer& buffer, DeviceInputs& dev, const std::vector<RankInputs>& all,
+             const LlCase& c, bool split, cudaStream_t stream, LlDispatchResult* last,
+             const std::string& where) {
+  const int me = rankNow();
+  const int num_ranks = static_cast<int>(all.size());
+  const int local_experts = c.experts / num_ranks;
+  const RankInputs& in = all[me];
+  dev.upload(in);
+  if (last->recv_x != nullptr) poisonLlViews(*last, local_experts, c, stream);
+  LlDispatchResult r;
+  if (split) {
+    buffer.lowLatencyDispatch(dev.args(in, c), stream, LlPhase::kSend);
+    launchSpin(20000, stream);
+    r = buffer.lowLatencyDispatch(dev.args(in, c), stream, LlPhase::kRecv);
+  } else {
+    r = buffer.lowLatencyDispatch(dev.args(in, c), stream);
+  }
+  *last = r;
+  buffer.sync(stream);
+  const std::vector<int32_t> src_info = checkLlDispatch(r, all, c, where);
+  const std::vector<int32_t> counts =
+      DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, local_experts);
+
+  const uint64_t seed = c.seed * 31 + 7;
+  DeviceArray<uint16_t> y(expertOutputsFor(src_info, counts, local_experts, c, r.rows_per_expert, seed));
+  DeviceArray<uint16_t> out(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
+  out.poison();
+  LlCombineArgs cargs;
+  cargs.x = y.get();
+  cargs.out = out.get();
+  if (split) {
+    buffer.lowLatencyCombine(cargs, stream, LlPhase::kSend);
+    launchSpin(20000, stream);
+    buffer.lowLatencyCombine(cargs, stream, LlPhase::kRecv);
+  } else {
+    buffer.lowLatencyCombine(cargs, stream);
+  }
+  buffer.sync(stream);
+  const std::vector<float> expected = referenceLlCombine(
+      all, me, c.experts, c.topk,
+      [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); }, c.hidden);
+  SCOPED_TRACE(where + " rank " + std::to_string(me));
+  EXPECT_TRUE(compareBf16Near(out.download(size_t(in.num_tokens) * c.hidden), expected, c.hidden))
+      << "LL combine";
+}
+
+void runCase(const LlCase& c, int pairs = 2, bool split = false) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  if (c.experts % bs.size() != 0) GTEST_SKIP() << c.experts << " experts on " << bs.size() << " ranks";
+  EpBuffer buffer(bs, configOf(c));
+  Stream stream;
+  DeviceInputs dev(c);
+  LlDispatchResult last{};
+  for (int pair = 0; pair < pairs; ++pair) {
+    const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), c.seed + pair));
+    runPair(buffer, dev, all, c, split, stream.get(), &last, "pair " + std::to_string(pair));
+    if (::testing::Test::HasFailure()) break;
+  }
+}
+
+TEST(LlDispatchCombine, Bf16FullBatch) { runCase(LlCase{}); }
+
+TEST(LlDispatchCombine, OneToken) {
+  LlCase c;
+  c.tokens = 1;
+  runCase(c);
+}
+
+TEST(LlDispatchCombine, MaxTokensHidden7168) {
+  LlCase c;
+  c.hidden = 7168;
+  c.experts = 32;
+  c.tokens = 128;
+  runCase(c, 1);
+}
+
+TEST(LlDispatchCombine, NegativeEntriesInt32) {
+  LlCase c;
+  c.routing = Routing::kWithNegatives;
+  c.idx_type = IndexType::kInt32;
+  runCase(c);
+}
+
+TEST(LlDispatchCombine, TopkVariants) {
+  for (int topk : {1, 8, 9}) {
+    LlCase c;
+    c.topk = topk;
+    c.max_topk = 9;
+    c.hidden = 1024;
+    c.tokens = 64;
+    c.seed = 40 + topk;
+    SCOPED_TRACE("topk " + std::to_string(topk));
+    runCase(c);
+  }
+}
+
+TEST(LlDispatchCombine, SkewedRouting) {
+  LlCase c;
+  c.routing = Routing::kSkewed;
+  runCase(c);
+}
+
+TEST(LlDispatchCombine, Fp8Cast) {
+  LlCase c;
+  c.fp8 = true;
+  runCase(c);
+}
+
+TEST(LlDispatchCombine, SplitSendReceiveWithWorkBetween) {
+  LlCase c;
+  c.hidden = 1024;
+  runCase(c, 3, true);
+}
+
+// 1000 back-to-back pairs with new routing every time, through both halves of the double
+// buffer, every pair checked.
+TEST(LlDispatchCombine, ThousandPairsChangingRouting) {
+  LlCase c;
+  c.hidden = 256;
+  c.experts = 16;
+  c.topk = 4;
+  c.max_topk = 4;
+  c.max_tokens = 24;
+  c.tokens = 24;
+  c.routing = Routing::kWithNegatives;
+  runCase(c, 1000);
+}
+
+// Dispatch and combine captured as CUDA graphs; replays with new inputs give correct results.
+TEST(LlDispatchCombine, GraphReplay) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  LlCase c;
+  c.hidden = 1024;
+  c.tokens = 64;
+  if (c.experts % bs.size() != 0) GTEST_SKIP();
+  const int me = bs.rank();
+  const int local_experts = c.experts / bs.size();
+  EpBuffer buffer(bs, configOf(c));
+  Stream stream;
+  DeviceInputs dev(c);
+  const int64_t rows = int64_t{bs.size()} * c.max_tokens;
+  DeviceArray<uint16_t> y(size_t(local_experts) * rows * c.hidden);
+  DeviceArray<uint16_t> out(size_t(c.max_tokens) * c.hidden);
+  std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 900));
+
+  cudaGraph_t dispatch_graph, combine_graph;
+  cudaGraphExec_t dispatch_exec, combine_exec;
+  EPCOMM_TEST_CUDA(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+  LlDispatchResult r = buffer.lowLatencyDispatch(dev.args(all[me], c), stream.get());
+  EPCOMM_TEST_CUDA(cudaStreamEndCapture(stream.get(), &dispatch_graph));
+  LlCombineArgs cargs;
+  cargs.x = y.get();
+  cargs.out = out.get();
+  EPCOMM_TEST_CUDA(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+  buffer.lowLatencyCombine(cargs, stream.get());
+  EPCOMM_TEST_CUDA(cudaStreamEndCapture(stream.get(), &combine_graph));
+  EPCOMM_TEST_CUDA(cudaGraphInstantiate(&dispatch_exec, dispatch_graph, 0));
+  EPCOMM_TEST_CUDA(cudaGraphInstantiate(&combine_exec, combine_graph, 0));
+
+  for (int replay = 0; replay < 5; ++replay) {
+    SCOPED_TRACE("replay " + std::to_string(replay));
+    all = generateProblem(specOf(c, bs.size(), 901 + replay));
+    dev.upload(all[me]);
+    poisonLlViews(r, local_experts, c, stream.get());
+    EPCOMM_TEST_CUDA(cudaGraphLaunch(dispatch_exec, stream.get()));
+    buffer.sync(stream.get());
+    const std::vector<int32_t> src_info = checkLlDispatch(r, all, c, "graph dispatch");
+    const std::vector<int32_t> counts =
+        DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, local_experts);
+    const uint64_t seed = 77 + replay;
+    y.upload(expertOutputsFor(src_info, counts, local_experts, c, rows, seed));
+    out.poison();
+    EPCOMM_TEST_CUDA(cudaGraphLaunch(combine_exec, stream.get()));
+    buffer.sync(stream.get());
+    const std::vector<float> expected = referenceLlCombine(
+        all, me, c.experts, c.topk,
+        [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); },
+        c.hidden);
+    EXPECT_TRUE(compareBf16Near(out.download(size_t(all[me].num_tokens) * c.hidden), expected,
+                                c.hidden));
+  }
+  EPCOMM_TEST_CUDA(cudaGraphExecDestroy(dispatch_exec));
+  EPCOMM_TEST_CUDA(cudaGraphExecDestroy(combine_exec));
+  EPCOMM_TEST_CUDA(cudaGraphDestroy(dispatch_graph));
+  EPCOMM_TEST_CUDA(cudaGraphDestroy(combine_graph));
+}
+
+TEST(LlBadInput, RejectedBeforeLaunch) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  LlCase c;
+  c.hidden = 256;
+  c.experts = 16;
+  c.max_tokens = 8;
+  c.tokens = 8;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 3));
+  Stream stream;
+  DeviceInputs dev(c);
+  dev.upload(all[bs.rank()]);
+  {
+    EpBuffer buffer(bs, configOf(c));
+    DeviceArray<uint16_t> out(64);
+    LlCombineArgs cargs;
+    cargs.x = out.get();
+    cargs.out = out.get();
+    try {
+      buffer.lowLatencyCombine(cargs, stream.get());
+      ADD_FAILURE() << "combine before dispatch was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("must follow"), std::string::npos) << e.what();
+    }
+  }
+  {
+    EpBuffer buffer(bs, configOf(c));
+    LlDispatchArgs args = dev.args(all[bs.rank()], c);
+    args.num_tokens = args.topk.num_tokens = c.max_tokens + 1;
+    try {
+      buffer.lowLatencyDispatch(args, stream.get());
+      ADD_FAILURE() << "too many tokens were accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("LlDispatchArgs::num_tokens"), std::string::npos)
+          << e.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace epcomm::test

@@ -1,0 +1,298 @@
+// resolveConfig: every invalid field is rejected naming the field and its limit, kAuto values
+// resolve, and the environment overrides (EPCOMM_MEM_MODE, EPCOMM_TIMEOUT_S) apply only where
+// the config leaves the choice to the library.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "epcomm/config.hpp"
+#include "epcomm/error.hpp"
+
+namespace epcomm {
+namespace {
+
+constexpr const char* kEnvNames[] = {"EPCOMM_MEM_MODE", "EPCOMM_TIMEOUT_S"};
+
+// Sets (or unsets) an environment variable for one scope and restores the previous value.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) saved_ = old;
+    if (value != nullptr) {
+      setenv(name, value, 1);
+    } else {
+      unsetenv(name);
+    }
+  }
+  ~ScopedEnv() {
+    if (saved_) {
+      setenv(name_, saved_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> saved_;
+};
+
+// Every test starts from an environment without epcomm overrides, whatever the caller exported.
+class ConfigTest : public ::testing::Test {
+ protected:
+  ConfigTest() : mem_mode_(kEnvNames[0], nullptr), timeout_(kEnvNames[1], nullptr) {}
+
+ private:
+  ScopedEnv mem_mode_;
+  ScopedEnv timeout_;
+};
+
+// Expects InvalidArgument whose message contains every one of `parts`.
+void expectRejected(const BufferConfig& config, int num_ranks,
+                    const std::vector<std::string>& parts) {
+  try {
+    resolveConfig(config, num_ranks);
+    ADD_FAILURE() << "accepted a config that should be rejected (expected: " << parts[0] << ")";
+  } catch (const InvalidArgument& e) {
+    const std::string what = e.what();
+    for (const std::string& part : parts) {
+      EXPECT_NE(what.find(part), std::string::npos)
+          << "message \"" << what << "\" does not mention \"" << part << "\"";
+    }
+  }
+}
+
+std::string str(long long value) {
+  return std::to_string(value);
+}
+
+BufferConfig with(const std::function<void(BufferConfig&)>& edit) {
+  BufferConfig config;
+  edit(config);
+  return config;
+}
+
+TEST_F(ConfigTest, DefaultsResolve) {
+  for (int ranks : {1, 2, 4, 8}) {
+    const ResolvedConfig resolved = resolveConfig(BufferConfig{}, ranks);
+    EXPECT_EQ(resolved.num_ranks, ranks);
+    EXPECT_EQ(resolved.config.mem_mode, MemMode::kAuto);
+    EXPECT_FALSE(resolved.mem_mode_from_env);
+    EXPECT_GT(resolved.config.timeout_s, 0.0);
+    EXPECT_EQ(resolved.timeout_ns, static_cast<uint64_t>(resolved.config.timeout_s * 1e9));
+    EXPECT_EQ(resolved.config.hidden, 7168);
+    EXPECT_EQ(resolved.config.num_experts, 256);
+    EXPECT_EQ(resolved.config.num_sms, kAuto);
+  }
+}
+
+TEST_F(ConfigTest, LimitsThemselvesAreAccepted) {
+  const BufferConfig config = with([](BufferConfig& c) {
+    c.hidden = kMaxHidden;
+    c.num_experts = kMaxExperts;
+    c.max_topk = kMaxTopk;
+    c.max_tokens_per_rank = kMaxTokensPerRank;
+    c.ll_max_tokens_per_rank = kMaxLlTokensPerRank;
+    c.num_sms = 1024;
+    c.ll_num_sms = 1;
+    c.device = 0;
+    c.timeout_s = 24.0 * 3600.0;
+  });
+  EXPECT_NO_THROW(resolveConfig(config, kMaxRanks));
+  EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) {
+                                  c.hidden = kHiddenAlignment;
+                                  c.num_experts = 1;
+                                  c.max_topk = 1;
+                                  c.max_tokens_per_rank = 0;
+                                }),
+                                1));
+}
+
+TEST_F(ConfigTest, RankCountIsBounded) {
+  const std::string range = "[1, " + std::to_string(kMaxRanks) + "]";
+  expectRejected(BufferConfig{}, 0, {"number of ranks", "= 0", range});
+  expectRejected(BufferConfig{}, kMaxRanks + 1,
+                 {"number of ranks", "= " + std::to_string(kMaxRanks + 1), range});
+  expectRejected(BufferConfig{}, -3, {"number of ranks", "-3"});
+}
+
+TEST_F(ConfigTest, EveryInvalidFieldIsNamedWithItsLimit) {
+  struct Case {
+    const char* label;
+    std::function<void(BufferConfig&)> edit;
+    std::vector<std::string> parts;
+  };
+  const std::vector<Case> cases = {
+      {"hidden 0", [](BufferConfig& c) { c.hidden = 0; }, {"BufferConfig::hidden", "= 0", "128"}},
+      {"hidden negative",
+       [](BufferConfig& c) { c.hidden = -128; },
+       {"BufferConfig::hidden", "-128"}},
+      {"hidden unaligned",
+       [](BufferConfig& c) { c.hidden = 100; },
+       {"BufferConfig::hidden", "100", "multiple of 128"}},
+      {"hidden too big",
+       [](BufferConfig& c) { c.hidden = kMaxHidden + kHiddenAlignment; },
+       {"BufferConfig::hidden", str(kMaxHidden + kHiddenAlignment), str(kMaxHidden)}},
+      {"experts 0",
+       [](BufferConfig& c) { c.num_experts = 0; },
+       {"BufferConfig::num_experts", "[1, " + str(kMaxExperts) + "]"}},
+      {"experts too many",
+       [](BufferConfig& c) { c.num_experts = kMaxExperts + 1; },
+       {"BufferConfig::num_experts", str(kMaxExperts + 1), str(kMaxExperts)}},
+      {"topk 0",
+       [](BufferConfig& c) { c.max_topk = 0; },
+       {"BufferConfig::max_topk", "[1, " + str(kMaxTopk) + "]"}},
+      {"topk too big",
+       [](BufferConfig& c) { c.max_topk = kMaxTopk + 1; },
+       {"BufferConfig::max_topk", str(kMaxTopk + 1), str(kMaxTopk)}},
+      {"tokens negative",
+       [](BufferConfig& c) { c.max_tokens_per_rank = -1; },
+       {"BufferConfig::max_tokens_per_rank", "-1", str(kMaxTokensPerRank)}},
+      {"tokens too many",
+       [](BufferConfig& c) { c.max_tokens_per_rank = kMaxTokensPerRank + 1; },
+       {"BufferConfig::max_tokens_per_rank", str(kMaxTokensPerRank + 1), str(kMaxTokensPerRank)}},
+      {"ll tokens negative",
+       [](BufferConfig& c) { c.ll_max_tokens_per_rank = -1; },
+       {"BufferConfig::ll_max_tokens_per_rank", "-1", str(kMaxLlTokensPerRank)}},
+      {"ll tokens too many",
+       [](BufferConfig& c) { c.ll_max_tokens_per_rank = kMaxLlTokensPerRank + 1; },
+       {"BufferConfig::ll_max_tokens_per_rank", str(kMaxLlTokensPerRank + 1),
+        str(kMaxLlTokensPerRank)}},
+      {"num_sms 0", [](BufferConfig& c) { c.num_sms = 0; }, {"BufferConfig::num_sms", "1024"}},
+      {"num_sms -2", [](BufferConfig& c) { c.num_sms = -2; }, {"BufferConfig::num_sms", "-2"}},
+      {"num_sms too many",
+       [](BufferConfig& c) { c.num_sms = 1025; },
+       {"BufferConfig::num_sms", "1025", "1024"}},
+      {"ll_num_sms 0",
+       [](BufferConfig& c) { c.ll_num_sms = 0; },
+       {"BufferConfig::ll_num_sms", "1024"}},
+      {"ll_num_sms too many",
+       [](BufferConfig& c) { c.ll_num_sms = 4096; },
+       {"BufferConfig::ll_num_sms", "4096"}},
+      {"device -2", [](BufferConfig& c) { c.device = -2; }, {"BufferConfig::device", "-2"}},
+      {"timeout 0",
+       [](BufferConfig& c) { c.timeout_s = 0.0; },
+       {"BufferConfig::timeout_s", "seconds"}},
+      {"timeout too long",
+       [](BufferConfig& c) { c.timeout_s = 1e9; },
+       {"BufferConfig::timeout_s", "86400"}},
+      {"timeout NaN",
+       [](BufferConfig& c) { c.timeout_s = std::numeric_limits<double>::quiet_NaN(); },
+       {"BufferConfig::timeout_s"}},
+      {"timeout infinite",
+       [](BufferConfig& c) { c.timeout_s = std::numeric_limits<double>::infinity(); },
+       {"BufferConfig::timeout_s"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.label);
+    expectRejected(with(c.edit), 2, c.parts);
+  }
+}
+
+TEST_F(ConfigTest, ExpertsMustSplitEvenlyOverRanks) {
+  EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) { c.num_experts = 12; }), 4));
+  expectRejected(with([](BufferConfig& c) { c.num_experts = 12; }), 8,
+                 {"BufferConfig::num_experts", "12", "divisible", "8"});
+}
+
+TEST_F(ConfigTest, ExplicitTimeoutIsKept) {
+  const ResolvedConfig resolved =
+      resolveConfig(with([](BufferConfig& c) { c.timeout_s = 2.5; }), 1);
+  EXPECT_DOUBLE_EQ(resolved.config.timeout_s, 2.5);
+  EXPECT_EQ(resolved.timeout_ns, 2500000000ull);
+}
+
+TEST_F(ConfigTest, TimeoutFromEnvironment) {
+  {
+    ScopedEnv env("EPCOMM_TIMEOUT_S", "7.5");
+    const ResolvedConfig resolved = resolveConfig(BufferConfig{}, 1);
+    EXPECT_DOUBLE_EQ(resolved.config.timeout_s, 7.5);
+    EXPECT_EQ(resolved.timeout_ns, 7500000000ull);
+    // An explicit value wins over the environment.
+    EXPECT_DOUBLE_EQ(
+        resolveConfig(with([](BufferConfig& c) { c.timeout_s = 3.0; }), 1).config.timeout_s, 3.0);
+  }
+  {
+    ScopedEnv env("EPCOMM_TIMEOUT_S", "");  // empty counts as unset
+    EXPECT_DOUBLE_EQ(resolveConfig(BufferConfig{}, 1).config.timeout_s, 30.0);
+  }
+  for (const char* bad : {"abc", "5s", "1e99", "-1", "0"}) {
+    SCOPED_TRACE(bad);
+    ScopedEnv env("EPCOMM_TIMEOUT_S", bad);
+    EXPECT_THROW(resolveConfig(BufferConfig{}, 1), InvalidArgument);
+  }
+  ScopedEnv env("EPCOMM_TIMEOUT_S", "abc");
+  expectRejected(BufferConfig{}, 1, {"EPCOMM_TIMEOUT_S", "'abc'", "seconds"});
+}
+
+TEST_F(ConfigTest, MemModeFromEnvironment) {
+  const std::pair<const char*, MemMode> modes[] = {{"fabric", MemMode::kFabric},
+                                                   {"posix_fd", MemMode::kPosixFd},
+                                                   {"cuda_ipc", MemMode::kCudaIpc}};
+  for (const auto& [name, mode] : modes) {
+    SCOPED_TRACE(name);
+    ScopedEnv env("EPCOMM_MEM_MODE", name);
+    const ResolvedConfig resolved = resolveConfig(BufferConfig{}, 2);
+    EXPECT_EQ(resolved.config.mem_mode, mode);
+    EXPECT_TRUE(resolved.mem_mode_from_env);
+  }
+  {
+    ScopedEnv env("EPCOMM_MEM_MODE", "auto");
+    const ResolvedConfig resolved = resolveConfig(BufferConfig{}, 2);
+    EXPECT_EQ(resolved.config.mem_mode, MemMode::kAuto);
+    EXPECT_FALSE(resolved.mem_mode_from_env);
+  }
+  {
+    ScopedEnv env("EPCOMM_MEM_MODE", "");
+    EXPECT_FALSE(resolveConfig(BufferConfig{}, 2).mem_mode_from_env);
+  }
+  ScopedEnv env("EPCOMM_MEM_MODE", "nvshmem");
+  expectRejected(BufferConfig{}, 2, {"EPCOMM_MEM_MODE", "'nvshmem'", "posix_fd"});
+}
+
+TEST_F(ConfigTest, ExplicitMemModeWinsOverEnvironment) {
+  ScopedEnv env("EPCOMM_MEM_MODE", "fabric");
+  const ResolvedConfig resolved =
+      resolveConfig(with([](BufferConfig& c) { c.mem_mode = MemMode::kCudaIpc; }), 2);
+  EXPECT_EQ(resolved.config.mem_mode, MemMode::kCudaIpc);
+  EXPECT_FALSE(resolved.mem_mode_from_env);
+  // Even a bad environment value is never read when the config decides.
+  ScopedEnv bad("EPCOMM_MEM_MODE", "garbage");
+  EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) { c.mem_mode = MemMode::kPosixFd; }), 2));
+}
+
+TEST(MemModeNames, RoundTrip) {
+  for (MemMode mode : {MemMode::kAuto, MemMode::kFabric, MemMode::kPosixFd, MemMode::kCudaIpc}) {
+    EXPECT_EQ(parseMemMode(memModeName(mode)), mode) << memModeName(mode);
+  }
+  EXPECT_STREQ(memModeName(MemMode::kAuto), "auto");
+  EXPECT_STREQ(memModeName(MemMode::kFabric), "fabric");
+  EXPECT_STREQ(memModeName(MemMode::kPosixFd), "posix_fd");
+  EXPECT_STREQ(memModeName(MemMode::kCudaIpc), "cuda_ipc");
+}
+
+TEST(MemModeNames, RejectsUnknownNamesNamingTheSource) {
+  for (const char* bad : {"", "Fabric", "posix-fd", "ipc", "auto "}) {
+    SCOPED_TRACE(bad);
+    try {
+      parseMemMode(bad, "--mem-mode");
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("--mem-mode"), std::string::npos) << what;
+      EXPECT_NE(what.find(std::string("'") + bad + "'"), std::string::npos) << what;
+      EXPECT_NE(what.find("cuda_ipc"), std::string::npos) << what;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace epcomm
