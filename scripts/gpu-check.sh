@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0
+# Short device deadlines: a protocol bug fails in seconds, not in 30 s per wait.
+export EPCOMM_TIMEOUT_S=${EPCOMM_TIMEOUT_S:-8}
 export BUILD_DIR=${BUILD_DIR:-build}
 export CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90}
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -27,7 +29,8 @@ start=$(date +%s)
 if [ "${GPU_CHECK_README:-0}" = 1 ]; then
   scripts/test.sh 2>&1 | tee "$OUT/test.log"
 else
-  scripts/test.sh ${GPU_CHECK_TESTS:+-R "$GPU_CHECK_TESTS"} 2>&1 | tee "$OUT/test.log"
+  timeout "${GPU_CHECK_TEST_SECONDS:-520}" scripts/test.sh --timeout 300 \
+    ${GPU_CHECK_TESTS:+-R "$GPU_CHECK_TESTS"} 2>&1 | tee "$OUT/test.log"
 fi
 test_rc=${PIPESTATUS[0]}
 test_s=$(( $(date +%s) - start ))

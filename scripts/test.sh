@@ -6,7 +6,7 @@
 # Without a GPU the GPU tests are reported as skipped (never as passed). Missing build
 # dependencies are installed with apt-get when run as root on Debian/Ubuntu; otherwise the exact
 # install command is printed. Environment: BUILD_DIR (default build), CMAKE_CUDA_ARCHITECTURES,
-# CMAKE_BUILD_TYPE (default Release), EPCOMM_WERROR (ON/OFF).
+# CMAKE_BUILD_TYPE (default Release), EPCOMM_WERROR (ON/OFF), EPCOMM_CMAKE_ARGS (extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
@@ -59,7 +59,7 @@ fi
 export NCCL_NVLS_ENABLE=0  # never use NVLink multicast
 
 cmake_args=(-S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}"
-            -DEPCOMM_WERROR="${EPCOMM_WERROR:-OFF}")
+            -DEPCOMM_WERROR="${EPCOMM_WERROR:-OFF}" ${EPCOMM_CMAKE_ARGS:-})
 if [ -n "${CMAKE_CUDA_ARCHITECTURES:-}" ]; then
   cmake_args+=(-DCMAKE_CUDA_ARCHITECTURES="$CMAKE_CUDA_ARCHITECTURES")
 fi

@@ -1,6 +1,7 @@
 // EpBuffer core: creation (allocation, handle exchange, mapping, reachability check), teardown,
 // the device barrier and error surfacing. The ops live in ht_ops.cpp and ll_ops.cpp.
 #include <chrono>
+#include <cstring>
 #include <cstddef>
 #include <sstream>
 #include <thread>
@@ -82,8 +83,15 @@ EpBuffer::Impl::Impl(Bootstrap& bs, const BufferConfig& config)
   layout = computeBufferLayout(resolved);
 
   // Every rank must have asked for the same shape; say which rank differs.
-  ConfigDigest mine{c.hidden, c.num_experts, c.max_topk, c.max_tokens_per_rank,
-                    c.ll_max_tokens_per_rank, c.scratch_bytes, layout.total_bytes};
+  ConfigDigest mine;
+  std::memset(&mine, 0, sizeof(mine));  // padding too: the digests are compared bytewise
+  mine.hidden = c.hidden;
+  mine.num_experts = c.num_experts;
+  mine.max_topk = c.max_topk;
+  mine.max_tokens = c.max_tokens_per_rank;
+  mine.ll_max_tokens = c.ll_max_tokens_per_rank;
+  mine.scratch_bytes = c.scratch_bytes;
+  mine.total_bytes = layout.total_bytes;
   std::vector<ConfigDigest> all(num_ranks);
   bootstrap.allGather(&mine, all.data(), sizeof(ConfigDigest));
   for (int r = 0; r < num_ranks; ++r) {

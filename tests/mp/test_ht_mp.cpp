@@ -67,7 +67,7 @@ BufferConfig configOf(const HtCase& c) {
   config.num_experts = c.experts;
   config.max_topk = c.max_topk;
   config.max_tokens_per_rank = c.max_tokens;
-  config.timeout_s = 60;
+  config.timeout_s = kAuto;  // EPCOMM_TIMEOUT_S, else 30 s
   return config;
 }
 
