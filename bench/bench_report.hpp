@@ -30,17 +30,19 @@ struct Row {
   int topk = 0;
   int experts = 0;
   int ranks = 0;
-  int sms = 0;        // SM budget of the op; 0 = not applicable
+  int sms = 0;  // SM budget of the op; 0 = not applicable
   int input_sets = 0;
   Stats time;
   // Per-call bytes of one rank (min and max over ranks); empty where bytes do not apply.
   std::optional<double> logical_bytes_min, logical_bytes_max;
   std::optional<double> link_bytes_min, link_bytes_max;
-  std::optional<double> logical_gbps;  // min over ranks
-  std::optional<double> link_gbps;     // min over ranks
-  std::optional<double> link_pct;      // link_gbps / link limit * 100
-  std::optional<double> nccl_med_us;   // NCCL moving the same per-peer bytes
-  std::optional<double> vs_nccl;       // nccl_med_us / time.med_us
+  std::optional<double> logical_gbps;      // min over ranks
+  std::optional<double> link_gbps;         // min over ranks
+  std::optional<double> logical_gbps_max;  // max over ranks (the busiest rank under --skew)
+  std::optional<double> link_gbps_max;
+  std::optional<double> link_pct;     // link_gbps / link limit * 100
+  std::optional<double> nccl_med_us;  // NCCL moving the same per-peer bytes
+  std::optional<double> vs_nccl;      // nccl_med_us / time.med_us
 };
 
 // One line of the link-limit table.
@@ -59,7 +61,7 @@ struct Target {
   std::string unit;             // "%", "x", "us"
   bool at_least = true;         // PASS when value >= threshold (else value <= threshold)
   double threshold = 0;
-  std::string note;             // where the value comes from
+  std::string note;  // where the value comes from
 };
 
 // The setup block: human-readable lines for the terminal, typed values for the JSON.

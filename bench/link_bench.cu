@@ -27,7 +27,7 @@ void logCudaError(cudaError_t status, const char* call, const char* file, int li
                cudaGetErrorName(status), file, line);
 }
 
-// --- RAII owners -----------------------------------------------------------------------------------
+// --- RAII owners ---------------------------------------------------------------------------------
 
 DeviceBuffer::DeviceBuffer(size_t bytes) : bytes_(bytes) {
   if (bytes > 0) EPCOMM_BENCH_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
@@ -130,7 +130,7 @@ std::vector<float> EventTimer::microseconds(int count) const {
   return us;
 }
 
-// --- Kernels ---------------------------------------------------------------------------------------
+// --- Kernels -------------------------------------------------------------------------------------
 
 namespace {
 
@@ -246,7 +246,7 @@ void fillRandomScales(float* dst, size_t elements, uint64_t seed, cudaStream_t s
   EPCOMM_BENCH_CUDA_CHECK(cudaGetLastError());
 }
 
-// --- Link limit ------------------------------------------------------------------------------------
+// --- Link limit ----------------------------------------------------------------------------------
 
 std::vector<LinkSample> runLinkBench(EpBuffer& buffer, const LinkBenchConfig& config,
                                      cudaStream_t stream) {

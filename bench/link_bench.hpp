@@ -22,23 +22,23 @@ namespace epcomm::bench {
 // Destructor variant: prints to stderr, never throws.
 void logCudaError(cudaError_t status, const char* call, const char* file, int line);
 
-#define EPCOMM_BENCH_CUDA_CHECK(call)                                                  \
-  do {                                                                                 \
-    const cudaError_t epcomm_bench_status_ = (call);                                   \
-    if (epcomm_bench_status_ != cudaSuccess) {                                         \
+#define EPCOMM_BENCH_CUDA_CHECK(call)                                                   \
+  do {                                                                                  \
+    const cudaError_t epcomm_bench_status_ = (call);                                    \
+    if (epcomm_bench_status_ != cudaSuccess) {                                          \
       ::epcomm::bench::throwCudaError(epcomm_bench_status_, #call, __FILE__, __LINE__); \
-    }                                                                                  \
+    }                                                                                   \
   } while (0)
 
-#define EPCOMM_BENCH_CUDA_LOG(call)                                                  \
-  do {                                                                               \
-    const cudaError_t epcomm_bench_status_ = (call);                                 \
-    if (epcomm_bench_status_ != cudaSuccess) {                                       \
+#define EPCOMM_BENCH_CUDA_LOG(call)                                                   \
+  do {                                                                                \
+    const cudaError_t epcomm_bench_status_ = (call);                                  \
+    if (epcomm_bench_status_ != cudaSuccess) {                                        \
       ::epcomm::bench::logCudaError(epcomm_bench_status_, #call, __FILE__, __LINE__); \
-    }                                                                                \
+    }                                                                                 \
   } while (0)
 
-// --- RAII owners (move-only; destructors never throw) ---------------------------------------------
+// --- RAII owners (move-only; destructors never throw) --------------------------------------------
 
 class DeviceBuffer {
  public:
@@ -125,7 +125,7 @@ class EventTimer {
   std::vector<CudaEvent> stops_;
 };
 
-// --- Input fills (random, non-zero, finite; deterministic in `seed`) ----------------------------
+// --- Input fills (random, non-zero, finite; deterministic in `seed`) -----------------------------
 
 // BF16 with magnitudes in [1/8, 4) and random signs.
 void fillRandomBf16(void* dst, size_t elements, uint64_t seed, cudaStream_t stream);
@@ -134,7 +134,7 @@ void fillRandomFp8(void* dst, size_t elements, uint64_t seed, cudaStream_t strea
 // float32 in [0.5, 2): FP8 block scales.
 void fillRandomScales(float* dst, size_t elements, uint64_t seed, cudaStream_t stream);
 
-// --- Link limit ------------------------------------------------------------------------------------
+// --- Link limit ----------------------------------------------------------------------------------
 
 struct LinkBenchConfig {
   std::vector<int> sm_counts;  // blocks of the SM kernels to try (one row each)

@@ -210,6 +210,19 @@ __device__ __forceinline__ void accumulateBf16x8(float (&acc)[8], const int4& v,
   }
 }
 
+// acc += value * scale with the product rounded before the sum (no fused multiply-add), so the
+// result is reproducible bit for bit by a plain float32 host loop.
+__device__ __forceinline__ void accumulateBf16x8Unfused(float (&acc)[8], const int4& v,
+                                                        float scale) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(f.x, scale));
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(f.y, scale));
+  }
+}
+
 __device__ __forceinline__ int4 packBf16x8(const float (&acc)[8]) {
   int4 out;
   __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);

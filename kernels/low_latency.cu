@@ -370,7 +370,10 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
       for (int u = 0; u < kRoundsPerSegment; ++u) {
         const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
         if (col < p.hidden) {
-          accumulateBf16x8(acc[u], ldNcNoAlloc(reinterpret_cast<const int4*>(y + col)), weight);
+          // Unfused: the partial is rounded to BF16 for transport, and a reproducible partial
+          // keeps that rounding identical to the reference model's.
+          accumulateBf16x8Unfused(acc[u], ldNcNoAlloc(reinterpret_cast<const int4*>(y + col)),
+                                  weight);
         }
       }
     }
@@ -434,7 +437,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
       for (int u = 0; u < kRoundsPerSegment; ++u) {
         const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
         if (col < p.hidden) {
-          accumulateBf16x8(acc[u], ldNoAlloc(reinterpret_cast<const int4*>(row + col)), 1.f);
+          accumulateBf16x8Unfused(acc[u], ldNoAlloc(reinterpret_cast<const int4*>(row + col)), 1.f);
         }
       }
     }

@@ -30,6 +30,7 @@ if [ "${GPU_CHECK_README:-0}" = 1 ]; then
   scripts/test.sh 2>&1 | tee "$OUT/test.log"
 else
   timeout "${GPU_CHECK_TEST_SECONDS:-520}" scripts/test.sh --timeout 300 \
+    --output-log "$OUT/ctest_full.log" \
     ${GPU_CHECK_TESTS:+-R "$GPU_CHECK_TESTS"} 2>&1 | tee "$OUT/test.log"
 fi
 test_rc=${PIPESTATUS[0]}

@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
+#include <vector>
 
 namespace epcomm::test {
 
@@ -29,6 +30,17 @@ Bootstrap* mpiBootstrap() { return g_bootstrap; }
 void setMpiBootstrap(Bootstrap* bootstrap) { g_bootstrap = bootstrap; }
 int worldRank() { return g_bootstrap ? g_bootstrap->rank() : 0; }
 int worldSize() { return g_bootstrap ? g_bootstrap->size() : 1; }
+
+bool anyRankFailed() {
+  const uint8_t mine = ::testing::Test::HasFailure() ? 1 : 0;
+  if (g_bootstrap == nullptr) return mine != 0;
+  std::vector<uint8_t> all(g_bootstrap->size());
+  g_bootstrap->allGather(&mine, all.data(), 1);
+  for (uint8_t v : all) {
+    if (v) return true;
+  }
+  return false;
+}
 
 void reportGpuSkip(bool binary_needs_gpu) {
   std::string reason;

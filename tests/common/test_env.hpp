@@ -21,6 +21,10 @@ void setMpiBootstrap(Bootstrap* bootstrap);
 int worldRank();
 int worldSize();
 
+// Collective in mp tests: true on every rank if the current test has failed on any rank. Loops
+// use it to stop together, so ranks never drift into different collective calls.
+bool anyRankFailed();
+
 // Called by the mains: prints EPCOMM_SKIPPED_NO_GPU when this is a GPU binary and no GPU is
 // usable, so CTest reports the test as skipped.
 void reportGpuSkip(bool binary_needs_gpu);

@@ -477,7 +477,7 @@ TEST(HtDispatchCombine, BackToBackChangingRouting) {
     checkDispatch(r, all, c, true, "iteration " + std::to_string(iter));
     runAndCheckCombine(buffer, handle, r, all, c, inputs, iter % 2 == 0, iter % 4 < 2, false,
                        stream.get(), "iteration " + std::to_string(iter));
-    if (::testing::Test::HasFailure()) break;
+    if (anyRankFailed()) break;
   }
 }
 
@@ -680,7 +680,7 @@ TEST(HtBadInput, ConfigRejectedWithArgumentAndLimit) {
   };
   const std::vector<ConfigCase> cases = {
       {"BufferConfig::hidden", [](BufferConfig& c) { c.hidden = 100; }},
-      {"BufferConfig::num_experts", [](BufferConfig& c) { c.num_experts = 7 * 8 + 1; }},
+      {"BufferConfig::num_experts", [](BufferConfig& c) { c.num_experts = kMaxExperts + 8; }},
       {"BufferConfig::max_topk", [](BufferConfig& c) { c.max_topk = kMaxTopk + 1; }},
       {"BufferConfig::max_tokens_per_rank", [](BufferConfig& c) { c.max_tokens_per_rank = -1; }},
   };

@@ -1,0 +1,172 @@
+// Fixed-width and JSON renderings of ep_bench's results (rank 0 only).
+#include "bench_report.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+
+namespace epcomm::bench {
+
+namespace {
+
+std::string format(const char* fmt, double value) {
+  char text[64];
+  std::snprintf(text, sizeof(text), fmt, value);
+  return text;
+}
+
+std::string orNa(const std::optional<double>& value, const char* fmt) {
+  return value ? format(fmt, *value) : std::string("n/a");
+}
+
+nlohmann::ordered_json orNull(const std::optional<double>& value) {
+  return value ? nlohmann::ordered_json(*value) : nlohmann::ordered_json(nullptr);
+}
+
+}  // namespace
+
+Stats summarize(const std::vector<float>& samples_us) {
+  Stats s;
+  if (samples_us.empty()) return s;
+  std::vector<float> v = samples_us;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  s.med_us = n % 2 == 1 ? v[n / 2] : 0.5 * (static_cast<double>(v[n / 2 - 1]) + v[n / 2]);
+  s.min_us = v.front();
+  s.max_us = v.back();
+  return s;
+}
+
+void printSetup(const Setup& setup) {
+  size_t width = 0;
+  for (const auto& [key, text] : setup.lines) width = std::max(width, key.size());
+  std::printf("ep_bench setup\n");
+  for (const auto& [key, text] : setup.lines) {
+    std::printf("  %-*s  %s\n", static_cast<int>(width), key.c_str(), text.c_str());
+  }
+  std::printf("\n");
+}
+
+void printLinkTable(const std::vector<LinkRow>& rows, const std::string& note) {
+  std::printf(
+      "Link limit (GB/s per rank, every rank moving data to/from every peer at once; "
+      "min over ranks)\n");
+  if (rows.empty()) {
+    std::printf("  %s\n\n", note.c_str());
+    return;
+  }
+  std::printf("  %-12s %5s %10s %10s %9s %9s\n", "method", "SMs", "MiB/rank", "med us", "GB/s",
+              "max GB/s");
+  for (const LinkRow& r : rows) {
+    const std::string sms = r.sms > 0 ? std::to_string(r.sms) : "CE";
+    std::printf("  %-12s %5s %10.1f %10.1f %9.1f %9.1f\n", r.method.c_str(), sms.c_str(),
+                r.bytes_per_rank / (1024.0 * 1024.0), r.med_us_max, r.gbps_min, r.gbps_max);
+  }
+  if (!note.empty()) std::printf("  %s\n", note.c_str());
+  std::printf("\n");
+}
+
+void printTable(const std::vector<Row>& rows) {
+  std::printf("%-18s %-5s %6s %6s %4s %7s %5s %4s %9s %9s %9s %12s %9s %6s %7s\n", "op", "dtype",
+              "tokens", "hidden", "topk", "experts", "ranks", "SMs", "med us", "min us", "max us",
+              "logical GB/s", "link GB/s", "link %", "vs NCCL");
+  for (const Row& r : rows) {
+    const std::string sms = r.sms > 0 ? std::to_string(r.sms) : "n/a";
+    std::printf("%-18s %-5s %6d %6d %4d %7d %5d %4s %9.1f %9.1f %9.1f %12s %9s %6s %7s\n",
+                r.op.c_str(), r.dtype.c_str(), r.tokens, r.hidden, r.topk, r.experts, r.ranks,
+                sms.c_str(), r.time.med_us, r.time.min_us, r.time.max_us,
+                orNa(r.logical_gbps, "%.1f").c_str(), orNa(r.link_gbps, "%.1f").c_str(),
+                orNa(r.link_pct, "%.1f").c_str(), orNa(r.vs_nccl, "%.2fx").c_str());
+  }
+  std::printf("\n");
+}
+
+void printTargets(const std::vector<Target>& targets) {
+  std::printf("Targets\n");
+  size_t width = 0;
+  for (const Target& t : targets) width = std::max(width, t.name.size());
+  for (const Target& t : targets) {
+    const char* verdict = !t.value ? "n/a"
+                          : (t.at_least ? *t.value >= t.threshold : *t.value <= t.threshold)
+                              ? "PASS"
+                              : "MISS";
+    const std::string value =
+        (t.value ? format("%.2f", *t.value) : std::string("n/a")) + " " + t.unit;
+    const std::string target =
+        std::string(t.at_least ? ">= " : "<= ") + format("%g", t.threshold) + " " + t.unit;
+    std::printf("  %-*s %12s   target %-9s %-4s  %s\n", static_cast<int>(width), t.name.c_str(),
+                value.c_str(), target.c_str(), verdict, t.note.c_str());
+  }
+  std::printf("\n");
+}
+
+std::string writeJson(const std::string& path, const nlohmann::ordered_json& options,
+                      const Setup& setup, const std::vector<LinkRow>& link,
+                      const std::optional<double>& link_limit_gbps, const std::vector<Row>& rows,
+                      const std::vector<Target>& targets) {
+  nlohmann::ordered_json doc;
+  doc["options"] = options;
+  doc["setup"] = setup.json;
+  nlohmann::ordered_json link_json = nlohmann::ordered_json::array();
+  for (const LinkRow& r : link) {
+    link_json.push_back({{"method", r.method},
+                         {"sms", r.sms},
+                         {"bytes_per_rank", r.bytes_per_rank},
+                         {"med_us_max", r.med_us_max},
+                         {"gbps_min", r.gbps_min},
+                         {"gbps_max", r.gbps_max}});
+  }
+  doc["link"] = {{"limit_gbps", orNull(link_limit_gbps)},
+                 {"limit_method", "SM store, all SMs, min over ranks"},
+                 {"measurements", link_json}};
+  nlohmann::ordered_json rows_json = nlohmann::ordered_json::array();
+  for (const Row& r : rows) {
+    rows_json.push_back({{"op", r.op},
+                         {"dtype", r.dtype},
+                         {"tokens", r.tokens},
+                         {"hidden", r.hidden},
+                         {"topk", r.topk},
+                         {"experts", r.experts},
+                         {"ranks", r.ranks},
+                         {"sms", r.sms > 0 ? nlohmann::ordered_json(r.sms) : nullptr},
+                         {"input_sets", r.input_sets},
+                         {"med_us", r.time.med_us},
+                         {"min_us", r.time.min_us},
+                         {"max_us", r.time.max_us},
+                         {"logical_bytes_per_rank_min", orNull(r.logical_bytes_min)},
+                         {"logical_bytes_per_rank_max", orNull(r.logical_bytes_max)},
+                         {"link_bytes_per_rank_min", orNull(r.link_bytes_min)},
+                         {"link_bytes_per_rank_max", orNull(r.link_bytes_max)},
+                         {"logical_gbps", orNull(r.logical_gbps)},
+                         {"link_gbps", orNull(r.link_gbps)},
+                         {"logical_gbps_max", orNull(r.logical_gbps_max)},
+                         {"link_gbps_max", orNull(r.link_gbps_max)},
+                         {"link_pct", orNull(r.link_pct)},
+                         {"nccl_med_us", orNull(r.nccl_med_us)},
+                         {"vs_nccl", orNull(r.vs_nccl)}});
+  }
+  doc["rows"] = rows_json;
+  nlohmann::ordered_json targets_json = nlohmann::ordered_json::array();
+  for (const Target& t : targets) {
+    const bool pass = t.value && (t.at_least ? *t.value >= t.threshold : *t.value <= t.threshold);
+    targets_json.push_back({{"name", t.name},
+                            {"value", orNull(t.value)},
+                            {"unit", t.unit},
+                            {"comparison", t.at_least ? ">=" : "<="},
+                            {"threshold", t.threshold},
+                            {"status", !t.value ? "n/a"
+                                       : pass   ? "PASS"
+                                                : "MISS"},
+                            {"source", t.note}});
+  }
+  doc["targets"] = targets_json;
+
+  std::ofstream out(path);
+  if (!out) return "cannot open " + path + " for writing";
+  out << doc.dump(2) << "\n";
+  out.close();
+  if (!out) return "writing " + path + " failed";
+  return "";
+}
+
+}  // namespace epcomm::bench
