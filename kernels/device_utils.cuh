@@ -123,12 +123,23 @@ struct WaitContext {
   uint64_t start_ns;
 };
 
-// How often the slower conditions (host-mapped abort word, peer rejection, clock) are polled.
-constexpr uint32_t kSlowCheckEvery = 64;
+__device__ __forceinline__ uint64_t ldRelaxedSys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
 
-// Spins until ready(ldAcquireSys(word)) holds and returns true with the value in *value.
-// Returns false, after recording why, when the deadline passes, the host aborts or a peer
-// rejected its input; also returns false when another thread of this rank already failed.
+// How often a spinning thread looks at the cheap device-side stop conditions, and how long it
+// waits between reads of the host-mapped abort word. Reading host memory from the GPU costs a
+// PCIe round trip (far more inside a VM), so it is done rarely and never in a short wait.
+constexpr uint32_t kSlowCheckEvery = 32;
+constexpr uint64_t kHostAbortPollNs = 200 * 1000;
+
+// Spins until ready(word) holds and returns true with the value in *value. The spin uses relaxed
+// loads (an acquire load on every iteration would invalidate L1 each time); one acquire load
+// after success orders everything the writer released before its store. Returns false, after
+// recording why, when the deadline passes, the host aborts or a peer rejected its input; also
+// returns false when another thread of this rank already failed.
 // `tagged`: the word is (epoch << 32) | value and the error record shows its epoch part.
 template <typename Ready>
 __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
@@ -136,10 +147,12 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
                                         uint64_t expected, uint64_t* value = nullptr) {
   const PeerContext& ctx = *w.ctx;
   ControlRegion* own = controlOf(ctx.local_base);
+  uint64_t next_host_poll = w.start_ns + kHostAbortPollNs;
   uint32_t spins = 0;
   while (true) {
-    uint64_t v = ldAcquireSys(word);
+    uint64_t v = ldRelaxedSys(word);
     if (ready(v)) {
+      v = ldAcquireSys(word);  // monotonic: still ready, and now ordered
       if (value != nullptr) *value = v;
       return true;
     }
@@ -151,12 +164,16 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
                       static_cast<int>(rejected >> 32) - 1, expected, rejected & 0xffffffffu);
       return false;
     }
-    if (ldVolatileU32(ctx.abort_flag) != 0) {
-      recordOpFailure(ctx, FailKind::kAborted, w.op, phase, peer, expected,
-                      tagged ? tagEpoch(v) : v);
-      return false;
+    const uint64_t now = globalTimerNs();
+    if (now >= next_host_poll) {
+      next_host_poll = now + kHostAbortPollNs;
+      if (ldVolatileU32(ctx.abort_flag) != 0) {
+        recordOpFailure(ctx, FailKind::kAborted, w.op, phase, peer, expected,
+                        tagged ? tagEpoch(v) : v);
+        return false;
+      }
     }
-    if (globalTimerNs() - w.start_ns > ctx.timeout_ns) {
+    if (now - w.start_ns > ctx.timeout_ns) {
       recordOpFailure(ctx, FailKind::kTimeout, w.op, phase, peer, expected,
                       tagged ? tagEpoch(v) : v);
       return false;

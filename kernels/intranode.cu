@@ -30,7 +30,8 @@ namespace {
 using namespace device;
 
 constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
-constexpr int kUnroll = 4;  // 16-byte vectors in flight per lane
+constexpr int kUnroll = 4;          // 16-byte vectors in flight per lane (combine)
+constexpr int kDispatchUnroll = 8;  // dispatch keeps only the loaded vectors live: go deeper
 
 enum ArriveSlot : int { kArriveHtDispatch = 0, kArriveHtCombine = 1 };
 
@@ -41,17 +42,17 @@ enum HtCombinePhase : int { kPhaseReady = 1, kPhasePullDone = 2 };
 // (one per set bit of `mask`), the warp's lanes striding over the row.
 __device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst, uint32_t mask,
                                                int num_vecs, int lane) {
-  for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
-    int4 v[kUnroll];
+  for (int base = 0; base < num_vecs; base += kWarpSize * kDispatchUnroll) {
+    int4 v[kDispatchUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kDispatchUnroll; ++u) {
       const int i = base + u * kWarpSize + lane;
       if (i < num_vecs) v[u] = ldNcNoAlloc(src + i);
     }
     for (uint32_t m = mask; m != 0; m &= m - 1) {
       const int d = __ffs(m) - 1;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kDispatchUnroll; ++u) {
         const int i = base + u * kWarpSize + lane;
         if (i < num_vecs) stNoAlloc(dst[d] + i, v[u]);
       }

@@ -18,8 +18,8 @@ using namespace device;
 constexpr int kLayoutThreads = 512;
 
 // Per-rank token counts of one tile, packed as 16-bit lanes (ranks 0-3 in lo, 4-7 in hi) so the
-// block scan moves two words instead of eight. A lane never exceeds the tile size (1024), so
-// adding the packed words never carries between lanes.
+// block scan moves two words instead of eight. A lane never exceeds the tile size, so adding the
+// packed words never carries between lanes.
 static_assert(kMaxRanks <= 8, "RankCounts packs at most 8 ranks");
 struct RankCounts {
   uint64_t lo;
@@ -35,6 +35,32 @@ struct AddRankCounts {
   }
 };
 
+// Each thread owns kItemsPerThread consecutive tokens of a tile, so one block scan covers up to
+// 4096 tokens and all their top-k ids are loaded before anything waits on them.
+constexpr int kItemsPerThread = 8;
+constexpr int kTileTokens = kLayoutThreads * kItemsPerThread;
+static_assert(kTileTokens < 65536, "per-tile counts must fit the 16-bit lanes of RankCounts");
+
+template <typename IdxT>
+__device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT* topk, int t,
+                                               int experts_per_rank, int32_t* expert_hist) {
+  uint32_t mask = 0;
+  for (int k = 0; k < p.num_topk; ++k) {
+    const int64_t e = static_cast<int64_t>(topk[static_cast<int64_t>(t) * p.num_topk + k]);
+    int32_t kept = -1;
+    if (e >= 0 && e < p.num_experts) {
+      kept = static_cast<int32_t>(e);
+      mask |= 1u << (kept / experts_per_rank);
+      atomicAdd(&expert_hist[kept], 1);
+    } else if (e != -1) {
+      recordFailure(p.error, p.local, false, FailKind::kBadExpertId, OpId::kLayout, 0, p.rank, -1,
+                    t, static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
+    }
+    p.topk_copy[static_cast<int64_t>(t) * p.num_topk + k] = kept;
+  }
+  return mask;
+}
+
 template <typename IdxT>
 __global__ void __launch_bounds__(kLayoutThreads) layoutKernel(LayoutParams p) {
   using BlockScan = cub::BlockScan<RankCounts, kLayoutThreads>;
@@ -49,40 +75,34 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutKernel(LayoutParams p) {
 
   const int experts_per_rank = p.num_experts / p.num_ranks;
   const IdxT* topk = static_cast<const IdxT*>(p.topk_idx);
-  for (int base = 0; base < p.num_tokens; base += kLayoutThreads) {
-    const int t = base + tid;
-    uint32_t mask = 0;
-    if (t < p.num_tokens) {
-      for (int k = 0; k < p.num_topk; ++k) {
-        const int64_t e = static_cast<int64_t>(topk[static_cast<int64_t>(t) * p.num_topk + k]);
-        int32_t kept = -1;
-        if (e >= 0 && e < p.num_experts) {
-          kept = static_cast<int32_t>(e);
-          mask |= 1u << (kept / experts_per_rank);
-          atomicAdd(&expert_hist[kept], 1);
-        } else if (e != -1) {
-          recordFailure(p.error, p.local, false, FailKind::kBadExpertId, OpId::kLayout, 0, p.rank,
-                        -1, t, static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
+  for (int base = 0; base < p.num_tokens; base += kTileTokens) {
+    uint32_t mask[kItemsPerThread];
+    RankCounts mine[kItemsPerThread];
+#pragma unroll
+    for (int i = 0; i < kItemsPerThread; ++i) {
+      const int t = base + tid * kItemsPerThread + i;
+      mask[i] = t < p.num_tokens ? routeToken(p, topk, t, experts_per_rank, expert_hist) : 0u;
+      mine[i] = RankCounts{0, 0};
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if ((mask[i] >> d) & 1u) {
+          if (d < 4) mine[i].lo += 1ull << (16 * d);
+          else mine[i].hi += 1ull << (16 * (d - 4));
         }
-        p.topk_copy[static_cast<int64_t>(t) * p.num_topk + k] = kept;
       }
     }
-    RankCounts mine{0, 0};
-    for (int d = 0; d < kMaxRanks; ++d) {
-      if ((mask >> d) & 1u) {
-        if (d < 4) mine.lo += 1ull << (16 * d);
-        else mine.hi += 1ull << (16 * (d - 4));
-      }
-    }
-    RankCounts prefix, aggregate;
-    const RankCounts zero{0, 0};
-    BlockScan(scan_storage).ExclusiveScan(mine, prefix, zero, AddRankCounts(), aggregate);
-    if (t < p.num_tokens) {
-      p.token_mask[t] = mask;
+    RankCounts prefix[kItemsPerThread];
+    RankCounts aggregate;
+    BlockScan(scan_storage).ExclusiveScan(mine, prefix, RankCounts{0, 0}, AddRankCounts(),
+                                          aggregate);
+#pragma unroll
+    for (int i = 0; i < kItemsPerThread; ++i) {
+      const int t = base + tid * kItemsPerThread + i;
+      if (t >= p.num_tokens) continue;
+      p.token_mask[t] = mask[i];
       for (int d = 0; d < p.num_ranks; ++d) {
-        const bool in_rank = (mask >> d) & 1u;
+        const bool in_rank = (mask[i] >> d) & 1u;
         p.token_slot[static_cast<int64_t>(t) * p.num_ranks + d] =
-            in_rank ? running[d] + static_cast<int32_t>(prefix.get(d)) : -1;
+            in_rank ? running[d] + static_cast<int32_t>(prefix[i].get(d)) : -1;
         p.is_token_in_rank[static_cast<int64_t>(t) * p.num_ranks + d] = in_rank;
       }
     }
