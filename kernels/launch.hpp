@@ -141,6 +141,7 @@ struct LayoutParams {
   int32_t* rank_counts;       // [R]
   int32_t* expert_counts;     // [E]
   int32_t* topk_copy;         // [N, K] int32 copy kept for weighted combine
+  int32_t* tile_counts;       // [layoutTiles(N), R] scratch
   // error reporting: bad ids are recorded without stopping anyone (they are treated as -1)
   LocalState* local;
   DeviceErrorRecord* error;
@@ -232,6 +233,11 @@ struct LlParams {
 // Device barrier across every rank: one block, stream-ordered, with the deadline.
 void launchBarrier(const PeerContext& peers, cudaStream_t stream);
 
+// Tokens are laid out in tiles of this many, one block each (scratch: layoutTiles(N) * R ints).
+constexpr int kLayoutThreads = 512;
+inline int layoutTiles(int num_tokens) {
+  return num_tokens <= 0 ? 1 : (num_tokens + kLayoutThreads - 1) / kLayoutThreads;
+}
 void launchLayout(const LayoutParams& params, cudaStream_t stream);
 
 void launchHtDispatch(const HtDispatchParams& params, int num_blocks, cudaStream_t stream);

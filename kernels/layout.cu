@@ -1,7 +1,7 @@
 // HT layout: from topk_idx [N, K], each token's destination-rank mask, its slot among the tokens
-// sent to each rank (a CUB block scan over tokens), per-rank and per-expert counts, and an int32
-// copy of the routing for weighted combine. One block walks the tokens in tiles; the counts carry
-// over from tile to tile. Expert ids outside [-1, num_experts) are reported through the error
+// sent to each rank, per-rank and per-expert counts, and an int32 copy of the routing for weighted
+// combine. Two passes over tiles of 512 tokens, one block each: a CUB block scan gives slots within
+// the tile and the tile's totals; the second pass adds the totals of the earlier tiles. Expert ids outside [-1, num_experts) are reported through the error
 // record and treated as -1, so they are never used as an address; the ops go on, so the peers
 // finish normally and the host reports the bad id at its next check.
 #include <cub/block/block_scan.cuh>
@@ -15,7 +15,6 @@ namespace {
 
 using namespace device;
 
-constexpr int kLayoutThreads = 512;
 
 // Per-rank token counts of one tile, packed as 16-bit lanes (ranks 0-3 in lo, 4-7 in hi) so the
 // block scan moves two words instead of eight. A lane never exceeds the tile size, so adding the
@@ -35,11 +34,15 @@ struct AddRankCounts {
   }
 };
 
-// Each thread owns kItemsPerThread consecutive tokens of a tile, so one block scan covers up to
-// 4096 tokens and all their top-k ids are loaded before anything waits on them.
-constexpr int kItemsPerThread = 8;
-constexpr int kTileTokens = kLayoutThreads * kItemsPerThread;
-static_assert(kTileTokens < 65536, "per-tile counts must fit the 16-bit lanes of RankCounts");
+__device__ __forceinline__ RankCounts countsOfMask(uint32_t mask) {
+  RankCounts c{0, 0};
+  for (uint32_t m = mask; m != 0; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    if (d < 4) c.lo += 1ull << (16 * d);
+    else c.hi += 1ull << (16 * (d - 4));
+  }
+  return c;
+}
 
 template <typename IdxT>
 __device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT* topk, int t,
@@ -61,69 +64,80 @@ __device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT
   return mask;
 }
 
+// Pass 1, one block per tile of kLayoutThreads tokens: masks, slots within the tile (block scan),
+// the tile's per-rank totals, and the expert histogram (added into expert_counts, zeroed first).
 template <typename IdxT>
-__global__ void __launch_bounds__(kLayoutThreads) layoutKernel(LayoutParams p) {
+__global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams p) {
   using BlockScan = cub::BlockScan<RankCounts, kLayoutThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ int32_t expert_hist[kMaxExperts];
-  __shared__ int32_t running[kMaxRanks];
 
   const int tid = threadIdx.x;
   for (int e = tid; e < p.num_experts; e += kLayoutThreads) expert_hist[e] = 0;
-  if (tid < kMaxRanks) running[tid] = 0;
   __syncthreads();
 
-  const int experts_per_rank = p.num_experts / p.num_ranks;
-  const IdxT* topk = static_cast<const IdxT*>(p.topk_idx);
-  for (int base = 0; base < p.num_tokens; base += kTileTokens) {
-    uint32_t mask[kItemsPerThread];
-    RankCounts mine[kItemsPerThread];
-#pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      const int t = base + tid * kItemsPerThread + i;
-      mask[i] = t < p.num_tokens ? routeToken(p, topk, t, experts_per_rank, expert_hist) : 0u;
-      mine[i] = RankCounts{0, 0};
-      for (int d = 0; d < kMaxRanks; ++d) {
-        if ((mask[i] >> d) & 1u) {
-          if (d < 4) mine[i].lo += 1ull << (16 * d);
-          else mine[i].hi += 1ull << (16 * (d - 4));
-        }
-      }
+  const int t = blockIdx.x * kLayoutThreads + tid;
+  const uint32_t mask =
+      t < p.num_tokens ? routeToken(p, static_cast<const IdxT*>(p.topk_idx), t,
+                                    p.num_experts / p.num_ranks, expert_hist)
+                       : 0u;
+  RankCounts prefix, aggregate;
+  BlockScan(scan_storage).ExclusiveScan(countsOfMask(mask), prefix, RankCounts{0, 0},
+                                        AddRankCounts(), aggregate);
+  if (t < p.num_tokens) {
+    p.token_mask[t] = mask;
+    for (int d = 0; d < p.num_ranks; ++d) {
+      p.token_slot[static_cast<int64_t>(t) * p.num_ranks + d] =
+          ((mask >> d) & 1u) ? static_cast<int32_t>(prefix.get(d)) : -1;
     }
-    RankCounts prefix[kItemsPerThread];
-    RankCounts aggregate;
-    BlockScan(scan_storage).ExclusiveScan(mine, prefix, RankCounts{0, 0}, AddRankCounts(),
-                                          aggregate);
-#pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      const int t = base + tid * kItemsPerThread + i;
-      if (t >= p.num_tokens) continue;
-      p.token_mask[t] = mask[i];
-      for (int d = 0; d < p.num_ranks; ++d) {
-        const bool in_rank = (mask[i] >> d) & 1u;
-        p.token_slot[static_cast<int64_t>(t) * p.num_ranks + d] =
-            in_rank ? running[d] + static_cast<int32_t>(prefix[i].get(d)) : -1;
-        p.is_token_in_rank[static_cast<int64_t>(t) * p.num_ranks + d] = in_rank;
-      }
-    }
-    __syncthreads();  // everyone read `running` and the scan storage before they change
-    if (tid < kMaxRanks) running[tid] += static_cast<int32_t>(aggregate.get(tid));
-    __syncthreads();
   }
+  if (tid < p.num_ranks) {
+    p.tile_counts[blockIdx.x * p.num_ranks + tid] = static_cast<int32_t>(aggregate.get(tid));
+  }
+  __syncthreads();
+  for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
+    if (expert_hist[e] != 0) atomicAdd(&p.expert_counts[e], expert_hist[e]);
+  }
+}
 
-  if (tid < p.num_ranks) p.rank_counts[tid] = running[tid];
-  for (int e = tid; e < p.num_experts; e += kLayoutThreads) p.expert_counts[e] = expert_hist[e];
+// Pass 2: adds the totals of the earlier tiles to every slot; the last tile's block also writes
+// the per-rank totals.
+__global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutParams p) {
+  __shared__ int32_t base[kMaxRanks];
+  const int tid = threadIdx.x;
+  const int tile = blockIdx.x;
+  if (tid < p.num_ranks) {
+    int32_t sum = 0;
+    for (int earlier = 0; earlier < tile; ++earlier) sum += p.tile_counts[earlier * p.num_ranks + tid];
+    base[tid] = sum;
+    if (tile == gridDim.x - 1) p.rank_counts[tid] = sum + p.tile_counts[tile * p.num_ranks + tid];
+  }
+  __syncthreads();
+  const int t = tile * kLayoutThreads + tid;
+  if (t >= p.num_tokens) return;
+  for (int d = 0; d < p.num_ranks; ++d) {
+    const int64_t i = static_cast<int64_t>(t) * p.num_ranks + d;
+    const int32_t slot = p.token_slot[i];
+    p.token_slot[i] = slot >= 0 ? slot + base[d] : -1;
+    p.is_token_in_rank[i] = slot >= 0;
+  }
 }
 
 }  // namespace
 
 void launchLayout(const LayoutParams& params, cudaStream_t stream) {
+  const int tiles = layoutTiles(params.num_tokens);
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(params.expert_counts, 0,
+                                    sizeof(int32_t) * static_cast<size_t>(params.num_experts),
+                                    stream));
   if (params.idx_is_64) {
-    layoutKernel<int64_t><<<1, kLayoutThreads, 0, stream>>>(params);
+    layoutTileKernel<int64_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
   } else {
-    layoutKernel<int32_t><<<1, kLayoutThreads, 0, stream>>>(params);
+    layoutTileKernel<int32_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
   }
-  EPCOMM_LAUNCH_CHECK(layoutKernel);
+  EPCOMM_LAUNCH_CHECK(layoutTileKernel);
+  layoutFinalizeKernel<<<tiles, kLayoutThreads, 0, stream>>>(params);
+  EPCOMM_LAUNCH_CHECK(layoutFinalizeKernel);
 }
 
 }  // namespace epcomm::kernels

@@ -102,6 +102,8 @@ EpHandle EpBuffer::createHandle() const {
   const size_t o_rank_counts = carve(ranks * sizeof(int32_t));
   const size_t o_expert_counts = carve(static_cast<size_t>(c.num_experts) * sizeof(int32_t));
   const size_t o_topk = carve(tokens * static_cast<size_t>(c.max_topk) * sizeof(int32_t));
+  const size_t o_tiles = carve(static_cast<size_t>(kernels::layoutTiles(c.max_tokens_per_rank)) *
+                               ranks * sizeof(int32_t));
   const size_t o_matrix = carve(ranks * ranks * sizeof(int32_t));
   const size_t o_num_recv = carve(sizeof(int32_t));
   const size_t o_prefix = carve((ranks + 1) * sizeof(int32_t));
@@ -114,6 +116,7 @@ EpHandle EpBuffer::createHandle() const {
   h->rank_counts = h->memory.as<int32_t>(o_rank_counts);
   h->expert_counts = h->memory.as<int32_t>(o_expert_counts);
   h->topk_copy = h->memory.as<int32_t>(o_topk);
+  h->tile_counts = h->memory.as<int32_t>(o_tiles);
   h->count_matrix = h->memory.as<int32_t>(o_matrix);
   h->num_recv = h->memory.as<int32_t>(o_num_recv);
   h->recv_rank_prefix = h->memory.as<int32_t>(o_prefix);
@@ -141,6 +144,7 @@ void launchLayoutInto(EpBuffer::Impl& b, const TopkView& topk, EpHandle::Impl& h
   p.rank_counts = h.rank_counts;
   p.expert_counts = h.expert_counts;
   p.topk_copy = h.topk_copy;
+  p.tile_counts = h.tile_counts;
   p.local = &reinterpret_cast<kernels::ControlRegion*>(b.localBase())->local;
   p.error = b.peers.error;
   kernels::launchLayout(p, stream);

@@ -1,5 +1,7 @@
 // LL front-end: argument and call-sequence checks (before any launch) and the launches of the
 // send and receive halves.
+#include <algorithm>
+#include <cstdint>
 #include <sstream>
 
 #include "buffer_impl.hpp"
@@ -90,7 +92,8 @@ LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaSt
     p.num_topk = args.topk.num_topk;
     p.topk_weights = args.topk_weights;
     p.use_fp8 = args.use_fp8;
-    kernels::launchLlDispatchSend(p, sms, stream);
+    // One block per token at most: idle blocks would only add arrivals to the last-block count.
+    kernels::launchLlDispatchSend(p, std::max(1, std::min(sms, args.num_tokens)), stream);
     b.ll_use_fp8 = args.use_fp8;
     b.ll_num_tokens = args.num_tokens;
     b.ll_stage = Impl::LlStage::kDispatchSent;
@@ -152,7 +155,10 @@ void EpBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream,
     b.ll_stage = Impl::LlStage::kCombineSent;
   }
   if (recv) {
-    kernels::launchLlCombineRecv(p, sms, stream);
+    // The receive half reduces num_tokens x hidden/1024 segments, one warp each (16 per block).
+    const int segments = (c.hidden + 1023) / 1024;
+    const int blocks = static_cast<int>((int64_t{b.ll_num_tokens} * segments + 15) / 16);
+    kernels::launchLlCombineRecv(p, std::max(1, std::min(sms, blocks)), stream);
     b.ll_stage = Impl::LlStage::kIdle;
   }
 }
