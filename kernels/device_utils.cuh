@@ -216,6 +216,36 @@ __device__ __forceinline__ bool arriveLastBlock(uint32_t* counter) {
   return s_last;
 }
 
+// --- per-rank counts for block scans ------------------------------------------------------------
+// Token counts per destination rank, packed as 16-bit lanes (ranks 0-3 in lo, 4-7 in hi) so a
+// CUB block scan moves two words instead of eight. Callers scan at most 65535 tokens at a time,
+// so adding packed words never carries from one lane into the next.
+static_assert(kMaxRanks <= 8, "RankCounts packs at most 8 ranks");
+struct RankCounts {
+  uint64_t lo;
+  uint64_t hi;
+  __device__ __forceinline__ uint32_t get(int d) const {
+    return static_cast<uint32_t>(((d < 4 ? lo : hi) >> (16 * (d & 3))) & 0xffffu);
+  }
+};
+
+struct AddRankCounts {
+  __device__ __forceinline__ RankCounts operator()(const RankCounts& a, const RankCounts& b) const {
+    return RankCounts{a.lo + b.lo, a.hi + b.hi};
+  }
+};
+
+// One token's contribution: 1 in the lane of every rank set in `mask`.
+__device__ __forceinline__ RankCounts countsOfMask(uint32_t mask) {
+  RankCounts c{0, 0};
+  for (uint32_t m = mask; m != 0; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    if (d < 4) c.lo += 1ull << (16 * d);
+    else c.hi += 1ull << (16 * (d - 4));
+  }
+  return c;
+}
+
 // --- BF16 helpers ------------------------------------------------------------------------------
 __device__ __forceinline__ void accumulateBf16x8(float (&acc)[8], const int4& v, float scale) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);

@@ -1,9 +1,10 @@
 // HT layout: from topk_idx [N, K], each token's destination-rank mask, its slot among the tokens
 // sent to each rank, per-rank and per-expert counts, and an int32 copy of the routing for weighted
 // combine. Two passes over tiles of 512 tokens, one block each: a CUB block scan gives slots within
-// the tile and the tile's totals; the second pass adds the totals of the earlier tiles. Expert ids outside [-1, num_experts) are reported through the error
-// record and treated as -1, so they are never used as an address; the ops go on, so the peers
-// finish normally and the host reports the bad id at its next check.
+// the tile and the tile's totals; the second pass adds the totals of the earlier tiles. Expert
+// ids outside [-1, num_experts) are reported through the error record and treated as -1, so they
+// are never used as an address; the ops go on, so the peers finish normally and the host reports
+// the bad id at its next check.
 #include <cub/block/block_scan.cuh>
 
 #include "check.hpp"
@@ -14,35 +15,6 @@ namespace epcomm::kernels {
 namespace {
 
 using namespace device;
-
-
-// Per-rank token counts of one tile, packed as 16-bit lanes (ranks 0-3 in lo, 4-7 in hi) so the
-// block scan moves two words instead of eight. A lane never exceeds the tile size, so adding the
-// packed words never carries between lanes.
-static_assert(kMaxRanks <= 8, "RankCounts packs at most 8 ranks");
-struct RankCounts {
-  uint64_t lo;
-  uint64_t hi;
-  __device__ __forceinline__ uint32_t get(int d) const {
-    return static_cast<uint32_t>(((d < 4 ? lo : hi) >> (16 * (d & 3))) & 0xffffu);
-  }
-};
-
-struct AddRankCounts {
-  __device__ __forceinline__ RankCounts operator()(const RankCounts& a, const RankCounts& b) const {
-    return RankCounts{a.lo + b.lo, a.hi + b.hi};
-  }
-};
-
-__device__ __forceinline__ RankCounts countsOfMask(uint32_t mask) {
-  RankCounts c{0, 0};
-  for (uint32_t m = mask; m != 0; m &= m - 1) {
-    const int d = __ffs(m) - 1;
-    if (d < 4) c.lo += 1ull << (16 * d);
-    else c.hi += 1ull << (16 * (d - 4));
-  }
-  return c;
-}
 
 template <typename IdxT>
 __device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT* topk, int t,

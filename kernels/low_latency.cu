@@ -48,29 +48,6 @@ __device__ __forceinline__ int32_t* metaOf(const LlParams& p, int parity, int sr
                                         p.regions.meta_bytes);
 }
 
-// Per-rank counts of one tile, packed 16 bits per rank (a tile has at most kTile tokens).
-struct RankCounts {
-  uint64_t lo;
-  uint64_t hi;
-  __device__ __forceinline__ uint32_t get(int d) const {
-    return static_cast<uint32_t>(((d < 4 ? lo : hi) >> (16 * (d & 3))) & 0xffffu);
-  }
-};
-struct AddRankCounts {
-  __device__ __forceinline__ RankCounts operator()(const RankCounts& a, const RankCounts& b) const {
-    return RankCounts{a.lo + b.lo, a.hi + b.hi};
-  }
-};
-__device__ __forceinline__ RankCounts countsOfMask(uint32_t mask) {
-  RankCounts c{0, 0};
-  for (uint32_t m = mask; m != 0; m &= m - 1) {
-    const int d = __ffs(m) - 1;
-    if (d < 4) c.lo += 1ull << (16 * d);
-    else c.hi += 1ull << (16 * (d - 4));
-  }
-  return c;
-}
-
 template <typename IdxT>
 __device__ __forceinline__ uint32_t tokenMask(const LlParams& p, int t) {
   const IdxT* topk = static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk;

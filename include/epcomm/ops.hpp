@@ -138,7 +138,9 @@ struct LlCombineArgs {
   // LlDispatchResult::recv_x (only valid rows are read). Any device memory.
   const void* x = nullptr;
   // out [num_tokens, hidden] BF16 for the tokens of the matching dispatch: the sum over the
-  // token's experts of topk_weight * expert output, accumulated in float32.
+  // token's experts of topk_weight * expert output (weights as given to the dispatch). Each rank
+  // first sums its own experts' weighted rows in float32 and sends that partial once, rounded to
+  // BF16 (one row per token and rank, not per expert); the partials are summed in float32.
   void* out = nullptr;
   int num_sms = kAuto;
 };

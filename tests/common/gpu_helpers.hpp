@@ -75,6 +75,19 @@ class DeviceArray {
   size_t count_ = 0;
 };
 
+// A non-blocking CUDA stream owned by a test.
+class TestStream {
+ public:
+  TestStream() { EPCOMM_TEST_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  ~TestStream() { cudaStreamDestroy(stream_); }
+  TestStream(const TestStream&) = delete;
+  TestStream& operator=(const TestStream&) = delete;
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
 // Fills `bytes` at a device pointer with the poison byte (stream-ordered).
 void poisonDevice(void* device, size_t bytes, cudaStream_t stream = nullptr);
 

@@ -35,17 +35,6 @@ struct HtCase {
   int max_tokens = 256;
 };
 
-// A CUDA stream owned by a test.
-class Stream {
- public:
-  Stream() { EPCOMM_TEST_CUDA(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~Stream() { cudaStreamDestroy(s_); }
-  cudaStream_t get() const { return s_; }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
-
 ProblemSpec specOf(const HtCase& c, int num_ranks, uint64_t seed) {
   ProblemSpec spec;
   spec.num_ranks = num_ranks;
@@ -304,7 +293,7 @@ void runCase(const HtCase& c) {
   if (c.experts % num_ranks != 0) GTEST_SKIP() << c.experts << " experts on " << num_ranks << " ranks";
   EpBuffer buffer(bs, configOf(c));
   EpHandle handle = buffer.createHandle();
-  Stream stream;
+  TestStream stream;
   const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
   const RankInputs& in = all[me];
   DeviceInputs dev(in, c);
@@ -462,7 +451,7 @@ TEST(HtDispatchCombine, BackToBackChangingRouting) {
   c.max_tokens = 64;
   EpBuffer buffer(bs, configOf(c));
   EpHandle handle = buffer.createHandle();
-  Stream stream;
+  TestStream stream;
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 1));
   DeviceInputs dev(all[me], c);
   for (int iter = 0; iter < 100; ++iter) {
@@ -495,7 +484,7 @@ TEST(HtDispatchCombine, GraphReplayEqualsEager) {
   c.max_tokens = 128;
   EpBuffer buffer(bs, configOf(c));
   EpHandle handle = buffer.createHandle();
-  Stream stream;
+  TestStream stream;
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 11));
   DeviceInputs dev(all[me], c);
   const size_t out_elems = std::max<size_t>(size_t(c.tokens) * c.hidden, 8);
@@ -656,7 +645,7 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
     SCOPED_TRACE(bad.name);
     EpBuffer buffer(bs, configOf(c));
     EpHandle handle = buffer.createHandle();
-    Stream stream;
+    TestStream stream;
     bool threw = false;
     try {
       bad.call(buffer, handle, in, dev, c, stream.get());
@@ -713,7 +702,7 @@ TEST(HtBadInput, OneRankRejectsOthersStopQuickly) {
   DeviceInputs dev(all[me], c);
   EpBuffer buffer(bs, config);
   EpHandle handle = buffer.createHandle();
-  Stream stream;
+  TestStream stream;
   DispatchArgs args = dev.args(all[me], c, true);
   if (me == 0) args.expert_alignment = -3;
   const auto start = std::chrono::steady_clock::now();
@@ -752,7 +741,7 @@ TEST(HtBadInput, ExpertIdOutOfRangeReportedFromDevice) {
   DeviceInputs dev(all[me], c);
   EpBuffer buffer(bs, configOf(c));
   EpHandle handle = buffer.createHandle();
-  Stream stream;
+  TestStream stream;
   try {
     buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
     buffer.sync(stream.get());

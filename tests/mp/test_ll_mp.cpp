@@ -29,16 +29,6 @@ struct LlCase {
   uint64_t seed = 17;
 };
 
-class Stream {
- public:
-  Stream() { EPCOMM_TEST_CUDA(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~Stream() { cudaStreamDestroy(s_); }
-  cudaStream_t get() const { return s_; }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
-
 ProblemSpec specOf(const LlCase& c, int num_ranks, uint64_t seed) {
   ProblemSpec spec;
   spec.num_ranks = num_ranks;
@@ -233,7 +223,7 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false) {
   selectDevice(bs);
   if (c.experts % bs.size() != 0) GTEST_SKIP() << c.experts << " experts on " << bs.size() << " ranks";
   EpBuffer buffer(bs, configOf(c));
-  Stream stream;
+  TestStream stream;
   DeviceInputs dev(c);
   LlDispatchResult last{};
   for (int pair = 0; pair < pairs; ++pair) {
@@ -323,7 +313,7 @@ TEST(LlDispatchCombine, GraphReplay) {
   const int me = bs.rank();
   const int local_experts = c.experts / bs.size();
   EpBuffer buffer(bs, configOf(c));
-  Stream stream;
+  TestStream stream;
   DeviceInputs dev(c);
   const int64_t rows = int64_t{bs.size()} * c.max_tokens;
   DeviceArray<uint16_t> y(size_t(local_experts) * rows * c.hidden);
@@ -382,7 +372,7 @@ TEST(LlBadInput, RejectedBeforeLaunch) {
   c.max_tokens = 8;
   c.tokens = 8;
   const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 3));
-  Stream stream;
+  TestStream stream;
   DeviceInputs dev(c);
   dev.upload(all[bs.rank()]);
   {
