@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Fixed-width and JSON renderings of ep_bench's results (rank 0 only).
 #include "bench_report.hpp"
 
@@ -23,19 +24,28 @@ nlohmann::ordered_json orNull(const std::optional<double>& value) {
   return value ? nlohmann::ordered_json(*value) : nlohmann::ordered_json(nullptr);
 }
 
-}  // namespace
-
-Stats summarize(const std::vector<float>& samples_us) {
-  Stats s;
-  if (samples_us.empty()) return s;
-  std::vector<float> v = samples_us;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  s.med_us = n % 2 == 1 ? v[n / 2] : 0.5 * (static_cast<double>(v[n / 2 - 1]) + v[n / 2]);
-  s.min_us = v.front();
-  s.max_us = v.back();
-  return s;
+std::string tableHeader() {
+  char text[256];
+  std::snprintf(text, sizeof(text),
+                "%-18s %-5s %6s %6s %4s %7s %5s %4s %9s %9s %9s %12s %9s %6s %7s", "op", "dtype",
+                "tokens", "hidden", "topk", "experts", "ranks", "SMs", "med us", "min us", "max us",
+                "logical GB/s", "link GB/s", "link %", "vs NCCL");
+  return text;
 }
+
+std::string tableRow(const Row& r) {
+  const std::string sms = r.sms > 0 ? std::to_string(r.sms) : "n/a";
+  char text[512];
+  std::snprintf(text, sizeof(text),
+                "%-18s %-5s %6d %6d %4d %7d %5d %4s %9.1f %9.1f %9.1f %12s %9s %6s %7s",
+                r.op.c_str(), r.dtype.c_str(), r.tokens, r.hidden, r.topk, r.experts, r.ranks,
+                sms.c_str(), r.time.med_us, r.time.min_us, r.time.max_us,
+                orNa(r.logical_gbps, "%.1f").c_str(), orNa(r.link_gbps, "%.1f").c_str(),
+                orNa(r.link_pct, "%.1f").c_str(), orNa(r.vs_nccl, "%.2fx").c_str());
+  return text;
+}
+
+}  // namespace
 
 void printSetup(const Setup& setup) {
   size_t width = 0;
@@ -67,18 +77,15 @@ void printLinkTable(const std::vector<LinkRow>& rows, const std::string& note) {
 }
 
 void printTable(const std::vector<Row>& rows) {
-  std::printf("%-18s %-5s %6s %6s %4s %7s %5s %4s %9s %9s %9s %12s %9s %6s %7s\n", "op", "dtype",
-              "tokens", "hidden", "topk", "experts", "ranks", "SMs", "med us", "min us", "max us",
-              "logical GB/s", "link GB/s", "link %", "vs NCCL");
-  for (const Row& r : rows) {
-    const std::string sms = r.sms > 0 ? std::to_string(r.sms) : "n/a";
-    std::printf("%-18s %-5s %6d %6d %4d %7d %5d %4s %9.1f %9.1f %9.1f %12s %9s %6s %7s\n",
-                r.op.c_str(), r.dtype.c_str(), r.tokens, r.hidden, r.topk, r.experts, r.ranks,
-                sms.c_str(), r.time.med_us, r.time.min_us, r.time.max_us,
-                orNa(r.logical_gbps, "%.1f").c_str(), orNa(r.link_gbps, "%.1f").c_str(),
-                orNa(r.link_pct, "%.1f").c_str(), orNa(r.vs_nccl, "%.2fx").c_str());
-  }
+  std::printf("%s\n", tableHeader().c_str());
+  for (const Row& r : rows) std::printf("%s\n", tableRow(r).c_str());
   std::printf("\n");
+}
+
+void printRowLive(const Row& row, bool first) {
+  if (first) std::fprintf(stderr, "ep_bench:   %s\n", tableHeader().c_str());
+  std::fprintf(stderr, "ep_bench:   %s\n", tableRow(row).c_str());
+  std::fflush(stderr);
 }
 
 void printTargets(const std::vector<Target>& targets) {

@@ -1,5 +1,6 @@
-// What ep_bench reports: timing statistics, result rows, the link-limit table, the target summary,
-// and their fixed-width and JSON renderings. Every number here is already reduced over ranks;
+// SPDX-License-Identifier: Apache-2.0
+// What ep_bench reports: result rows, the link-limit table, the target summary, and their
+// fixed-width and JSON renderings. Every number here is already reduced over ranks;
 // docs/benchmarks.md defines each one.
 #pragma once
 
@@ -9,16 +10,9 @@
 #include <utility>
 #include <vector>
 
+#include "timing.hpp"
+
 namespace epcomm::bench {
-
-struct Stats {
-  double med_us = 0;
-  double min_us = 0;
-  double max_us = 0;
-};
-
-// Median (mean of the middle two for an even count), minimum and maximum of per-call samples.
-Stats summarize(const std::vector<float>& samples_us);
 
 // One line of the main table. Time statistics are the maximum over ranks of each rank's
 // statistic; GB/s are the minimum over ranks of (this rank's bytes per call / its median time).
@@ -79,6 +73,10 @@ struct Setup {
 void printSetup(const Setup& setup);
 void printLinkTable(const std::vector<LinkRow>& rows, const std::string& note);
 void printTable(const std::vector<Row>& rows);
+// One row as soon as it is measured, on stderr (flushed) as "ep_bench:   <table row>", after the
+// table header when `first`. The prefix keeps these lines apart from the final table on stdout
+// (scripts look for the line starting with "op ").
+void printRowLive(const Row& row, bool first);
 void printTargets(const std::vector<Target>& targets);
 
 // Writes everything as one JSON document. Returns an error message, or "" on success.

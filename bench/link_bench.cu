@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The benchmark's CUDA layer: helpers, input fills and the link-limit measurement.
 //
 // The link limit is what this machine's NVLink delivers to a plain copy through the same peer
@@ -47,49 +48,15 @@ DeviceBuffer::~DeviceBuffer() {
 }
 
 CudaStream::CudaStream() {
-  EPCOMM_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-}
-CudaStream::CudaStream(CudaStream&& other) noexcept
-    : stream_(std::exchange(other.stream_, nullptr)) {}
-CudaStream& CudaStream::operator=(CudaStream&& other) noexcept {
-  if (this != &other) {
-    if (stream_ != nullptr) EPCOMM_BENCH_CUDA_LOG(cudaStreamDestroy(stream_));
-    stream_ = std::exchange(other.stream_, nullptr);
-  }
-  return *this;
-}
-CudaStream::~CudaStream() {
-  if (stream_ != nullptr) EPCOMM_BENCH_CUDA_LOG(cudaStreamDestroy(stream_));
+  EPCOMM_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&handle_, cudaStreamNonBlocking));
 }
 
 CudaEvent::CudaEvent(unsigned flags) {
-  EPCOMM_BENCH_CUDA_CHECK(cudaEventCreateWithFlags(&event_, flags));
-}
-CudaEvent::CudaEvent(CudaEvent&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
-CudaEvent& CudaEvent::operator=(CudaEvent&& other) noexcept {
-  if (this != &other) {
-    if (event_ != nullptr) EPCOMM_BENCH_CUDA_LOG(cudaEventDestroy(event_));
-    event_ = std::exchange(other.event_, nullptr);
-  }
-  return *this;
-}
-CudaEvent::~CudaEvent() {
-  if (event_ != nullptr) EPCOMM_BENCH_CUDA_LOG(cudaEventDestroy(event_));
+  EPCOMM_BENCH_CUDA_CHECK(cudaEventCreateWithFlags(&handle_, flags));
 }
 
-GraphExec::GraphExec(GraphExec&& other) noexcept : exec_(std::exchange(other.exec_, nullptr)) {}
-GraphExec& GraphExec::operator=(GraphExec&& other) noexcept {
-  if (this != &other) {
-    if (exec_ != nullptr) EPCOMM_BENCH_CUDA_LOG(cudaGraphExecDestroy(exec_));
-    exec_ = std::exchange(other.exec_, nullptr);
-  }
-  return *this;
-}
-GraphExec::~GraphExec() {
-  if (exec_ != nullptr) EPCOMM_BENCH_CUDA_LOG(cudaGraphExecDestroy(exec_));
-}
 void GraphExec::launch(cudaStream_t stream) const {
-  EPCOMM_BENCH_CUDA_CHECK(cudaGraphLaunch(exec_, stream));
+  EPCOMM_BENCH_CUDA_CHECK(cudaGraphLaunch(handle_, stream));
 }
 
 GraphExec endCaptureAndInstantiate(cudaStream_t stream) {
@@ -224,6 +191,20 @@ float median(std::vector<float> v) {
   return n == 0 ? 0.0f : (n % 2 == 1 ? v[n / 2] : 0.5f * (v[n / 2 - 1] + v[n / 2]));
 }
 
+// This rank's chunk in the scratch of every peer, in rank order. Rank s writes into slot s of
+// every peer's scratch, so concurrent writers never overlap.
+PeerChunks peerChunks(EpBuffer& buffer, size_t chunk) {
+  PeerChunks remote{};
+  int k = 0;
+  for (int r = 0; r < buffer.numRanks(); ++r) {
+    if (r == buffer.rank()) continue;
+    uint8_t* base = static_cast<uint8_t*>(buffer.peerBase(r)) + buffer.scratchOffset() +
+                    static_cast<size_t>(buffer.rank()) * chunk;
+    remote.ptr[k++] = reinterpret_cast<uint4*>(base);
+  }
+  return remote;
+}
+
 }  // namespace
 
 void fillRandomBf16(void* dst, size_t elements, uint64_t seed, cudaStream_t stream) {
@@ -256,7 +237,6 @@ std::vector<LinkSample> runLinkBench(EpBuffer& buffer, const LinkBenchConfig& co
   if (num_ranks < 2) return samples;
   const int num_peers = num_ranks - 1;
 
-  // Rank s writes into slot s of every peer's scratch, so concurrent writers never overlap.
   size_t chunk = std::min(buffer.scratchBytes() / static_cast<size_t>(num_ranks),
                           config.bytes_per_rank / static_cast<size_t>(num_peers));
   chunk = chunk / kSegmentBytes * kSegmentBytes;
@@ -266,15 +246,7 @@ std::vector<LinkSample> runLinkBench(EpBuffer& buffer, const LinkBenchConfig& co
                     " bytes) is too small for one 64 KiB segment per rank");
   }
   const int64_t segments = static_cast<int64_t>(chunk / kSegmentBytes);
-  PeerChunks remote{};
-  std::vector<int> peers;
-  for (int r = 0; r < num_ranks; ++r) {
-    if (r == me) continue;
-    uint8_t* base = static_cast<uint8_t*>(buffer.peerBase(r)) + buffer.scratchOffset() +
-                    static_cast<size_t>(me) * chunk;
-    remote.ptr[peers.size()] = reinterpret_cast<uint4*>(base);
-    peers.push_back(r);
-  }
+  const PeerChunks remote = peerChunks(buffer, chunk);
   DeviceBuffer local(chunk * static_cast<size_t>(num_peers));
   fillRandomBf16(local.get(), local.bytes() / 2, 0x5eedull + static_cast<uint64_t>(me), stream);
   const size_t bytes = chunk * static_cast<size_t>(num_peers);

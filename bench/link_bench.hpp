@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The benchmark's CUDA layer: checked CUDA helpers shared by ep_bench's files, the kernels that
 // fill inputs with random non-zero values, and the link-limit measurement (SM store kernel, SM
 // load kernel and copy engine through the peer mappings of an EpBuffer).
@@ -11,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "epcomm/buffer.hpp"
@@ -62,49 +64,53 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-class CudaStream {
+// A move-only owner of one CUDA runtime handle, released with Destroy (a failure is logged;
+// never throws).
+template <typename Handle, cudaError_t (*Destroy)(Handle)>
+class CudaOwner {
  public:
-  CudaStream();  // non-blocking, on the current device
-  CudaStream(CudaStream&& other) noexcept;
-  CudaStream& operator=(CudaStream&& other) noexcept;
-  CudaStream(const CudaStream&) = delete;
-  CudaStream& operator=(const CudaStream&) = delete;
-  ~CudaStream();
-  cudaStream_t get() const { return stream_; }
+  CudaOwner(CudaOwner&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  CudaOwner& operator=(CudaOwner&& other) noexcept {
+    if (this != &other) {
+      release();
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  CudaOwner(const CudaOwner&) = delete;
+  CudaOwner& operator=(const CudaOwner&) = delete;
+  ~CudaOwner() { release(); }
+  Handle get() const { return handle_; }
+
+ protected:
+  CudaOwner() = default;
+  explicit CudaOwner(Handle handle) : handle_(handle) {}
+  Handle handle_ = nullptr;
 
  private:
-  cudaStream_t stream_ = nullptr;
+  void release() noexcept {
+    if (handle_ != nullptr) EPCOMM_BENCH_CUDA_LOG(Destroy(handle_));
+    handle_ = nullptr;
+  }
 };
 
-class CudaEvent {
+class CudaStream : public CudaOwner<cudaStream_t, cudaStreamDestroy> {
+ public:
+  CudaStream();  // non-blocking, on the current device
+};
+
+class CudaEvent : public CudaOwner<cudaEvent_t, cudaEventDestroy> {
  public:
   explicit CudaEvent(unsigned flags = cudaEventDefault);  // default: with timing
-  CudaEvent(CudaEvent&& other) noexcept;
-  CudaEvent& operator=(CudaEvent&& other) noexcept;
-  CudaEvent(const CudaEvent&) = delete;
-  CudaEvent& operator=(const CudaEvent&) = delete;
-  ~CudaEvent();
-  cudaEvent_t get() const { return event_; }
-
- private:
-  cudaEvent_t event_ = nullptr;
 };
 
 // An instantiated CUDA graph captured from one stream.
-class GraphExec {
+class GraphExec : public CudaOwner<cudaGraphExec_t, cudaGraphExecDestroy> {
  public:
   GraphExec() = default;
   // Takes ownership of an instantiated graph.
-  explicit GraphExec(cudaGraphExec_t exec) : exec_(exec) {}
-  GraphExec(GraphExec&& other) noexcept;
-  GraphExec& operator=(GraphExec&& other) noexcept;
-  GraphExec(const GraphExec&) = delete;
-  GraphExec& operator=(const GraphExec&) = delete;
-  ~GraphExec();
+  explicit GraphExec(cudaGraphExec_t exec) : CudaOwner(exec) {}
   void launch(cudaStream_t stream) const;
-
- private:
-  cudaGraphExec_t exec_ = nullptr;
 };
 
 // Ends the capture running on `stream` and instantiates the graph (the graph itself is freed).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The NCCL baseline (see nccl_baseline.hpp). Without NCCL at build time only the stub below the
 // #else is compiled.
 #include "nccl_baseline.hpp"
@@ -16,16 +17,6 @@
 #endif
 
 namespace epcomm::bench {
-
-void throwMpiError(int status, const char* call, const char* file, int line) {
-  char text[MPI_MAX_ERROR_STRING] = {};
-  int length = 0;
-  if (MPI_Error_string(status, text, &length) != MPI_SUCCESS) length = 0;
-  std::ostringstream os;
-  os << call << " failed: " << std::string(text, static_cast<size_t>(length)) << " at " << file
-     << ":" << line;
-  throw MpiError(status, os.str());
-}
 
 #if EPCOMM_BENCH_HAVE_NCCL
 

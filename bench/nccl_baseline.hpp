@@ -1,9 +1,8 @@
+// SPDX-License-Identifier: Apache-2.0
 // The NCCL baseline: an all-to-all-v (ncclGroupStart, then one ncclSend and one ncclRecv per
 // rank, self included) that moves exactly the per-peer bytes of the epcomm op it is compared
 // with. Built against NCCL when CMake finds it (EPCOMM_BENCH_HAVE_NCCL=1); otherwise every
 // instance is unavailable and says "NCCL not available at build time".
-//
-// Also the bench's MPI check, shared by ep_bench.cpp and nccl_baseline.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,18 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "ranks.hpp"
+
 namespace epcomm::bench {
-
-// Throws epcomm::MpiError naming the call, the place and MPI's error text.
-[[noreturn]] void throwMpiError(int status, const char* call, const char* file, int line);
-
-#define EPCOMM_BENCH_MPI_CHECK(call)                                                       \
-  do {                                                                                     \
-    const int epcomm_bench_mpi_status_ = (call);                                           \
-    if (epcomm_bench_mpi_status_ != MPI_SUCCESS) {                                         \
-      ::epcomm::bench::throwMpiError(epcomm_bench_mpi_status_, #call, __FILE__, __LINE__); \
-    }                                                                                      \
-  } while (0)
 
 // One all-to-all-v, seen from this rank: bytes sent to and received from every rank
 // ([num_ranks], self included).

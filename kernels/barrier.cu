@@ -13,7 +13,7 @@ constexpr int kPhaseArrive = 1;
 
 __global__ void __launch_bounds__(kWarpSize) barrierKernel(PeerContext ctx) {
   ControlRegion* own = controlOf(ctx.local_base);
-  const uint64_t epoch = own->local.epoch[kEpochBarrier] + 1;
+  const uint64_t epoch = callEpoch(own, kEpochBarrier);
   const int lane = threadIdx.x;
   const WaitContext w{&ctx, OpId::kBarrier, globalTimerNs()};
   bool ok = true;
@@ -27,11 +27,47 @@ __global__ void __launch_bounds__(kWarpSize) barrierKernel(PeerContext ctx) {
   if (__all_sync(kFullMask, ok) && lane == 0) own->local.epoch[kEpochBarrier] = epoch;
 }
 
+// A call this rank rejected on the host (see "Rejected calls" in launch.hpp): count it as run
+// and tell every peer which call of the family it skipped.
+__global__ void __launch_bounds__(1) skipRejectedKernel(PeerContext ctx, int family) {
+  ControlRegion* own = controlOf(ctx.local_base);
+  const uint64_t epoch = callEpoch(own, family);
+  own->local.epoch[family] = epoch;
+  fenceAcqRelSys();  // this rank's earlier signals of the family reach the peers first
+  for (int d = 0; d < ctx.num_ranks; ++d) {
+    if (d != ctx.rank) {
+      stReleaseSys(&controlOf(ctx.peer_bases[d])->peer_rejected[family][ctx.rank], epoch);
+    }
+  }
+}
+
 }  // namespace
 
 void launchBarrier(const PeerContext& peers, cudaStream_t stream) {
   barrierKernel<<<1, kWarpSize, 0, stream>>>(peers);
   EPCOMM_LAUNCH_CHECK(barrierKernel);
+}
+
+void launchSkipRejected(const PeerContext& peers, EpochSlot family, cudaStream_t stream) {
+  skipRejectedKernel<<<1, 1, 0, stream>>>(peers, static_cast<int>(family));
+  EPCOMM_LAUNCH_CHECK(skipRejectedKernel);
+}
+
+cudaError_t kernelImageStatus() {
+  cudaFuncAttributes attributes{};
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, barrierKernel);
+  (void)cudaGetLastError();
+  return status;
+}
+
+#define EPCOMM_STRINGIFY_(x) #x
+#define EPCOMM_STRINGIFY(x) EPCOMM_STRINGIFY_(x)
+const char* compiledArchitectures() {
+#ifdef __CUDA_ARCH_LIST__
+  return EPCOMM_STRINGIFY(__CUDA_ARCH_LIST__);
+#else
+  return "unknown";
+#endif
 }
 
 }  // namespace epcomm::kernels

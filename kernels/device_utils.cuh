@@ -80,9 +80,23 @@ __device__ __forceinline__ uint64_t tagEpoch(uint64_t word) { return word >> 32;
 __device__ __forceinline__ uint32_t tagValue(uint64_t word) {
   return static_cast<uint32_t>(word & 0xffffffffu);
 }
+// True when the (32-bit) epoch part of a tagged word is at or past `epoch`, across the wrap of
+// the 32-bit part: peers are never 2^31 calls apart, so the signed difference decides.
+__device__ __forceinline__ bool tagReached(uint64_t word, uint64_t epoch) {
+  return static_cast<int32_t>(static_cast<uint32_t>(word >> 32) - static_cast<uint32_t>(epoch)) >=
+         0;
+}
 
 __device__ __forceinline__ ControlRegion* controlOf(const uint8_t* base) {
   return reinterpret_cast<ControlRegion*>(const_cast<uint8_t*>(base));
+}
+
+// The epoch of the call a kernel of op family `family` runs: one past the last call that completed
+// here or that a peer's rejection stopped here (see "Rejected calls" in launch.hpp).
+__device__ __forceinline__ uint64_t callEpoch(const ControlRegion* own, int family) {
+  const uint64_t done = own->local.epoch[family];
+  const uint64_t skipped = own->local.skipped[family];
+  return (done > skipped ? done : skipped) + 1;
 }
 
 // --- failure recording ------------------------------------------------------------------------
@@ -116,6 +130,45 @@ __device__ __forceinline__ void recordOpFailure(const PeerContext& ctx, FailKind
                 op, phase, ctx.rank, peer, -1, expected, observed);
 }
 
+// Bad input found on this rank (an expert id out of range) or bad data received from a peer:
+// records it, stops this rank's waits, and tells every peer (once per rank) through their
+// peer_faulted word, so that their waits of the same op stop within microseconds with
+// FailKind::kPeerFaulted naming this rank instead of running into the deadline.
+// Out of line (the cold path), with scalar arguments so that no caller has to copy its
+// PeerContext to the stack.
+static __device__ __noinline__ void recordFaultSlow(uint8_t* const* peer_bases, uint8_t* local_base,
+                                                    DeviceErrorRecord* error, int rank,
+                                                    int num_ranks, uint32_t kind_op, int phase,
+                                                    int peer, int index, uint64_t expected,
+                                                    uint64_t observed) {
+  LocalState* local = &reinterpret_cast<ControlRegion*>(local_base)->local;
+  // Already failed: recorded (and announced, if it was a fault) by whoever failed first. Also
+  // keeps input with many bad ids from hammering the same words.
+  if (ldVolatileI32(&local->failed) != 0) return;
+  const FailKind kind = static_cast<FailKind>(kind_op >> 16);
+  const OpId op = static_cast<OpId>(kind_op & 0xffffu);
+  recordFailure(error, local, true, kind, op, phase, rank, peer, index, expected, observed);
+  if (atomicCAS(&local->fault_sent, 0, 1) != 0) return;
+  // Layout in launch.hpp (ControlRegion::peer_faulted).
+  const uint64_t notice = (static_cast<uint64_t>(rank) + 1) << 32 | kind_op;
+  for (int d = 0; d < num_ranks; ++d) {
+    if (d != rank) stReleaseSys(&controlOf(peer_bases[d])->peer_faulted, notice);
+  }
+}
+__device__ __forceinline__ void recordFault(const PeerContext& ctx, FailKind kind, OpId op,
+                                            int phase, int peer, int index, uint64_t expected,
+                                            uint64_t observed) {
+  const uint32_t kind_op = (static_cast<uint32_t>(kind) & 0xffffu) << 16 |
+                           (static_cast<uint32_t>(op) & 0xffffu);
+  recordFaultSlow(ctx.peer_bases, ctx.local_base, ctx.error, ctx.rank, ctx.num_ranks, kind_op,
+                  phase, peer, index, expected, observed);
+}
+
+// True when this rank already failed: kernels return before their first store to a peer.
+__device__ __forceinline__ bool rankFailed(const PeerContext& ctx) {
+  return ldVolatileI32(&reinterpret_cast<const ControlRegion*>(ctx.local_base)->local.failed) != 0;
+}
+
 // Per-thread context of a bounded wait.
 struct WaitContext {
   const PeerContext* ctx;
@@ -138,8 +191,11 @@ constexpr uint64_t kHostAbortPollNs = 200 * 1000;
 // Spins until ready(word) holds and returns true with the value in *value. The spin uses relaxed
 // loads (an acquire load on every iteration would invalidate L1 each time); one acquire load
 // after success orders everything the writer released before its store. Returns false, after
-// recording why, when the deadline passes, the host aborts or a peer rejected its input; also
-// returns false when another thread of this rank already failed.
+// recording why, when the deadline passes, the host aborts or `peer` skipped this call because it
+// rejected its input (see "Rejected calls" in launch.hpp: that ends the call without failing the
+// rank); also returns false when another thread of this rank already failed.
+// `peer`: the rank that writes the word. `expected`: the call's epoch (every wait waits for its
+// call's epoch); the first call of a family (epoch 1) waits up to first_op_timeout_ns.
 // `tagged`: the word is (epoch << 32) | value and the error record shows its epoch part.
 template <typename Ready>
 __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
@@ -147,6 +203,8 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
                                         uint64_t expected, uint64_t* value = nullptr) {
   const PeerContext& ctx = *w.ctx;
   ControlRegion* own = controlOf(ctx.local_base);
+  const uint64_t timeout_ns = expected <= 1 ? ctx.first_op_timeout_ns : ctx.timeout_ns;
+  const int family = epochSlotOf(w.op);
   uint64_t next_host_poll = w.start_ns + kHostAbortPollNs;
   uint32_t spins = 0;
   while (true) {
@@ -158,10 +216,26 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
     }
     if (++spins % kSlowCheckEvery != 0) continue;
     if (ldVolatileI32(&own->local.failed) != 0) return false;
-    uint64_t rejected = ldVolatileU64(&own->peer_rejected);
-    if (rejected != 0) {
-      recordOpFailure(ctx, FailKind::kPeerRejected, w.op, phase,
-                      static_cast<int>(rejected >> 32) - 1, expected, rejected & 0xffffffffu);
+    const uint64_t faulted = ldVolatileU64(&own->peer_faulted);
+    if (faulted != 0) {
+      recordOpFailure(ctx, FailKind::kPeerFaulted, w.op, phase,
+                      static_cast<int>(faulted >> 32) - 1, expected, faulted & 0xffffffffu);
+      return false;
+    }
+    if (peer >= 0 && peer < kMaxRanks &&
+        ldVolatileU64(&own->peer_rejected[family][peer]) >= expected) {
+      // The acquire orders every signal `peer` wrote before its notice (notices only grow): if
+      // the word is still not ready after it, `peer` skipped this call.
+      (void)ldAcquireSys(&own->peer_rejected[family][peer]);
+      v = ldAcquireSys(word);
+      if (ready(v)) {
+        if (value != nullptr) *value = v;
+        return true;
+      }
+      own->local.skipped[family] = expected;  // the call is over here too (see callEpoch)
+      *reinterpret_cast<volatile uint64_t*>(ctx.rejection_report) =
+          rejectionReport(peer, w.op, expected);
+      __threadfence_system();
       return false;
     }
     const uint64_t now = globalTimerNs();
@@ -173,7 +247,7 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
         return false;
       }
     }
-    if (now - w.start_ns > ctx.timeout_ns) {
+    if (now - w.start_ns > timeout_ns) {
       recordOpFailure(ctx, FailKind::kTimeout, w.op, phase, peer, expected,
                       tagged ? tagEpoch(v) : v);
       return false;
@@ -186,7 +260,7 @@ __device__ __forceinline__ bool waitTagged(const uint64_t* word, uint64_t epoch,
                                            const WaitContext& w, int phase, int peer,
                                            uint64_t* value = nullptr) {
   return waitFor(
-      word, [epoch](uint64_t v) { return tagEpoch(v) >= epoch; }, true, w, phase, peer, epoch,
+      word, [epoch](uint64_t v) { return tagReached(v, epoch); }, true, w, phase, peer, epoch,
       value);
 }
 __device__ __forceinline__ bool waitEpoch(const uint64_t* word, uint64_t epoch,

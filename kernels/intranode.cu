@@ -1,11 +1,12 @@
 // High-throughput intranode dispatch and combine over NVLink loads and stores.
 //
 // Dispatch (one kernel, every block does all phases):
-//   1. notify: every block writes this rank's count row M[me][*] and its shape signature into
+//   1. notify: every block writes this rank's count row M[me][*] and its call signature into
 //      every peer's control region (tagged with the call's epoch). Every block writes the same
 //      values, so no block ever waits for another block of its own grid to be scheduled.
-//   2. every block waits for all rows of M; from M it knows where this rank's rows start in
-//      each destination (rows are rank-major there: sources in rank order).
+//   2. every block waits for all rows of M and checks them (signatures equal, every count and
+//      every offset inside the capacity: M comes from other ranks); from M it knows where this
+//      rank's rows start in each destination (rows are rank-major there: sources in rank order).
 //   3. warps stream token rows from x straight into the destinations' receive regions at their
 //      final offset — one pass over NVLink, no staging — plus scales, re-based top-k and source
 //      index. A token crosses to a rank once however many of its experts live there.
@@ -67,27 +68,32 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
   const int tid = threadIdx.x;
-  const uint64_t epoch = own->local.epoch[kEpochHtDispatch] + 1;
+  const uint64_t epoch = callEpoch(own, kEpochHtDispatch);
   const int parity = static_cast<int>(epoch & 1);
-  const bool has_topk = p.topk_idx != nullptr;
+  const bool has_topk = p.has_topk != 0;
+  const int64_t capacity = p.regions.capacity;
   const WaitContext w{&ctx, OpId::kHtDispatch, globalTimerNs()};
 
-  __shared__ uint32_t s_matrix[kMaxRanks][kMaxRanks + 1];
+  // A rank that failed (its layout found a bad expert id, or an earlier fault) sends nothing;
+  // its peers stop on the fault notice it broadcast.
+  if (rankFailed(ctx)) return;
+
+  __shared__ uint32_t s_matrix[kMaxRanks][kMaxRanks + kHtSignatureWords];
   __shared__ int32_t s_offset[kMaxRanks];  // first row of this rank's rows in each destination
   __shared__ uint8_t* s_peer[kMaxRanks];
   __shared__ int4* s_dst[kWarpsPerBlock][kMaxRanks];       // the current token's rows, per warp
   __shared__ int32_t s_dst_row[kWarpsPerBlock][kMaxRanks];
-  __shared__ int s_failed;
 
-  if (tid == 0) s_failed = 0;
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
 
-  // 1. notify
-  const int row_words = num_ranks + 1;
+  // 1. notify: my count row and the call signature, into every peer
+  const int row_words = num_ranks + kHtSignatureWords;
   if (tid < num_ranks * row_words) {
     const int d = tid / row_words;
     const int j = tid % row_words;
-    const uint32_t value = j < num_ranks ? static_cast<uint32_t>(p.rank_counts[j]) : p.signature;
+    const uint32_t value = j < num_ranks    ? static_cast<uint32_t>(p.rank_counts[j])
+                           : j == num_ranks ? static_cast<uint32_t>(p.signature)
+                                            : static_cast<uint32_t>(p.signature >> 32);
     stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_counts[parity][me][j], tag(epoch, value));
   }
   if (blockIdx.x == 0 && has_topk) {
@@ -101,41 +107,50 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   }
 
   // 2. wait for the whole count matrix
+  bool ok = true;
   if (tid < num_ranks * row_words) {
     const int s = tid / row_words;
     const int j = tid % row_words;
     uint64_t v = 0;
-    if (waitTagged(&own->ht_counts[parity][s][j], epoch, w, kPhaseCounts, s, &v)) {
-      s_matrix[s][j] = tagValue(v);
-    } else {
-      s_failed = 1;
-    }
+    ok = waitTagged(&own->ht_counts[parity][s][j], epoch, w, kPhaseCounts, s, &v);
+    if (ok) s_matrix[s][j] = tagValue(v);
   }
-  __syncthreads();
-  if (s_failed) return;
+  if (!__syncthreads_and(ok)) return;
+
+  // Everything in the matrix came from other ranks: check it before it becomes an address.
+  // Every rank compares every signature with its own, so each rank finds a mismatch by itself.
+  bool bad = false;
   if (tid == 0) {
-    for (int s = 0; s < num_ranks; ++s) {
-      if (s_matrix[s][num_ranks] != p.signature) {
+    for (int s = 0; s < num_ranks && !bad; ++s) {
+      const uint64_t theirs = uint64_t{s_matrix[s][num_ranks]} |
+                              uint64_t{s_matrix[s][num_ranks + 1]} << 32;
+      if (theirs != p.signature) {
         recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kHtDispatch, kPhaseCounts, s,
-                        p.signature, s_matrix[s][num_ranks]);
-        s_failed = 1;
+                        p.signature, theirs);
+        bad = true;
       }
     }
-    int64_t total = 0;
+    int64_t total = 0;  // at most 8 * (2^32 - 1): no overflow
     for (int s = 0; s < num_ranks; ++s) total += s_matrix[s][me];
-    if (total > p.regions.capacity) {
-      recordOpFailure(ctx, FailKind::kOverCapacity, OpId::kHtDispatch, kPhaseCounts, -1,
-                      static_cast<uint64_t>(p.regions.capacity), static_cast<uint64_t>(total));
-      s_failed = 1;
+    if (!bad && total > capacity) {
+      recordFault(ctx, FailKind::kOverCapacity, OpId::kHtDispatch, kPhaseCounts, -1, -1,
+                  static_cast<uint64_t>(capacity), static_cast<uint64_t>(total));
+      bad = true;
     }
   }
   if (tid < num_ranks) {
-    int32_t offset = 0;
-    for (int s = 0; s < me; ++s) offset += static_cast<int32_t>(s_matrix[s][tid]);
-    s_offset[tid] = offset;
+    // My rows land in rank tid at [offset, offset + my count): both ends inside its capacity.
+    int64_t offset = 0;
+    for (int s = 0; s < me; ++s) offset += s_matrix[s][tid];
+    const int64_t end = offset + s_matrix[me][tid];
+    if (end > capacity) {
+      recordFault(ctx, FailKind::kBadPeerData, OpId::kHtDispatch, kPhaseCounts, tid, -1,
+                  static_cast<uint64_t>(capacity), static_cast<uint64_t>(end));
+      bad = true;
+    }
+    s_offset[tid] = static_cast<int32_t>(offset);
   }
-  __syncthreads();
-  if (s_failed) return;
+  if (__syncthreads_or(bad)) return;
 
   if (blockIdx.x == 0) {
     if (tid < num_ranks * num_ranks) {
@@ -152,7 +167,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
       if (p.host_count != nullptr) {
         // Exact mode: the host polls this while the rows are still moving.
         *reinterpret_cast<volatile uint64_t*>(p.host_count) =
-            tag(epoch, static_cast<uint32_t>(prefix));
+            kHostCountValid | static_cast<uint32_t>(prefix);
         __threadfence_system();
       }
     }
@@ -189,16 +204,15 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
       }
     }
     if (has_topk && lane < num_topk) {
-      const int64_t e =
-          static_cast<int64_t>(static_cast<const IdxT*>(p.topk_idx)[int64_t{t} * num_topk + lane]);
+      // The layout's copy: ids in range, -1 for none and for repetitions within the token.
+      const int32_t e = p.topk_copy[int64_t{t} * num_topk + lane];
       const float weight = p.topk_weights ? p.topk_weights[int64_t{t} * num_topk + lane] : 0.f;
       for (uint32_t m = mask; m != 0; m &= m - 1) {
         const int d = __ffs(m) - 1;
-        const bool local = e >= int64_t{d} * local_experts && e < int64_t{d + 1} * local_experts &&
-                           e < p.num_experts;
+        const bool local = e >= d * local_experts && e < (d + 1) * local_experts;
         const int64_t slot = static_cast<int64_t>(dst_row[d]) * num_topk + lane;
         reinterpret_cast<IdxT*>(s_peer[d] + p.regions.recv_topk_idx)[slot] =
-            static_cast<IdxT>(local ? e - int64_t{d} * local_experts : -1);
+            static_cast<IdxT>(local ? e - d * local_experts : -1);
         reinterpret_cast<float*>(s_peer[d] + p.regions.recv_topk_weights)[slot] =
             local ? weight : 0.f;
       }
@@ -219,7 +233,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
       stReleaseSys(&controlOf(s_peer[d])->ht_dispatch_done[me], epoch);
     }
   }
-  bool ok = true;
+  ok = true;
   if (tid < num_ranks) {
     ok = waitEpoch(&own->ht_dispatch_done[tid], epoch, w, kPhaseDone, tid);
   }
@@ -231,8 +245,13 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
         ok = waitTagged(&own->ht_expert_counts[parity][s][e], epoch, w, kPhaseExpertCounts, s, &v);
         count += tagValue(v);
       }
+      if (ok && count > capacity) {  // peer data: a count no source can have sent
+        recordFault(ctx, FailKind::kBadPeerData, OpId::kHtDispatch, kPhaseExpertCounts, -1, e,
+                    static_cast<uint64_t>(capacity), static_cast<uint64_t>(count));
+        ok = false;
+      }
       const int64_t align = p.expert_alignment;
-      p.recv_expert_counts[e] = static_cast<int32_t>((count + align - 1) / align * align);
+      if (ok) p.recv_expert_counts[e] = static_cast<int32_t>((count + align - 1) / align * align);
     }
   }  // a cached dispatch keeps the counts of the dispatch that laid the handle out
   if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtDispatch] = epoch;
@@ -244,8 +263,9 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
   const int tid = threadIdx.x;
-  const uint64_t epoch = own->local.epoch[kEpochHtCombine] + 1;
+  const uint64_t epoch = callEpoch(own, kEpochHtCombine);
   const WaitContext w{&ctx, OpId::kHtCombine, globalTimerNs()};
+  if (rankFailed(ctx)) return;  // e.g. the matching dispatch failed: its handle is not valid
 
   __shared__ const uint8_t* s_src[kMaxRanks];  // my rows in each rank's combine input
   __shared__ uint8_t* s_peer[kMaxRanks];

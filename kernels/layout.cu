@@ -1,10 +1,14 @@
 // HT layout: from topk_idx [N, K], each token's destination-rank mask, its slot among the tokens
 // sent to each rank, per-rank and per-expert counts, and an int32 copy of the routing for weighted
 // combine. Two passes over tiles of 512 tokens, one block each: a CUB block scan gives slots within
-// the tile and the tile's totals; the second pass adds the totals of the earlier tiles. Expert
-// ids outside [-1, num_experts) are reported through the error record and treated as -1, so they
-// are never used as an address; the ops go on, so the peers finish normally and the host reports
-// the bad id at its next check.
+// the tile and the tile's totals; the second pass adds the totals of the earlier tiles.
+//
+// Routing policy (documented in include/epcomm/ops.hpp): an expert id repeated within one token's
+// top-k counts once; every repetition after the first is treated as -1 (not counted, not sent,
+// -1 in the int32 copy, so its weight is not used by combine). An id outside [-1, num_experts) is
+// never used as an address: it is recorded as bad input, this rank's next collective op stops
+// before sending anything, and every peer is told (ControlRegion::peer_faulted), so that op fails
+// on every rank at once instead of timing out.
 #include <cub/block/block_scan.cuh>
 
 #include "check.hpp"
@@ -20,18 +24,29 @@ template <typename IdxT>
 __device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT* topk, int t,
                                                int experts_per_rank, int32_t* expert_hist) {
   uint32_t mask = 0;
+  int32_t* copy = p.topk_copy + static_cast<int64_t>(t) * p.num_topk;
   for (int k = 0; k < p.num_topk; ++k) {
     const int64_t e = static_cast<int64_t>(topk[static_cast<int64_t>(t) * p.num_topk + k]);
     int32_t kept = -1;
     if (e >= 0 && e < p.num_experts) {
       kept = static_cast<int32_t>(e);
-      mask |= 1u << (kept / experts_per_rank);
-      atomicAdd(&expert_hist[kept], 1);
+      // A repetition of an earlier entry of this token counts as -1 (K <= 16: a short scan of
+      // what this thread just wrote).
+      for (int j = 0; j < k; ++j) {
+        if (copy[j] == kept) {
+          kept = -1;
+          break;
+        }
+      }
+      if (kept >= 0) {
+        mask |= 1u << (kept / experts_per_rank);
+        atomicAdd(&expert_hist[kept], 1);
+      }
     } else if (e != -1) {
-      recordFailure(p.error, p.local, false, FailKind::kBadExpertId, OpId::kLayout, 0, p.rank, -1,
-                    t, static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
+      recordFault(p.peers, FailKind::kBadExpertId, OpId::kLayout, 0, -1, t,
+                  static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
     }
-    p.topk_copy[static_cast<int64_t>(t) * p.num_topk + k] = kept;
+    copy[k] = kept;
   }
   return mask;
 }

@@ -4,11 +4,13 @@
 //
 //   dispatch send  (rank s): for every token and every rank d holding one of its experts, write
 //                  the row once (BF16, or cast to FP8 + scales) into d's staging area
-//                  [parity][s][slot] with its top-k ids and weights; the last block then posts
-//                  (epoch, rows sent) to every d.
-//   dispatch recv  (rank d): per source, wait for its post, then copy each staged row into the
-//                  expert-major output of every local expert it selected (positions taken with
-//                  atomics), remembering where each copy went.
+//                  [parity][s][slot] with its top-k ids (a repeated id sent as -1) and weights;
+//                  the last block then posts (epoch, rows sent | call signature << 16) to every d.
+//                  An id outside [-1, num_experts) stops the op on every rank (fault notice).
+//   dispatch recv  (rank d): per source, wait for its post, check its signature and bound its
+//                  row count, then copy each staged row into the expert-major output of every
+//                  local expert it selected (positions taken with atomics and bounded by the
+//                  slab), remembering where each copy went.
 //   combine send   (rank d): for each staged row, sum weight * expert output over the row's local
 //                  experts in float32 and store that BF16 partial row into the token owner's
 //                  combine staging [parity][d][token]; the last block posts the epoch.
@@ -48,13 +50,20 @@ __device__ __forceinline__ int32_t* metaOf(const LlParams& p, int parity, int sr
                                         p.regions.meta_bytes);
 }
 
+// The ranks token t goes to. An id outside [-1, num_experts) is bad input: recorded, announced
+// to every peer (the op then fails on every rank), and never used as an address.
 template <typename IdxT>
 __device__ __forceinline__ uint32_t tokenMask(const LlParams& p, int t) {
   const IdxT* topk = static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk;
   uint32_t mask = 0;
   for (int k = 0; k < p.num_topk; ++k) {
     const int64_t e = static_cast<int64_t>(topk[k]);
-    if (e >= 0 && e < p.num_experts) mask |= 1u << (e / p.num_local_experts);
+    if (e >= 0 && e < p.num_experts) {
+      mask |= 1u << (e / p.num_local_experts);
+    } else if (e != -1) {
+      recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, 0, -1, t,
+                  static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
+    }
   }
   return mask;
 }
@@ -119,12 +128,14 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
-  const uint64_t epoch = own->local.epoch[kEpochLl] + 1;
+  const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
   const int n = p.num_tokens;
   const LlRegions& r = p.regions;
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
+  // A rank that failed sends nothing: its peers stop on its fault notice (or their own failure).
+  if (rankFailed(ctx)) return;
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
   if (blockIdx.x == 0) {
     // This rank's receive side of the call starts from empty expert lists.
@@ -182,7 +193,13 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
         if (lane < p.num_topk) {
           const int64_t e = static_cast<int64_t>(
               static_cast<const IdxT*>(p.topk_idx)[int64_t{token} * p.num_topk + lane]);
-          meta[1 + lane] = (e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
+          // Routing policy (ops.hpp): a repetition of an earlier entry of the token is -1, so an
+          // expert gets a token at most once and a slab never holds more than its capacity.
+          const unsigned lanes = (1u << p.num_topk) - 1u;  // num_topk <= kMaxTopk < 32
+          const unsigned same = __match_any_sync(lanes, static_cast<unsigned long long>(e));
+          const bool first = (same & ((1u << lane) - 1u)) == 0;
+          meta[1 + lane] =
+              (first && e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
           reinterpret_cast<float*>(meta + 1 + p.max_topk)[lane] =
               p.topk_weights[int64_t{token} * p.num_topk + lane];
         }
@@ -203,11 +220,12 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
     for (uint32_t m = mask; m != 0; m &= m - 1) atomicAdd(&s_total[__ffs(m) - 1], 1);
   }
   __syncthreads();
-  if (tid == 0) {
+  // A bad id found by any block: post nothing (every peer already got the fault notice).
+  if (tid == 0 && !rankFailed(ctx)) {
     fenceAcqRelSys();
     for (int d = 0; d < num_ranks; ++d) {
       stReleaseSys(&controlOf(s_peer[d])->ll_dispatch_flag[parity][me],
-                   tag(epoch, static_cast<uint32_t>(s_total[d])));
+                   tag(epoch, static_cast<uint32_t>(s_total[d]) | p.signature << 16));
     }
   }
 }
@@ -219,7 +237,7 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
-  const uint64_t epoch = own->local.epoch[kEpochLl] + 1;
+  const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   const WaitContext w{&ctx, OpId::kLlDispatchRecv, globalTimerNs()};
@@ -228,25 +246,32 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
   const int num_scales = p.hidden / kFp8BlockSize;
 
   __shared__ int32_t s_count;
-  __shared__ int s_failed;
 
+  if (rankFailed(ctx)) return;
   // Blocks are split evenly over the sources; with fewer blocks than ranks a block takes several.
   const int blocks_per_source = max(1, static_cast<int>(gridDim.x) / num_ranks);
   const int sub = blockIdx.x / num_ranks;
   if (sub >= blocks_per_source) return;
   for (int s = blockIdx.x % num_ranks; s < num_ranks; s += min(num_ranks, static_cast<int>(gridDim.x))) {
+    bool ok = true;
     if (tid == 0) {
       uint64_t v = 0;
-      s_failed = !waitTagged(&own->ll_dispatch_flag[parity][s], epoch, w, kPhaseDispatchPost, s, &v);
-      s_count = static_cast<int32_t>(tagValue(v));
-      if (!s_failed && s_count > r.max_tokens) {
-        recordOpFailure(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
-                        static_cast<uint64_t>(r.max_tokens), static_cast<uint64_t>(s_count));
-        s_failed = 1;
+      ok = waitTagged(&own->ll_dispatch_flag[parity][s], epoch, w, kPhaseDispatchPost, s, &v);
+      // The post comes from rank s: check its signature and bound its row count.
+      const uint32_t rows = tagValue(v) & kLlRowsMask;
+      const uint32_t signature = tagValue(v) >> 16;
+      if (ok && signature != p.signature) {
+        recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kLlDispatchRecv,
+                        kPhaseDispatchPost, s, p.signature, signature);
+        ok = false;
+      } else if (ok && rows > static_cast<uint64_t>(r.max_tokens)) {
+        recordFault(ctx, FailKind::kBadPeerData, OpId::kLlDispatchRecv, kPhaseDispatchPost, s, -1,
+                    static_cast<uint64_t>(r.max_tokens), rows);
+        ok = false;
       }
+      s_count = static_cast<int32_t>(rows);
     }
-    __syncthreads();
-    if (s_failed) return;
+    if (!__syncthreads_and(ok)) return;
     const int count = s_count;
     int32_t* counters = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
     const int items = count * p.max_topk;
@@ -266,9 +291,28 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
         if (lane == 0) slot_of_row[k] = -1;
         continue;
       }
+      if (token >= r.max_tokens) {  // peer data: combine would address rank s's row `token`
+        if (lane == 0) {
+          slot_of_row[k] = -1;
+          recordFault(ctx, FailKind::kBadPeerData, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
+                      row, static_cast<uint64_t>(r.max_tokens), static_cast<uint64_t>(token));
+        }
+        continue;
+      }
       int32_t pos = 0;
       if (lane == 0) pos = atomicAdd(&counters[local], 1);
       pos = __shfl_sync(kFullMask, pos, 0);
+      // Each source sends a token to an expert at most once, so a slab (num_ranks * max_tokens
+      // rows) cannot overflow; a peer that breaks that rule is stopped here, not by a fault.
+      if (pos >= r.rows_per_expert) {
+        if (lane == 0) {
+          slot_of_row[k] = -1;
+          recordFault(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
+                      row, static_cast<uint64_t>(r.rows_per_expert),
+                      static_cast<uint64_t>(pos) + 1);
+        }
+        continue;
+      }
       const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
       const uint8_t* staged = ctx.local_base + r.rows[parity] +
                               (int64_t{s} * r.max_tokens + row) * r.row_bytes;
@@ -290,6 +334,8 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
     }
     __syncthreads();  // s_count is rewritten for the next source
   }
+  // A fault found in the rows (bad peer data, an overfull slab) ends the op for everyone; the
+  // counters already hold the capped counts, and the host reports the error at its next check.
 }
 
 __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
@@ -300,19 +346,23 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
-  const uint64_t epoch = own->local.epoch[kEpochLl] + 1;
+  const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
   __shared__ int32_t s_first_item[kMaxRanks + 1];
   __shared__ uint8_t* s_peer[kMaxRanks];
+  // The dispatch receive failed (or anything before): nothing here is valid, send nothing.
+  if (rankFailed(ctx)) return;
   if (tid == 0) {
-    // Rows staged from each source in this call (the posts arrived before dispatch recv ended).
+    // Rows staged from each source in this call (the posts arrived before dispatch recv ended,
+    // which checked them; bounded again since they are peer data).
     int32_t total = 0;
     for (int s = 0; s < num_ranks; ++s) {
       s_first_item[s] = total;
-      total += static_cast<int32_t>(tagValue(own->ll_dispatch_flag[parity][s])) * num_segments;
+      const uint32_t rows = tagValue(own->ll_dispatch_flag[parity][s]) & kLlRowsMask;
+      total += min(static_cast<int32_t>(rows), static_cast<int32_t>(r.max_tokens)) * num_segments;
     }
     s_first_item[num_ranks] = total;
   }
@@ -328,6 +378,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
     const int seg = (item - s_first_item[s]) % num_segments;
     const int32_t* meta = metaOf(p, parity, s, row);
     const int token = meta[0] & 0xffffff;
+    if (token >= r.max_tokens) continue;  // rejected by dispatch recv already
     const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base +
                                                                    r.slot_of_row) +
                                  (int64_t{s} * r.max_tokens + row) * p.max_topk;
@@ -378,12 +429,13 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
-  const uint64_t epoch = own->local.epoch[kEpochLl] + 1;
+  const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   const WaitContext w{&ctx, OpId::kLlCombineRecv, globalTimerNs()};
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
+  if (rankFailed(ctx)) return;
   bool ok = true;
   if (tid < num_ranks) {
     ok = waitEpoch(&own->ll_combine_flag[parity][tid], epoch, w, kPhaseCombinePost, tid);

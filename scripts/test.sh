@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Configures, builds and runs every epcomm test through CTest.
 #
 #   scripts/test.sh [extra ctest arguments, e.g. -R mp_ht]
@@ -11,46 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
 
-# nvcc lives in /usr/local/cuda/bin on the usual installs; CMake needs it on PATH or CUDACXX.
-if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export PATH=/usr/local/cuda/bin:$PATH
-fi
-
-have_header() {
-  local h
-  for h in "$@"; do
-    [ -f "/usr/include/$h" ] || [ -f "/usr/local/include/$h" ] && return 0
-  done
-  return 1
-}
-
-missing=()
-command -v cmake >/dev/null 2>&1 || missing+=(cmake)
-command -v g++ >/dev/null 2>&1 || missing+=(g++)
-command -v make >/dev/null 2>&1 || missing+=(make)
-{ command -v mpirun >/dev/null 2>&1 && command -v mpicxx >/dev/null 2>&1; } ||
-  missing+=(libopenmpi-dev openmpi-bin)
-have_header gtest/gtest.h || missing+=(libgtest-dev)
-have_header CLI/CLI.hpp || missing+=(libcli11-dev)
-have_header nlohmann/json.hpp || missing+=(nlohmann-json3-dev)
-
-if [ ${#missing[@]} -gt 0 ]; then
-  cmd="apt-get install -y ${missing[*]}"
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "test.sh: installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $cmd
-  else
-    echo "test.sh: missing build dependencies. Install them with:" >&2
-    echo "  sudo apt-get update && sudo $cmd" >&2
-    exit 1
-  fi
-fi
-if ! command -v nvcc >/dev/null 2>&1; then
-  echo "test.sh: the CUDA Toolkit (nvcc, 12.8 or newer) is required; install it from" >&2
-  echo "  https://developer.nvidia.com/cuda-downloads and put its bin/ on PATH" >&2
-  exit 1
-fi
+# Build dependencies: checked, and installed when run as root on Debian/Ubuntu (scripts/deps.sh).
+# shellcheck source=scripts/deps.sh
+source scripts/deps.sh
+deps_main core mpi test bench
 
 # Open MPI refuses root without these; tests and the benchmark also pass the flag.
 if [ "$(id -u)" = 0 ]; then
@@ -58,7 +23,10 @@ if [ "$(id -u)" = 0 ]; then
 fi
 export NCCL_NVLS_ENABLE=0  # never use NVLink multicast
 
+# Tests and ep_bench ON explicitly: scripts/bench.sh may have configured the same directory
+# with the tests off.
 cmake_args=(-S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}"
+            -DEPCOMM_BUILD_TESTS=ON -DEPCOMM_BUILD_BENCH=ON
             -DEPCOMM_WERROR="${EPCOMM_WERROR:-OFF}" ${EPCOMM_CMAKE_ARGS:-})
 if [ -n "${CMAKE_CUDA_ARCHITECTURES:-}" ]; then
   cmake_args+=(-DCMAKE_CUDA_ARCHITECTURES="$CMAKE_CUDA_ARCHITECTURES")
@@ -67,4 +35,22 @@ cmake "${cmake_args[@]}"
 cmake --build "$BUILD_DIR" -j "$(nproc)"
 cd "$BUILD_DIR"
 # Serially: the multi-rank tests share the GPUs.
-ctest --output-on-failure "$@"
+ctest_out=$(mktemp)
+trap 'rm -f "$ctest_out"' EXIT
+set +e
+ctest --output-on-failure "$@" 2>&1 | tee "$ctest_out"
+ctest_rc=${PIPESTATUS[0]}
+set -e
+
+# One line on the skipped tests and why. CTest lists them as "(Skipped)"; the reason is what each
+# GPU test binary printed (EPCOMM_SKIPPED_NO_GPU: <reason>, tests/common/test_env.cpp), which
+# CTest keeps in Testing/Temporary/LastTest.log.
+num_skipped=$(grep -cE '^[[:space:]]*[0-9]+ - .* \(Skipped\)' "$ctest_out" || true)
+if [ "${num_skipped:-0}" -gt 0 ]; then
+  reasons=$(sed -n 's/.*EPCOMM_SKIPPED_NO_GPU: \(.*\); every GPU test of this binary was skipped.*/\1/p' \
+              Testing/Temporary/LastTest.log 2>/dev/null | sort -u | paste -sd ';' - || true)
+  echo "test.sh: ${num_skipped} GPU test(s) skipped: no CUDA device visible (${reasons:-see Testing/Temporary/LastTest.log})"
+else
+  echo "test.sh: no test skipped"
+fi
+exit "$ctest_rc"

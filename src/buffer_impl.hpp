@@ -18,25 +18,48 @@ struct HostMappedState {
   kernels::DeviceErrorRecord error;
   uint32_t abort;
   uint32_t pad;
-  uint64_t ht_count;  // exact mode: (epoch << 32) | received rows
+  uint64_t ht_count;   // exact mode: (epoch << 32) | received rows
+  uint64_t rejection;  // kernels::rejectionReport() of the last call a peer rejected, 0 if none
 };
 
-struct EpBuffer::Impl {
+struct EPCOMM_LOCAL EpBuffer::Impl {
   Impl(Bootstrap& bootstrap, const BufferConfig& config);
   ~Impl();
 
-  // Throws the recorded device error, or kBroken if the buffer failed earlier.
+  // Throws the recorded device error, or kBroken if the buffer failed earlier, or (once per
+  // call) kRemote for a call of this rank that a peer's rejection stopped; the buffer stays
+  // usable after that one.
   void checkUsable() const;
-  // Rejects bad input: tells every peer so their pending waits stop instead of timing out,
-  // marks the buffer broken and throws InvalidArgument with `message`.
-  [[noreturn]] void rejectInput(kernels::OpId op, const std::string& message);
+  // Rejects bad input of a collective call (see "Rejected calls" in kernels/launch.hpp): skips
+  // the call in stream order on `stream`, which tells every peer so that their waits of that
+  // call stop, waits (bounded) until every peer is past the call, and throws InvalidArgument
+  // with `message`. The buffer stays usable on every rank; only when the peers cannot be told
+  // (during graph capture, a failed launch, a peer that never gets there) is it broken.
+  [[noreturn]] void rejectInput(cudaStream_t stream, kernels::OpId op, const std::string& message);
   // Waits for `stream` with the deadline, surfacing device-side errors.
   void waitStream(cudaStream_t stream, const char* what);
-  // The SM budget of a call: the call's value, else the buffer's, else `fallback`.
-  int resolveSms(kernels::OpId op, int call_value, int buffer_value, int fallback,
-                 const char* what);
+  // The SM budget of a call: the call's value, else the buffer's, else `fallback`; rejects
+  // the call (rejectInput) when out of range.
+  int resolveSms(cudaStream_t stream, kernels::OpId op, int call_value, int buffer_value,
+                 int fallback, const char* what);
+  // Called after the last launch of every op: the teardown waits for this stream position
+  // (bounded) instead of the whole device. All ops of a buffer are ordered, so the last one
+  // recorded completes after every earlier one.
+  void trackWork(cudaStream_t stream);
+  // Host-side deadline of a wait for the GPU: a little over the longest device-side deadline,
+  // so that an expiring device wait records why first.
+  double hostDeadlineS() const;
 
   std::string describeDeviceError(const kernels::DeviceErrorRecord& record) const;
+  // The sticky part of checkUsable(): the device error record and the broken flag.
+  void checkDeviceError() const;
+  // rejectInput's collective part; returns what happened, for the message.
+  std::string skipRejectedCall(kernels::OpId op, cudaStream_t stream);
+  // The last call of `family` that rank `peer` completed or skipped (read through its mapping).
+  uint64_t callsPassed(int peer, kernels::EpochSlot family);
+  // Teardown: waits (bounded) for trackWork's event, aborting our waits if it takes too long;
+  // false if our kernels still run after that.
+  bool waitForOurWork();
 
   Bootstrap& bootstrap;
   ResolvedConfig resolved;
@@ -53,10 +76,14 @@ struct EpBuffer::Impl {
   kernels::PeerContext peers{};
   mutable bool broken = false;
   mutable std::string broken_reason;
+  uint64_t generation = 0;  // process-wide creation counter: tells handles of old buffers apart
+  OwnedEvent work_done;     // trackWork()
+  bool work_tracked = false;
+  mutable uint64_t surfaced_rejection = 0;  // (family, epoch) of the last kRemote raised
 
   // LL call sequence: dispatch and combine alternate, each optionally split in send/recv.
   enum class LlStage { kIdle, kDispatchSent, kDispatched, kCombineSent };
-  LlStage ll_stage = LlStage::kIdle;
+  mutable LlStage ll_stage = LlStage::kIdle;  // reset by checkUsable() after a peer's rejection
   bool ll_use_fp8 = false;
   int ll_num_tokens = 0;
 
@@ -64,8 +91,28 @@ struct EpBuffer::Impl {
   uint8_t* localBase() const { return static_cast<uint8_t*>(memory->local()); }
 };
 
-struct EpHandle::Impl {
-  const EpBuffer::Impl* owner = nullptr;
+// Which buffer made a handle: its address and generation, so a handle of a destroyed buffer is
+// never taken for one of a new buffer that happens to get the same address.
+class HandleOwner {
+ public:
+  HandleOwner& operator=(const EpBuffer::Impl* buffer) {
+    buffer_ = buffer;
+    generation_ = buffer != nullptr ? buffer->generation : 0;
+    return *this;
+  }
+  // True only for the live buffer that made the handle.
+  bool operator==(const EpBuffer::Impl* buffer) const {
+    return buffer != nullptr && buffer_ == buffer && generation_ == buffer->generation;
+  }
+  bool operator!=(const EpBuffer::Impl* buffer) const { return !(*this == buffer); }
+
+ private:
+  const EpBuffer::Impl* buffer_ = nullptr;  // compared, never dereferenced
+  uint64_t generation_ = 0;
+};
+
+struct EPCOMM_LOCAL EpHandle::Impl {
+  HandleOwner owner;
   int num_ranks = 0;
   int num_experts = 0;
   int max_tokens = 0;

@@ -9,21 +9,29 @@
 #include <string>
 
 #include "epcomm/error.hpp"
+#include "epcomm/export.hpp"
+#include "log_internal.hpp"
 
 namespace epcomm::detail {
 
+// These helpers are exported (EPCOMM_API) only because libepcomm_mpi uses them too; they are
+// not part of the public API.
+
 // The rank printed in messages; set by the bootstrap (-1 until known).
-void setProcessRank(int rank);
-int processRank();
+EPCOMM_API void setProcessRank(int rank);
+EPCOMM_API int processRank();
 
 // "[epcomm rank 3] <what> (src/buffer.cpp:120)".
-std::string formatMessage(const std::string& what, const char* file, int line);
+EPCOMM_API std::string formatMessage(const std::string& what, const char* file, int line);
 
-[[noreturn]] void throwCuda(cudaError_t status, const char* call, const char* file, int line);
-[[noreturn]] void throwDriver(int status, const char* call, const char* file, int line);
-[[noreturn]] void throwSystem(int err, const char* call, const char* file, int line);
-[[noreturn]] void throwError(ErrorCode code, const std::string& what, const char* file, int line);
-void logWarning(const std::string& what, const char* file, int line);
+[[noreturn]] EPCOMM_API void throwCuda(cudaError_t status, const char* call, const char* file,
+                                       int line);
+[[noreturn]] EPCOMM_API void throwDriver(int status, const char* call, const char* file, int line);
+[[noreturn]] EPCOMM_API void throwSystem(int err, const char* call, const char* file, int line);
+[[noreturn]] EPCOMM_API void throwError(ErrorCode code, const std::string& what, const char* file,
+                                        int line);
+// A warning through the logger (epcomm/log.hpp): "[epcomm rank 3] warning: <what> (file:line)".
+EPCOMM_API void logWarning(const std::string& what, const char* file, int line);
 
 }  // namespace epcomm::detail
 
@@ -46,8 +54,13 @@ void logWarning(const std::string& what, const char* file, int line);
     }                                                                                   \
   } while (0)
 
-// After every <<<>>> launch.
-#define EPCOMM_LAUNCH_CHECK(kernel_name) EPCOMM_CUDA_CHECK(cudaGetLastError())
+// After every <<<>>> launch: the error names the kernel ("launch of htDispatchKernel failed: ...").
+#define EPCOMM_LAUNCH_CHECK(kernel_name)                                                   \
+  do {                                                                                     \
+    cudaError_t epcomm_status_ = cudaGetLastError();                                       \
+    if (epcomm_status_ != cudaSuccess)                                                     \
+      ::epcomm::detail::throwCuda(epcomm_status_, "launch of " #kernel_name, __FILE__, __LINE__); \
+  } while (0)
 
 // Throws `code` with a streamed message when `cond` is false.
 #define EPCOMM_CHECK_CODE(cond, code, msg)                                      \

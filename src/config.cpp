@@ -1,6 +1,9 @@
 // Configuration validation and the one place environment overrides are read.
 #include "epcomm/config.hpp"
 
+#include <algorithm>
+#include <cctype>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -10,26 +13,29 @@ namespace epcomm {
 
 const char* memModeName(MemMode mode) {
   switch (mode) {
-    case MemMode::kAuto: return "auto";
-    case MemMode::kFabric: return "fabric";
-    case MemMode::kPosixFd: return "posix_fd";
-    case MemMode::kCudaIpc: return "cuda_ipc";
+    case MemMode::kAuto:
+      return "auto";
+    case MemMode::kFabric:
+      return "fabric";
+    case MemMode::kPosixFd:
+      return "posix_fd";
+    case MemMode::kCudaIpc:
+      return "cuda_ipc";
   }
   return "unknown";
 }
 
 MemMode parseMemMode(const std::string& name, const char* what) {
+  std::string lower = name;
+  for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   for (MemMode mode : {MemMode::kAuto, MemMode::kFabric, MemMode::kPosixFd, MemMode::kCudaIpc}) {
-    if (name == memModeName(mode)) return mode;
+    if (lower == memModeName(mode)) return mode;
   }
   EPCOMM_ARG_CHECK(false, what, "'" << name << "'", "one of auto, fabric, posix_fd, cuda_ipc");
   return MemMode::kAuto;
 }
 
 namespace {
-
-constexpr double kDefaultTimeoutS = 30.0;
-constexpr double kMaxTimeoutS = 24.0 * 3600.0;
 
 const char* envOrNull(const char* name) {
   const char* value = std::getenv(name);
@@ -43,7 +49,39 @@ double parseSeconds(const char* text, const char* what) {
   return value;
 }
 
+// A deadline in [kMinTimeoutS, kMaxTimeoutS]; `what` names where the value came from (a config
+// field or an environment variable), so the message points at what the user has to change.
+void checkTimeout(double seconds, const char* what) {
+  // Written so that NaN fails too.
+  EPCOMM_ARG_CHECK(seconds >= kMinTimeoutS && seconds <= kMaxTimeoutS, what, seconds,
+                   "in [" << kMinTimeoutS << ", " << kMaxTimeoutS << "] seconds");
+}
+
+// The value of an environment deadline, or `fallback` if the variable is unset or empty.
+double timeoutFromEnv(const char* name, double fallback, bool* from_env) {
+  const char* env = envOrNull(name);
+  *from_env = env != nullptr;
+  if (env == nullptr) return fallback;
+  const double value = parseSeconds(env, name);
+  checkTimeout(value, name);
+  return value;
+}
+
+// Rounded, and never 0 (which would make every wait fail at once): checkTimeout allows 1 ns.
+uint64_t toNanoseconds(double seconds) {
+  return std::max<uint64_t>(1, static_cast<uint64_t>(std::llround(seconds * 1e9)));
+}
+
 }  // namespace
+
+double resolveBootstrapTimeout(double timeout_s) {
+  if (timeout_s >= 0) {
+    checkTimeout(timeout_s, "bootstrap timeout_s");
+    return timeout_s;
+  }
+  bool from_env = false;
+  return timeoutFromEnv("EPCOMM_FIRST_OP_TIMEOUT_S", kDefaultFirstOpTimeoutS, &from_env);
+}
 
 ResolvedConfig resolveConfig(const BufferConfig& in, int num_ranks) {
   ResolvedConfig out;
@@ -60,20 +98,22 @@ ResolvedConfig resolveConfig(const BufferConfig& in, int num_ranks) {
                    c.num_experts, "in [1, " << kMaxExperts << "]");
   EPCOMM_ARG_CHECK(c.num_experts % num_ranks == 0, "BufferConfig::num_experts", c.num_experts,
                    "divisible by the number of ranks (" << num_ranks << ")");
-  EPCOMM_ARG_CHECK(c.max_topk >= 1 && c.max_topk <= kMaxTopk, "BufferConfig::max_topk",
-                   c.max_topk, "in [1, " << kMaxTopk << "]");
+  EPCOMM_ARG_CHECK(c.max_topk >= 1 && c.max_topk <= kMaxTopk, "BufferConfig::max_topk", c.max_topk,
+                   "in [1, " << kMaxTopk << "]");
   EPCOMM_ARG_CHECK(c.max_tokens_per_rank >= 0 && c.max_tokens_per_rank <= kMaxTokensPerRank,
                    "BufferConfig::max_tokens_per_rank", c.max_tokens_per_rank,
                    "in [0, " << kMaxTokensPerRank << "]");
-  EPCOMM_ARG_CHECK(
-      c.ll_max_tokens_per_rank >= 0 && c.ll_max_tokens_per_rank <= kMaxLlTokensPerRank,
-      "BufferConfig::ll_max_tokens_per_rank", c.ll_max_tokens_per_rank,
-      "in [0, " << kMaxLlTokensPerRank << "]");
+  EPCOMM_ARG_CHECK(c.ll_max_tokens_per_rank >= 0 && c.ll_max_tokens_per_rank <= kMaxLlTokensPerRank,
+                   "BufferConfig::ll_max_tokens_per_rank", c.ll_max_tokens_per_rank,
+                   "in [0, " << kMaxLlTokensPerRank << "]");
   EPCOMM_ARG_CHECK(c.num_sms == kAuto || (c.num_sms >= 1 && c.num_sms <= 1024),
                    "BufferConfig::num_sms", c.num_sms, "kAuto or in [1, 1024]");
   EPCOMM_ARG_CHECK(c.ll_num_sms == kAuto || (c.ll_num_sms >= 1 && c.ll_num_sms <= 1024),
                    "BufferConfig::ll_num_sms", c.ll_num_sms, "kAuto or in [1, 1024]");
   EPCOMM_ARG_CHECK(c.device >= kAuto, "BufferConfig::device", c.device, "kAuto or an ordinal");
+  EPCOMM_ARG_CHECK(c.max_tokens_per_rank > 0 || c.ll_max_tokens_per_rank > 0,
+                   "BufferConfig::max_tokens_per_rank and ll_max_tokens_per_rank", "0 and 0",
+                   "> 0 for at least one of them (HT or LL); a buffer with neither can do nothing");
 
   // Memory mode: an explicit config value wins; kAuto defers to EPCOMM_MEM_MODE.
   if (c.mem_mode == MemMode::kAuto) {
@@ -83,13 +123,25 @@ ResolvedConfig resolveConfig(const BufferConfig& in, int num_ranks) {
     }
   }
 
+  // Deadlines: an explicit value (>= 0, or NaN) wins; kAuto reads the environment. Each value is
+  // checked under the name of where it came from.
   if (c.timeout_s < 0) {
-    const char* env = envOrNull("EPCOMM_TIMEOUT_S");
-    c.timeout_s = env ? parseSeconds(env, "EPCOMM_TIMEOUT_S") : kDefaultTimeoutS;
+    c.timeout_s = timeoutFromEnv("EPCOMM_TIMEOUT_S", kDefaultTimeoutS, &out.timeout_from_env);
+  } else {
+    checkTimeout(c.timeout_s, "BufferConfig::timeout_s");
   }
-  EPCOMM_ARG_CHECK(c.timeout_s > 0 && c.timeout_s <= kMaxTimeoutS, "BufferConfig::timeout_s",
-                   c.timeout_s, "in (0, " << kMaxTimeoutS << "] seconds");
-  out.timeout_ns = static_cast<uint64_t>(c.timeout_s * 1e9);
+  if (c.first_op_timeout_s < 0) {
+    const double first = timeoutFromEnv("EPCOMM_FIRST_OP_TIMEOUT_S", kDefaultFirstOpTimeoutS,
+                                        &out.first_op_timeout_from_env);
+    c.first_op_timeout_s = std::max(first, c.timeout_s);
+  } else {
+    checkTimeout(c.first_op_timeout_s, "BufferConfig::first_op_timeout_s");
+    EPCOMM_ARG_CHECK(c.first_op_timeout_s >= c.timeout_s, "BufferConfig::first_op_timeout_s",
+                     c.first_op_timeout_s,
+                     ">= the timeout_s of " << c.timeout_s << " s (it only ever lengthens it)");
+  }
+  out.timeout_ns = toNanoseconds(c.timeout_s);
+  out.first_op_timeout_ns = toNanoseconds(c.first_op_timeout_s);
   return out;
 }
 

@@ -138,4 +138,34 @@ class OwnedStream {
   cudaStream_t stream_ = nullptr;
 };
 
+// A CUDA event without timing, for polling a stream position.
+class OwnedEvent {
+ public:
+  OwnedEvent() = default;
+  static OwnedEvent create() {
+    OwnedEvent e;
+    EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e.event_, cudaEventDisableTiming));
+    return e;
+  }
+  OwnedEvent(OwnedEvent&& o) noexcept : event_(std::exchange(o.event_, nullptr)) {}
+  OwnedEvent& operator=(OwnedEvent&& o) noexcept {
+    if (this != &o) {
+      reset();
+      event_ = std::exchange(o.event_, nullptr);
+    }
+    return *this;
+  }
+  OwnedEvent(const OwnedEvent&) = delete;
+  OwnedEvent& operator=(const OwnedEvent&) = delete;
+  ~OwnedEvent() { reset(); }
+  void reset() {
+    if (event_ != nullptr) EPCOMM_CUDA_LOG(cudaEventDestroy(event_));
+    event_ = nullptr;
+  }
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
 }  // namespace epcomm

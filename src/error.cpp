@@ -3,12 +3,9 @@
 #include <cstring>
 
 #include "check.hpp"
-#include "epcomm/version.hpp"
 #include "memory/driver_api.hpp"
 
 namespace epcomm {
-
-const char* versionString() { return "0.1.0"; }
 
 const char* errorCodeName(ErrorCode code) {
   switch (code) {
@@ -57,6 +54,9 @@ void throwCuda(cudaError_t status, const char* call, const char* file, int line)
                      cudaGetErrorString(status) + ")";
   if (status == cudaErrorNoDevice || status == cudaErrorInsufficientDriver) {
     what += ". Is a CUDA GPU visible (nvidia-smi, CUDA_VISIBLE_DEVICES)?";
+  } else if (status == cudaErrorNoKernelImageForDevice) {
+    what += ". The library was not compiled for this GPU's architecture: rebuild with its "
+            "compute capability in CMAKE_CUDA_ARCHITECTURES";
   }
   (void)cudaGetLastError();  // clear non-sticky errors so the caller may continue
   throw CudaError(static_cast<int>(status), formatMessage(what, file, line));
@@ -83,7 +83,7 @@ void throwError(ErrorCode code, const std::string& what, const char* file, int l
 }
 
 void logWarning(const std::string& what, const char* file, int line) {
-  std::fprintf(stderr, "%s\n", formatMessage("warning: " + what, file, line).c_str());
+  logMessage(LogLevel::kWarn, what, file, line);
 }
 
 }  // namespace detail

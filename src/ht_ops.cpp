@@ -1,11 +1,14 @@
 // HT front-end: argument checks (before any launch), the handle, and the launches of layout,
 // dispatch and combine.
 #include <chrono>
+#include <cstring>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "buffer_impl.hpp"
 #include "check.hpp"
+#include "test_hooks.hpp"
 
 namespace epcomm {
 
@@ -37,14 +40,6 @@ std::string pointerText(const void* p) {
   std::ostringstream os;
   os << p;
   return os.str();
-}
-
-// Every rank must dispatch with the same shape; the kernel compares these across ranks.
-uint32_t dispatchSignature(int hidden, DType dtype, bool has_topk, int num_topk, int num_experts) {
-  return (static_cast<uint32_t>(hidden / kHiddenAlignment) & 0xffu) |
-         (dtype == DType::kFP8E4M3 ? 1u : 0u) << 8 | (has_topk ? 1u : 0u) << 9 |
-         (static_cast<uint32_t>(num_topk) & 0x1fu) << 10 |
-         (static_cast<uint32_t>(num_experts) & 0x3ffu) << 15;
 }
 
 void checkTopk(ArgChecker& check, const TopkView& topk, int max_topk, int max_tokens) {
@@ -145,8 +140,7 @@ void launchLayoutInto(EpBuffer::Impl& b, const TopkView& topk, EpHandle::Impl& h
   p.expert_counts = h.expert_counts;
   p.topk_copy = h.topk_copy;
   p.tile_counts = h.tile_counts;
-  p.local = &reinterpret_cast<kernels::ControlRegion*>(b.localBase())->local;
-  p.error = b.peers.error;
+  p.peers = b.peers;
   kernels::launchLayout(p, stream);
   h.num_tokens = topk.num_tokens;
   h.num_topk = topk.num_topk;
@@ -167,6 +161,7 @@ void EpBuffer::layout(const TopkView& topk, EpHandle& handle, cudaStream_t strea
   EPCOMM_CHECK_CODE(!check.failed(), ErrorCode::kInvalidArgument, check.message());
   DeviceGuard guard(b.device);
   launchLayoutInto(b, topk, *handle.impl_, stream);
+  b.trackWork(stream);
 }
 
 // --- dispatch ------------------------------------------------------------------------------------
@@ -218,8 +213,8 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
                   "the handle's num_tokens (" + std::to_string(handle.impl_->num_tokens) +
                       ") for a cached dispatch");
   }
-  if (check.failed()) b.rejectInput(kernels::OpId::kHtDispatch, check.message());
-  const int sms = b.resolveSms(kernels::OpId::kHtDispatch, args.num_sms, c.num_sms, kDefaultHtSms,
+  if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtDispatch, check.message());
+  const int sms = b.resolveSms(stream, kernels::OpId::kHtDispatch, args.num_sms, c.num_sms, kDefaultHtSms,
                                "DispatchArgs::num_sms");
 
   DeviceGuard guard(b.device);
@@ -235,7 +230,10 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
   p.scales_token_stride = args.scales_token_stride != 0 ? args.scales_token_stride : num_scales;
   p.scales_col_stride = args.scales_col_stride;
   p.num_scales = fp8 ? num_scales : 0;
-  p.topk_idx = has_topk ? args.topk.idx : nullptr;
+  // has_topk is explicit: a rank with 0 tokens may pass topk.idx == nullptr and must still send
+  // its (zero) expert counts, which the peers wait for.
+  p.has_topk = has_topk ? 1 : 0;
+  p.topk_copy = h.topk_copy;
   p.idx_is_64 = args.topk.idx_type == IndexType::kInt64;
   p.topk_weights = has_topk ? args.topk_weights : nullptr;
   p.num_topk = has_topk ? args.topk.num_topk : 0;
@@ -243,7 +241,8 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
   p.num_experts = c.num_experts;
   p.num_local_experts = b.num_local_experts;
   p.expert_alignment = args.expert_alignment;
-  p.signature = dispatchSignature(hidden, args.dtype, has_topk, p.num_topk, c.num_experts);
+  p.signature = kernels::htSignature(hidden, fp8, has_topk, p.num_topk, p.idx_is_64 != 0,
+                                     c.num_experts, args.expert_alignment);
   p.token_mask = h.token_mask;
   p.token_slot = h.token_slot;
   p.rank_counts = h.rank_counts;
@@ -260,7 +259,6 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
   kernels::launchHtDispatch(p, sms, stream);
   h.dispatched = true;
 
-  const ResolvedConfig& rc = b.resolved;
   uint8_t* base = b.localBase();
   const kernels::HtRegions& ht = b.layout.ht;
   if (args.recv_x_out != nullptr) {
@@ -277,6 +275,7 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
     kernels::launchCopyRows(copy, sms, stream);
   }
 
+  b.trackWork(stream);
   DispatchResult result;
   result.recv_x = base + ht.recv_x;
   result.recv_x_scales = fp8 ? reinterpret_cast<const float*>(base + ht.recv_scales) : nullptr;
@@ -293,10 +292,10 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
   if (args.exact_count) {
     // Returns as soon as the count matrix is known; the rows may still be moving.
     const auto deadline = std::chrono::steady_clock::now() +
-                          std::chrono::duration<double>(rc.config.timeout_s * 1.5 + 5.0);
+                          std::chrono::duration<double>(b.hostDeadlineS());
     while (true) {
       const uint64_t word = *reinterpret_cast<volatile uint64_t*>(&host->ht_count);
-      if ((word >> 32) != 0) {
+      if ((word & kernels::kHostCountValid) != 0) {
         result.num_recv_tokens_host = static_cast<int64_t>(word & 0xffffffffu);
         break;
       }
@@ -305,7 +304,7 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
       if (status != cudaSuccess && status != cudaErrorNotReady) EPCOMM_CUDA_CHECK(status);
       EPCOMM_CHECK_CODE(std::chrono::steady_clock::now() < deadline, ErrorCode::kTimeout,
                         "exact_count dispatch: the received-row count did not arrive within "
-                            << rc.config.timeout_s * 1.5 + 5.0 << " s");
+                            << b.hostDeadlineS() << " s");
       std::this_thread::sleep_for(std::chrono::microseconds(5));
     }
   }
@@ -336,8 +335,8 @@ void EpBuffer::combine(const CombineArgs& args, const EpHandle& handle, cudaStre
   check.require(aligned16(args.out), "CombineArgs::out", pointerText(args.out), "16-byte aligned");
   check.require(aligned16(args.bias), "CombineArgs::bias", pointerText(args.bias),
                 "16-byte aligned");
-  if (check.failed()) b.rejectInput(kernels::OpId::kHtCombine, check.message());
-  const int sms = b.resolveSms(kernels::OpId::kHtCombine, args.num_sms, c.num_sms, kDefaultHtSms,
+  if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtCombine, check.message());
+  const int sms = b.resolveSms(stream, kernels::OpId::kHtCombine, args.num_sms, c.num_sms, kDefaultHtSms,
                                "CombineArgs::num_sms");
 
   DeviceGuard guard(b.device);
@@ -366,6 +365,42 @@ void EpBuffer::combine(const CombineArgs& args, const EpHandle& handle, cudaStre
   p.bias = static_cast<const uint16_t*>(args.bias);
   p.out = static_cast<uint16_t*>(args.out);
   kernels::launchHtCombine(p, sms, stream);
+  b.trackWork(stream);
 }
+
+// --- test hook -------------------------------------------------------------------------------------
+
+namespace testing {
+
+void setCallCounterForTesting(EpBuffer& buffer, Bootstrap& bootstrap, uint64_t calls) {
+  DeviceGuard guard(buffer.device());
+  EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
+  bootstrap.barrier();  // nobody runs an op or writes into a peer any more
+  auto* device_region = static_cast<kernels::ControlRegion*>(buffer.peerBase(buffer.rank()));
+  std::vector<uint8_t> bytes(sizeof(kernels::ControlRegion));
+  EPCOMM_CUDA_CHECK(cudaMemcpy(bytes.data(), device_region, bytes.size(), cudaMemcpyDeviceToHost));
+  kernels::ControlRegion region;
+  std::memcpy(&region, bytes.data(), bytes.size());
+  const uint64_t tagged = calls << 32;  // tag(calls, 0)
+  for (uint64_t& e : region.local.epoch) e = calls;
+  for (int s = 0; s < kMaxRanks; ++s) {
+    region.barrier[s] = calls;
+    region.ht_dispatch_done[s] = calls;
+    region.ht_combine_ready[s] = calls;
+    region.ht_combine_done[s] = calls;
+    for (int parity = 0; parity < 2; ++parity) {
+      for (uint64_t& w : region.ht_counts[parity][s]) w = tagged;
+      for (uint64_t& w : region.ht_expert_counts[parity][s]) w = tagged;
+      region.ll_dispatch_flag[parity][s] = tagged;
+      region.ll_combine_flag[parity][s] = calls;
+    }
+  }
+  std::memcpy(bytes.data(), &region, bytes.size());
+  EPCOMM_CUDA_CHECK(cudaMemcpy(device_region, bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+  EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
+  bootstrap.barrier();
+}
+
+}  // namespace testing
 
 }  // namespace epcomm

@@ -76,10 +76,10 @@ LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaSt
     }
   }
   if (!problem.str().empty()) {
-    b.rejectInput(recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
+    b.rejectInput(stream, recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
                   problem.str());
   }
-  const int sms = b.resolveSms(kernels::OpId::kLlDispatchSend, args.num_sms, c.ll_num_sms,
+  const int sms = b.resolveSms(stream, kernels::OpId::kLlDispatchSend, args.num_sms, c.ll_num_sms,
                                b.device_sms, "LlDispatchArgs::num_sms");
 
   DeviceGuard guard(b.device);
@@ -92,6 +92,7 @@ LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaSt
     p.num_topk = args.topk.num_topk;
     p.topk_weights = args.topk_weights;
     p.use_fp8 = args.use_fp8;
+    p.signature = kernels::llSignature(c.hidden, args.use_fp8);
     // One block per token at most: idle blocks would only add arrivals to the last-block count.
     kernels::launchLlDispatchSend(p, std::max(1, std::min(sms, args.num_tokens)), stream);
     b.ll_use_fp8 = args.use_fp8;
@@ -100,10 +101,12 @@ LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaSt
   }
   if (recv) {
     p.use_fp8 = b.ll_use_fp8;
+    p.signature = kernels::llSignature(c.hidden, b.ll_use_fp8);
     kernels::launchLlDispatchRecv(p, sms, stream);
     b.ll_stage = Impl::LlStage::kDispatched;
   }
 
+  b.trackWork(stream);
   const kernels::LlRegions& ll = b.layout.ll;
   uint8_t* base = b.localBase();
   LlDispatchResult result;
@@ -140,10 +143,10 @@ void EpBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream,
             << ": must be non-null and 16-byte aligned when the dispatch had tokens";
   }
   if (!problem.str().empty()) {
-    b.rejectInput(recv && !send ? kernels::OpId::kLlCombineRecv : kernels::OpId::kLlCombineSend,
+    b.rejectInput(stream, recv && !send ? kernels::OpId::kLlCombineRecv : kernels::OpId::kLlCombineSend,
                   problem.str());
   }
-  const int sms = b.resolveSms(kernels::OpId::kLlCombineSend, args.num_sms, c.ll_num_sms,
+  const int sms = b.resolveSms(stream, kernels::OpId::kLlCombineSend, args.num_sms, c.ll_num_sms,
                                b.device_sms, "LlCombineArgs::num_sms");
 
   DeviceGuard guard(b.device);
@@ -161,6 +164,7 @@ void EpBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream,
     kernels::launchLlCombineRecv(p, std::max(1, std::min(sms, blocks)), stream);
     b.ll_stage = Impl::LlStage::kIdle;
   }
+  b.trackWork(stream);
 }
 
 }  // namespace epcomm

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // How epcomm ranks find each other: a small collective interface the core library uses to
 // exchange memory handles. MpiBootstrap (epcomm/mpi_bootstrap.hpp) implements it over an MPI
 // communicator; CallbackBootstrap lets a framework plug in its own all-gather.
@@ -7,9 +8,11 @@
 #include <functional>
 #include <vector>
 
+#include "epcomm/export.hpp"
+
 namespace epcomm {
 
-class Bootstrap {
+class EPCOMM_API Bootstrap {
  public:
   virtual ~Bootstrap() = default;
 
@@ -44,7 +47,7 @@ class Bootstrap {
 // A bootstrap over caller-supplied collectives, for frameworks that already have a process
 // group. `all_gather(send, recv, bytes)` must have Bootstrap::allGather's semantics. Without a
 // `barrier` function, barrier() is an all-gather of one byte. The constructor is collective.
-class CallbackBootstrap : public Bootstrap {
+class EPCOMM_API CallbackBootstrap : public Bootstrap {
  public:
   using AllGatherFn = std::function<void(const void* send, void* recv, size_t bytes)>;
   using BarrierFn = std::function<void()>;
@@ -66,6 +69,6 @@ class CallbackBootstrap : public Bootstrap {
 // Picks the CUDA device for this process from its node-local rank (localRank % device count),
 // makes it current and returns its ordinal. Several ranks per GPU are allowed. Throws
 // epcomm::CudaError when no CUDA device is visible.
-int selectDevice(const Bootstrap& bootstrap);
+EPCOMM_API int selectDevice(const Bootstrap& bootstrap);
 
 }  // namespace epcomm

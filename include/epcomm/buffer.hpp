@@ -6,10 +6,19 @@
 // EpBuffer must be ordered with each other (one stream, or events between streams), and every
 // rank must issue the same sequence of collective ops.
 //
-// Errors: bad input throws epcomm::InvalidArgument before any kernel is launched, and the peers
-// are told so that their pending ops stop with an error instead of waiting. A device-side wait
-// that passes its deadline records which rank never answered; the next call on the buffer (or
-// sync()) throws epcomm::TimeoutError and the buffer is then unusable: destroy and recreate it.
+// Errors (epcomm/error.hpp says, per ErrorCode, whether the buffer is still usable):
+//  - Bad input of a collective call is rejected on the host before anything is launched. The
+//    call still takes its place in the sequence: the rejecting rank skips it on its stream, tells
+//    every peer, waits (bounded by the deadline) until every peer is past it, and throws
+//    epcomm::InvalidArgument; on the other ranks that call stops and the next call on the buffer
+//    or sync() throws ErrorCode::kRemote naming the rejecting rank, once. The buffer stays usable
+//    on every rank. Every rank must observe that error (sync() after the call, or a later call
+//    that throws it) before it issues the next call of the same family: a call already queued
+//    behind the stopped one would pair with the wrong call of a peer.
+//  - A device-side wait that passes its deadline records which rank never answered; the next
+//    call on the buffer (or sync()) throws epcomm::TimeoutError. Device-side faults (bad data
+//    found by a kernel) stop the op on every rank. After either the buffer is unusable: destroy
+//    and recreate it (on every rank).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -19,6 +28,7 @@
 
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/config.hpp"
+#include "epcomm/export.hpp"
 #include "epcomm/ops.hpp"
 
 namespace epcomm {
@@ -29,7 +39,7 @@ class EpBuffer;
 // Create it once (EpBuffer::createHandle allocates it for the buffer's capacity) and reuse it
 // every layer/step: no allocation happens per call. Combine with a handle is the backward of
 // dispatch with that handle, and a cached dispatch with a handle is the backward of combine.
-class EpHandle {
+class EPCOMM_API EpHandle {
  public:
   EpHandle(EpHandle&&) noexcept;
   EpHandle& operator=(EpHandle&&) noexcept;
@@ -53,14 +63,25 @@ class EpHandle {
   std::unique_ptr<Impl> impl_;
 };
 
-class EpBuffer {
+class EPCOMM_API EpBuffer {
  public:
   // Collective over `bootstrap` (which must outlive the buffer): allocates this rank's share of
   // the symmetric buffer on `config.device`, exchanges handles, maps every peer and checks with
-  // a device barrier that every peer is reachable. Throws on every rank if any rank fails.
+  // a device barrier that every peer is reachable. Every step is agreed by all ranks: creation
+  // succeeds on every rank or throws on every rank at the same step, within the bootstrap's
+  // round trip. The failing rank throws its own error; the others an error naming that rank and
+  // its reason (InvalidArgument or Unsupported when the failing rank's was, else kRemote). The
+  // configuration is checked and compared across ranks first (shape, capacities, memory mode,
+  // deadlines; see BufferConfig), then the GPU (its architecture against the compiled ones, P2P
+  // access to every other rank's GPU on this host), then the memory is allocated and mapped.
   EpBuffer(Bootstrap& bootstrap, const BufferConfig& config);
-  // Collective: synchronizes the device, waits (with the deadline) until no peer still uses
-  // this rank's memory, unmaps the peers and frees. Never throws.
+  // Collective: waits for this buffer's last op (the stream position recorded after it; work
+  // replayed from CUDA graphs is not tracked, synchronize it first), up to timeout_s; if it has
+  // not finished by then, sets the abort word (as abort() does) and waits a few more seconds,
+  // and if a kernel of the buffer still runs after that, logs it and leaks the memory that kernel
+  // may touch rather than free it under it. Then waits (bootstrap deadline) until no peer still
+  // uses this rank's memory, unmaps the peers and frees. Never throws. Freeing with cudaFree may
+  // still wait for other work on the device (a CUDA property).
   ~EpBuffer();
   EpBuffer(const EpBuffer&) = delete;
   EpBuffer& operator=(const EpBuffer&) = delete;
@@ -74,7 +95,9 @@ class EpBuffer {
   size_t bytesPerRank() const;  // symmetric bytes this rank allocated
 
   // --- HT -------------------------------------------------------------------------------------
-  // Allocates a handle for up to max_tokens_per_rank tokens (not in a captured region).
+  // Allocates a handle for up to max_tokens_per_rank tokens (not in a captured region). A handle
+  // belongs to the buffer that created it: passing it to another buffer, or to a new buffer
+  // after its own was destroyed (even one at the same address), is InvalidArgument.
   EpHandle createHandle() const;
 
   // Computes the routing of `topk` into `handle` (per-rank and per-expert counts,
@@ -99,7 +122,10 @@ class EpBuffer {
   // --- Synchronization and errors ---------------------------------------------------------------
   // Collective, stream-ordered device barrier across all ranks (with the deadline).
   void barrier(cudaStream_t stream);
-  // Waits for `stream` with the deadline and throws the first device-side error recorded.
+  // Waits for `stream` and throws the first device-side error recorded (or a peer's rejection,
+  // see Errors above). The deadline covers everything queued on `stream`, the caller's own work
+  // included: first_op_timeout_s * 1.5 + 5 s, above every device-side deadline so that a wait
+  // that expires on the GPU reports its cause first.
   void sync(cudaStream_t stream);
   // barrier(stream) then sync(stream).
   void synchronizingBarrier(cudaStream_t stream);

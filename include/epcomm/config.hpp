@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string>
 
+#include "epcomm/export.hpp"
+
 namespace epcomm {
 
 // "Let the library choose" for integer settings.
@@ -20,7 +22,7 @@ constexpr int kFp8BlockSize = 128;     // columns per FP8 scale
 constexpr int kMaxTokensPerRank = 65536;
 constexpr int kMaxLlTokensPerRank = 4096;  // LL is for decode batches
 
-// How the symmetric buffer is shared between processes (DESIGN.md §3).
+// How the symmetric buffer is shared between processes (docs/design.md §3).
 enum class MemMode {
   kAuto,     // fabric if every rank can really use it, else posix_fd, else cuda_ipc
   kFabric,   // cuMemCreate + CU_MEM_HANDLE_TYPE_FABRIC (needs an IMEX channel)
@@ -28,9 +30,27 @@ enum class MemMode {
   kCudaIpc,  // cudaMalloc + cudaIpcGetMemHandle (one host)
 };
 
-const char* memModeName(MemMode mode);  // "auto", "fabric", "posix_fd", "cuda_ipc"
-// Parses a name produced by memModeName; throws InvalidArgument naming `what` otherwise.
-MemMode parseMemMode(const std::string& name, const char* what = "mem_mode");
+EPCOMM_API const char* memModeName(MemMode mode);  // "auto", "fabric", "posix_fd", "cuda_ipc"
+// Parses a name produced by memModeName, in any case ("FABRIC" is fabric); throws
+// InvalidArgument naming `what` otherwise.
+EPCOMM_API MemMode parseMemMode(const std::string& name, const char* what = "mem_mode");
+
+// Deadlines (one story for the whole library):
+//  - timeout_s (EPCOMM_TIMEOUT_S, default 30 s): every device-side wait of an op and the host
+//    waits behind it (sync(), exact_count dispatch, teardown), once every rank is running.
+//  - first_op_timeout_s (EPCOMM_FIRST_OP_TIMEOUT_S, default 600 s, never below timeout_s): the
+//    device waits of the first op of each family (barrier, HT dispatch, HT combine, LL) on a new
+//    buffer, and the bootstrap's collectives (MpiBootstrap's default deadline). Ranks reach their
+//    first op at different times (one may JIT-compile its first layer for minutes); after that
+//    they run in step and a stall is a real fault.
+constexpr double kDefaultTimeoutS = 30.0;
+constexpr double kDefaultFirstOpTimeoutS = 600.0;
+constexpr double kMaxTimeoutS = 24.0 * 3600.0;
+constexpr double kMinTimeoutS = 1e-9;  // below one nanosecond a deadline would read as zero
+
+// The bootstrap deadline: `timeout_s` if >= 0, else EPCOMM_FIRST_OP_TIMEOUT_S, else
+// kDefaultFirstOpTimeoutS. Throws InvalidArgument naming the source of a bad value.
+EPCOMM_API double resolveBootstrapTimeout(double timeout_s);
 
 struct BufferConfig {
   // CUDA device this rank uses; kAuto = the device current when the EpBuffer is created.
@@ -49,9 +69,13 @@ struct BufferConfig {
   // Memory sharing mode. kAuto honours EPCOMM_MEM_MODE; any other value wins over it.
   MemMode mem_mode = MemMode::kAuto;
 
-  // Deadline of every wait, on the device and on the host, in seconds. kAuto (< 0) means
-  // EPCOMM_TIMEOUT_S or 30 s.
+  // Deadline of every wait, on the device and on the host, in seconds (see "Deadlines" above).
+  // kAuto (< 0) means EPCOMM_TIMEOUT_S or 30 s. Must be in [1e-9, 86400].
   double timeout_s = kAuto;
+  // Deadline of the waits of the first op of each family. kAuto (< 0) means
+  // EPCOMM_FIRST_OP_TIMEOUT_S or 600 s, raised to timeout_s if that is longer. An explicit value
+  // must be >= timeout_s.
+  double first_op_timeout_s = kAuto;
 
   // Default SM budget of HT ops (kAuto: the library's tuned default) and of LL ops
   // (kAuto: every SM). Each call may override it.
@@ -61,6 +85,11 @@ struct BufferConfig {
   // Extra symmetric bytes at the same offset on every rank, for callers (EpBuffer::scratch()).
   size_t scratch_bytes = 0;
 };
+// At least one of max_tokens_per_rank and ll_max_tokens_per_rank must be > 0.
+//
+// Every rank must pass the same shape (hidden, num_experts, max_topk, both capacities,
+// scratch_bytes), the same memory mode and the same deadlines after resolution; EpBuffer's
+// constructor checks this on every rank and names the rank and the field that differ.
 
 // The configuration with every kAuto resolved, environment overrides applied and each field
 // checked. Throws InvalidArgument naming the field, its value and the limit. Host-only: the
@@ -69,8 +98,11 @@ struct ResolvedConfig {
   BufferConfig config;
   int num_ranks = 1;
   uint64_t timeout_ns = 0;
-  bool mem_mode_from_env = false;
+  uint64_t first_op_timeout_ns = 0;
+  bool mem_mode_from_env = false;          // mem_mode came from EPCOMM_MEM_MODE
+  bool timeout_from_env = false;           // timeout_s came from EPCOMM_TIMEOUT_S
+  bool first_op_timeout_from_env = false;  // first_op_timeout_s from EPCOMM_FIRST_OP_TIMEOUT_S
 };
-ResolvedConfig resolveConfig(const BufferConfig& config, int num_ranks);
+EPCOMM_API ResolvedConfig resolveConfig(const BufferConfig& config, int num_ranks);
 
 }  // namespace epcomm

@@ -5,5 +5,6 @@
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
+#include "epcomm/log.hpp"
 #include "epcomm/ops.hpp"
 #include "epcomm/version.hpp"

@@ -3,6 +3,32 @@
 // All pointers are device pointers unless a field says otherwise. Shapes are row-major and
 // written [rows, columns]. Nothing here allocates: outputs are views into memory the EpBuffer or
 // the EpHandle owns, valid until the next op of the same kind on that buffer or handle.
+//
+// Routing policy (HT and LL alike). topk_idx row t lists token t's experts:
+//   - -1 means "no expert" for that entry.
+//   - An expert id repeated within one token's row counts once: every repetition after the first
+//     behaves exactly like -1. It is not counted (numTokensPerExpert, num_recv_tokens_per_expert),
+//     the token reaches that expert once, the entry arrives as -1 with weight 0 in
+//     DispatchResult::recv_topk_idx / recv_topk_weights, and its weight is not used by combine
+//     (the first occurrence's weight is). So {e, e} with weights {w0, w1} is {e, -1} with {w0, w1}.
+//   - An id outside [-1, num_experts) (for int64, also values that do not fit int32, e.g. 2^32) is
+//     bad input. It is found on the device and never used as an address: the op in which it is
+//     found fails on every rank within milliseconds (InvalidArgument naming the token on the rank
+//     that passed it, ErrorCode::kRemote naming that rank on the others), reported by the next
+//     call or sync(). The buffer is then unusable on every rank (recreate it). A bad id found by
+//     EpBuffer::layout() (local) fails the next collective op the same way.
+//
+// Per-call parameters that must match across ranks. Every rank's call of the same op carries a
+// signature of these; a mismatch fails the op on every rank (InvalidArgument naming the rank and
+// the field, reported by sync() or the next call; the buffer is then unusable):
+//   HT dispatch: dtype; whether top-k is sent (topk.idx set or topk.num_topk > 0); and, when it
+//                is, topk.num_topk and topk.idx_type; expert_alignment. (hidden and num_experts
+//                come from the BufferConfig, agreed at creation.)
+//   LL dispatch: use_fp8.
+// Everything else may differ per rank: num_tokens (0 included; a rank with 0 tokens may pass
+// topk.idx == nullptr but passes the same topk.num_topk and idx_type as the others), the pointers,
+// x_scales strides, LL topk.num_topk, exact_count, the recv_*_out copies, num_sms, and the combine
+// arguments (weights, bias). Every rank must issue the same sequence of collective ops.
 #pragma once
 
 #include <cstdint>
@@ -22,8 +48,9 @@ enum class IndexType { kInt32, kInt64 };
 // High-throughput (HT) mode
 // ---------------------------------------------------------------------------------------------
 
-// topk_idx [num_tokens, num_topk], int32 or int64; -1 means "no expert". Expert e lives on rank
-// e / (num_experts / num_ranks).
+// topk_idx [num_tokens, num_topk], int32 or int64; -1 means "no expert", a repeated id counts once
+// and an id outside [-1, num_experts) fails the op (see "Routing policy" above). Expert e lives on
+// rank e / (num_experts / num_ranks). idx may be nullptr when num_tokens is 0.
 struct TopkView {
   const void* idx = nullptr;
   IndexType idx_type = IndexType::kInt64;
@@ -49,7 +76,7 @@ struct DispatchArgs {
   // Optional topk_weights [num_tokens, num_topk] float32, sent along when topk.idx is set.
   const float* topk_weights = nullptr;
 
-  // Per-local-expert received counts are rounded up to a multiple of this.
+  // Per-local-expert received counts are rounded up to a multiple of this. Same on every rank.
   int expert_alignment = 1;
 
   // Exact mode: block the host until the received-row count is known and return it in
@@ -70,7 +97,8 @@ struct DispatchResult {
   const void* recv_x = nullptr;            // [capacity, hidden] in the input dtype
   const float* recv_x_scales = nullptr;    // [capacity, hidden / 128] (FP8 only)
   const void* recv_topk_idx = nullptr;     // [capacity, num_topk] input index type, local
-                                           // expert ids (-1 = expert on another rank)
+                                           // expert ids (-1 = expert on another rank, no
+                                           // expert, or a repetition within the token)
   const float* recv_topk_weights = nullptr;  // [capacity, num_topk], 0 where the id is -1
   const int32_t* recv_src_idx = nullptr;   // [capacity] token index on the source rank
 
@@ -116,7 +144,8 @@ struct LlDispatchArgs {
   int num_tokens = 0;       // <= ll_max_tokens_per_rank
   TopkView topk;            // topk.num_tokens must equal num_tokens
   const float* topk_weights = nullptr;  // [num_tokens, num_topk] float32, required
-  bool use_fp8 = false;     // cast to FP8 e4m3 with one float32 scale per 128 columns
+  bool use_fp8 = false;     // cast to FP8 e4m3 with one float32 scale per 128 columns; the same
+                            // on every rank (checked: InvalidArgument on every rank otherwise)
   int num_sms = kAuto;
 };
 

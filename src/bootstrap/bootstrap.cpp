@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Node-local grouping shared by every Bootstrap, the callback bootstrap and device selection.
 #include "epcomm/bootstrap.hpp"
 

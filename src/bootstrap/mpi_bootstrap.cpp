@@ -1,9 +1,11 @@
+// SPDX-License-Identifier: Apache-2.0
 // Bootstrap over a duplicated MPI communicator. Every collective is non-blocking and polled
 // against a deadline, so a rank that never arrives becomes a TimeoutError instead of a hang.
 #include "epcomm/mpi_bootstrap.hpp"
 
 #include <chrono>
 #include <climits>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <sstream>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "epcomm/config.hpp"
 
 namespace epcomm {
 
@@ -54,7 +57,8 @@ bool mpiUsable() {
       throwMpi(epcomm_mpi_status_, #call, __FILE__, __LINE__); \
   } while (0)
 
-MpiBootstrap::MpiBootstrap(MPI_Comm comm, double timeout_s) : timeout_s_(timeout_s) {
+MpiBootstrap::MpiBootstrap(MPI_Comm comm, double timeout_s)
+    : timeout_s_(timeout_s < 0 ? resolveBootstrapTimeout(timeout_s) : timeout_s) {
   if (!mpiUsable()) {
     throw MpiError(MPI_ERR_OTHER,
                    detail::formatMessage("MpiBootstrap needs an initialized MPI (call MPI_Init "
@@ -63,7 +67,7 @@ MpiBootstrap::MpiBootstrap(MPI_Comm comm, double timeout_s) : timeout_s_(timeout
   }
   EPCOMM_ARG_CHECK(comm != MPI_COMM_NULL, "MpiBootstrap comm", "MPI_COMM_NULL",
                    "a valid communicator");
-  EPCOMM_ARG_CHECK(timeout_s > 0 && timeout_s <= 1e9, "MpiBootstrap timeout_s", timeout_s,
+  EPCOMM_ARG_CHECK(timeout_s_ > 0 && timeout_s_ <= 1e9, "MpiBootstrap timeout_s", timeout_s_,
                    "in (0, 1e9] seconds");
   EPCOMM_MPI_CHECK(MPI_Comm_rank(comm, &rank_));
   EPCOMM_MPI_CHECK(MPI_Comm_size(comm, &size_));
@@ -131,11 +135,39 @@ void MpiBootstrap::waitRequest(MPI_Request* request, const char* what) {
 void MpiBootstrap::allGather(const void* send, void* recv, size_t bytes) {
   EPCOMM_CHECK_CODE(comm_ != MPI_COMM_NULL, ErrorCode::kBroken,
                     "MpiBootstrap::allGather on a bootstrap that timed out earlier; recreate it");
-  EPCOMM_ARG_CHECK(bytes <= static_cast<size_t>(INT_MAX), "MpiBootstrap::allGather bytes", bytes,
-                   "<= " << INT_MAX << " (an MPI count)");
   EPCOMM_ARG_CHECK(
       bytes == 0 || (send != nullptr && recv != nullptr), "MpiBootstrap::allGather buffers",
       (send == nullptr ? "send = nullptr" : "recv = nullptr"), "non-null when bytes > 0");
+  // Agree on the size first. An all-gather whose counts differ across ranks is erroneous MPI:
+  // Open MPI reports MPI_ERR_TRUNCATE on some ranks (through MPI_COMM_WORLD's handler, which
+  // aborts the job) and hands others partial data. With the sizes known everywhere, every rank
+  // takes the same decision.
+  const uint64_t my_bytes = bytes;
+  std::vector<uint64_t> sizes(static_cast<size_t>(size_));
+  gather(&my_bytes, sizes.data(), sizeof(my_bytes),
+         "MpiBootstrap::allGather (MPI_Iallgather of every rank's size, before " +
+             std::to_string(bytes) + " bytes per rank)");
+  for (int r = 0; r < size_; ++r) {
+    if (sizes[static_cast<size_t>(r)] == sizes[0]) continue;
+    std::ostringstream os;
+    os << "MpiBootstrap::allGather: the ranks passed different sizes (bytes per rank:";
+    for (int q = 0; q < size_ && q < 16; ++q) {
+      os << " rank " << q << " = " << sizes[static_cast<size_t>(q)] << ";";
+    }
+    if (size_ > 16) os << " ...";
+    os << " this rank passed " << bytes
+       << "). Every rank must gather the same number of bytes; nothing was exchanged.";
+    throw MpiError(MPI_ERR_COUNT, detail::formatMessage(os.str(), __FILE__, __LINE__));
+  }
+  // The same on every rank now, so every rank takes this branch together.
+  EPCOMM_ARG_CHECK(bytes <= static_cast<size_t>(INT_MAX), "MpiBootstrap::allGather bytes", bytes,
+                   "<= " << INT_MAX << " (an MPI count)");
+  gather(
+      send, recv, bytes,
+      "MpiBootstrap::allGather (MPI_Iallgather of " + std::to_string(bytes) + " bytes per rank)");
+}
+
+void MpiBootstrap::gather(const void* send, void* recv, size_t bytes, const std::string& what) {
   // MPI writes into our own staging buffers, not the caller's: if the deadline passes, the
   // request stays pending inside MPI and may complete later, and it must not write into memory
   // the caller has freed by then. The copies cost nothing next to a bootstrap round trip.
@@ -149,8 +181,6 @@ void MpiBootstrap::allGather(const void* send, void* recv, size_t bytes) {
   EPCOMM_MPI_CHECK(MPI_Iallgather(staged_send->data(), count, MPI_BYTE, staged_recv->data(), count,
                                   MPI_BYTE, comm_, &request));
   try {
-    std::string what =
-        "MpiBootstrap::allGather (MPI_Iallgather of " + std::to_string(bytes) + " bytes per rank)";
     waitRequest(&request, what.c_str());
   } catch (const TimeoutError&) {
     // Deliberate leak: MPI may still write into these after we give up on the request.

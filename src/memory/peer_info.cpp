@@ -1,8 +1,9 @@
+// SPDX-License-Identifier: Apache-2.0
 // Wire format of PeerInfo (all integers little-endian, whatever the host byte order):
 //
 //   offset  size  field
 //        0     4  magic 'EPCM' (bytes 45 50 43 4d)
-//        4     2  version (1)
+//        4     2  version (2)
 //        6     2  mode (MemMode value)
 //        8     4  rank (int32)
 //       12     4  device (int32)
@@ -10,15 +11,20 @@
 //       24     8  host_hash
 //       32     4  pid (int32)
 //       36     1  ok (0 or 1)
-//       37     1  reserved (0)
+//       37     1  reserved (must be 0)
 //       38     2  handle length (<= kMaxHandleBytes)
 //       40     n  handle bytes
 //     40+n     2  error length (<= kMaxPeerErrorBytes)
 //     42+n     m  error bytes (no terminator)
-//   ..512        zero padding
+//   ..508        zero padding (must be 0)
+//      508     4  CRC-32 (IEEE 802.3, as zlib's crc32) of bytes [0, 508)
 //
 // A bump of `version` is required for any change; every rank of a job runs the same build, so
-// a mismatch means a corrupted record or mixed installations, both worth a loud error.
+// a mismatch means a corrupted record or mixed installations, both worth a loud error. Magic and
+// version are checked before the checksum (a record of another version may place it elsewhere).
+// The encoding is canonical: a record is accepted only if serializing what was parsed gives the
+// same 512 bytes back (reserved and padding bytes zero, checksum right).
+// Version history: 1 = no checksum; 2 = CRC-32 trailer, strict zero padding.
 #include "memory/peer_info.hpp"
 
 #include <cstring>
@@ -35,10 +41,11 @@ namespace epcomm::memory {
 namespace {
 
 constexpr uint32_t kMagic = 0x4d435045u;  // "EPCM" when stored little-endian
-constexpr uint16_t kVersion = 1;
+constexpr uint16_t kVersion = 2;
 constexpr size_t kFixedHeaderBytes = 40;
+constexpr size_t kChecksumOffset = kPeerInfoBytes - 4;
 constexpr const char kTruncationMark[] = "...";
-static_assert(kFixedHeaderBytes + kMaxHandleBytes + 2 + kMaxPeerErrorBytes <= kPeerInfoBytes,
+static_assert(kFixedHeaderBytes + kMaxHandleBytes + 2 + kMaxPeerErrorBytes <= kChecksumOffset,
               "PeerInfo fields no longer fit in the fixed record size");
 
 bool knownMode(uint16_t value) {
@@ -67,7 +74,7 @@ class Writer {
     if (n > 0) std::memcpy(out_->data() + pos_, data, n);
     pos_ += n;
   }
-  size_t pos() const { return pos_; }
+  void seek(size_t pos) { pos_ = pos; }
 
  private:
   std::vector<uint8_t>* out_;
@@ -94,6 +101,7 @@ class Reader {
     pos_ += n;
     return p;
   }
+  size_t pos() const { return pos_; }
 
  private:
   void need(size_t n, const char* field) {
@@ -116,6 +124,18 @@ std::string truncatedError(const std::string& error) {
 }
 
 }  // namespace
+
+uint32_t peerInfoChecksum(const uint8_t* record, size_t size) {
+  EPCOMM_RECORD_CHECK(record != nullptr && size == kPeerInfoBytes,
+                      "checksum of a " << size << "-byte record");
+  // Bitwise CRC-32 (reflected polynomial 0xEDB88320): 508 bytes once per rank and buffer.
+  uint32_t crc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < kChecksumOffset; ++i) {
+    crc ^= record[i];
+    for (int bit = 0; bit < 8; ++bit) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+  }
+  return ~crc;
+}
 
 std::vector<uint8_t> serializePeerInfo(const PeerInfo& info) {
   EPCOMM_ARG_CHECK(info.handle.size() <= kMaxHandleBytes, "PeerInfo::handle size",
@@ -140,6 +160,8 @@ std::vector<uint8_t> serializePeerInfo(const PeerInfo& info) {
   w.putBytes(info.handle.data(), info.handle.size());
   w.put<uint16_t>(static_cast<uint16_t>(error.size()));
   w.putBytes(error.data(), error.size());
+  w.seek(kChecksumOffset);
+  w.put<uint32_t>(peerInfoChecksum(out.data(), out.size()));
   return out;
 }
 
@@ -155,6 +177,14 @@ PeerInfo deserializePeerInfo(const uint8_t* data, size_t size) {
   EPCOMM_CHECK(version == kVersion, "peer-info record has version "
                                         << version << ", this build reads version " << kVersion
                                         << " (mixed epcomm builds in one job?)");
+  {
+    const uint32_t expected = peerInfoChecksum(data, size);
+    Reader trailer(data + kChecksumOffset, size - kChecksumOffset);
+    const uint32_t stored = trailer.get<uint32_t>("checksum");
+    EPCOMM_RECORD_CHECK(stored == expected, "checksum 0x" << std::hex << stored
+                                                          << " does not match the contents (0x"
+                                                          << expected << ")");
+  }
   const uint16_t mode = r.get<uint16_t>("mode");
   EPCOMM_RECORD_CHECK(knownMode(mode), "unknown memory mode " << mode);
 
@@ -168,7 +198,8 @@ PeerInfo deserializePeerInfo(const uint8_t* data, size_t size) {
   const uint8_t ok = r.get<uint8_t>("ok");
   EPCOMM_RECORD_CHECK(ok <= 1, "ok flag is " << int{ok} << ", not 0 or 1");
   info.ok = ok == 1;
-  (void)r.get<uint8_t>("reserved");
+  const uint8_t reserved = r.get<uint8_t>("reserved");
+  EPCOMM_RECORD_CHECK(reserved == 0, "reserved byte is " << int{reserved} << ", not 0");
 
   const uint16_t handle_len = r.get<uint16_t>("handle length");
   EPCOMM_RECORD_CHECK(handle_len <= kMaxHandleBytes,
@@ -181,6 +212,13 @@ PeerInfo deserializePeerInfo(const uint8_t* data, size_t size) {
                       "error length " << error_len << " exceeds " << kMaxPeerErrorBytes);
   const uint8_t* error = r.getBytes(error_len, "error text");
   info.error.assign(reinterpret_cast<const char*>(error), error_len);
+
+  const size_t padding = kChecksumOffset - r.pos();
+  const uint8_t* pad = r.getBytes(padding, "padding");
+  for (size_t i = 0; i < padding; ++i) {
+    EPCOMM_RECORD_CHECK(
+        pad[i] == 0, "padding byte at offset " << (kChecksumOffset - padding + i) << " is not 0");
+  }
   return info;
 }
 

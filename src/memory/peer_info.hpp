@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The fixed-size record every rank all-gathers while the symmetric buffer is set up: who it is,
 // how it allocated, and the handle its peers import. Parsing checks every length against the
 // record's bounds, so a short or corrupted blob is an error, never a read past the end.
@@ -31,8 +32,13 @@ struct PeerInfo {
 // Exactly kPeerInfoBytes bytes. Throws epcomm::InvalidArgument if handle is over kMaxHandleBytes.
 std::vector<uint8_t> serializePeerInfo(const PeerInfo& info);
 
-// Throws epcomm::Error(kInternal) naming what is wrong (size, magic, version, a length field
-// beyond the record, an unknown mode).
+// Throws epcomm::Error(kInternal) naming what is wrong (size, magic, version, checksum, a length
+// field beyond the record, an unknown mode, a non-zero reserved or padding byte). Accepts only
+// the canonical encoding: serializePeerInfo of the result gives `data` back byte for byte.
 PeerInfo deserializePeerInfo(const uint8_t* data, size_t size);
+
+// CRC-32 (IEEE, as zlib's crc32) of the first kPeerInfoBytes - 4 bytes of a kPeerInfoBytes-byte
+// record: the value its last 4 bytes carry, little-endian.
+uint32_t peerInfoChecksum(const uint8_t* record, size_t size);
 
 }  // namespace epcomm::memory

@@ -221,9 +221,15 @@ std::unique_ptr<SymmetricMemory> SymmetricMemory::create(Bootstrap& bootstrap, i
             " hosts; only fabric handles cross hosts";
     }
     std::string failure = agreeOnFailure(bootstrap, ok, why);
+    EPCOMM_LOG_TRACE("memory mode " << memModeName(mode) << " probe: "
+                                    << (failure.empty() ? "usable on every rank" : failure));
     if (failure.empty() && memory->tryMode(mode, bytes, timeout_s, &failure)) {
       log << memModeName(mode) << ": selected";
       memory->selection_log_ = log.str();
+      EPCOMM_LOG_INFO("memory mode " << memModeName(mode)
+                                     << (forced ? " (forced by " + forced_by + ")" : "") << ": "
+                                     << memory->selection_log_ << "; " << memory->bytes()
+                                     << " symmetric bytes per rank on device " << device);
       return memory;
     }
     log << memModeName(mode) << ": unusable (" << failure << "); ";
@@ -387,6 +393,14 @@ bool SymmetricMemory::tryMode(MemMode mode, size_t bytes, double timeout_s, std:
     // Everyone has closed its imports before anyone frees (CUDA IPC requires that order).
     bootstrap_.barrier();
     return false;
+  }
+  if (detail::logEnabled(LogLevel::kInfo)) {
+    std::ostringstream map;
+    for (const PeerInfo& info : infos) {
+      map << " rank " << info.rank << ": device " << info.device << ", pid " << info.pid << ", "
+          << peers_[info.rank] << (info.rank == rank_ ? " (own);" : ";");
+    }
+    EPCOMM_LOG_INFO("peer map (" << memModeName(mode) << "):" << map.str());
   }
   return true;
 }

@@ -1,9 +1,9 @@
 // One symmetric GPU allocation per rank, mapped into every other rank of the group.
 //
-// Mode selection (DESIGN.md §3): fabric VMM if a real create/export/import probe passes on every
-// rank, else POSIX-fd VMM, else cudaMalloc + CUDA IPC. A forced mode that cannot work fails on
-// every rank with the failing rank's reason. Sizes that differ across ranks, and ranks spread over
-// several hosts without fabric, fail on every rank.
+// Mode selection (docs/design.md §3): fabric VMM if a real create/export/import probe passes on
+// every rank, else POSIX-fd VMM, else cudaMalloc + CUDA IPC. A forced mode that cannot work fails
+// on every rank with the failing rank's reason. Sizes that differ across ranks, and ranks spread
+// over several hosts without fabric, fail on every rank.
 #pragma once
 
 #include <cstddef>

@@ -96,6 +96,14 @@ std::string formatBf16(uint16_t bits) {
 
 }  // namespace
 
+int64_t effectiveExpert(const int64_t* token_ids, int k) {
+  const int64_t e = token_ids[k];
+  if (e < 0) return -1;
+  for (int j = 0; j < k; ++j)
+    if (token_ids[j] == e) return -1;
+  return e;
+}
+
 // ----- layout --------------------------------------------------------------------------------
 
 LayoutRef referenceLayout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
@@ -115,6 +123,7 @@ LayoutRef referenceLayout(const int64_t* topk_idx, int num_tokens, int num_topk,
       if (e < -1 || e >= num_experts)
         fail("referenceLayout", "expert id " + std::to_string(e) + " out of range at token " +
                                     std::to_string(t) + ", k " + std::to_string(k));
+      if (effectiveExpert(topk_idx + static_cast<size_t>(t) * num_topk, k) < 0) continue;
       ++ref.tokens_per_expert[e];
       ref.is_token_in_rank[static_cast<size_t>(t) * num_ranks + e / local] = 1;
     }
@@ -171,7 +180,7 @@ HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_ra
                              in.x_scales.begin() + s0 + blocks);
       for (int k = 0; k < num_topk; ++k) {
         const size_t i = static_cast<size_t>(t) * num_topk + k;
-        const int64_t e = in.topk_idx[i];
+        const int64_t e = effectiveExpert(in.topk_idx.data() + static_cast<size_t>(t) * num_topk, k);
         if (e >= 0 && e / local == dst_rank) {
           ref.recv_topk_idx.push_back(e - static_cast<int64_t>(dst_rank) * local);
           ref.recv_topk_weights.push_back(in.topk_weights[i]);
@@ -228,7 +237,9 @@ std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int sr
         w = 0.0;
         for (int k = 0; k < num_topk; ++k) {
           const size_t i = static_cast<size_t>(t) * num_topk + k;
-          if (in.topk_idx[i] >= 0 && in.topk_idx[i] / local == d) w += in.topk_weights[i];
+          const int64_t e =
+              effectiveExpert(in.topk_idx.data() + static_cast<size_t>(t) * num_topk, k);
+          if (e >= 0 && e / local == d) w += in.topk_weights[i];
         }
       }
       const uint16_t* y =
@@ -260,7 +271,7 @@ LlDispatchRef referenceLlDispatch(const std::vector<RankInputs>& all, int dst_ra
     const RankInputs& in = all[s];
     for (int t = 0; t < in.num_tokens; ++t) {
       for (int k = 0; k < num_topk; ++k) {
-        const int64_t e = in.topk_idx[static_cast<size_t>(t) * num_topk + k];
+        const int64_t e = effectiveExpert(in.topk_idx.data() + static_cast<size_t>(t) * num_topk, k);
         if (e < 0 || e / local != dst_rank) continue;
         LlExpertRows& rows = ref.per_local_expert[e - dst_rank * local];
         rows.src_rank.push_back(s);
@@ -312,9 +323,10 @@ std::vector<float> referenceLlCombine(const std::vector<RankInputs>& all, int sr
       bool any = false;
       std::fill(partial.begin(), partial.end(), 0.0f);
       for (int k = 0; k < num_topk; ++k) {
-        if (ids[k] < 0 || ids[k] / local != d) continue;
+        const int64_t id = effectiveExpert(ids, k);
+        if (id < 0 || id / local != d) continue;
         any = true;
-        const int e = static_cast<int>(ids[k]);
+        const int e = static_cast<int>(id);
         for (int c = 0; c < hidden; ++c) {
           volatile float product = weights[k] * expert_output(e, src_rank, t, c);
           partial[c] = partial[c] + product;

@@ -1,9 +1,11 @@
-// The CPU reference model of the dispatch and combine ops (DESIGN.md §5, §6, §8).
+// The CPU reference model of the dispatch and combine ops (docs/design.md §5, §6, §8).
 //
 // Written from the op semantics in include/epcomm/ops.hpp, independently of the kernels: plain
 // loops over tokens, no shared code with src/ or kernels/. Experts are split evenly: rank r owns
 // experts [r*L, (r+1)*L) with L = num_experts / num_ranks; expert id -1 means "no expert"; a token
-// goes to a rank at most once however many of its experts live there.
+// goes to a rank at most once however many of its experts live there. An expert id repeated in
+// one token's top-k counts once: every repetition after the first behaves exactly like -1 (not
+// counted, not sent, -1 with weight 0 in the received top-k, its weight unused by combine).
 //
 // Every function takes the inputs of ALL ranks (from generateProblem() or built by hand) and
 // returns what ONE rank should see. All functions throw std::invalid_argument on inconsistent
@@ -22,6 +24,10 @@
 #include "common/test_data.hpp"
 
 namespace epcomm::test {
+
+// The expert entry k of one token stands for under the routing policy: token_ids[k] itself, or -1
+// when it is -1 or repeats an earlier entry token_ids[j], j < k.
+int64_t effectiveExpert(const int64_t* token_ids, int k);
 
 // ----- layout --------------------------------------------------------------------------------
 

@@ -119,6 +119,8 @@ void validateSpec(const ProblemSpec& spec) {
   if (!(spec.skew >= 0.0 && spec.skew <= 1.0)) fail("skew must be in [0, 1]");
   if (!(spec.negative_fraction >= 0.0 && spec.negative_fraction <= 1.0))
     fail("negative_fraction must be in [0, 1]");
+  if (!(spec.duplicate_fraction >= 0.0 && spec.duplicate_fraction <= 1.0))
+    fail("duplicate_fraction must be in [0, 1]");
 }
 
 void generateX(const ProblemSpec& spec, RankInputs& in) {
@@ -204,6 +206,14 @@ void generateTopk(const ProblemSpec& spec, RankInputs& in) {
     if (spec.routing == Routing::kWithNegatives) {
       for (int k = 0; k < k_count; ++k)
         if (uniform01(rng) < spec.negative_fraction) ids[k] = -1;
+    }
+    if (spec.routing == Routing::kWithDuplicates) {
+      // Entry k repeats a random earlier entry (which may itself be a repetition).
+      for (int k = 1; k < k_count; ++k) {
+        const bool repeat = uniform01(rng) < spec.duplicate_fraction;
+        const int earlier = static_cast<int>(uniformBelow(rng, k));
+        if (repeat) ids[k] = ids[earlier];
+      }
     }
     for (int k = 0; k < k_count; ++k) {
       const size_t i = static_cast<size_t>(t) * k_count + k;

@@ -1,4 +1,4 @@
-// Seeded test data for the dispatch/combine tests (DESIGN.md §8).
+// Seeded test data for the dispatch/combine tests (docs/design.md §8).
 //
 // Every rank of an mpirun job calls generateProblem() with the same ProblemSpec and gets the
 // inputs of ALL ranks, bit for bit identical, so each rank can compute its own expected output
@@ -53,6 +53,8 @@ enum class Routing {
   kUniform,        // K distinct experts per token, uniform
   kSkewed,         // each pick comes from hot_rank's experts with probability `skew`
   kWithNegatives,  // uniform, then each entry becomes -1 with probability negative_fraction
+  kWithDuplicates,  // uniform, then each entry k > 0 repeats a random earlier entry of the same
+                    // token with probability duplicate_fraction (the ops count it once)
 };
 
 struct ProblemSpec {
@@ -65,6 +67,7 @@ struct ProblemSpec {
   int hot_rank = 0;
   double skew = 0.9;
   double negative_fraction = 0.2;
+  double duplicate_fraction = 0.3;
   uint64_t seed = 1;
 };
 

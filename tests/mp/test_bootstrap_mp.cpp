@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Bootstrap and fd exchange under mpirun (1, 2 and 4 ranks, CPU only, all ranks on one host).
 //
 // Every rank runs every test and reaches every collective in the same order, also on failure
@@ -6,14 +7,21 @@
 #include <cuda_runtime_api.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -34,6 +42,11 @@ namespace epcomm {
 namespace {
 
 using memory::exchangeFds;
+using memory::FdExchangeDirectory;
+using memory::FdExchangeOptions;
+using memory::FdExchangeReport;
+using memory::FdHello;
+using memory::FdSecret;
 using memory::UniqueFd;
 using Clock = std::chrono::steady_clock;
 
@@ -141,7 +154,9 @@ TEST(MpiBootstrap, LocalGroupingOnOneHost) {
 TEST(MpiBootstrap, RejectsBadArgumentsWithoutCommunicating) {
   EXPECT_THROW(MpiBootstrap(MPI_COMM_NULL, 10.0), InvalidArgument);
   EXPECT_THROW(MpiBootstrap(MPI_COMM_WORLD, 0.0), InvalidArgument);
-  EXPECT_THROW(MpiBootstrap(MPI_COMM_WORLD, -1.0), InvalidArgument);
+  // A negative timeout means "the configured default" (epcomm/config.hpp), so it is legal.
+  EXPECT_THROW(MpiBootstrap(MPI_COMM_WORLD, 2e9), InvalidArgument);
+  EXPECT_THROW(MpiBootstrap(MPI_COMM_WORLD, std::nan("")), InvalidArgument);
 }
 
 TEST(MpiBootstrap, InstancesAreIndependentAndFreeTheirCommunicator) {
@@ -218,12 +233,21 @@ TEST(MpiBootstrap, TimeoutNamesTheOperationAndBreaksTheBootstrap) {
     }
     MPI_Barrier(MPI_COMM_WORLD);
     // Rank 0 progresses its abandoned request inside the MPI_Barrier below.
-    if (bootstrap.rank() != 0) {
+    if (bootstrap.rank() != 0 && use_barrier) {
       EXPECT_NO_THROW(collective());
     }
-    if (!use_barrier && bootstrap.rank() != 0) {
+    if (bootstrap.rank() != 0 && !use_barrier) {
+      // allGather agrees on the size first (an MPI_Iallgather of one uint64 per rank), and rank
+      // 0 gave up in that step: complete exactly that one, on the bootstrap's communicator.
+      const uint64_t mine = sizeof(send);
+      std::vector<uint64_t> sizes(static_cast<size_t>(bootstrap.size()));
+      MPI_Request request = MPI_REQUEST_NULL;
+      ASSERT_EQ(
+          MPI_Iallgather(&mine, 8, MPI_BYTE, sizes.data(), 8, MPI_BYTE, bootstrap.comm(), &request),
+          MPI_SUCCESS);
+      ASSERT_EQ(MPI_Wait(&request, MPI_STATUS_IGNORE), MPI_SUCCESS);
       for (int r = 0; r < bootstrap.size(); ++r) {
-        EXPECT_EQ(recv[static_cast<size_t>(r)], 0x5eed0000u + static_cast<uint64_t>(r));
+        EXPECT_EQ(sizes[static_cast<size_t>(r)], sizeof(send)) << "rank " << r;
       }
     }
     MPI_Barrier(MPI_COMM_WORLD);
@@ -254,6 +278,52 @@ TEST(MpiBootstrap, ConstructorTimesOutWhenOthersDoNotJoin) {
     MPI_Comm_free(&dup);
   }
   MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// Issue 9 item 11: sizes that differ across ranks used to abort the job (MPI_ERR_TRUNCATE through
+// MPI_COMM_WORLD's handler) on one side and return partial data on the other. Now every rank
+// throws MpiError, writes nothing, and the bootstrap stays usable.
+TEST(MpiBootstrap, AllGatherWithDifferentSizesFailsOnEveryRank) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int rank = world().rank();
+  const int size = world().size();
+  struct Case {
+    const char* name;
+    std::function<size_t(int)> bytes_of;
+  };
+  const Case cases[] = {
+      {"last rank gathers more", [size](int r) { return size_t{r == size - 1 ? 16u : 8u}; }},
+      {"rank 0 gathers less", [](int r) { return size_t{r == 0 ? 4u : 8u}; }},
+      {"every rank differs", [](int r) { return size_t{8} + static_cast<size_t>(r); }},
+      {"rank 1 gathers nothing", [](int r) { return size_t{r == 1 ? 0u : 8u}; }},
+      {"huge on one rank", [](int r) { return r == 0 ? (size_t{1} << 20) : size_t{64}; }},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const size_t bytes = c.bytes_of(rank);
+    std::vector<uint8_t> send(std::max<size_t>(bytes, 1), static_cast<uint8_t>(rank + 1));
+    const size_t largest = size_t{1} << 20;
+    std::vector<uint8_t> recv(largest * static_cast<size_t>(size), 0xEE);  // poisoned
+    const auto began = Clock::now();
+    try {
+      world().allGather(send.data(), recv.data(), bytes);
+      ADD_FAILURE() << "rank " << rank << ": allGather of " << bytes
+                    << " bytes succeeded although the sizes differ";
+    } catch (const MpiError& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kMpi);
+      EXPECT_EQ(e.status(), MPI_ERR_COUNT);
+      const std::string what = e.what();
+      EXPECT_TRUE(contains(what, "different sizes")) << what;
+      // Names rank 0's size and this rank's.
+      EXPECT_TRUE(contains(what, "rank 0 = " + std::to_string(c.bytes_of(0)))) << what;
+      EXPECT_TRUE(contains(what, "this rank passed " + std::to_string(bytes))) << what;
+    }
+    EXPECT_LT(std::chrono::duration<double>(Clock::now() - began).count(), 30.0);
+    EXPECT_TRUE(std::all_of(recv.begin(), recv.end(), [](uint8_t b) { return b == 0xEE; }))
+        << "a failed allGather wrote into recv";
+    // Nothing is left pending: the same bootstrap keeps working.
+    checkAllGather(world(), 24);
+  }
 }
 
 // ---- CallbackBootstrap ----------------------------------------------------------------------
@@ -386,7 +456,7 @@ struct FileId {
 
 // Exchanges one memfd and checks every received fd: the peer's text, the very same file
 // (device and inode all-gathered separately) and close-on-exec.
-void exchangeAndCheck(Bootstrap& bootstrap, int iteration) {
+void exchangeAndCheck(Bootstrap& bootstrap, int iteration, const FdExchangeOptions& options = {}) {
   const int rank = bootstrap.rank();
   UniqueFd mine = makeMemfd(rankText(rank, iteration));
   struct stat st {};
@@ -395,7 +465,7 @@ void exchangeAndCheck(Bootstrap& bootstrap, int iteration) {
   std::vector<FileId> ids(static_cast<size_t>(bootstrap.size()));
   bootstrap.allGather(&my_id, ids.data(), sizeof(FileId));
 
-  std::vector<UniqueFd> fds = exchangeFds(bootstrap, mine.get(), kFdTimeoutS);
+  std::vector<UniqueFd> fds = exchangeFds(bootstrap, mine.get(), kFdTimeoutS, options);
   ASSERT_EQ(fds.size(), static_cast<size_t>(bootstrap.size()));
   const auto& local = bootstrap.localRanks();
   for (int r = 0; r < bootstrap.size(); ++r) {
@@ -511,40 +581,67 @@ TEST(FdExchange, OnlyRanksOfTheSameHostExchange) {
   exchangeAndCheck(bootstrap, 4);
 }
 
+// Rank 1 believes it is alone on its host, while every other rank (correctly) expects it
+// locally, so it publishes no socket. The others see that in the published directory and every
+// rank fails at once (not at the deadline), the others naming rank 1.
+TEST(FdExchange, HostDisagreementFailsEveryRankAtOnce) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  constexpr int kLoner = 1;
+  FakeHostsBootstrap bootstrap(world(), [](int viewer, int r) {
+    return static_cast<uint8_t>(viewer == kLoner && r != kLoner ? 0xFF : 0);
+  });
+  const int rank = bootstrap.rank();
+  ASSERT_EQ(bootstrap.localSize(), rank == kLoner ? 1 : bootstrap.size());
+  const int start = countOpenFds();
+  {
+    UniqueFd mine = makeMemfd(rankText(rank, 98));
+    const auto began = Clock::now();
+    try {
+      exchangeFds(bootstrap, mine.get(), kFdTimeoutS);
+      ADD_FAILURE() << "rank " << rank << ": exchange succeeded although rank 1 does not listen";
+    } catch (const Error& e) {
+      if (rank == kLoner) {
+        EXPECT_EQ(e.code(), ErrorCode::kRemote) << e.what();
+        EXPECT_TRUE(contains(e.what(), "rank(s) 0")) << e.what();
+      } else {
+        EXPECT_EQ(e.code(), ErrorCode::kInternal) << e.what();
+        EXPECT_TRUE(contains(e.what(), "rank 1 is on this host")) << e.what();
+        EXPECT_TRUE(contains(e.what(), "disagree")) << e.what();
+      }
+    }
+    EXPECT_LT(std::chrono::duration<double>(Clock::now() - began).count(), kFdTimeoutS / 2);
+  }
+  EXPECT_EQ(countOpenFds(), start) << "a failed exchange must close every socket and fd";
+  exchangeAndCheck(world(), 3);
+}
+
+// Rank 1 publishes its socket but then never connects nor accepts (its hook throws, as if it
+// had failed or hung there). The others time out naming it; nobody hangs, nothing leaks.
 TEST(FdExchange, AbsentPeerTimesOutNamingItAndNobodyHangs) {
   if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
   constexpr int kAbsent = 1;
   constexpr double kShortTimeoutS = 1.0;
-  // Rank 1 believes it is alone on its host, while every other rank (correctly) expects it
-  // locally. It then never listens nor connects, although it takes part in every bootstrap step
-  // of exchangeFds: the others must time out naming it, and nobody may hang.
-  FakeHostsBootstrap bootstrap(world(), [](int viewer, int r) {
-    return static_cast<uint8_t>(viewer == kAbsent && r != kAbsent ? 0xFF : 0);
-  });
-  const int rank = bootstrap.rank();
-  if (rank == kAbsent) {
-    ASSERT_EQ(bootstrap.localSize(), 1);
-    EXPECT_EQ(bootstrap.numNodes(), 2);
-  } else {
-    ASSERT_EQ(bootstrap.localSize(), bootstrap.size());
-  }
+  const int rank = world().rank();
+  FdExchangeOptions options;
+  options.before_exchange = [rank](const FdExchangeDirectory&) {
+    if (rank == kAbsent) throw std::runtime_error("rank 1 stays away");
+  };
   const int start = countOpenFds();
   {
     UniqueFd mine = makeMemfd(rankText(rank, 99));
     const auto began = Clock::now();
     try {
-      exchangeFds(bootstrap, mine.get(), kShortTimeoutS);
-      ADD_FAILURE() << "rank " << rank << ": exchange succeeded although rank 1 never listened";
+      exchangeFds(world(), mine.get(), kShortTimeoutS, options);
+      ADD_FAILURE() << "rank " << rank << ": exchange succeeded although rank 1 stayed away";
     } catch (const TimeoutError& e) {
       EXPECT_NE(rank, kAbsent) << e.what();
       EXPECT_EQ(e.peer(), kAbsent) << e.what();
-      EXPECT_TRUE(contains(e.what(), "rank 1")) << e.what();
+      EXPECT_TRUE(contains(e.what(), "rank 1 never delivered its fd")) << e.what();
       EXPECT_TRUE(contains(e.what(), "deadline 1 s")) << e.what();
-    } catch (const Error& e) {
-      // The absent rank learns through the final bootstrap step that the others failed.
+    } catch (const std::runtime_error& e) {
+      // The absent rank rethrows its own failure after the final bootstrap step.
       EXPECT_EQ(rank, kAbsent) << e.what();
-      EXPECT_EQ(e.code(), ErrorCode::kRemote) << e.what();
-      EXPECT_TRUE(contains(e.what(), "rank(s) 0")) << e.what();
+      EXPECT_TRUE(contains(e.what(), "stays away")) << e.what();
     }
     const double waited = std::chrono::duration<double>(Clock::now() - began).count();
     EXPECT_LT(waited, kShortTimeoutS + 20.0);
@@ -553,8 +650,342 @@ TEST(FdExchange, AbsentPeerTimesOutNamingItAndNobodyHangs) {
     }
   }
   EXPECT_EQ(countOpenFds(), start) << "a failed exchange must close every socket and fd";
-  // Everyone is in step again: a normal exchange works right after.
-  exchangeAndCheck(world(), 3);
+  exchangeAndCheck(world(), 5);
+}
+
+// ---- fd exchange under attack (issue 9 item 14) -----------------------------------------------
+//
+// Every attack is staged inside the before_exchange hook, which runs on every rank after the
+// socket directory is published and before any rank connects or accepts; a world barrier at the
+// end of the hook makes sure every attacking connection is queued at its victim before the real
+// ranks connect, so the victim meets the attacker first. The victim is rank 0, the impersonated
+// rank is rank 1. After the exchange, exchangeAndCheck proves (by device and inode) that every
+// fd rank 0 took is the real peer's memfd, and the victim's report shows why each attacker was
+// refused.
+
+constexpr int kVictim = 0;
+constexpr int kImpersonated = 1;
+
+sockaddr_un abstractAddress(const std::string& name, socklen_t* length) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  const size_t n = std::min(name.size(), sizeof(address.sun_path) - 1);
+  std::memcpy(address.sun_path + 1, name.data(), n);
+  *length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + n);
+  return address;
+}
+
+// A blocking connection to an abstract name (the listeners exist once the directory is out).
+UniqueFd connectTo(const std::string& name) {
+  socklen_t length = 0;
+  const sockaddr_un address = abstractAddress(name, &length);
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (fd.get() < 0) return fd;
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), length) != 0) fd.reset();
+  return fd;
+}
+
+// Sends `bytes` bytes of `hello` with `fd` attached (fd < 0: none). Async-signal-safe, so a
+// forked child of a multithreaded MPI process may call it. Returns false on failure.
+bool sendRaw(int socket, const FdHello& hello, size_t bytes, int fd) {
+  union {
+    cmsghdr align;
+    char buffer[CMSG_SPACE(sizeof(int))];
+  } control;
+  std::memset(&control, 0, sizeof(control));
+  iovec chunk{const_cast<FdHello*>(&hello), bytes};
+  msghdr message{};
+  message.msg_iov = &chunk;
+  message.msg_iovlen = 1;
+  if (fd >= 0) {
+    message.msg_control = control.buffer;
+    message.msg_controllen = sizeof(control.buffer);
+    cmsghdr* header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(header), &fd, sizeof(int));
+  }
+  return ::sendmsg(socket, &message, MSG_NOSIGNAL) == static_cast<ssize_t>(bytes);
+}
+
+FdHello helloFrom(int sender, int receiver, const FdSecret& secret) {
+  FdHello hello{};
+  hello.magic = memory::kFdHelloMagic;
+  hello.version = memory::kFdHelloVersion;
+  hello.sender = sender;
+  hello.receiver = receiver;
+  hello.secret = secret;
+  return hello;
+}
+
+// Exit codes of an attacking child.
+enum AttackOutcome {
+  kAttackSent = 0,
+  kAttackNoSocket,
+  kAttackNoConnect,
+  kAttackNoSend,
+  kAttackNoSetuid,
+  kAttackLost,
+};
+
+// Forks a process (pid unknown to the job) that connects to `name`, sends `hello` with `fd`
+// attached and exits; with `uid` >= 0 it first becomes that user. Only async-signal-safe calls
+// in the child. Returns the child's AttackOutcome.
+int attackFromChild(const std::string& name, const FdHello& hello, int fd, int uid = -1) {
+  socklen_t length = 0;
+  const sockaddr_un address = abstractAddress(name, &length);
+  const pid_t child = ::fork();
+  if (child < 0) return kAttackLost;
+  if (child == 0) {
+    if (uid >= 0) {
+      if (::setgroups(0, nullptr) != 0 || ::setgid(static_cast<gid_t>(uid)) != 0 ||
+          ::setuid(static_cast<uid_t>(uid)) != 0) {
+        ::_exit(kAttackNoSetuid);
+      }
+    }
+    const int socket = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (socket < 0) ::_exit(kAttackNoSocket);
+    if (::connect(socket, reinterpret_cast<const sockaddr*>(&address), length) != 0) {
+      ::_exit(kAttackNoConnect);
+    }
+    ::_exit(sendRaw(socket, hello, sizeof(hello), fd) ? kAttackSent : kAttackNoSend);
+  }
+  // Bounded wait: the child only makes a few system calls.
+  const auto give_up = Clock::now() + std::chrono::seconds(20);
+  int status = 0;
+  for (;;) {
+    const pid_t done = ::waitpid(child, &status, WNOHANG);
+    if (done == child) break;
+    if (done < 0 || Clock::now() > give_up) {
+      ::kill(child, SIGKILL);
+      ::waitpid(child, &status, 0);
+      return kAttackLost;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : kAttackLost;
+}
+
+bool anyRefusalContains(const FdExchangeReport& report, const std::string& part) {
+  return std::any_of(report.refused.begin(), report.refused.end(),
+                     [&](const std::string& line) { return contains(line, part); });
+}
+
+std::string refusals(const FdExchangeReport& report) {
+  std::string text = report.refused.empty() ? "(none)" : "";
+  for (const std::string& line : report.refused) text += "\n  " + line;
+  return text;
+}
+
+FdSecret tampered(FdSecret secret) {
+  secret[memory::kFdSecretBytes - 1] ^= 0x01;
+  return secret;
+}
+
+// (a) A claim to be rank 1 with a wrong secret: once from rank 1's own process (the right pid),
+// once from another process of this user. Both are refused, the exchange succeeds, and rank 0
+// holds rank 1's real memfd, not the attacker's.
+TEST(FdExchange, RefusesAClaimWithAWrongSecret) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int rank = world().rank();
+  const int start = countOpenFds();
+  FdExchangeReport report;
+  bool same_pid_sent = true;
+  int child_outcome = kAttackSent;
+  {
+    UniqueFd foreign = makeMemfd("foreign: not rank 1's buffer");
+    FdExchangeOptions options;
+    options.report = &report;
+    options.before_exchange = [&](const FdExchangeDirectory& directory) {
+      if (rank == kImpersonated) {
+        const FdHello hello =
+            helloFrom(kImpersonated, kVictim, tampered(directory.secret[kImpersonated]));
+        UniqueFd socket = connectTo(directory.name[kVictim]);
+        same_pid_sent =
+            socket.get() >= 0 && sendRaw(socket.get(), hello, sizeof(hello), foreign.get());
+        child_outcome = attackFromChild(directory.name[kVictim], hello, foreign.get());
+      }
+      world().barrier();
+    };
+    exchangeAndCheck(world(), 10, options);
+  }
+  EXPECT_TRUE(same_pid_sent);
+  EXPECT_EQ(child_outcome, kAttackSent);
+  if (rank == kVictim) {
+    EXPECT_TRUE(anyRefusalContains(report, "wrong secret for rank 1")) << refusals(report);
+    EXPECT_TRUE(anyRefusalContains(report, "not the process of any local rank"))
+        << refusals(report);
+  } else {
+    EXPECT_TRUE(report.refused.empty()) << refusals(report);
+  }
+  EXPECT_EQ(countOpenFds(), start) << "refused fds and sockets must be closed";
+}
+
+// (b) A claim to be rank 1 with rank 1's correct secret, from the wrong process: a child of rank
+// 1, rank 0's own process, and (with 3+ ranks) rank 2, a real member of the job.
+TEST(FdExchange, RefusesTheRightSecretFromTheWrongProcess) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int rank = world().rank();
+  const int start = countOpenFds();
+  FdExchangeReport report;
+  bool sent = true;
+  int child_outcome = kAttackSent;
+  {
+    UniqueFd foreign = makeMemfd("foreign: not rank 1's buffer");
+    FdExchangeOptions options;
+    options.report = &report;
+    options.before_exchange = [&](const FdExchangeDirectory& directory) {
+      const FdHello hello = helloFrom(kImpersonated, kVictim, directory.secret[kImpersonated]);
+      if (rank == kImpersonated) {
+        child_outcome = attackFromChild(directory.name[kVictim], hello, foreign.get());
+      }
+      if (rank == kVictim || rank == 2) {
+        UniqueFd socket = connectTo(directory.name[kVictim]);
+        sent = socket.get() >= 0 && sendRaw(socket.get(), hello, sizeof(hello), foreign.get());
+      }
+      world().barrier();
+    };
+    exchangeAndCheck(world(), 11, options);
+  }
+  EXPECT_TRUE(sent);
+  EXPECT_EQ(child_outcome, kAttackSent);
+  if (rank == kVictim) {
+    const auto from_outside =
+        std::count_if(report.refused.begin(), report.refused.end(), [](const std::string& line) {
+          return contains(line, "not the process of any local rank");
+        });
+    EXPECT_EQ(from_outside, 2) << refusals(report);  // rank 1's child and rank 0 itself
+    if (world().size() >= 3) {
+      EXPECT_TRUE(anyRefusalContains(report, "claims rank 1, whose pid is")) << refusals(report);
+    }
+  }
+  EXPECT_EQ(countOpenFds(), start) << "refused fds and sockets must be closed";
+}
+
+// (c) Every rank opens, to every local peer, one connection that says nothing and one that
+// stops half-way through a hello (both from the right process, with the right secret), and
+// keeps them open. The exchange must still finish in a fraction of the deadline, and close them.
+TEST(FdExchange, SilentConnectorsDoNotStallIt) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int rank = world().rank();
+  std::vector<UniqueFd> silent;
+  FdExchangeOptions options;
+  options.before_exchange = [&](const FdExchangeDirectory& directory) {
+    for (int peer : world().localRanks()) {
+      if (peer == rank) continue;
+      silent.push_back(connectTo(directory.name[static_cast<size_t>(peer)]));
+      UniqueFd half = connectTo(directory.name[static_cast<size_t>(peer)]);
+      const FdHello hello = helloFrom(rank, peer, directory.secret[static_cast<size_t>(rank)]);
+      EXPECT_TRUE(half.get() >= 0 && sendRaw(half.get(), hello, sizeof(hello) / 2, -1));
+      silent.push_back(std::move(half));
+    }
+    world().barrier();
+  };
+  const auto began = Clock::now();
+  exchangeAndCheck(world(), 12, options);
+  const double took = std::chrono::duration<double>(Clock::now() - began).count();
+  EXPECT_LT(took, kFdTimeoutS / 3) << "silent connections stalled the exchange";
+  // The peers hung up on them when they finished (end of file, not a lingering connection).
+  for (const UniqueFd& fd : silent) {
+    ASSERT_GE(fd.get(), 0);
+    pollfd entry{fd.get(), POLLIN, 0};
+    ASSERT_EQ(::poll(&entry, 1, 10000), 1);
+    char byte = 0;
+    EXPECT_EQ(::recv(fd.get(), &byte, 1, MSG_DONTWAIT), 0);
+  }
+}
+
+// (d) Something already holds the name a rank draws first: the rank takes another random name
+// and publishes that one. If every name it tries is taken, every rank fails at once.
+TEST(FdExchange, PicksAnotherNameWhenItsNameIsSquatted) {
+  const int rank = world().rank();
+  const std::string squatted = "epcomm-squatted-" + std::to_string(::getpid());
+  socklen_t length = 0;
+  const sockaddr_un address = abstractAddress(squatted, &length);
+  UniqueFd squatter(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  ASSERT_GE(squatter.get(), 0);
+  ASSERT_EQ(::bind(squatter.get(), reinterpret_cast<const sockaddr*>(&address), length), 0);
+  ASSERT_EQ(::listen(squatter.get(), 8), 0);
+
+  FdExchangeReport report;
+  FdExchangeOptions options;
+  options.report = &report;
+  options.listen_name = [&](int attempt) { return attempt == 0 ? squatted : std::string(); };
+  exchangeAndCheck(world(), 13, options);
+  if (world().localSize() > 1) {
+    EXPECT_EQ(report.listen_attempts, 2);
+    EXPECT_NE(report.listen_name, squatted);
+    EXPECT_EQ(report.listen_name.rfind("epcomm-", 0), 0u) << report.listen_name;
+    EXPECT_EQ(report.listen_name.size(), 7u + 32u) << report.listen_name;
+  }
+  // Nobody connected to the squatter.
+  EXPECT_LT(::accept4(squatter.get(), nullptr, nullptr, SOCK_CLOEXEC), 0);
+  EXPECT_EQ(errno, EAGAIN);
+
+  // Every name rank 1 tries is taken.
+  if (world().size() < 2) return;
+  options.listen_name = [&](int) { return rank == kImpersonated ? squatted : std::string(); };
+  UniqueFd mine = makeMemfd("unused");
+  const auto began = Clock::now();
+  try {
+    exchangeFds(world(), mine.get(), kFdTimeoutS, options);
+    ADD_FAILURE() << "rank " << rank << ": exchange succeeded although rank 1 could not listen";
+  } catch (const SystemError& e) {
+    EXPECT_EQ(rank, kImpersonated) << e.what();
+    EXPECT_EQ(e.errnoValue(), EADDRINUSE) << e.what();
+    EXPECT_TRUE(contains(e.what(), "all in use")) << e.what();
+  } catch (const Error& e) {
+    EXPECT_NE(rank, kImpersonated) << e.what();
+    EXPECT_EQ(e.code(), ErrorCode::kRemote) << e.what();
+    EXPECT_TRUE(contains(e.what(), "rank(s) 1 ")) << e.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - began).count(), kFdTimeoutS / 2);
+}
+
+// (e) A process of another user (root drops to uid 65534) connects to rank 0 and claims rank 1
+// with the right secret: refused on its uid, and the exchange succeeds.
+TEST(FdExchange, RefusesAnotherUser) {
+  if (world().size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  if (::getuid() != 0) GTEST_SKIP() << "needs root to start a process of another uid";
+  constexpr int kNobody = 65534;
+  const int rank = world().rank();
+  FdExchangeReport report;
+  int child_outcome = kAttackSent;
+  {
+    UniqueFd foreign = makeMemfd("foreign: another user's buffer");
+    FdExchangeOptions options;
+    options.report = &report;
+    options.before_exchange = [&](const FdExchangeDirectory& directory) {
+      if (rank == kImpersonated) {
+        const FdHello hello = helloFrom(kImpersonated, kVictim, directory.secret[kImpersonated]);
+        child_outcome = attackFromChild(directory.name[kVictim], hello, foreign.get(), kNobody);
+      }
+      world().barrier();
+    };
+    exchangeAndCheck(world(), 14, options);
+  }
+  const int outcome = child_outcome;
+  std::vector<int> outcomes(static_cast<size_t>(world().size()));
+  world().allGather(&outcome, outcomes.data(), sizeof(int));
+  if (outcomes[kImpersonated] == kAttackNoSetuid) {
+    GTEST_SKIP() << "this root cannot change its uid (no CAP_SETUID?)";
+  }
+  EXPECT_EQ(outcomes[kImpersonated], kAttackSent);
+  if (rank == kVictim) {
+    EXPECT_TRUE(anyRefusalContains(report, "uid 65534: another user")) << refusals(report);
+  }
+}
+
+TEST(FdExchange, SecretsCompareEveryByte) {
+  FdSecret a{};
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<uint8_t>(i * 7 + 1);
+  EXPECT_TRUE(memory::secretsEqual(a, a));
+  for (size_t i = 0; i < a.size(); ++i) {
+    FdSecret b = a;
+    b[i] ^= 0x80;
+    EXPECT_FALSE(memory::secretsEqual(a, b)) << "byte " << i;
+  }
 }
 
 TEST(UniqueFd, OwnsMovesAndCloses) {

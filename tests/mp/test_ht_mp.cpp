@@ -15,6 +15,7 @@
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
+#include "test_hooks.hpp"
 
 namespace epcomm::test {
 namespace {
@@ -33,7 +34,20 @@ struct HtCase {
   bool column_major_scales = false;
   uint64_t seed = 7;
   int max_tokens = 256;
+  bool null_topk_when_empty = false;  // a rank with 0 tokens passes topk.idx = nullptr
+  int all_one_expert = -1;            // >= 0: every top-k entry of every token is this expert
 };
+
+// Applies the case's routing edits to the generated problem.
+void editRouting(std::vector<RankInputs>& all, const HtCase& c) {
+  if (c.all_one_expert < 0) return;
+  for (RankInputs& in : all) {
+    for (size_t i = 0; i < in.topk_idx.size(); ++i) {
+      in.topk_idx[i] = c.all_one_expert;
+      in.topk_idx32[i] = c.all_one_expert;
+    }
+  }
+}
 
 ProblemSpec specOf(const HtCase& c, int num_ranks, uint64_t seed) {
   ProblemSpec spec;
@@ -119,6 +133,10 @@ struct DeviceInputs {
       a.topk.num_tokens = in.num_tokens;
       a.topk.num_topk = c.topk;
       a.topk_weights = weights.get();
+      if (c.null_topk_when_empty && in.num_tokens == 0) {
+        a.topk.idx = nullptr;
+        a.topk_weights = nullptr;
+      }
     }
     a.expert_alignment = c.alignment;
     return a;
@@ -294,7 +312,8 @@ void runCase(const HtCase& c) {
   EpBuffer buffer(bs, configOf(c));
   EpHandle handle = buffer.createHandle();
   TestStream stream;
-  const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+  std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+  editRouting(all, c);
   const RankInputs& in = all[me];
   DeviceInputs dev(in, c);
 
@@ -436,6 +455,76 @@ TEST(HtDispatchCombine, MaxExperts) {
   c.experts = kMaxExperts;
   c.hidden = 1024;
   runCase(c);
+}
+
+// Issue 9 item 1: an expert id repeated within a token's top-k counts once (ops.hpp, "Routing
+// policy"), checked against the reference model, including every entry of every token naming
+// expert 0 (the input that used to overflow a slab in LL).
+TEST(HtDispatchCombine, RepeatedExpertIdsCountOnce) {
+  for (IndexType idx : {IndexType::kInt64, IndexType::kInt32}) {
+    HtCase c;
+    c.routing = Routing::kWithDuplicates;
+    c.idx_type = idx;
+    c.hidden = 1024;
+    c.seed = idx == IndexType::kInt64 ? 61 : 62;
+    SCOPED_TRACE(idx == IndexType::kInt64 ? "int64 ids" : "int32 ids");
+    runCase(c);
+  }
+  HtCase c;
+  c.all_one_expert = 0;
+  c.hidden = 512;
+  c.tokens = 256;
+  SCOPED_TRACE("every entry is expert 0");
+  runCase(c);
+}
+
+// Issue 9 item 3: a rank with 0 tokens may pass topk.idx == nullptr; the others must not wait for
+// its expert counts.
+TEST(HtDispatchCombine, ZeroTokenRankWithNullTopk) {
+  for (int zero_rank : {0, worldSize() - 1}) {
+    HtCase c;
+    c.zero_rank = zero_rank;
+    c.null_topk_when_empty = true;
+    c.hidden = 1024;
+    c.seed = 70 + zero_rank;
+    SCOPED_TRACE("rank " + std::to_string(zero_rank) + " has 0 tokens and topk.idx == nullptr");
+    runCase(c);
+    if (anyRankFailed()) break;
+  }
+}
+
+// Issue 9 item 9 (item 7 of the brief): the call counters cross 2^32 (the 32-bit epoch part of
+// the tagged signal words wraps) with every call still correct.
+TEST(HtDispatchCombine, CallCounterWrapsPast2To32) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 64;
+  c.max_tokens = 64;
+  BufferConfig config = configOf(c);
+  config.timeout_s = 10;
+  EpBuffer buffer(bs, config);
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  testing::setCallCounterForTesting(buffer, bs, (uint64_t{1} << 32) - 3);
+  for (int iter = 0; iter < 7; ++iter) {
+    c.seed = 7000 + iter;
+    c.routing = iter % 2 == 0 ? Routing::kWithNegatives : Routing::kUniform;
+    const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+    DeviceInputs dev(all[me], c);
+    DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+    const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed);
+    buffer.sync(stream.get());
+    checkDispatch(r, all, c, true, "iteration " + std::to_string(iter));
+    runAndCheckCombine(buffer, handle, r, all, c, inputs, iter % 2 == 0, true, false,
+                       stream.get(), "iteration " + std::to_string(iter));
+    buffer.synchronizingBarrier(stream.get());
+    if (anyRankFailed()) break;
+  }
 }
 
 // 100 back-to-back dispatch/combine pairs with new routing every time, checked every time.
@@ -654,8 +743,8 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
       EXPECT_NE(std::string(e.what()).find(bad.expected_text), std::string::npos) << e.what();
     }
     EXPECT_TRUE(threw) << bad.name << " was accepted on rank " << me;
-    // The buffer refuses further work with a clear error.
-    EXPECT_THROW(buffer.barrier(stream.get()), Error);
+    // A call rejected on the host leaves the buffer usable on every rank (issue 9 item 12).
+    EXPECT_NO_THROW(buffer.synchronizingBarrier(stream.get())) << bad.name;
   }
 }
 
@@ -723,33 +812,185 @@ TEST(HtBadInput, OneRankRejectsOthersStopQuickly) {
   EXPECT_LT(seconds, 10.0) << "the peers waited instead of stopping";
 }
 
-// An expert id out of range is caught on the device, never used as an address, and reported.
-TEST(HtBadInput, ExpertIdOutOfRangeReportedFromDevice) {
+// How one rank's dispatch + sync ended, and how long it took.
+struct Outcome {
+  bool threw = false;
+  ErrorCode code = ErrorCode::kInternal;
+  std::string what;
+  double seconds = 0;
+};
+
+template <typename Call>
+Outcome runAndSync(Call call) {
+  Outcome o;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    call();
+  } catch (const Error& e) {
+    o.threw = true;
+    o.code = e.code();
+    o.what = e.what();
+  }
+  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return o;
+}
+
+// Issue 9 item 4: an expert id out of range held in device memory fails the op in which it is
+// found on every rank within milliseconds (InvalidArgument on the offending rank, kRemote naming
+// it on the others), never by timeout, and is never used as an address.
+TEST(HtBadInput, ExpertIdOutOfRangeFailsEveryRankQuickly) {
   EPCOMM_REQUIRE_GPU();
   Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int me = bs.rank();
+  HtCase base;
+  base.hidden = 512;
+  base.tokens = 32;
+  base.max_tokens = 64;
+  struct Bad {
+    int64_t id;
+    IndexType type;
+  };
+  const std::vector<Bad> bads = {{base.experts + 5, IndexType::kInt64},
+                                 {base.experts, IndexType::kInt32},
+                                 {-2, IndexType::kInt32},
+                                 {int64_t{1} << 32, IndexType::kInt64}};
+  for (const Bad& bad : bads) {
+    SCOPED_TRACE("bad id " + std::to_string(bad.id));
+    HtCase c = base;
+    c.idx_type = bad.type;
+    std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 5));
+    all[0].topk_idx[3 * c.topk + 1] = bad.id;
+    all[0].topk_idx32[3 * c.topk + 1] = static_cast<int32_t>(bad.id);
+    DeviceInputs dev(all[me], c);
+    BufferConfig config = configOf(c);
+    config.timeout_s = 30;
+    EpBuffer buffer(bs, config);
+    EpHandle handle = buffer.createHandle();
+    TestStream stream;
+    const Outcome o = runAndSync([&] {
+      buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+      buffer.sync(stream.get());
+    });
+    EXPECT_TRUE(o.threw) << "rank " << me << " finished a dispatch with a bad expert id";
+    if (me == 0) {
+      EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+      EXPECT_NE(o.what.find("topk_idx"), std::string::npos) << o.what;
+      EXPECT_NE(o.what.find("token 3"), std::string::npos) << o.what;
+    } else {
+      EXPECT_EQ(o.code, ErrorCode::kRemote) << o.what;
+      EXPECT_NE(o.what.find("rank 0"), std::string::npos) << o.what;
+    }
+    EXPECT_LT(o.seconds, 3.0) << "the op did not fail promptly: " << o.what;
+    // The buffer stays broken on every rank.
+    EXPECT_THROW(buffer.barrier(stream.get()), Error);
+    if (anyRankFailed()) break;
+  }
+}
+
+// Issue 9 item 2: counts that come from another rank are bounded before they become an address.
+// Rank 0 corrupts its handle's per-rank counts and runs a cached dispatch (which sends them as
+// they are): every rank fails with a device-side error (no CUDA fault, no timeout), promptly.
+TEST(HtBadInput, GarbageCountsFromAPeerFailEveryRankWithoutWriting) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 8));
+  DeviceInputs dev(all[me], c);
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  for (int32_t garbage : {num_ranks * c.max_tokens + 1, 0x7fffffff, -5}) {
+    SCOPED_TRACE("rank 0 claims " + std::to_string(garbage) + " rows for rank " +
+                 std::to_string(num_ranks - 1));
+    EpBuffer buffer(bs, config);
+    EpHandle handle = buffer.createHandle();
+    TestStream stream;
+    buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+    buffer.sync(stream.get());
+    if (me == 0) {
+      int32_t* counts = const_cast<int32_t*>(handle.numTokensPerRank());
+      EPCOMM_TEST_CUDA(
+          cudaMemcpy(counts + num_ranks - 1, &garbage, sizeof(garbage), cudaMemcpyHostToDevice));
+    }
+    bs.barrier();
+    const Outcome o = runAndSync([&] {
+      buffer.dispatch(dev.args(all[me], c, false), handle, stream.get());
+      buffer.sync(stream.get());
+    });
+    EXPECT_TRUE(o.threw) << "rank " << me << " accepted garbage counts";
+    EXPECT_NE(o.code, ErrorCode::kTimeout) << o.what;
+    EXPECT_NE(o.code, ErrorCode::kCuda) << "a kernel faulted: " << o.what;
+    EXPECT_LT(o.seconds, 3.0) << o.what;
+    if (anyRankFailed()) break;
+  }
+}
+
+// Issue 9 item 6: the per-call parameters that must match across ranks are checked on every call;
+// a mismatch fails the op on every rank, naming the field and a rank, without waiting.
+TEST(HtBadInput, PerCallParametersMustMatchAcrossRanks) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
   selectDevice(bs);
   const int me = bs.rank();
   HtCase c;
   c.hidden = 512;
   c.tokens = 32;
   c.max_tokens = 64;
-  std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 5));
-  if (me == 0) {
-    all[0].topk_idx[3 * c.topk + 1] = c.experts + 5;
-    all[0].topk_idx32[3 * c.topk + 1] = c.experts + 5;
-  }
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 9));
   DeviceInputs dev(all[me], c);
-  EpBuffer buffer(bs, configOf(c));
-  EpHandle handle = buffer.createHandle();
-  TestStream stream;
-  try {
-    buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
-    buffer.sync(stream.get());
-    EXPECT_NE(me, 0) << "rank 0 did not report its bad expert id";
-  } catch (const InvalidArgument& e) {
-    EXPECT_EQ(me, 0) << e.what();
-    EXPECT_NE(std::string(e.what()).find("topk_idx"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("token 3"), std::string::npos) << e.what();
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  struct Mismatch {
+    const char* field;
+    std::function<void(EpBuffer&, EpHandle&, DispatchArgs&, cudaStream_t)> edit_rank0;
+  };
+  const std::vector<Mismatch> cases = {
+      {"dtype is FP8",
+       [&](EpBuffer&, EpHandle&, DispatchArgs& a, cudaStream_t) {
+         a.dtype = DType::kFP8E4M3;
+         a.x = dev.x_fp8.get();
+         a.x_scales = dev.scales.get();
+       }},
+      {"topk.num_topk",
+       [&](EpBuffer&, EpHandle&, DispatchArgs& a, cudaStream_t) { a.topk.num_topk = c.topk - 1; }},
+      {"topk.idx_type",
+       [&](EpBuffer&, EpHandle&, DispatchArgs& a, cudaStream_t) {
+         a.topk.idx_type = IndexType::kInt32;
+         a.topk.idx = dev.idx32.get();
+       }},
+      {"expert_alignment",
+       [&](EpBuffer&, EpHandle&, DispatchArgs& a, cudaStream_t) { a.expert_alignment = 4; }},
+      {"top-k sent",
+       [&](EpBuffer& b, EpHandle& h, DispatchArgs& a, cudaStream_t s) {
+         b.layout(a.topk, h, s);
+         a.topk = TopkView{};
+         a.topk_weights = nullptr;
+       }},
+  };
+  for (const Mismatch& m : cases) {
+    SCOPED_TRACE(std::string("rank 0 differs in ") + m.field);
+    EpBuffer buffer(bs, config);
+    EpHandle handle = buffer.createHandle();
+    TestStream stream;
+    const Outcome o = runAndSync([&] {
+      DispatchArgs a = dev.args(all[me], c, true);
+      if (me == 0) m.edit_rank0(buffer, handle, a, stream.get());
+      buffer.dispatch(a, handle, stream.get());
+      buffer.sync(stream.get());
+    });
+    EXPECT_TRUE(o.threw) << "rank " << me << " accepted a call that differs across ranks";
+    EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+    EXPECT_NE(o.what.find(m.field), std::string::npos) << o.what;
+    EXPECT_NE(o.what.find(me == 0 ? "rank 1" : "rank 0"), std::string::npos) << o.what;
+    EXPECT_LT(o.seconds, 3.0) << o.what;
+    if (anyRankFailed()) break;
   }
 }
 

@@ -4,6 +4,8 @@
 // reference cast), and combine within float tolerance. Outputs are poisoned before every run.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -12,6 +14,7 @@
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
+#include "test_hooks.hpp"
 
 namespace epcomm::test {
 namespace {
@@ -27,7 +30,18 @@ struct LlCase {
   bool fp8 = false;
   IndexType idx_type = IndexType::kInt64;
   uint64_t seed = 17;
+  int all_one_expert = -1;  // >= 0: every top-k entry of every token is this expert
 };
+
+void editRouting(std::vector<RankInputs>& all, const LlCase& c) {
+  if (c.all_one_expert < 0) return;
+  for (RankInputs& in : all) {
+    for (size_t i = 0; i < in.topk_idx.size(); ++i) {
+      in.topk_idx[i] = c.all_one_expert;
+      in.topk_idx32[i] = c.all_one_expert;
+    }
+  }
+}
 
 ProblemSpec specOf(const LlCase& c, int num_ranks, uint64_t seed) {
   ProblemSpec spec;
@@ -217,17 +231,22 @@ void runPair(EpBuffer& buffer, DeviceInputs& dev, const std::vector<RankInputs>&
       << "LL combine";
 }
 
-void runCase(const LlCase& c, int pairs = 2, bool split = false) {
+// `start_calls` > 0: the buffer's call counters start there (testing::setCallCounterForTesting).
+void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_calls = 0) {
   EPCOMM_REQUIRE_GPU();
   Bootstrap& bs = *mpiBootstrap();
   selectDevice(bs);
   if (c.experts % bs.size() != 0) GTEST_SKIP() << c.experts << " experts on " << bs.size() << " ranks";
-  EpBuffer buffer(bs, configOf(c));
+  BufferConfig config = configOf(c);
+  if (start_calls > 0) config.timeout_s = 10;
+  EpBuffer buffer(bs, config);
+  if (start_calls > 0) testing::setCallCounterForTesting(buffer, bs, start_calls);
   TestStream stream;
   DeviceInputs dev(c);
   LlDispatchResult last{};
   for (int pair = 0; pair < pairs; ++pair) {
-    const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), c.seed + pair));
+    std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), c.seed + pair));
+    editRouting(all, c);
     runPair(buffer, dev, all, c, split, stream.get(), &last, "pair " + std::to_string(pair));
     if (anyRankFailed()) break;
   }
@@ -285,6 +304,48 @@ TEST(LlDispatchCombine, SplitSendReceiveWithWorkBetween) {
   LlCase c;
   c.hidden = 1024;
   runCase(c, 3, true);
+}
+
+// Issue 9 item 1: a repeated expert id in a token's top-k counts once (ops.hpp "Routing policy"),
+// as in the reference model; every entry of every token naming expert 0 (which used to write past
+// expert 0's slab) fills the slab exactly.
+TEST(LlDispatchCombine, RepeatedExpertIdsCountOnce) {
+  for (IndexType idx : {IndexType::kInt64, IndexType::kInt32}) {
+    LlCase c;
+    c.routing = Routing::kWithDuplicates;
+    c.idx_type = idx;
+    c.hidden = 1024;
+    c.seed = idx == IndexType::kInt64 ? 81 : 82;
+    SCOPED_TRACE(idx == IndexType::kInt64 ? "int64 ids" : "int32 ids");
+    runCase(c);
+    if (anyRankFailed()) return;
+  }
+  for (int topk : {2, 8}) {
+    LlCase c;
+    c.all_one_expert = 0;
+    c.topk = topk;
+    c.hidden = 512;
+    c.seed = 90 + topk;
+    SCOPED_TRACE("every entry is expert 0, top-" + std::to_string(topk));
+    runCase(c);
+    if (anyRankFailed()) return;
+  }
+}
+
+// Issue 9 item 9: the LL call counter crosses 2^32 (the epoch part of the rows-sent post wraps)
+// with every pair still correct, plain and split.
+TEST(LlDispatchCombine, CallCounterWrapsPast2To32) {
+  LlCase c;
+  c.hidden = 512;
+  c.experts = 16;
+  c.topk = 4;
+  c.max_topk = 4;
+  c.max_tokens = 16;
+  c.tokens = 16;
+  c.routing = Routing::kWithNegatives;
+  runCase(c, 6, false, (uint64_t{1} << 32) - 3);
+  if (anyRankFailed()) return;
+  runCase(c, 6, true, (uint64_t{1} << 32) - 2);
 }
 
 // 1000 back-to-back pairs with new routing every time, through both halves of the double
@@ -400,6 +461,113 @@ TEST(LlBadInput, RejectedBeforeLaunch) {
           << e.what();
     }
   }
+}
+
+struct Outcome {
+  bool threw = false;
+  ErrorCode code = ErrorCode::kInternal;
+  std::string what;
+  double seconds = 0;
+};
+
+template <typename Call>
+Outcome runAndSync(Call call) {
+  Outcome o;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    call();
+  } catch (const Error& e) {
+    o.threw = true;
+    o.code = e.code();
+    o.what = e.what();
+  }
+  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return o;
+}
+
+// Issue 9 item 5: LL treats an expert id outside [-1, num_experts) like HT does: the dispatch
+// fails on every rank within milliseconds, InvalidArgument on the offending rank and kRemote
+// naming it on the others (it used to drop the id silently).
+TEST(LlBadInput, ExpertIdOutOfRangeFailsEveryRankQuickly) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int me = bs.rank();
+  LlCase base;
+  base.hidden = 256;
+  base.experts = 16;
+  base.max_tokens = 8;
+  base.tokens = 8;
+  struct Bad {
+    int64_t id;
+    IndexType type;
+  };
+  const std::vector<Bad> bads = {{base.experts, IndexType::kInt64},
+                                 {base.experts + 3, IndexType::kInt32},
+                                 {-2, IndexType::kInt64},
+                                 {int64_t{1} << 32, IndexType::kInt64}};
+  for (const Bad& bad : bads) {
+    SCOPED_TRACE("bad id " + std::to_string(bad.id));
+    LlCase c = base;
+    c.idx_type = bad.type;
+    std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 12));
+    all[0].topk_idx[1 * c.topk + 2] = bad.id;
+    all[0].topk_idx32[1 * c.topk + 2] = static_cast<int32_t>(bad.id);
+    DeviceInputs dev(c);
+    dev.upload(all[me]);
+    BufferConfig config = configOf(c);
+    config.timeout_s = 30;
+    EpBuffer buffer(bs, config);
+    TestStream stream;
+    const Outcome o = runAndSync([&] {
+      buffer.lowLatencyDispatch(dev.args(all[me], c), stream.get());
+      buffer.sync(stream.get());
+    });
+    EXPECT_TRUE(o.threw) << "rank " << me << " finished an LL dispatch with a bad expert id";
+    if (me == 0) {
+      EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+      EXPECT_NE(o.what.find("topk_idx"), std::string::npos) << o.what;
+      EXPECT_NE(o.what.find("token 1"), std::string::npos) << o.what;
+    } else {
+      EXPECT_EQ(o.code, ErrorCode::kRemote) << o.what;
+      EXPECT_NE(o.what.find("rank 0"), std::string::npos) << o.what;
+    }
+    EXPECT_LT(o.seconds, 3.0) << "the op did not fail promptly: " << o.what;
+    if (anyRankFailed()) break;
+  }
+}
+
+// Issue 9 item 6: use_fp8 must match across ranks; one rank FP8 and the others BF16 fails the LL
+// dispatch on every rank, naming the field and a rank.
+TEST(LlBadInput, Fp8OnOneRankOnlyFailsEveryRank) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  selectDevice(bs);
+  const int me = bs.rank();
+  LlCase c;
+  c.hidden = 256;
+  c.experts = 16;
+  c.max_tokens = 8;
+  c.tokens = 8;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 13));
+  DeviceInputs dev(c);
+  dev.upload(all[me]);
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  EpBuffer buffer(bs, config);
+  TestStream stream;
+  const Outcome o = runAndSync([&] {
+    LlDispatchArgs a = dev.args(all[me], c);
+    a.use_fp8 = me == 0;
+    buffer.lowLatencyDispatch(a, stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " accepted use_fp8 differing across ranks";
+  EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+  EXPECT_NE(o.what.find("use_fp8"), std::string::npos) << o.what;
+  EXPECT_NE(o.what.find(me == 0 ? "rank 1" : "rank 0"), std::string::npos) << o.what;
+  EXPECT_LT(o.seconds, 3.0) << o.what;
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
-// resolveConfig: every invalid field is rejected naming the field and its limit, kAuto values
-// resolve, and the environment overrides (EPCOMM_MEM_MODE, EPCOMM_TIMEOUT_S) apply only where
-// the config leaves the choice to the library.
+// resolveConfig: every invalid field is rejected naming the field (or the environment variable
+// it came from) and its limit, kAuto values resolve, and the environment overrides
+// (EPCOMM_MEM_MODE, EPCOMM_TIMEOUT_S, EPCOMM_FIRST_OP_TIMEOUT_S) apply only where the config
+// leaves the choice to the library.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -17,7 +18,8 @@
 namespace epcomm {
 namespace {
 
-constexpr const char* kEnvNames[] = {"EPCOMM_MEM_MODE", "EPCOMM_TIMEOUT_S"};
+constexpr const char* kEnvNames[] = {"EPCOMM_MEM_MODE", "EPCOMM_TIMEOUT_S",
+                                     "EPCOMM_FIRST_OP_TIMEOUT_S"};
 
 // Sets (or unsets) an environment variable for one scope and restores the previous value.
 class ScopedEnv {
@@ -48,11 +50,15 @@ class ScopedEnv {
 // Every test starts from an environment without epcomm overrides, whatever the caller exported.
 class ConfigTest : public ::testing::Test {
  protected:
-  ConfigTest() : mem_mode_(kEnvNames[0], nullptr), timeout_(kEnvNames[1], nullptr) {}
+  ConfigTest()
+      : mem_mode_(kEnvNames[0], nullptr),
+        timeout_(kEnvNames[1], nullptr),
+        first_op_timeout_(kEnvNames[2], nullptr) {}
 
  private:
   ScopedEnv mem_mode_;
   ScopedEnv timeout_;
+  ScopedEnv first_op_timeout_;
 };
 
 // Expects InvalidArgument whose message contains every one of `parts`.
@@ -88,6 +94,11 @@ TEST_F(ConfigTest, DefaultsResolve) {
     EXPECT_FALSE(resolved.mem_mode_from_env);
     EXPECT_GT(resolved.config.timeout_s, 0.0);
     EXPECT_EQ(resolved.timeout_ns, static_cast<uint64_t>(resolved.config.timeout_s * 1e9));
+    EXPECT_DOUBLE_EQ(resolved.config.timeout_s, kDefaultTimeoutS);
+    EXPECT_DOUBLE_EQ(resolved.config.first_op_timeout_s, kDefaultFirstOpTimeoutS);
+    EXPECT_EQ(resolved.first_op_timeout_ns, 600000000000ull);
+    EXPECT_FALSE(resolved.timeout_from_env);
+    EXPECT_FALSE(resolved.first_op_timeout_from_env);
     EXPECT_EQ(resolved.config.hidden, 7168);
     EXPECT_EQ(resolved.config.num_experts, 256);
     EXPECT_EQ(resolved.config.num_sms, kAuto);
@@ -112,6 +123,7 @@ TEST_F(ConfigTest, LimitsThemselvesAreAccepted) {
                                   c.num_experts = 1;
                                   c.max_topk = 1;
                                   c.max_tokens_per_rank = 0;
+                                  c.ll_max_tokens_per_rank = 1;
                                 }),
                                 1));
 }
@@ -269,6 +281,109 @@ TEST_F(ConfigTest, ExplicitMemModeWinsOverEnvironment) {
   EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) { c.mem_mode = MemMode::kPosixFd; }), 2));
 }
 
+TEST_F(ConfigTest, EnvironmentErrorsNameTheVariable) {
+  // A bad environment value is reported under the variable's name, never as a config field.
+  for (const char* bad : {"-5", "0", "1e-12", "1e99", "nan"}) {
+    SCOPED_TRACE(bad);
+    ScopedEnv env("EPCOMM_TIMEOUT_S", bad);
+    try {
+      resolveConfig(BufferConfig{}, 1);
+      ADD_FAILURE() << "accepted EPCOMM_TIMEOUT_S=" << bad;
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("EPCOMM_TIMEOUT_S"), std::string::npos) << what;
+      EXPECT_EQ(what.find("BufferConfig::timeout_s"), std::string::npos) << what;
+    }
+  }
+  ScopedEnv env("EPCOMM_FIRST_OP_TIMEOUT_S", "-5");
+  expectRejected(BufferConfig{}, 1, {"EPCOMM_FIRST_OP_TIMEOUT_S", "-5", "seconds"});
+}
+
+TEST_F(ConfigTest, SubNanosecondTimeoutIsRejected) {
+  expectRejected(with([](BufferConfig& c) { c.timeout_s = 1e-10; }), 1,
+                 {"BufferConfig::timeout_s", "1e-09"});
+  expectRejected(with([](BufferConfig& c) { c.first_op_timeout_s = 1e-10; }), 1,
+                 {"BufferConfig::first_op_timeout_s", "1e-09"});
+  // One nanosecond is the shortest deadline, and it never rounds to 0.
+  const ResolvedConfig resolved = resolveConfig(with([](BufferConfig& c) {
+                                                  c.timeout_s = 1e-9;
+                                                  c.first_op_timeout_s = 1e-9;
+                                                }),
+                                                1);
+  EXPECT_EQ(resolved.timeout_ns, 1u);
+  EXPECT_EQ(resolved.first_op_timeout_ns, 1u);
+}
+
+TEST_F(ConfigTest, FirstOpTimeout) {
+  {
+    ScopedEnv env("EPCOMM_FIRST_OP_TIMEOUT_S", "120");
+    const ResolvedConfig resolved = resolveConfig(BufferConfig{}, 2);
+    EXPECT_DOUBLE_EQ(resolved.config.first_op_timeout_s, 120.0);
+    EXPECT_EQ(resolved.first_op_timeout_ns, 120000000000ull);
+    EXPECT_TRUE(resolved.first_op_timeout_from_env);
+    // An explicit value wins over the environment.
+    EXPECT_DOUBLE_EQ(resolveConfig(with([](BufferConfig& c) { c.first_op_timeout_s = 45; }), 2)
+                         .config.first_op_timeout_s,
+                     45.0);
+  }
+  // The default never shortens a longer timeout_s.
+  EXPECT_DOUBLE_EQ(
+      resolveConfig(with([](BufferConfig& c) { c.timeout_s = 900; }), 2).config.first_op_timeout_s,
+      900.0);
+  {
+    ScopedEnv env("EPCOMM_TIMEOUT_S", "700");
+    EXPECT_DOUBLE_EQ(resolveConfig(BufferConfig{}, 2).config.first_op_timeout_s, 700.0);
+  }
+  // An explicit first-op deadline shorter than timeout_s is a mistake.
+  expectRejected(with([](BufferConfig& c) {
+                   c.timeout_s = 60;
+                   c.first_op_timeout_s = 10;
+                 }),
+                 2, {"BufferConfig::first_op_timeout_s", "10", ">= the timeout_s of 60"});
+}
+
+TEST_F(ConfigTest, BootstrapTimeoutFollowsTheFirstOpDeadline) {
+  EXPECT_DOUBLE_EQ(resolveBootstrapTimeout(kAuto), kDefaultFirstOpTimeoutS);
+  EXPECT_DOUBLE_EQ(resolveBootstrapTimeout(12.5), 12.5);
+  {
+    ScopedEnv env("EPCOMM_FIRST_OP_TIMEOUT_S", "90");
+    EXPECT_DOUBLE_EQ(resolveBootstrapTimeout(kAuto), 90.0);
+    EXPECT_DOUBLE_EQ(resolveBootstrapTimeout(5.0), 5.0);  // explicit wins
+  }
+  ScopedEnv env("EPCOMM_FIRST_OP_TIMEOUT_S", "soon");
+  try {
+    resolveBootstrapTimeout(kAuto);
+    ADD_FAILURE() << "accepted EPCOMM_FIRST_OP_TIMEOUT_S=soon";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("EPCOMM_FIRST_OP_TIMEOUT_S"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST_F(ConfigTest, ABufferThatCanDoNothingIsRejected) {
+  expectRejected(with([](BufferConfig& c) {
+                   c.max_tokens_per_rank = 0;
+                   c.ll_max_tokens_per_rank = 0;
+                 }),
+                 2, {"max_tokens_per_rank", "ll_max_tokens_per_rank", "at least one"});
+  EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) {
+                                  c.max_tokens_per_rank = 0;
+                                  c.ll_max_tokens_per_rank = 8;
+                                }),
+                                2));
+}
+
+TEST_F(ConfigTest, MemModeInAnyCase) {
+  for (const char* name : {"FABRIC", "Posix_Fd", "CUDA_IPC", "Auto"}) {
+    SCOPED_TRACE(name);
+    ScopedEnv env("EPCOMM_MEM_MODE", name);
+    EXPECT_NO_THROW(resolveConfig(BufferConfig{}, 2));
+  }
+  ScopedEnv env("EPCOMM_MEM_MODE", "FABRIC");
+  EXPECT_EQ(resolveConfig(BufferConfig{}, 2).config.mem_mode, MemMode::kFabric);
+  EXPECT_EQ(parseMemMode("Cuda_Ipc"), MemMode::kCudaIpc);
+}
+
 TEST(MemModeNames, RoundTrip) {
   for (MemMode mode : {MemMode::kAuto, MemMode::kFabric, MemMode::kPosixFd, MemMode::kCudaIpc}) {
     EXPECT_EQ(parseMemMode(memModeName(mode)), mode) << memModeName(mode);
@@ -280,7 +395,7 @@ TEST(MemModeNames, RoundTrip) {
 }
 
 TEST(MemModeNames, RejectsUnknownNamesNamingTheSource) {
-  for (const char* bad : {"", "Fabric", "posix-fd", "ipc", "auto "}) {
+  for (const char* bad : {"", "posix-fd", "ipc", "auto ", "fabric2"}) {
     SCOPED_TRACE(bad);
     try {
       parseMemMode(bad, "--mem-mode");

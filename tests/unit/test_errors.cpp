@@ -190,5 +190,12 @@ TEST(CheckMacros, FormatMessageKeepsShortPathsWhole) {
   EXPECT_EQ(detail::formatMessage("w", "/x.cpp", 2), "[epcomm] w (/x.cpp:2)");
 }
 
+TEST(CheckMacros, LaunchCheckNamesTheKernel) {
+  // Any failed runtime call leaves an error for cudaGetLastError, GPU or not.
+  (void)cudaSetDevice(-1);
+  const CudaError e = expectThrow<CudaError>([] { EPCOMM_LAUNCH_CHECK(htDispatchKernel); });
+  EXPECT_TRUE(contains(e.what(), "launch of htDispatchKernel failed"));
+}
+
 }  // namespace
 }  // namespace epcomm

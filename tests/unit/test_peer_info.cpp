@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // PeerInfo wire format: round trips, and rejection of every short or corrupted record without
 // reading past its end (this suite is also run under valgrind).
 #include <gtest/gtest.h>
@@ -5,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,7 @@ constexpr size_t kModeOffset = 6;
 constexpr size_t kOkOffset = 36;
 constexpr size_t kHandleLengthOffset = 38;
 constexpr size_t kHandleOffset = 40;
+constexpr size_t kChecksumOffset = kPeerInfoBytes - 4;
 
 std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
   std::vector<uint8_t> bytes(n);
@@ -46,6 +49,16 @@ void putU16(std::vector<uint8_t>* record, size_t offset, uint16_t value) {
   (*record)[offset + 1] = static_cast<uint8_t>(value >> 8);
 }
 
+// Rewrites the CRC-32 trailer after a deliberate change, so the parser's later checks are the
+// ones that must catch it.
+void reseal(std::vector<uint8_t>* record) {
+  if (record->size() != kPeerInfoBytes) return;
+  const uint32_t crc = peerInfoChecksum(record->data(), record->size());
+  for (size_t i = 0; i < 4; ++i) {
+    (*record)[kChecksumOffset + i] = static_cast<uint8_t>(crc >> (8 * i));
+  }
+}
+
 // Parses from an exactly-sized heap copy, so any read past the end is visible to valgrind/ASan.
 PeerInfo parseCopy(const std::vector<uint8_t>& record, size_t size) {
   std::unique_ptr<uint8_t[]> copy(new uint8_t[size > 0 ? size : 1]);
@@ -53,8 +66,11 @@ PeerInfo parseCopy(const std::vector<uint8_t>& record, size_t size) {
   return deserializePeerInfo(copy.get(), size);
 }
 
-// Expects an internal error whose message contains `part`.
-void expectCorrupt(const std::vector<uint8_t>& record, const std::string& part) {
+// Expects an internal error whose message contains `part`. The record is resealed first (unless
+// `keep_checksum`), so the check under test, not the checksum, has to catch the change.
+void expectCorrupt(std::vector<uint8_t> record, const std::string& part,
+                   bool keep_checksum = false) {
+  if (!keep_checksum) reseal(&record);
   try {
     parseCopy(record, record.size());
     ADD_FAILURE() << "accepted a corrupted record (expected: " << part << ")";
@@ -110,14 +126,64 @@ TEST(PeerInfo, RoundTripsExtremeValues) {
 TEST(PeerInfo, WireHeaderIsLittleEndianAndZeroPadded) {
   const std::vector<uint8_t> record = serializePeerInfo(sample(5, MemMode::kPosixFd, 3, ""));
   EXPECT_EQ(std::string(record.begin(), record.begin() + 4), "EPCM");
-  EXPECT_EQ(record[kVersionOffset], 1);
+  EXPECT_EQ(record[kVersionOffset], 2);
   EXPECT_EQ(record[kVersionOffset + 1], 0);
   EXPECT_EQ(record[kModeOffset], static_cast<uint8_t>(MemMode::kPosixFd));
   EXPECT_EQ(record[8], 5);  // rank
   EXPECT_EQ(record[kHandleLengthOffset], 3);
-  // handle (3) + error length (2) + no error text, then padding.
-  for (size_t i = kHandleOffset + 3 + 2; i < kPeerInfoBytes; ++i) {
+  // handle (3) + error length (2) + no error text, then padding up to the checksum.
+  for (size_t i = kHandleOffset + 3 + 2; i < kChecksumOffset; ++i) {
     ASSERT_EQ(record[i], 0) << "byte " << i;
+  }
+  const uint32_t crc = peerInfoChecksum(record.data(), record.size());
+  EXPECT_EQ(record[kChecksumOffset], static_cast<uint8_t>(crc));
+  EXPECT_EQ(record[kChecksumOffset + 3], static_cast<uint8_t>(crc >> 24));
+}
+
+// The checksum is zlib's CRC-32 of the first 508 bytes: pinned by a value computed with
+// Python's zlib.crc32(b"123456789" + bytes(499)).
+TEST(PeerInfo, ChecksumIsZlibCrc32OfTheRecordBody) {
+  std::vector<uint8_t> record(kPeerInfoBytes, 0);
+  std::memcpy(record.data(), "123456789", 9);
+  record[kChecksumOffset] = 0xAB;  // the trailer itself is not covered
+  EXPECT_EQ(peerInfoChecksum(record.data(), record.size()), 0xe027f053u);
+  EXPECT_THROW(peerInfoChecksum(record.data(), kPeerInfoBytes - 1), Error);
+  EXPECT_THROW(peerInfoChecksum(nullptr, kPeerInfoBytes), Error);
+}
+
+TEST(PeerInfo, RejectsEveryChangeTheChecksumCovers) {
+  const std::vector<uint8_t> good = serializePeerInfo(sample(9, MemMode::kPosixFd, 20, "oops"));
+  // Any single-bit change anywhere in the record (also in the checksum itself) is rejected.
+  for (size_t byte = 0; byte < kPeerInfoBytes; ++byte) {
+    for (int bit = 0; bit < 8; ++bit) {
+      std::vector<uint8_t> bad = good;
+      bad[byte] ^= static_cast<uint8_t>(1u << bit);
+      try {
+        parseCopy(bad, bad.size());
+        ADD_FAILURE() << "accepted a record with bit " << bit << " of byte " << byte << " flipped";
+        return;
+      } catch (const Error& e) {
+        ASSERT_EQ(e.code(), ErrorCode::kInternal) << e.what();
+      }
+    }
+  }
+  std::vector<uint8_t> bad = good;
+  bad[kChecksumOffset] ^= 1;
+  expectCorrupt(bad, "checksum", /*keep_checksum=*/true);
+}
+
+TEST(PeerInfo, RejectsNonZeroReservedAndPaddingBytes) {
+  const std::vector<uint8_t> good = serializePeerInfo(sample(8, MemMode::kCudaIpc, 4, "ab"));
+  {
+    std::vector<uint8_t> bad = good;
+    bad[kOkOffset + 1] = 1;
+    expectCorrupt(bad, "reserved byte");
+  }
+  // Padding starts after handle (4) + error length (2) + error text (2).
+  for (size_t offset : {kHandleOffset + 4 + 2 + 2, size_t{300}, kChecksumOffset - 1}) {
+    std::vector<uint8_t> bad = good;
+    bad[offset] = 0x80;
+    expectCorrupt(bad, "padding byte at offset " + std::to_string(offset));
   }
 }
 
@@ -192,8 +258,8 @@ TEST(PeerInfo, RejectsCorruptedHeader) {
   }
   {
     std::vector<uint8_t> bad = good;
-    putU16(&bad, kVersionOffset, 2);
-    expectCorrupt(bad, "version 2");
+    putU16(&bad, kVersionOffset, 3);
+    expectCorrupt(bad, "version 3");
   }
   {
     std::vector<uint8_t> bad = good;
@@ -242,6 +308,7 @@ TEST(PeerInfo, NoHandleLengthReadsOutOfBounds) {
   std::vector<uint8_t> bad = good;
   for (uint32_t length : lengths) {
     putU16(&bad, kHandleLengthOffset, static_cast<uint16_t>(length));
+    reseal(&bad);  // so the length check itself is exercised, not the checksum
     bool accepted = true;
     try {
       parseCopy(bad, bad.size());
@@ -253,6 +320,96 @@ TEST(PeerInfo, NoHandleLengthReadsOutOfBounds) {
       ASSERT_FALSE(accepted) << "handle length " << length;
     }
   }
+}
+
+// Randomized mutation test, fixed seed (reproducible; the failure message names the iteration
+// and the kind of mutation). Whatever bytes arrive, the parser never crashes or reads out of
+// bounds (each input is parsed from an exactly-sized heap copy, so ASan and valgrind see any
+// overread), and it either throws Error(kInternal) or returns a valid record whose serialization
+// is exactly the input (the encoding is canonical).
+TEST(PeerInfo, SurvivesRandomMutations) {
+  constexpr int kIterations = 40000;
+  std::mt19937_64 rng(0x9e3779b97f4a7c15ull);
+  auto below = [&rng](size_t n) { return static_cast<size_t>(rng() % n); };
+  std::vector<std::vector<uint8_t>> seeds;
+  seeds.push_back(serializePeerInfo(sample(0, MemMode::kAuto, 0, "")));
+  seeds.push_back(serializePeerInfo(sample(1, MemMode::kFabric, kMaxHandleBytes, "")));
+  seeds.push_back(serializePeerInfo(sample(2, MemMode::kPosixFd, 0, "cuMemCreate failed")));
+  seeds.push_back(
+      serializePeerInfo(sample(3, MemMode::kCudaIpc, 17, std::string(kMaxPeerErrorBytes, 'e'))));
+
+  enum Kind { kFlip, kFlipResealed, kLengthField, kTruncate, kExtend, kRandomBlob, kKinds };
+  const char* const kKindNames[] = {"flip",     "flip+reseal", "length field",
+                                    "truncate", "extend",      "random blob"};
+  size_t accepted = 0;
+  size_t rejected = 0;
+  for (int iteration = 0; iteration < kIterations; ++iteration) {
+    std::vector<uint8_t> record = seeds[below(seeds.size())];
+    const auto kind = static_cast<Kind>(below(kKinds));
+    switch (kind) {
+      case kFlip:
+      case kFlipResealed: {
+        const size_t flips = 1 + below(8);
+        for (size_t i = 0; i < flips; ++i) {
+          record[below(record.size())] ^= static_cast<uint8_t>(1 + below(255));
+        }
+        if (kind == kFlipResealed) reseal(&record);
+        break;
+      }
+      case kLengthField: {
+        // The handle length, or the error length behind the (original) handle.
+        const size_t handle_length =
+            record[kHandleLengthOffset] | (size_t{record[kHandleLengthOffset + 1]} << 8);
+        const size_t offset = below(2) == 0 ? kHandleLengthOffset : kHandleOffset + handle_length;
+        const uint16_t value = below(2) == 0 ? static_cast<uint16_t>(below(kPeerInfoBytes + 16))
+                                             : static_cast<uint16_t>(rng());
+        putU16(&record, offset, value);
+        reseal(&record);
+        break;
+      }
+      case kTruncate:
+        record.resize(below(kPeerInfoBytes));
+        break;
+      case kExtend: {
+        const size_t extra = 1 + below(64);
+        for (size_t i = 0; i < extra; ++i) record.push_back(static_cast<uint8_t>(rng()));
+        break;
+      }
+      case kRandomBlob: {
+        for (uint8_t& byte : record) byte = static_cast<uint8_t>(rng());
+        if (below(2) == 0) {
+          // A plausible header, so the parse gets past magic and version.
+          std::memcpy(record.data(), "EPCM", 4);
+          putU16(&record, kVersionOffset, 2);
+          putU16(&record, kModeOffset, static_cast<uint16_t>(below(4)));
+          reseal(&record);
+        }
+        break;
+      }
+      case kKinds:
+        break;
+    }
+
+    try {
+      const PeerInfo info = parseCopy(record, record.size());
+      ++accepted;
+      ASSERT_LE(info.handle.size(), kMaxHandleBytes) << "iteration " << iteration;
+      ASSERT_LE(info.error.size(), kMaxPeerErrorBytes) << "iteration " << iteration;
+      ASSERT_EQ(serializePeerInfo(info), record)
+          << "iteration " << iteration << " (" << kKindNames[kind]
+          << "): accepted a record that is not the canonical encoding of what it parsed to";
+    } catch (const Error& e) {
+      ++rejected;
+      ASSERT_EQ(e.code(), ErrorCode::kInternal)
+          << "iteration " << iteration << " (" << kKindNames[kind] << "): " << e.what();
+    } catch (const std::exception& e) {
+      FAIL() << "iteration " << iteration << " (" << kKindNames[kind]
+             << "): not an epcomm::Error: " << e.what();
+    }
+  }
+  // Both outcomes must have been exercised, or the mutations are not reaching the parser.
+  EXPECT_GT(accepted, static_cast<size_t>(kIterations / 50));
+  EXPECT_GT(rejected, static_cast<size_t>(kIterations / 2));
 }
 
 }  // namespace

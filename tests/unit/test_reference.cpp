@@ -450,6 +450,101 @@ TEST(ReferenceLlCombine, HandComputedWithPerRankBf16Rounding) {
   EXPECT_EQ(out1[2 * kH + 100], 26.0f);
 }
 
+// ----- repeated expert ids ---------------------------------------------------------------------------
+//
+// Policy (include/epcomm/ops.hpp): an id repeated within one token's top-k counts once; every
+// repetition after the first behaves exactly like -1. 2 ranks, 4 experts, top-3, hidden 128:
+//   rank 0: t0 [1, 1, 2] w [0.5, 0.25, 0.125]  = [1, -1, 2] -> ranks 0 and 1
+//           t1 [3, 3, 3] w [0.5, 0.25, 0.75]   = [3, -1, -1] -> rank 1
+//   rank 1: t0 [0, 2, 0] w [0.25, 0.5, 0.75]   = [0, 2, -1] -> ranks 0 and 1
+RankInputs makeRank3(int rank, const std::vector<int64_t>& topk, const std::vector<float>& w) {
+  RankInputs in;
+  in.rank = rank;
+  in.num_tokens = static_cast<int>(topk.size()) / 3;
+  in.hidden = kH;
+  in.num_topk = 3;
+  in.topk_idx = topk;
+  in.topk_idx32.assign(topk.begin(), topk.end());
+  in.topk_weights = w;
+  for (int t = 0; t < in.num_tokens; ++t) {
+    for (int c = 0; c < kH; ++c) in.x_bf16.push_back(bf(static_cast<float>(c == 0 ? rank + 1 : t + 1)));
+    for (int c = 0; c < kH; ++c) in.x_fp8.push_back(static_cast<uint8_t>(c));
+    in.x_scales.push_back(1.0f);
+  }
+  return in;
+}
+
+std::vector<RankInputs> duplicateProblem() {
+  return {makeRank3(0, {1, 1, 2, 3, 3, 3}, {0.5f, 0.25f, 0.125f, 0.5f, 0.25f, 0.75f}),
+          makeRank3(1, {0, 2, 0}, {0.25f, 0.5f, 0.75f})};
+}
+
+TEST(ReferenceDuplicates, EffectiveExpert) {
+  const std::vector<int64_t> ids = {3, -1, 3, 5, 5, -1, 2};
+  const std::vector<int64_t> want = {3, -1, -1, 5, -1, -1, 2};
+  for (int k = 0; k < 7; ++k) EXPECT_EQ(effectiveExpert(ids.data(), k), want[k]) << k;
+}
+
+TEST(ReferenceDuplicates, LayoutCountsEachExpertOncePerToken) {
+  const auto all = duplicateProblem();
+  const LayoutRef ref0 = referenceLayout(all[0].topk_idx.data(), 2, 3, kE, 2);
+  EXPECT_EQ(ref0.tokens_per_rank, (std::vector<int>{1, 2}));
+  EXPECT_EQ(ref0.tokens_per_expert, (std::vector<int>{0, 1, 1, 1}));
+  EXPECT_EQ(ref0.token_slot, (std::vector<int>{0, 0, -1, 1}));
+  const LayoutRef ref1 = referenceLayout(all[1].topk_idx.data(), 1, 3, kE, 2);
+  EXPECT_EQ(ref1.tokens_per_expert, (std::vector<int>{1, 0, 1, 0}));
+}
+
+TEST(ReferenceDuplicates, HtDispatchSendsRepetitionsAsMinusOne) {
+  const auto all = duplicateProblem();
+  const HtDispatchRef on1 = referenceHtDispatch(all, 1, kH, kE, 3, 1);
+  // Rows (0,t0) (0,t1) (1,t0); local experts 2, 3.
+  EXPECT_EQ(on1.num_recv, 3);
+  EXPECT_EQ(on1.recv_topk_idx, (std::vector<int64_t>{-1, -1, 0, 1, -1, -1, -1, 0, -1}));
+  EXPECT_EQ(on1.recv_topk_weights,
+            (std::vector<float>{0, 0, 0.125f, 0.5f, 0, 0, 0, 0.5f, 0}));
+  EXPECT_EQ(on1.tokens_per_local_expert, (std::vector<int>{2, 1}));
+  const HtDispatchRef on0 = referenceHtDispatch(all, 0, kH, kE, 3, 1);
+  // Rows (0,t0) (1,t0); local experts 0, 1.
+  EXPECT_EQ(on0.recv_topk_idx, (std::vector<int64_t>{1, -1, -1, 0, -1, -1}));
+  EXPECT_EQ(on0.recv_topk_weights, (std::vector<float>{0.5f, 0, 0, 0.25f, 0, 0}));
+  EXPECT_EQ(on0.tokens_per_local_expert, (std::vector<int>{1, 1}));
+}
+
+TEST(ReferenceDuplicates, HtCombineUsesTheFirstOccurrencesWeightOnly) {
+  const auto all = duplicateProblem();
+  // Rank 0 receives (0,t0) (1,t0) with outputs 1, 2; rank 1 receives (0,t0) (0,t1) (1,t0) with
+  // outputs 4, 8, 16 (every column).
+  std::vector<std::vector<uint16_t>> inputs(2);
+  for (float v : {1.0f, 2.0f}) inputs[0].insert(inputs[0].end(), kH, bf(v));
+  for (float v : {4.0f, 8.0f, 16.0f}) inputs[1].insert(inputs[1].end(), kH, bf(v));
+  const std::vector<float> out0 = referenceHtCombine(all, 0, inputs, kH, kE, 3, true, nullptr);
+  EXPECT_EQ(out0[0 * kH + 5], 0.5f * 1 + 0.125f * 4);  // not (0.5 + 0.25) * 1 + ...
+  EXPECT_EQ(out0[1 * kH + 5], 0.5f * 8);               // not (0.5 + 0.25 + 0.75) * 8
+  const std::vector<float> out1 = referenceHtCombine(all, 1, inputs, kH, kE, 3, true, nullptr);
+  EXPECT_EQ(out1[0 * kH + 5], 0.25f * 2 + 0.5f * 16);  // not (0.25 + 0.75) * 2 + ...
+  // Unweighted: one row per destination rank, as always.
+  const std::vector<float> plain = referenceHtCombine(all, 0, inputs, kH, kE, 3, false, nullptr);
+  EXPECT_EQ(plain[0 * kH + 5], 1.0f + 4.0f);
+  EXPECT_EQ(plain[1 * kH + 5], 8.0f);
+}
+
+TEST(ReferenceDuplicates, LlDispatchAndCombineCountOnce) {
+  const auto all = duplicateProblem();
+  const LlDispatchRef on1 = referenceLlDispatch(all, 1, kE, 3);
+  EXPECT_EQ(origins(on1.per_local_expert[0]), (Origins{{0, 0}, {1, 0}}));  // expert 2
+  EXPECT_EQ(origins(on1.per_local_expert[1]), (Origins{{0, 1}}));          // expert 3, once
+  const LlDispatchRef on0 = referenceLlDispatch(all, 0, kE, 3);
+  EXPECT_EQ(origins(on0.per_local_expert[0]), (Origins{{1, 0}}));          // expert 0, once
+  EXPECT_EQ(origins(on0.per_local_expert[1]), (Origins{{0, 0}}));          // expert 1, once
+  const ExpertOutputFn f = [](int e, int, int, int c) { return static_cast<float>(e + 1 + c); };
+  const std::vector<float> out0 = referenceLlCombine(all, 0, kE, 3, f, kH);
+  EXPECT_EQ(out0[0 * kH + 0], 0.5f * 2 + 0.125f * 3);
+  EXPECT_EQ(out0[1 * kH + 0], 0.5f * 4);
+  const std::vector<float> out1 = referenceLlCombine(all, 1, kE, 3, f, kH);
+  EXPECT_EQ(out1[0 * kH + 0], 0.25f * 1 + 0.5f * 3);
+}
+
 // ----- the generator -----------------------------------------------------------------------------
 
 ProblemSpec smallSpec() {
@@ -693,6 +788,35 @@ TEST(ReferenceGenerator, NegativesFractionRoughlyAsAsked) {
     empty += half[0].topk_idx[t * 2] == -1 && half[0].topk_idx[t * 2 + 1] == -1;
   EXPECT_GT(empty, 500);
   EXPECT_LT(empty, 750);
+}
+
+TEST(ReferenceGenerator, DuplicatesRepeatEarlierEntriesOfTheSameToken) {
+  ProblemSpec spec;
+  spec.num_ranks = 2;
+  spec.num_experts = 16;
+  spec.num_topk = 4;
+  spec.tokens_per_rank = {2000, 2000};
+  spec.routing = Routing::kWithDuplicates;
+  spec.duplicate_fraction = 0.3;
+  spec.seed = 13;
+  const auto all = generateProblem(spec);
+  EXPECT_EQ(all[0].topk_idx, generateProblem(spec)[0].topk_idx);
+  int repeats = 0;
+  for (const auto& in : all) {
+    for (int t = 0; t < in.num_tokens; ++t) {
+      const int64_t* ids = in.topk_idx.data() + t * 4;
+      for (int k = 0; k < 4; ++k) {
+        ASSERT_GE(ids[k], 0);
+        ASSERT_LT(ids[k], 16);
+        EXPECT_EQ(in.topk_idx32[t * 4 + k], ids[k]);
+        repeats += effectiveExpert(ids, k) < 0;
+      }
+    }
+  }
+  // 12000 entries k > 0, each repeated with probability 0.3 (a uniform pick is never a repeat):
+  // expected 3600, standard deviation about 50.
+  EXPECT_GT(repeats, 3300);
+  EXPECT_LT(repeats, 3900);
 }
 
 TEST(ReferenceGenerator, RejectsBadSpecs) {

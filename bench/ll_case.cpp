@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: Apache-2.0
+// One LL case: LL dispatch (BF16, FP8), LL combine and the LL graph round trip at one token count.
+#include <string>
+#include <vector>
+
+#include "cases.hpp"
+#include "epcomm/epcomm.hpp"
+
+namespace epcomm::bench {
+
+namespace {
+
+struct LlSet {
+  DeviceBuffer x;        // [tokens, hidden] BF16
+  DeviceBuffer idx;      // [tokens, topk] int64
+  DeviceBuffer weights;  // [tokens, topk] float32
+  Traffic traffic;
+};
+
+class LlCase {
+ public:
+  LlCase(const CaseEnv& env, EpBuffer& buffer, const LlCaseSpec& spec)
+      : env_(env),
+        buffer_(buffer),
+        spec_(spec),
+        sets_(numInputSets(env.l2_bytes,
+                           static_cast<size_t>(spec.tokens) * bf16RowBytes(spec.hidden))) {}
+
+  void run() {
+    progress(env_.ranks, "LL tokens=" + std::to_string(spec_.tokens) + " (" +
+                             std::to_string(sets_) + " input sets)");
+    makeInputs();
+    std::vector<const Traffic*> traffic;
+    for (const LlSet& set : in_) traffic.push_back(&set.traffic);
+    const CaseRows rows(env_.loop, traffic);
+    nccl_ = timeNcclBaselines(env_, traffic, spec_.hidden);
+    combine_args_.x = spec_.expert_out->get();
+    combine_args_.out = out_.get();
+    timeDispatchCombine(rows);
+    if (env_.graph) timeGraph(rows);
+  }
+
+ private:
+  size_t setOf(int it) const { return static_cast<size_t>(it % sets_); }
+  RowSpec row(const std::string& op, const std::string& dtype) const {
+    return {op, dtype, spec_.tokens, spec_.hidden, spec_.sms, sets_};
+  }
+  LlDispatchArgs dispatchArgs(const LlSet& set, bool fp8) const {
+    LlDispatchArgs a;
+    a.x = set.x.get();
+    a.num_tokens = spec_.tokens;
+    a.topk = TopkView{set.idx.get(), IndexType::kInt64, spec_.tokens, env_.work.topk};
+    a.topk_weights = set.weights.as<float>();
+    a.use_fp8 = fp8;
+    return a;
+  }
+
+  void makeInputs();
+  void timeDispatchCombine(const CaseRows& rows);
+  void timeGraph(const CaseRows& rows);
+
+  const CaseEnv& env_;
+  EpBuffer& buffer_;
+  const LlCaseSpec& spec_;
+  const int sets_;
+  std::vector<LlSet> in_;
+  DeviceBuffer out_;
+  LlCombineArgs combine_args_;
+  NcclTimes nccl_;
+};
+
+void LlCase::makeInputs() {
+  const size_t elements = static_cast<size_t>(spec_.tokens) * spec_.hidden;
+  in_.resize(static_cast<size_t>(sets_));
+  for (int s = 0; s < sets_; ++s) {
+    LlSet& set = in_[static_cast<size_t>(s)];
+    const uint64_t base =
+        seedFor(env_.work.seed, {static_cast<uint64_t>(env_.ranks.rank), 4,
+                                 static_cast<uint64_t>(spec_.case_id), static_cast<uint64_t>(s)});
+    Routing routing = makeRouting(env_.work, env_.ranks.size, spec_.tokens, base);
+    set.idx = upload(routing.idx);
+    set.weights = upload(routing.weights);
+    set.x = DeviceBuffer(elements * 2);
+    fillRandomBf16(set.x.get(), elements, seedFor(base, {1}), env_.stream);
+    // The LL kernel sends a token once per destination rank: the same pairs as HT's rows.
+    set.traffic = gatherTraffic(env_.ranks, routing.dest_tokens);
+  }
+  out_ = DeviceBuffer(elements * 2);
+  EPCOMM_BENCH_CUDA_CHECK(cudaStreamSynchronize(env_.stream));
+}
+
+// LL dispatch and combine must alternate: each op gets its own events inside one loop. The
+// combine row comes from the BF16 loop (its work does not depend on the dispatch dtype).
+void LlCase::timeDispatchCombine(const CaseRows& rows) {
+  std::vector<float> combine_samples;
+  for (bool fp8 : {false, true}) {
+    TimedLoop loop(env_.loop, env_.stream, 2);
+    loop.run(buffer_, [&](int it) {
+      const LlDispatchArgs a = dispatchArgs(in_[setOf(it)], fp8);
+      loop.start(0);
+      buffer_.lowLatencyDispatch(a, env_.stream);
+      loop.stop(0);
+      loop.start(1);
+      buffer_.lowLatencyCombine(combine_args_, env_.stream);
+      loop.stop(1);
+    });
+    env_.rows.add(row("ll dispatch", fp8 ? "fp8" : "bf16"), loop.samples(0),
+                  rows.bytes(fp8 ? fp8RowBytes(spec_.hidden) : bf16RowBytes(spec_.hidden)),
+                  fp8 ? nccl_.fp8 : nccl_.bf16);
+    if (!fp8) combine_samples = loop.samples(1);
+  }
+  env_.rows.add(row("ll combine", "bf16"), combine_samples, rows.bytes(bf16RowBytes(spec_.hidden)),
+                nccl_.combine);
+}
+
+void LlCase::timeGraph(const CaseRows& rows) {
+  std::vector<GraphExec> graphs;
+  for (int s = 0; s < sets_; ++s) {
+    const LlDispatchArgs a = dispatchArgs(in_[static_cast<size_t>(s)], false);
+    graphs.push_back(capture(env_.stream, [&] {
+      buffer_.lowLatencyDispatch(a, env_.stream);
+      buffer_.lowLatencyCombine(combine_args_, env_.stream);
+    }));
+  }
+  const std::vector<float> samples = timeEach(
+      env_.loop, env_.stream, buffer_, [&](int it) { graphs[setOf(it)].launch(env_.stream); });
+  env_.rows.add(row("ll graph d+c", "bf16"), samples, rows.bytes(bf16RowBytes(spec_.hidden), 2.0),
+                nccl_.round_trip);
+}
+
+}  // namespace
+
+void runLlCase(const CaseEnv& env, EpBuffer& buffer, const LlCaseSpec& spec) {
+  LlCase(env, buffer, spec).run();
+}
+
+}  // namespace epcomm::bench

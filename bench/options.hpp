@@ -1,0 +1,51 @@
+// SPDX-License-Identifier: Apache-2.0
+// ep_bench's command line (CLI11): the options, their checks, and their JSON record.
+// docs/benchmarks.md lists every option.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace epcomm::bench {
+
+struct Options {
+  int tokens = 4096;
+  int hidden = 7168;
+  int topk = 8;
+  int experts = 256;
+  double skew = 0.0;
+  std::vector<int> sms{32};
+  int iters = 50;
+  int warmup = 10;
+  bool graph = true;
+  bool ll = true;
+  int ll_tokens = 128;
+  uint64_t seed = 1;
+  std::string json;
+  std::string mem_mode = "auto";
+  std::vector<int> sweep_tokens;
+  std::vector<int> sweep_hidden;
+  bool quick = false;
+  bool nccl = true;
+};
+
+// Registers every option on `app`, bound to `o` (whose values are the defaults shown by --help).
+void defineOptions(CLI::App& app, Options& o);
+
+// After app.parse: applies --quick and checks what does not depend on the machine (the rank
+// count and the SM count are checked once MPI and the GPU are up). Throws CLI::ValidationError.
+void validateOptions(const CLI::App& app, Options& o);
+
+nlohmann::ordered_json optionsJson(const Options& o);
+
+// Before MPI_Init the rank is only known from the launcher's environment; used so that --help
+// and command-line errors are printed once, not once per rank.
+bool launcherRankIsZero();
+
+// The values in order, repeats dropped.
+std::vector<int> unique(const std::vector<int>& values);
+
+}  // namespace epcomm::bench

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Builds the Python wheel (pip wheel .), installs it into a fresh virtual environment and runs
+# the pytest suite (tests/python). Without a GPU the GPU tests are reported as skipped.
+#
+#   scripts/test-python.sh [extra pytest arguments, e.g. -k host]
+#
+# Environment:
+#   PYTHON            interpreter for the venv (default python3)
+#   PY_VENV           venv folder, recreated on every run (default build/python-venv)
+#   PY_SYSTEM_SITE=1  the venv also sees the interpreter's packages (torch, mpi4py, nanobind on a
+#                     GPU machine); without it GPU tests that need torch are skipped
+#   PY_NO_BUILD_ISOLATION=1  build with the venv's scikit-build-core and nanobind instead of an
+#                     isolated build environment downloaded from PyPI (offline machines)
+#   PIP_NO_INDEX=1 PIP_FIND_LINKS=<dir>  pip's own switches for a local wheelhouse (offline)
+#   EPCOMM_CUDA_ARCHS CUDA architectures of the wheel (default 90), CMAKE_ARGS extra CMake args
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+PYTHON=${PYTHON:-python3}
+PY_VENV=${PY_VENV:-$root/build/python-venv}
+wheel_dir=$root/build/python-wheel
+
+if [ "$(id -u)" = 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+export NCCL_NVLS_ENABLE=0
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+if [ -z "${CMAKE_ARGS:-}" ] && command -v ccache > /dev/null; then
+  export CMAKE_ARGS="-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"
+fi
+
+rm -rf "$PY_VENV" "$wheel_dir"
+venv_args=()
+if [ "${PY_SYSTEM_SITE:-0}" = 1 ]; then venv_args+=(--system-site-packages); fi
+"$PYTHON" -m venv "${venv_args[@]}" "$PY_VENV"
+py=$PY_VENV/bin/python
+
+# Installs the named packages unless the venv can already import them.
+ensure() {
+  local missing=()
+  for spec in "$@"; do
+    local module=${spec%%[<>=]*}
+    module=${module//-/_}
+    "$py" -c "import $module" 2> /dev/null || missing+=("$spec")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then "$py" -m pip install -q "${missing[@]}"; fi
+}
+ensure pytest numpy
+build_args=()
+if [ "${PY_NO_BUILD_ISOLATION:-0}" = 1 ]; then
+  ensure scikit-build-core nanobind
+  build_args+=(--no-build-isolation)
+fi
+
+"$py" -m pip wheel -q --no-deps "${build_args[@]}" -w "$wheel_dir" .
+wheel=$(ls "$wheel_dir"/epcomm-*.whl)
+"$py" -m pip install -q --no-deps --force-reinstall "$wheel"
+echo "test-python.sh: installed $(basename "$wheel") into $PY_VENV"
+
+# From outside the source tree, so the installed package is the one imported.
+cd "$(mktemp -d)"
+"$py" -c "import epcomm, sys; print('test-python.sh: epcomm', epcomm.__version__, \
+epcomm.git_describe, 'from', epcomm.__file__, '-', epcomm.device_count(), 'CUDA device(s)')"
+set +e
+"$py" -m pytest "$root/tests/python" -ra -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "test-python.sh: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,18 @@
+// SPDX-License-Identifier: Apache-2.0
+// Internal hooks for tests only; not part of the public API.
+#pragma once
+
+#include <cstdint>
+
+#include "epcomm/bootstrap.hpp"
+#include "epcomm/buffer.hpp"
+
+namespace epcomm::testing {
+
+// Collective over `bootstrap` (every rank of `buffer`, nothing in flight): every op family of
+// `buffer` continues as if `calls` calls of it had completed, so a test can run calls across the
+// 2^32 boundary of the 32-bit epoch part of the tagged signal words. Each rank rewrites only its
+// own control region, between two host barriers.
+void setCallCounterForTesting(EpBuffer& buffer, Bootstrap& bootstrap, uint64_t calls);
+
+}  // namespace epcomm::testing
