@@ -7,19 +7,21 @@
 #
 # Environment:
 #   PYTHON            interpreter for the venv (default python3)
-#   PY_VENV           venv folder, recreated on every run (default build/python-venv)
+#   PY_VENV           venv folder, recreated on every run (default build-python/venv)
 #   PY_SYSTEM_SITE=1  the venv also sees the interpreter's packages (torch, mpi4py, nanobind on a
 #                     GPU machine); without it GPU tests that need torch are skipped
 #   PY_NO_BUILD_ISOLATION=1  build with the venv's scikit-build-core and nanobind instead of an
 #                     isolated build environment downloaded from PyPI (offline machines)
 #   PIP_NO_INDEX=1 PIP_FIND_LINKS=<dir>  pip's own switches for a local wheelhouse (offline)
-#   EPCOMM_CUDA_ARCHS CUDA architectures of the wheel (default 90), CMAKE_ARGS extra CMake args
+#   EPCOMM_CUDA_ARCHS CUDA architectures of the wheel (default: CMAKE_CUDA_ARCHITECTURES, else 90)
+#   EPCOMM_WERROR=ON  warnings are errors in the module's build; CMAKE_ARGS extra CMake arguments
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 PYTHON=${PYTHON:-python3}
-PY_VENV=${PY_VENV:-$root/build/python-venv}
-wheel_dir=$root/build/python-wheel
+PY_VENV=${PY_VENV:-$root/build-python/venv}
+wheel_dir=$root/build-python/wheel
+export EPCOMM_CUDA_ARCHS=${EPCOMM_CUDA_ARCHS:-${CMAKE_CUDA_ARCHITECTURES:-90}}
 
 if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -29,6 +31,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if [ -z "${CMAKE_ARGS:-}" ] && command -v ccache > /dev/null; then
   export CMAKE_ARGS="-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"
 fi
+export CMAKE_ARGS="${CMAKE_ARGS:-} -DEPCOMM_WERROR=${EPCOMM_WERROR:-OFF}"
 
 rm -rf "$PY_VENV" "$wheel_dir"
 venv_args=()
@@ -36,20 +39,12 @@ if [ "${PY_SYSTEM_SITE:-0}" = 1 ]; then venv_args+=(--system-site-packages); fi
 "$PYTHON" -m venv "${venv_args[@]}" "$PY_VENV"
 py=$PY_VENV/bin/python
 
-# Installs the named packages unless the venv can already import them.
-ensure() {
-  local missing=()
-  for spec in "$@"; do
-    local module=${spec%%[<>=]*}
-    module=${module//-/_}
-    "$py" -c "import $module" 2> /dev/null || missing+=("$spec")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then "$py" -m pip install -q "${missing[@]}"; fi
-}
-ensure pytest numpy
+# pip downloads nothing for a requirement the venv (or, with PY_SYSTEM_SITE=1, the system)
+# already satisfies.
+"$py" -m pip install -q pytest numpy
 build_args=()
 if [ "${PY_NO_BUILD_ISOLATION:-0}" = 1 ]; then
-  ensure scikit-build-core nanobind
+  "$py" -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.2"
   build_args+=(--no-build-isolation)
 fi
 

@@ -5,7 +5,6 @@ The C++ library all-gathers small byte strings (host identities, memory handles)
 a Buffer; these helpers route that all-gather to torch.distributed or mpi4py. The GIL is released
 around the collective C++ calls and re-acquired inside the callbacks.
 """
-from . import _epcomm
 from ._epcomm import CallbackBootstrap, InvalidArgument
 
 
@@ -62,4 +61,3 @@ def bootstrap_from_mpi4py(comm=None) -> CallbackBootstrap:
 
 
 __all__ = ["bootstrap_from_mpi4py", "bootstrap_from_torch", "single_process_bootstrap"]
-_ = _epcomm

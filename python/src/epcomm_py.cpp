@@ -36,7 +36,7 @@ using OptArray = std::optional<Array>;
 // --- Exceptions: one Python class per ErrorCode -----------------------------------------------
 
 constexpr int kNumCodes = static_cast<int>(ErrorCode::kBroken) + 1;
-PyObject* g_error = nullptr;                 // epcomm.Error
+PyObject* g_error = nullptr;                // epcomm.Error
 PyObject* g_error_by_code[kNumCodes] = {};  // indexed by ErrorCode
 
 struct ErrorClassSpec {
@@ -77,8 +77,7 @@ void createErrorClasses(nb::module_& m) {
                            ? nb::make_tuple(nb::handle(g_error), nb::handle(spec.extra_base))
                            : nb::borrow(g_error);
     const std::string qualified = std::string("epcomm.") + spec.name;
-    PyObject* cls =
-        PyErr_NewExceptionWithDoc(qualified.c_str(), spec.doc, bases.ptr(), nullptr);
+    PyObject* cls = PyErr_NewExceptionWithDoc(qualified.c_str(), spec.doc, bases.ptr(), nullptr);
     if (!cls) throw nb::python_error();
     g_error_by_code[static_cast<int>(spec.code)] = cls;
     m.attr(spec.name) = nb::handle(cls);
@@ -94,12 +93,13 @@ int rankFromMessage(const char* message) {
 
 // A Python exception raised inside a bootstrap callback, kept to become the __cause__ of the
 // epcomm error the C++ library throws for it. One per thread: callbacks run on the calling one.
-thread_local nb::object t_callback_cause;
+// A raw pointer: a thread_local object must not decref at thread exit without the GIL.
+thread_local PyObject* t_callback_cause = nullptr;
 
 void raiseError(const epcomm::Error& error) {
   const int code = static_cast<int>(error.code());
-  PyObject* cls = (code > 0 && code < kNumCodes && g_error_by_code[code]) ? g_error_by_code[code]
-                                                                           : g_error;
+  PyObject* cls =
+      (code > 0 && code < kNumCodes && g_error_by_code[code]) ? g_error_by_code[code] : g_error;
   nb::object exc = nb::steal(PyObject_CallFunction(cls, "s", error.what()));
   if (!exc.is_valid()) return;  // the constructor raised; that error stays set
   exc.attr("code") = nb::cast(error.code());
@@ -112,8 +112,9 @@ void raiseError(const epcomm::Error& error) {
   if (auto* e = dynamic_cast<const epcomm::SystemError*>(&error)) {
     exc.attr("errno") = e->errnoValue();
   }
-  if (t_callback_cause.is_valid()) {
-    PyException_SetCause(exc.ptr(), t_callback_cause.release().ptr());  // steals the reference
+  if (t_callback_cause) {
+    PyException_SetCause(exc.ptr(), t_callback_cause);  // steals the reference
+    t_callback_cause = nullptr;
   }
   PyErr_SetObject(cls, exc.ptr());
 }
@@ -126,8 +127,8 @@ void raiseError(const epcomm::Error& error) {
 
 namespace dt {
 constexpr nb::dlpack::dtype kBF16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
-constexpr nb::dlpack::dtype kF8E4M3{static_cast<uint8_t>(nb::dlpack::dtype_code::Float8_E4M3FN),
-                                    8, 1};
+// kDLFloat8_e4m3fn in DLPack >= 1.1 (written as a number: older nanobind lacks the name).
+constexpr nb::dlpack::dtype kF8E4M3{10, 8, 1};
 constexpr nb::dlpack::dtype kU8{static_cast<uint8_t>(nb::dlpack::dtype_code::UInt), 8, 1};
 constexpr nb::dlpack::dtype kI8{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 8, 1};
 constexpr nb::dlpack::dtype kF32{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 32, 1};
@@ -144,26 +145,44 @@ std::string dtypeName(nb::dlpack::dtype d) {
   using C = nb::dlpack::dtype_code;
   std::string base;
   switch (static_cast<C>(d.code)) {
-    case C::Int: base = "int"; break;
-    case C::UInt: base = "uint"; break;
-    case C::Float: base = "float"; break;
-    case C::Bfloat: base = "bfloat"; break;
-    case C::Bool: return "bool";
-    case C::Float8_E4M3FN: return "float8_e4m3fn";
-    case C::Float8_E5M2: return "float8_e5m2";
-    case C::Complex: base = "complex"; break;
-    default: base = "dtype_code" + std::to_string(d.code) + "_"; break;
+    case C::Int:
+      base = "int";
+      break;
+    case C::UInt:
+      base = "uint";
+      break;
+    case C::Float:
+      base = "float";
+      break;
+    case C::Bfloat:
+      base = "bfloat";
+      break;
+    case C::Bool:
+      return "bool";
+    case C::Complex:
+      base = "complex";
+      break;
+    default:
+      if (d.code == 10 && d.bits == 8) return "float8_e4m3fn";
+      if (d.code == 12 && d.bits == 8) return "float8_e5m2";
+      base = "dtype_code" + std::to_string(d.code) + "_";
+      break;
   }
   return base + std::to_string(d.bits) + (d.lanes != 1 ? "x" + std::to_string(d.lanes) : "");
 }
 
 std::string deviceName(int device_type) {
   switch (device_type) {
-    case nb::device::cpu::value: return "cpu";
-    case nb::device::cuda::value: return "cuda";
-    case nb::device::cuda_host::value: return "cuda_host";
-    case nb::device::cuda_managed::value: return "cuda_managed";
-    default: return "device type " + std::to_string(device_type);
+    case nb::device::cpu::value:
+      return "cpu";
+    case nb::device::cuda::value:
+      return "cuda";
+    case nb::device::cuda_host::value:
+      return "cuda_host";
+    case nb::device::cuda_managed::value:
+      return "cuda_managed";
+    default:
+      return "device type " + std::to_string(device_type);
   }
 }
 
@@ -204,7 +223,8 @@ void* devicePtr(const Array& a, const char* name, int device, int ndim,
     ok = ok || sameDtype(a.dtype(), d);
     allowed += (allowed.empty() ? "" : " or ") + dtypeName(d);
   }
-  if (!ok) throwInvalid(std::string(name) + ": dtype " + dtypeName(a.dtype()) + ", expected " + allowed);
+  if (!ok)
+    throwInvalid(std::string(name) + ": dtype " + dtypeName(a.dtype()) + ", expected " + allowed);
   if (ndim >= 0 && static_cast<int>(a.ndim()) != ndim) {
     throwInvalid(std::string(name) + ": expected " + std::to_string(ndim) + " dimensions, got " +
                  shapeText(a));
@@ -237,15 +257,19 @@ Framework frameworkOf(nb::handle obj) {
   auto it = cache.find(type);
   if (it != cache.end()) return it->second;
   Framework f = Framework::kDlpack;
-  nb::object module = nb::getattr(nb::handle(reinterpret_cast<PyObject*>(type)), "__module__",
-                                  nb::none());
+  nb::object module =
+      nb::getattr(nb::handle(reinterpret_cast<PyObject*>(type)), "__module__", nb::none());
   if (nb::isinstance<nb::str>(module)) {
     std::string name = nb::cast<std::string>(module);
     std::string top = name.substr(0, name.find('.'));
-    if (top == "torch") f = Framework::kTorch;
-    else if (top == "cupy") f = Framework::kCupy;
-    else if (top == "jax" || top == "jaxlib") f = Framework::kJax;
-    else if (top == "numpy") f = Framework::kNumpy;
+    if (top == "torch")
+      f = Framework::kTorch;
+    else if (top == "cupy")
+      f = Framework::kCupy;
+    else if (top == "jax" || top == "jaxlib")
+      f = Framework::kJax;
+    else if (top == "numpy")
+      f = Framework::kNumpy;
   }
   cache.emplace(type, f);
   return f;
@@ -253,15 +277,21 @@ Framework frameworkOf(nb::handle obj) {
 
 // A view of device memory owned by `owner` (kept alive by the view), in framework `fw`.
 nb::object view(const void* data, std::initializer_list<size_t> shape, nb::dlpack::dtype dtype,
-                int device, nb::handle owner, Framework fw, int device_type = nb::device::cuda::value) {
+                int device, nb::handle owner, Framework fw,
+                int device_type = nb::device::cuda::value) {
   Array a(const_cast<void*>(data), shape, owner, {}, dtype, device_type, device);
   switch (fw) {
-    case Framework::kTorch: return nb::cast(nb::ndarray<nb::pytorch>(a), nb::rv_policy::reference);
-    case Framework::kCupy: return nb::cast(nb::ndarray<nb::cupy>(a), nb::rv_policy::reference);
-    case Framework::kJax: return nb::cast(nb::ndarray<nb::jax>(a), nb::rv_policy::reference);
-    case Framework::kNumpy: return nb::cast(nb::ndarray<nb::numpy>(a), nb::rv_policy::reference);
+    case Framework::kTorch:
+      return nb::cast(nb::ndarray<nb::pytorch>(a), nb::rv_policy::reference);
+    case Framework::kCupy:
+      return nb::cast(nb::ndarray<nb::cupy>(a), nb::rv_policy::reference);
+    case Framework::kJax:
+      return nb::cast(nb::ndarray<nb::jax>(a), nb::rv_policy::reference);
+    case Framework::kNumpy:
+      return nb::cast(nb::ndarray<nb::numpy>(a), nb::rv_policy::reference);
     // array_api: an nb_ndarray object with __dlpack__/__dlpack_device__, usable many times.
-    default: return nb::cast(nb::ndarray<nb::array_api>(a), nb::rv_policy::reference);
+    default:
+      return nb::cast(nb::ndarray<nb::array_api>(a), nb::rv_policy::reference);
   }
 }
 
@@ -277,10 +307,13 @@ Framework parseFramework(const std::string& name) {
 
 // --- Streams ----------------------------------------------------------------------------------
 
-nb::object g_current_stream_fn;  // Python callable returning the default stream handle (int)
+// Python callable returning the default stream handle (int). A raw, never released reference: a
+// global object would decref after the interpreter is gone.
+PyObject* g_current_stream_fn = nullptr;
 
 uintptr_t intHandle(nb::handle value, const char* what) {
-  if (!nb::isinstance<nb::int_>(value)) throwInvalid(std::string("stream: ") + what + " is not an int");
+  if (!nb::isinstance<nb::int_>(value))
+    throwInvalid(std::string("stream: ") + what + " is not an int");
   return static_cast<uintptr_t>(PyLong_AsUnsignedLongLongMask(value.ptr()));
 }
 
@@ -289,8 +322,9 @@ uintptr_t intHandle(nb::handle value, const char* what) {
 // __cuda_stream__ protocol (returns (version, handle)) work too.
 cudaStream_t toStream(nb::handle stream) {
   if (stream.is_none()) {
-    if (!g_current_stream_fn.is_valid()) return nullptr;
-    return reinterpret_cast<cudaStream_t>(intHandle(g_current_stream_fn(), "the current stream"));
+    if (!g_current_stream_fn) return nullptr;
+    nb::object handle = nb::handle(g_current_stream_fn)();
+    return reinterpret_cast<cudaStream_t>(intHandle(handle, "the current stream"));
   }
   if (nb::isinstance<nb::int_>(stream)) {
     return reinterpret_cast<cudaStream_t>(intHandle(stream, "handle"));
@@ -305,12 +339,16 @@ cudaStream_t toStream(nb::handle stream) {
   if (nb::hasattr(stream, "ptr")) {
     return reinterpret_cast<cudaStream_t>(intHandle(stream.attr("ptr"), ".ptr"));
   }
-  throwInvalid("stream: expected None, an int (cudaStream_t), a torch.cuda.Stream or an object "
-               "with __cuda_stream__, got " +
-               nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(stream.ptr()))))));
+  throwInvalid(
+      "stream: expected None, an int (cudaStream_t), a torch.cuda.Stream or an object "
+      "with __cuda_stream__, got " +
+      nb::cast<std::string>(
+          nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(stream.ptr()))))));
 }
 
-int optInt(const std::optional<int>& v) { return v ? *v : epcomm::kAuto; }
+int optInt(const std::optional<int>& v) {
+  return v ? *v : epcomm::kAuto;
+}
 
 // --- Bootstrap ---------------------------------------------------------------------------------
 
@@ -339,7 +377,8 @@ void callPython(const char* what, F&& body) {
     std::string message = std::string("[epcomm] bootstrap ") + what + " callback raised " +
                           nb::cast<std::string>(nb::str(e.type().attr("__name__"))) + ": " +
                           nb::cast<std::string>(nb::str(e.value()));
-    t_callback_cause = nb::borrow(e.value());
+    Py_XDECREF(t_callback_cause);  // a cause never raised (the library handled that error)
+    t_callback_cause = nb::borrow(e.value()).release().ptr();
     throw epcomm::SystemError(0, message);
   }
 }
@@ -409,16 +448,73 @@ struct PyHandle {
   PyBuffer* owner;
 };
 
-struct DispatchOutput {
-  nb::object recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
-  nb::object num_recv_tokens, recv_rank_prefix, num_recv_tokens_per_expert, combine_input;
+// One result array, made into a DLPack view the first time Python reads it: a call pays only for
+// the views its caller uses (a framework view costs microseconds: torch.from_dlpack).
+struct LazyView {
+  const void* data = nullptr;
+  size_t shape[3] = {0, 0, 0};
+  int ndim = 0;
+  nb::dlpack::dtype dtype{};
+  bool from_handle = false;  // owned by the handle (else by the buffer)
+  nb::object cached;
+
+  void set(const void* p, std::initializer_list<size_t> dims, nb::dlpack::dtype d,
+           bool handle_owned = false) {
+    data = p;
+    ndim = 0;
+    for (size_t v : dims) shape[ndim++] = v;
+    dtype = d;
+    from_handle = handle_owned;
+  }
+};
+
+struct ResultBase {
+  nb::object buffer;  // keep the memory the views point into alive
   nb::object handle;
+  int device = 0;
+  Framework framework = Framework::kDlpack;
+
+  nb::object get(LazyView& v) {
+    if (!v.data) return nb::none();
+    if (!v.cached.is_valid() && sameDtype(v.dtype, dt::kF8E4M3)) {
+      try {
+        return make(v);
+      } catch (nb::python_error&) {
+        // A framework too old to import DLPack's float8_e4m3fn: return the bytes as uint8.
+        v.dtype = dt::kU8;
+      }
+    }
+    return make(v);
+  }
+
+  nb::object make(LazyView& v) {
+    if (!v.cached.is_valid()) {
+      nb::handle owner = v.from_handle ? handle : buffer;
+      switch (v.ndim) {
+        case 1:
+          v.cached = view(v.data, {v.shape[0]}, v.dtype, device, owner, framework);
+          break;
+        case 2:
+          v.cached = view(v.data, {v.shape[0], v.shape[1]}, v.dtype, device, owner, framework);
+          break;
+        default:
+          v.cached =
+              view(v.data, {v.shape[0], v.shape[1], v.shape[2]}, v.dtype, device, owner, framework);
+      }
+    }
+    return v.cached;
+  }
+};
+
+struct DispatchOutput : ResultBase {
+  LazyView recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
+  LazyView num_recv_tokens, recv_rank_prefix, num_recv_tokens_per_expert, combine_input;
   std::optional<int64_t> num_recv_tokens_host;
   int64_t capacity = 0;
 };
 
-struct LlDispatchOutput {
-  nb::object recv_x, recv_x_scales, num_recv_tokens_per_expert, recv_src_info;
+struct LlDispatchOutput : ResultBase {
+  LazyView recv_x, recv_x_scales, num_recv_tokens_per_expert, recv_src_info;
   int64_t rows_per_expert = 0;
 };
 
@@ -430,8 +526,9 @@ struct PyBuffer {
 
   epcomm::EpBuffer& get() const {
     if (!buffer) {
-      throw epcomm::Error(ErrorCode::kBroken,
-                          "[epcomm] this Buffer was destroyed (Buffer.destroy()); create a new one");
+      throw epcomm::Error(
+          ErrorCode::kBroken,
+          "[epcomm] this Buffer was destroyed (Buffer.destroy()); create a new one");
     }
     return *buffer;
   }
@@ -471,10 +568,10 @@ epcomm::TopkView topkView(const OptArray& topk_idx, const PyBuffer& b, int num_t
   return view;
 }
 
-DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle,
-                        OptArray topk_idx, OptArray topk_weights, OptArray x_scales,
-                        int expert_alignment, bool exact_count, OptArray recv_x_out,
-                        OptArray recv_scales_out, std::optional<int> num_sms, nb::handle stream) {
+DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptArray topk_idx,
+                        OptArray topk_weights, OptArray x_scales, int expert_alignment,
+                        bool exact_count, OptArray recv_x_out, OptArray recv_scales_out,
+                        std::optional<int> num_sms, nb::handle stream) {
   epcomm::EpBuffer& buf = self.get();
   const int device = buf.device();
   const int hidden = buf.config().config.hidden;
@@ -486,9 +583,11 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle,
   args.num_tokens = static_cast<int>(x.shape(0));
   checkDim(x, "x", 1, hidden, "the buffer's hidden");
   if (fp8) {
-    if (!x_scales) throwInvalid("x_scales: required with FP8 x ([num_tokens, hidden / 128] float32)");
+    if (!x_scales)
+      throwInvalid("x_scales: required with FP8 x ([num_tokens, hidden / 128] float32)");
     const Array& s = *x_scales;
-    args.x_scales = static_cast<const float*>(devicePtr(s, "x_scales", device, 2, {dt::kF32}, false));
+    args.x_scales =
+        static_cast<const float*>(devicePtr(s, "x_scales", device, 2, {dt::kF32}, false));
     checkDim(s, "x_scales", 0, args.num_tokens, "one row per token of x");
     checkDim(s, "x_scales", 1, hidden / epcomm::kFp8BlockSize, "hidden / 128");
     args.scales_token_stride = s.stride(0);
@@ -498,8 +597,8 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle,
   }
   args.topk = topkView(topk_idx, self, args.num_tokens);
   if (topk_weights) {
-    args.topk_weights = static_cast<const float*>(
-        devicePtr(*topk_weights, "topk_weights", device, 2, {dt::kF32}));
+    args.topk_weights =
+        static_cast<const float*>(devicePtr(*topk_weights, "topk_weights", device, 2, {dt::kF32}));
     checkDim(*topk_weights, "topk_weights", 0, args.num_tokens, "one row per token of x");
     if (topk_idx) checkDim(*topk_weights, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
   }
@@ -531,34 +630,28 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle,
     r = buf.dispatch(args, handle->handle, s);
   }
 
-  const Framework fw = self.fw(x_obj);
-  nb::object owner = pyself(&self);
-  const size_t rows = exact_count ? static_cast<size_t>(r.num_recv_tokens_host)
-                                  : static_cast<size_t>(r.capacity);
+  const size_t rows =
+      exact_count ? static_cast<size_t>(r.num_recv_tokens_host) : static_cast<size_t>(r.capacity);
   const size_t topk = static_cast<size_t>(args.topk.num_topk);
   const size_t ranks = static_cast<size_t>(buf.numRanks());
+  const size_t h = static_cast<size_t>(hidden);
   DispatchOutput out;
-  out.recv_x = view(r.recv_x, {rows, static_cast<size_t>(hidden)}, x.dtype(), device, owner, fw);
-  if (r.recv_x_scales) {
-    out.recv_x_scales = view(r.recv_x_scales,
-                             {rows, static_cast<size_t>(hidden / epcomm::kFp8BlockSize)}, dt::kF32,
-                             device, owner, fw);
-  }
-  if (r.recv_topk_idx && topk_idx) {
-    out.recv_topk_idx = view(r.recv_topk_idx, {rows, topk}, topk_idx->dtype(), device, owner, fw);
-  }
-  if (r.recv_topk_weights && topk_idx) {
-    out.recv_topk_weights = view(r.recv_topk_weights, {rows, topk}, dt::kF32, device, owner, fw);
-  }
-  if (r.recv_src_idx) out.recv_src_idx = view(r.recv_src_idx, {rows}, dt::kI32, device, owner, fw);
-  out.num_recv_tokens = view(r.num_recv_tokens, {1}, dt::kI32, device, handle_obj, fw);
-  out.recv_rank_prefix = view(r.recv_rank_prefix, {ranks + 1}, dt::kI32, device, handle_obj, fw);
-  out.num_recv_tokens_per_expert =
-      view(r.num_recv_tokens_per_expert, {static_cast<size_t>(buf.numLocalExperts())}, dt::kI32,
-           device, handle_obj, fw);
-  out.combine_input = view(r.combine_input, {rows, static_cast<size_t>(hidden)}, dt::kBF16, device,
-                           owner, fw);
+  out.buffer = pyself(&self);
   out.handle = handle_obj;
+  out.device = device;
+  out.framework = self.fw(x_obj);
+  out.recv_x.set(r.recv_x, {rows, h}, x.dtype());
+  out.recv_x_scales.set(r.recv_x_scales, {rows, h / epcomm::kFp8BlockSize}, dt::kF32);
+  if (topk_idx) {
+    out.recv_topk_idx.set(r.recv_topk_idx, {rows, topk}, topk_idx->dtype());
+    out.recv_topk_weights.set(r.recv_topk_weights, {rows, topk}, dt::kF32);
+  }
+  out.recv_src_idx.set(r.recv_src_idx, {rows}, dt::kI32);
+  out.num_recv_tokens.set(r.num_recv_tokens, {1}, dt::kI32, true);
+  out.recv_rank_prefix.set(r.recv_rank_prefix, {ranks + 1}, dt::kI32, true);
+  out.num_recv_tokens_per_expert.set(r.num_recv_tokens_per_expert,
+                                     {static_cast<size_t>(buf.numLocalExperts())}, dt::kI32, true);
+  out.combine_input.set(r.combine_input, {rows, h}, dt::kBF16);
   if (r.num_recv_tokens_host >= 0) out.num_recv_tokens_host = r.num_recv_tokens_host;
   out.capacity = r.capacity;
   return out;
@@ -569,7 +662,8 @@ std::pair<nb::object, Array> outputFor(nb::object out, nb::handle x, size_t rows
                                        const char* op) {
   if (out.is_none()) {
     if (!nb::hasattr(x, "new_empty")) {
-      throwInvalid(std::string(op) + ": out= is required unless x is a torch tensor "
+      throwInvalid(std::string(op) +
+                   ": out= is required unless x is a torch tensor "
                    "(out is [num_tokens, hidden] bfloat16 on the buffer's device)");
     }
     out = x.attr("new_empty")(nb::make_tuple(rows, hidden));
@@ -627,7 +721,7 @@ epcomm::BufferConfig makeConfig(std::optional<int> device, int hidden, int num_e
 
 #define EPCOMM_CONFIG_ARGS                                                                   \
   "device"_a = nb::none(), "hidden"_a = 7168, "num_experts"_a = 256, "max_topk"_a = 8,       \
-  "max_tokens_per_rank"_a = 4096, "ll_max_tokens_per_rank"_a = 0, "mem_mode"_a = "auto",    \
+  "max_tokens_per_rank"_a = 4096, "ll_max_tokens_per_rank"_a = 0, "mem_mode"_a = "auto",     \
   "timeout_s"_a = nb::none(), "first_op_timeout_s"_a = nb::none(), "num_sms"_a = nb::none(), \
   "ll_num_sms"_a = nb::none(), "scratch_bytes"_a = 0
 
@@ -683,9 +777,13 @@ NB_MODULE(_epcomm, m) {
     }
     return count;
   });
-  m.def("_set_current_stream_fn", [](nb::object fn) { g_current_stream_fn = std::move(fn); });
-  m.def("_stream_handle", [](nb::handle s) { return reinterpret_cast<uintptr_t>(toStream(s)); },
-        "stream"_a = nb::none(), "The cudaStream_t (int) a stream argument resolves to.");
+  m.def("_set_current_stream_fn", [](nb::object fn) {
+    Py_XDECREF(g_current_stream_fn);
+    g_current_stream_fn = fn.release().ptr();
+  });
+  m.def(
+      "_stream_handle", [](nb::handle s) { return reinterpret_cast<uintptr_t>(toStream(s)); },
+      "stream"_a = nb::none(), "The cudaStream_t (int) a stream argument resolves to.");
 
   m.def(
       "resolve_config",
@@ -740,11 +838,13 @@ NB_MODULE(_epcomm, m) {
       [](nb::object obj) {
         // A new view of the same memory made by the same code that makes the result views.
         Array a = nb::cast<Array>(obj);
-        if (a.ndim() < 1 || a.ndim() > 3 || !isRowMajor(a)) throwInvalid("_roundtrip: 1-3D, row-major");
+        if (a.ndim() < 1 || a.ndim() > 3 || !isRowMajor(a))
+          throwInvalid("_roundtrip: 1-3D, row-major");
         const void* p = static_cast<const char*>(a.data_handle()) + a.byte_offset();
         const Framework fw = frameworkOf(obj);
         switch (a.ndim()) {
-          case 1: return view(p, {a.shape(0)}, a.dtype(), a.device_id(), obj, fw, a.device_type());
+          case 1:
+            return view(p, {a.shape(0)}, a.dtype(), a.device_id(), obj, fw, a.device_type());
           case 2:
             return view(p, {a.shape(0), a.shape(1)}, a.dtype(), a.device_id(), obj, fw,
                         a.device_type());
@@ -786,8 +886,7 @@ NB_MODULE(_epcomm, m) {
           },
           "Collective host barrier.")
       .def(
-          "select_device",
-          [](const epcomm::Bootstrap& b) { return epcomm::selectDevice(b); },
+          "select_device", [](const epcomm::Bootstrap& b) { return epcomm::selectDevice(b); },
           "Makes device local_rank % device_count current and returns it (raises CudaError "
           "without a GPU).");
 
@@ -814,8 +913,9 @@ NB_MODULE(_epcomm, m) {
                      PyHandle& h = nb::cast<PyHandle&>(self);
                      return view(h.handle.numTokensPerRank(),
                                  {static_cast<size_t>(h.owner->get().numRanks())}, dt::kI32,
-                                 h.owner->get().device(), self, h.owner->framework ==
-                                 Framework::kAuto ? Framework::kDlpack : h.owner->framework);
+                                 h.owner->get().device(), self,
+                                 h.owner->framework == Framework::kAuto ? Framework::kDlpack
+                                                                        : h.owner->framework);
                    })
       .def_prop_ro("num_tokens_per_expert",
                    [](nb::handle self) {
@@ -838,37 +938,42 @@ NB_MODULE(_epcomm, m) {
                    })
       .def_prop_ro("token_slot", [](nb::handle self) {
         PyHandle& h = nb::cast<PyHandle&>(self);
-        return view(h.handle.tokenSlot(),
-                    {static_cast<size_t>(h.handle.numTokens()),
-                     static_cast<size_t>(h.owner->get().numRanks())},
-                    dt::kI32, h.owner->get().device(), self,
-                    h.owner->framework == Framework::kAuto ? Framework::kDlpack
-                                                           : h.owner->framework);
+        return view(
+            h.handle.tokenSlot(),
+            {static_cast<size_t>(h.handle.numTokens()),
+             static_cast<size_t>(h.owner->get().numRanks())},
+            dt::kI32, h.owner->get().device(), self,
+            h.owner->framework == Framework::kAuto ? Framework::kDlpack : h.owner->framework);
       });
 
+#define EPCOMM_VIEW(Cls, name) def_prop_ro(#name, [](Cls& o) { return o.get(o.name); })
   nb::class_<DispatchOutput>(m, "DispatchResult",
-                             "Views of one HT dispatch's outputs (see include/epcomm/ops.hpp). "
-                             "Rows are num_recv_tokens_host with exact_count, else capacity.")
-      .def_ro("recv_x", &DispatchOutput::recv_x)
-      .def_ro("recv_x_scales", &DispatchOutput::recv_x_scales)
-      .def_ro("recv_topk_idx", &DispatchOutput::recv_topk_idx)
-      .def_ro("recv_topk_weights", &DispatchOutput::recv_topk_weights)
-      .def_ro("recv_src_idx", &DispatchOutput::recv_src_idx)
-      .def_ro("num_recv_tokens", &DispatchOutput::num_recv_tokens)
-      .def_ro("recv_rank_prefix", &DispatchOutput::recv_rank_prefix)
-      .def_ro("num_recv_tokens_per_expert", &DispatchOutput::num_recv_tokens_per_expert)
-      .def_ro("combine_input", &DispatchOutput::combine_input)
+                             "Views of one HT dispatch's outputs (include/epcomm/ops.hpp "
+                             "DispatchResult), made on first access. Rows are "
+                             "num_recv_tokens_host with exact_count, else capacity. None where "
+                             "the dispatch has no such output.")
+      .EPCOMM_VIEW(DispatchOutput, recv_x)
+      .EPCOMM_VIEW(DispatchOutput, recv_x_scales)
+      .EPCOMM_VIEW(DispatchOutput, recv_topk_idx)
+      .EPCOMM_VIEW(DispatchOutput, recv_topk_weights)
+      .EPCOMM_VIEW(DispatchOutput, recv_src_idx)
+      .EPCOMM_VIEW(DispatchOutput, num_recv_tokens)
+      .EPCOMM_VIEW(DispatchOutput, recv_rank_prefix)
+      .EPCOMM_VIEW(DispatchOutput, num_recv_tokens_per_expert)
+      .EPCOMM_VIEW(DispatchOutput, combine_input)
       .def_ro("handle", &DispatchOutput::handle)
       .def_ro("num_recv_tokens_host", &DispatchOutput::num_recv_tokens_host)
       .def_ro("capacity", &DispatchOutput::capacity);
 
   nb::class_<LlDispatchOutput>(m, "LlDispatchResult",
-                               "Views of one LL dispatch's outputs, expert-major.")
-      .def_ro("recv_x", &LlDispatchOutput::recv_x)
-      .def_ro("recv_x_scales", &LlDispatchOutput::recv_x_scales)
-      .def_ro("num_recv_tokens_per_expert", &LlDispatchOutput::num_recv_tokens_per_expert)
-      .def_ro("recv_src_info", &LlDispatchOutput::recv_src_info)
+                               "Views of one LL dispatch's outputs, expert-major, made on first "
+                               "access.")
+      .EPCOMM_VIEW(LlDispatchOutput, recv_x)
+      .EPCOMM_VIEW(LlDispatchOutput, recv_x_scales)
+      .EPCOMM_VIEW(LlDispatchOutput, num_recv_tokens_per_expert)
+      .EPCOMM_VIEW(LlDispatchOutput, recv_src_info)
       .def_ro("rows_per_expert", &LlDispatchOutput::rows_per_expert);
+#undef EPCOMM_VIEW
 
   // --- Buffer -----------------------------------------------------------------------------------
   nb::class_<PyBuffer>(
@@ -891,10 +996,9 @@ NB_MODULE(_epcomm, m) {
              std::optional<double> first_op_timeout_s, std::optional<int> num_sms,
              std::optional<int> ll_num_sms, size_t scratch_bytes, const std::string& framework) {
             const Framework fw = parseFramework(framework);
-            epcomm::BufferConfig config =
-                makeConfig(device, hidden, num_experts, max_topk, max_tokens_per_rank,
-                           ll_max_tokens_per_rank, mem_mode, timeout_s, first_op_timeout_s,
-                           num_sms, ll_num_sms, scratch_bytes);
+            epcomm::BufferConfig config = makeConfig(
+                device, hidden, num_experts, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank,
+                mem_mode, timeout_s, first_op_timeout_s, num_sms, ll_num_sms, scratch_bytes);
             std::unique_ptr<epcomm::EpBuffer> buffer;
             {
               nb::gil_scoped_release release;  // collective, may take seconds
@@ -906,8 +1010,9 @@ NB_MODULE(_epcomm, m) {
       .def_prop_ro("rank", [](const PyBuffer& b) { return b.get().rank(); })
       .def_prop_ro("num_ranks", [](const PyBuffer& b) { return b.get().numRanks(); })
       .def_prop_ro("device", [](const PyBuffer& b) { return b.get().device(); })
-      .def_prop_ro("mem_mode",
-                   [](const PyBuffer& b) { return std::string(epcomm::memModeName(b.get().memMode())); })
+      .def_prop_ro(
+          "mem_mode",
+          [](const PyBuffer& b) { return std::string(epcomm::memModeName(b.get().memMode())); })
       .def_prop_ro("num_local_experts", [](const PyBuffer& b) { return b.get().numLocalExperts(); })
       .def_prop_ro("bytes_per_rank", [](const PyBuffer& b) { return b.get().bytesPerRank(); })
       .def_prop_ro("config", [](const PyBuffer& b) { return configDict(b.get().config()); })
@@ -918,11 +1023,12 @@ NB_MODULE(_epcomm, m) {
       .def_prop_ro("scratch_offset", [](const PyBuffer& b) { return b.get().scratchOffset(); })
       .def_prop_ro("scratch_bytes", [](const PyBuffer& b) { return b.get().scratchBytes(); })
       .def_prop_ro("destroyed", [](const PyBuffer& b) { return !b.buffer; })
-      .def("peer_base",
-           [](const PyBuffer& b, int rank) {
-             return reinterpret_cast<uintptr_t>(b.get().peerBase(rank));
-           },
-           "rank"_a)
+      .def(
+          "peer_base",
+          [](const PyBuffer& b, int rank) {
+            return reinterpret_cast<uintptr_t>(b.get().peerBase(rank));
+          },
+          "rank"_a)
       .def("create_handle",
            [](nb::handle self) {
              PyBuffer& b = nb::cast<PyBuffer&>(self);
@@ -992,24 +1098,21 @@ NB_MODULE(_epcomm, m) {
             checkDim(topk_weights, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
             args.use_fp8 = use_fp8;
             args.num_sms = optInt(num_sms);
-            epcomm::LlDispatchResult r = buf.lowLatencyDispatch(args, toStream(stream), parsePhase(phase));
+            epcomm::LlDispatchResult r =
+                buf.lowLatencyDispatch(args, toStream(stream), parsePhase(phase));
             self.last_ll_num_tokens = args.num_tokens;
-            const Framework fw = self.fw(x_obj);
-            nb::object owner = pyself(&self);
             const size_t experts = static_cast<size_t>(buf.numLocalExperts());
             const size_t rows = static_cast<size_t>(r.rows_per_expert);
+            const size_t h = static_cast<size_t>(hidden);
             LlDispatchOutput out;
-            out.recv_x = view(r.recv_x, {experts, rows, static_cast<size_t>(hidden)},
-                              use_fp8 ? dt::kF8E4M3 : dt::kBF16, device, owner, fw);
-            if (r.recv_x_scales) {
-              out.recv_x_scales =
-                  view(r.recv_x_scales,
-                       {experts, rows, static_cast<size_t>(hidden / epcomm::kFp8BlockSize)},
-                       dt::kF32, device, owner, fw);
-            }
-            out.num_recv_tokens_per_expert =
-                view(r.num_recv_tokens_per_expert, {experts}, dt::kI32, device, owner, fw);
-            out.recv_src_info = view(r.recv_src_info, {experts, rows}, dt::kI32, device, owner, fw);
+            out.buffer = pyself(&self);
+            out.device = device;
+            out.framework = self.fw(x_obj);
+            out.recv_x.set(r.recv_x, {experts, rows, h}, use_fp8 ? dt::kF8E4M3 : dt::kBF16);
+            out.recv_x_scales.set(r.recv_x_scales, {experts, rows, h / epcomm::kFp8BlockSize},
+                                  dt::kF32);
+            out.num_recv_tokens_per_expert.set(r.num_recv_tokens_per_expert, {experts}, dt::kI32);
+            out.recv_src_info.set(r.recv_src_info, {experts, rows}, dt::kI32);
             out.rows_per_expert = r.rows_per_expert;
             return out;
           },
@@ -1027,9 +1130,9 @@ NB_MODULE(_epcomm, m) {
             args.x = devicePtr(x, "x", device, 3, {dt::kBF16});
             checkDim(x, "x", 0, buf.numLocalExperts(), "num_local_experts");
             checkDim(x, "x", 2, hidden, "the buffer's hidden");
-            auto [out, out_arr] = outputFor(out_obj, x_obj,
-                                            static_cast<size_t>(self.last_ll_num_tokens), hidden,
-                                            "low_latency_combine");
+            auto [out, out_arr] =
+                outputFor(out_obj, x_obj, static_cast<size_t>(self.last_ll_num_tokens), hidden,
+                          "low_latency_combine");
             args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
             checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
             args.num_sms = optInt(num_sms);
@@ -1064,9 +1167,8 @@ NB_MODULE(_epcomm, m) {
            "Collective: frees the buffer now (every rank). Views into it become invalid.")
       .def(
           "_time_cpp",
-          [](PyBuffer& self, const std::string& op, int iters, nb::object x_obj,
-             PyHandle* handle, OptArray topk_idx, OptArray topk_weights, OptArray out,
-             nb::handle stream) {
+          [](PyBuffer& self, const std::string& op, int iters, nb::object x_obj, PyHandle* handle,
+             OptArray topk_idx, OptArray topk_weights, OptArray out, nb::handle stream) {
             // The C++ host time per call of `op` with arguments converted once: the baseline
             // the binding's own overhead is measured against (python -m epcomm.bench).
             epcomm::EpBuffer& buf = self.get();
@@ -1113,7 +1215,8 @@ NB_MODULE(_epcomm, m) {
                 buf.lowLatencyCombine(cargs, s);
               };
             } else {
-              throwInvalid("_time_cpp: op '" + op + "', expected dispatch, cached_dispatch, "
+              throwInvalid("_time_cpp: op '" + op +
+                           "', expected dispatch, cached_dispatch, "
                            "combine or ll_dispatch");
             }
             return timeLoopCpp(call, iters);

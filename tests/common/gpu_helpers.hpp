@@ -75,10 +75,12 @@ class DeviceArray {
   size_t count_ = 0;
 };
 
-// A non-blocking CUDA stream owned by a test.
+// A CUDA stream owned by a test. Blocking on purpose: DeviceArray uploads and poisons run on the
+// legacy default stream (cudaMemcpy/cudaMemset), and a blocking stream is ordered after that work,
+// so an op can never read inputs or outputs that are still being written.
 class TestStream {
  public:
-  TestStream() { EPCOMM_TEST_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  TestStream() { EPCOMM_TEST_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault)); }
   ~TestStream() { cudaStreamDestroy(stream_); }
   TestStream(const TestStream&) = delete;
   TestStream& operator=(const TestStream&) = delete;

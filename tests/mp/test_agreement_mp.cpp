@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "common/call_outcome.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
 
@@ -27,26 +28,9 @@ BufferConfig smallConfig() {
   return config;
 }
 
-struct Outcome {
-  bool threw = false;
-  ErrorCode code = ErrorCode::kInternal;
-  std::string what;
-  double seconds = 0;
-};
-
 // Creates an EpBuffer with `config` on this rank and reports how creation ended.
-Outcome create(const BufferConfig& config) {
-  Outcome o;
-  const auto start = std::chrono::steady_clock::now();
-  try {
-    EpBuffer buffer(*mpiBootstrap(), config);
-  } catch (const Error& e) {
-    o.threw = true;
-    o.code = e.code();
-    o.what = e.what();
-  }
-  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return o;
+CallOutcome create(const BufferConfig& config) {
+  return runTimed([&] { EpBuffer buffer(*mpiBootstrap(), config); });
 }
 
 ::testing::AssertionResult mentions(const std::string& text, const std::string& part) {
@@ -61,7 +45,7 @@ void expectEveryRankFails(int culprit, const std::function<void(BufferConfig&)>&
   const int me = mpiBootstrap()->rank();
   BufferConfig config = smallConfig();
   if (me == culprit) edit(config);
-  const Outcome o = create(config);
+  const CallOutcome o = create(config);
   ASSERT_TRUE(o.threw) << "rank " << me << " created its buffer although rank " << culprit
                        << " has a bad configuration";
   EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
@@ -107,7 +91,7 @@ TEST(CreationAgreement, EnvironmentValueThatDiffersIsNamedWithItsSource) {
   BufferConfig config = smallConfig();
   config.timeout_s = kAuto;
   if (bs.rank() == last) setenv("EPCOMM_TIMEOUT_S", "9", 1);
-  const Outcome o = create(config);
+  const CallOutcome o = create(config);
   unsetenv("EPCOMM_TIMEOUT_S");
   ASSERT_TRUE(o.threw);
   EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
@@ -122,7 +106,7 @@ TEST(CreationAgreement, BadEnvironmentValueOnOneRankNamesTheVariable) {
   BufferConfig config = smallConfig();
   config.timeout_s = kAuto;
   if (bs.rank() == culprit) setenv("EPCOMM_TIMEOUT_S", "-5", 1);
-  const Outcome o = create(config);
+  const CallOutcome o = create(config);
   unsetenv("EPCOMM_TIMEOUT_S");
   ASSERT_TRUE(o.threw);
   EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
@@ -138,7 +122,7 @@ TEST(CreationAgreement, BadEnvironmentValueOnOneRankNamesTheVariable) {
 // every rank, with an error instead of a hang.
 TEST(CreationAgreement, NoGpuFailsEveryRankCleanly) {
   if (gpuAvailable()) GTEST_SKIP() << "a GPU is usable here; this checks the failure without one";
-  const Outcome o = create(smallConfig());
+  const CallOutcome o = create(smallConfig());
   EXPECT_TRUE(o.threw) << "created a buffer without a GPU";
   EXPECT_LT(o.seconds, 10.0) << o.what;
 }

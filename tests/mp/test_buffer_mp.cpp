@@ -16,6 +16,7 @@
 #include "common/gpu_helpers.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
+#include "common/call_outcome.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
 
@@ -257,28 +258,6 @@ TEST(SymmetricBuffer, CreateDestroyLeaksNothing) {
 
 // --- Agreement and recovery (issue 9 items 8, 10, 12, 13) --------------------------------------
 
-struct Outcome {
-  bool threw = false;
-  ErrorCode code = ErrorCode::kInternal;
-  std::string what;
-  double seconds = 0;
-};
-
-template <typename Call>
-Outcome runTimed(Call call) {
-  Outcome o;
-  const auto start = std::chrono::steady_clock::now();
-  try {
-    call();
-  } catch (const Error& e) {
-    o.threw = true;
-    o.code = e.code();
-    o.what = e.what();
-  }
-  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return o;
-}
-
 constexpr int kTopk = 2;
 constexpr int kTokens = 12;
 
@@ -368,7 +347,7 @@ void checkHtRound(EpBuffer& buffer, EpHandle& handle, cudaStream_t stream, uint6
 
 // Rank `culprit` throws InvalidArgument from its call, every other rank kRemote naming the
 // culprit from the call or the sync after it, all within seconds (never by timeout).
-void expectRejectedEverywhere(const Outcome& o, int culprit, const std::string& argument) {
+void expectRejectedEverywhere(const CallOutcome& o, int culprit, const std::string& argument) {
   const int me = mpiBootstrap()->rank();
   ASSERT_TRUE(o.threw) << "rank " << me << " finished a call that rank " << culprit << " rejected";
   if (me == culprit) {
@@ -544,7 +523,7 @@ TEST(Agreement, CreationFailureOnOneRankFailsEveryRank) {
   const int culprit = bs.size() - 1;
   BufferConfig config = agreementConfig();
   if (bs.rank() == culprit) config.device = 4096;  // no such device
-  const Outcome o = runTimed([&] { EpBuffer buffer(bs, config); });
+  const CallOutcome o = runTimed([&] { EpBuffer buffer(bs, config); });
   ASSERT_TRUE(o.threw) << "rank " << bs.rank() << " created its buffer, rank " << culprit
                        << " could not";
   EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
@@ -578,7 +557,7 @@ TEST(Deadlines, FirstCallOfAFamilyGetsTheLongerDeadline) {
   // The second dispatch has only timeout_s: the same lag is a timeout now.
   const Inputs data(buffer, 52);
   if (bs.rank() == late) std::this_thread::sleep_for(std::chrono::milliseconds(2500));
-  const Outcome o = runTimed([&] {
+  const CallOutcome o = runTimed([&] {
     buffer.dispatch(data.dispatchArgs(), handle, stream.get());
     buffer.sync(stream.get());
   });

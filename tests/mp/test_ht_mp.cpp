@@ -13,6 +13,7 @@
 #include "common/gpu_helpers.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
+#include "common/call_outcome.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
 #include "test_hooks.hpp"
@@ -812,29 +813,6 @@ TEST(HtBadInput, OneRankRejectsOthersStopQuickly) {
   EXPECT_LT(seconds, 10.0) << "the peers waited instead of stopping";
 }
 
-// How one rank's dispatch + sync ended, and how long it took.
-struct Outcome {
-  bool threw = false;
-  ErrorCode code = ErrorCode::kInternal;
-  std::string what;
-  double seconds = 0;
-};
-
-template <typename Call>
-Outcome runAndSync(Call call) {
-  Outcome o;
-  const auto start = std::chrono::steady_clock::now();
-  try {
-    call();
-  } catch (const Error& e) {
-    o.threw = true;
-    o.code = e.code();
-    o.what = e.what();
-  }
-  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return o;
-}
-
 // Issue 9 item 4: an expert id out of range held in device memory fails the op in which it is
 // found on every rank within milliseconds (InvalidArgument on the offending rank, kRemote naming
 // it on the others), never by timeout, and is never used as an address.
@@ -868,7 +846,7 @@ TEST(HtBadInput, ExpertIdOutOfRangeFailsEveryRankQuickly) {
     EpBuffer buffer(bs, config);
     EpHandle handle = buffer.createHandle();
     TestStream stream;
-    const Outcome o = runAndSync([&] {
+    const CallOutcome o = runTimed([&] {
       buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
       buffer.sync(stream.get());
     });
@@ -919,7 +897,7 @@ TEST(HtBadInput, GarbageCountsFromAPeerFailEveryRankWithoutWriting) {
           cudaMemcpy(counts + num_ranks - 1, &garbage, sizeof(garbage), cudaMemcpyHostToDevice));
     }
     bs.barrier();
-    const Outcome o = runAndSync([&] {
+    const CallOutcome o = runTimed([&] {
       buffer.dispatch(dev.args(all[me], c, false), handle, stream.get());
       buffer.sync(stream.get());
     });
@@ -979,7 +957,7 @@ TEST(HtBadInput, PerCallParametersMustMatchAcrossRanks) {
     EpBuffer buffer(bs, config);
     EpHandle handle = buffer.createHandle();
     TestStream stream;
-    const Outcome o = runAndSync([&] {
+    const CallOutcome o = runTimed([&] {
       DispatchArgs a = dev.args(all[me], c, true);
       if (me == 0) m.edit_rank0(buffer, handle, a, stream.get());
       buffer.dispatch(a, handle, stream.get());

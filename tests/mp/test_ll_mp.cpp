@@ -12,6 +12,7 @@
 #include "common/gpu_helpers.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
+#include "common/call_outcome.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
 #include "test_hooks.hpp"
@@ -463,28 +464,6 @@ TEST(LlBadInput, RejectedBeforeLaunch) {
   }
 }
 
-struct Outcome {
-  bool threw = false;
-  ErrorCode code = ErrorCode::kInternal;
-  std::string what;
-  double seconds = 0;
-};
-
-template <typename Call>
-Outcome runAndSync(Call call) {
-  Outcome o;
-  const auto start = std::chrono::steady_clock::now();
-  try {
-    call();
-  } catch (const Error& e) {
-    o.threw = true;
-    o.code = e.code();
-    o.what = e.what();
-  }
-  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return o;
-}
-
 // Issue 9 item 5: LL treats an expert id outside [-1, num_experts) like HT does: the dispatch
 // fails on every rank within milliseconds, InvalidArgument on the offending rank and kRemote
 // naming it on the others (it used to drop the id silently).
@@ -519,7 +498,7 @@ TEST(LlBadInput, ExpertIdOutOfRangeFailsEveryRankQuickly) {
     config.timeout_s = 30;
     EpBuffer buffer(bs, config);
     TestStream stream;
-    const Outcome o = runAndSync([&] {
+    const CallOutcome o = runTimed([&] {
       buffer.lowLatencyDispatch(dev.args(all[me], c), stream.get());
       buffer.sync(stream.get());
     });
@@ -557,7 +536,7 @@ TEST(LlBadInput, Fp8OnOneRankOnlyFailsEveryRank) {
   config.timeout_s = 30;
   EpBuffer buffer(bs, config);
   TestStream stream;
-  const Outcome o = runAndSync([&] {
+  const CallOutcome o = runTimed([&] {
     LlDispatchArgs a = dev.args(all[me], c);
     a.use_fp8 = me == 0;
     buffer.lowLatencyDispatch(a, stream.get());
