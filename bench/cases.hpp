@@ -46,7 +46,7 @@ struct LlCaseSpec {
   int hidden = 0;
   int sms = 0;  // the buffer's LL SM budget, printed in the SMs column
   // Expert outputs for LL combine, [local experts, ranks * LL tokens, hidden] BF16.
-  const DeviceBuffer* expert_out = nullptr;
+  const DeviceMemory* expert_out = nullptr;
   int case_id = 0;
 };
 

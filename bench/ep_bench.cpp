@@ -65,10 +65,10 @@ void runLlCases(const CaseEnv& env, EpBuffer& buffer, const Options& o, const Ma
                 int& case_id) {
   // Expert outputs for LL combine, [local experts, ranks * LL tokens, hidden] BF16.
   const size_t rows = static_cast<size_t>(buffer.numLocalExperts()) * env.ranks.size * o.ll_tokens;
-  DeviceBuffer expert_out(rows * bf16RowBytes(o.hidden));
+  DeviceMemory expert_out(rows * bf16RowBytes(o.hidden));
   fillRandomBf16(expert_out.get(), rows * o.hidden,
                  seedFor(o.seed, {static_cast<uint64_t>(env.ranks.rank), 5}), env.stream);
-  EPCOMM_BENCH_CUDA_CHECK(cudaStreamSynchronize(env.stream));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(env.stream));
   const int ll_sms = buffer.config().config.ll_num_sms != kAuto ? buffer.config().config.ll_num_sms
                                                                 : machine.device_sms;
   for (int tokens : unique({o.ll_tokens, 1})) {
@@ -116,7 +116,7 @@ int run(const Options& o, const Ranks& ranks) {
   }
   countRanksPerGpu(ranks, machine);
 
-  CudaStream stream;
+  const OwnedStream stream = OwnedStream::create();
   NcclBaseline nccl(ranks.comm, o.nccl && !machine.sharedGpus(),
                     !o.nccl ? "disabled (--no-nccl)" : "not used: several ranks share a GPU");
   const Workload work{o.topk, o.experts, o.skew, o.seed};

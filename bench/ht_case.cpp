@@ -15,11 +15,11 @@ namespace {
 constexpr int kCopyInBuffers = 3;
 
 struct HtSet {
-  DeviceBuffer x_bf16;   // [tokens, hidden]
-  DeviceBuffer x_fp8;    // [tokens, hidden]
-  DeviceBuffer scales;   // [tokens, hidden / 128] float32
-  DeviceBuffer idx;      // [tokens, topk] int64
-  DeviceBuffer weights;  // [tokens, topk] float32
+  DeviceMemory x_bf16;   // [tokens, hidden]
+  DeviceMemory x_fp8;    // [tokens, hidden]
+  DeviceMemory scales;   // [tokens, hidden / 128] float32
+  DeviceMemory idx;      // [tokens, topk] int64
+  DeviceMemory weights;  // [tokens, topk] float32
   std::vector<int> dest_tokens;
   Traffic traffic;
 };
@@ -117,8 +117,8 @@ class HtCase {
   void* combine_input_ = nullptr;  // DispatchResult::combine_input (zero-copy combine)
   int64_t capacity_ = 0;           // its rows
   int64_t max_recv_ = 0;           // most rows received by this rank over the sets
-  std::vector<DeviceBuffer> copy_in_;
-  DeviceBuffer out_;
+  std::vector<DeviceMemory> copy_in_;
+  DeviceMemory out_;
   NcclTimes nccl_;
 };
 
@@ -136,9 +136,9 @@ void HtCase::makeInputs() {
     set.idx = upload(routing.idx);
     set.weights = upload(routing.weights);
     set.dest_tokens = std::move(routing.dest_tokens);
-    set.x_bf16 = DeviceBuffer(elements() * 2);
-    set.x_fp8 = DeviceBuffer(elements());
-    set.scales = DeviceBuffer(num_scales * 4);
+    set.x_bf16 = DeviceMemory(elements() * 2);
+    set.x_fp8 = DeviceMemory(elements());
+    set.scales = DeviceMemory(num_scales * 4);
     fillRandomBf16(set.x_bf16.get(), elements(), seedFor(base, {1}), stream);
     fillRandomFp8(set.x_fp8.get(), elements(), seedFor(base, {2}), stream);
     fillRandomScales(set.scales.as<float>(), num_scales, seedFor(base, {3}), stream);
@@ -157,9 +157,9 @@ void HtCase::checkCounts() {
     DispatchArgs a = dispatchArgs(set, spec_.tokens, topk_, DType::kBF16, true, spec_.sms.front());
     a.exact_count = true;
     const DispatchResult result = buffer_.dispatch(a, handle, env_.stream);
-    EPCOMM_BENCH_CUDA_CHECK(cudaMemcpyAsync(device_counts.data(), handle.numTokensPerRank(),
-                                            device_counts.size() * sizeof(int32_t),
-                                            cudaMemcpyDeviceToHost, env_.stream));
+    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(device_counts.data(), handle.numTokensPerRank(),
+                                      device_counts.size() * sizeof(int32_t),
+                                      cudaMemcpyDeviceToHost, env_.stream));
     buffer_.sync(env_.stream);
     for (int d = 0; d < env_.ranks.size; ++d) {
       const auto i = static_cast<size_t>(d);
@@ -192,8 +192,8 @@ void HtCase::fillExpertOutputs() {
     fillRandomBf16(copy_in_.back().get(), n,
                    seedFor(seed, {rank, 3, case_id, static_cast<uint64_t>(i)}), env_.stream);
   }
-  out_ = DeviceBuffer(std::max<size_t>(elements() * 2, 16));
-  EPCOMM_BENCH_CUDA_CHECK(cudaStreamSynchronize(env_.stream));
+  out_ = DeviceMemory(std::max<size_t>(elements() * 2, 16));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(env_.stream));
 }
 
 // Local, no SM budget.
@@ -256,7 +256,7 @@ void HtCase::timeGraph(int sms, const CaseRows& rows) {
   for (int s = 0; s < sets_; ++s) {
     const HtSet& set = in_[static_cast<size_t>(s)];
     EpHandle& handle = handles_[static_cast<size_t>(s)];
-    graphs.push_back(capture(env_.stream, [&] {
+    graphs.push_back(captureGraph(env_.stream, [&] {
       buffer_.dispatch(dispatchArgs(set, spec_.tokens, topk_, DType::kBF16, false, sms), handle,
                        env_.stream);
       buffer_.combine(combineArgs(combine_input_, set.weights.as<float>(), out_.get(), sms), handle,

@@ -8,90 +8,38 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <sstream>
-#include <utility>
 
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
+#include "util/seed.hpp"
 
 namespace epcomm::bench {
 
-void throwCudaError(cudaError_t status, const char* call, const char* file, int line) {
-  std::ostringstream os;
-  os << call << " failed with " << cudaGetErrorName(status) << " (" << cudaGetErrorString(status)
-     << ") at " << file << ":" << line;
-  throw CudaError(static_cast<int>(status), os.str());
-}
-
-void logCudaError(cudaError_t status, const char* call, const char* file, int line) {
-  std::fprintf(stderr, "ep_bench: warning: %s failed with %s at %s:%d\n", call,
-               cudaGetErrorName(status), file, line);
-}
-
-// --- RAII owners ---------------------------------------------------------------------------------
-
-DeviceBuffer::DeviceBuffer(size_t bytes) : bytes_(bytes) {
-  if (bytes > 0) EPCOMM_BENCH_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
-}
-DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
-    : ptr_(std::exchange(other.ptr_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
-DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
-  if (this != &other) {
-    if (ptr_ != nullptr) EPCOMM_BENCH_CUDA_LOG(cudaFree(ptr_));
-    ptr_ = std::exchange(other.ptr_, nullptr);
-    bytes_ = std::exchange(other.bytes_, 0);
-  }
-  return *this;
-}
-DeviceBuffer::~DeviceBuffer() {
-  if (ptr_ != nullptr) EPCOMM_BENCH_CUDA_LOG(cudaFree(ptr_));
-}
-
-CudaStream::CudaStream() {
-  EPCOMM_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&handle_, cudaStreamNonBlocking));
-}
-
-CudaEvent::CudaEvent(unsigned flags) {
-  EPCOMM_BENCH_CUDA_CHECK(cudaEventCreateWithFlags(&handle_, flags));
-}
-
-void GraphExec::launch(cudaStream_t stream) const {
-  EPCOMM_BENCH_CUDA_CHECK(cudaGraphLaunch(handle_, stream));
-}
-
-GraphExec endCaptureAndInstantiate(cudaStream_t stream) {
-  cudaGraph_t graph = nullptr;
-  EPCOMM_BENCH_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  cudaGraphExec_t exec = nullptr;
-  const cudaError_t status = cudaGraphInstantiateWithFlags(&exec, graph, 0);
-  EPCOMM_BENCH_CUDA_LOG(cudaGraphDestroy(graph));
-  EPCOMM_BENCH_CUDA_CHECK(status);
-  return GraphExec(exec);
-}
+// --- Event timer ---------------------------------------------------------------------------------
 
 EventTimer::EventTimer(int samples) {
   starts_.reserve(static_cast<size_t>(samples));
   stops_.reserve(static_cast<size_t>(samples));
   for (int i = 0; i < samples; ++i) {
-    starts_.emplace_back();
-    stops_.emplace_back();
+    starts_.push_back(OwnedEvent::create(cudaEventDefault));
+    stops_.push_back(OwnedEvent::create(cudaEventDefault));
   }
 }
 
 void EventTimer::start(int i, cudaStream_t stream) {
-  EPCOMM_BENCH_CUDA_CHECK(cudaEventRecord(starts_.at(static_cast<size_t>(i)).get(), stream));
+  EPCOMM_CUDA_CHECK(cudaEventRecord(starts_.at(static_cast<size_t>(i)).get(), stream));
 }
 
 void EventTimer::stop(int i, cudaStream_t stream) {
-  EPCOMM_BENCH_CUDA_CHECK(cudaEventRecord(stops_.at(static_cast<size_t>(i)).get(), stream));
+  EPCOMM_CUDA_CHECK(cudaEventRecord(stops_.at(static_cast<size_t>(i)).get(), stream));
 }
 
 std::vector<float> EventTimer::microseconds(int count) const {
   std::vector<float> us(static_cast<size_t>(count));
   for (int i = 0; i < count; ++i) {
     float ms = 0;
-    EPCOMM_BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, starts_.at(static_cast<size_t>(i)).get(),
-                                                 stops_.at(static_cast<size_t>(i)).get()));
+    EPCOMM_CUDA_CHECK(cudaEventElapsedTime(&ms, starts_.at(static_cast<size_t>(i)).get(),
+                                           stops_.at(static_cast<size_t>(i)).get()));
     us[static_cast<size_t>(i)] = ms * 1000.0f;
   }
   return us;
@@ -116,13 +64,7 @@ struct PeerChunks {
   uint4* ptr[kMaxRanks];  // this rank's chunk in every peer's scratch, through the peer mapping
 };
 
-__device__ __forceinline__ uint64_t mix64(uint64_t x) {
-  // splitmix64 finalizer: consecutive indices give independent-looking values.
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
+using util::mix64;  // splitmix64: consecutive indices give independent-looking values
 
 __global__ void __launch_bounds__(kFillThreads)
     fillBf16Kernel(uint16_t* dst, size_t n, uint64_t seed) {
@@ -211,20 +153,20 @@ void fillRandomBf16(void* dst, size_t elements, uint64_t seed, cudaStream_t stre
   if (elements == 0) return;
   fillBf16Kernel<<<fillBlocks(elements), kFillThreads, 0, stream>>>(static_cast<uint16_t*>(dst),
                                                                     elements, seed);
-  EPCOMM_BENCH_CUDA_CHECK(cudaGetLastError());
+  EPCOMM_CUDA_CHECK(cudaGetLastError());
 }
 
 void fillRandomFp8(void* dst, size_t elements, uint64_t seed, cudaStream_t stream) {
   if (elements == 0) return;
   fillFp8Kernel<<<fillBlocks(elements), kFillThreads, 0, stream>>>(static_cast<uint8_t*>(dst),
                                                                    elements, seed);
-  EPCOMM_BENCH_CUDA_CHECK(cudaGetLastError());
+  EPCOMM_CUDA_CHECK(cudaGetLastError());
 }
 
 void fillRandomScales(float* dst, size_t elements, uint64_t seed, cudaStream_t stream) {
   if (elements == 0) return;
   fillScalesKernel<<<fillBlocks(elements), kFillThreads, 0, stream>>>(dst, elements, seed);
-  EPCOMM_BENCH_CUDA_CHECK(cudaGetLastError());
+  EPCOMM_CUDA_CHECK(cudaGetLastError());
 }
 
 // --- Link limit ----------------------------------------------------------------------------------
@@ -247,14 +189,15 @@ std::vector<LinkSample> runLinkBench(EpBuffer& buffer, const LinkBenchConfig& co
   }
   const int64_t segments = static_cast<int64_t>(chunk / kSegmentBytes);
   const PeerChunks remote = peerChunks(buffer, chunk);
-  DeviceBuffer local(chunk * static_cast<size_t>(num_peers));
+  DeviceMemory local(chunk * static_cast<size_t>(num_peers));
   fillRandomBf16(local.get(), local.bytes() / 2, 0x5eedull + static_cast<uint64_t>(me), stream);
   const size_t bytes = chunk * static_cast<size_t>(num_peers);
 
-  std::vector<CudaStream> side(static_cast<size_t>(num_peers));
-  CudaEvent fork(cudaEventDisableTiming);
-  std::vector<CudaEvent> joins;
-  for (int k = 0; k < num_peers; ++k) joins.emplace_back(cudaEventDisableTiming);
+  std::vector<OwnedStream> side;
+  for (int k = 0; k < num_peers; ++k) side.push_back(OwnedStream::create());
+  OwnedEvent fork = OwnedEvent::create(cudaEventDisableTiming);
+  std::vector<OwnedEvent> joins;
+  for (int k = 0; k < num_peers; ++k) joins.push_back(OwnedEvent::create(cudaEventDisableTiming));
 
   EventTimer timer(config.reps);
   auto measure = [&](const char* method, int sms, auto&& launch) {
@@ -274,27 +217,27 @@ std::vector<LinkSample> runLinkBench(EpBuffer& buffer, const LinkBenchConfig& co
     measure("SM store", sms, [&] {
       peerCopyKernel<true><<<static_cast<unsigned>(sms), kCopyThreads, 0, stream>>>(
           remote, local.as<uint4>(), num_peers, segments);
-      EPCOMM_BENCH_CUDA_CHECK(cudaGetLastError());
+      EPCOMM_CUDA_CHECK(cudaGetLastError());
     });
   }
   for (int sms : config.sm_counts) {
     measure("SM load", sms, [&] {
       peerCopyKernel<false><<<static_cast<unsigned>(sms), kCopyThreads, 0, stream>>>(
           remote, local.as<uint4>(), num_peers, segments);
-      EPCOMM_BENCH_CUDA_CHECK(cudaGetLastError());
+      EPCOMM_CUDA_CHECK(cudaGetLastError());
     });
   }
   measure("copy engine", 0, [&] {
     // One stream per peer so the copy engines serve all peers at once.
-    EPCOMM_BENCH_CUDA_CHECK(cudaEventRecord(fork.get(), stream));
+    EPCOMM_CUDA_CHECK(cudaEventRecord(fork.get(), stream));
     for (int k = 0; k < num_peers; ++k) {
       cudaStream_t s = side[static_cast<size_t>(k)].get();
-      EPCOMM_BENCH_CUDA_CHECK(cudaStreamWaitEvent(s, fork.get(), 0));
-      EPCOMM_BENCH_CUDA_CHECK(cudaMemcpyAsync(remote.ptr[k],
-                                              local.as<uint8_t>() + static_cast<size_t>(k) * chunk,
-                                              chunk, cudaMemcpyDefault, s));
-      EPCOMM_BENCH_CUDA_CHECK(cudaEventRecord(joins[static_cast<size_t>(k)].get(), s));
-      EPCOMM_BENCH_CUDA_CHECK(cudaStreamWaitEvent(stream, joins[static_cast<size_t>(k)].get(), 0));
+      EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(s, fork.get(), 0));
+      EPCOMM_CUDA_CHECK(cudaMemcpyAsync(remote.ptr[k],
+                                        local.as<uint8_t>() + static_cast<size_t>(k) * chunk, chunk,
+                                        cudaMemcpyDefault, s));
+      EPCOMM_CUDA_CHECK(cudaEventRecord(joins[static_cast<size_t>(k)].get(), s));
+      EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(stream, joins[static_cast<size_t>(k)].get(), 0));
     }
   });
   return samples;

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The benchmark's CUDA layer: checked CUDA helpers shared by ep_bench's files, the kernels that
+// The benchmark's CUDA layer: the event timer shared by ep_bench's files, the kernels that
 // fill inputs with random non-zero values, and the link-limit measurement (SM store kernel, SM
 // load kernel and copy engine through the peer mappings of an EpBuffer).
 //
@@ -12,109 +12,20 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "epcomm/buffer.hpp"
+#include "util/check.hpp"
+#include "util/cuda_resources.hpp"
 
 namespace epcomm::bench {
 
-// Throws epcomm::CudaError naming the call, the place and the CUDA error.
-[[noreturn]] void throwCudaError(cudaError_t status, const char* call, const char* file, int line);
-// Destructor variant: prints to stderr, never throws.
-void logCudaError(cudaError_t status, const char* call, const char* file, int line);
-
-#define EPCOMM_BENCH_CUDA_CHECK(call)                                                   \
-  do {                                                                                  \
-    const cudaError_t epcomm_bench_status_ = (call);                                    \
-    if (epcomm_bench_status_ != cudaSuccess) {                                          \
-      ::epcomm::bench::throwCudaError(epcomm_bench_status_, #call, __FILE__, __LINE__); \
-    }                                                                                   \
-  } while (0)
-
-#define EPCOMM_BENCH_CUDA_LOG(call)                                                   \
-  do {                                                                                \
-    const cudaError_t epcomm_bench_status_ = (call);                                  \
-    if (epcomm_bench_status_ != cudaSuccess) {                                        \
-      ::epcomm::bench::logCudaError(epcomm_bench_status_, #call, __FILE__, __LINE__); \
-    }                                                                                 \
-  } while (0)
-
-// --- RAII owners (move-only; destructors never throw) --------------------------------------------
-
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes);  // cudaMalloc on the current device; 0 bytes = empty
-  DeviceBuffer(DeviceBuffer&& other) noexcept;
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer();
-
-  void* get() const { return ptr_; }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-// A move-only owner of one CUDA runtime handle, released with Destroy (a failure is logged;
-// never throws).
-template <typename Handle, cudaError_t (*Destroy)(Handle)>
-class CudaOwner {
- public:
-  CudaOwner(CudaOwner&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
-  CudaOwner& operator=(CudaOwner&& other) noexcept {
-    if (this != &other) {
-      release();
-      handle_ = std::exchange(other.handle_, nullptr);
-    }
-    return *this;
-  }
-  CudaOwner(const CudaOwner&) = delete;
-  CudaOwner& operator=(const CudaOwner&) = delete;
-  ~CudaOwner() { release(); }
-  Handle get() const { return handle_; }
-
- protected:
-  CudaOwner() = default;
-  explicit CudaOwner(Handle handle) : handle_(handle) {}
-  Handle handle_ = nullptr;
-
- private:
-  void release() noexcept {
-    if (handle_ != nullptr) EPCOMM_BENCH_CUDA_LOG(Destroy(handle_));
-    handle_ = nullptr;
-  }
-};
-
-class CudaStream : public CudaOwner<cudaStream_t, cudaStreamDestroy> {
- public:
-  CudaStream();  // non-blocking, on the current device
-};
-
-class CudaEvent : public CudaOwner<cudaEvent_t, cudaEventDestroy> {
- public:
-  explicit CudaEvent(unsigned flags = cudaEventDefault);  // default: with timing
-};
-
-// An instantiated CUDA graph captured from one stream.
-class GraphExec : public CudaOwner<cudaGraphExec_t, cudaGraphExecDestroy> {
- public:
-  GraphExec() = default;
-  // Takes ownership of an instantiated graph.
-  explicit GraphExec(cudaGraphExec_t exec) : CudaOwner(exec) {}
-  void launch(cudaStream_t stream) const;
-};
-
-// Ends the capture running on `stream` and instantiates the graph (the graph itself is freed).
-GraphExec endCaptureAndInstantiate(cudaStream_t stream);
+// CUDA owners and checks come from the internal utility target (util/).
+using util::DeviceMemory;
+using util::endCaptureAndInstantiate;
+using util::GraphExec;
+using util::OwnedEvent;
+using util::OwnedStream;
 
 // Pairs of timing events: sample i is the GPU time between start(i) and stop(i).
 class EventTimer {
@@ -127,8 +38,8 @@ class EventTimer {
   int capacity() const { return static_cast<int>(starts_.size()); }
 
  private:
-  std::vector<CudaEvent> starts_;
-  std::vector<CudaEvent> stops_;
+  std::vector<OwnedEvent> starts_;  // with timing
+  std::vector<OwnedEvent> stops_;
 };
 
 // --- Input fills (random, non-zero, finite; deterministic in `seed`) -----------------------------

@@ -11,9 +11,9 @@ namespace epcomm::bench {
 namespace {
 
 struct LlSet {
-  DeviceBuffer x;        // [tokens, hidden] BF16
-  DeviceBuffer idx;      // [tokens, topk] int64
-  DeviceBuffer weights;  // [tokens, topk] float32
+  DeviceMemory x;        // [tokens, hidden] BF16
+  DeviceMemory idx;      // [tokens, topk] int64
+  DeviceMemory weights;  // [tokens, topk] float32
   Traffic traffic;
 };
 
@@ -64,7 +64,7 @@ class LlCase {
   const LlCaseSpec& spec_;
   const int sets_;
   std::vector<LlSet> in_;
-  DeviceBuffer out_;
+  DeviceMemory out_;
   LlCombineArgs combine_args_;
   NcclTimes nccl_;
 };
@@ -80,13 +80,13 @@ void LlCase::makeInputs() {
     Routing routing = makeRouting(env_.work, env_.ranks.size, spec_.tokens, base);
     set.idx = upload(routing.idx);
     set.weights = upload(routing.weights);
-    set.x = DeviceBuffer(elements * 2);
+    set.x = DeviceMemory(elements * 2);
     fillRandomBf16(set.x.get(), elements, seedFor(base, {1}), env_.stream);
     // The LL kernel sends a token once per destination rank: the same pairs as HT's rows.
     set.traffic = gatherTraffic(env_.ranks, routing.dest_tokens);
   }
-  out_ = DeviceBuffer(elements * 2);
-  EPCOMM_BENCH_CUDA_CHECK(cudaStreamSynchronize(env_.stream));
+  out_ = DeviceMemory(elements * 2);
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(env_.stream));
 }
 
 // LL dispatch and combine must alternate: each op gets its own events inside one loop. The
@@ -117,7 +117,7 @@ void LlCase::timeGraph(const CaseRows& rows) {
   std::vector<GraphExec> graphs;
   for (int s = 0; s < sets_; ++s) {
     const LlDispatchArgs a = dispatchArgs(in_[static_cast<size_t>(s)], false);
-    graphs.push_back(capture(env_.stream, [&] {
+    graphs.push_back(captureGraph(env_.stream, [&] {
       buffer_.lowLatencyDispatch(a, env_.stream);
       buffer_.lowLatencyCombine(combine_args_, env_.stream);
     }));

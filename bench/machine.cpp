@@ -21,12 +21,12 @@ constexpr int kLinkWarmup = 3;
 
 DeviceFacts deviceFacts(int device) {
   cudaDeviceProp prop{};
-  EPCOMM_BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  EPCOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   DeviceFacts f;
   f.name = prop.name;
-  EPCOMM_BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device));
+  EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device));
   int l2 = 0;
-  EPCOMM_BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
   f.l2_bytes = static_cast<size_t>(l2);
   f.memory_bytes = prop.totalGlobalMem;
   static const char kHex[] = "0123456789abcdef";
@@ -86,8 +86,8 @@ void addMachineLines(Setup& setup, const Ranks& ranks, const Machine& m) {
   setup.json["nodes"] = m.nodes;
   int runtime_version = 0;
   int driver_version = 0;
-  EPCOMM_BENCH_CUDA_CHECK(cudaRuntimeGetVersion(&runtime_version));
-  EPCOMM_BENCH_CUDA_CHECK(cudaDriverGetVersion(&driver_version));
+  EPCOMM_CUDA_CHECK(cudaRuntimeGetVersion(&runtime_version));
+  EPCOMM_CUDA_CHECK(cudaDriverGetVersion(&driver_version));
   setup.add(
       "CUDA",
       "runtime " + cudaVersionText(runtime_version) + ", driver " + cudaVersionText(driver_version),

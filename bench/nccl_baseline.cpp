@@ -64,8 +64,8 @@ struct NcclBaseline::Impl {
   bool available = false;
   std::string status;
   ncclComm_t nccl = nullptr;
-  DeviceBuffer send;
-  DeviceBuffer recv;
+  DeviceMemory send;
+  DeviceMemory recv;
 
   ~Impl() {
     if (nccl != nullptr) {
@@ -146,13 +146,13 @@ std::vector<float> NcclBaseline::time(const std::vector<ExchangeSequence>& calls
   const size_t slots = std::max<size_t>(
       1, std::min(calls.size(), kMaxBaselineBytes / std::max(send_per_call, recv_per_call)));
   if (m.send.bytes() < slots * send_per_call) {
-    m.send = DeviceBuffer();  // free first: the old and new buffers need not fit together
-    m.send = DeviceBuffer(slots * send_per_call);
-    EPCOMM_BENCH_CUDA_CHECK(cudaMemsetAsync(m.send.get(), 0x3c, m.send.bytes(), stream));
+    m.send = DeviceMemory();  // free first: the old and new buffers need not fit together
+    m.send = DeviceMemory(slots * send_per_call);
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.send.get(), 0x3c, m.send.bytes(), stream));
   }
   if (m.recv.bytes() < slots * recv_per_call) {
-    m.recv = DeviceBuffer();
-    m.recv = DeviceBuffer(slots * recv_per_call);
+    m.recv = DeviceMemory();
+    m.recv = DeviceMemory(slots * recv_per_call);
   }
 
   EventTimer timer(iters);
@@ -177,7 +177,7 @@ std::vector<float> NcclBaseline::time(const std::vector<ExchangeSequence>& calls
     }
     if (i >= warmup) timer.stop(i - warmup, stream);
   }
-  EPCOMM_BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
   ncclResult_t async_error = ncclSuccess;
   EPCOMM_BENCH_NCCL_CHECK(ncclCommGetAsyncError(m.nccl, &async_error));
   EPCOMM_BENCH_NCCL_CHECK(async_error);

@@ -69,20 +69,6 @@ std::vector<float> timeEach(const Iterations& loop, cudaStream_t stream, EpBuffe
   return timed.samples(0);
 }
 
-// Captures body() on the stream into an instantiated graph; ends the capture on failure.
-template <typename Body>
-GraphExec capture(cudaStream_t stream, Body&& body) {
-  EPCOMM_BENCH_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  try {
-    body();
-  } catch (...) {
-    cudaGraph_t graph = nullptr;
-    if (cudaStreamEndCapture(stream, &graph) == cudaSuccess && graph != nullptr) {
-      EPCOMM_BENCH_CUDA_LOG(cudaGraphDestroy(graph));
-    }
-    throw;
-  }
-  return endCaptureAndInstantiate(stream);
-}
+using util::captureGraph;
 
 }  // namespace epcomm::bench

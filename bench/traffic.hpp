@@ -8,13 +8,14 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <initializer_list>
 #include <vector>
 
 #include "link_bench.hpp"
 #include "nccl_baseline.hpp"
 #include "ranks.hpp"
 #include "timing.hpp"
+#include "util/routing.hpp"
+#include "util/seed.hpp"
 
 namespace epcomm::bench {
 
@@ -27,16 +28,13 @@ struct Workload {
 };
 
 // A seed for one purpose (rank, case, set, tensor), derived from `base` (--seed).
-uint64_t seedFor(uint64_t base, std::initializer_list<uint64_t> parts);
+using util::seedFor;
 
 // Per-rank routing of one input set (host side): top-k picks and the tokens sent to each rank.
-struct Routing {
-  std::vector<int64_t> idx;      // [tokens, topk], distinct experts per token
-  std::vector<float> weights;    // [tokens, topk]
-  std::vector<int> dest_tokens;  // [ranks] tokens of this rank with >= 1 expert on that rank
-};
+using Routing = util::TokenRouting;
 
-// Not collective. With probability skew a pick comes from rank 0's experts, else uniformly.
+// Not collective. With probability skew a pick comes from rank 0's experts, else uniformly
+// (util::drawRouting).
 Routing makeRouting(const Workload& work, int num_ranks, int tokens, uint64_t seed);
 
 // Who sends how many rows to whom, for one input set: matrix[src * ranks + dst] rows (tokens
@@ -83,10 +81,10 @@ class CaseRows {
 };
 
 template <typename T>
-DeviceBuffer upload(const std::vector<T>& host) {
-  DeviceBuffer d(std::max<size_t>(host.size() * sizeof(T), 16));
+DeviceMemory upload(const std::vector<T>& host) {
+  DeviceMemory d(std::max<size_t>(host.size() * sizeof(T), 16));
   if (!host.empty()) {
-    EPCOMM_BENCH_CUDA_CHECK(
+    EPCOMM_CUDA_CHECK(
         cudaMemcpy(d.get(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   return d;

@@ -1,15 +1,14 @@
+// SPDX-License-Identifier: Apache-2.0
 // Device barrier across every rank of the buffer: one warp, stream-ordered, bounded by the
 // deadline. Thread p announces this rank to rank p and waits for rank p's announcement.
-#include "check.hpp"
 #include "kernels/device_utils.cuh"
+#include "kernels/kernel_check.hpp"
 #include "kernels/launch.hpp"
 
 namespace epcomm::kernels {
 namespace {
 
 using namespace device;
-
-constexpr int kPhaseArrive = 1;
 
 __global__ void __launch_bounds__(kWarpSize) barrierKernel(PeerContext ctx) {
   ControlRegion* own = controlOf(ctx.local_base);
@@ -22,12 +21,12 @@ __global__ void __launch_bounds__(kWarpSize) barrierKernel(PeerContext ctx) {
     // to rank `lane` once it sees the arrival.
     fenceAcqRelSys();
     stReleaseSys(&controlOf(ctx.peer_bases[lane])->barrier[ctx.rank], epoch);
-    ok = waitEpoch(&own->barrier[lane], epoch, w, kPhaseArrive, lane);
+    ok = waitEpoch(&own->barrier[lane], epoch, w, WaitPhase::kBarrierArrival, lane);
   }
   if (__all_sync(kFullMask, ok) && lane == 0) own->local.epoch[kEpochBarrier] = epoch;
 }
 
-// A call this rank rejected on the host (see "Rejected calls" in launch.hpp): count it as run
+// A call this rank rejected on the host (see "Rejected calls" in protocol.hpp): count it as run
 // and tell every peer which call of the family it skipped.
 __global__ void __launch_bounds__(1) skipRejectedKernel(PeerContext ctx, int family) {
   ControlRegion* own = controlOf(ctx.local_base);
@@ -45,12 +44,12 @@ __global__ void __launch_bounds__(1) skipRejectedKernel(PeerContext ctx, int fam
 
 void launchBarrier(const PeerContext& peers, cudaStream_t stream) {
   barrierKernel<<<1, kWarpSize, 0, stream>>>(peers);
-  EPCOMM_LAUNCH_CHECK(barrierKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(barrierKernel);
 }
 
 void launchSkipRejected(const PeerContext& peers, EpochSlot family, cudaStream_t stream) {
   skipRejectedKernel<<<1, 1, 0, stream>>>(peers, static_cast<int>(family));
-  EPCOMM_LAUNCH_CHECK(skipRejectedKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(skipRejectedKernel);
 }
 
 cudaError_t kernelImageStatus() {

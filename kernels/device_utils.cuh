@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Device-side building blocks shared by every kernel family: system-scope release/acquire,
 // tagged signal words, bounded spin-waits that record why they gave up, and vector copies.
 //
@@ -12,10 +13,10 @@
 #include <cstdint>
 
 #include "kernels/launch.hpp"
+#include "kernels/protocol.hpp"
 
 namespace epcomm::kernels::device {
 
-constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // --- PTX primitives ------------------------------------------------------------------------------
@@ -72,27 +73,14 @@ __device__ __forceinline__ void stNoAlloc(int4* p, const int4& v) {
                : "memory");
 }
 
-// --- tagged words: (epoch << 32) | value ----------------------------------------------------------
-__device__ __forceinline__ uint64_t tag(uint64_t epoch, uint32_t value) {
-  return (epoch << 32) | value;
-}
-__device__ __forceinline__ uint64_t tagEpoch(uint64_t word) { return word >> 32; }
-__device__ __forceinline__ uint32_t tagValue(uint64_t word) {
-  return static_cast<uint32_t>(word & 0xffffffffu);
-}
-// True when the (32-bit) epoch part of a tagged word is at or past `epoch`, across the wrap of
-// the 32-bit part: peers are never 2^31 calls apart, so the signed difference decides.
-__device__ __forceinline__ bool tagReached(uint64_t word, uint64_t epoch) {
-  return static_cast<int32_t>(static_cast<uint32_t>(word >> 32) - static_cast<uint32_t>(epoch)) >=
-         0;
-}
+// Tagged words (tag, tagEpoch, tagValue, tagReached) are in protocol.hpp.
 
 __device__ __forceinline__ ControlRegion* controlOf(const uint8_t* base) {
   return reinterpret_cast<ControlRegion*>(const_cast<uint8_t*>(base));
 }
 
 // The epoch of the call a kernel of op family `family` runs: one past the last call that completed
-// here or that a peer's rejection stopped here (see "Rejected calls" in launch.hpp).
+// here or that a peer's rejection stopped here (see "Rejected calls" in protocol.hpp).
 __device__ __forceinline__ uint64_t callEpoch(const ControlRegion* own, int family) {
   const uint64_t done = own->local.epoch[family];
   const uint64_t skipped = own->local.skipped[family];
@@ -104,14 +92,14 @@ __device__ __forceinline__ uint64_t callEpoch(const ControlRegion* own, int fami
 // the host never reads a half-written record. Failures that make this rank's op unable to finish
 // (`stops_waits`) also raise `failed`, which every wait of the rank polls and leaves on.
 __device__ __forceinline__ void recordFailure(DeviceErrorRecord* record, LocalState* local,
-                                              bool stops_waits, FailKind kind, OpId op, int phase,
-                                              int rank, int peer, int index, uint64_t expected,
-                                              uint64_t observed) {
+                                              bool stops_waits, FailKind kind, OpId op,
+                                              WaitPhase phase, int rank, int peer, int index,
+                                              uint64_t expected, uint64_t observed) {
   if (stops_waits) atomicExch(&local->failed, 1);
   if (atomicCAS(&local->record_claimed, 0, 1) != 0) return;
   volatile DeviceErrorRecord* r = record;
   r->op = static_cast<int32_t>(op);
-  r->phase = phase;
+  r->phase = static_cast<int32_t>(phase);
   r->rank = rank;
   r->peer = peer;
   r->index = index;
@@ -124,7 +112,7 @@ __device__ __forceinline__ void recordFailure(DeviceErrorRecord* record, LocalSt
 
 // A failure in a cross-rank op: stops this rank's waits.
 __device__ __forceinline__ void recordOpFailure(const PeerContext& ctx, FailKind kind, OpId op,
-                                                int phase, int peer, uint64_t expected,
+                                                WaitPhase phase, int peer, uint64_t expected,
                                                 uint64_t observed) {
   recordFailure(ctx.error, &reinterpret_cast<ControlRegion*>(ctx.local_base)->local, true, kind,
                 op, phase, ctx.rank, peer, -1, expected, observed);
@@ -138,28 +126,28 @@ __device__ __forceinline__ void recordOpFailure(const PeerContext& ctx, FailKind
 // PeerContext to the stack.
 static __device__ __noinline__ void recordFaultSlow(uint8_t* const* peer_bases, uint8_t* local_base,
                                                     DeviceErrorRecord* error, int rank,
-                                                    int num_ranks, uint32_t kind_op, int phase,
+                                                    int num_ranks, uint32_t kind_op,
+                                                    WaitPhase phase,
                                                     int peer, int index, uint64_t expected,
                                                     uint64_t observed) {
   LocalState* local = &reinterpret_cast<ControlRegion*>(local_base)->local;
   // Already failed: recorded (and announced, if it was a fault) by whoever failed first. Also
   // keeps input with many bad ids from hammering the same words.
   if (ldVolatileI32(&local->failed) != 0) return;
-  const FailKind kind = static_cast<FailKind>(kind_op >> 16);
-  const OpId op = static_cast<OpId>(kind_op & 0xffffu);
+  const FailKind kind = static_cast<FailKind>(faultKindOf(kind_op));
+  const OpId op = static_cast<OpId>(faultOpOf(kind_op));
   recordFailure(error, local, true, kind, op, phase, rank, peer, index, expected, observed);
   if (atomicCAS(&local->fault_sent, 0, 1) != 0) return;
-  // Layout in launch.hpp (ControlRegion::peer_faulted).
-  const uint64_t notice = (static_cast<uint64_t>(rank) + 1) << 32 | kind_op;
+  // Layout in protocol.hpp (ControlRegion::peer_faulted).
+  const uint64_t notice = faultNotice(rank, kind_op);
   for (int d = 0; d < num_ranks; ++d) {
     if (d != rank) stReleaseSys(&controlOf(peer_bases[d])->peer_faulted, notice);
   }
 }
 __device__ __forceinline__ void recordFault(const PeerContext& ctx, FailKind kind, OpId op,
-                                            int phase, int peer, int index, uint64_t expected,
-                                            uint64_t observed) {
-  const uint32_t kind_op = (static_cast<uint32_t>(kind) & 0xffffu) << 16 |
-                           (static_cast<uint32_t>(op) & 0xffffu);
+                                            WaitPhase phase, int peer, int index,
+                                            uint64_t expected, uint64_t observed) {
+  const uint32_t kind_op = faultKindOp(kind, op);
   recordFaultSlow(ctx.peer_bases, ctx.local_base, ctx.error, ctx.rank, ctx.num_ranks, kind_op,
                   phase, peer, index, expected, observed);
 }
@@ -192,14 +180,14 @@ constexpr uint64_t kHostAbortPollNs = 200 * 1000;
 // loads (an acquire load on every iteration would invalidate L1 each time); one acquire load
 // after success orders everything the writer released before its store. Returns false, after
 // recording why, when the deadline passes, the host aborts or `peer` skipped this call because it
-// rejected its input (see "Rejected calls" in launch.hpp: that ends the call without failing the
+// rejected its input (see "Rejected calls" in protocol.hpp: that ends the call without failing the
 // rank); also returns false when another thread of this rank already failed.
 // `peer`: the rank that writes the word. `expected`: the call's epoch (every wait waits for its
 // call's epoch); the first call of a family (epoch 1) waits up to first_op_timeout_ns.
 // `tagged`: the word is (epoch << 32) | value and the error record shows its epoch part.
 template <typename Ready>
 __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
-                                        const WaitContext& w, int phase, int peer,
+                                        const WaitContext& w, WaitPhase phase, int peer,
                                         uint64_t expected, uint64_t* value = nullptr) {
   const PeerContext& ctx = *w.ctx;
   ControlRegion* own = controlOf(ctx.local_base);
@@ -218,8 +206,8 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
     if (ldVolatileI32(&own->local.failed) != 0) return false;
     const uint64_t faulted = ldVolatileU64(&own->peer_faulted);
     if (faulted != 0) {
-      recordOpFailure(ctx, FailKind::kPeerFaulted, w.op, phase,
-                      static_cast<int>(faulted >> 32) - 1, expected, faulted & 0xffffffffu);
+      recordOpFailure(ctx, FailKind::kPeerFaulted, w.op, phase, faultNoticeRank(faulted), expected,
+                      faultNoticeKindOp(faulted));
       return false;
     }
     if (peer >= 0 && peer < kMaxRanks &&
@@ -257,14 +245,14 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
 
 // Waits until the epoch part of a tagged word (or a plain epoch word) reaches `epoch`.
 __device__ __forceinline__ bool waitTagged(const uint64_t* word, uint64_t epoch,
-                                           const WaitContext& w, int phase, int peer,
+                                           const WaitContext& w, WaitPhase phase, int peer,
                                            uint64_t* value = nullptr) {
   return waitFor(
       word, [epoch](uint64_t v) { return tagReached(v, epoch); }, true, w, phase, peer, epoch,
       value);
 }
 __device__ __forceinline__ bool waitEpoch(const uint64_t* word, uint64_t epoch,
-                                          const WaitContext& w, int phase, int peer) {
+                                          const WaitContext& w, WaitPhase phase, int peer) {
   return waitFor(
       word, [epoch](uint64_t v) { return v >= epoch; }, false, w, phase, peer, epoch);
 }

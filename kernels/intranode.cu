@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // High-throughput intranode dispatch and combine over NVLink loads and stores.
 //
 // Dispatch (one kernel, every block does all phases):
@@ -21,8 +22,8 @@
 // rows from every rank the token went to, sums them in float32 (weighted, plus bias) and writes
 // BF16 in token order. A final handshake ("done pulling") makes the combine input reusable as
 // soon as the kernel completes.
-#include "check.hpp"
 #include "kernels/device_utils.cuh"
+#include "kernels/kernel_check.hpp"
 #include "kernels/launch.hpp"
 
 namespace epcomm::kernels {
@@ -30,14 +31,14 @@ namespace {
 
 using namespace device;
 
-constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
 constexpr int kUnroll = 4;          // 16-byte vectors in flight per lane (combine)
 constexpr int kDispatchUnroll = 8;  // dispatch keeps only the loaded vectors live: go deeper
 
-enum ArriveSlot : int { kArriveHtDispatch = 0, kArriveHtCombine = 1 };
-
-enum HtDispatchPhase : int { kPhaseCounts = 1, kPhaseDone = 2, kPhaseExpertCounts = 3 };
-enum HtCombinePhase : int { kPhaseReady = 1, kPhasePullDone = 2 };
+constexpr WaitPhase kPhaseCounts = WaitPhase::kHtCounts;
+constexpr WaitPhase kPhaseDone = WaitPhase::kHtRowsWritten;
+constexpr WaitPhase kPhaseExpertCounts = WaitPhase::kHtExpertCounts;
+constexpr WaitPhase kPhaseReady = WaitPhase::kHtCombineReady;
+constexpr WaitPhase kPhasePullDone = WaitPhase::kHtCombineDone;
 
 // Copies one row of `num_vecs` 16-byte vectors from `src` to every destination row in `dst`
 // (one per set bit of `mask`), the warp's lanes striding over the row.
@@ -167,7 +168,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
       if (p.host_count != nullptr) {
         // Exact mode: the host polls this while the rows are still moving.
         *reinterpret_cast<volatile uint64_t*>(p.host_count) =
-            kHostCountValid | static_cast<uint32_t>(prefix);
+            hostCount(static_cast<uint32_t>(prefix));
         __threadfence_system();
       }
     }
@@ -388,21 +389,24 @@ __global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p
 
 }  // namespace
 
-void launchHtDispatch(const HtDispatchParams& params, int num_blocks, cudaStream_t stream) {
+void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream) {
+  const int num_blocks = sm_budget;
   if (params.idx_is_64) {
     htDispatchKernel<int64_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   } else {
     htDispatchKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   }
-  EPCOMM_LAUNCH_CHECK(htDispatchKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(htDispatchKernel);
 }
 
-void launchHtCombine(const HtCombineParams& params, int num_blocks, cudaStream_t stream) {
+void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream) {
+  const int num_blocks = sm_budget;
   htCombineKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
-  EPCOMM_LAUNCH_CHECK(htCombineKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(htCombineKernel);
 }
 
-void launchCopyRows(const CopyRowsParams& params, int num_blocks, cudaStream_t stream) {
+void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream) {
+  const int num_blocks = sm_budget;
   const bool vec16 = (params.row_bytes | params.dst_stride | params.src_stride |
                       reinterpret_cast<uintptr_t>(params.dst) |
                       reinterpret_cast<uintptr_t>(params.src)) % 16 == 0;
@@ -411,7 +415,7 @@ void launchCopyRows(const CopyRowsParams& params, int num_blocks, cudaStream_t s
   } else {
     copyRowsKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   }
-  EPCOMM_LAUNCH_CHECK(copyRowsKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(copyRowsKernel);
 }
 
 }  // namespace epcomm::kernels

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // HT layout: from topk_idx [N, K], each token's destination-rank mask, its slot among the tokens
 // sent to each rank, per-rank and per-expert counts, and an int32 copy of the routing for weighted
 // combine. Two passes over tiles of 512 tokens, one block each: a CUB block scan gives slots within
@@ -11,8 +12,8 @@
 // on every rank at once instead of timing out.
 #include <cub/block/block_scan.cuh>
 
-#include "check.hpp"
 #include "kernels/device_utils.cuh"
+#include "kernels/kernel_check.hpp"
 #include "kernels/launch.hpp"
 
 namespace epcomm::kernels {
@@ -43,7 +44,7 @@ __device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT
         atomicAdd(&expert_hist[kept], 1);
       }
     } else if (e != -1) {
-      recordFault(p.peers, FailKind::kBadExpertId, OpId::kLayout, 0, -1, t,
+      recordFault(p.peers, FailKind::kBadExpertId, OpId::kLayout, WaitPhase::kNone, -1, t,
                   static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
     }
     copy[k] = kept;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutPar
 
 void launchLayout(const LayoutParams& params, cudaStream_t stream) {
   const int tiles = layoutTiles(params.num_tokens);
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(params.expert_counts, 0,
+  EPCOMM_KERNEL_CUDA_CHECK(cudaMemsetAsync(params.expert_counts, 0,
                                     sizeof(int32_t) * static_cast<size_t>(params.num_experts),
                                     stream));
   if (params.idx_is_64) {
@@ -122,9 +123,9 @@ void launchLayout(const LayoutParams& params, cudaStream_t stream) {
   } else {
     layoutTileKernel<int32_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
   }
-  EPCOMM_LAUNCH_CHECK(layoutTileKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(layoutTileKernel);
   layoutFinalizeKernel<<<tiles, kLayoutThreads, 0, stream>>>(params);
-  EPCOMM_LAUNCH_CHECK(layoutFinalizeKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(layoutFinalizeKernel);
 }
 
 }  // namespace epcomm::kernels

@@ -568,15 +568,40 @@ epcomm::TopkView topkView(const OptArray& topk_idx, const PyBuffer& b, int num_t
   return view;
 }
 
-DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptArray topk_idx,
-                        OptArray topk_weights, OptArray x_scales, int expert_alignment,
-                        bool exact_count, OptArray recv_x_out, OptArray recv_scales_out,
-                        std::optional<int> num_sms, nb::handle stream) {
+Array asArray(nb::handle obj, const char* name) {
+  Array a;
+  if (!nb::try_cast(obj, a)) {
+    throwInvalid(std::string(name) + ": expected a tensor with __dlpack__ (torch, CuPy, JAX), got " +
+                 nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()))))));
+  }
+  return a;
+}
+
+// Bad input found by the binding while converting the arguments of a collective call. The call
+// still takes its place in every rank's sequence of calls (buffer.hpp, "Errors"): the binding
+// makes the library a call it always rejects, so the library skips the call on every rank, tells
+// the peers (they get RemoteError) and the buffer stays usable. Then the binding raises its own
+// message. Another error of that call (a peer's earlier rejection, a broken buffer) wins.
+template <typename Call>
+[[noreturn]] void rejectCollective(const epcomm::InvalidArgument& error, Call&& call) {
+  try {
+    nb::gil_scoped_release release;  // waits (bounded) until every peer is past the call
+    call();
+  } catch (const epcomm::InvalidArgument&) {
+    throw epcomm::InvalidArgument(std::string(error.what()) +
+                                  " (nothing was launched; every rank skips this call and the "
+                                  "Buffer stays usable)");
+  }
+  throw error;
+}
+
+void convertDispatchArgs(PyBuffer& self, const Array& x, const OptArray& topk_idx,
+                         const OptArray& topk_weights, const OptArray& x_scales,
+                         const OptArray& recv_x_out, const OptArray& recv_scales_out,
+                         epcomm::DispatchArgs& args) {
   epcomm::EpBuffer& buf = self.get();
   const int device = buf.device();
   const int hidden = buf.config().config.hidden;
-  Array x = nb::cast<Array>(x_obj);
-  epcomm::DispatchArgs args;
   const bool fp8 = !sameDtype(x.dtype(), dt::kBF16);
   args.x = devicePtr(x, "x", device, 2, {dt::kBF16, dt::kF8E4M3, dt::kU8, dt::kI8});
   args.dtype = fp8 ? epcomm::DType::kFP8E4M3 : epcomm::DType::kBF16;
@@ -602,34 +627,20 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptA
     checkDim(*topk_weights, "topk_weights", 0, args.num_tokens, "one row per token of x");
     if (topk_idx) checkDim(*topk_weights, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
   }
-  args.expert_alignment = expert_alignment;
-  args.exact_count = exact_count;
   if (recv_x_out) args.recv_x_out = devicePtr(*recv_x_out, "recv_x_out", device, 2, {});
   if (recv_scales_out) {
     args.recv_scales_out =
         static_cast<float*>(devicePtr(*recv_scales_out, "recv_scales_out", device, 2, {dt::kF32}));
   }
-  args.num_sms = optInt(num_sms);
-  cudaStream_t s = toStream(stream);
+}
 
-  nb::object handle_obj;
-  if (!handle) {
-    if (!topk_idx) throwInvalid("dispatch: a cached dispatch (no topk_idx) needs handle=");
-    handle_obj = nb::cast(PyHandle{buf.createHandle(), pyself(&self), &self});
-    handle = nb::cast<PyHandle*>(handle_obj);
-  } else {
-    handleOf(*handle, self);
-    handle_obj = pyself(handle);
-  }
-
-  epcomm::DispatchResult r;
-  if (exact_count) {
-    nb::gil_scoped_release release;  // blocks the host until the count is known
-    r = buf.dispatch(args, handle->handle, s);
-  } else {
-    r = buf.dispatch(args, handle->handle, s);
-  }
-
+DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
+                              const OptArray& topk_idx, nb::object handle_obj,
+                              const epcomm::DispatchResult& r, const epcomm::DispatchArgs& args,
+                              bool exact_count) {
+  epcomm::EpBuffer& buf = self.get();
+  const int device = buf.device();
+  const int hidden = buf.config().config.hidden;
   const size_t rows =
       exact_count ? static_cast<size_t>(r.num_recv_tokens_host) : static_cast<size_t>(r.capacity);
   const size_t topk = static_cast<size_t>(args.topk.num_topk);
@@ -654,6 +665,47 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptA
   out.combine_input.set(r.combine_input, {rows, h}, dt::kBF16);
   if (r.num_recv_tokens_host >= 0) out.num_recv_tokens_host = r.num_recv_tokens_host;
   out.capacity = r.capacity;
+  return out;
+}
+
+DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptArray topk_idx,
+                        OptArray topk_weights, OptArray x_scales, int expert_alignment,
+                        bool exact_count, OptArray recv_x_out, OptArray recv_scales_out,
+                        std::optional<int> num_sms, nb::handle stream) {
+  epcomm::EpBuffer& buf = self.get();
+  cudaStream_t s = nullptr;
+  nb::object handle_obj;
+  if (!handle) {  // a new handle (allocates); pass one to reuse it
+    handle_obj = nb::cast(PyHandle{buf.createHandle(), pyself(&self), &self});
+    handle = nb::cast<PyHandle*>(handle_obj);
+  } else {
+    handle_obj = pyself(handle);
+  }
+  Array x;
+  epcomm::DispatchArgs args;
+  try {
+    s = toStream(stream);
+    x = asArray(x_obj, "x");
+    handleOf(*handle, self);
+    convertDispatchArgs(self, x, topk_idx, topk_weights, x_scales, recv_x_out, recv_scales_out,
+                        args);
+  } catch (const epcomm::InvalidArgument& e) {
+    epcomm::DispatchArgs bad;
+    bad.num_tokens = -1;
+    rejectCollective(e, [&] { buf.dispatch(bad, handle->handle, s); });
+  }
+  args.expert_alignment = expert_alignment;
+  args.exact_count = exact_count;
+  args.num_sms = optInt(num_sms);
+
+  epcomm::DispatchResult r;
+  if (exact_count) {
+    nb::gil_scoped_release release;  // blocks the host until the count is known
+    r = buf.dispatch(args, handle->handle, s);
+  } else {
+    r = buf.dispatch(args, handle->handle, s);
+  }
+  DispatchOutput out = dispatchOutput(self, x_obj, x, topk_idx, handle_obj, r, args, exact_count);
   return out;
 }
 
@@ -1054,53 +1106,79 @@ NB_MODULE(_epcomm, m) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
-            const epcomm::EpHandle& h = handleOf(handle, self);
-            Array x = nb::cast<Array>(x_obj);
+            const epcomm::EpHandle& h = handle.handle;
+            cudaStream_t s = nullptr;
             epcomm::CombineArgs args;
-            args.x = devicePtr(x, "x", device, 2, {dt::kBF16});
-            checkDim(x, "x", 1, hidden, "the buffer's hidden");
-            auto [out, out_arr] =
-                outputFor(out_obj, x_obj, static_cast<size_t>(h.numTokens()), hidden, "combine");
-            args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
-            checkDim(out_arr, "out", 0, h.numTokens(), "the handle's num_tokens");
-            checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
-            if (topk_weights) {
-              args.topk_weights = static_cast<const float*>(
-                  devicePtr(*topk_weights, "topk_weights", device, 2, {dt::kF32}));
-              checkDim(*topk_weights, "topk_weights", 0, h.numTokens(), "the handle's num_tokens");
-            }
-            if (bias) {
-              args.bias = devicePtr(*bias, "bias", device, 2, {dt::kBF16});
-              checkDim(*bias, "bias", 0, h.numTokens(), "the handle's num_tokens");
+            nb::object out;
+            try {
+              s = toStream(stream);
+              handleOf(handle, self);
+              Array x = asArray(x_obj, "x");
+              args.x = devicePtr(x, "x", device, 2, {dt::kBF16});
+              checkDim(x, "x", 1, hidden, "the buffer's hidden");
+              auto [o, out_arr] = outputFor(out_obj, x_obj, static_cast<size_t>(h.numTokens()),
+                                            hidden, "combine");
+              out = o;
+              args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
+              checkDim(out_arr, "out", 0, h.numTokens(), "the handle's num_tokens");
+              checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
+              if (topk_weights) {
+                args.topk_weights = static_cast<const float*>(
+                    devicePtr(*topk_weights, "topk_weights", device, 2, {dt::kF32}));
+                checkDim(*topk_weights, "topk_weights", 0, h.numTokens(),
+                         "the handle's num_tokens");
+              }
+              if (bias) {
+                args.bias = devicePtr(*bias, "bias", device, 2, {dt::kBF16});
+                checkDim(*bias, "bias", 0, h.numTokens(), "the handle's num_tokens");
+                checkDim(*bias, "bias", 1, hidden, "the buffer's hidden");
+              }
+            } catch (const epcomm::InvalidArgument& e) {
+              rejectCollective(e, [&] { buf.combine(epcomm::CombineArgs{}, h, s); });
             }
             args.num_sms = optInt(num_sms);
-            buf.combine(args, h, toStream(stream));
+            buf.combine(args, h, s);
             return out;
           },
           "x"_a, "handle"_a, "out"_a = nb::none(), nb::kw_only(), "topk_weights"_a = nb::none(),
           "bias"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none())
       .def(
           "low_latency_dispatch",
-          [](PyBuffer& self, nb::object x_obj, Array topk_idx, Array topk_weights, bool use_fp8,
-             std::optional<int> num_sms, nb::handle stream, const std::string& phase) {
+          [](PyBuffer& self, nb::object x_obj, nb::object topk_idx_obj, nb::object topk_weights_obj,
+             bool use_fp8, std::optional<int> num_sms, nb::handle stream,
+             const std::string& phase_name) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
-            Array x = nb::cast<Array>(x_obj);
+            cudaStream_t s = nullptr;
+            epcomm::LlPhase phase = epcomm::LlPhase::kBoth;
             epcomm::LlDispatchArgs args;
-            args.x = devicePtr(x, "x", device, 2, {dt::kBF16});
-            args.num_tokens = static_cast<int>(x.shape(0));
-            checkDim(x, "x", 1, hidden, "the buffer's hidden");
-            args.topk = topkView(topk_idx, self, args.num_tokens);
-            args.topk_weights = static_cast<const float*>(
-                devicePtr(topk_weights, "topk_weights", device, 2, {dt::kF32}));
-            checkDim(topk_weights, "topk_weights", 0, args.num_tokens, "one row per token of x");
-            checkDim(topk_weights, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
+            try {
+              s = toStream(stream);
+              phase = parsePhase(phase_name);
+              if (phase != epcomm::LlPhase::kRecv) {  // the receiving half reads no input
+                Array x = asArray(x_obj, "x");
+                args.x = devicePtr(x, "x", device, 2, {dt::kBF16});
+                args.num_tokens = static_cast<int>(x.shape(0));
+                checkDim(x, "x", 1, hidden, "the buffer's hidden");
+                args.topk = topkView(asArray(topk_idx_obj, "topk_idx"), self, args.num_tokens);
+                Array w = asArray(topk_weights_obj, "topk_weights");
+                args.topk_weights =
+                    static_cast<const float*>(devicePtr(w, "topk_weights", device, 2, {dt::kF32}));
+                checkDim(w, "topk_weights", 0, args.num_tokens, "one row per token of x");
+                checkDim(w, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
+              }
+            } catch (const epcomm::InvalidArgument& e) {
+              epcomm::LlDispatchArgs bad;
+              bad.num_tokens = -1;
+              const epcomm::LlPhase reject_phase =
+                  phase == epcomm::LlPhase::kRecv ? static_cast<epcomm::LlPhase>(0) : phase;
+              rejectCollective(e, [&] { buf.lowLatencyDispatch(bad, s, reject_phase); });
+            }
             args.use_fp8 = use_fp8;
             args.num_sms = optInt(num_sms);
-            epcomm::LlDispatchResult r =
-                buf.lowLatencyDispatch(args, toStream(stream), parsePhase(phase));
-            self.last_ll_num_tokens = args.num_tokens;
+            epcomm::LlDispatchResult r = buf.lowLatencyDispatch(args, s, phase);
+            if (phase != epcomm::LlPhase::kRecv) self.last_ll_num_tokens = args.num_tokens;
             const size_t experts = static_cast<size_t>(buf.numLocalExperts());
             const size_t rows = static_cast<size_t>(r.rows_per_expert);
             const size_t h = static_cast<size_t>(hidden);
@@ -1121,22 +1199,41 @@ NB_MODULE(_epcomm, m) {
       .def(
           "low_latency_combine",
           [](PyBuffer& self, nb::object x_obj, nb::object out_obj, std::optional<int> num_sms,
-             nb::handle stream, const std::string& phase) {
+             nb::handle stream, const std::string& phase_name) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
-            Array x = nb::cast<Array>(x_obj);
+            cudaStream_t s = nullptr;
+            epcomm::LlPhase phase = epcomm::LlPhase::kBoth;
             epcomm::LlCombineArgs args;
-            args.x = devicePtr(x, "x", device, 3, {dt::kBF16});
-            checkDim(x, "x", 0, buf.numLocalExperts(), "num_local_experts");
-            checkDim(x, "x", 2, hidden, "the buffer's hidden");
-            auto [out, out_arr] =
-                outputFor(out_obj, x_obj, static_cast<size_t>(self.last_ll_num_tokens), hidden,
-                          "low_latency_combine");
-            args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
-            checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
+            nb::object out = out_obj;
+            try {
+              s = toStream(stream);
+              phase = parsePhase(phase_name);
+              if (phase != epcomm::LlPhase::kRecv) {  // x is read by the sending half
+                Array x = asArray(x_obj, "x");
+                args.x = devicePtr(x, "x", device, 3, {dt::kBF16});
+                checkDim(x, "x", 0, buf.numLocalExperts(), "num_local_experts");
+                checkDim(x, "x", 2, hidden, "the buffer's hidden");
+              }
+              if (phase != epcomm::LlPhase::kSend) {  // out is written by the receiving half
+                auto [o, out_arr] =
+                    outputFor(out_obj, x_obj, static_cast<size_t>(self.last_ll_num_tokens),
+                              hidden, "low_latency_combine");
+                out = o;
+                args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
+                checkDim(out_arr, "out", 0, self.last_ll_num_tokens,
+                         "the tokens of the matching low_latency_dispatch");
+                checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
+              }
+            } catch (const epcomm::InvalidArgument& e) {
+              const epcomm::LlPhase reject_phase =
+                  phase == epcomm::LlPhase::kRecv ? static_cast<epcomm::LlPhase>(0) : phase;
+              rejectCollective(
+                  e, [&] { buf.lowLatencyCombine(epcomm::LlCombineArgs{}, s, reject_phase); });
+            }
             args.num_sms = optInt(num_sms);
-            buf.lowLatencyCombine(args, toStream(stream), parsePhase(phase));
+            buf.lowLatencyCombine(args, s, phase);
             return out;
           },
           "x"_a, "out"_a = nb::none(), nb::kw_only(), "num_sms"_a = nb::none(),

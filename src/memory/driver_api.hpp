@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // CUDA driver entry points, resolved at run time through cudaGetDriverEntryPointByVersion so that
 // nothing links libcuda: binaries load, and host-only tests run, on machines without a driver.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #include "common/test_data.hpp"
 
 #include <cuda_fp8.h>
@@ -5,9 +6,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <random>
 #include <stdexcept>
 #include <string>
+
+#include "util/routing.hpp"
 
 namespace epcomm::test {
 
@@ -50,17 +52,6 @@ float fp8E4m3ToFloat(uint8_t bits) {
 
 // ----- hashing -------------------------------------------------------------------------------
 
-uint64_t mix64(uint64_t value) {
-  value += 0x9e3779b97f4a7c15ull;
-  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ull;
-  value = (value ^ (value >> 27)) * 0x94d049bb133111ebull;
-  return value ^ (value >> 31);
-}
-
-uint64_t hashCombine(uint64_t hash, uint64_t value) {
-  return mix64(hash ^ (mix64(value) + 0x9e3779b97f4a7c15ull + (hash << 6) + (hash >> 2)));
-}
-
 namespace {
 
 // 10 random bits -> a bf16 with magnitude in [0.25, 4) and a random sign: bit 9 the sign, bits
@@ -79,16 +70,6 @@ enum Stream : uint64_t { kStreamX = 1, kStreamTopk = 2, kStreamWeights = 3 };
 
 uint64_t streamSeed(uint64_t seed, int rank, Stream stream) {
   return hashCombine(hashCombine(mix64(seed), static_cast<uint64_t>(rank)), stream);
-}
-
-// Uniform in [0, 1) from the top 53 bits.
-double uniform01(std::mt19937_64& rng) {
-  return static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0);
-}
-
-// Uniform in [0, n). The modulo bias is below 2^-50 for the small n used here.
-int uniformBelow(std::mt19937_64& rng, int n) {
-  return static_cast<int>(rng() % static_cast<uint64_t>(n));
 }
 
 // The largest token index whose origin tag stays exact in bf16 (col2 = token / 128 + 1 <= 256).
@@ -131,7 +112,7 @@ void generateX(const ProblemSpec& spec, RankInputs& in) {
   in.x_fp8.resize(n * hidden);
   in.x_scales.resize(n * blocks);
 
-  std::mt19937_64 rng(streamSeed(spec.seed, in.rank, kStreamX));
+  util::PortableDraw rng(streamSeed(spec.seed, in.rank, kStreamX));
   uint64_t bits = 0;
   int bits_left = 0;
   for (int t = 0; t < in.num_tokens; ++t) {
@@ -141,7 +122,7 @@ void generateX(const ProblemSpec& spec, RankInputs& in) {
     row[2] = floatToBf16(static_cast<float>(t / 128 + 1));
     for (int c = 3; c < hidden; ++c) {
       if (bits_left < 10) {
-        bits = rng();
+        bits = rng.next();
         bits_left = 64;
       }
       row[c] = bf16FromBits(bits);
@@ -175,50 +156,31 @@ void generateTopk(const ProblemSpec& spec, RankInputs& in) {
   in.topk_idx32.assign(n * k_count, -1);
   in.topk_weights.assign(n * k_count, 0.0f);
 
-  std::mt19937_64 rng(streamSeed(spec.seed, in.rank, kStreamTopk));
-  std::mt19937_64 weight_rng(streamSeed(spec.seed, in.rank, kStreamWeights));
+  util::PortableDraw rng(streamSeed(spec.seed, in.rank, kStreamTopk));
+  util::PortableDraw weight_rng(streamSeed(spec.seed, in.rank, kStreamWeights));
+  const util::PickShape shape{num_experts, k_count, hot_lo, local, spec.routing == Routing::kSkewed,
+                              spec.skew};
   std::vector<char> used(num_experts, 0);
   for (int t = 0; t < in.num_tokens; ++t) {
     int64_t* ids = in.topk_idx.data() + static_cast<size_t>(t) * k_count;
-    int hot_used = 0;
-    for (int k = 0; k < k_count; ++k) {
-      int expert = -1;
-      if (spec.routing == Routing::kSkewed) {
-        // Always draw the coin, so the stream advances the same way whatever the outcome.
-        const bool want_hot = uniform01(rng) < spec.skew;
-        if (want_hot && hot_used < local) {
-          do {
-            expert = hot_lo + uniformBelow(rng, local);
-          } while (used[expert]);
-        }
-      }
-      if (expert < 0) {
-        do {
-          expert = uniformBelow(rng, num_experts);
-        } while (used[expert]);
-      }
-      used[expert] = 1;
-      if (expert >= hot_lo && expert < hot_lo + local) ++hot_used;
-      ids[k] = expert;
-    }
-    for (int k = 0; k < k_count; ++k) used[ids[k]] = 0;
+    util::pickExperts(shape, rng, used, ids, [](int) {});
 
     if (spec.routing == Routing::kWithNegatives) {
       for (int k = 0; k < k_count; ++k)
-        if (uniform01(rng) < spec.negative_fraction) ids[k] = -1;
+        if (rng.unit() < spec.negative_fraction) ids[k] = -1;
     }
     if (spec.routing == Routing::kWithDuplicates) {
       // Entry k repeats a random earlier entry (which may itself be a repetition).
       for (int k = 1; k < k_count; ++k) {
-        const bool repeat = uniform01(rng) < spec.duplicate_fraction;
-        const int earlier = static_cast<int>(uniformBelow(rng, k));
+        const bool repeat = rng.unit() < spec.duplicate_fraction;
+        const int earlier = static_cast<int>(rng.below(k));
         if (repeat) ids[k] = ids[earlier];
       }
     }
     for (int k = 0; k < k_count; ++k) {
       const size_t i = static_cast<size_t>(t) * k_count + k;
       in.topk_idx32[i] = static_cast<int32_t>(ids[k]);
-      float w = static_cast<float>(0.05 + 0.95 * uniform01(weight_rng));
+      float w = static_cast<float>(0.05 + 0.95 * weight_rng.unit());
       // The float rounding of a double just below 1 can give exactly 1; keep the range half open.
       if (w >= 1.0f) w = std::nextafter(1.0f, 0.0f);
       in.topk_weights[i] = w;

@@ -1,16 +1,20 @@
+// SPDX-License-Identifier: Apache-2.0
 // Seeded test data for the dispatch/combine tests (docs/design.md §8).
 //
 // Every rank of an mpirun job calls generateProblem() with the same ProblemSpec and gets the
 // inputs of ALL ranks, bit for bit identical, so each rank can compute its own expected output
 // with the CPU reference model (common/reference.hpp) without any communication.
 //
-// Everything here is pure host code. Random numbers come from std::mt19937_64 (whose output
-// sequence the C++ standard fixes) and our own integer-to-value mappings, never from the
-// <random> distributions, whose algorithms differ between standard libraries.
+// Everything here is pure host code. Random numbers come from util::PortableDraw: std::mt19937_64
+// (whose output sequence the C++ standard fixes) and our own integer-to-value mappings, never the
+// <random> distributions, whose algorithms differ between standard libraries. The expert picks
+// are util::pickExperts (util/routing.hpp), the generator ep_bench uses too.
 #pragma once
 
 #include <cstdint>
 #include <vector>
+
+#include "util/seed.hpp"
 
 namespace epcomm::test {
 
@@ -37,10 +41,9 @@ float fp8E4m3ToFloat(uint8_t bits);
 
 // ----- hashing -------------------------------------------------------------------------------
 
-// The splitmix64 finalizer: a bijective 64-bit mix with good avalanche.
-uint64_t mix64(uint64_t value);
-// Order-sensitive combination of a running hash with one more value.
-uint64_t hashCombine(uint64_t hash, uint64_t value);
+// mix64 (splitmix64 finalizer) and hashCombine (order-sensitive), from util/seed.hpp.
+using util::hashCombine;
+using util::mix64;
 
 // A deterministic, finite, non-zero bf16 "expert output" for (expert, source token, column):
 // magnitude in [0.25, 4) with a random sign. The LL combine tests fill the expert outputs with
@@ -50,9 +53,9 @@ uint16_t expertOutputValue(uint64_t seed, int global_expert, int src_rank, int s
 // ----- problems ------------------------------------------------------------------------------
 
 enum class Routing {
-  kUniform,        // K distinct experts per token, uniform
-  kSkewed,         // each pick comes from hot_rank's experts with probability `skew`
-  kWithNegatives,  // uniform, then each entry becomes -1 with probability negative_fraction
+  kUniform,         // K distinct experts per token, uniform
+  kSkewed,          // each pick comes from hot_rank's experts with probability `skew`
+  kWithNegatives,   // uniform, then each entry becomes -1 with probability negative_fraction
   kWithDuplicates,  // uniform, then each entry k > 0 repeats a random earlier entry of the same
                     // token with probability duplicate_fraction (the ops count it once)
 };

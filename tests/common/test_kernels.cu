@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #include <dirent.h>
 
 #include "common/gpu_helpers.hpp"
@@ -30,21 +31,13 @@ __global__ void spinKernel(uint64_t ns) {
 
 }  // namespace
 
-void cudaOrThrow(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    (void)cudaGetLastError();
-    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(status));
-  }
-}
-
 void poisonDevice(void* device, size_t bytes, cudaStream_t stream) {
   if (bytes > 0) EPCOMM_TEST_CUDA(cudaMemsetAsync(device, kPoisonByte, bytes, stream));
 }
 
 void launchWritePattern(void* const* peer_bases, size_t offset, int rank, int num_ranks,
                         size_t words_per_slice, cudaStream_t stream) {
-  writePatternKernel<<<64, 256, 0, stream>>>(peer_bases, offset, rank, num_ranks,
-                                             words_per_slice);
+  writePatternKernel<<<64, 256, 0, stream>>>(peer_bases, offset, rank, num_ranks, words_per_slice);
   EPCOMM_TEST_CUDA(cudaGetLastError());
 }
 

@@ -24,16 +24,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <initializer_list>
-#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "common/gpu_helpers.hpp"
+#include "common/mp_fixture.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
+#include "util/routing.hpp"
 
 namespace epcomm::test {
 namespace {
@@ -62,21 +63,16 @@ void settleHostCopies() {
   EPCOMM_TEST_CUDA(cudaDeviceSynchronize());
 }
 
-// Deterministic choices. Only the mt19937_64 output sequence is used (fixed by the standard),
-// never <random> distributions, so every rank and every standard library draws the same values.
-class Draw {
+// Deterministic choices through util::PortableDraw (never <random> distributions), so every rank
+// and every standard library draws the same values.
+class Draw : public util::PortableDraw {
  public:
-  explicit Draw(uint64_t seed) : rng_(seed) {}
-  int below(int n) { return static_cast<int>(rng_() % static_cast<uint64_t>(n)); }
+  using PortableDraw::PortableDraw;
   int range(int lo, int hi) { return lo + below(hi - lo + 1); }
-  bool chance(double p) { return static_cast<double>(rng_() >> 11) * 0x1.0p-53 < p; }
   template <typename T>
   T pick(std::initializer_list<T> values) {
     return *(values.begin() + below(static_cast<int>(values.size())));
   }
-
- private:
-  std::mt19937_64 rng_;
 };
 
 // The buffer shape of one segment of rounds.
@@ -712,20 +708,20 @@ void Segment::runLl(const Round& r) {
       << "LL combine output (row = token of rank " << me_ << ")";
 }
 
-TEST(Soak, RandomizedHtAndLlRoundsMatchTheReference) {
-  EPCOMM_REQUIRE_GPU();
-  Bootstrap& bs = *mpiBootstrap();
-  const int device = selectDevice(bs);
+class Soak : public MultiRankGpuTest {};
+
+TEST_F(Soak, RandomizedHtAndLlRoundsMatchTheReference) {
+  Bootstrap& bs = bootstrap();
   int device_sms = 0;
-  EPCOMM_TEST_CUDA(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device));
+  EPCOMM_TEST_CUDA(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device()));
   const int rounds = static_cast<int>(envCount("EPCOMM_SOAK_ROUNDS", kDefaultRounds));
   const uint64_t seed = static_cast<uint64_t>(envCount("EPCOMM_SOAK_SEED", kDefaultSeed));
   const int segment_rounds = rounds > 1000 ? 100 : 25;
-  const int me = bs.rank();
+  const int me = rank();
   if (me == 0) {
     std::printf(
         "soak: %d rounds (HT + LL each) on %d ranks, seed %llu, new buffer shape every %d\n",
-        rounds, bs.size(), static_cast<unsigned long long>(seed), segment_rounds);
+        rounds, size(), static_cast<unsigned long long>(seed), segment_rounds);
     std::fflush(stdout);
   }
   const auto start = std::chrono::steady_clock::now();
@@ -733,13 +729,13 @@ TEST(Soak, RandomizedHtAndLlRoundsMatchTheReference) {
   bool stop = false;
   for (int first = 0; first < rounds && !stop; first += segment_rounds) {
     Draw shape_draw(hashCombine(mix64(seed), 0x5e9u + static_cast<uint64_t>(first)));
-    const Shape shape = drawShape(shape_draw, bs.size());
+    const Shape shape = drawShape(shape_draw, size());
     const std::string where_shape =
         "segment at round " + std::to_string(first) + " (" + describeShape(shape) + ")";
     try {
       Segment segment(bs, shape);
       for (int i = first; i < std::min(rounds, first + segment_rounds); ++i) {
-        const Round round = drawRound(seed, i, shape, bs.size(), device_sms);
+        const Round round = drawRound(seed, i, shape, size(), device_sms);
         SCOPED_TRACE("rank " + std::to_string(me) + ", round " + std::to_string(i) + " of seed " +
                      std::to_string(seed) + ", " + where_shape);
         try {
@@ -762,9 +758,10 @@ TEST(Soak, RandomizedHtAndLlRoundsMatchTheReference) {
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const std::string failed = failedRanks(bs);
   if (me == 0) {
-    std::printf("soak: %d of %d rounds run in %.1f s%s\n", done, rounds, seconds,
-                ::testing::Test::HasFailure() ? " (stopped at the first failure)" : "");
+    std::printf("soak: %d of %d rounds run in %.1f s%s%s\n", done, rounds, seconds,
+                failed.empty() ? "" : "; stopped at the first failure: ", failed.c_str());
     std::fflush(stdout);
   }
 }

@@ -54,12 +54,27 @@ def main():
     dev = torch.device("cuda", torch.cuda.current_device())
     per_rank = EXPERTS // size
     failures = []
-    with epcomm.Buffer(bs, hidden=HIDDEN, num_experts=EXPERTS, max_topk=TOPK,
+    with epcomm.Buffer(bs, device=dev.index, hidden=HIDDEN, num_experts=EXPERTS, max_topk=TOPK,
                        max_tokens_per_rank=64, ll_max_tokens_per_rank=64) as buf:
         x = torch.from_numpy(xs[rank]).to(torch.bfloat16).to(dev)
         topk_idx = torch.from_numpy(idx[rank]).to(dev)
         topk_w = torch.from_numpy(weights[rank]).to(dev)
         handle = buf.create_handle()
+        # Bad input on rank 1 only: rank 1 gets InvalidArgument, the others RemoteError from
+        # sync(); the call is skipped everywhere and the buffer stays usable.
+        try:
+            if rank == 1:
+                buf.dispatch(x.cpu(), handle, topk_idx=topk_idx, topk_weights=topk_w)
+            else:
+                buf.dispatch(x, handle, topk_idx=topk_idx, topk_weights=topk_w)
+            buf.sync()
+            failures.append(f"rank {rank}: the rejected dispatch raised nothing")
+        except epcomm.InvalidArgument as e:
+            if rank != 1:
+                failures.append(f"rank {rank}: unexpected InvalidArgument {e}")
+        except epcomm.RemoteError as e:
+            if rank == 1 or "rank 1" not in str(e):
+                failures.append(f"rank {rank}: unexpected RemoteError {e}")
         res = buf.dispatch(x, handle, topk_idx=topk_idx, topk_weights=topk_w, exact_count=True)
         buf.sync()
         # Reference: rows from rank 0 in token order, then rank 1, ...

@@ -154,9 +154,25 @@ def test_bad_inputs_raise_and_leave_the_buffer_usable(buf):
         buf.dispatch(x[:, :128].contiguous(), topk_idx=topk_idx)
     with pytest.raises(epcomm.InvalidArgument, match="contiguous"):
         buf.dispatch(x.t().contiguous().t(), topk_idx=topk_idx)
+    with pytest.raises(epcomm.InvalidArgument, match="__dlpack__"):
+        buf.dispatch([1, 2, 3], topk_idx=topk_idx)
+    with pytest.raises(epcomm.InvalidArgument, match="stream"):
+        buf.dispatch(x, topk_idx=topk_idx, stream="fast")
+    other = epcomm.Buffer(epcomm.single_process_bootstrap(), device=0, hidden=HIDDEN,
+                          num_experts=EXPERTS, max_topk=TOPK, max_tokens_per_rank=64)
+    with pytest.raises(epcomm.InvalidArgument, match="another Buffer"):
+        buf.dispatch(x, other.create_handle(), topk_idx=topk_idx)
+    other.destroy()
+    # A cached dispatch needs a handle that holds a layout: the library's own check.
+    with pytest.raises(epcomm.InvalidArgument):
+        buf.dispatch(x)
     res = buf.dispatch(x, topk_idx=topk_idx, exact_count=True)
     buf.sync()
     assert res.num_recv_tokens_host > 0
+    out = buf.combine(res.combine_input, res.handle)
+    with pytest.raises(epcomm.InvalidArgument, match="out"):
+        buf.combine(res.combine_input, res.handle, out[:1])
+    buf.sync()
 
 
 def test_views_keep_the_buffer_alive_and_destroy_is_final():

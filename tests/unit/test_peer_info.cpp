@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
-// PeerInfo wire format: round trips, and rejection of every short or corrupted record without
-// reading past its end (this suite is also run under valgrind).
+// PeerInfo record: round trips, the pinned wire layout, and rejection of every short or corrupted
+// record without reading past its end (this suite is also run under valgrind).
 #include <gtest/gtest.h>
 
+#include <climits>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -16,13 +18,14 @@
 namespace epcomm::memory {
 namespace {
 
-// Offsets of the fixed header fields (see the layout comment in src/memory/peer_info.cpp).
-constexpr size_t kVersionOffset = 4;
-constexpr size_t kModeOffset = 6;
-constexpr size_t kOkOffset = 36;
-constexpr size_t kHandleLengthOffset = 38;
-constexpr size_t kHandleOffset = 40;
-constexpr size_t kChecksumOffset = kPeerInfoBytes - 4;
+constexpr size_t kVersionOffset = offsetof(PeerInfo, version);
+constexpr size_t kOkOffset = offsetof(PeerInfo, ok);
+constexpr size_t kReservedOffset = offsetof(PeerInfo, reserved);
+constexpr size_t kHandleLengthOffset = offsetof(PeerInfo, handle_length);
+constexpr size_t kErrorLengthOffset = offsetof(PeerInfo, error_length);
+constexpr size_t kHandleOffset = offsetof(PeerInfo, handle);
+constexpr size_t kErrorOffset = offsetof(PeerInfo, error);
+constexpr size_t kChecksumOffset = offsetof(PeerInfo, checksum);
 
 std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
   std::vector<uint8_t> bytes(n);
@@ -30,18 +33,42 @@ std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
   return bytes;
 }
 
-PeerInfo sample(int rank, MemMode mode, size_t handle_bytes, const std::string& error) {
+PeerInfo sample(int rank, size_t handle_bytes, const std::string& error) {
   PeerInfo info;
   info.rank = rank;
-  info.mode = mode;
   info.device = rank % 3;
   info.bytes = (uint64_t{1} << 40) + 4096u * static_cast<uint64_t>(rank) + 7;
-  info.host_hash = 0xfedcba9876543210ull ^ static_cast<uint64_t>(rank);
   info.pid = 100000 + rank;
-  info.ok = error.empty();
-  info.error = error;
-  info.handle = pattern(handle_bytes, static_cast<uint8_t>(rank));
+  info.ok = error.empty() ? 1 : 0;
+  info.setError(error);
+  const std::vector<uint8_t> handle = pattern(handle_bytes, static_cast<uint8_t>(rank));
+  info.setHandle(handle.data(), handle.size());
   return info;
+}
+
+// The sealed record as it travels.
+std::vector<uint8_t> wire(PeerInfo info) {
+  info.seal();
+  std::vector<uint8_t> bytes(sizeof(info));
+  std::memcpy(bytes.data(), &info, sizeof(info));
+  return bytes;
+}
+
+std::vector<uint8_t> handleOf(const PeerInfo& info) {
+  return std::vector<uint8_t>(info.handle, info.handle + info.handle_length);
+}
+
+// What the sender would produce from the parsed fields: the canonical encoding.
+std::vector<uint8_t> rebuilt(const PeerInfo& parsed) {
+  PeerInfo info;
+  info.rank = parsed.rank;
+  info.device = parsed.device;
+  info.bytes = parsed.bytes;
+  info.pid = parsed.pid;
+  info.ok = parsed.ok;
+  info.setHandle(parsed.handle, parsed.handle_length);
+  info.setError(parsed.errorText());
+  return wire(info);
 }
 
 void putU16(std::vector<uint8_t>* record, size_t offset, uint16_t value) {
@@ -63,7 +90,7 @@ void reseal(std::vector<uint8_t>* record) {
 PeerInfo parseCopy(const std::vector<uint8_t>& record, size_t size) {
   std::unique_ptr<uint8_t[]> copy(new uint8_t[size > 0 ? size : 1]);
   if (size > 0) std::memcpy(copy.get(), record.data(), size);
-  return deserializePeerInfo(copy.get(), size);
+  return parsePeerInfo(copy.get(), size);
 }
 
 // Expects an internal error whose message contains `part`. The record is resealed first (unless
@@ -83,28 +110,26 @@ void expectCorrupt(std::vector<uint8_t> record, const std::string& part,
 
 void expectSame(const PeerInfo& a, const PeerInfo& b) {
   EXPECT_EQ(a.rank, b.rank);
-  EXPECT_EQ(a.mode, b.mode);
   EXPECT_EQ(a.device, b.device);
   EXPECT_EQ(a.bytes, b.bytes);
-  EXPECT_EQ(a.host_hash, b.host_hash);
   EXPECT_EQ(a.pid, b.pid);
   EXPECT_EQ(a.ok, b.ok);
-  EXPECT_EQ(a.error, b.error);
-  EXPECT_EQ(a.handle, b.handle);
+  EXPECT_EQ(a.errorText(), b.errorText());
+  EXPECT_EQ(handleOf(a), handleOf(b));
 }
 
-TEST(PeerInfo, RoundTripsEveryModeAndHandleSize) {
+TEST(PeerInfo, RoundTripsEveryHandleSize) {
   int rank = 0;
-  for (MemMode mode : {MemMode::kAuto, MemMode::kFabric, MemMode::kPosixFd, MemMode::kCudaIpc}) {
-    for (size_t handle_bytes : {size_t{0}, size_t{1}, size_t{17}, kMaxHandleBytes}) {
-      for (const char* error : {"", "cuMemCreate failed: CUDA_ERROR_NOT_PERMITTED (800)"}) {
-        SCOPED_TRACE(::testing::Message() << memModeName(mode) << ", handle " << handle_bytes
-                                          << " bytes, error '" << error << "'");
-        const PeerInfo info = sample(rank++, mode, handle_bytes, error);
-        const std::vector<uint8_t> record = serializePeerInfo(info);
-        ASSERT_EQ(record.size(), kPeerInfoBytes);
-        expectSame(parseCopy(record, record.size()), info);
-      }
+  for (size_t handle_bytes : {size_t{0}, size_t{1}, size_t{17}, kMaxHandleBytes}) {
+    for (const char* error : {"", "cuMemCreate failed: CUDA_ERROR_NOT_PERMITTED (800)"}) {
+      SCOPED_TRACE(::testing::Message() << "handle " << handle_bytes << " bytes, error '" << error
+                                        << "'");
+      const PeerInfo info = sample(rank++, handle_bytes, error);
+      const std::vector<uint8_t> record = wire(info);
+      ASSERT_EQ(record.size(), kPeerInfoBytes);
+      const PeerInfo back = parseCopy(record, record.size());
+      expectSame(back, info);
+      EXPECT_EQ(rebuilt(back), record);
     }
   }
 }
@@ -114,25 +139,32 @@ TEST(PeerInfo, RoundTripsExtremeValues) {
   info.rank = -1;
   info.device = INT32_MIN;
   info.bytes = UINT64_MAX;
-  info.host_hash = 0;
   info.pid = INT32_MAX;
-  info.ok = true;
-  info.handle.assign(kMaxHandleBytes, 0xFF);
-  info.error = std::string("nul\0inside", 10);
-  const std::vector<uint8_t> record = serializePeerInfo(info);
-  expectSame(parseCopy(record, record.size()), info);
+  info.ok = 1;
+  const std::vector<uint8_t> handle(kMaxHandleBytes, 0xFF);
+  info.setHandle(handle.data(), handle.size());
+  info.setError(std::string("nul\0inside", 10));
+  expectSame(parseCopy(wire(info), kPeerInfoBytes), info);
 }
 
-TEST(PeerInfo, WireHeaderIsLittleEndianAndZeroPadded) {
-  const std::vector<uint8_t> record = serializePeerInfo(sample(5, MemMode::kPosixFd, 3, ""));
+// The layout is the wire format; these literal offsets are what other builds of version 3 read.
+TEST(PeerInfo, WireLayoutIsPinnedLittleEndianAndZeroPadded) {
+  EXPECT_EQ(sizeof(PeerInfo), 512u);
+  EXPECT_EQ(kHandleOffset, 32u);
+  EXPECT_EQ(kErrorOffset, 96u);
+  EXPECT_EQ(kChecksumOffset, 508u);
+  const std::vector<uint8_t> record = wire(sample(5, 3, ""));
   EXPECT_EQ(std::string(record.begin(), record.begin() + 4), "EPCM");
-  EXPECT_EQ(record[kVersionOffset], 2);
+  EXPECT_EQ(record[kVersionOffset], kPeerInfoVersion);
   EXPECT_EQ(record[kVersionOffset + 1], 0);
-  EXPECT_EQ(record[kModeOffset], static_cast<uint8_t>(MemMode::kPosixFd));
+  EXPECT_EQ(record[kOkOffset], 1);
+  EXPECT_EQ(record[kReservedOffset], 0);
   EXPECT_EQ(record[8], 5);  // rank
+  EXPECT_EQ(record[9], 0);
   EXPECT_EQ(record[kHandleLengthOffset], 3);
-  // handle (3) + error length (2) + no error text, then padding up to the checksum.
-  for (size_t i = kHandleOffset + 3 + 2; i < kChecksumOffset; ++i) {
+  EXPECT_EQ(record[kErrorLengthOffset], 0);
+  // Past the 3 handle bytes, everything up to the checksum is zero (no error text).
+  for (size_t i = kHandleOffset + 3; i < kChecksumOffset; ++i) {
     ASSERT_EQ(record[i], 0) << "byte " << i;
   }
   const uint32_t crc = peerInfoChecksum(record.data(), record.size());
@@ -151,16 +183,22 @@ TEST(PeerInfo, ChecksumIsZlibCrc32OfTheRecordBody) {
   EXPECT_THROW(peerInfoChecksum(nullptr, kPeerInfoBytes), Error);
 }
 
-TEST(PeerInfo, RejectsEveryChangeTheChecksumCovers) {
-  const std::vector<uint8_t> good = serializePeerInfo(sample(9, MemMode::kPosixFd, 20, "oops"));
-  // Any single-bit change anywhere in the record (also in the checksum itself) is rejected.
+TEST(PeerInfo, RejectsEveryCorruptedByte) {
+  const std::vector<uint8_t> good = wire(sample(9, 20, "oops"));
+  // Any change of any one byte (every single-bit flip, and a few whole-byte values), also in the
+  // checksum itself, is rejected.
   for (size_t byte = 0; byte < kPeerInfoBytes; ++byte) {
-    for (int bit = 0; bit < 8; ++bit) {
+    std::vector<uint8_t> values;
+    for (int bit = 0; bit < 8; ++bit) values.push_back(good[byte] ^ static_cast<uint8_t>(1u << bit));
+    for (uint8_t value : {uint8_t{0x00}, uint8_t{0xFF}, static_cast<uint8_t>(good[byte] + 1)}) {
+      if (value != good[byte]) values.push_back(value);
+    }
+    for (uint8_t value : values) {
       std::vector<uint8_t> bad = good;
-      bad[byte] ^= static_cast<uint8_t>(1u << bit);
+      bad[byte] = value;
       try {
         parseCopy(bad, bad.size());
-        ADD_FAILURE() << "accepted a record with bit " << bit << " of byte " << byte << " flipped";
+        ADD_FAILURE() << "accepted a record with byte " << byte << " changed to " << int{value};
         return;
       } catch (const Error& e) {
         ASSERT_EQ(e.code(), ErrorCode::kInternal) << e.what();
@@ -172,65 +210,77 @@ TEST(PeerInfo, RejectsEveryChangeTheChecksumCovers) {
   expectCorrupt(bad, "checksum", /*keep_checksum=*/true);
 }
 
-TEST(PeerInfo, RejectsNonZeroReservedAndPaddingBytes) {
-  const std::vector<uint8_t> good = serializePeerInfo(sample(8, MemMode::kCudaIpc, 4, "ab"));
-  {
-    std::vector<uint8_t> bad = good;
-    bad[kOkOffset + 1] = 1;
-    expectCorrupt(bad, "reserved byte");
-  }
-  // Padding starts after handle (4) + error length (2) + error text (2).
-  for (size_t offset : {kHandleOffset + 4 + 2 + 2, size_t{300}, kChecksumOffset - 1}) {
+TEST(PeerInfo, RejectsNonZeroReservedAndUnusedBytes) {
+  const std::vector<uint8_t> good = wire(sample(8, 4, "ab"));
+  expectCorrupt(
+      [&] {
+        std::vector<uint8_t> bad = good;
+        bad[kReservedOffset] = 1;
+        return bad;
+      }(),
+      "reserved byte at offset 7");
+  // Past the 4 handle bytes, and past the 2 error bytes.
+  for (size_t offset : {kHandleOffset + 4, kErrorOffset - 1}) {
     std::vector<uint8_t> bad = good;
     bad[offset] = 0x80;
-    expectCorrupt(bad, "padding byte at offset " + std::to_string(offset));
+    expectCorrupt(bad, "unused handle byte at offset " + std::to_string(offset));
+  }
+  for (size_t offset : {kErrorOffset + 2, size_t{300}, kChecksumOffset - 1}) {
+    std::vector<uint8_t> bad = good;
+    bad[offset] = 0x80;
+    expectCorrupt(bad, "unused error byte at offset " + std::to_string(offset));
   }
 }
 
 TEST(PeerInfo, LongErrorIsTruncated) {
   const std::string long_error(5000, 'x');
-  const PeerInfo info = sample(1, MemMode::kCudaIpc, kMaxHandleBytes, long_error);
-  const PeerInfo back = parseCopy(serializePeerInfo(info), kPeerInfoBytes);
-  EXPECT_LE(back.error.size(), kMaxPeerErrorBytes);
-  EXPECT_GT(back.error.size(), kMaxPeerErrorBytes / 2);
-  EXPECT_EQ(back.error.compare(0, 10, long_error, 0, 10), 0);
-  EXPECT_EQ(back.handle, info.handle);  // the error never crowds out the handle
+  const PeerInfo info = sample(1, kMaxHandleBytes, long_error);
+  const PeerInfo back = parseCopy(wire(info), kPeerInfoBytes);
+  EXPECT_LE(back.errorText().size(), kMaxPeerErrorBytes);
+  EXPECT_GT(back.errorText().size(), kMaxPeerErrorBytes / 2);
+  EXPECT_EQ(back.errorText().compare(0, 10, long_error, 0, 10), 0);
+  EXPECT_EQ(back.errorText().substr(back.errorText().size() - 3), "...");
+  EXPECT_EQ(handleOf(back), handleOf(info));  // the error never crowds out the handle
 }
 
 TEST(PeerInfo, TruncationNeverSplitsUtf8) {
   // Two-byte characters ("é") so a byte-exact cut would land inside one.
   std::string error;
   while (error.size() < 2 * kMaxPeerErrorBytes) error += "\xC3\xA9";
-  const PeerInfo back =
-      parseCopy(serializePeerInfo(sample(2, MemMode::kFabric, 0, error)), kPeerInfoBytes);
-  ASSERT_LE(back.error.size(), kMaxPeerErrorBytes);
+  const std::string back = parseCopy(wire(sample(2, 0, error)), kPeerInfoBytes).errorText();
+  ASSERT_LE(back.size(), kMaxPeerErrorBytes);
   size_t accents = 0;
-  while (accents + 1 < back.error.size() && back.error.compare(accents, 2, "\xC3\xA9") == 0) {
-    accents += 2;
-  }
+  while (accents + 1 < back.size() && back.compare(accents, 2, "\xC3\xA9") == 0) accents += 2;
   // Whatever follows the last whole character is ASCII (the truncation mark), never a stray byte.
-  for (size_t i = accents; i < back.error.size(); ++i) {
-    EXPECT_LT(static_cast<uint8_t>(back.error[i]), 0x80) << "byte " << i;
+  for (size_t i = accents; i < back.size(); ++i) {
+    EXPECT_LT(static_cast<uint8_t>(back[i]), 0x80) << "byte " << i;
   }
 }
 
-TEST(PeerInfo, SerializeRejectsOversizedHandle) {
-  PeerInfo info = sample(0, MemMode::kFabric, kMaxHandleBytes + 1, "");
+TEST(PeerInfo, SetHandleRejectsOversizedHandle) {
+  PeerInfo info = sample(0, 3, "");
+  const std::vector<uint8_t> handle(kMaxHandleBytes + 1, 1);
   try {
-    serializePeerInfo(info);
+    info.setHandle(handle.data(), handle.size());
     ADD_FAILURE() << "accepted a 65-byte handle";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("65"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("64"), std::string::npos) << e.what();
   }
-  info.handle.clear();
-  info.mode = static_cast<MemMode>(42);
-  EXPECT_THROW(serializePeerInfo(info), InvalidArgument);
+  EXPECT_EQ(info.handle_length, 3);  // unchanged
+}
+
+TEST(PeerInfo, SetHandleAndErrorClearWhatWasThere) {
+  PeerInfo info = sample(0, kMaxHandleBytes, std::string(kMaxPeerErrorBytes, 'e'));
+  info.setHandle(nullptr, 0);
+  info.setError("");
+  const PeerInfo back = parseCopy(wire(info), kPeerInfoBytes);  // unused bytes must be zero
+  EXPECT_EQ(back.handle_length, 0);
+  EXPECT_EQ(back.errorText(), "");
 }
 
 TEST(PeerInfo, RejectsEveryTruncatedLength) {
-  const std::vector<uint8_t> record =
-      serializePeerInfo(sample(3, MemMode::kCudaIpc, kMaxHandleBytes, "some error"));
+  const std::vector<uint8_t> record = wire(sample(3, kMaxHandleBytes, "some error"));
   for (size_t size = 0; size < kPeerInfoBytes; ++size) {
     try {
       parseCopy(record, size);
@@ -242,101 +292,128 @@ TEST(PeerInfo, RejectsEveryTruncatedLength) {
 }
 
 TEST(PeerInfo, RejectsNullAndOversizedInput) {
-  EXPECT_THROW(deserializePeerInfo(nullptr, kPeerInfoBytes), Error);
-  EXPECT_THROW(deserializePeerInfo(nullptr, 0), Error);
-  std::vector<uint8_t> longer = serializePeerInfo(sample(0, MemMode::kAuto, 0, ""));
+  EXPECT_THROW(parsePeerInfo(nullptr, kPeerInfoBytes), Error);
+  EXPECT_THROW(parsePeerInfo(nullptr, 0), Error);
+  std::vector<uint8_t> longer = wire(sample(0, 0, ""));
   longer.push_back(0);
   expectCorrupt(longer, "513 bytes");
 }
 
 TEST(PeerInfo, RejectsCorruptedHeader) {
-  const std::vector<uint8_t> good = serializePeerInfo(sample(4, MemMode::kPosixFd, 8, "x"));
+  const std::vector<uint8_t> good = wire(sample(4, 8, "x"));
   {
     std::vector<uint8_t> bad = good;
     bad[0] ^= 0x20;  // 'E' -> 'e'
     expectCorrupt(bad, "magic");
   }
-  {
+  for (uint16_t version : {uint16_t{kPeerInfoVersion - 1}, uint16_t{kPeerInfoVersion + 1},
+                           uint16_t{0}, uint16_t{0xFFFF}}) {
     std::vector<uint8_t> bad = good;
-    putU16(&bad, kVersionOffset, 3);
-    expectCorrupt(bad, "version 3");
+    putU16(&bad, kVersionOffset, version);
+    expectCorrupt(bad, "version " + std::to_string(version));
   }
-  {
+  for (uint8_t ok : {uint8_t{2}, uint8_t{0x80}, uint8_t{0xFF}}) {
     std::vector<uint8_t> bad = good;
-    putU16(&bad, kVersionOffset, 0);
-    expectCorrupt(bad, "version 0");
-  }
-  for (uint16_t mode : {uint16_t{4}, uint16_t{0x100}, uint16_t{0xFFFF}}) {
-    std::vector<uint8_t> bad = good;
-    putU16(&bad, kModeOffset, mode);
-    expectCorrupt(bad, "unknown memory mode " + std::to_string(mode));
-  }
-  {
-    std::vector<uint8_t> bad = good;
-    bad[kOkOffset] = 2;
-    expectCorrupt(bad, "ok flag");
+    bad[kOkOffset] = ok;
+    expectCorrupt(bad, "ok flag is " + std::to_string(ok));
   }
 }
 
 TEST(PeerInfo, RejectsBadLengths) {
-  const std::vector<uint8_t> good = serializePeerInfo(sample(6, MemMode::kFabric, 16, "abc"));
+  const std::vector<uint8_t> good = wire(sample(6, 16, "abc"));
   for (uint16_t length :
        {uint16_t{kMaxHandleBytes + 1}, uint16_t{kPeerInfoBytes}, uint16_t{0xFFFF}}) {
     std::vector<uint8_t> bad = good;
     putU16(&bad, kHandleLengthOffset, length);
     expectCorrupt(bad, "handle length " + std::to_string(length));
   }
-  // The error length sits right after the handle bytes.
-  const size_t error_length_offset = kHandleOffset + 16;
   for (uint16_t length :
        {uint16_t{kMaxPeerErrorBytes + 1}, uint16_t{kPeerInfoBytes}, uint16_t{0xFFFF}}) {
     std::vector<uint8_t> bad = good;
-    putU16(&bad, error_length_offset, length);
+    putU16(&bad, kErrorLengthOffset, length);
     expectCorrupt(bad, "error length " + std::to_string(length));
+  }
+  // Shorter lengths leave non-zero bytes past them: not what any sender writes.
+  {
+    std::vector<uint8_t> bad = good;
+    putU16(&bad, kHandleLengthOffset, 15);
+    expectCorrupt(bad, "unused handle byte at offset " + std::to_string(kHandleOffset + 15));
+  }
+  {
+    std::vector<uint8_t> bad = good;
+    putU16(&bad, kErrorLengthOffset, 2);
+    expectCorrupt(bad, "unused error byte at offset " + std::to_string(kErrorOffset + 2));
   }
   // A record whose every byte is 0xFF: bad magic first, nothing read beyond it.
   expectCorrupt(std::vector<uint8_t>(kPeerInfoBytes, 0xFF), "magic");
 }
 
-TEST(PeerInfo, NoHandleLengthReadsOutOfBounds) {
-  // Every handle length up to past the record end, plus the high values: none may read out of
-  // bounds (valgrind) or be accepted beyond the limit.
-  const std::vector<uint8_t> good = serializePeerInfo(sample(7, MemMode::kCudaIpc, 0, ""));
+TEST(PeerInfo, NoLengthReadsOutOfBounds) {
+  // Every handle and error length up to past the record end, plus the high values: none may
+  // read out of bounds (valgrind) or be accepted beyond the limit.
+  const std::vector<uint8_t> good = wire(sample(7, 0, ""));
   std::vector<uint32_t> lengths;
   for (uint32_t length = 0; length <= kPeerInfoBytes + 8; ++length) lengths.push_back(length);
   for (uint32_t length : {0x7FFFu, 0x8000u, 0xFFFEu, 0xFFFFu}) lengths.push_back(length);
-  std::vector<uint8_t> bad = good;
-  for (uint32_t length : lengths) {
-    putU16(&bad, kHandleLengthOffset, static_cast<uint16_t>(length));
-    reseal(&bad);  // so the length check itself is exercised, not the checksum
-    bool accepted = true;
-    try {
-      parseCopy(bad, bad.size());
-    } catch (const Error& e) {
-      ASSERT_EQ(e.code(), ErrorCode::kInternal) << e.what();
-      accepted = false;
+  for (size_t field : {kHandleLengthOffset, kErrorLengthOffset}) {
+    const size_t limit = field == kHandleLengthOffset ? kMaxHandleBytes : kMaxPeerErrorBytes;
+    std::vector<uint8_t> bad = good;
+    for (uint32_t length : lengths) {
+      putU16(&bad, field, static_cast<uint16_t>(length));
+      reseal(&bad);  // so the length check itself is exercised, not the checksum
+      bool accepted = true;
+      try {
+        parseCopy(bad, bad.size());
+      } catch (const Error& e) {
+        ASSERT_EQ(e.code(), ErrorCode::kInternal) << e.what();
+        accepted = false;
+      }
+      // All-zero contents: any length within the limit is a valid (zero-filled) record.
+      ASSERT_EQ(accepted, length <= limit) << "length " << length << " at offset " << field;
     }
-    if (length > kMaxHandleBytes) {
-      ASSERT_FALSE(accepted) << "handle length " << length;
+  }
+}
+
+TEST(PeerInfo, AllGatherChecksEachRecordsRank) {
+  // One-rank bootstrap whose all-gather delivers a record claiming another rank.
+  class MislabellingBootstrap : public Bootstrap {
+   public:
+    int rank() const override { return 0; }
+    int size() const override { return 1; }
+    void allGather(const void* send, void* recv, size_t bytes) override {
+      PeerInfo info;
+      std::memcpy(&info, send, bytes);
+      info.rank = 1;
+      info.seal();
+      std::memcpy(recv, &info, bytes);
     }
+    void barrier() override {}
+  };
+  MislabellingBootstrap bootstrap;
+  PeerInfo mine = sample(0, 4, "");
+  try {
+    allGatherPeerInfo(bootstrap, mine);
+    ADD_FAILURE() << "accepted rank 1's record in rank 0's slot";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInternal) << e.what();
+    EXPECT_NE(std::string(e.what()).find("claims rank 1"), std::string::npos) << e.what();
   }
 }
 
 // Randomized mutation test, fixed seed (reproducible; the failure message names the iteration
 // and the kind of mutation). Whatever bytes arrive, the parser never crashes or reads out of
 // bounds (each input is parsed from an exactly-sized heap copy, so ASan and valgrind see any
-// overread), and it either throws Error(kInternal) or returns a valid record whose serialization
-// is exactly the input (the encoding is canonical).
+// overread), and it either throws Error(kInternal) or returns a record that is exactly what a
+// sender writes for its fields (the encoding is canonical).
 TEST(PeerInfo, SurvivesRandomMutations) {
   constexpr int kIterations = 40000;
   std::mt19937_64 rng(0x9e3779b97f4a7c15ull);
   auto below = [&rng](size_t n) { return static_cast<size_t>(rng() % n); };
   std::vector<std::vector<uint8_t>> seeds;
-  seeds.push_back(serializePeerInfo(sample(0, MemMode::kAuto, 0, "")));
-  seeds.push_back(serializePeerInfo(sample(1, MemMode::kFabric, kMaxHandleBytes, "")));
-  seeds.push_back(serializePeerInfo(sample(2, MemMode::kPosixFd, 0, "cuMemCreate failed")));
-  seeds.push_back(
-      serializePeerInfo(sample(3, MemMode::kCudaIpc, 17, std::string(kMaxPeerErrorBytes, 'e'))));
+  seeds.push_back(wire(sample(0, 0, "")));
+  seeds.push_back(wire(sample(1, kMaxHandleBytes, "")));
+  seeds.push_back(wire(sample(2, 0, "cuMemCreate failed")));
+  seeds.push_back(wire(sample(3, 17, std::string(kMaxPeerErrorBytes, 'e'))));
 
   enum Kind { kFlip, kFlipResealed, kLengthField, kTruncate, kExtend, kRandomBlob, kKinds };
   const char* const kKindNames[] = {"flip",     "flip+reseal", "length field",
@@ -357,10 +434,7 @@ TEST(PeerInfo, SurvivesRandomMutations) {
         break;
       }
       case kLengthField: {
-        // The handle length, or the error length behind the (original) handle.
-        const size_t handle_length =
-            record[kHandleLengthOffset] | (size_t{record[kHandleLengthOffset + 1]} << 8);
-        const size_t offset = below(2) == 0 ? kHandleLengthOffset : kHandleOffset + handle_length;
+        const size_t offset = below(2) == 0 ? kHandleLengthOffset : kErrorLengthOffset;
         const uint16_t value = below(2) == 0 ? static_cast<uint16_t>(below(kPeerInfoBytes + 16))
                                              : static_cast<uint16_t>(rng());
         putU16(&record, offset, value);
@@ -380,8 +454,7 @@ TEST(PeerInfo, SurvivesRandomMutations) {
         if (below(2) == 0) {
           // A plausible header, so the parse gets past magic and version.
           std::memcpy(record.data(), "EPCM", 4);
-          putU16(&record, kVersionOffset, 2);
-          putU16(&record, kModeOffset, static_cast<uint16_t>(below(4)));
+          putU16(&record, kVersionOffset, kPeerInfoVersion);
           reseal(&record);
         }
         break;
@@ -393,9 +466,9 @@ TEST(PeerInfo, SurvivesRandomMutations) {
     try {
       const PeerInfo info = parseCopy(record, record.size());
       ++accepted;
-      ASSERT_LE(info.handle.size(), kMaxHandleBytes) << "iteration " << iteration;
-      ASSERT_LE(info.error.size(), kMaxPeerErrorBytes) << "iteration " << iteration;
-      ASSERT_EQ(serializePeerInfo(info), record)
+      ASSERT_LE(info.handle_length, kMaxHandleBytes) << "iteration " << iteration;
+      ASSERT_LE(info.error_length, kMaxPeerErrorBytes) << "iteration " << iteration;
+      ASSERT_EQ(rebuilt(info), record)
           << "iteration " << iteration << " (" << kKindNames[kind]
           << "): accepted a record that is not the canonical encoding of what it parsed to";
     } catch (const Error& e) {

@@ -1,14 +1,15 @@
-// HT front-end: argument checks (before any launch), the handle, and the launches of layout,
+// SPDX-License-Identifier: Apache-2.0
+// HT engine: argument checks (before any launch), the handle, and the launches of layout,
 // dispatch and combine.
+#include "ht/ht_engine.hpp"
+
 #include <chrono>
-#include <cstring>
 #include <sstream>
 #include <thread>
-#include <vector>
 
-#include "buffer_impl.hpp"
 #include "check.hpp"
-#include "test_hooks.hpp"
+#include "core/arg_check.hpp"
+#include "kernels/launch.hpp"
 
 namespace epcomm {
 
@@ -16,31 +17,6 @@ namespace {
 
 constexpr int kDefaultHtSms = 32;
 constexpr int kMaxExpertAlignment = 1 << 16;
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// Collects the first failed check; the caller rejects the input with it.
-class ArgChecker {
- public:
-  template <typename V, typename L>
-  void require(bool ok, const char* arg, const V& value, const L& limit) {
-    if (ok || !message_.empty()) return;
-    std::ostringstream os;
-    os << "invalid argument " << arg << " = " << value << ": must be " << limit;
-    message_ = os.str();
-  }
-  bool failed() const { return !message_.empty(); }
-  const std::string& message() const { return message_; }
-
- private:
-  std::string message_;
-};
-
-std::string pointerText(const void* p) {
-  std::ostringstream os;
-  os << p;
-  return os.str();
-}
 
 void checkTopk(ArgChecker& check, const TopkView& topk, int max_topk, int max_tokens) {
   check.require(topk.num_tokens >= 0 && topk.num_tokens <= max_tokens, "topk.num_tokens",
@@ -69,10 +45,13 @@ const int32_t* EpHandle::numTokensPerExpert() const { return impl_->expert_count
 const bool* EpHandle::isTokenInRank() const { return impl_->is_token_in_rank; }
 const int32_t* EpHandle::tokenSlot() const { return impl_->token_slot; }
 
-EpHandle EpBuffer::createHandle() const {
-  const Impl& b = *impl_;
+HtEngine::HtEngine(BufferCore& core)
+    : core_(core), enabled_(core.layout.has_ht), regions_(core.layout.ht) {}
+
+std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
+  const BufferCore& b = core_;
   b.checkUsable();
-  EPCOMM_CHECK_CODE(b.layout.has_ht, ErrorCode::kInvalidArgument,
+  EPCOMM_CHECK_CODE(enabled_, ErrorCode::kInvalidArgument,
                     "createHandle: HT mode is disabled (BufferConfig::max_tokens_per_rank = 0)");
   DeviceGuard guard(b.device);
   auto h = std::make_unique<EpHandle::Impl>();
@@ -116,14 +95,14 @@ EpHandle EpBuffer::createHandle() const {
   h->num_recv = h->memory.as<int32_t>(o_num_recv);
   h->recv_rank_prefix = h->memory.as<int32_t>(o_prefix);
   h->recv_expert_counts = h->memory.as<int32_t>(o_recv_experts);
-  return EpHandle(std::move(h));
+  return h;
 }
 
 // --- layout --------------------------------------------------------------------------------------
 
 namespace {
 
-void launchLayoutInto(EpBuffer::Impl& b, const TopkView& topk, EpHandle::Impl& h,
+void launchLayoutInto(const BufferCore& b, const TopkView& topk, EpHandle::Impl& h,
                       cudaStream_t stream) {
   kernels::LayoutParams p{};
   p.topk_idx = topk.idx;
@@ -149,25 +128,26 @@ void launchLayoutInto(EpBuffer::Impl& b, const TopkView& topk, EpHandle::Impl& h
 
 }  // namespace
 
-void EpBuffer::layout(const TopkView& topk, EpHandle& handle, cudaStream_t stream) {
-  Impl& b = *impl_;
+void HtEngine::layout(const TopkView& topk, EpHandle::Impl* handle, cudaStream_t stream) {
+  BufferCore& b = core_;
   b.checkUsable();
   ArgChecker check;
-  check.require(b.layout.has_ht, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
-  check.require(handle.impl_ && handle.impl_->owner == &b, "handle", "foreign",
+  check.require(enabled_, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
+  check.require(handle != nullptr && handle->owner == &b, "handle", "foreign",
                 "a handle created by this EpBuffer");
   checkTopk(check, topk, b.resolved.config.max_topk, b.resolved.config.max_tokens_per_rank);
   // layout() is local: a bad input affects only this rank, so nothing is broken.
   EPCOMM_CHECK_CODE(!check.failed(), ErrorCode::kInvalidArgument, check.message());
   DeviceGuard guard(b.device);
-  launchLayoutInto(b, topk, *handle.impl_, stream);
+  launchLayoutInto(b, topk, *handle, stream);
   b.trackWork(stream);
 }
 
 // --- dispatch ------------------------------------------------------------------------------------
 
-DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cudaStream_t stream) {
-  Impl& b = *impl_;
+DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* handle,
+                                  cudaStream_t stream) {
+  BufferCore& b = core_;
   b.checkUsable();
   const BufferConfig& c = b.resolved.config;
   const bool has_topk = args.topk.idx != nullptr || args.topk.num_topk > 0;
@@ -176,8 +156,8 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
   const int num_scales = hidden / kFp8BlockSize;
 
   ArgChecker check;
-  check.require(b.layout.has_ht, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
-  check.require(handle.impl_ && handle.impl_->owner == &b, "handle", "foreign",
+  check.require(enabled_, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
+  check.require(handle != nullptr && handle->owner == &b, "handle", "foreign",
                 "a handle created by this EpBuffer");
   check.require(args.dtype == DType::kBF16 || fp8, "DispatchArgs::dtype",
                 static_cast<int>(args.dtype), "kBF16 or kFP8E4M3");
@@ -205,12 +185,12 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
     check.require(args.topk.num_tokens == args.num_tokens, "topk.num_tokens",
                   args.topk.num_tokens,
                   "equal to DispatchArgs::num_tokens (" + std::to_string(args.num_tokens) + ")");
-  } else if (handle.impl_) {
-    check.require(handle.impl_->num_tokens >= 0, "DispatchArgs::topk.idx", "nullptr",
+  } else if (handle != nullptr) {
+    check.require(handle->num_tokens >= 0, "DispatchArgs::topk.idx", "nullptr",
                   "set, or a handle that holds a layout (cached dispatch)");
-    check.require(handle.impl_->num_tokens < 0 || handle.impl_->num_tokens == args.num_tokens,
+    check.require(handle->num_tokens < 0 || handle->num_tokens == args.num_tokens,
                   "DispatchArgs::num_tokens", args.num_tokens,
-                  "the handle's num_tokens (" + std::to_string(handle.impl_->num_tokens) +
+                  "the handle's num_tokens (" + std::to_string(handle->num_tokens) +
                       ") for a cached dispatch");
   }
   if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtDispatch, check.message());
@@ -218,12 +198,12 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
                                "DispatchArgs::num_sms");
 
   DeviceGuard guard(b.device);
-  EpHandle::Impl& h = *handle.impl_;
+  EpHandle::Impl& h = *handle;
   if (has_topk) launchLayoutInto(b, args.topk, h, stream);
 
   kernels::HtDispatchParams p{};
   p.peers = b.peers;
-  p.regions = b.layout.ht;
+  p.regions = regions_;
   p.x = static_cast<const uint8_t*>(args.x);
   p.x_row_bytes = int64_t{hidden} * (fp8 ? 1 : 2);
   p.x_scales = fp8 ? args.x_scales : nullptr;
@@ -254,13 +234,13 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
   HostMappedState* host = b.hostState();
   if (args.exact_count) {
     *reinterpret_cast<volatile uint64_t*>(&host->ht_count) = 0;
-    p.host_count = &b.host_mapped.device<HostMappedState>()->ht_count;
+    p.host_count = &b.hostStateOnDevice()->ht_count;
   }
   kernels::launchHtDispatch(p, sms, stream);
   h.dispatched = true;
 
   uint8_t* base = b.localBase();
-  const kernels::HtRegions& ht = b.layout.ht;
+  const kernels::HtRegions& ht = regions_;
   if (args.recv_x_out != nullptr) {
     kernels::CopyRowsParams copy{static_cast<uint8_t*>(args.recv_x_out), base + ht.recv_x,
                                  p.x_row_bytes, p.x_row_bytes, p.x_row_bytes, h.num_recv,
@@ -295,8 +275,8 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
                           std::chrono::duration<double>(b.hostDeadlineS());
     while (true) {
       const uint64_t word = *reinterpret_cast<volatile uint64_t*>(&host->ht_count);
-      if ((word & kernels::kHostCountValid) != 0) {
-        result.num_recv_tokens_host = static_cast<int64_t>(word & 0xffffffffu);
+      if (kernels::hostCountValid(word)) {
+        result.num_recv_tokens_host = kernels::hostCountRows(word);
         break;
       }
       b.checkUsable();
@@ -311,17 +291,19 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
   return result;
 }
 
+
 // --- combine -------------------------------------------------------------------------------------
 
-void EpBuffer::combine(const CombineArgs& args, const EpHandle& handle, cudaStream_t stream) {
-  Impl& b = *impl_;
+void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle,
+                       cudaStream_t stream) {
+  BufferCore& b = core_;
   b.checkUsable();
   const BufferConfig& c = b.resolved.config;
   ArgChecker check;
-  check.require(b.layout.has_ht, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
-  check.require(handle.impl_ && handle.impl_->owner == &b, "handle", "foreign",
+  check.require(enabled_, "BufferConfig::max_tokens_per_rank", 0, "> 0 for HT ops");
+  check.require(handle != nullptr && handle->owner == &b, "handle", "foreign",
                 "a handle created by this EpBuffer");
-  const EpHandle::Impl* h = handle.impl_.get();
+  const EpHandle::Impl* h = handle;
   if (h != nullptr) {
     check.require(h->dispatched, "handle", "not dispatched",
                   "a handle that went through dispatch() (it holds the count matrix)");
@@ -341,7 +323,7 @@ void EpBuffer::combine(const CombineArgs& args, const EpHandle& handle, cudaStre
 
   DeviceGuard guard(b.device);
   uint8_t* base = b.localBase();
-  const kernels::HtRegions& ht = b.layout.ht;
+  const kernels::HtRegions& ht = regions_;
   const int64_t row_bytes = int64_t{c.hidden} * 2;
   if (args.x != base + ht.combine_in) {
     // Peers pull from the symmetric combine-input region; stage the rows there first.
@@ -367,40 +349,5 @@ void EpBuffer::combine(const CombineArgs& args, const EpHandle& handle, cudaStre
   kernels::launchHtCombine(p, sms, stream);
   b.trackWork(stream);
 }
-
-// --- test hook -------------------------------------------------------------------------------------
-
-namespace testing {
-
-void setCallCounterForTesting(EpBuffer& buffer, Bootstrap& bootstrap, uint64_t calls) {
-  DeviceGuard guard(buffer.device());
-  EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
-  bootstrap.barrier();  // nobody runs an op or writes into a peer any more
-  auto* device_region = static_cast<kernels::ControlRegion*>(buffer.peerBase(buffer.rank()));
-  std::vector<uint8_t> bytes(sizeof(kernels::ControlRegion));
-  EPCOMM_CUDA_CHECK(cudaMemcpy(bytes.data(), device_region, bytes.size(), cudaMemcpyDeviceToHost));
-  kernels::ControlRegion region;
-  std::memcpy(&region, bytes.data(), bytes.size());
-  const uint64_t tagged = calls << 32;  // tag(calls, 0)
-  for (uint64_t& e : region.local.epoch) e = calls;
-  for (int s = 0; s < kMaxRanks; ++s) {
-    region.barrier[s] = calls;
-    region.ht_dispatch_done[s] = calls;
-    region.ht_combine_ready[s] = calls;
-    region.ht_combine_done[s] = calls;
-    for (int parity = 0; parity < 2; ++parity) {
-      for (uint64_t& w : region.ht_counts[parity][s]) w = tagged;
-      for (uint64_t& w : region.ht_expert_counts[parity][s]) w = tagged;
-      region.ll_dispatch_flag[parity][s] = tagged;
-      region.ll_combine_flag[parity][s] = calls;
-    }
-  }
-  std::memcpy(bytes.data(), &region, bytes.size());
-  EPCOMM_CUDA_CHECK(cudaMemcpy(device_region, bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
-  EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
-  bootstrap.barrier();
-}
-
-}  // namespace testing
 
 }  // namespace epcomm

@@ -1,13 +1,20 @@
-// EpBuffer's state, shared by the buffer core (buffer.cpp) and the op front-ends (ht_ops.cpp,
-// ll_ops.cpp). Internal.
+// SPDX-License-Identifier: Apache-2.0
+// The buffer core every engine builds on: the symmetric memory and the peer table, the control
+// words and host-mapped state the kernels share with the host (kernels/protocol.hpp), the device
+// error record and the broken flag, the device barrier, and the agreement on rejected calls.
+// It knows nothing of HT or LL state; the engines (ht/ht_engine.hpp, ll/ll_engine.hpp) own that.
+// Internal.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
-#include "buffer_layout.hpp"
+#include "core/buffer_layout.hpp"
 #include "cuda_resources.hpp"
-#include "epcomm/buffer.hpp"
+#include "epcomm/bootstrap.hpp"
+#include "epcomm/config.hpp"
+#include "epcomm/export.hpp"
 #include "kernels/launch.hpp"
 #include "memory/symmetric_memory.hpp"
 
@@ -18,19 +25,21 @@ struct HostMappedState {
   kernels::DeviceErrorRecord error;
   uint32_t abort;
   uint32_t pad;
-  uint64_t ht_count;   // exact mode: (epoch << 32) | received rows
+  uint64_t ht_count;   // exact mode: kernels::hostCount(received rows)
   uint64_t rejection;  // kernels::rejectionReport() of the last call a peer rejected, 0 if none
 };
 
-struct EPCOMM_LOCAL EpBuffer::Impl {
-  Impl(Bootstrap& bootstrap, const BufferConfig& config);
-  ~Impl();
+struct EPCOMM_LOCAL BufferCore {
+  BufferCore(Bootstrap& bootstrap, const BufferConfig& config);
+  ~BufferCore();
+  BufferCore(const BufferCore&) = delete;
+  BufferCore& operator=(const BufferCore&) = delete;
 
   // Throws the recorded device error, or kBroken if the buffer failed earlier, or (once per
   // call) kRemote for a call of this rank that a peer's rejection stopped; the buffer stays
   // usable after that one.
   void checkUsable() const;
-  // Rejects bad input of a collective call (see "Rejected calls" in kernels/launch.hpp): skips
+  // Rejects bad input of a collective call (see "Rejected calls" in kernels/protocol.hpp): skips
   // the call in stream order on `stream`, which tells every peer so that their waits of that
   // call stop, waits (bounded) until every peer is past the call, and throws InvalidArgument
   // with `message`. The buffer stays usable on every rank; only when the peers cannot be told
@@ -49,6 +58,8 @@ struct EPCOMM_LOCAL EpBuffer::Impl {
   // Host-side deadline of a wait for the GPU: a little over the longest device-side deadline,
   // so that an expiring device wait records why first.
   double hostDeadlineS() const;
+  // The device barrier across every rank, on `stream`.
+  void barrier(cudaStream_t stream);
 
   std::string describeDeviceError(const kernels::DeviceErrorRecord& record) const;
   // The sticky part of checkUsable(): the device error record and the broken flag.
@@ -80,59 +91,13 @@ struct EPCOMM_LOCAL EpBuffer::Impl {
   OwnedEvent work_done;     // trackWork()
   bool work_tracked = false;
   mutable uint64_t surfaced_rejection = 0;  // (family, epoch) of the last kRemote raised
-
-  // LL call sequence: dispatch and combine alternate, each optionally split in send/recv.
-  enum class LlStage { kIdle, kDispatchSent, kDispatched, kCombineSent };
-  mutable LlStage ll_stage = LlStage::kIdle;  // reset by checkUsable() after a peer's rejection
-  bool ll_use_fp8 = false;
-  int ll_num_tokens = 0;
+  // Told when a call of `family` ended on every rank without running (a rank rejected it): an
+  // engine resets its call sequence (the LL engine's stage).
+  std::function<void(kernels::EpochSlot family)> on_call_skipped;
 
   HostMappedState* hostState() const { return host_mapped.host<HostMappedState>(); }
+  HostMappedState* hostStateOnDevice() const { return host_mapped.device<HostMappedState>(); }
   uint8_t* localBase() const { return static_cast<uint8_t*>(memory->local()); }
-};
-
-// Which buffer made a handle: its address and generation, so a handle of a destroyed buffer is
-// never taken for one of a new buffer that happens to get the same address.
-class HandleOwner {
- public:
-  HandleOwner& operator=(const EpBuffer::Impl* buffer) {
-    buffer_ = buffer;
-    generation_ = buffer != nullptr ? buffer->generation : 0;
-    return *this;
-  }
-  // True only for the live buffer that made the handle.
-  bool operator==(const EpBuffer::Impl* buffer) const {
-    return buffer != nullptr && buffer_ == buffer && generation_ == buffer->generation;
-  }
-  bool operator!=(const EpBuffer::Impl* buffer) const { return !(*this == buffer); }
-
- private:
-  const EpBuffer::Impl* buffer_ = nullptr;  // compared, never dereferenced
-  uint64_t generation_ = 0;
-};
-
-struct EPCOMM_LOCAL EpHandle::Impl {
-  HandleOwner owner;
-  int num_ranks = 0;
-  int num_experts = 0;
-  int max_tokens = 0;
-  int max_topk = 0;
-  DeviceMemory memory;
-  uint32_t* token_mask = nullptr;       // [max_tokens]
-  int32_t* token_slot = nullptr;        // [max_tokens, R]
-  bool* is_token_in_rank = nullptr;     // [max_tokens, R]
-  int32_t* rank_counts = nullptr;       // [R]
-  int32_t* expert_counts = nullptr;     // [E]
-  int32_t* topk_copy = nullptr;         // [max_tokens, max_topk]
-  int32_t* tile_counts = nullptr;       // layout scratch [layoutTiles(max_tokens), R]
-  int32_t* count_matrix = nullptr;      // [R, R]
-  int32_t* num_recv = nullptr;          // [1]
-  int32_t* recv_rank_prefix = nullptr;  // [R + 1]
-  int32_t* recv_expert_counts = nullptr;  // [L]
-  // Host view of what the device holds.
-  int num_tokens = -1;  // -1: no layout yet
-  int num_topk = 0;
-  bool dispatched = false;
 };
 
 }  // namespace epcomm

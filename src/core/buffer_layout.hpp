@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Where everything lives inside one rank's symmetric buffer. Pure arithmetic on the resolved
 // configuration, so every rank computes the same offsets.
 //
@@ -8,7 +9,7 @@
 #include <cstddef>
 
 #include "epcomm/config.hpp"
-#include "kernels/launch.hpp"
+#include "kernels/protocol.hpp"
 
 namespace epcomm {
 

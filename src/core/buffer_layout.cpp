@@ -1,4 +1,5 @@
-#include "buffer_layout.hpp"
+// SPDX-License-Identifier: Apache-2.0
+#include "core/buffer_layout.hpp"
 
 #include <cstdint>
 #include <limits>

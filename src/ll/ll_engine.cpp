@@ -1,61 +1,68 @@
-// LL front-end: argument and call-sequence checks (before any launch) and the launches of the
-// send and receive halves.
-#include <algorithm>
+// SPDX-License-Identifier: Apache-2.0
+// LL engine: argument and call-sequence checks (before any launch) and the launches of the send
+// and receive halves.
+#include "ll/ll_engine.hpp"
+
 #include <cstdint>
 #include <sstream>
 
-#include "buffer_impl.hpp"
 #include "check.hpp"
+#include "core/arg_check.hpp"
 
 namespace epcomm {
 
 namespace {
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-const char* stageName(EpBuffer::Impl::LlStage stage) {
+const char* stageName(LlEngine::Stage stage) {
   switch (stage) {
-    case EpBuffer::Impl::LlStage::kIdle: return "idle (next: lowLatencyDispatch)";
-    case EpBuffer::Impl::LlStage::kDispatchSent:
+    case LlEngine::Stage::kIdle: return "idle (next: lowLatencyDispatch)";
+    case LlEngine::Stage::kDispatchSent:
       return "dispatch sent (next: lowLatencyDispatch with LlPhase::kRecv)";
-    case EpBuffer::Impl::LlStage::kDispatched: return "dispatched (next: lowLatencyCombine)";
-    case EpBuffer::Impl::LlStage::kCombineSent:
+    case LlEngine::Stage::kDispatched: return "dispatched (next: lowLatencyCombine)";
+    case LlEngine::Stage::kCombineSent:
       return "combine sent (next: lowLatencyCombine with LlPhase::kRecv)";
   }
   return "?";
 }
 
-kernels::LlParams baseParams(const EpBuffer::Impl& b) {
+}  // namespace
+
+LlEngine::LlEngine(BufferCore& core)
+    : core_(core), enabled_(core.layout.has_ll), regions_(core.layout.ll) {
+  core_.on_call_skipped = [this](kernels::EpochSlot family) {
+    if (family == kernels::kEpochLl) stage_ = Stage::kIdle;  // the LL round is over everywhere
+  };
+}
+
+kernels::LlParams LlEngine::baseParams() const {
   kernels::LlParams p{};
-  const BufferConfig& c = b.resolved.config;
-  p.peers = b.peers;
-  p.regions = b.layout.ll;
+  const BufferConfig& c = core_.resolved.config;
+  p.peers = core_.peers;
+  p.regions = regions_;
   p.hidden = c.hidden;
   p.num_experts = c.num_experts;
-  p.num_local_experts = b.num_local_experts;
+  p.num_local_experts = core_.num_local_experts;
   p.max_topk = c.max_topk;
   return p;
 }
 
-}  // namespace
-
-LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaStream_t stream,
-                                              LlPhase phase) {
-  Impl& b = *impl_;
+LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t stream,
+                                    LlPhase phase) {
+  BufferCore& b = core_;
   b.checkUsable();
   const BufferConfig& c = b.resolved.config;
   const bool send = phase == LlPhase::kSend || phase == LlPhase::kBoth;
   const bool recv = phase == LlPhase::kRecv || phase == LlPhase::kBoth;
   std::ostringstream problem;
-  if (!b.layout.has_ll) {
+  if (!enabled_) {
     problem << "invalid argument BufferConfig::ll_max_tokens_per_rank = 0: must be > 0 for LL ops";
   } else if (phase != LlPhase::kSend && phase != LlPhase::kRecv && phase != LlPhase::kBoth) {
     problem << "invalid argument phase = " << static_cast<int>(phase) << ": must be an LlPhase";
-  } else if (send && b.ll_stage != Impl::LlStage::kIdle) {
-    problem << "lowLatencyDispatch called in LL stage '" << stageName(b.ll_stage)
+  } else if (send && stage_ != Stage::kIdle) {
+    problem << "lowLatencyDispatch called in LL stage '" << stageName(stage_)
             << "': dispatch and combine must alternate";
-  } else if (!send && b.ll_stage != Impl::LlStage::kDispatchSent) {
-    problem << "lowLatencyDispatch(kRecv) called in LL stage '" << stageName(b.ll_stage) << "'";
+  } else if (!send && stage_ != Stage::kDispatchSent) {
+    problem << "lowLatencyDispatch(kRecv) called in LL stage '" << stageName(stage_) << "'";
   } else if (send) {
     if (args.num_tokens < 0 || args.num_tokens > c.ll_max_tokens_per_rank) {
       problem << "invalid argument LlDispatchArgs::num_tokens = " << args.num_tokens
@@ -83,7 +90,7 @@ LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaSt
                                b.device_sms, "LlDispatchArgs::num_sms");
 
   DeviceGuard guard(b.device);
-  kernels::LlParams p = baseParams(b);
+  kernels::LlParams p = baseParams();
   if (send) {
     p.x = static_cast<const uint16_t*>(args.x);
     p.num_tokens = args.num_tokens;
@@ -93,25 +100,24 @@ LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaSt
     p.topk_weights = args.topk_weights;
     p.use_fp8 = args.use_fp8;
     p.signature = kernels::llSignature(c.hidden, args.use_fp8);
-    // One block per token at most: idle blocks would only add arrivals to the last-block count.
-    kernels::launchLlDispatchSend(p, std::max(1, std::min(sms, args.num_tokens)), stream);
-    b.ll_use_fp8 = args.use_fp8;
-    b.ll_num_tokens = args.num_tokens;
-    b.ll_stage = Impl::LlStage::kDispatchSent;
+    kernels::launchLlDispatchSend(p, sms, stream);
+    use_fp8_ = args.use_fp8;
+    num_tokens_ = args.num_tokens;
+    stage_ = Stage::kDispatchSent;
   }
   if (recv) {
-    p.use_fp8 = b.ll_use_fp8;
-    p.signature = kernels::llSignature(c.hidden, b.ll_use_fp8);
+    p.use_fp8 = use_fp8_;
+    p.signature = kernels::llSignature(c.hidden, use_fp8_);
     kernels::launchLlDispatchRecv(p, sms, stream);
-    b.ll_stage = Impl::LlStage::kDispatched;
+    stage_ = Stage::kDispatched;
   }
 
   b.trackWork(stream);
-  const kernels::LlRegions& ll = b.layout.ll;
+  const kernels::LlRegions& ll = regions_;
   uint8_t* base = b.localBase();
   LlDispatchResult result;
   result.recv_x = base + ll.out_x;
-  result.recv_x_scales = b.ll_use_fp8 ? reinterpret_cast<const float*>(base + ll.out_scales)
+  result.recv_x_scales = use_fp8_ ? reinterpret_cast<const float*>(base + ll.out_scales)
                                       : nullptr;
   result.num_recv_tokens_per_expert = reinterpret_cast<const int32_t*>(base + ll.expert_count);
   result.recv_src_info = reinterpret_cast<const int32_t*>(base + ll.src_info);
@@ -119,26 +125,26 @@ LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaSt
   return result;
 }
 
-void EpBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase) {
-  Impl& b = *impl_;
+void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase) {
+  BufferCore& b = core_;
   b.checkUsable();
   const BufferConfig& c = b.resolved.config;
   const bool send = phase == LlPhase::kSend || phase == LlPhase::kBoth;
   const bool recv = phase == LlPhase::kRecv || phase == LlPhase::kBoth;
   std::ostringstream problem;
-  if (!b.layout.has_ll) {
+  if (!enabled_) {
     problem << "invalid argument BufferConfig::ll_max_tokens_per_rank = 0: must be > 0 for LL ops";
   } else if (phase != LlPhase::kSend && phase != LlPhase::kRecv && phase != LlPhase::kBoth) {
     problem << "invalid argument phase = " << static_cast<int>(phase) << ": must be an LlPhase";
-  } else if (send && b.ll_stage != Impl::LlStage::kDispatched) {
-    problem << "lowLatencyCombine called in LL stage '" << stageName(b.ll_stage)
+  } else if (send && stage_ != Stage::kDispatched) {
+    problem << "lowLatencyCombine called in LL stage '" << stageName(stage_)
             << "': it must follow a completed lowLatencyDispatch";
-  } else if (!send && b.ll_stage != Impl::LlStage::kCombineSent) {
-    problem << "lowLatencyCombine(kRecv) called in LL stage '" << stageName(b.ll_stage) << "'";
+  } else if (!send && stage_ != Stage::kCombineSent) {
+    problem << "lowLatencyCombine(kRecv) called in LL stage '" << stageName(stage_) << "'";
   } else if (send && (args.x == nullptr || !aligned16(args.x))) {
     problem << "invalid argument LlCombineArgs::x = " << args.x
             << ": must be non-null and 16-byte aligned";
-  } else if (recv && b.ll_num_tokens > 0 && (args.out == nullptr || !aligned16(args.out))) {
+  } else if (recv && num_tokens_ > 0 && (args.out == nullptr || !aligned16(args.out))) {
     problem << "invalid argument LlCombineArgs::out = " << args.out
             << ": must be non-null and 16-byte aligned when the dispatch had tokens";
   }
@@ -150,19 +156,16 @@ void EpBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream,
                                b.device_sms, "LlCombineArgs::num_sms");
 
   DeviceGuard guard(b.device);
-  kernels::LlParams p = baseParams(b);
+  kernels::LlParams p = baseParams();
   p.expert_out = static_cast<const uint16_t*>(args.x);
   p.out = static_cast<uint16_t*>(args.out);
   if (send) {
     kernels::launchLlCombineSend(p, sms, stream);
-    b.ll_stage = Impl::LlStage::kCombineSent;
+    stage_ = Stage::kCombineSent;
   }
   if (recv) {
-    // The receive half reduces num_tokens x hidden/1024 segments, one warp each (16 per block).
-    const int segments = (c.hidden + 1023) / 1024;
-    const int blocks = static_cast<int>((int64_t{b.ll_num_tokens} * segments + 15) / 16);
-    kernels::launchLlCombineRecv(p, std::max(1, std::min(sms, blocks)), stream);
-    b.ll_stage = Impl::LlStage::kIdle;
+    kernels::launchLlCombineRecv(p, num_tokens_, sms, stream);
+    stage_ = Stage::kIdle;
   }
   b.trackWork(stream);
 }

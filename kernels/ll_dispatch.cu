@@ -1,54 +1,20 @@
-// Low-latency (LL) dispatch and combine for small decode batches. No count round trip: every
-// region has a fixed worst-case size, so a sender knows where to write before hearing from
-// anyone, and each op is a send kernel plus a receive kernel the caller may split.
-//
-//   dispatch send  (rank s): for every token and every rank d holding one of its experts, write
-//                  the row once (BF16, or cast to FP8 + scales) into d's staging area
-//                  [parity][s][slot] with its top-k ids (a repeated id sent as -1) and weights;
-//                  the last block then posts (epoch, rows sent | call signature << 16) to every d.
-//                  An id outside [-1, num_experts) stops the op on every rank (fault notice).
-//   dispatch recv  (rank d): per source, wait for its post, check its signature and bound its
-//                  row count, then copy each staged row into the expert-major output of every
-//                  local expert it selected (positions taken with atomics and bounded by the
-//                  slab), remembering where each copy went.
-//   combine send   (rank d): for each staged row, sum weight * expert output over the row's local
-//                  experts in float32 and store that BF16 partial row into the token owner's
-//                  combine staging [parity][d][token]; the last block posts the epoch.
-//   combine recv   (rank s): wait for every rank's post, then sum the partial rows of each token
-//                  over the ranks it went to (float32) and write BF16.
-// Parity: consecutive calls alternate between two copies of every region peers write into, so a
-// rank may start call e+1 while a peer still reads call e. Call e+2 reuses call e's copy; by then
-// every peer has finished call e, because call e+1's combine could not complete without it.
-// Regions only this rank touches (outputs, bookkeeping) have one copy: its own stream orders them.
+// SPDX-License-Identifier: Apache-2.0
+// LL dispatch: the send and receive kernels (the protocol is described in low_latency.cuh).
 #include <cuda_fp8.h>
+
+#include <algorithm>
 
 #include <cub/block/block_scan.cuh>
 
-#include "check.hpp"
-#include "kernels/device_utils.cuh"
-#include "kernels/launch.hpp"
+#include "kernels/kernel_check.hpp"
+#include "kernels/low_latency.cuh"
 
 namespace epcomm::kernels {
 namespace {
 
-using namespace device;
-
-constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
-constexpr int kSegmentCols = 1024;              // columns one warp moves per work item
-constexpr int kColsPerRound = kWarpSize * 8;    // 8 BF16 (one 16-byte vector) per lane
-constexpr int kRoundsPerSegment = kSegmentCols / kColsPerRound;
 constexpr int kTile = kBlockThreads;            // tokens scanned per block-scan pass
 
-enum ArriveSlot : int { kArriveLlSend = 4, kArriveLlCombineSend = 5, kArriveLlCombineRecv = 6 };
-enum LlPhaseId : int { kPhaseDispatchPost = 1, kPhaseCombinePost = 2 };
-
-// Staged row metadata: word 0 = token | (num_topk << 24), then max_topk ids, then max_topk
-// weights.
-__device__ __forceinline__ int32_t* metaOf(const LlParams& p, int parity, int src, int row) {
-  return reinterpret_cast<int32_t*>(p.peers.local_base + p.regions.meta[parity] +
-                                    (int64_t{src} * p.regions.max_tokens + row) *
-                                        p.regions.meta_bytes);
-}
+constexpr WaitPhase kPhaseDispatchPost = WaitPhase::kLlDispatchPost;
 
 // The ranks token t goes to. An id outside [-1, num_experts) is bad input: recorded, announced
 // to every peer (the op then fails on every rank), and never used as an address.
@@ -61,7 +27,7 @@ __device__ __forceinline__ uint32_t tokenMask(const LlParams& p, int t) {
     if (e >= 0 && e < p.num_experts) {
       mask |= 1u << (e / p.num_local_experts);
     } else if (e != -1) {
-      recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, 0, -1, t,
+      recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, WaitPhase::kNone, -1, t,
                   static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
     }
   }
@@ -225,7 +191,7 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
     fenceAcqRelSys();
     for (int d = 0; d < num_ranks; ++d) {
       stReleaseSys(&controlOf(s_peer[d])->ll_dispatch_flag[parity][me],
-                   tag(epoch, static_cast<uint32_t>(s_total[d]) | p.signature << 16));
+                   tag(epoch, llPost(static_cast<uint32_t>(s_total[d]), p.signature)));
     }
   }
 }
@@ -258,8 +224,8 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
       uint64_t v = 0;
       ok = waitTagged(&own->ll_dispatch_flag[parity][s], epoch, w, kPhaseDispatchPost, s, &v);
       // The post comes from rank s: check its signature and bound its row count.
-      const uint32_t rows = tagValue(v) & kLlRowsMask;
-      const uint32_t signature = tagValue(v) >> 16;
+      const uint32_t rows = llPostRows(tagValue(v));
+      const uint32_t signature = llPostSignature(tagValue(v));
       if (ok && signature != p.signature) {
         recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kLlDispatchRecv,
                         kPhaseDispatchPost, s, p.signature, signature);
@@ -338,175 +304,22 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
   // counters already hold the capped counts, and the host reports the error at its next check.
 }
 
-__global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
-  const PeerContext& ctx = p.peers;
-  ControlRegion* own = controlOf(ctx.local_base);
-  const int tid = threadIdx.x;
-  const int warp = tid / kWarpSize;
-  const int lane = tid % kWarpSize;
-  const int num_ranks = ctx.num_ranks;
-  const int me = ctx.rank;
-  const uint64_t epoch = callEpoch(own, kEpochLl);
-  const int parity = static_cast<int>(epoch & 1);
-  const LlRegions& r = p.regions;
-  const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
-
-  __shared__ int32_t s_first_item[kMaxRanks + 1];
-  __shared__ uint8_t* s_peer[kMaxRanks];
-  // The dispatch receive failed (or anything before): nothing here is valid, send nothing.
-  if (rankFailed(ctx)) return;
-  if (tid == 0) {
-    // Rows staged from each source in this call (the posts arrived before dispatch recv ended,
-    // which checked them; bounded again since they are peer data).
-    int32_t total = 0;
-    for (int s = 0; s < num_ranks; ++s) {
-      s_first_item[s] = total;
-      const uint32_t rows = tagValue(own->ll_dispatch_flag[parity][s]) & kLlRowsMask;
-      total += min(static_cast<int32_t>(rows), static_cast<int32_t>(r.max_tokens)) * num_segments;
-    }
-    s_first_item[num_ranks] = total;
-  }
-  if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
-  __syncthreads();
-
-  const int items = s_first_item[num_ranks];
-  for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
-       item += gridDim.x * kWarpsPerBlock) {
-    int s = 0;
-    while (item >= s_first_item[s + 1]) ++s;
-    const int row = (item - s_first_item[s]) / num_segments;
-    const int seg = (item - s_first_item[s]) % num_segments;
-    const int32_t* meta = metaOf(p, parity, s, row);
-    const int token = meta[0] & 0xffffff;
-    if (token >= r.max_tokens) continue;  // rejected by dispatch recv already
-    const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base +
-                                                                   r.slot_of_row) +
-                                 (int64_t{s} * r.max_tokens + row) * p.max_topk;
-    const float* weights = reinterpret_cast<const float*>(meta + 1 + p.max_topk);
-    float acc[kRoundsPerSegment][8];
-#pragma unroll
-    for (int u = 0; u < kRoundsPerSegment; ++u) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-    }
-    for (int k = 0; k < p.max_topk; ++k) {
-      const int32_t out_row = slot_of_row[k];
-      if (out_row < 0) continue;
-      const float weight = weights[k];
-      const uint16_t* y = p.expert_out + int64_t{out_row} * p.hidden;
-#pragma unroll
-      for (int u = 0; u < kRoundsPerSegment; ++u) {
-        const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-        if (col < p.hidden) {
-          // Unfused: the partial is rounded to BF16 for transport, and a reproducible partial
-          // keeps that rounding identical to the reference model's.
-          accumulateBf16x8Unfused(acc[u], ldNcNoAlloc(reinterpret_cast<const int4*>(y + col)),
-                                  weight);
-        }
-      }
-    }
-    uint16_t* dst = reinterpret_cast<uint16_t*>(s_peer[s] + r.combine_rows[parity]) +
-                    (int64_t{me} * r.max_tokens + token) * p.hidden;
-#pragma unroll
-    for (int u = 0; u < kRoundsPerSegment; ++u) {
-      const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-      if (col < p.hidden) stNoAlloc(reinterpret_cast<int4*>(dst + col), packBf16x8(acc[u]));
-    }
-  }
-
-  if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineSend])) return;
-  if (tid == 0) {
-    for (int s = 0; s < num_ranks; ++s) {
-      stReleaseSys(&controlOf(s_peer[s])->ll_combine_flag[parity][me], epoch);
-    }
-  }
-}
-
-__global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
-  const PeerContext& ctx = p.peers;
-  ControlRegion* own = controlOf(ctx.local_base);
-  const int tid = threadIdx.x;
-  const int warp = tid / kWarpSize;
-  const int lane = tid % kWarpSize;
-  const int num_ranks = ctx.num_ranks;
-  const uint64_t epoch = callEpoch(own, kEpochLl);
-  const int parity = static_cast<int>(epoch & 1);
-  const LlRegions& r = p.regions;
-  const WaitContext w{&ctx, OpId::kLlCombineRecv, globalTimerNs()};
-  const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
-
-  if (rankFailed(ctx)) return;
-  bool ok = true;
-  if (tid < num_ranks) {
-    ok = waitEpoch(&own->ll_combine_flag[parity][tid], epoch, w, kPhaseCombinePost, tid);
-  }
-  if (!__syncthreads_and(ok)) return;
-
-  const int n = *reinterpret_cast<const int32_t*>(ctx.local_base + r.num_tokens);
-  const uint32_t* token_masks =
-      reinterpret_cast<const uint32_t*>(ctx.local_base + r.token_mask);
-  const uint16_t* partials =
-      reinterpret_cast<const uint16_t*>(ctx.local_base + r.combine_rows[parity]);
-  const int items = n * num_segments;
-  for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
-       item += gridDim.x * kWarpsPerBlock) {
-    const int token = item / num_segments;
-    const int seg = item % num_segments;
-    const uint32_t mask = token_masks[token];
-    float acc[kRoundsPerSegment][8];
-#pragma unroll
-    for (int u = 0; u < kRoundsPerSegment; ++u) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-    }
-    for (uint32_t m = mask; m != 0; m &= m - 1) {
-      const int d = __ffs(m) - 1;
-      const uint16_t* row = partials + (int64_t{d} * r.max_tokens + token) * p.hidden;
-#pragma unroll
-      for (int u = 0; u < kRoundsPerSegment; ++u) {
-        const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-        if (col < p.hidden) {
-          accumulateBf16x8Unfused(acc[u], ldNoAlloc(reinterpret_cast<const int4*>(row + col)), 1.f);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kRoundsPerSegment; ++u) {
-      const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-      if (col < p.hidden) {
-        *reinterpret_cast<int4*>(p.out + int64_t{token} * p.hidden + col) = packBf16x8(acc[u]);
-      }
-    }
-  }
-
-  if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineRecv])) return;
-  if (tid == 0) own->local.epoch[kEpochLl] = epoch;
-}
-
 }  // namespace
 
-void launchLlDispatchSend(const LlParams& params, int num_blocks, cudaStream_t stream) {
+void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t stream) {
+  const int num_blocks = std::max(1, std::min(sm_budget, params.num_tokens));
   if (params.idx_is_64) {
     llDispatchSendKernel<int64_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   } else {
     llDispatchSendKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   }
-  EPCOMM_LAUNCH_CHECK(llDispatchSendKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(llDispatchSendKernel);
 }
 
-void launchLlDispatchRecv(const LlParams& params, int num_blocks, cudaStream_t stream) {
+void launchLlDispatchRecv(const LlParams& params, int sm_budget, cudaStream_t stream) {
+  const int num_blocks = sm_budget;
   llDispatchRecvKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
-  EPCOMM_LAUNCH_CHECK(llDispatchRecvKernel);
-}
-
-void launchLlCombineSend(const LlParams& params, int num_blocks, cudaStream_t stream) {
-  llCombineSendKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
-  EPCOMM_LAUNCH_CHECK(llCombineSendKernel);
-}
-
-void launchLlCombineRecv(const LlParams& params, int num_blocks, cudaStream_t stream) {
-  llCombineRecvKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
-  EPCOMM_LAUNCH_CHECK(llCombineRecvKernel);
+  EPCOMM_KERNEL_LAUNCH_CHECK(llDispatchRecvKernel);
 }
 
 }  // namespace epcomm::kernels

@@ -1,0 +1,50 @@
+// SPDX-License-Identifier: Apache-2.0
+// Low-latency (LL) dispatch and combine for small decode batches. No count round trip: every
+// region has a fixed worst-case size, so a sender knows where to write before hearing from
+// anyone, and each op is a send kernel plus a receive kernel the caller may split.
+//
+//   dispatch send  (rank s): for every token and every rank d holding one of its experts, write
+//                  the row once (BF16, or cast to FP8 + scales) into d's staging area
+//                  [parity][s][slot] with its top-k ids (a repeated id sent as -1) and weights;
+//                  the last block then posts (epoch, rows sent | call signature << 16) to every d.
+//                  An id outside [-1, num_experts) stops the op on every rank (fault notice).
+//   dispatch recv  (rank d): per source, wait for its post, check its signature and bound its
+//                  row count, then copy each staged row into the expert-major output of every
+//                  local expert it selected (positions taken with atomics and bounded by the
+//                  slab), remembering where each copy went.
+//   combine send   (rank d): for each staged row, sum weight * expert output over the row's local
+//                  experts in float32 and store that BF16 partial row into the token owner's
+//                  combine staging [parity][d][token]; the last block posts the epoch.
+//   combine recv   (rank s): wait for every rank's post, then sum the partial rows of each token
+//                  over the ranks it went to (float32) and write BF16.
+// Parity: consecutive calls alternate between two copies of every region peers write into, so a
+// rank may start call e+1 while a peer still reads call e. Call e+2 reuses call e's copy; by then
+// every peer has finished call e, because call e+1's combine could not complete without it.
+// Regions only this rank touches (outputs, bookkeeping) have one copy: its own stream orders them.
+//
+// This header holds what both halves share (constants, the staged metadata record); the kernels
+// are in ll_dispatch.cu and ll_combine.cu. Included by those two files only.
+#pragma once
+
+#include "kernels/device_utils.cuh"
+#include "kernels/launch.hpp"
+
+namespace epcomm::kernels {
+namespace {
+
+using namespace device;
+
+constexpr int kSegmentCols = kLlSegmentCols;    // columns one warp moves per work item
+constexpr int kColsPerRound = kWarpSize * 8;    // 8 BF16 (one 16-byte vector) per lane
+constexpr int kRoundsPerSegment = kSegmentCols / kColsPerRound;
+
+// Staged row metadata: word 0 = token | (num_topk << 24), then max_topk ids, then max_topk
+// weights.
+__device__ __forceinline__ int32_t* metaOf(const LlParams& p, int parity, int src, int row) {
+  return reinterpret_cast<int32_t*>(p.peers.local_base + p.regions.meta[parity] +
+                                    (int64_t{src} * p.regions.max_tokens + row) *
+                                        p.regions.meta_bytes);
+}
+
+}  // namespace
+}  // namespace epcomm::kernels

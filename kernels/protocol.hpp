@@ -1,0 +1,354 @@
+// SPDX-License-Identifier: Apache-2.0
+// The protocol host and device share, written once: the control region every rank's buffer starts
+// with (signal words, their encodings), the error record and the names of its ops and wait phases,
+// the per-call signatures, the byte offsets of the data regions, and the constants that size the
+// kernels' grids. Included by the kernels (.cu) and the host library (.cpp); no device code here.
+// Helpers both sides call are EPCOMM_HOST_DEVICE (nvcc refuses plain host constexpr functions in
+// device code without --expt-relaxed-constexpr).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+
+#include "epcomm/config.hpp"
+
+#ifdef __CUDACC__
+#define EPCOMM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define EPCOMM_HOST_DEVICE inline
+#endif
+
+namespace epcomm::kernels {
+
+// ---------------------------------------------------------------------------------------------
+// Grid constants (the launchers size their grids from them; docs/design.md §5, §6).
+// ---------------------------------------------------------------------------------------------
+constexpr int kWarpSize = 32;
+// Threads per block of the data-moving kernels (HT dispatch/combine, copies, LL).
+constexpr int kBlockThreads = 512;
+constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
+// Tokens are laid out in tiles of this many, one block each (scratch: layoutTiles(N) * R ints).
+constexpr int kLayoutThreads = 512;
+inline int layoutTiles(int num_tokens) {
+  return num_tokens <= 0 ? 1 : (num_tokens + kLayoutThreads - 1) / kLayoutThreads;
+}
+// LL kernels move rows in segments of this many columns, one warp per (token, segment).
+constexpr int kLlSegmentCols = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Ops, failures and wait phases: what the device error record holds and the host names.
+// ---------------------------------------------------------------------------------------------
+enum class OpId : int32_t {
+  kNone = 0,
+  kBarrier,
+  kLayout,
+  kHtDispatch,
+  kHtCombine,
+  kLlDispatchSend,
+  kLlDispatchRecv,
+  kLlCombineSend,
+  kLlCombineRecv,
+  kCount
+};
+inline constexpr const char* kOpNames[] = {
+    "unknown op",         "barrier",           "layout",
+    "HT dispatch",        "HT combine",        "LL dispatch (send)",
+    "LL dispatch (receive)", "LL combine (send)", "LL combine (receive)"};
+static_assert(std::size(kOpNames) == static_cast<size_t>(OpId::kCount), "one name per OpId");
+inline const char* opName(int op) {
+  return op > 0 && op < static_cast<int>(OpId::kCount) ? kOpNames[op] : kOpNames[0];
+}
+
+enum class FailKind : int32_t {
+  kNone = 0,
+  kTimeout,            // a peer never produced the awaited value before the deadline
+  kAborted,            // the host set the abort word
+  kPeerRejected,       // (no longer recorded: a rejected call is skipped, see "Rejected calls")
+  kBadExpertId,        // topk_idx held an id outside [-1, num_experts)
+  kOverCapacity,       // more rows than the buffer holds
+  kSignatureMismatch,  // ranks called the same op with different per-call parameters
+  kPeerFaulted,        // a peer's kernel found bad input or bad data and told every rank
+  kBadPeerData,        // a value that came from a peer (count, offset, row index) is out of range
+};
+
+// The point of an op at which a device thread waited (or found bad data), for the error record.
+enum class WaitPhase : int32_t {
+  kNone = 0,         // input checks outside any wait
+  kBarrierArrival,   // barrier: a peer's arrival
+  kHtCounts,         // HT dispatch: the count matrix (and call signatures) from every peer
+  kHtRowsWritten,    // HT dispatch: "my rows are written" from every source
+  kHtExpertCounts,   // HT dispatch: the per-expert counts from every source
+  kHtCombineReady,   // HT combine: a peer's combine input is ready to pull
+  kHtCombineDone,    // HT combine: a peer finished pulling from this rank
+  kLlDispatchPost,   // LL dispatch receive: a source's rows-sent post
+  kLlCombinePost,    // LL combine receive: a rank's partials-sent post
+  kCount
+};
+inline constexpr const char* kWaitPhaseNames[] = {
+    "wait",          "arrival",        "count exchange",   "rows-written signal",
+    "expert counts", "combine-input-ready signal",         "done-pulling signal",
+    "rows-sent post", "partials-sent post"};
+static_assert(std::size(kWaitPhaseNames) == static_cast<size_t>(WaitPhase::kCount),
+              "one name per WaitPhase");
+inline const char* waitPhaseName(int phase) {
+  return phase > 0 && phase < static_cast<int>(WaitPhase::kCount) ? kWaitPhaseNames[phase]
+                                                                   : kWaitPhaseNames[0];
+}
+
+// Host-mapped pinned memory, written once by the first failing device thread of a rank.
+struct DeviceErrorRecord {
+  int32_t kind;   // FailKind; written last, after the fields below
+  int32_t op;     // OpId
+  int32_t phase;  // WaitPhase
+  int32_t rank;   // the rank that recorded it
+  int32_t peer;   // the rank waited for, or the offending peer (-1 if none)
+  int32_t index;  // token/row index for input errors, else -1
+  uint64_t expected;
+  uint64_t observed;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Control region: the first bytes of every rank's symmetric buffer. Peers write the signal words;
+// the owner reads them. Tagged words hold (epoch << 32) | value so a value can never be mistaken
+// for one from an earlier call; arrays indexed [parity] alternate between consecutive calls so a
+// fast peer's next call cannot overwrite a value this rank still has to read. A tagged word keeps
+// only the low 32 bits of the 64-bit call counter; it is compared wrap-safe (the difference as a
+// signed 32-bit number), which is exact because a peer is never 2^31 calls away. Plain epoch
+// words hold the whole 64-bit counter.
+// ---------------------------------------------------------------------------------------------
+constexpr int kNumEpochs = 4;  // barrier, HT dispatch, HT combine, LL
+enum EpochSlot : int { kEpochBarrier = 0, kEpochHtDispatch, kEpochHtCombine, kEpochLl };
+
+EPCOMM_HOST_DEVICE constexpr EpochSlot epochSlotOf(OpId op) {
+  return op == OpId::kHtDispatch || op == OpId::kLayout ? kEpochHtDispatch
+         : op == OpId::kHtCombine                       ? kEpochHtCombine
+         : op == OpId::kBarrier                         ? kEpochBarrier
+                                                        : kEpochLl;
+}
+
+// Tagged words: (epoch << 32) | value.
+EPCOMM_HOST_DEVICE constexpr uint64_t tag(uint64_t epoch, uint32_t value) {
+  return (epoch << 32) | value;
+}
+EPCOMM_HOST_DEVICE constexpr uint64_t tagEpoch(uint64_t word) { return word >> 32; }
+EPCOMM_HOST_DEVICE constexpr uint32_t tagValue(uint64_t word) {
+  return static_cast<uint32_t>(word & 0xffffffffu);
+}
+// True when the (32-bit) epoch part of a tagged word is at or past `epoch`, across the wrap of
+// the 32-bit part: peers are never 2^31 calls apart, so the signed difference decides.
+EPCOMM_HOST_DEVICE constexpr bool tagReached(uint64_t word, uint64_t epoch) {
+  return static_cast<int32_t>(static_cast<uint32_t>(word >> 32) - static_cast<uint32_t>(epoch)) >=
+         0;
+}
+
+// LocalState::arrive: one "last block" counter per kernel.
+enum ArriveSlot : int {
+  kArriveHtDispatch = 0,
+  kArriveHtCombine = 1,
+  kArriveLlSend = 4,
+  kArriveLlCombineSend = 5,
+  kArriveLlCombineRecv = 6,
+};
+constexpr int kNumArriveSlots = 16;
+
+// Words only the owning rank touches.
+struct LocalState {
+  uint64_t epoch[kNumEpochs];    // last completed call of each op family (64-bit: never wraps)
+  uint64_t skipped[kNumEpochs];  // last call of each family a peer's rejection stopped here;
+                                 // a kernel's call is callEpoch(): max(epoch, skipped) + 1
+  uint32_t arrive[kNumArriveSlots];  // "last block" counters (ArriveSlot), reset by the last block
+  int32_t failed;                // set by a failure that stops every wait of this rank; sticky:
+                                 // every kernel of a rank that failed returns before its first
+                                 // store to a peer
+  int32_t record_claimed;        // the first failing thread claims the error record
+  int32_t fault_sent;            // the fault notice (ControlRegion::peer_faulted) went out
+};
+
+// ---------------------------------------------------------------------------------------------
+// Per-call signatures: the per-call parameters every rank must pass identically, carried with the
+// call's first signal so that a mismatch is found in the same call, on every rank, at no extra
+// cost. HT dispatch: 64 bits, the last two words of each count row (ht_counts[..][src][R, R+1]).
+// LL dispatch: 16 bits, the upper half of the value of the rows-sent post. Encoded by
+// htSignature()/llSignature(), decoded field by field through signatureFieldsOf().
+// ---------------------------------------------------------------------------------------------
+struct SignatureField {
+  const char* name;
+  int shift;
+  int bits;
+  int scale;  // the field holds value / scale
+};
+inline constexpr SignatureField kHtSignatureFields[] = {
+    {"hidden", 0, 8, kHiddenAlignment},
+    {"dtype is FP8", 8, 1, 1},
+    {"top-k sent (topk.idx set or topk.num_topk > 0)", 9, 1, 1},
+    {"topk.num_topk", 10, 5, 1},
+    {"topk.idx_type is int64", 15, 1, 1},
+    {"num_experts", 16, 10, 1},
+    {"expert_alignment", 32, 17, 1},
+};
+inline constexpr SignatureField kLlSignatureFields[] = {
+    {"use_fp8", 0, 1, 1},
+    {"hidden", 1, 8, kHiddenAlignment},
+};
+inline constexpr uint64_t signatureBits(const SignatureField& f, int64_t value) {
+  return (static_cast<uint64_t>(value / f.scale) & ((uint64_t{1} << f.bits) - 1)) << f.shift;
+}
+inline constexpr int64_t signatureValue(const SignatureField& f, uint64_t signature) {
+  return static_cast<int64_t>((signature >> f.shift) & ((uint64_t{1} << f.bits) - 1)) * f.scale;
+}
+inline uint64_t htSignature(int hidden, bool fp8, bool has_topk, int num_topk, bool idx_is_64,
+                            int num_experts, int expert_alignment) {
+  const SignatureField* f = kHtSignatureFields;
+  return signatureBits(f[0], hidden) | signatureBits(f[1], fp8) | signatureBits(f[2], has_topk) |
+         signatureBits(f[3], has_topk ? num_topk : 0) |
+         signatureBits(f[4], has_topk && idx_is_64) | signatureBits(f[5], num_experts) |
+         signatureBits(f[6], expert_alignment);
+}
+inline uint32_t llSignature(int hidden, bool use_fp8) {
+  return static_cast<uint32_t>(signatureBits(kLlSignatureFields[0], use_fp8) |
+                               signatureBits(kLlSignatureFields[1], hidden));
+}
+// The fields of the signature `op` carries (HT dispatch, else LL), for decoding a mismatch.
+struct SignatureFields {
+  const SignatureField* fields;
+  size_t count;
+};
+inline SignatureFields signatureFieldsOf(OpId op) {
+  if (op == OpId::kHtDispatch) return {kHtSignatureFields, std::size(kHtSignatureFields)};
+  return {kLlSignatureFields, std::size(kLlSignatureFields)};
+}
+constexpr int kHtSignatureWords = 2;
+
+// LL rows-sent post value: rows in the low 16 bits (<= kMaxLlTokensPerRank), signature above.
+constexpr uint32_t kLlRowsMask = 0xffffu;
+static_assert(kMaxLlTokensPerRank <= static_cast<int>(kLlRowsMask), "LL rows must fit 16 bits");
+EPCOMM_HOST_DEVICE constexpr uint32_t llPost(uint32_t rows, uint32_t signature) {
+  return rows | signature << 16;
+}
+EPCOMM_HOST_DEVICE constexpr uint32_t llPostRows(uint32_t post) { return post & kLlRowsMask; }
+EPCOMM_HOST_DEVICE constexpr uint32_t llPostSignature(uint32_t post) { return post >> 16; }
+
+// ControlRegion::peer_faulted: a kernel of rank r found bad input (an expert id out of range) or
+// bad data from a peer, recorded it and stopped; it writes this word into every peer's control
+// region so that their waits stop at once (FailKind::kPeerFaulted naming r) instead of timing
+// out. Sticky: after a device-side fault the buffer is broken on every rank.
+//   bits 63..32: r + 1   bits 31..16: FailKind found by r   bits 15..0: OpId in which r found it
+// The peers' records keep bits 31..0 (faultKindOp) in `observed`.
+EPCOMM_HOST_DEVICE constexpr uint32_t faultKindOp(FailKind kind, OpId op) {
+  return (static_cast<uint32_t>(kind) & 0xffffu) << 16 | (static_cast<uint32_t>(op) & 0xffffu);
+}
+EPCOMM_HOST_DEVICE constexpr uint64_t faultNotice(int rank, uint32_t kind_op) {
+  return (static_cast<uint64_t>(rank) + 1) << 32 | kind_op;
+}
+EPCOMM_HOST_DEVICE constexpr int faultNoticeRank(uint64_t notice) {
+  return static_cast<int>(notice >> 32) - 1;
+}
+EPCOMM_HOST_DEVICE constexpr uint32_t faultNoticeKindOp(uint64_t notice) {
+  return static_cast<uint32_t>(notice & 0xffffffffu);
+}
+EPCOMM_HOST_DEVICE constexpr int faultKindOf(uint64_t kind_op) {
+  return static_cast<int>((kind_op >> 16) & 0xffffu);
+}
+EPCOMM_HOST_DEVICE constexpr int faultOpOf(uint64_t kind_op) {
+  return static_cast<int>(kind_op & 0xffffu);
+}
+
+struct alignas(128) ControlRegion {
+  uint64_t barrier[kMaxRanks];                           // [src] epoch
+  uint64_t peer_rejected[kNumEpochs][kMaxRanks];        // [family][src] last call src rejected
+  uint64_t peer_faulted;                                 // fault notice (above), 0 if none
+  uint64_t ht_counts[2][kMaxRanks][kMaxRanks + kHtSignatureWords];  // [parity][src][dst];
+                                                         // [src][R, R+1] = call signature; tagged
+  uint64_t ht_dispatch_done[kMaxRanks];                  // [src] epoch
+  uint64_t ht_combine_ready[kMaxRanks];                  // [src] epoch: src's combine input ready
+  uint64_t ht_combine_done[kMaxRanks];                   // [src] epoch: src finished pulling
+  uint64_t ll_dispatch_flag[2][kMaxRanks];               // [parity][src] tagged llPost()
+  uint64_t ll_combine_flag[2][kMaxRanks];                // [parity][src] epoch
+  LocalState local;
+  uint64_t ht_expert_counts[2][kMaxRanks][kMaxExperts];  // [parity][src][local expert] tagged
+};
+
+// LocalState::epoch and ::skipped are read by the host with one copy (callsPassed).
+constexpr size_t kCallCountersOffset =
+    offsetof(ControlRegion, local) + offsetof(LocalState, epoch);
+constexpr size_t kCallCountersBytes = 2 * kNumEpochs * sizeof(uint64_t);
+static_assert(offsetof(LocalState, skipped) ==
+                  offsetof(LocalState, epoch) + sizeof(uint64_t) * kNumEpochs,
+              "epoch and skipped are read with one copy");
+
+// ---------------------------------------------------------------------------------------------
+// Rejected calls. A rank that rejects the input of a collective call on the host (before any
+// launch) still takes its place in the op family's sequence, so the buffer stays usable on every
+// rank: it launches launchSkipRejected() on the call's stream, which advances its epoch of the
+// family as if the call had run and writes that epoch e into peer_rejected[family][rank] of every
+// peer; its host then waits (bounded) until every peer's epoch of the family reached e, so no rank
+// is ever more than one call ahead. A peer's wait of that family for call e on a word of rank s
+// ends when s's word is not ready, peer_rejected[family][s] >= e and a re-read of the word after
+// the notice is still not ready: s skipped call e (a rank writes every signal of a call before it
+// completes the call, and its later notices are ordered after them). The waiting thread then
+// records call e as over for this rank too (LocalState::skipped[family] = e; the kernel's own
+// blocks that start late still compute e, the next kernel of the family computes e + 1), reports
+// rejectionReport(s, op, e) in the host-mapped word PeerContext::rejection_report and returns
+// false, without marking the rank failed: the host raises ErrorCode::kRemote once, and later
+// calls proceed. Every wait passes the awaited rank as `peer` and the call's epoch as `expected`;
+// every kernel takes its call's epoch from callEpoch().
+// ---------------------------------------------------------------------------------------------
+// bits 63..16: the call's epoch (low 48 bits)   15..8: OpId of the stopped wait   7..0: rank + 1
+EPCOMM_HOST_DEVICE constexpr uint64_t rejectionReport(int rank, OpId op, uint64_t epoch) {
+  return epoch << 16 | (static_cast<uint64_t>(static_cast<uint32_t>(op)) & 0xffu) << 8 |
+         (static_cast<uint64_t>(rank + 1) & 0xffu);
+}
+EPCOMM_HOST_DEVICE constexpr uint64_t rejectionEpoch(uint64_t report) { return report >> 16; }
+EPCOMM_HOST_DEVICE constexpr OpId rejectionOp(uint64_t report) {
+  return static_cast<OpId>((report >> 8) & 0xffu);
+}
+EPCOMM_HOST_DEVICE constexpr int rejectionRank(uint64_t report) {
+  return static_cast<int>(report & 0xffu) - 1;
+}
+
+// Exact-mode HT count (host-mapped word): set once the count is known (the host clears it before
+// each call).
+constexpr uint64_t kHostCountValid = uint64_t{1} << 63;
+EPCOMM_HOST_DEVICE constexpr uint64_t hostCount(uint32_t rows) { return kHostCountValid | rows; }
+EPCOMM_HOST_DEVICE constexpr bool hostCountValid(uint64_t word) {
+  return (word & kHostCountValid) != 0;
+}
+EPCOMM_HOST_DEVICE constexpr int64_t hostCountRows(uint64_t word) {
+  return static_cast<int64_t>(word & 0xffffffffu);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data regions: byte offsets inside every rank's buffer (identical on all ranks).
+// ---------------------------------------------------------------------------------------------
+struct HtRegions {
+  uint64_t recv_x = 0;             // [capacity, hidden * 2 bytes] (BF16 rows; FP8 uses half)
+  uint64_t recv_scales = 0;        // [capacity, hidden / 128] float
+  uint64_t recv_topk_idx = 0;      // [capacity, max_topk] int64 (or int32, packed by num_topk)
+  uint64_t recv_topk_weights = 0;  // [capacity, max_topk] float (packed by num_topk)
+  uint64_t recv_src_idx = 0;       // [capacity] int32
+  uint64_t combine_in = 0;         // [capacity, hidden] BF16
+  int64_t capacity = 0;            // rows = num_ranks * max_tokens_per_rank
+};
+
+// What peers write (staging rows, their metadata, combine partials) has two copies, indexed by
+// the call's parity; what only this rank writes and reads in stream order (outputs, bookkeeping)
+// has one.
+struct LlRegions {
+  uint64_t rows[2] = {};          // [num_ranks][max_tokens][row_bytes] staged rows, by source
+  uint64_t meta[2] = {};          // [num_ranks][max_tokens][meta_bytes] their metadata
+  uint64_t combine_rows[2] = {};  // [num_ranks][max_tokens][hidden] BF16 partial sums, by rank
+  uint64_t slot_of_row = 0;       // [num_ranks][max_tokens][max_topk] int32 output row or -1
+  uint64_t out_x = 0;             // [local_experts][rows_per_expert][hidden * 2 bytes]
+  uint64_t out_scales = 0;        // [local_experts][rows_per_expert][hidden / 128] float
+  uint64_t src_info = 0;          // [local_experts][rows_per_expert] int32
+  uint64_t expert_count = 0;      // [local_experts] int32
+  uint64_t token_mask = 0;        // [max_tokens] uint32: ranks each of my tokens went to
+  uint64_t num_tokens = 0;        // int32: my token count in the current call
+  int64_t max_tokens = 0;         // ll_max_tokens_per_rank
+  int64_t rows_per_expert = 0;    // num_ranks * max_tokens
+  int64_t row_bytes = 0;          // staged row stride: hidden * 2 (FP8 rows + scales fit too)
+  int64_t meta_bytes = 0;         // metadata record stride
+};
+
+}  // namespace epcomm::kernels

@@ -1,0 +1,261 @@
+// SPDX-License-Identifier: Apache-2.0
+// The buffer core: creation (configuration agreement, GPU checks, allocation, handle exchange,
+// mapping, the creation barrier), teardown, host waits for the GPU and the device barrier.
+// Device errors are surfaced in device_errors.cpp, rejected calls handled in rejection.cpp.
+#include "core/buffer_core.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "check.hpp"
+#include "core/agreement.hpp"
+#include "core/control_region.hpp"
+#include "log_internal.hpp"
+
+namespace epcomm {
+
+using core::agreeOn;
+using core::ConfigDigest;
+using core::DeviceDigest;
+using core::NoPayload;
+
+namespace {
+
+std::atomic<uint64_t> g_next_generation{1};
+
+}  // namespace
+
+BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs) {
+  rank = bootstrap.rank();
+  num_ranks = bootstrap.size();
+  detail::setProcessRank(rank);
+
+  // 1. The configuration, checked locally and then across ranks before anything else happens,
+  //    so a bad field on one rank fails every rank at once (not at the bootstrap deadline).
+  const std::vector<ConfigDigest> digests =
+      agreeOn<ConfigDigest>(bootstrap, "checking its BufferConfig", [&]() {
+        resolved = resolveConfig(config, num_ranks);
+        layout = computeBufferLayout(resolved);
+        return core::digestOf(resolved, layout);
+      });
+  core::requireSameConfig(digests);
+  const BufferConfig& c = resolved.config;
+  num_local_experts = c.num_experts / num_ranks;
+
+  // 2. This rank's GPU: selectable, able to run our kernels.
+  const std::vector<DeviceDigest> devices =
+      agreeOn<DeviceDigest>(bootstrap, "selecting its GPU", [&]() {
+        if (c.device == kAuto) {
+          EPCOMM_CUDA_CHECK(cudaGetDevice(&device));
+        } else {
+          int count = 0;
+          EPCOMM_CUDA_CHECK(cudaGetDeviceCount(&count));
+          EPCOMM_ARG_CHECK(c.device < count, "BufferConfig::device", c.device,
+                           "a visible device ordinal (< " << count << ")");
+          device = c.device;
+        }
+        DeviceGuard guard(device);
+        core::checkArchitecture(device);
+        EPCOMM_CUDA_CHECK(
+            cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device));
+        DeviceDigest d;
+        std::memset(&d, 0, sizeof(d));
+        EPCOMM_CUDA_CHECK(cudaDeviceGetPCIBusId(d.pci_bus_id, sizeof(d.pci_bus_id) - 1, device));
+        EPCOMM_CUDA_CHECK(
+            cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
+        EPCOMM_CUDA_CHECK(
+            cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device));
+        return d;
+      });
+  DeviceGuard guard(device);
+
+  // 3. Peer access between this rank's GPU and every other GPU of this host (the kernels load
+  //    and store over NVLink/PCIe P2P). A peer GPU this process cannot see is not checked here;
+  //    the creation barrier below still proves the mapping.
+  agreeOn<NoPayload>(bootstrap, "checking peer access", [&]() {
+    const std::string mine(devices[rank].pci_bus_id, strnlen(devices[rank].pci_bus_id, 31));
+    for (int r : bootstrap.localRanks()) {
+      const std::string theirs(devices[r].pci_bus_id, strnlen(devices[r].pci_bus_id, 31));
+      if (r == rank || theirs == mine) continue;
+      int peer_device = -1;
+      if (cudaDeviceGetByPCIBusId(&peer_device, theirs.c_str()) != cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      int can_access = 0;
+      EPCOMM_CUDA_CHECK(cudaDeviceCanAccessPeer(&can_access, device, peer_device));
+      EPCOMM_CHECK_CODE(can_access != 0, ErrorCode::kUnsupported,
+                        "rank " << rank << " (GPU " << mine << ") cannot access the memory of rank "
+                                << r << " (GPU " << theirs
+                                << "): cudaDeviceCanAccessPeer reports no peer access between "
+                                   "these GPUs; epcomm needs P2P (NVLink) between every pair of "
+                                   "ranks' GPUs (check nvidia-smi topo -m)");
+    }
+    return NoPayload{};
+  });
+
+  // 4. The symmetric memory (collective; every rank takes the same path and fails together).
+  const std::string forced_by =
+      resolved.mem_mode_from_env ? "EPCOMM_MEM_MODE" : "BufferConfig::mem_mode";
+  agreeOn<NoPayload>(bootstrap, "allocating the symmetric memory", [&]() {
+    memory = memory::SymmetricMemory::create(bootstrap, device, layout.total_bytes, c.mem_mode,
+                                             forced_by, c.timeout_s);
+    return NoPayload{};
+  });
+
+  // 5. Local state. Signals start from zero on every rank before anyone can write to a peer
+  //    (the agreement after this step is the barrier that orders the two).
+  agreeOn<NoPayload>(bootstrap, "setting up its control state", [&]() {
+    control_stream = OwnedStream::create();
+    work_done = OwnedEvent::create();
+    host_mapped = MappedHostMemory(sizeof(HostMappedState));
+    peer_table = DeviceMemory(sizeof(uint8_t*) * num_ranks);
+    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(peer_table.get(), memory->peers().data(),
+                                      sizeof(uint8_t*) * num_ranks, cudaMemcpyHostToDevice,
+                                      control_stream.get()));
+    clearControlRegion(memory->local(), control_stream.get());
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(control_stream.get()));
+    return NoPayload{};
+  });
+  peers.peer_bases = peer_table.as<uint8_t* const>();
+  peers.local_base = localBase();
+  peers.rank = rank;
+  peers.num_ranks = num_ranks;
+  peers.error = &hostStateOnDevice()->error;
+  peers.abort_flag = &hostStateOnDevice()->abort;
+  peers.rejection_report = &hostStateOnDevice()->rejection;
+  peers.timeout_ns = resolved.timeout_ns;
+  peers.first_op_timeout_ns = resolved.first_op_timeout_ns;
+
+  // 6. A device barrier proves every peer mapping works in both directions; the last agreement
+  //    makes creation succeed on every rank or on none.
+  agreeOn<NoPayload>(bootstrap, "the creation barrier", [&]() {
+    kernels::launchBarrier(peers, control_stream.get());
+    trackWork(control_stream.get());
+    waitStream(control_stream.get(), "the creation barrier");
+    return NoPayload{};
+  });
+  generation = g_next_generation.fetch_add(1);
+  EPCOMM_LOG_INFO("EpBuffer ready: rank "
+                  << rank << " of " << num_ranks << " on device " << device << ", memory mode "
+                  << memModeName(memory->mode()) << ", " << memory->bytes()
+                  << " symmetric bytes per rank (HT " << c.max_tokens_per_rank << " tokens, LL "
+                  << c.ll_max_tokens_per_rank << " tokens per rank), " << device_sms
+                  << " SMs, timeout " << c.timeout_s << " s");
+}
+
+BufferCore::~BufferCore() {
+  // Teardown order: our work is over (bounded), no peer touches our memory any more (bootstrap
+  // barrier), then the members unmap and free. Errors are logged, never thrown. Only the work of
+  // this buffer is waited for (trackWork), never the whole device.
+  try {
+    DeviceGuard guard(device);
+    if (!waitForOurWork()) {
+      // A kernel of ours still runs after the abort: freeing its memory under it would turn a
+      // hang into a fault. Leak it instead, deliberately.
+      detail::logWarning("EpBuffer teardown: this buffer's kernels did not stop within " +
+                             std::to_string(resolved.config.timeout_s) +
+                             " s and an abort; its memory is leaked, not freed under them",
+                         __FILE__, __LINE__);
+      (void)memory.release();
+      (void)new MappedHostMemory(std::move(host_mapped));
+      (void)new DeviceMemory(std::move(peer_table));
+    }
+    bootstrap.barrier();
+  } catch (const std::exception& e) {
+    detail::logWarning(std::string("EpBuffer teardown: ") + e.what(), __FILE__, __LINE__);
+  }
+}
+
+bool BufferCore::waitForOurWork() {
+  if (!work_tracked) return true;
+  auto finished = [this]() {
+    const cudaError_t status = cudaEventQuery(work_done.get());
+    if (status == cudaErrorNotReady) return false;
+    EPCOMM_CUDA_LOG(status);  // any other error: nothing more will complete
+    return true;
+  };
+  auto waitUntil = [&](double seconds) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (!finished()) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    return true;
+  };
+  if (waitUntil(resolved.config.timeout_s)) return true;
+  detail::logWarning("EpBuffer teardown: this buffer's work did not finish within timeout_s = " +
+                         std::to_string(resolved.config.timeout_s) +
+                         " s; aborting its waits (EpBuffer::abort)",
+                     __FILE__, __LINE__);
+  *reinterpret_cast<volatile uint32_t*>(&hostState()->abort) = 1;
+  // Waits poll the abort word every few hundred microseconds; allow for a busy GPU.
+  return waitUntil(5.0);
+}
+
+void BufferCore::waitStream(cudaStream_t stream, const char* what) {
+  const double limit_s = hostDeadlineS();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(limit_s);
+  while (true) {
+    const cudaError_t status = cudaStreamQuery(stream);
+    if (status == cudaSuccess) break;
+    if (status != cudaErrorNotReady) EPCOMM_CUDA_CHECK(status);
+    checkDeviceError();  // a peer's rejection is raised once the stream is done, below
+    if (std::chrono::steady_clock::now() > deadline) {
+      broken = true;
+      broken_reason = std::string("the host timed out waiting for ") + what;
+      throw TimeoutError(
+          -1, detail::formatMessage(std::string("timed out after ") + std::to_string(limit_s) +
+                                        " s waiting for " + what +
+                                        " to finish on the GPU (no device-side error was recorded)",
+                                    __FILE__, __LINE__));
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  checkUsable();
+}
+
+int BufferCore::resolveSms(cudaStream_t stream, kernels::OpId op, int call_value,
+                               int buffer_value, int fallback, const char* what) {
+  int sms = call_value != kAuto ? call_value : buffer_value != kAuto ? buffer_value : fallback;
+  if (sms < 1 || sms > device_sms) {
+    rejectInput(stream, op,
+                std::string("invalid argument ") + what + " = " + std::to_string(sms) +
+                    ": must be in [1, " + std::to_string(device_sms) + "] (SMs of device " +
+                    std::to_string(device) + ")");
+  }
+  return sms;
+}
+
+void BufferCore::trackWork(cudaStream_t stream) {
+  // Work captured into a CUDA graph is not tracked: an event recorded during capture marks no
+  // point of a real stream.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
+      capture != cudaStreamCaptureStatusNone) {
+    (void)cudaGetLastError();
+    return;
+  }
+  if (cudaEventRecord(work_done.get(), stream) == cudaSuccess) {
+    work_tracked = true;
+  } else {
+    (void)cudaGetLastError();
+  }
+}
+
+double BufferCore::hostDeadlineS() const {
+  // first_op_timeout_s >= timeout_s: the longest a device wait of ours can take.
+  return resolved.config.first_op_timeout_s * 1.5 + 5.0;
+}
+
+void BufferCore::barrier(cudaStream_t stream) {
+  checkUsable();
+  DeviceGuard guard(device);
+  kernels::launchBarrier(peers, stream);
+  trackWork(stream);
+}
+
+}  // namespace epcomm

@@ -1,0 +1,28 @@
+// SPDX-License-Identifier: Apache-2.0
+// The host's named accessors of the control region (kernels/protocol.hpp): the only host code
+// that reads or writes ControlRegion fields. Internal.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/protocol.hpp"
+
+namespace epcomm {
+
+// Zeroes the control region at `region` (device memory) on `stream`; the caller synchronizes.
+// Signals start from zero on every rank before any peer may write into it.
+void clearControlRegion(void* region, cudaStream_t stream);
+
+// The last call of `family` that the rank owning `region` (device memory, possibly a peer's
+// through its mapping) completed or skipped: max(LocalState::epoch, ::skipped), read with one
+// copy on `stream`, synchronously.
+uint64_t readCallsPassed(const void* region, kernels::EpochSlot family, cudaStream_t stream);
+
+// Rewrites a host copy of a control region so that every op family continues as if `calls` calls
+// had completed (LocalState::epoch, plain epoch words = calls; tagged words = tag(calls, 0)).
+// Leaves peer_rejected, peer_faulted and LocalState::failed untouched.
+void setCallCounters(kernels::ControlRegion& region, uint64_t calls);
+
+}  // namespace epcomm

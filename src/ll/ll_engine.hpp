@@ -1,0 +1,35 @@
+// SPDX-License-Identifier: Apache-2.0
+// The LL engine: low-latency dispatch and combine (docs/design.md §6). Owns the LL regions of the
+// buffer and the LL call sequence (dispatch and combine alternate, each optionally split in a
+// send and a receive half); checks every argument and the sequence before any launch and launches
+// the halves (kernels/low_latency.cu). Internal.
+#pragma once
+
+#include "core/buffer_core.hpp"
+#include "epcomm/buffer.hpp"
+#include "kernels/launch.hpp"
+
+namespace epcomm {
+
+class EPCOMM_LOCAL LlEngine {
+ public:
+  // Registers with `core` to hear of LL calls a rank rejected (the sequence restarts then).
+  explicit LlEngine(BufferCore& core);
+
+  LlDispatchResult dispatch(const LlDispatchArgs& args, cudaStream_t stream, LlPhase phase);
+  void combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase);
+
+  enum class Stage { kIdle, kDispatchSent, kDispatched, kCombineSent };
+
+ private:
+  kernels::LlParams baseParams() const;
+
+  BufferCore& core_;
+  bool enabled_;               // BufferConfig::ll_max_tokens_per_rank > 0
+  kernels::LlRegions regions_;  // byte offsets in every rank's buffer
+  Stage stage_ = Stage::kIdle;  // reset when a rank rejected an LL call (on_call_skipped)
+  bool use_fp8_ = false;       // of the current round's dispatch
+  int num_tokens_ = 0;         // this rank's tokens in the current round's dispatch
+};
+
+}  // namespace epcomm
