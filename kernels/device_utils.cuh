@@ -36,7 +36,9 @@ __device__ __forceinline__ void stReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ void fenceAcqRelSys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fenceAcqRelSys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
 
 __device__ __forceinline__ uint32_t ldVolatileU32(const uint32_t* p) {
   return *reinterpret_cast<const volatile uint32_t*>(p);
@@ -114,8 +116,8 @@ __device__ __forceinline__ void recordFailure(DeviceErrorRecord* record, LocalSt
 __device__ __forceinline__ void recordOpFailure(const PeerContext& ctx, FailKind kind, OpId op,
                                                 WaitPhase phase, int peer, uint64_t expected,
                                                 uint64_t observed) {
-  recordFailure(ctx.error, &reinterpret_cast<ControlRegion*>(ctx.local_base)->local, true, kind,
-                op, phase, ctx.rank, peer, -1, expected, observed);
+  recordFailure(ctx.error, &reinterpret_cast<ControlRegion*>(ctx.local_base)->local, true, kind, op,
+                phase, ctx.rank, peer, -1, expected, observed);
 }
 
 // Bad input found on this rank (an expert id out of range) or bad data received from a peer:
@@ -127,9 +129,8 @@ __device__ __forceinline__ void recordOpFailure(const PeerContext& ctx, FailKind
 static __device__ __noinline__ void recordFaultSlow(uint8_t* const* peer_bases, uint8_t* local_base,
                                                     DeviceErrorRecord* error, int rank,
                                                     int num_ranks, uint32_t kind_op,
-                                                    WaitPhase phase,
-                                                    int peer, int index, uint64_t expected,
-                                                    uint64_t observed) {
+                                                    WaitPhase phase, int peer, int index,
+                                                    uint64_t expected, uint64_t observed) {
   LocalState* local = &reinterpret_cast<ControlRegion*>(local_base)->local;
   // Already failed: recorded (and announced, if it was a fault) by whoever failed first. Also
   // keeps input with many bad ids from hammering the same words.
@@ -145,8 +146,8 @@ static __device__ __noinline__ void recordFaultSlow(uint8_t* const* peer_bases, 
   }
 }
 __device__ __forceinline__ void recordFault(const PeerContext& ctx, FailKind kind, OpId op,
-                                            WaitPhase phase, int peer, int index,
-                                            uint64_t expected, uint64_t observed) {
+                                            WaitPhase phase, int peer, int index, uint64_t expected,
+                                            uint64_t observed) {
   const uint32_t kind_op = faultKindOp(kind, op);
   recordFaultSlow(ctx.peer_bases, ctx.local_base, ctx.error, ctx.rank, ctx.num_ranks, kind_op,
                   phase, peer, index, expected, observed);
@@ -257,11 +258,12 @@ __device__ __forceinline__ bool waitEpoch(const uint64_t* word, uint64_t epoch,
       word, [epoch](uint64_t v) { return v >= epoch; }, false, w, phase, peer, epoch);
 }
 
-// --- "last block" arrival -------------------------------------------------------------------------
-// Every block calls this after its last store. Returns true in exactly one block (the last to
-// arrive), whose thread 0 then issues the release stores: each arriving block's thread 0 fences
-// at system scope before counting itself, and the last one fences again after seeing the count,
-// so every block's stores are ordered before the signals the last block sends.
+// --- "last block" arrival
+// ------------------------------------------------------------------------- Every block calls this
+// after its last store. Returns true in exactly one block (the last to arrive), whose thread 0 then
+// issues the release stores: each arriving block's thread 0 fences at system scope before counting
+// itself, and the last one fences again after seeing the count, so every block's stores are ordered
+// before the signals the last block sends.
 __device__ __forceinline__ bool arriveLastBlock(uint32_t* counter) {
   __shared__ bool s_last;
   __syncthreads();
@@ -302,8 +304,10 @@ __device__ __forceinline__ RankCounts countsOfMask(uint32_t mask) {
   RankCounts c{0, 0};
   for (uint32_t m = mask; m != 0; m &= m - 1) {
     const int d = __ffs(m) - 1;
-    if (d < 4) c.lo += 1ull << (16 * d);
-    else c.hi += 1ull << (16 * (d - 4));
+    if (d < 4)
+      c.lo += 1ull << (16 * d);
+    else
+      c.hi += 1ull << (16 * (d - 4));
   }
   return c;
 }

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   __shared__ uint32_t s_matrix[kMaxRanks][kMaxRanks + kHtSignatureWords];
   __shared__ int32_t s_offset[kMaxRanks];  // first row of this rank's rows in each destination
   __shared__ uint8_t* s_peer[kMaxRanks];
-  __shared__ int4* s_dst[kWarpsPerBlock][kMaxRanks];       // the current token's rows, per warp
+  __shared__ int4* s_dst[kWarpsPerBlock][kMaxRanks];  // the current token's rows, per warp
   __shared__ int32_t s_dst_row[kWarpsPerBlock][kMaxRanks];
 
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
@@ -123,8 +123,8 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   bool bad = false;
   if (tid == 0) {
     for (int s = 0; s < num_ranks && !bad; ++s) {
-      const uint64_t theirs = uint64_t{s_matrix[s][num_ranks]} |
-                              uint64_t{s_matrix[s][num_ranks + 1]} << 32;
+      const uint64_t theirs =
+          uint64_t{s_matrix[s][num_ranks]} | uint64_t{s_matrix[s][num_ranks + 1]} << 32;
       if (theirs != p.signature) {
         recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kHtDispatch, kPhaseCounts, s,
                         p.signature, theirs);
@@ -200,8 +200,9 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
       const float scale = p.x_scales[t * p.scales_token_stride + c * p.scales_col_stride];
       for (uint32_t m = mask; m != 0; m &= m - 1) {
         const int d = __ffs(m) - 1;
-        reinterpret_cast<float*>(s_peer[d] + p.regions.recv_scales)
-            [static_cast<int64_t>(dst_row[d]) * p.num_scales + c] = scale;
+        reinterpret_cast<float*>(
+            s_peer[d] +
+            p.regions.recv_scales)[static_cast<int64_t>(dst_row[d]) * p.num_scales + c] = scale;
       }
     }
     if (has_topk && lane < num_topk) {
@@ -326,8 +327,8 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
     }
     __syncwarp();
     int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
-    const int4* bias = p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden)
-                              : nullptr;
+    const int4* bias =
+        p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;
     for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
       float acc[kUnroll][8];
 #pragma unroll
@@ -407,9 +408,11 @@ void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t 
 
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = sm_budget;
-  const bool vec16 = (params.row_bytes | params.dst_stride | params.src_stride |
-                      reinterpret_cast<uintptr_t>(params.dst) |
-                      reinterpret_cast<uintptr_t>(params.src)) % 16 == 0;
+  const bool vec16 =
+      (params.row_bytes | params.dst_stride | params.src_stride |
+       reinterpret_cast<uintptr_t>(params.dst) | reinterpret_cast<uintptr_t>(params.src)) %
+          16 ==
+      0;
   if (vec16) {
     copyRowsKernel<int4><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   } else {

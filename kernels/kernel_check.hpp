@@ -15,17 +15,16 @@ namespace epcomm::detail {
 }  // namespace epcomm::detail
 
 // After every <<<>>> launch: the error names the kernel ("launch of htDispatchKernel failed: ...").
-#define EPCOMM_KERNEL_LAUNCH_CHECK(kernel_name)                                           \
-  do {                                                                                    \
-    cudaError_t epcomm_status_ = cudaGetLastError();                                      \
-    if (epcomm_status_ != cudaSuccess)                                                    \
-      ::epcomm::detail::throwCuda(epcomm_status_, "launch of " #kernel_name, __FILE__,    \
-                                  __LINE__);                                              \
+#define EPCOMM_KERNEL_LAUNCH_CHECK(kernel_name)                                                   \
+  do {                                                                                            \
+    cudaError_t epcomm_status_ = cudaGetLastError();                                              \
+    if (epcomm_status_ != cudaSuccess)                                                            \
+      ::epcomm::detail::throwCuda(epcomm_status_, "launch of " #kernel_name, __FILE__, __LINE__); \
   } while (0)
 
-#define EPCOMM_KERNEL_CUDA_CHECK(call)                                                    \
-  do {                                                                                    \
-    cudaError_t epcomm_status_ = (call);                                                  \
-    if (epcomm_status_ != cudaSuccess)                                                    \
-      ::epcomm::detail::throwCuda(epcomm_status_, #call, __FILE__, __LINE__);             \
+#define EPCOMM_KERNEL_CUDA_CHECK(call)                                        \
+  do {                                                                        \
+    cudaError_t epcomm_status_ = (call);                                      \
+    if (epcomm_status_ != cudaSuccess)                                        \
+      ::epcomm::detail::throwCuda(epcomm_status_, #call, __FILE__, __LINE__); \
   } while (0)

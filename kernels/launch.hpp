@@ -23,7 +23,7 @@ struct PeerContext {
   int32_t num_ranks;
   DeviceErrorRecord* error;    // host-mapped, device pointer
   const uint32_t* abort_flag;  // host-mapped, device pointer; non-zero = stop waiting
-  uint64_t* rejection_report;  // host-mapped, device pointer; see "Rejected calls"
+  uint64_t* rejection_report;  // host-mapped, device pointer; "Rejected calls" in protocol.hpp
   uint64_t timeout_ns;
   uint64_t first_op_timeout_ns;  // the waits of the first call (epoch 1) of each family
 };
@@ -40,13 +40,13 @@ struct LayoutParams {
   int32_t num_ranks;
   int32_t rank;
   // outputs (handle memory)
-  uint32_t* token_mask;       // [N] bit d = token goes to rank d
-  int32_t* token_slot;        // [N, R]
-  bool* is_token_in_rank;     // [N, R]
-  int32_t* rank_counts;       // [R]
-  int32_t* expert_counts;     // [E]
-  int32_t* topk_copy;         // [N, K] int32 copy kept for weighted combine
-  int32_t* tile_counts;       // [layoutTiles(N), R] scratch
+  uint32_t* token_mask;    // [N] bit d = token goes to rank d
+  int32_t* token_slot;     // [N, R]
+  bool* is_token_in_rank;  // [N, R]
+  int32_t* rank_counts;    // [R]
+  int32_t* expert_counts;  // [E]
+  int32_t* topk_copy;      // [N, K] int32 copy kept for weighted combine
+  int32_t* tile_counts;    // [layoutTiles(N), R] scratch
   // A bad id is recorded, stops this rank's next collective op and is announced to every peer
   // (ControlRegion::peer_faulted), so the op fails on every rank; it is never used as an address.
   PeerContext peers;
@@ -57,21 +57,21 @@ struct HtDispatchParams {
   HtRegions regions;
   // inputs
   const uint8_t* x;
-  int64_t x_row_bytes;          // hidden * element bytes
-  const float* x_scales;        // FP8 only, else nullptr
+  int64_t x_row_bytes;    // hidden * element bytes
+  const float* x_scales;  // FP8 only, else nullptr
   int64_t scales_token_stride;
   int64_t scales_col_stride;
-  int32_t num_scales;           // hidden / 128 for FP8, else 0
-  int32_t has_topk;             // 0: cached dispatch, no top-k data sent
-  const int32_t* topk_copy;     // [N, K] the layout's routing: valid ids, -1 for none/duplicate
-  int32_t idx_is_64;            // element type of recv_topk_idx
-  const float* topk_weights;    // may be nullptr
+  int32_t num_scales;         // hidden / 128 for FP8, else 0
+  int32_t has_topk;           // 0: cached dispatch, no top-k data sent
+  const int32_t* topk_copy;   // [N, K] the layout's routing: valid ids, -1 for none/duplicate
+  int32_t idx_is_64;          // element type of recv_topk_idx
+  const float* topk_weights;  // may be nullptr
   int32_t num_topk;
   int32_t num_tokens;
   int32_t num_experts;
   int32_t num_local_experts;
   int32_t expert_alignment;
-  uint64_t signature;           // htSignature(): every rank must pass the same
+  uint64_t signature;  // htSignature(): every rank must pass the same
   // routing (handle)
   const uint32_t* token_mask;
   const int32_t* token_slot;
@@ -89,7 +89,7 @@ struct HtDispatchParams {
 struct HtCombineParams {
   PeerContext peers;
   HtRegions regions;
-  int64_t row_bytes;            // hidden * 2
+  int64_t row_bytes;  // hidden * 2
   int32_t hidden;
   int32_t num_tokens;
   int32_t num_topk;
@@ -122,17 +122,17 @@ struct LlParams {
   int32_t num_local_experts;
   int32_t max_topk;
   // dispatch inputs
-  const uint16_t* x;            // [N, H] BF16
+  const uint16_t* x;  // [N, H] BF16
   int32_t num_tokens;
   const void* topk_idx;
   int32_t idx_is_64;
   int32_t num_topk;
   const float* topk_weights;
   int32_t use_fp8;
-  uint32_t signature;           // llSignature() of this call (dispatch send and receive)
+  uint32_t signature;  // llSignature() of this call (dispatch send and receive)
   // combine inputs/outputs
-  const uint16_t* expert_out;   // [L, rows_per_expert, H] BF16
-  uint16_t* out;                // [N, H] BF16
+  const uint16_t* expert_out;  // [L, rows_per_expert, H] BF16
+  uint16_t* out;               // [N, H] BF16
 };
 
 // ---------------------------------------------------------------------------------------------

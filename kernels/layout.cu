@@ -65,13 +65,12 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
   __syncthreads();
 
   const int t = blockIdx.x * kLayoutThreads + tid;
-  const uint32_t mask =
-      t < p.num_tokens ? routeToken(p, static_cast<const IdxT*>(p.topk_idx), t,
-                                    p.num_experts / p.num_ranks, expert_hist)
-                       : 0u;
+  const uint32_t mask = t < p.num_tokens ? routeToken(p, static_cast<const IdxT*>(p.topk_idx), t,
+                                                      p.num_experts / p.num_ranks, expert_hist)
+                                         : 0u;
   RankCounts prefix, aggregate;
-  BlockScan(scan_storage).ExclusiveScan(countsOfMask(mask), prefix, RankCounts{0, 0},
-                                        AddRankCounts(), aggregate);
+  BlockScan(scan_storage)
+      .ExclusiveScan(countsOfMask(mask), prefix, RankCounts{0, 0}, AddRankCounts(), aggregate);
   if (t < p.num_tokens) {
     p.token_mask[t] = mask;
     for (int d = 0; d < p.num_ranks; ++d) {
@@ -96,7 +95,8 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutPar
   const int tile = blockIdx.x;
   if (tid < p.num_ranks) {
     int32_t sum = 0;
-    for (int earlier = 0; earlier < tile; ++earlier) sum += p.tile_counts[earlier * p.num_ranks + tid];
+    for (int earlier = 0; earlier < tile; ++earlier)
+      sum += p.tile_counts[earlier * p.num_ranks + tid];
     base[tid] = sum;
     if (tile == gridDim.x - 1) p.rank_counts[tid] = sum + p.tile_counts[tile * p.num_ranks + tid];
   }
@@ -115,9 +115,8 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutPar
 
 void launchLayout(const LayoutParams& params, cudaStream_t stream) {
   const int tiles = layoutTiles(params.num_tokens);
-  EPCOMM_KERNEL_CUDA_CHECK(cudaMemsetAsync(params.expert_counts, 0,
-                                    sizeof(int32_t) * static_cast<size_t>(params.num_experts),
-                                    stream));
+  EPCOMM_KERNEL_CUDA_CHECK(cudaMemsetAsync(
+      params.expert_counts, 0, sizeof(int32_t) * static_cast<size_t>(params.num_experts), stream));
   if (params.idx_is_64) {
     layoutTileKernel<int64_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
   } else {

@@ -51,8 +51,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
     const int32_t* meta = metaOf(p, parity, s, row);
     const int token = meta[0] & 0xffffff;
     if (token >= r.max_tokens) continue;  // rejected by dispatch recv already
-    const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base +
-                                                                   r.slot_of_row) +
+    const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base + r.slot_of_row) +
                                  (int64_t{s} * r.max_tokens + row) * p.max_topk;
     const float* weights = reinterpret_cast<const float*>(meta + 1 + p.max_topk);
     float acc[kRoundsPerSegment][8];
@@ -98,8 +97,6 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
-  const int warp = tid / kWarpSize;
-  const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
   const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
@@ -115,11 +112,12 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
   if (!__syncthreads_and(ok)) return;
 
   const int n = *reinterpret_cast<const int32_t*>(ctx.local_base + r.num_tokens);
-  const uint32_t* token_masks =
-      reinterpret_cast<const uint32_t*>(ctx.local_base + r.token_mask);
+  const uint32_t* token_masks = reinterpret_cast<const uint32_t*>(ctx.local_base + r.token_mask);
   const uint16_t* partials =
       reinterpret_cast<const uint16_t*>(ctx.local_base + r.combine_rows[parity]);
   const int items = n * num_segments;
+  const int warp = tid / kWarpSize;  // one warp per (token, segment) item
+  const int lane = tid % kWarpSize;
   for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
        item += gridDim.x * kWarpsPerBlock) {
     const int token = item / num_segments;

@@ -12,7 +12,7 @@
 namespace epcomm::kernels {
 namespace {
 
-constexpr int kTile = kBlockThreads;            // tokens scanned per block-scan pass
+constexpr int kTile = kBlockThreads;  // tokens scanned per block-scan pass
 
 constexpr WaitPhase kPhaseDispatchPost = WaitPhase::kLlDispatchPost;
 
@@ -82,7 +82,7 @@ template <typename IdxT>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p) {
   using BlockScan = cub::BlockScan<RankCounts, kBlockThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
-  __shared__ int32_t s_base[kMaxRanks];            // rows sent to each rank before this tile
+  __shared__ int32_t s_base[kMaxRanks];  // rows sent to each rank before this tile
   __shared__ uint32_t s_mask[kTile];
   __shared__ int32_t s_slot[kTile][kMaxRanks];
   __shared__ uint8_t* s_peer[kMaxRanks];
@@ -129,8 +129,8 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
     const int t = tile + tid;
     const uint32_t mask = tid < tile_len ? tokenMask<IdxT>(p, t) : 0u;
     RankCounts prefix, aggregate;
-    BlockScan(scan_storage).ExclusiveScan(countsOfMask(mask), prefix, RankCounts{0, 0},
-                                          AddRankCounts(), aggregate);
+    BlockScan(scan_storage)
+        .ExclusiveScan(countsOfMask(mask), prefix, RankCounts{0, 0}, AddRankCounts(), aggregate);
     if (tid < tile_len) {
       s_mask[tid] = mask;
       token_masks[t] = mask;
@@ -164,8 +164,7 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
           const unsigned lanes = (1u << p.num_topk) - 1u;  // num_topk <= kMaxTopk < 32
           const unsigned same = __match_any_sync(lanes, static_cast<unsigned long long>(e));
           const bool first = (same & ((1u << lane) - 1u)) == 0;
-          meta[1 + lane] =
-              (first && e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
+          meta[1 + lane] = (first && e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
           reinterpret_cast<float*>(meta + 1 + p.max_topk)[lane] =
               p.topk_weights[int64_t{token} * p.num_topk + lane];
         }
@@ -218,7 +217,8 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
   const int blocks_per_source = max(1, static_cast<int>(gridDim.x) / num_ranks);
   const int sub = blockIdx.x / num_ranks;
   if (sub >= blocks_per_source) return;
-  for (int s = blockIdx.x % num_ranks; s < num_ranks; s += min(num_ranks, static_cast<int>(gridDim.x))) {
+  for (int s = blockIdx.x % num_ranks; s < num_ranks;
+       s += min(num_ranks, static_cast<int>(gridDim.x))) {
     bool ok = true;
     if (tid == 0) {
       uint64_t v = 0;
@@ -280,16 +280,16 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
         continue;
       }
       const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
-      const uint8_t* staged = ctx.local_base + r.rows[parity] +
-                              (int64_t{s} * r.max_tokens + row) * r.row_bytes;
+      const uint8_t* staged =
+          ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
       const int4* src = reinterpret_cast<const int4*>(staged);
       int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
       const int num_vecs = static_cast<int>(out_row_bytes / 16);
       for (int i = lane; i < num_vecs; i += kWarpSize) dst[i] = ldNoAlloc(src + i);
       if (p.use_fp8) {
         const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
-        float* out_scales = reinterpret_cast<float*>(ctx.local_base + r.out_scales) +
-                            out_row * num_scales;
+        float* out_scales =
+            reinterpret_cast<float*>(ctx.local_base + r.out_scales) + out_row * num_scales;
         for (int c = lane; c < num_scales; c += kWarpSize) out_scales[c] = scales[c];
       }
       if (lane == 0) {

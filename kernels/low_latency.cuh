@@ -34,8 +34,8 @@ namespace {
 
 using namespace device;
 
-constexpr int kSegmentCols = kLlSegmentCols;    // columns one warp moves per work item
-constexpr int kColsPerRound = kWarpSize * 8;    // 8 BF16 (one 16-byte vector) per lane
+constexpr int kSegmentCols = kLlSegmentCols;  // columns one warp moves per work item
+constexpr int kColsPerRound = kWarpSize * 8;  // 8 BF16 (one 16-byte vector) per lane
 constexpr int kRoundsPerSegment = kSegmentCols / kColsPerRound;
 
 // Staged row metadata: word 0 = token | (num_topk << 24), then max_topk ids, then max_topk

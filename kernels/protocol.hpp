@@ -51,10 +51,15 @@ enum class OpId : int32_t {
   kLlCombineRecv,
   kCount
 };
-inline constexpr const char* kOpNames[] = {
-    "unknown op",         "barrier",           "layout",
-    "HT dispatch",        "HT combine",        "LL dispatch (send)",
-    "LL dispatch (receive)", "LL combine (send)", "LL combine (receive)"};
+inline constexpr const char* kOpNames[] = {"unknown op",
+                                           "barrier",
+                                           "layout",
+                                           "HT dispatch",
+                                           "HT combine",
+                                           "LL dispatch (send)",
+                                           "LL dispatch (receive)",
+                                           "LL combine (send)",
+                                           "LL combine (receive)"};
 static_assert(std::size(kOpNames) == static_cast<size_t>(OpId::kCount), "one name per OpId");
 inline const char* opName(int op) {
   return op > 0 && op < static_cast<int>(OpId::kCount) ? kOpNames[op] : kOpNames[0];
@@ -64,7 +69,6 @@ enum class FailKind : int32_t {
   kNone = 0,
   kTimeout,            // a peer never produced the awaited value before the deadline
   kAborted,            // the host set the abort word
-  kPeerRejected,       // (no longer recorded: a rejected call is skipped, see "Rejected calls")
   kBadExpertId,        // topk_idx held an id outside [-1, num_experts)
   kOverCapacity,       // more rows than the buffer holds
   kSignatureMismatch,  // ranks called the same op with different per-call parameters
@@ -74,26 +78,31 @@ enum class FailKind : int32_t {
 
 // The point of an op at which a device thread waited (or found bad data), for the error record.
 enum class WaitPhase : int32_t {
-  kNone = 0,         // input checks outside any wait
-  kBarrierArrival,   // barrier: a peer's arrival
-  kHtCounts,         // HT dispatch: the count matrix (and call signatures) from every peer
-  kHtRowsWritten,    // HT dispatch: "my rows are written" from every source
-  kHtExpertCounts,   // HT dispatch: the per-expert counts from every source
-  kHtCombineReady,   // HT combine: a peer's combine input is ready to pull
-  kHtCombineDone,    // HT combine: a peer finished pulling from this rank
-  kLlDispatchPost,   // LL dispatch receive: a source's rows-sent post
-  kLlCombinePost,    // LL combine receive: a rank's partials-sent post
+  kNone = 0,        // input checks outside any wait
+  kBarrierArrival,  // barrier: a peer's arrival
+  kHtCounts,        // HT dispatch: the count matrix (and call signatures) from every peer
+  kHtRowsWritten,   // HT dispatch: "my rows are written" from every source
+  kHtExpertCounts,  // HT dispatch: the per-expert counts from every source
+  kHtCombineReady,  // HT combine: a peer's combine input is ready to pull
+  kHtCombineDone,   // HT combine: a peer finished pulling from this rank
+  kLlDispatchPost,  // LL dispatch receive: a source's rows-sent post
+  kLlCombinePost,   // LL combine receive: a rank's partials-sent post
   kCount
 };
-inline constexpr const char* kWaitPhaseNames[] = {
-    "wait",          "arrival",        "count exchange",   "rows-written signal",
-    "expert counts", "combine-input-ready signal",         "done-pulling signal",
-    "rows-sent post", "partials-sent post"};
+inline constexpr const char* kWaitPhaseNames[] = {"wait",
+                                                  "arrival",
+                                                  "count exchange",
+                                                  "rows-written signal",
+                                                  "expert counts",
+                                                  "combine-input-ready signal",
+                                                  "done-pulling signal",
+                                                  "rows-sent post",
+                                                  "partials-sent post"};
 static_assert(std::size(kWaitPhaseNames) == static_cast<size_t>(WaitPhase::kCount),
               "one name per WaitPhase");
 inline const char* waitPhaseName(int phase) {
   return phase > 0 && phase < static_cast<int>(WaitPhase::kCount) ? kWaitPhaseNames[phase]
-                                                                   : kWaitPhaseNames[0];
+                                                                  : kWaitPhaseNames[0];
 }
 
 // Host-mapped pinned memory, written once by the first failing device thread of a rank.
@@ -131,7 +140,9 @@ EPCOMM_HOST_DEVICE constexpr EpochSlot epochSlotOf(OpId op) {
 EPCOMM_HOST_DEVICE constexpr uint64_t tag(uint64_t epoch, uint32_t value) {
   return (epoch << 32) | value;
 }
-EPCOMM_HOST_DEVICE constexpr uint64_t tagEpoch(uint64_t word) { return word >> 32; }
+EPCOMM_HOST_DEVICE constexpr uint64_t tagEpoch(uint64_t word) {
+  return word >> 32;
+}
 EPCOMM_HOST_DEVICE constexpr uint32_t tagValue(uint64_t word) {
   return static_cast<uint32_t>(word & 0xffffffffu);
 }
@@ -154,15 +165,15 @@ constexpr int kNumArriveSlots = 16;
 
 // Words only the owning rank touches.
 struct LocalState {
-  uint64_t epoch[kNumEpochs];    // last completed call of each op family (64-bit: never wraps)
-  uint64_t skipped[kNumEpochs];  // last call of each family a peer's rejection stopped here;
-                                 // a kernel's call is callEpoch(): max(epoch, skipped) + 1
+  uint64_t epoch[kNumEpochs];        // last completed call of each op family (64-bit: never wraps)
+  uint64_t skipped[kNumEpochs];      // last call of each family a peer's rejection stopped here;
+                                     // a kernel's call is callEpoch(): max(epoch, skipped) + 1
   uint32_t arrive[kNumArriveSlots];  // "last block" counters (ArriveSlot), reset by the last block
-  int32_t failed;                // set by a failure that stops every wait of this rank; sticky:
-                                 // every kernel of a rank that failed returns before its first
-                                 // store to a peer
-  int32_t record_claimed;        // the first failing thread claims the error record
-  int32_t fault_sent;            // the fault notice (ControlRegion::peer_faulted) went out
+  int32_t failed;                    // set by a failure that stops every wait of this rank; sticky:
+                                     // every kernel of a rank that failed returns before its first
+                                     // store to a peer
+  int32_t record_claimed;            // the first failing thread claims the error record
+  int32_t fault_sent;                // the fault notice (ControlRegion::peer_faulted) went out
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -201,9 +212,8 @@ inline uint64_t htSignature(int hidden, bool fp8, bool has_topk, int num_topk, b
                             int num_experts, int expert_alignment) {
   const SignatureField* f = kHtSignatureFields;
   return signatureBits(f[0], hidden) | signatureBits(f[1], fp8) | signatureBits(f[2], has_topk) |
-         signatureBits(f[3], has_topk ? num_topk : 0) |
-         signatureBits(f[4], has_topk && idx_is_64) | signatureBits(f[5], num_experts) |
-         signatureBits(f[6], expert_alignment);
+         signatureBits(f[3], has_topk ? num_topk : 0) | signatureBits(f[4], has_topk && idx_is_64) |
+         signatureBits(f[5], num_experts) | signatureBits(f[6], expert_alignment);
 }
 inline uint32_t llSignature(int hidden, bool use_fp8) {
   return static_cast<uint32_t>(signatureBits(kLlSignatureFields[0], use_fp8) |
@@ -226,8 +236,12 @@ static_assert(kMaxLlTokensPerRank <= static_cast<int>(kLlRowsMask), "LL rows mus
 EPCOMM_HOST_DEVICE constexpr uint32_t llPost(uint32_t rows, uint32_t signature) {
   return rows | signature << 16;
 }
-EPCOMM_HOST_DEVICE constexpr uint32_t llPostRows(uint32_t post) { return post & kLlRowsMask; }
-EPCOMM_HOST_DEVICE constexpr uint32_t llPostSignature(uint32_t post) { return post >> 16; }
+EPCOMM_HOST_DEVICE constexpr uint32_t llPostRows(uint32_t post) {
+  return post & kLlRowsMask;
+}
+EPCOMM_HOST_DEVICE constexpr uint32_t llPostSignature(uint32_t post) {
+  return post >> 16;
+}
 
 // ControlRegion::peer_faulted: a kernel of rank r found bad input (an expert id out of range) or
 // bad data from a peer, recorded it and stopped; it writes this word into every peer's control
@@ -255,23 +269,23 @@ EPCOMM_HOST_DEVICE constexpr int faultOpOf(uint64_t kind_op) {
 }
 
 struct alignas(128) ControlRegion {
-  uint64_t barrier[kMaxRanks];                           // [src] epoch
-  uint64_t peer_rejected[kNumEpochs][kMaxRanks];        // [family][src] last call src rejected
-  uint64_t peer_faulted;                                 // fault notice (above), 0 if none
-  uint64_t ht_counts[2][kMaxRanks][kMaxRanks + kHtSignatureWords];  // [parity][src][dst];
-                                                         // [src][R, R+1] = call signature; tagged
-  uint64_t ht_dispatch_done[kMaxRanks];                  // [src] epoch
-  uint64_t ht_combine_ready[kMaxRanks];                  // [src] epoch: src's combine input ready
-  uint64_t ht_combine_done[kMaxRanks];                   // [src] epoch: src finished pulling
-  uint64_t ll_dispatch_flag[2][kMaxRanks];               // [parity][src] tagged llPost()
-  uint64_t ll_combine_flag[2][kMaxRanks];                // [parity][src] epoch
+  uint64_t barrier[kMaxRanks];                    // [src] epoch
+  uint64_t peer_rejected[kNumEpochs][kMaxRanks];  // [family][src] last call src rejected
+  uint64_t peer_faulted;                          // fault notice (above), 0 if none
+  uint64_t ht_counts[2][kMaxRanks]
+                    [kMaxRanks + kHtSignatureWords];  // [parity][src][dst];
+                                                      // [src][R, R+1] = call signature; tagged
+  uint64_t ht_dispatch_done[kMaxRanks];               // [src] epoch
+  uint64_t ht_combine_ready[kMaxRanks];               // [src] epoch: src's combine input ready
+  uint64_t ht_combine_done[kMaxRanks];                // [src] epoch: src finished pulling
+  uint64_t ll_dispatch_flag[2][kMaxRanks];            // [parity][src] tagged llPost()
+  uint64_t ll_combine_flag[2][kMaxRanks];             // [parity][src] epoch
   LocalState local;
   uint64_t ht_expert_counts[2][kMaxRanks][kMaxExperts];  // [parity][src][local expert] tagged
 };
 
 // LocalState::epoch and ::skipped are read by the host with one copy (callsPassed).
-constexpr size_t kCallCountersOffset =
-    offsetof(ControlRegion, local) + offsetof(LocalState, epoch);
+constexpr size_t kCallCountersOffset = offsetof(ControlRegion, local) + offsetof(LocalState, epoch);
 constexpr size_t kCallCountersBytes = 2 * kNumEpochs * sizeof(uint64_t);
 static_assert(offsetof(LocalState, skipped) ==
                   offsetof(LocalState, epoch) + sizeof(uint64_t) * kNumEpochs,
@@ -299,7 +313,9 @@ EPCOMM_HOST_DEVICE constexpr uint64_t rejectionReport(int rank, OpId op, uint64_
   return epoch << 16 | (static_cast<uint64_t>(static_cast<uint32_t>(op)) & 0xffu) << 8 |
          (static_cast<uint64_t>(rank + 1) & 0xffu);
 }
-EPCOMM_HOST_DEVICE constexpr uint64_t rejectionEpoch(uint64_t report) { return report >> 16; }
+EPCOMM_HOST_DEVICE constexpr uint64_t rejectionEpoch(uint64_t report) {
+  return report >> 16;
+}
 EPCOMM_HOST_DEVICE constexpr OpId rejectionOp(uint64_t report) {
   return static_cast<OpId>((report >> 8) & 0xffu);
 }
@@ -310,7 +326,9 @@ EPCOMM_HOST_DEVICE constexpr int rejectionRank(uint64_t report) {
 // Exact-mode HT count (host-mapped word): set once the count is known (the host clears it before
 // each call).
 constexpr uint64_t kHostCountValid = uint64_t{1} << 63;
-EPCOMM_HOST_DEVICE constexpr uint64_t hostCount(uint32_t rows) { return kHostCountValid | rows; }
+EPCOMM_HOST_DEVICE constexpr uint64_t hostCount(uint32_t rows) {
+  return kHostCountValid | rows;
+}
 EPCOMM_HOST_DEVICE constexpr bool hostCountValid(uint64_t word) {
   return (word & kHostCountValid) != 0;
 }

@@ -54,7 +54,9 @@ wheel=$(ls "$wheel_dir"/epcomm-*.whl)
 echo "test-python.sh: installed $(basename "$wheel") into $PY_VENV"
 
 # From outside the source tree, so the installed package is the one imported.
-cd "$(mktemp -d)"
+run_dir=$(mktemp -d)
+trap 'rm -rf "$run_dir"' EXIT
+cd "$run_dir"
 "$py" -c "import epcomm, sys; print('test-python.sh: epcomm', epcomm.__version__, \
 epcomm.git_describe, 'from', epcomm.__file__, '-', epcomm.device_count(), 'CUDA device(s)')"
 set +e

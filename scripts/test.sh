@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
+repo_root=$PWD
 
 # Build dependencies: checked, and installed when run as root on Debian/Ubuntu (scripts/deps.sh).
 # shellcheck source=scripts/deps.sh
@@ -53,4 +54,10 @@ if [ "${num_skipped:-0}" -gt 0 ]; then
 else
   echo "test.sh: no test skipped"
 fi
-exit "$ctest_rc"
+# The Python package: wheel, fresh venv, pytest (tests/python); EPCOMM_SKIP_PYTHON=1 leaves it out.
+py_rc=0
+if [ "${EPCOMM_SKIP_PYTHON:-0}" != 1 ]; then
+  "$repo_root/scripts/test-python.sh" || py_rc=$?
+fi
+if [ "$ctest_rc" != 0 ]; then exit "$ctest_rc"; fi
+exit "$py_rc"

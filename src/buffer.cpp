@@ -27,15 +27,31 @@ EpBuffer::EpBuffer(Bootstrap& bootstrap, const BufferConfig& config)
 
 EpBuffer::~EpBuffer() = default;
 
-int EpBuffer::rank() const { return impl_->core.rank; }
-int EpBuffer::numRanks() const { return impl_->core.num_ranks; }
-int EpBuffer::device() const { return impl_->core.device; }
-MemMode EpBuffer::memMode() const { return impl_->core.memory->mode(); }
-const ResolvedConfig& EpBuffer::config() const { return impl_->core.resolved; }
-int EpBuffer::numLocalExperts() const { return impl_->core.num_local_experts; }
-size_t EpBuffer::bytesPerRank() const { return impl_->core.memory->bytes(); }
+int EpBuffer::rank() const {
+  return impl_->core.rank;
+}
+int EpBuffer::numRanks() const {
+  return impl_->core.num_ranks;
+}
+int EpBuffer::device() const {
+  return impl_->core.device;
+}
+MemMode EpBuffer::memMode() const {
+  return impl_->core.memory->mode();
+}
+const ResolvedConfig& EpBuffer::config() const {
+  return impl_->core.resolved;
+}
+int EpBuffer::numLocalExperts() const {
+  return impl_->core.num_local_experts;
+}
+size_t EpBuffer::bytesPerRank() const {
+  return impl_->core.memory->bytes();
+}
 
-void EpBuffer::barrier(cudaStream_t stream) { impl_->core.barrier(stream); }
+void EpBuffer::barrier(cudaStream_t stream) {
+  impl_->core.barrier(stream);
+}
 
 void EpBuffer::sync(cudaStream_t stream) {
   DeviceGuard guard(impl_->core.device);
@@ -47,7 +63,9 @@ void EpBuffer::synchronizingBarrier(cudaStream_t stream) {
   sync(stream);
 }
 
-void EpBuffer::checkError() const { impl_->core.checkUsable(); }
+void EpBuffer::checkError() const {
+  impl_->core.checkUsable();
+}
 
 void EpBuffer::abort() {
   *reinterpret_cast<volatile uint32_t*>(&impl_->core.hostState()->abort) = 1;
@@ -61,12 +79,18 @@ void* EpBuffer::peerBase(int rank) const {
                    "in [0, " << impl_->core.num_ranks << ")");
   return impl_->core.memory->peer(rank);
 }
-size_t EpBuffer::scratchOffset() const { return impl_->core.layout.scratch_offset; }
-size_t EpBuffer::scratchBytes() const { return impl_->core.layout.scratch_bytes; }
+size_t EpBuffer::scratchOffset() const {
+  return impl_->core.layout.scratch_offset;
+}
+size_t EpBuffer::scratchBytes() const {
+  return impl_->core.layout.scratch_bytes;
+}
 
 // --- HT ----------------------------------------------------------------------------------------
 
-EpHandle EpBuffer::createHandle() const { return EpHandle(impl_->ht.createHandle()); }
+EpHandle EpBuffer::createHandle() const {
+  return EpHandle(impl_->ht.createHandle());
+}
 
 void EpBuffer::layout(const TopkView& topk, EpHandle& handle, cudaStream_t stream) {
   impl_->ht.layout(topk, handle.impl_.get(), stream);

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Configuration validation and the one place environment overrides are read.
 #include "epcomm/config.hpp"
 
@@ -5,24 +6,24 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 
 #include "check.hpp"
 
 namespace epcomm {
 
+namespace {
+
+// Indexed by MemMode.
+constexpr const char* kMemModeNames[] = {"auto", "fabric", "posix_fd", "cuda_ipc"};
+static_assert(static_cast<int>(MemMode::kCudaIpc) == 3, "one name per MemMode, in order");
+
+}  // namespace
+
 const char* memModeName(MemMode mode) {
-  switch (mode) {
-    case MemMode::kAuto:
-      return "auto";
-    case MemMode::kFabric:
-      return "fabric";
-    case MemMode::kPosixFd:
-      return "posix_fd";
-    case MemMode::kCudaIpc:
-      return "cuda_ipc";
-  }
-  return "unknown";
+  const auto index = static_cast<size_t>(mode);
+  return index < std::size(kMemModeNames) ? kMemModeNames[index] : "unknown";
 }
 
 MemMode parseMemMode(const std::string& name, const char* what) {

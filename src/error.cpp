@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -9,16 +10,26 @@ namespace epcomm {
 
 const char* errorCodeName(ErrorCode code) {
   switch (code) {
-    case ErrorCode::kInternal: return "Internal";
-    case ErrorCode::kCuda: return "Cuda";
-    case ErrorCode::kDriver: return "Driver";
-    case ErrorCode::kMpi: return "Mpi";
-    case ErrorCode::kSystem: return "System";
-    case ErrorCode::kTimeout: return "Timeout";
-    case ErrorCode::kInvalidArgument: return "InvalidArgument";
-    case ErrorCode::kUnsupported: return "Unsupported";
-    case ErrorCode::kRemote: return "Remote";
-    case ErrorCode::kBroken: return "Broken";
+    case ErrorCode::kInternal:
+      return "Internal";
+    case ErrorCode::kCuda:
+      return "Cuda";
+    case ErrorCode::kDriver:
+      return "Driver";
+    case ErrorCode::kMpi:
+      return "Mpi";
+    case ErrorCode::kSystem:
+      return "System";
+    case ErrorCode::kTimeout:
+      return "Timeout";
+    case ErrorCode::kInvalidArgument:
+      return "InvalidArgument";
+    case ErrorCode::kUnsupported:
+      return "Unsupported";
+    case ErrorCode::kRemote:
+      return "Remote";
+    case ErrorCode::kBroken:
+      return "Broken";
   }
   return "Unknown";
 }
@@ -31,8 +42,12 @@ namespace {
 std::atomic<int> g_process_rank{-1};
 }  // namespace
 
-void setProcessRank(int rank) { g_process_rank.store(rank); }
-int processRank() { return g_process_rank.load(); }
+void setProcessRank(int rank) {
+  g_process_rank.store(rank);
+}
+int processRank() {
+  return g_process_rank.load();
+}
 
 std::string formatMessage(const std::string& what, const char* file, int line) {
   std::string prefix = "[epcomm";
@@ -55,8 +70,9 @@ void throwCuda(cudaError_t status, const char* call, const char* file, int line)
   if (status == cudaErrorNoDevice || status == cudaErrorInsufficientDriver) {
     what += ". Is a CUDA GPU visible (nvidia-smi, CUDA_VISIBLE_DEVICES)?";
   } else if (status == cudaErrorNoKernelImageForDevice) {
-    what += ". The library was not compiled for this GPU's architecture: rebuild with its "
-            "compute capability in CMAKE_CUDA_ARCHITECTURES";
+    what +=
+        ". The library was not compiled for this GPU's architecture: rebuild with its "
+        "compute capability in CMAKE_CUDA_ARCHITECTURES";
   }
   (void)cudaGetLastError();  // clear non-sticky errors so the caller may continue
   throw CudaError(static_cast<int>(status), formatMessage(what, file, line));
@@ -68,17 +84,20 @@ void throwDriver(int status, const char* call, const char* file, int line) {
 }
 
 void throwSystem(int err, const char* call, const char* file, int line) {
-  std::string what = std::string(call) + " failed: " + std::strerror(err) + " (errno " +
-                     std::to_string(err) + ")";
+  std::string what =
+      std::string(call) + " failed: " + std::strerror(err) + " (errno " + std::to_string(err) + ")";
   throw SystemError(err, formatMessage(what, file, line));
 }
 
 void throwError(ErrorCode code, const std::string& what, const char* file, int line) {
   std::string message = formatMessage(what, file, line);
   switch (code) {
-    case ErrorCode::kInvalidArgument: throw InvalidArgument(message);
-    case ErrorCode::kTimeout: throw TimeoutError(-1, message);
-    default: throw Error(code, message);
+    case ErrorCode::kInvalidArgument:
+      throw InvalidArgument(message);
+    case ErrorCode::kTimeout:
+      throw TimeoutError(-1, message);
+    default:
+      throw Error(code, message);
   }
 }
 

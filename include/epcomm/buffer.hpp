@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // EpBuffer: the symmetric GPU buffer one rank shares with its EP group, and the dispatch and
 // combine operations that run on it.
 //

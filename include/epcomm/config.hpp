@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Buffer configuration, library limits and the environment overrides epcomm reads.
 #pragma once
 
@@ -82,7 +83,8 @@ struct BufferConfig {
   int num_sms = kAuto;
   int ll_num_sms = kAuto;
 
-  // Extra symmetric bytes at the same offset on every rank, for callers (EpBuffer::scratch()).
+  // Extra symmetric bytes at the same offset on every rank, for callers
+  // (EpBuffer::scratchOffset() / scratchBytes()).
   size_t scratch_bytes = 0;
 };
 // At least one of max_tokens_per_rank and ll_max_tokens_per_rank must be > 0.
@@ -92,8 +94,8 @@ struct BufferConfig {
 // constructor checks this on every rank and names the rank and the field that differ.
 
 // The configuration with every kAuto resolved, environment overrides applied and each field
-// checked. Throws InvalidArgument naming the field, its value and the limit. Host-only: the
-// device and rank count are supplied by the caller.
+// checked. Throws InvalidArgument naming the field, its value and the limit. Host-only (no CUDA
+// call): the rank count is supplied by the caller; a kAuto device is resolved by EpBuffer.
 struct ResolvedConfig {
   BufferConfig config;
   int num_ranks = 1;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Umbrella header: the whole core API (the MPI bootstrap lives in epcomm/mpi_bootstrap.hpp).
 #pragma once
 

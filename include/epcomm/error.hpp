@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // epcomm error hierarchy.
 //
 // Every failure the library reports is an epcomm::Error (a std::runtime_error) carrying an

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Arguments and results of the dispatch and combine operations.
 //
 // All pointers are device pointers unless a field says otherwise. Shapes are row-major and
@@ -94,13 +95,13 @@ struct DispatchArgs {
 struct DispatchResult {
   // Received rows, rank-major (all rows from rank 0 in its token order, then rank 1, ...).
   // Zero-copy views into the symmetric buffer, valid until the next HT dispatch.
-  const void* recv_x = nullptr;            // [capacity, hidden] in the input dtype
-  const float* recv_x_scales = nullptr;    // [capacity, hidden / 128] (FP8 only)
-  const void* recv_topk_idx = nullptr;     // [capacity, num_topk] input index type, local
-                                           // expert ids (-1 = expert on another rank, no
-                                           // expert, or a repetition within the token)
+  const void* recv_x = nullptr;              // [capacity, hidden] in the input dtype
+  const float* recv_x_scales = nullptr;      // [capacity, hidden / 128] (FP8 only)
+  const void* recv_topk_idx = nullptr;       // [capacity, num_topk] input index type, local
+                                             // expert ids (-1 = expert on another rank, no
+                                             // expert, or a repetition within the token)
   const float* recv_topk_weights = nullptr;  // [capacity, num_topk], 0 where the id is -1
-  const int32_t* recv_src_idx = nullptr;   // [capacity] token index on the source rank
+  const int32_t* recv_src_idx = nullptr;     // [capacity] token index on the source rank
 
   // Device scalars and arrays, owned by the handle.
   const int32_t* num_recv_tokens = nullptr;             // [1]
@@ -140,12 +141,12 @@ struct CombineArgs {
 enum class LlPhase { kSend = 1, kRecv = 2, kBoth = 3 };
 
 struct LlDispatchArgs {
-  const void* x = nullptr;  // [num_tokens, hidden] BF16
-  int num_tokens = 0;       // <= ll_max_tokens_per_rank
-  TopkView topk;            // topk.num_tokens must equal num_tokens
+  const void* x = nullptr;              // [num_tokens, hidden] BF16
+  int num_tokens = 0;                   // <= ll_max_tokens_per_rank
+  TopkView topk;                        // topk.num_tokens must equal num_tokens
   const float* topk_weights = nullptr;  // [num_tokens, num_topk] float32, required
-  bool use_fp8 = false;     // cast to FP8 e4m3 with one float32 scale per 128 columns; the same
-                            // on every rank (checked: InvalidArgument on every rank otherwise)
+  bool use_fp8 = false;  // cast to FP8 e4m3 with one float32 scale per 128 columns; the same
+                         // on every rank (checked: InvalidArgument on every rank otherwise)
   int num_sms = kAuto;
 };
 

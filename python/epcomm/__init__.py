@@ -55,6 +55,8 @@ def device_count() -> int:
 
 
 __all__ = [
+    "FP8_BLOCK_SIZE", "HIDDEN_ALIGNMENT", "MAX_EXPERTS", "MAX_HIDDEN", "MAX_LL_TOKENS_PER_RANK",
+    "MAX_RANKS", "MAX_TOKENS_PER_RANK", "MAX_TOPK", "__version__", "git_describe",
     "Bootstrap", "BrokenError", "Buffer", "CallbackBootstrap", "CudaError", "DispatchResult",
     "DriverError", "Error", "ErrorCode", "Handle", "InternalError", "InvalidArgument",
     "LlDispatchResult", "MpiError", "RemoteError", "SystemError", "TimeoutError",

@@ -30,7 +30,10 @@ using namespace nb::literals;
 namespace {
 
 using epcomm::ErrorCode;
-using Array = nb::ndarray<>;  // any DLPack tensor, any device; checked here, never copied
+// Inputs: any DLPack tensor on any device, checked here and never copied. Imported as read-only
+// (nb::ro): the binding only takes its address, and read-only producers (JAX) are accepted.
+using Array = nb::ndarray<nb::ro>;
+using ViewArray = nb::ndarray<>;  // the views handed back to Python
 using OptArray = std::optional<Array>;
 
 // --- Exceptions: one Python class per ErrorCode -----------------------------------------------
@@ -279,7 +282,7 @@ Framework frameworkOf(nb::handle obj) {
 nb::object view(const void* data, std::initializer_list<size_t> shape, nb::dlpack::dtype dtype,
                 int device, nb::handle owner, Framework fw,
                 int device_type = nb::device::cuda::value) {
-  Array a(const_cast<void*>(data), shape, owner, {}, dtype, device_type, device);
+  ViewArray a(const_cast<void*>(data), shape, owner, {}, dtype, device_type, device);
   switch (fw) {
     case Framework::kTorch:
       return nb::cast(nb::ndarray<nb::pytorch>(a), nb::rv_policy::reference);
@@ -571,8 +574,10 @@ epcomm::TopkView topkView(const OptArray& topk_idx, const PyBuffer& b, int num_t
 Array asArray(nb::handle obj, const char* name) {
   Array a;
   if (!nb::try_cast(obj, a)) {
-    throwInvalid(std::string(name) + ": expected a tensor with __dlpack__ (torch, CuPy, JAX), got " +
-                 nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()))))));
+    throwInvalid(std::string(name) +
+                 ": expected a tensor with __dlpack__ (torch, CuPy, JAX), got " +
+                 nb::cast<std::string>(
+                     nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()))))));
   }
   return a;
 }
@@ -1047,11 +1052,26 @@ NB_MODULE(_epcomm, m) {
              const std::string& mem_mode, std::optional<double> timeout_s,
              std::optional<double> first_op_timeout_s, std::optional<int> num_sms,
              std::optional<int> ll_num_sms, size_t scratch_bytes, const std::string& framework) {
-            const Framework fw = parseFramework(framework);
-            epcomm::BufferConfig config = makeConfig(
-                device, hidden, num_experts, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank,
-                mem_mode, timeout_s, first_op_timeout_s, num_sms, ll_num_sms, scratch_bytes);
+            Framework fw = Framework::kAuto;
+            epcomm::BufferConfig config;
             std::unique_ptr<epcomm::EpBuffer> buffer;
+            try {
+              fw = parseFramework(framework);
+              config = makeConfig(device, hidden, num_experts, max_topk, max_tokens_per_rank,
+                                  ll_max_tokens_per_rank, mem_mode, timeout_s, first_op_timeout_s,
+                                  num_sms, ll_num_sms, scratch_bytes);
+            } catch (const epcomm::InvalidArgument& e) {
+              // Creation is collective: fail it on every rank (the library agrees on each step)
+              // with a configuration it rejects, then raise this rank's own message.
+              epcomm::BufferConfig bad;
+              bad.hidden = 0;
+              try {
+                nb::gil_scoped_release release;
+                buffer = std::make_unique<epcomm::EpBuffer>(bootstrap, bad);
+              } catch (const epcomm::InvalidArgument&) {
+              }
+              throw e;
+            }
             {
               nb::gil_scoped_release release;  // collective, may take seconds
               buffer = std::make_unique<epcomm::EpBuffer>(bootstrap, config);
@@ -1116,8 +1136,8 @@ NB_MODULE(_epcomm, m) {
               Array x = asArray(x_obj, "x");
               args.x = devicePtr(x, "x", device, 2, {dt::kBF16});
               checkDim(x, "x", 1, hidden, "the buffer's hidden");
-              auto [o, out_arr] = outputFor(out_obj, x_obj, static_cast<size_t>(h.numTokens()),
-                                            hidden, "combine");
+              auto [o, out_arr] =
+                  outputFor(out_obj, x_obj, static_cast<size_t>(h.numTokens()), hidden, "combine");
               out = o;
               args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
               checkDim(out_arr, "out", 0, h.numTokens(), "the handle's num_tokens");
@@ -1218,8 +1238,8 @@ NB_MODULE(_epcomm, m) {
               }
               if (phase != epcomm::LlPhase::kSend) {  // out is written by the receiving half
                 auto [o, out_arr] =
-                    outputFor(out_obj, x_obj, static_cast<size_t>(self.last_ll_num_tokens),
-                              hidden, "low_latency_combine");
+                    outputFor(out_obj, x_obj, static_cast<size_t>(self.last_ll_num_tokens), hidden,
+                              "low_latency_combine");
                 out = o;
                 args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
                 checkDim(out_arr, "out", 0, self.last_ll_num_tokens,

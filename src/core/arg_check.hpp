@@ -9,7 +9,9 @@
 
 namespace epcomm {
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
 
 inline std::string pointerText(const void* p) {
   std::ostringstream os;

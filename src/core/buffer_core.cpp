@@ -218,8 +218,8 @@ void BufferCore::waitStream(cudaStream_t stream, const char* what) {
   checkUsable();
 }
 
-int BufferCore::resolveSms(cudaStream_t stream, kernels::OpId op, int call_value,
-                               int buffer_value, int fallback, const char* what) {
+int BufferCore::resolveSms(cudaStream_t stream, kernels::OpId op, int call_value, int buffer_value,
+                           int fallback, const char* what) {
   int sms = call_value != kAuto ? call_value : buffer_value != kAuto ? buffer_value : fallback;
   if (sms < 1 || sms > device_sms) {
     rejectInput(stream, op,

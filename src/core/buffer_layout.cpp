@@ -17,8 +17,8 @@ class Carver {
   uint64_t take(uint64_t bytes) {
     next_ = align(next_);
     uint64_t offset = next_;
-    EPCOMM_ARG_CHECK(bytes <= std::numeric_limits<uint64_t>::max() / 2 - next_,
-                     "buffer size", bytes, "small enough to address");
+    EPCOMM_ARG_CHECK(bytes <= std::numeric_limits<uint64_t>::max() / 2 - next_, "buffer size",
+                     bytes, "small enough to address");
     next_ += bytes;
     return offset;
   }
@@ -31,7 +31,9 @@ class Carver {
   uint64_t next_;
 };
 
-uint64_t align16(uint64_t v) { return (v + 15) / 16 * 16; }
+uint64_t align16(uint64_t v) {
+  return (v + 15) / 16 * 16;
+}
 
 }  // namespace
 

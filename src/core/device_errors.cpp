@@ -14,7 +14,9 @@ namespace {
 
 using kernels::opName;
 
-const char* phaseName(int phase) { return kernels::waitPhaseName(phase); }
+const char* phaseName(int phase) {
+  return kernels::waitPhaseName(phase);
+}
 
 // Names every field in which two per-call signatures (kernels/protocol.hpp) differ, with both
 // values.
@@ -37,11 +39,16 @@ std::string describeSignatureDiff(int op, int peer, uint64_t mine, uint64_t thei
 
 const char* failKindName(int kind) {
   switch (static_cast<kernels::FailKind>(kind)) {
-    case kernels::FailKind::kBadExpertId: return "an expert id out of range in topk_idx";
-    case kernels::FailKind::kOverCapacity: return "more rows than the buffer holds";
-    case kernels::FailKind::kBadPeerData: return "an out-of-range value received from a peer";
-    case kernels::FailKind::kSignatureMismatch: return "different per-call parameters";
-    default: return "a device-side error";
+    case kernels::FailKind::kBadExpertId:
+      return "an expert id out of range in topk_idx";
+    case kernels::FailKind::kOverCapacity:
+      return "more rows than the buffer holds";
+    case kernels::FailKind::kBadPeerData:
+      return "an out-of-range value received from a peer";
+    case kernels::FailKind::kSignatureMismatch:
+      return "different per-call parameters";
+    default:
+      return "a device-side error";
   }
 }
 
@@ -60,18 +67,22 @@ void BufferCore::checkDeviceError() const {
     copy.index = record->index;
     copy.expected = record->expected;
     copy.observed = record->observed;
-    const std::string message = detail::formatMessage(describeDeviceError(copy), __FILE__, __LINE__);
+    const std::string message =
+        detail::formatMessage(describeDeviceError(copy), __FILE__, __LINE__);
     if (!broken) {
       broken = true;
       broken_reason = message;
     }
     switch (static_cast<kernels::FailKind>(kind)) {
-      case kernels::FailKind::kTimeout: throw TimeoutError(copy.peer, message);
+      case kernels::FailKind::kTimeout:
+        throw TimeoutError(copy.peer, message);
       case kernels::FailKind::kBadExpertId:
-      case kernels::FailKind::kSignatureMismatch: throw InvalidArgument(message);
-      case kernels::FailKind::kPeerRejected:
-      case kernels::FailKind::kPeerFaulted: throw Error(ErrorCode::kRemote, message);
-      default: throw Error(ErrorCode::kBroken, message);
+      case kernels::FailKind::kSignatureMismatch:
+        throw InvalidArgument(message);
+      case kernels::FailKind::kPeerFaulted:
+        throw Error(ErrorCode::kRemote, message);
+      default:
+        throw Error(ErrorCode::kBroken, message);
     }
   }
   if (broken) {
@@ -91,15 +102,12 @@ std::string BufferCore::describeDeviceError(const kernels::DeviceErrorRecord& r)
       os << op << " timed out after "
          << (r.expected <= 1 ? resolved.config.first_op_timeout_s : resolved.config.timeout_s)
          << " s (" << (r.expected <= 1 ? "first_op_timeout_s" : "timeout_s")
-         << ") waiting for rank "
-         << r.peer << " (" << phaseName(r.phase) << ": expected call " << r.expected
-         << ", rank " << r.peer << " was at call " << r.observed << "). Rank " << r.peer
-         << " never got there: did it crash, hang, or issue a different sequence of ops?";
+         << ") waiting for rank " << r.peer << " (" << phaseName(r.phase) << ": expected call "
+         << r.expected << ", rank " << r.peer << " was at call " << r.observed << "). Rank "
+         << r.peer << " never got there: did it crash, hang, or issue a different sequence of ops?";
       break;
-    case kernels::FailKind::kAborted: os << op << " was aborted by EpBuffer::abort()"; break;
-    case kernels::FailKind::kPeerRejected:
-      os << op << " stopped because rank " << r.peer << " rejected its input for "
-         << opName(static_cast<int>(r.observed)) << " (rank " << r.peer << " reports why)";
+    case kernels::FailKind::kAborted:
+      os << op << " was aborted by EpBuffer::abort()";
       break;
     case kernels::FailKind::kBadExpertId:
       os << "invalid argument topk_idx: token " << r.index << " has expert id "
@@ -135,7 +143,8 @@ std::string BufferCore::describeDeviceError(const kernels::DeviceErrorRecord& r)
          << opName(where) << " (rank " << r.peer << " reports the details)";
       break;
     }
-    case kernels::FailKind::kNone: break;
+    case kernels::FailKind::kNone:
+      break;
   }
   os << ". This EpBuffer is now unusable; destroy and recreate it.";
   return os.str();

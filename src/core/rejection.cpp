@@ -12,10 +12,10 @@
 
 namespace epcomm {
 
-void BufferCore::rejectInput(cudaStream_t stream, kernels::OpId op,
-                                 const std::string& message) {
+void BufferCore::rejectInput(cudaStream_t stream, kernels::OpId op, const std::string& message) {
   const std::string outcome = skipRejectedCall(op, stream);
-  throw InvalidArgument(detail::formatMessage(message + " (" + kernels::opName(static_cast<int>(op)) +
+  throw InvalidArgument(detail::formatMessage(message + " (" +
+                                                  kernels::opName(static_cast<int>(op)) +
                                                   ": nothing of it was launched; " + outcome + ")",
                                               __FILE__, __LINE__));
 }

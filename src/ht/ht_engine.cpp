@@ -20,7 +20,8 @@ constexpr int kMaxExpertAlignment = 1 << 16;
 
 void checkTopk(ArgChecker& check, const TopkView& topk, int max_topk, int max_tokens) {
   check.require(topk.num_tokens >= 0 && topk.num_tokens <= max_tokens, "topk.num_tokens",
-                topk.num_tokens, "in [0, " + std::to_string(max_tokens) + "] (max_tokens_per_rank)");
+                topk.num_tokens,
+                "in [0, " + std::to_string(max_tokens) + "] (max_tokens_per_rank)");
   check.require(topk.num_topk >= 1 && topk.num_topk <= max_topk, "topk.num_topk", topk.num_topk,
                 "in [1, " + std::to_string(max_topk) + "] (BufferConfig::max_topk)");
   check.require(topk.num_tokens == 0 || topk.idx != nullptr, "topk.idx", pointerText(topk.idx),
@@ -38,12 +39,24 @@ EpHandle::EpHandle(EpHandle&&) noexcept = default;
 EpHandle& EpHandle::operator=(EpHandle&&) noexcept = default;
 EpHandle::~EpHandle() = default;
 
-int EpHandle::numTokens() const { return impl_->num_tokens; }
-int EpHandle::numTopk() const { return impl_->num_topk; }
-const int32_t* EpHandle::numTokensPerRank() const { return impl_->rank_counts; }
-const int32_t* EpHandle::numTokensPerExpert() const { return impl_->expert_counts; }
-const bool* EpHandle::isTokenInRank() const { return impl_->is_token_in_rank; }
-const int32_t* EpHandle::tokenSlot() const { return impl_->token_slot; }
+int EpHandle::numTokens() const {
+  return impl_->num_tokens;
+}
+int EpHandle::numTopk() const {
+  return impl_->num_topk;
+}
+const int32_t* EpHandle::numTokensPerRank() const {
+  return impl_->rank_counts;
+}
+const int32_t* EpHandle::numTokensPerExpert() const {
+  return impl_->expert_counts;
+}
+const bool* EpHandle::isTokenInRank() const {
+  return impl_->is_token_in_rank;
+}
+const int32_t* EpHandle::tokenSlot() const {
+  return impl_->token_slot;
+}
 
 HtEngine::HtEngine(BufferCore& core)
     : core_(core), enabled_(core.layout.has_ht), regions_(core.layout.ht) {}
@@ -182,8 +195,7 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                 pointerText(args.recv_x_out), "16-byte aligned");
   if (has_topk) {
     checkTopk(check, args.topk, c.max_topk, c.max_tokens_per_rank);
-    check.require(args.topk.num_tokens == args.num_tokens, "topk.num_tokens",
-                  args.topk.num_tokens,
+    check.require(args.topk.num_tokens == args.num_tokens, "topk.num_tokens", args.topk.num_tokens,
                   "equal to DispatchArgs::num_tokens (" + std::to_string(args.num_tokens) + ")");
   } else if (handle != nullptr) {
     check.require(handle->num_tokens >= 0, "DispatchArgs::topk.idx", "nullptr",
@@ -194,8 +206,8 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                       ") for a cached dispatch");
   }
   if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtDispatch, check.message());
-  const int sms = b.resolveSms(stream, kernels::OpId::kHtDispatch, args.num_sms, c.num_sms, kDefaultHtSms,
-                               "DispatchArgs::num_sms");
+  const int sms = b.resolveSms(stream, kernels::OpId::kHtDispatch, args.num_sms, c.num_sms,
+                               kDefaultHtSms, "DispatchArgs::num_sms");
 
   DeviceGuard guard(b.device);
   EpHandle::Impl& h = *handle;
@@ -242,16 +254,24 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   uint8_t* base = b.localBase();
   const kernels::HtRegions& ht = regions_;
   if (args.recv_x_out != nullptr) {
-    kernels::CopyRowsParams copy{static_cast<uint8_t*>(args.recv_x_out), base + ht.recv_x,
-                                 p.x_row_bytes, p.x_row_bytes, p.x_row_bytes, h.num_recv,
+    kernels::CopyRowsParams copy{static_cast<uint8_t*>(args.recv_x_out),
+                                 base + ht.recv_x,
+                                 p.x_row_bytes,
+                                 p.x_row_bytes,
+                                 p.x_row_bytes,
+                                 h.num_recv,
                                  ht.capacity};
     kernels::launchCopyRows(copy, sms, stream);
   }
   if (fp8 && args.recv_scales_out != nullptr) {
     const int64_t scale_row = int64_t{num_scales} * 4;
     kernels::CopyRowsParams copy{reinterpret_cast<uint8_t*>(args.recv_scales_out),
-                                 base + ht.recv_scales, scale_row, scale_row, scale_row,
-                                 h.num_recv, ht.capacity};
+                                 base + ht.recv_scales,
+                                 scale_row,
+                                 scale_row,
+                                 scale_row,
+                                 h.num_recv,
+                                 ht.capacity};
     kernels::launchCopyRows(copy, sms, stream);
   }
 
@@ -271,8 +291,8 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
 
   if (args.exact_count) {
     // Returns as soon as the count matrix is known; the rows may still be moving.
-    const auto deadline = std::chrono::steady_clock::now() +
-                          std::chrono::duration<double>(b.hostDeadlineS());
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::duration<double>(b.hostDeadlineS());
     while (true) {
       const uint64_t word = *reinterpret_cast<volatile uint64_t*>(&host->ht_count);
       if (kernels::hostCountValid(word)) {
@@ -291,11 +311,9 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   return result;
 }
 
-
 // --- combine -------------------------------------------------------------------------------------
 
-void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle,
-                       cudaStream_t stream) {
+void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cudaStream_t stream) {
   BufferCore& b = core_;
   b.checkUsable();
   const BufferConfig& c = b.resolved.config;
@@ -318,8 +336,8 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle,
   check.require(aligned16(args.bias), "CombineArgs::bias", pointerText(args.bias),
                 "16-byte aligned");
   if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtCombine, check.message());
-  const int sms = b.resolveSms(stream, kernels::OpId::kHtCombine, args.num_sms, c.num_sms, kDefaultHtSms,
-                               "CombineArgs::num_sms");
+  const int sms = b.resolveSms(stream, kernels::OpId::kHtCombine, args.num_sms, c.num_sms,
+                               kDefaultHtSms, "CombineArgs::num_sms");
 
   DeviceGuard guard(b.device);
   uint8_t* base = b.localBase();
@@ -327,8 +345,13 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle,
   const int64_t row_bytes = int64_t{c.hidden} * 2;
   if (args.x != base + ht.combine_in) {
     // Peers pull from the symmetric combine-input region; stage the rows there first.
-    kernels::CopyRowsParams copy{base + ht.combine_in, static_cast<const uint8_t*>(args.x),
-                                 row_bytes, row_bytes, row_bytes, h->num_recv, ht.capacity};
+    kernels::CopyRowsParams copy{base + ht.combine_in,
+                                 static_cast<const uint8_t*>(args.x),
+                                 row_bytes,
+                                 row_bytes,
+                                 row_bytes,
+                                 h->num_recv,
+                                 ht.capacity};
     kernels::launchCopyRows(copy, sms, stream);
   }
   kernels::HtCombineParams p{};

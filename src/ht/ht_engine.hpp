@@ -41,16 +41,16 @@ struct EPCOMM_LOCAL EpHandle::Impl {
   int max_tokens = 0;
   int max_topk = 0;
   DeviceMemory memory;
-  uint32_t* token_mask = nullptr;       // [max_tokens]
-  int32_t* token_slot = nullptr;        // [max_tokens, R]
-  bool* is_token_in_rank = nullptr;     // [max_tokens, R]
-  int32_t* rank_counts = nullptr;       // [R]
-  int32_t* expert_counts = nullptr;     // [E]
-  int32_t* topk_copy = nullptr;         // [max_tokens, max_topk]
-  int32_t* tile_counts = nullptr;       // layout scratch [layoutTiles(max_tokens), R]
-  int32_t* count_matrix = nullptr;      // [R, R]
-  int32_t* num_recv = nullptr;          // [1]
-  int32_t* recv_rank_prefix = nullptr;  // [R + 1]
+  uint32_t* token_mask = nullptr;         // [max_tokens]
+  int32_t* token_slot = nullptr;          // [max_tokens, R]
+  bool* is_token_in_rank = nullptr;       // [max_tokens, R]
+  int32_t* rank_counts = nullptr;         // [R]
+  int32_t* expert_counts = nullptr;       // [E]
+  int32_t* topk_copy = nullptr;           // [max_tokens, max_topk]
+  int32_t* tile_counts = nullptr;         // layout scratch [layoutTiles(max_tokens), R]
+  int32_t* count_matrix = nullptr;        // [R, R]
+  int32_t* num_recv = nullptr;            // [1]
+  int32_t* recv_rank_prefix = nullptr;    // [R + 1]
   int32_t* recv_expert_counts = nullptr;  // [L]
   // Host view of what the device holds.
   int num_tokens = -1;  // -1: no layout yet
@@ -70,7 +70,7 @@ class EPCOMM_LOCAL HtEngine {
 
  private:
   BufferCore& core_;
-  bool enabled_;               // BufferConfig::max_tokens_per_rank > 0
+  bool enabled_;                // BufferConfig::max_tokens_per_rank > 0
   kernels::HtRegions regions_;  // byte offsets in every rank's buffer
 };
 

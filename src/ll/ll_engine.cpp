@@ -15,10 +15,12 @@ namespace {
 
 const char* stageName(LlEngine::Stage stage) {
   switch (stage) {
-    case LlEngine::Stage::kIdle: return "idle (next: lowLatencyDispatch)";
+    case LlEngine::Stage::kIdle:
+      return "idle (next: lowLatencyDispatch)";
     case LlEngine::Stage::kDispatchSent:
       return "dispatch sent (next: lowLatencyDispatch with LlPhase::kRecv)";
-    case LlEngine::Stage::kDispatched: return "dispatched (next: lowLatencyCombine)";
+    case LlEngine::Stage::kDispatched:
+      return "dispatched (next: lowLatencyCombine)";
     case LlEngine::Stage::kCombineSent:
       return "combine sent (next: lowLatencyCombine with LlPhase::kRecv)";
   }
@@ -32,6 +34,22 @@ LlEngine::LlEngine(BufferCore& core)
   core_.on_call_skipped = [this](kernels::EpochSlot family) {
     if (family == kernels::kEpochLl) stage_ = Stage::kIdle;  // the LL round is over everywhere
   };
+}
+
+bool LlEngine::beginCall(LlPhase phase, const SequenceRule& rule,
+                         std::ostringstream& problem) const {
+  core_.checkUsable();
+  const bool send = phase == LlPhase::kSend || phase == LlPhase::kBoth;
+  if (!enabled_) {
+    problem << "invalid argument BufferConfig::ll_max_tokens_per_rank = 0: must be > 0 for LL ops";
+  } else if (phase != LlPhase::kSend && phase != LlPhase::kRecv && phase != LlPhase::kBoth) {
+    problem << "invalid argument phase = " << static_cast<int>(phase) << ": must be an LlPhase";
+  } else if (send && stage_ != rule.send_from) {
+    problem << rule.op << " called in LL stage '" << stageName(stage_) << "': " << rule.order;
+  } else if (!send && stage_ != rule.recv_from) {
+    problem << rule.op << "(kRecv) called in LL stage '" << stageName(stage_) << "'";
+  }
+  return problem.tellp() == 0;
 }
 
 kernels::LlParams LlEngine::baseParams() const {
@@ -49,21 +67,13 @@ kernels::LlParams LlEngine::baseParams() const {
 LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t stream,
                                     LlPhase phase) {
   BufferCore& b = core_;
-  b.checkUsable();
   const BufferConfig& c = b.resolved.config;
   const bool send = phase == LlPhase::kSend || phase == LlPhase::kBoth;
   const bool recv = phase == LlPhase::kRecv || phase == LlPhase::kBoth;
   std::ostringstream problem;
-  if (!enabled_) {
-    problem << "invalid argument BufferConfig::ll_max_tokens_per_rank = 0: must be > 0 for LL ops";
-  } else if (phase != LlPhase::kSend && phase != LlPhase::kRecv && phase != LlPhase::kBoth) {
-    problem << "invalid argument phase = " << static_cast<int>(phase) << ": must be an LlPhase";
-  } else if (send && stage_ != Stage::kIdle) {
-    problem << "lowLatencyDispatch called in LL stage '" << stageName(stage_)
-            << "': dispatch and combine must alternate";
-  } else if (!send && stage_ != Stage::kDispatchSent) {
-    problem << "lowLatencyDispatch(kRecv) called in LL stage '" << stageName(stage_) << "'";
-  } else if (send) {
+  const SequenceRule rule{Stage::kIdle, Stage::kDispatchSent, "lowLatencyDispatch",
+                          "dispatch and combine must alternate"};
+  if (beginCall(phase, rule, problem) && send) {
     if (args.num_tokens < 0 || args.num_tokens > c.ll_max_tokens_per_rank) {
       problem << "invalid argument LlDispatchArgs::num_tokens = " << args.num_tokens
               << ": must be in [0, " << c.ll_max_tokens_per_rank << "] (ll_max_tokens_per_rank)";
@@ -75,15 +85,16 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
               << c.max_topk << "] (BufferConfig::max_topk)";
     } else if (args.num_tokens > 0 &&
                (args.x == nullptr || args.topk.idx == nullptr || args.topk_weights == nullptr)) {
-      problem << "invalid argument LlDispatchArgs: x = " << args.x << ", topk.idx = "
-              << args.topk.idx << ", topk_weights = " << args.topk_weights
+      problem << "invalid argument LlDispatchArgs: x = " << args.x
+              << ", topk.idx = " << args.topk.idx << ", topk_weights = " << args.topk_weights
               << ": all must be non-null when num_tokens > 0";
     } else if (!aligned16(args.x)) {
       problem << "invalid argument LlDispatchArgs::x = " << args.x << ": must be 16-byte aligned";
     }
   }
   if (!problem.str().empty()) {
-    b.rejectInput(stream, recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
+    b.rejectInput(stream,
+                  recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
                   problem.str());
   }
   const int sms = b.resolveSms(stream, kernels::OpId::kLlDispatchSend, args.num_sms, c.ll_num_sms,
@@ -117,8 +128,7 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
   uint8_t* base = b.localBase();
   LlDispatchResult result;
   result.recv_x = base + ll.out_x;
-  result.recv_x_scales = use_fp8_ ? reinterpret_cast<const float*>(base + ll.out_scales)
-                                      : nullptr;
+  result.recv_x_scales = use_fp8_ ? reinterpret_cast<const float*>(base + ll.out_scales) : nullptr;
   result.num_recv_tokens_per_expert = reinterpret_cast<const int32_t*>(base + ll.expert_count);
   result.recv_src_info = reinterpret_cast<const int32_t*>(base + ll.src_info);
   result.rows_per_expert = ll.rows_per_expert;
@@ -127,20 +137,14 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
 
 void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase) {
   BufferCore& b = core_;
-  b.checkUsable();
   const BufferConfig& c = b.resolved.config;
   const bool send = phase == LlPhase::kSend || phase == LlPhase::kBoth;
   const bool recv = phase == LlPhase::kRecv || phase == LlPhase::kBoth;
   std::ostringstream problem;
-  if (!enabled_) {
-    problem << "invalid argument BufferConfig::ll_max_tokens_per_rank = 0: must be > 0 for LL ops";
-  } else if (phase != LlPhase::kSend && phase != LlPhase::kRecv && phase != LlPhase::kBoth) {
-    problem << "invalid argument phase = " << static_cast<int>(phase) << ": must be an LlPhase";
-  } else if (send && stage_ != Stage::kDispatched) {
-    problem << "lowLatencyCombine called in LL stage '" << stageName(stage_)
-            << "': it must follow a completed lowLatencyDispatch";
-  } else if (!send && stage_ != Stage::kCombineSent) {
-    problem << "lowLatencyCombine(kRecv) called in LL stage '" << stageName(stage_) << "'";
+  const SequenceRule rule{Stage::kDispatched, Stage::kCombineSent, "lowLatencyCombine",
+                          "it must follow a completed lowLatencyDispatch"};
+  if (!beginCall(phase, rule, problem)) {
+    // reported as is
   } else if (send && (args.x == nullptr || !aligned16(args.x))) {
     problem << "invalid argument LlCombineArgs::x = " << args.x
             << ": must be non-null and 16-byte aligned";
@@ -149,7 +153,8 @@ void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase p
             << ": must be non-null and 16-byte aligned when the dispatch had tokens";
   }
   if (!problem.str().empty()) {
-    b.rejectInput(stream, recv && !send ? kernels::OpId::kLlCombineRecv : kernels::OpId::kLlCombineSend,
+    b.rejectInput(stream,
+                  recv && !send ? kernels::OpId::kLlCombineRecv : kernels::OpId::kLlCombineSend,
                   problem.str());
   }
   const int sms = b.resolveSms(stream, kernels::OpId::kLlCombineSend, args.num_sms, c.ll_num_sms,

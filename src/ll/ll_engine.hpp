@@ -2,8 +2,10 @@
 // The LL engine: low-latency dispatch and combine (docs/design.md §6). Owns the LL regions of the
 // buffer and the LL call sequence (dispatch and combine alternate, each optionally split in a
 // send and a receive half); checks every argument and the sequence before any launch and launches
-// the halves (kernels/low_latency.cu). Internal.
+// the halves (kernels/ll_dispatch.cu, kernels/ll_combine.cu). Internal.
 #pragma once
+
+#include <sstream>
 
 #include "core/buffer_core.hpp"
 #include "epcomm/buffer.hpp"
@@ -22,14 +24,25 @@ class EPCOMM_LOCAL LlEngine {
   enum class Stage { kIdle, kDispatchSent, kDispatched, kCombineSent };
 
  private:
+  // Where in the sequence an op may start: its send half from `send_from`, a receive-only call
+  // from `recv_from`.
+  struct SequenceRule {
+    Stage send_from;
+    Stage recv_from;
+    const char* op;     // "lowLatencyDispatch"
+    const char* order;  // why send_from, for the message
+  };
+  // Every call's first checks: the buffer is usable (throws if not), LL is enabled, `phase` is an
+  // LlPhase and the call comes in sequence. False, with the reason in `problem`, if not.
+  bool beginCall(LlPhase phase, const SequenceRule& rule, std::ostringstream& problem) const;
   kernels::LlParams baseParams() const;
 
   BufferCore& core_;
-  bool enabled_;               // BufferConfig::ll_max_tokens_per_rank > 0
+  bool enabled_;                // BufferConfig::ll_max_tokens_per_rank > 0
   kernels::LlRegions regions_;  // byte offsets in every rank's buffer
   Stage stage_ = Stage::kIdle;  // reset when a rank rejected an LL call (on_call_skipped)
-  bool use_fp8_ = false;       // of the current round's dispatch
-  int num_tokens_ = 0;         // this rank's tokens in the current round's dispatch
+  bool use_fp8_ = false;        // of the current round's dispatch
+  int num_tokens_ = 0;          // this rank's tokens in the current round's dispatch
 };
 
 }  // namespace epcomm

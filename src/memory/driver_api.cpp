@@ -21,12 +21,14 @@ template <typename Fn>
 bool resolve(const char* name, unsigned version, Fn* out, std::string* error) {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult query = cudaDriverEntryPointSymbolNotFound;
-  cudaError_t status = cudaGetDriverEntryPointByVersion(name, &fn, version, cudaEnableDefault, &query);
+  cudaError_t status =
+      cudaGetDriverEntryPointByVersion(name, &fn, version, cudaEnableDefault, &query);
   if (status != cudaSuccess || query != cudaDriverEntryPointSuccess || fn == nullptr) {
     (void)cudaGetLastError();
     *error = std::string("cannot resolve driver entry point ") + name + " (ABI " +
              std::to_string(version) + "): cudaGetDriverEntryPointByVersion returned " +
-             cudaGetErrorName(status) + ", query result " + std::to_string(static_cast<int>(query)) +
+             cudaGetErrorName(status) + ", query result " +
+             std::to_string(static_cast<int>(query)) +
              ". Is an NVIDIA driver installed and new enough for CUDA " +
              std::to_string(CUDART_VERSION / 1000) + "?";
     return false;

@@ -41,10 +41,10 @@ struct DriverApi {
 }  // namespace epcomm
 
 // Checks a CUresult from a DriverApi call.
-#define EPCOMM_CU_CHECK(call)                                                   \
-  do {                                                                          \
-    CUresult epcomm_cu_status_ = (call);                                        \
-    if (epcomm_cu_status_ != CUDA_SUCCESS)                                      \
-      ::epcomm::detail::throwDriver(static_cast<int>(epcomm_cu_status_), #call, \
-                                    __FILE__, __LINE__);                        \
+#define EPCOMM_CU_CHECK(call)                                                             \
+  do {                                                                                    \
+    CUresult epcomm_cu_status_ = (call);                                                  \
+    if (epcomm_cu_status_ != CUDA_SUCCESS)                                                \
+      ::epcomm::detail::throwDriver(static_cast<int>(epcomm_cu_status_), #call, __FILE__, \
+                                    __LINE__);                                            \
   } while (0)

@@ -28,23 +28,24 @@ class FabricMode final : public VmmMode {
         return false;
       }
       const CUmemAllocationProp prop = vmmProperties(device_, CU_MEM_HANDLE_TYPE_FABRIC);
-      VmmMapping probe;
-      probe.size = granularityOf(api, prop);
-      CUresult status = api.memCreate(&probe.handle, probe.size, &prop, 0);
+      VmmMapping created;
+      created.size = granularityOf(api, prop);
+      CUresult status = api.memCreate(&created.handle, created.size, &prop, 0);
       if (status != CUDA_SUCCESS) {
         *why = "cuMemCreate(CU_MEM_HANDLE_TYPE_FABRIC) failed with " + driverErrorName(status) +
                " (no usable IMEX channel: /dev/nvidia-caps-imex-channels)";
         return false;
       }
-      probe.has_handle = true;
+      created.has_handle = true;
       CUmemFabricHandle fabric{};
-      status = api.memExportToShareableHandle(&fabric, probe.handle, CU_MEM_HANDLE_TYPE_FABRIC, 0);
+      status =
+          api.memExportToShareableHandle(&fabric, created.handle, CU_MEM_HANDLE_TYPE_FABRIC, 0);
       if (status != CUDA_SUCCESS) {
         *why = "cuMemExportToShareableHandle(FABRIC) failed with " + driverErrorName(status);
         return false;
       }
       VmmMapping imported;
-      imported.size = probe.size;
+      imported.size = created.size;
       status =
           api.memImportFromShareableHandle(&imported.handle, &fabric, CU_MEM_HANDLE_TYPE_FABRIC);
       if (status != CUDA_SUCCESS) {
@@ -52,7 +53,7 @@ class FabricMode final : public VmmMode {
         return false;
       }
       imported.has_handle = true;
-      imported.mapForDevice(api, device_, probe.size);
+      imported.mapForDevice(api, device_, created.size);
       return true;
     } catch (const std::exception& e) {
       *why = e.what();
@@ -74,8 +75,7 @@ class FabricMode final : public VmmMode {
     EPCOMM_CHECK(peer.handle_length == sizeof(fabric), "bad fabric handle size");
     std::memcpy(&fabric, peer.handle, sizeof(fabric));
     CUmemGenericAllocationHandle handle = 0;
-    EPCOMM_CU_CHECK(
-        api.memImportFromShareableHandle(&handle, &fabric, CU_MEM_HANDLE_TYPE_FABRIC));
+    EPCOMM_CU_CHECK(api.memImportFromShareableHandle(&handle, &fabric, CU_MEM_HANDLE_TYPE_FABRIC));
     return handle;
   }
 };

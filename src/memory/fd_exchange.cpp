@@ -106,7 +106,7 @@ std::vector<UniqueFd> exchangeFds(Bootstrap& bootstrap, int my_fd, double timeou
     if (has_peers) {
       uds::fillRandom(mine.secret.data(), mine.secret.size());
       listener = uds::listenOnFreshName(options, static_cast<int>(local.size()) + 16,
-                                   &report.listen_name, &report.listen_attempts);
+                                        &report.listen_name, &report.listen_attempts);
       mine.name_length = static_cast<uint8_t>(report.listen_name.size());
       std::memcpy(mine.name, report.listen_name.data(), report.listen_name.size());
     }
@@ -183,4 +183,3 @@ std::vector<UniqueFd> exchangeFds(Bootstrap& bootstrap, int my_fd, double timeou
 }
 
 }  // namespace epcomm::memory
-

@@ -76,18 +76,17 @@ PeerInfo parsePeerInfo(const void* data, size_t size) {
   std::memcpy(&info, data, sizeof(info));
   const auto* bytes = static_cast<const uint8_t*>(data);
   // Magic and version before the checksum: a record of another version may place it elsewhere.
-  EPCOMM_RECORD_CHECK(info.magic == kPeerInfoMagic,
-                      "bad magic 0x" << std::hex << info.magic << ", expected 0x"
-                                     << kPeerInfoMagic);
+  EPCOMM_RECORD_CHECK(info.magic == kPeerInfoMagic, "bad magic 0x" << std::hex << info.magic
+                                                                   << ", expected 0x"
+                                                                   << kPeerInfoMagic);
   EPCOMM_CHECK(info.version == kPeerInfoVersion,
                "peer-info record has version " << info.version << ", this build reads version "
                                                << kPeerInfoVersion
                                                << " (mixed epcomm builds in one job?)");
   const uint32_t expected = peerInfoChecksum(bytes, size);
-  EPCOMM_RECORD_CHECK(info.checksum == expected, "checksum 0x"
-                                                     << std::hex << info.checksum
-                                                     << " does not match the contents (0x"
-                                                     << expected << ")");
+  EPCOMM_RECORD_CHECK(info.checksum == expected, "checksum 0x" << std::hex << info.checksum
+                                                               << " does not match the contents (0x"
+                                                               << expected << ")");
   EPCOMM_RECORD_CHECK(info.ok <= 1, "ok flag is " << int{info.ok} << ", not 0 or 1");
   expectZero(bytes, offsetof(PeerInfo, reserved), offsetof(PeerInfo, rank), "reserved");
   EPCOMM_RECORD_CHECK(info.handle_length <= kMaxHandleBytes,

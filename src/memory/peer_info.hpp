@@ -36,14 +36,14 @@ struct PeerInfo {
   uint8_t ok = 0;        // 1: this rank's step worked; 0: `error` says why
   uint8_t reserved = 0;  // explicit padding, always 0
   int32_t rank = -1;
-  int32_t device = -1;   // CUDA ordinal (printed in the peer map)
-  uint64_t bytes = 0;    // symmetric bytes this rank allocated (must match on every rank)
-  int32_t pid = 0;       // CUDA IPC cannot import a handle of its own process
+  int32_t device = -1;         // CUDA ordinal (printed in the peer map)
+  uint64_t bytes = 0;          // symmetric bytes this rank allocated (must match on every rank)
+  int32_t pid = 0;             // CUDA IPC cannot import a handle of its own process
   uint16_t handle_length = 0;  // <= kMaxHandleBytes
   uint16_t error_length = 0;   // <= kMaxPeerErrorBytes
   uint8_t handle[kMaxHandleBytes] = {};  // opaque handle; bytes past handle_length are 0
   char error[kMaxPeerErrorBytes] = {};   // no terminator; bytes past error_length are 0
-  uint32_t checksum = 0;  // CRC-32 of every byte before it (seal())
+  uint32_t checksum = 0;                 // CRC-32 of every byte before it (seal())
 
   // Copies `size` handle bytes. Throws epcomm::InvalidArgument if size > kMaxHandleBytes.
   void setHandle(const void* data, size_t size);

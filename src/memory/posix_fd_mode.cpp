@@ -26,10 +26,9 @@ class PosixFdMode final : public VmmMode {
         *why = "the device does not support virtual memory management";
         return false;
       }
-      if (deviceAttribute(api, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
-                          device_,
-                          "cuDeviceGetAttribute(HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED)") ==
-          0) {
+      if (deviceAttribute(
+              api, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, device_,
+              "cuDeviceGetAttribute(HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED)") == 0) {
         *why = "the device does not support POSIX fd handles";
         return false;
       }

@@ -16,7 +16,9 @@ namespace epcomm::memory {
 
 namespace {
 
-size_t roundUp(size_t v, size_t to) { return (v + to - 1) / to * to; }
+size_t roundUp(size_t v, size_t to) {
+  return (v + to - 1) / to * to;
+}
 
 std::unique_ptr<SharingMode> makeSharingMode(MemMode mode, int rank, int device) {
   switch (mode) {
@@ -102,8 +104,8 @@ std::unique_ptr<SymmetricMemory> SymmetricMemory::create(Bootstrap& bootstrap, i
   return nullptr;
 }
 
-bool SymmetricMemory::tryMode(std::unique_ptr<SharingMode> sharing, size_t bytes,
-                              double timeout_s, std::string* why) {
+bool SymmetricMemory::tryMode(std::unique_ptr<SharingMode> sharing, size_t bytes, double timeout_s,
+                              std::string* why) {
   const int num_ranks = bootstrap_.size();
   peers_.assign(num_ranks, nullptr);
   imported_.clear();
@@ -131,8 +133,8 @@ bool SymmetricMemory::tryMode(std::unique_ptr<SharingMode> sharing, size_t bytes
   const std::vector<PeerInfo> infos = allGatherPeerInfo(bootstrap_, mine);
   for (const PeerInfo& info : infos) {
     if (!info.ok) {
-      *why = "rank " + std::to_string(info.rank) + " could not allocate " +
-             std::to_string(bytes) + " bytes: " + info.errorText();
+      *why = "rank " + std::to_string(info.rank) + " could not allocate " + std::to_string(bytes) +
+             " bytes: " + info.errorText();
       releaseAll();
       return false;
     }
@@ -197,8 +199,7 @@ SymmetricMemory::~SymmetricMemory() {
       try {
         bootstrap_.barrier();
       } catch (const std::exception& e) {
-        detail::logWarning(std::string("teardown barrier failed: ") + e.what(), __FILE__,
-                           __LINE__);
+        detail::logWarning(std::string("teardown barrier failed: ") + e.what(), __FILE__, __LINE__);
       }
     }
     own_.reset();

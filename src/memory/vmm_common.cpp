@@ -42,8 +42,8 @@ CUmemAllocationProp vmmProperties(int device, CUmemAllocationHandleType type) {
 
 size_t granularityOf(const DriverApi& api, const CUmemAllocationProp& prop) {
   size_t granularity = 0;
-  EPCOMM_CU_CHECK(api.memGetAllocationGranularity(&granularity, &prop,
-                                                  CU_MEM_ALLOC_GRANULARITY_RECOMMENDED));
+  EPCOMM_CU_CHECK(
+      api.memGetAllocationGranularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED));
   return granularity;
 }
 
@@ -66,6 +66,7 @@ size_t VmmMode::granularity() {
 
 std::unique_ptr<Mapping> VmmMode::allocate(size_t bytes, PeerInfo* mine) {
   const DriverApi& api = DriverApi::get();
+  if (granularity_ == 0) granularity();  // the caller normally asked already (to round `bytes`)
   const CUmemAllocationProp prop = vmmProperties(device_, type_);
   auto own = std::make_unique<VmmMapping>();
   own->size = bytes;

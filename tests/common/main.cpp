@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // main() of single-process tests (unit/ and gpu/).
 #include <gtest/gtest.h>
 

@@ -22,6 +22,14 @@ struct OutcomeRecord {
   char what[RankOutcomes::kMaxWhat + 1] = {};
 };
 
+// Collective: every rank's `flag`, indexed by rank.
+std::vector<uint8_t> gatherFlags(Bootstrap& bootstrap, bool flag) {
+  const uint8_t mine = flag ? 1 : 0;
+  std::vector<uint8_t> all(static_cast<size_t>(bootstrap.size()));
+  bootstrap.allGather(&mine, all.data(), 1);
+  return all;
+}
+
 }  // namespace
 
 bool RankOutcomes::anyThrew() const {
@@ -76,16 +84,12 @@ RankOutcomes gatherOutcomes(Bootstrap& bootstrap, const CallOutcome& mine) {
 }
 
 bool allRanks(Bootstrap& bootstrap, bool value) {
-  const uint8_t mine = value ? 1 : 0;
-  std::vector<uint8_t> all(static_cast<size_t>(bootstrap.size()));
-  bootstrap.allGather(&mine, all.data(), 1);
+  const std::vector<uint8_t> all = gatherFlags(bootstrap, value);
   return std::all_of(all.begin(), all.end(), [](uint8_t v) { return v != 0; });
 }
 
 std::string failedRanks(Bootstrap& bootstrap) {
-  const uint8_t mine = ::testing::Test::HasFailure() ? 1 : 0;
-  std::vector<uint8_t> all(static_cast<size_t>(bootstrap.size()));
-  bootstrap.allGather(&mine, all.data(), 1);
+  const std::vector<uint8_t> all = gatherFlags(bootstrap, ::testing::Test::HasFailure());
   std::ostringstream os;
   for (size_t r = 0; r < all.size(); ++r) {
     if (all[r]) os << (os.tellp() > 0 ? ", " : "") << "rank " << r << ": failed";

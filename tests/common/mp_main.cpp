@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // main() of multi-rank tests: initializes MPI, gives every test an MpiBootstrap over
 // MPI_COMM_WORLD, and lets only rank 0 print the full GoogleTest report (other ranks print
 // their failures, prefixed with the rank). The process exits non-zero if any test failed on it,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #include "common/reference.hpp"
 
 #include <algorithm>
@@ -180,7 +181,8 @@ HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_ra
                              in.x_scales.begin() + s0 + blocks);
       for (int k = 0; k < num_topk; ++k) {
         const size_t i = static_cast<size_t>(t) * num_topk + k;
-        const int64_t e = effectiveExpert(in.topk_idx.data() + static_cast<size_t>(t) * num_topk, k);
+        const int64_t e =
+            effectiveExpert(in.topk_idx.data() + static_cast<size_t>(t) * num_topk, k);
         if (e >= 0 && e / local == dst_rank) {
           ref.recv_topk_idx.push_back(e - static_cast<int64_t>(dst_rank) * local);
           ref.recv_topk_weights.push_back(in.topk_weights[i]);
@@ -271,7 +273,8 @@ LlDispatchRef referenceLlDispatch(const std::vector<RankInputs>& all, int dst_ra
     const RankInputs& in = all[s];
     for (int t = 0; t < in.num_tokens; ++t) {
       for (int k = 0; k < num_topk; ++k) {
-        const int64_t e = effectiveExpert(in.topk_idx.data() + static_cast<size_t>(t) * num_topk, k);
+        const int64_t e =
+            effectiveExpert(in.topk_idx.data() + static_cast<size_t>(t) * num_topk, k);
         if (e < 0 || e / local != dst_rank) continue;
         LlExpertRows& rows = ref.per_local_expert[e - dst_rank * local];
         rows.src_rank.push_back(s);

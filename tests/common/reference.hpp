@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CPU reference model of the dispatch and combine ops (docs/design.md §5, §6, §8).
 //
 // Written from the op semantics in include/epcomm/ops.hpp, independently of the kernels: plain

@@ -1,4 +1,7 @@
+// SPDX-License-Identifier: Apache-2.0
 #include "common/test_env.hpp"
+
+#include "common/mp_fixture.hpp"
 
 #include <cuda_runtime_api.h>
 
@@ -26,20 +29,23 @@ bool gpuAvailable(std::string* reason) {
   return true;
 }
 
-Bootstrap* mpiBootstrap() { return g_bootstrap; }
-void setMpiBootstrap(Bootstrap* bootstrap) { g_bootstrap = bootstrap; }
-int worldRank() { return g_bootstrap ? g_bootstrap->rank() : 0; }
-int worldSize() { return g_bootstrap ? g_bootstrap->size() : 1; }
+Bootstrap* mpiBootstrap() {
+  return g_bootstrap;
+}
+void setMpiBootstrap(Bootstrap* bootstrap) {
+  g_bootstrap = bootstrap;
+}
+int worldRank() {
+  return g_bootstrap ? g_bootstrap->rank() : 0;
+}
+int worldSize() {
+  return g_bootstrap ? g_bootstrap->size() : 1;
+}
 
 bool anyRankFailed() {
-  const uint8_t mine = ::testing::Test::HasFailure() ? 1 : 0;
-  if (g_bootstrap == nullptr) return mine != 0;
-  std::vector<uint8_t> all(g_bootstrap->size());
-  g_bootstrap->allGather(&mine, all.data(), 1);
-  for (uint8_t v : all) {
-    if (v) return true;
-  }
-  return false;
+  const bool failed = ::testing::Test::HasFailure();
+  if (g_bootstrap == nullptr) return failed;
+  return !allRanks(*g_bootstrap, !failed);
 }
 
 void reportGpuSkip(bool binary_needs_gpu) {

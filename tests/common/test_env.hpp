@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Shared test environment: GPU detection with a reason, the MPI bootstrap of mp tests, and
 // rank-aware helpers.
 #pragma once
@@ -32,9 +33,9 @@ void reportGpuSkip(bool binary_needs_gpu);
 }  // namespace epcomm::test
 
 // Skips the current test (with the reason) when no GPU is usable.
-#define EPCOMM_REQUIRE_GPU()                                       \
-  do {                                                             \
-    std::string epcomm_reason_;                                    \
-    if (!::epcomm::test::gpuAvailable(&epcomm_reason_))            \
-      GTEST_SKIP() << "no usable CUDA GPU: " << epcomm_reason_;    \
+#define EPCOMM_REQUIRE_GPU()                                    \
+  do {                                                          \
+    std::string epcomm_reason_;                                 \
+    if (!::epcomm::test::gpuAvailable(&epcomm_reason_))         \
+      GTEST_SKIP() << "no usable CUDA GPU: " << epcomm_reason_; \
   } while (0)

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // One process, one GPU: the driver entry points, a one-rank EpBuffer over a CallbackBootstrap,
 // its device barrier and error surfacing, and a one-rank dispatch/combine round trip against the
 // reference model.
@@ -100,8 +101,8 @@ TEST(GpuSingle, OneRankDispatchCombineRoundTrip) {
   ASSERT_EQ(r.num_recv_tokens_host, ref.num_recv);
   std::vector<uint16_t> rows =
       DeviceArray<uint16_t>::downloadFrom(r.recv_x, size_t(ref.num_recv) * config.hidden);
-  EXPECT_TRUE(compareBf16Exact(rows.data(), ref.recv_x_bf16.data(), ref.num_recv, config.hidden,
-                               true));
+  EXPECT_TRUE(
+      compareBf16Exact(rows.data(), ref.recv_x_bf16.data(), ref.num_recv, config.hidden, true));
 
   DeviceArray<uint16_t> out(size_t(in.num_tokens) * config.hidden);
   out.poison();

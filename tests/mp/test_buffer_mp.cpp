@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Symmetric buffer across ranks (run with 2, 4 and 8 ranks; several ranks may share a GPU):
 // every memory mode the machine supports moves a (src, dst, offset)-coded pattern through the
 // peer pointer table; forced modes that cannot work, size mismatches and a missing rank fail
@@ -13,10 +14,10 @@
 #include <thread>
 #include <vector>
 
+#include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
-#include "common/call_outcome.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
 
@@ -99,26 +100,34 @@ void patternTest(MemMode mode) {
   if (!created) {
     ASSERT_NE(mode, MemMode::kAuto) << why;
     EXPECT_NE(why.find(memModeName(mode)), std::string::npos) << why;
-    GTEST_SKIP() << memModeName(mode) << " is not usable here (failed cleanly on every rank): "
-                 << why;
+    GTEST_SKIP() << memModeName(mode)
+                 << " is not usable here (failed cleanly on every rank): " << why;
   }
   if (mode != MemMode::kAuto) {
     EXPECT_EQ(buffer->memMode(), mode);
   }
   if (bs.rank() == 0) {
-    std::printf("[rank 0] mode %s: buffer of %zu bytes per rank\n",
-                memModeName(buffer->memMode()), buffer->bytesPerRank());
+    std::printf("[rank 0] mode %s: buffer of %zu bytes per rank\n", memModeName(buffer->memMode()),
+                buffer->bytesPerRank());
   }
   checkPattern(*buffer);
   // And once more, to exercise the barrier's epochs.
   checkPattern(*buffer);
 }
 
-TEST(SymmetricBuffer, PatternAuto) { patternTest(MemMode::kAuto); }
-TEST(SymmetricBuffer, PatternPosixFd) { patternTest(MemMode::kPosixFd); }
-TEST(SymmetricBuffer, PatternCudaIpc) { patternTest(MemMode::kCudaIpc); }
+TEST(SymmetricBuffer, PatternAuto) {
+  patternTest(MemMode::kAuto);
+}
+TEST(SymmetricBuffer, PatternPosixFd) {
+  patternTest(MemMode::kPosixFd);
+}
+TEST(SymmetricBuffer, PatternCudaIpc) {
+  patternTest(MemMode::kCudaIpc);
+}
 // On the 2x H200 node (no IMEX channel) this checks the clean failure on every rank.
-TEST(SymmetricBuffer, PatternFabricOrCleanFailure) { patternTest(MemMode::kFabric); }
+TEST(SymmetricBuffer, PatternFabricOrCleanFailure) {
+  patternTest(MemMode::kFabric);
+}
 
 TEST(SymmetricBuffer, EnvironmentForcesMode) {
   EPCOMM_REQUIRE_GPU();
@@ -169,8 +178,7 @@ TEST(SymmetricBuffer, MissingRankTimesOutAndCudaStaysUsable) {
         ADD_FAILURE() << "the barrier passed although rank " << missing << " never entered it";
       } catch (const TimeoutError& e) {
         EXPECT_EQ(e.peer(), missing) << e.what();
-        EXPECT_NE(std::string(e.what()).find("rank " + std::to_string(missing)),
-                  std::string::npos)
+        EXPECT_NE(std::string(e.what()).find("rank " + std::to_string(missing)), std::string::npos)
             << e.what();
       }
       const double seconds =
@@ -251,8 +259,8 @@ TEST(SymmetricBuffer, CreateDestroyLeaksNothing) {
   // more than this slack for driver bookkeeping.
   const long long leaked = static_cast<long long>(free_before) - static_cast<long long>(free_after);
   EXPECT_LT(leaked, 16ll << 20) << "device memory in use grew by " << leaked << " bytes over "
-                                << kCycles << " create/destroy cycles (mode "
-                                << memModeName(mode) << ")";
+                                << kCycles << " create/destroy cycles (mode " << memModeName(mode)
+                                << ")";
   EXPECT_EQ(fds_after, fds_before) << "open fds changed over " << kCycles << " cycles";
 }
 

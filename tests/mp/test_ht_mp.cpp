@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // HT dispatch and combine across ranks (1, 2, 4 and 8 ranks; several ranks may share a GPU).
 // Every rank regenerates the inputs of all ranks from one seed and checks its own outputs against
 // the CPU reference model: dispatch exactly, combine within float tolerance. Outputs are poisoned
@@ -10,10 +11,10 @@
 #include <string>
 #include <vector>
 
+#include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
-#include "common/call_outcome.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
 #include "test_hooks.hpp"
@@ -144,7 +145,9 @@ struct DeviceInputs {
   }
 };
 
-int rankNow() { return mpiBootstrap()->rank(); }
+int rankNow() {
+  return mpiBootstrap()->rank();
+}
 
 // Poisons the zero-copy outputs of a previous dispatch (same pointers every call).
 void poisonDispatchViews(const DispatchResult& r, const HtCase& c, cudaStream_t stream) {
@@ -167,14 +170,14 @@ void checkLayout(const EpHandle& handle, const RankInputs& in, const HtCase& c, 
   const LayoutRef ref =
       referenceLayout(in.topk_idx.data(), in.num_tokens, c.topk, c.experts, num_ranks);
   const size_t n = static_cast<size_t>(in.num_tokens);
-  EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(handle.numTokensPerRank(), num_ranks),
-                           std::vector<int32_t>(ref.tokens_per_rank.begin(),
-                                                ref.tokens_per_rank.end()),
-                           "numTokensPerRank"));
-  EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(handle.numTokensPerExpert(), c.experts),
-                           std::vector<int32_t>(ref.tokens_per_expert.begin(),
-                                                ref.tokens_per_expert.end()),
-                           "numTokensPerExpert"));
+  EXPECT_TRUE(
+      compareExact(DeviceArray<int32_t>::downloadFrom(handle.numTokensPerRank(), num_ranks),
+                   std::vector<int32_t>(ref.tokens_per_rank.begin(), ref.tokens_per_rank.end()),
+                   "numTokensPerRank"));
+  EXPECT_TRUE(
+      compareExact(DeviceArray<int32_t>::downloadFrom(handle.numTokensPerExpert(), c.experts),
+                   std::vector<int32_t>(ref.tokens_per_expert.begin(), ref.tokens_per_expert.end()),
+                   "numTokensPerExpert"));
   std::vector<uint8_t> in_rank =
       DeviceArray<uint8_t>::downloadFrom(handle.isTokenInRank(), n * num_ranks);
   EXPECT_TRUE(compareExact(in_rank, ref.is_token_in_rank, "isTokenInRank"));
@@ -223,7 +226,8 @@ void checkDispatch(const DispatchResult& r, const std::vector<RankInputs>& all, 
     if (c.idx_type == IndexType::kInt64) {
       idx = DeviceArray<int64_t>::downloadFrom(r.recv_topk_idx, rows * c.topk);
     } else {
-      std::vector<int32_t> idx32 = DeviceArray<int32_t>::downloadFrom(r.recv_topk_idx, rows * c.topk);
+      std::vector<int32_t> idx32 =
+          DeviceArray<int32_t>::downloadFrom(r.recv_topk_idx, rows * c.topk);
       idx.assign(idx32.begin(), idx32.end());
     }
     EXPECT_TRUE(compareExact(idx, ref.recv_topk_idx, "recv_topk_idx"));
@@ -267,8 +271,9 @@ void runAndCheckCombine(EpBuffer& buffer, const EpHandle& handle, const Dispatch
                         const std::vector<std::vector<uint16_t>>& inputs, bool zero_copy,
                         bool weighted, bool with_bias, cudaStream_t stream,
                         const std::string& where) {
-  SCOPED_TRACE(where + " rank " + std::to_string(rankNow()) + (zero_copy ? " zero-copy" : " copy-in") +
-               (weighted ? " weighted" : "") + (with_bias ? " bias" : ""));
+  SCOPED_TRACE(where + " rank " + std::to_string(rankNow()) +
+               (zero_copy ? " zero-copy" : " copy-in") + (weighted ? " weighted" : "") +
+               (with_bias ? " bias" : ""));
   const int me = rankNow();
   const RankInputs& in = all[me];
   DeviceArray<uint16_t> x_separate(std::max<size_t>(inputs[me].size(), 8));
@@ -296,8 +301,9 @@ void runAndCheckCombine(EpBuffer& buffer, const EpHandle& handle, const Dispatch
   buffer.combine(args, handle, stream);
   buffer.sync(stream);
 
-  const std::vector<float> expected = referenceHtCombine(
-      all, me, inputs, c.hidden, c.experts, c.topk, weighted, with_bias ? bias_host.data() : nullptr);
+  const std::vector<float> expected =
+      referenceHtCombine(all, me, inputs, c.hidden, c.experts, c.topk, weighted,
+                         with_bias ? bias_host.data() : nullptr);
   EXPECT_TRUE(compareBf16Near(out.download(size_t(in.num_tokens) * c.hidden), expected, c.hidden));
 }
 
@@ -309,7 +315,8 @@ void runCase(const HtCase& c) {
   selectDevice(bs);
   const int num_ranks = bs.size();
   const int me = bs.rank();
-  if (c.experts % num_ranks != 0) GTEST_SKIP() << c.experts << " experts on " << num_ranks << " ranks";
+  if (c.experts % num_ranks != 0)
+    GTEST_SKIP() << c.experts << " experts on " << num_ranks << " ranks";
   EpBuffer buffer(bs, configOf(c));
   EpHandle handle = buffer.createHandle();
   TestStream stream;
@@ -356,7 +363,8 @@ void runCase(const HtCase& c) {
 
   // 3. combine variants
   const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed + 99);
-  runAndCheckCombine(buffer, handle, r, all, c, inputs, true, false, false, stream.get(), "combine");
+  runAndCheckCombine(buffer, handle, r, all, c, inputs, true, false, false, stream.get(),
+                     "combine");
   runAndCheckCombine(buffer, handle, r, all, c, inputs, false, true, true, stream.get(), "combine");
   runAndCheckCombine(buffer, handle, r, all, c, inputs, true, true, false, stream.get(), "combine");
 
@@ -375,9 +383,11 @@ void runCase(const HtCase& c) {
     std::vector<float> expected(size_t(in.num_tokens) * c.hidden);
     for (int t = 0; t < in.num_tokens; ++t) {
       int ranks = 0;
-      for (int d = 0; d < num_ranks; ++d) ranks += layout.is_token_in_rank[size_t(t) * num_ranks + d];
+      for (int d = 0; d < num_ranks; ++d)
+        ranks += layout.is_token_in_rank[size_t(t) * num_ranks + d];
       for (int col = 0; col < c.hidden; ++col) {
-        expected[size_t(t) * c.hidden + col] = bf16ToFloat(in.x_bf16[size_t(t) * c.hidden + col]) * ranks;
+        expected[size_t(t) * c.hidden + col] =
+            bf16ToFloat(in.x_bf16[size_t(t) * c.hidden + col]) * ranks;
       }
     }
     EXPECT_TRUE(compareBf16Near(out.download(expected.size()), expected, c.hidden))
@@ -394,12 +404,15 @@ void runCase(const HtCase& c) {
   }
   dev.upload(same_routing[me], c);
   poisonDispatchViews(first, c, stream.get());
-  DispatchResult cached = buffer.dispatch(dev.args(same_routing[me], c, false), handle, stream.get());
+  DispatchResult cached =
+      buffer.dispatch(dev.args(same_routing[me], c, false), handle, stream.get());
   buffer.sync(stream.get());
   checkDispatch(cached, same_routing, c, false, "cached dispatch");
 }
 
-TEST(HtDispatchCombine, UniformBf16) { runCase(HtCase{}); }
+TEST(HtDispatchCombine, UniformBf16) {
+  runCase(HtCase{});
+}
 
 TEST(HtDispatchCombine, SkewedRouting) {
   HtCase c;
@@ -444,8 +457,7 @@ TEST(HtDispatchCombine, HiddenSizesBf16AndFp8) {
       c.max_tokens = 128;
       c.column_major_scales = hidden == 5120;
       c.seed = hidden + (dtype == DType::kBF16 ? 0 : 1);
-      SCOPED_TRACE("hidden " + std::to_string(hidden) +
-                   (dtype == DType::kBF16 ? " bf16" : " fp8"));
+      SCOPED_TRACE("hidden " + std::to_string(hidden) + (dtype == DType::kBF16 ? " bf16" : " fp8"));
       runCase(c);
     }
   }
@@ -521,8 +533,8 @@ TEST(HtDispatchCombine, CallCounterWrapsPast2To32) {
     const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed);
     buffer.sync(stream.get());
     checkDispatch(r, all, c, true, "iteration " + std::to_string(iter));
-    runAndCheckCombine(buffer, handle, r, all, c, inputs, iter % 2 == 0, true, false,
-                       stream.get(), "iteration " + std::to_string(iter));
+    runAndCheckCombine(buffer, handle, r, all, c, inputs, iter % 2 == 0, true, false, stream.get(),
+                       "iteration " + std::to_string(iter));
     buffer.synchronizingBarrier(stream.get());
     if (anyRankFailed()) break;
   }
@@ -546,8 +558,9 @@ TEST(HtDispatchCombine, BackToBackChangingRouting) {
   DeviceInputs dev(all[me], c);
   for (int iter = 0; iter < 100; ++iter) {
     c.seed = 5000 + iter;
-    c.routing = iter % 3 == 0 ? Routing::kSkewed : iter % 3 == 1 ? Routing::kWithNegatives
-                                                                : Routing::kUniform;
+    c.routing = iter % 3 == 0   ? Routing::kSkewed
+                : iter % 3 == 1 ? Routing::kWithNegatives
+                                : Routing::kUniform;
     all = generateProblem(specOf(c, num_ranks, c.seed));
     dev.upload(all[me], c);
     DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // LL dispatch and combine across ranks (1, 2, 4 and 8 ranks; several ranks may share a GPU),
 // checked against the CPU reference on every rank: the expert-major rows (as multisets, since
 // positions within an expert are taken with atomics), their data (BF16 bit-exact, FP8 against the
@@ -9,10 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
-#include "common/call_outcome.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
 #include "test_hooks.hpp"
@@ -101,7 +102,9 @@ struct DeviceInputs {
   }
 };
 
-int rankNow() { return mpiBootstrap()->rank(); }
+int rankNow() {
+  return mpiBootstrap()->rank();
+}
 
 void poisonLlViews(const LlDispatchResult& r, int local_experts, const LlCase& c,
                    cudaStream_t stream) {
@@ -134,8 +137,8 @@ std::vector<int32_t> checkLlDispatch(const LlDispatchResult& r, const std::vecto
   if (c.fp8) {
     EXPECT_NE(r.recv_x_scales, nullptr);
     x_fp8 = DeviceArray<uint8_t>::downloadFrom(r.recv_x, local_experts * rows * c.hidden);
-    scales = DeviceArray<float>::downloadFrom(r.recv_x_scales,
-                                              local_experts * rows * (c.hidden / 128));
+    scales =
+        DeviceArray<float>::downloadFrom(r.recv_x_scales, local_experts * rows * (c.hidden / 128));
   } else {
     x_bf16 = DeviceArray<uint16_t>::downloadFrom(r.recv_x, local_experts * rows * c.hidden);
   }
@@ -176,7 +179,8 @@ std::vector<uint16_t> expertOutputsFor(const std::vector<int32_t>& src_info,
       const int s = info / c.max_tokens;
       const int t = info % c.max_tokens;
       uint16_t* row = y.data() + (size_t(e) * rows + i) * c.hidden;
-      for (int col = 0; col < c.hidden; ++col) row[col] = expertOutputValue(seed, global_expert, s, t, col);
+      for (int col = 0; col < c.hidden; ++col)
+        row[col] = expertOutputValue(seed, global_expert, s, t, col);
     }
   }
   return y;
@@ -210,7 +214,8 @@ void runPair(EpBuffer& buffer, DeviceInputs& dev, const std::vector<RankInputs>&
       DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, local_experts);
 
   const uint64_t seed = c.seed * 31 + 7;
-  DeviceArray<uint16_t> y(expertOutputsFor(src_info, counts, local_experts, c, r.rows_per_expert, seed));
+  DeviceArray<uint16_t> y(
+      expertOutputsFor(src_info, counts, local_experts, c, r.rows_per_expert, seed));
   DeviceArray<uint16_t> out(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
   out.poison();
   LlCombineArgs cargs;
@@ -237,7 +242,8 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_
   EPCOMM_REQUIRE_GPU();
   Bootstrap& bs = *mpiBootstrap();
   selectDevice(bs);
-  if (c.experts % bs.size() != 0) GTEST_SKIP() << c.experts << " experts on " << bs.size() << " ranks";
+  if (c.experts % bs.size() != 0)
+    GTEST_SKIP() << c.experts << " experts on " << bs.size() << " ranks";
   BufferConfig config = configOf(c);
   if (start_calls > 0) config.timeout_s = 10;
   EpBuffer buffer(bs, config);
@@ -253,7 +259,9 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_
   }
 }
 
-TEST(LlDispatchCombine, Bf16FullBatch) { runCase(LlCase{}); }
+TEST(LlDispatchCombine, Bf16FullBatch) {
+  runCase(LlCase{});
+}
 
 TEST(LlDispatchCombine, OneToken) {
   LlCase c;
@@ -415,8 +423,8 @@ TEST(LlDispatchCombine, GraphReplay) {
         all, me, c.experts, c.topk,
         [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); },
         c.hidden);
-    EXPECT_TRUE(compareBf16Near(out.download(size_t(all[me].num_tokens) * c.hidden), expected,
-                                c.hidden));
+    EXPECT_TRUE(
+        compareBf16Near(out.download(size_t(all[me].num_tokens) * c.hidden), expected, c.hidden));
   }
   EPCOMM_TEST_CUDA(cudaGraphExecDestroy(dispatch_exec));
   EPCOMM_TEST_CUDA(cudaGraphExecDestroy(combine_exec));

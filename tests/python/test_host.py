@@ -269,3 +269,29 @@ def test_buffer_creation_fails_on_every_rank_together():
     assert results[0][0] is epcomm.InvalidArgument and "hidden" in results[0][1]
     assert results[1][0] is not None and issubclass(results[1][0], epcomm.Error)
     assert "rank 0" in results[1][1]
+
+
+def test_bad_mem_mode_fails_buffer_creation_on_every_rank():
+    # The binding parses mem_mode; a bad name on one rank must still fail creation everywhere.
+    make = _thread_group(2)
+
+    def rank_main(rank):
+        bs = epcomm.CallbackBootstrap(rank, 2, make(rank))
+        try:
+            epcomm.Buffer(bs, hidden=256, num_experts=8, max_topk=2, max_tokens_per_rank=16,
+                          mem_mode="carrier-pigeon" if rank == 1 else "auto")
+        except epcomm.Error as e:
+            return type(e), str(e)
+        return None, ""
+
+    results = _run_ranks(2, rank_main)
+    assert results[1][0] is epcomm.InvalidArgument and "mem_mode" in results[1][1]
+    assert results[0][0] is not None and "rank 1" in results[0][1]
+
+
+def test_read_only_arrays_are_accepted():
+    # Inputs are imported read-only (JAX exports read-only arrays); the binding only reads them.
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    a.flags.writeable = False
+    assert _epcomm._describe(a)[0] == [2, 3]
+    np.testing.assert_array_equal(np.from_dlpack(_epcomm._roundtrip(a)), a)

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The error hierarchy and the internal check macros: codes, names, catching by base class, and
 // messages that name the call or argument, the limit, file:line and the rank.
 #include <cuda_runtime_api.h>

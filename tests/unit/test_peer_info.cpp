@@ -122,8 +122,8 @@ TEST(PeerInfo, RoundTripsEveryHandleSize) {
   int rank = 0;
   for (size_t handle_bytes : {size_t{0}, size_t{1}, size_t{17}, kMaxHandleBytes}) {
     for (const char* error : {"", "cuMemCreate failed: CUDA_ERROR_NOT_PERMITTED (800)"}) {
-      SCOPED_TRACE(::testing::Message() << "handle " << handle_bytes << " bytes, error '" << error
-                                        << "'");
+      SCOPED_TRACE(::testing::Message()
+                   << "handle " << handle_bytes << " bytes, error '" << error << "'");
       const PeerInfo info = sample(rank++, handle_bytes, error);
       const std::vector<uint8_t> record = wire(info);
       ASSERT_EQ(record.size(), kPeerInfoBytes);
@@ -189,7 +189,8 @@ TEST(PeerInfo, RejectsEveryCorruptedByte) {
   // checksum itself, is rejected.
   for (size_t byte = 0; byte < kPeerInfoBytes; ++byte) {
     std::vector<uint8_t> values;
-    for (int bit = 0; bit < 8; ++bit) values.push_back(good[byte] ^ static_cast<uint8_t>(1u << bit));
+    for (int bit = 0; bit < 8; ++bit)
+      values.push_back(good[byte] ^ static_cast<uint8_t>(1u << bit));
     for (uint8_t value : {uint8_t{0x00}, uint8_t{0xFF}, static_cast<uint8_t>(good[byte] + 1)}) {
       if (value != good[byte]) values.push_back(value);
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Tests of the CPU reference model and the seeded test-data generator (tests/common/).
 //
 // The multi-rank GPU tests trust these two pieces, so every expectation here is a number worked
@@ -15,6 +16,7 @@
 #include <limits>
 #include <random>
 #include <set>
+#include <utility>
 #include <vector>
 
 #include "common/reference.hpp"
@@ -450,7 +452,8 @@ TEST(ReferenceLlCombine, HandComputedWithPerRankBf16Rounding) {
   EXPECT_EQ(out1[2 * kH + 100], 26.0f);
 }
 
-// ----- repeated expert ids ---------------------------------------------------------------------------
+// ----- repeated expert ids
+// ---------------------------------------------------------------------------
 //
 // Policy (include/epcomm/ops.hpp): an id repeated within one token's top-k counts once; every
 // repetition after the first behaves exactly like -1. 2 ranks, 4 experts, top-3, hidden 128:
@@ -467,7 +470,8 @@ RankInputs makeRank3(int rank, const std::vector<int64_t>& topk, const std::vect
   in.topk_idx32.assign(topk.begin(), topk.end());
   in.topk_weights = w;
   for (int t = 0; t < in.num_tokens; ++t) {
-    for (int c = 0; c < kH; ++c) in.x_bf16.push_back(bf(static_cast<float>(c == 0 ? rank + 1 : t + 1)));
+    for (int c = 0; c < kH; ++c)
+      in.x_bf16.push_back(bf(static_cast<float>(c == 0 ? rank + 1 : t + 1)));
     for (int c = 0; c < kH; ++c) in.x_fp8.push_back(static_cast<uint8_t>(c));
     in.x_scales.push_back(1.0f);
   }
@@ -501,8 +505,7 @@ TEST(ReferenceDuplicates, HtDispatchSendsRepetitionsAsMinusOne) {
   // Rows (0,t0) (0,t1) (1,t0); local experts 2, 3.
   EXPECT_EQ(on1.num_recv, 3);
   EXPECT_EQ(on1.recv_topk_idx, (std::vector<int64_t>{-1, -1, 0, 1, -1, -1, -1, 0, -1}));
-  EXPECT_EQ(on1.recv_topk_weights,
-            (std::vector<float>{0, 0, 0.125f, 0.5f, 0, 0, 0, 0.5f, 0}));
+  EXPECT_EQ(on1.recv_topk_weights, (std::vector<float>{0, 0, 0.125f, 0.5f, 0, 0, 0, 0.5f, 0}));
   EXPECT_EQ(on1.tokens_per_local_expert, (std::vector<int>{2, 1}));
   const HtDispatchRef on0 = referenceHtDispatch(all, 0, kH, kE, 3, 1);
   // Rows (0,t0) (1,t0); local experts 0, 1.
@@ -535,8 +538,8 @@ TEST(ReferenceDuplicates, LlDispatchAndCombineCountOnce) {
   EXPECT_EQ(origins(on1.per_local_expert[0]), (Origins{{0, 0}, {1, 0}}));  // expert 2
   EXPECT_EQ(origins(on1.per_local_expert[1]), (Origins{{0, 1}}));          // expert 3, once
   const LlDispatchRef on0 = referenceLlDispatch(all, 0, kE, 3);
-  EXPECT_EQ(origins(on0.per_local_expert[0]), (Origins{{1, 0}}));          // expert 0, once
-  EXPECT_EQ(origins(on0.per_local_expert[1]), (Origins{{0, 0}}));          // expert 1, once
+  EXPECT_EQ(origins(on0.per_local_expert[0]), (Origins{{1, 0}}));  // expert 0, once
+  EXPECT_EQ(origins(on0.per_local_expert[1]), (Origins{{0, 0}}));  // expert 1, once
   const ExpertOutputFn f = [](int e, int, int, int c) { return static_cast<float>(e + 1 + c); };
   const std::vector<float> out0 = referenceLlCombine(all, 0, kE, 3, f, kH);
   EXPECT_EQ(out0[0 * kH + 0], 0.5f * 2 + 0.125f * 3);
@@ -694,13 +697,21 @@ void expectValidTopk(const RankInputs& in, int num_experts, int k_count, bool al
   }
 }
 
-TEST(ReferenceGenerator, UniformRoutingIsDistinctAndSpread) {
+// A routing problem: `tokens` per rank (their count is the rank count), hidden 128.
+ProblemSpec routingSpec(int experts, int topk, std::vector<int> tokens, Routing routing,
+                        uint64_t seed) {
   ProblemSpec spec;
-  spec.num_ranks = 4;
-  spec.num_experts = 16;
-  spec.num_topk = 9;
-  spec.tokens_per_rank = {1000, 1000, 1000, 1000};
-  spec.seed = 5;
+  spec.num_ranks = static_cast<int>(tokens.size());
+  spec.num_experts = experts;
+  spec.num_topk = topk;
+  spec.tokens_per_rank = std::move(tokens);
+  spec.routing = routing;
+  spec.seed = seed;
+  return spec;
+}
+
+TEST(ReferenceGenerator, UniformRoutingIsDistinctAndSpread) {
+  const ProblemSpec spec = routingSpec(16, 9, {1000, 1000, 1000, 1000}, Routing::kUniform, 5);
   const auto all = generateProblem(spec);
   std::vector<int> per_expert(16, 0);
   for (const auto& in : all) {
@@ -715,15 +726,9 @@ TEST(ReferenceGenerator, UniformRoutingIsDistinctAndSpread) {
 }
 
 TEST(ReferenceGenerator, SkewedRoutingFavoursHotRank) {
-  ProblemSpec spec;
-  spec.num_ranks = 4;
-  spec.num_experts = 32;
-  spec.num_topk = 4;
-  spec.tokens_per_rank = {2000, 2000, 0, 2000};
-  spec.routing = Routing::kSkewed;
+  ProblemSpec spec = routingSpec(32, 4, {2000, 2000, 0, 2000}, Routing::kSkewed, 11);
   spec.hot_rank = 2;
   spec.skew = 0.9;
-  spec.seed = 11;
   const auto all = generateProblem(spec);
   int hot = 0, total = 0;
   for (const auto& in : all) {
@@ -739,14 +744,9 @@ TEST(ReferenceGenerator, SkewedRoutingFavoursHotRank) {
 }
 
 TEST(ReferenceGenerator, SkewedRoutingFallsBackWhenHotRangeIsSmall) {
-  ProblemSpec spec;
-  spec.num_ranks = 4;
-  spec.num_experts = 8;  // 2 experts per rank, top-4: at most 2 picks can be hot
-  spec.num_topk = 4;
-  spec.tokens_per_rank = {500, 500, 500, 500};
-  spec.routing = Routing::kSkewed;
+  // 2 experts per rank, top-4: at most 2 picks can be hot.
+  ProblemSpec spec = routingSpec(8, 4, {500, 500, 500, 500}, Routing::kSkewed, 3);
   spec.hot_rank = 1;
-  spec.seed = 3;
   const auto all = generateProblem(spec);
   int both_hot = 0;
   for (const auto& in : all) {
@@ -761,14 +761,8 @@ TEST(ReferenceGenerator, SkewedRoutingFallsBackWhenHotRangeIsSmall) {
 }
 
 TEST(ReferenceGenerator, NegativesFractionRoughlyAsAsked) {
-  ProblemSpec spec;
-  spec.num_ranks = 2;
-  spec.num_experts = 8;
-  spec.num_topk = 4;
-  spec.tokens_per_rank = {2500, 2500};
-  spec.routing = Routing::kWithNegatives;
+  ProblemSpec spec = routingSpec(8, 4, {2500, 2500}, Routing::kWithNegatives, 9);
   spec.negative_fraction = 0.2;
-  spec.seed = 9;
   const auto all = generateProblem(spec);
   int negative = 0;
   for (const auto& in : all) {
@@ -791,14 +785,8 @@ TEST(ReferenceGenerator, NegativesFractionRoughlyAsAsked) {
 }
 
 TEST(ReferenceGenerator, DuplicatesRepeatEarlierEntriesOfTheSameToken) {
-  ProblemSpec spec;
-  spec.num_ranks = 2;
-  spec.num_experts = 16;
-  spec.num_topk = 4;
-  spec.tokens_per_rank = {2000, 2000};
-  spec.routing = Routing::kWithDuplicates;
+  ProblemSpec spec = routingSpec(16, 4, {2000, 2000}, Routing::kWithDuplicates, 13);
   spec.duplicate_fraction = 0.3;
-  spec.seed = 13;
   const auto all = generateProblem(spec);
   EXPECT_EQ(all[0].topk_idx, generateProblem(spec)[0].topk_idx);
   int repeats = 0;
