@@ -59,8 +59,9 @@ cudaError_t kernelImageStatus() {
   return status;
 }
 
-#define EPCOMM_STRINGIFY_(x) #x
-#define EPCOMM_STRINGIFY(x) EPCOMM_STRINGIFY_(x)
+// Variadic: with several architectures __CUDA_ARCH_LIST__ expands to "900,1000", two arguments.
+#define EPCOMM_STRINGIFY_(...) #__VA_ARGS__
+#define EPCOMM_STRINGIFY(...) EPCOMM_STRINGIFY_(__VA_ARGS__)
 const char* compiledArchitectures() {
 #ifdef __CUDA_ARCH_LIST__
   return EPCOMM_STRINGIFY(__CUDA_ARCH_LIST__);

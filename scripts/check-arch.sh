@@ -65,6 +65,17 @@ check "CUDAARCHS=90, nvcc flags" "90" "$(flag_archs "$work/env")"
 exported=$(sed -n 's/^set(epcomm_CUDA_ARCHITECTURES "\(.*\)")$/\1/p' "$work/default/epcommConfig.cmake")
 check "epcomm_CUDA_ARCHITECTURES in epcommConfig.cmake" "$expected" "$exported"
 
+# Code that depends on the architecture list compiles with the default list (CI builds sm_90
+# only, so this is where several architectures meet the compiler): the one kernel file that
+# reads __CUDA_ARCH_LIST__, a few seconds.
+if make -C "$work/default" kernels/barrier.cu.o > "$work/default-compile.log" 2>&1; then
+  echo "check-arch: ok   kernels/barrier.cu compiles for '$expected'"
+else
+  cat "$work/default-compile.log" >&2
+  echo "check-arch: FAIL kernels/barrier.cu does not compile for '$expected'" >&2
+  fail=1
+fi
+
 if [ "$fail" != 0 ]; then
   echo "check-arch: FAILED" >&2
   exit 1
