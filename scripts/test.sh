@@ -11,7 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
-repo_root=$PWD
 
 # Build dependencies: checked, and installed when run as root on Debian/Ubuntu (scripts/deps.sh).
 # shellcheck source=scripts/deps.sh
@@ -54,10 +53,4 @@ if [ "${num_skipped:-0}" -gt 0 ]; then
 else
   echo "test.sh: no test skipped"
 fi
-# The Python package: wheel, fresh venv, pytest (tests/python); EPCOMM_SKIP_PYTHON=1 leaves it out.
-py_rc=0
-if [ "${EPCOMM_SKIP_PYTHON:-0}" != 1 ]; then
-  "$repo_root/scripts/test-python.sh" || py_rc=$?
-fi
-if [ "$ctest_rc" != 0 ]; then exit "$ctest_rc"; fi
-exit "$py_rc"
+exit "$ctest_rc"
