@@ -74,6 +74,12 @@ enum class FailKind : int32_t {
   kSignatureMismatch,  // ranks called the same op with different per-call parameters
   kPeerFaulted,        // a peer's kernel found bad input or bad data and told every rank
   kBadPeerData,        // a value that came from a peer (count, offset, row index) is out of range
+  // DispatchArgs::layout inconsistent (index = the rank, expert or token named):
+  kLayoutRankCount,     // num_tokens_per_rank[index] != is_token_in_rank's column sum
+  kLayoutExpertCount,   // num_tokens_per_expert[index] outside [0, num_tokens_per_rank[its rank]]
+  kLayoutExpertVsTopk,  // num_tokens_per_expert[index] != the count topk_idx gives
+  kLayoutTokenVsTopk,   // token `index` names an expert on a rank is_token_in_rank leaves out
+  kOverWorstTokens,     // more rows received than DispatchArgs::num_worst_tokens
 };
 
 // The point of an op at which a device thread waited (or found bad data), for the error record.
@@ -346,6 +352,8 @@ struct HtRegions {
   uint64_t recv_topk_weights = 0;  // [capacity, max_topk] float (packed by num_topk)
   uint64_t recv_src_idx = 0;       // [capacity] int32
   uint64_t combine_in = 0;         // [capacity, hidden] BF16
+  uint64_t combine_weights = 0;    // [capacity, max_topk] float (packed by num_topk): combine's
+                                   // recv_topk_weights when they are not recv_topk_weights
   int64_t capacity = 0;            // rows = num_ranks * max_tokens_per_rank
 };
 

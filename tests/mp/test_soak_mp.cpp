@@ -466,7 +466,7 @@ void Segment::checkHtCombine(const std::vector<RankInputs>& all, const Round& r)
     args.bias = bias_.get();
   }
   // The dispatch's weights are still on the device (ht_in_), in this rank's token order.
-  if (r.weighted) args.topk_weights = ht_in_.weights.get();
+  if (r.weighted) args.scale_weights = ht_in_.weights.get();
   out_.poison();
   args.out = out_.get();
   args.num_sms = r.ht_sms;
