@@ -325,12 +325,19 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   if (tid == 0) {
     fenceAcqRelSys();
     for (int d = 0; d < num_ranks; ++d) {
-      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], epoch);
+      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
     }
   }
   bool ok = true;
   if (tid < num_ranks) {
-    ok = waitEpoch(&own->ht_combine_ready[tid], epoch, w, kPhaseReady, tid);
+    uint64_t v = 0;
+    ok = waitTagged(&own->ht_combine_ready[tid], epoch, w, kPhaseReady, tid, &v);
+    if (ok && tagValue(v) != p.signature) {
+      // Every rank compares every peer's with its own, so each finds a mismatch by itself.
+      recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kHtCombine, kPhaseReady, tid,
+                      p.signature, tagValue(v));
+      ok = false;
+    }
     s_peer[tid] = ctx.peer_bases[tid];
     int64_t first_row = 0;  // rows of lower-ranked sources come first in rank tid's region
     for (int s = 0; s < me; ++s) first_row += p.count_matrix[s * num_ranks + tid];

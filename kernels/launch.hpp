@@ -115,6 +115,7 @@ struct HtCombineParams {
   // (token, k) into combined_weights [N, K]. combined_weights == nullptr: off.
   uint64_t recv_weights_offset;
   float* combined_weights;
+  uint32_t signature;  // htCombineSignature(): every rank must pass the same
 };
 
 // Copies `*count` rows (read on the device) of row_bytes each, count capped at max_rows; with

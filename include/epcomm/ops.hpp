@@ -26,12 +26,15 @@
 //                is, topk.num_topk and topk.idx_type; expert_alignment. (hidden and num_experts
 //                come from the BufferConfig, agreed at creation.)
 //   LL dispatch: use_fp8.
+//   HT combine: whether CombineArgs::recv_topk_weights is set (every rank pulls the others'
+//               rows), and then the handle's num_topk.
 // Everything else may differ per rank: num_tokens (0 included; a rank with 0 tokens may pass
 // topk.idx == nullptr but passes the same topk.num_topk and idx_type as the others), the pointers,
-// x_scales strides, LL topk.num_topk, exact_count, the recv_*_out copies, num_sms, and the combine
-// arguments (weights, bias). Also free per rank: where HT dispatch takes its routing from (topk,
-// DispatchArgs::layout, or the handle of a cached dispatch: each rank routes its own tokens and
-// only the counts travel) and DispatchArgs::num_worst_tokens (it shapes this rank's outputs only).
+// x_scales strides, LL topk.num_topk, exact_count, the recv_*_out copies, num_sms, and the other
+// combine arguments (scale_weights, bias). Also free per rank: where HT dispatch takes its
+// routing from (topk, DispatchArgs::layout, or the handle of a cached dispatch: each rank routes
+// its own tokens and only the counts travel) and DispatchArgs::num_worst_tokens (it shapes this
+// rank's outputs only).
 // Every rank must issue the same sequence of collective ops.
 #pragma once
 

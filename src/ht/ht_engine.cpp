@@ -454,6 +454,7 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   p.scale_weights = args.scale_weights;
   p.recv_weights_offset = recv_weights_offset;
   p.combined_weights = args.combined_topk_weights;
+  p.signature = kernels::htCombineSignature(args.combined_topk_weights != nullptr, h->num_topk);
   p.bias = static_cast<const uint16_t*>(args.bias);
   p.out = static_cast<uint16_t*>(args.out);
   kernels::launchHtCombine(p, sms, stream);

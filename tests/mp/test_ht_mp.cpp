@@ -1646,5 +1646,49 @@ TEST(HtBadInput, PerCallParametersMustMatchAcrossRanks) {
   }
 }
 
+// Issue 11 item 8: combined top-k weights are pulled from every rank, so whether
+// CombineArgs::recv_topk_weights is set must match across ranks: a mismatch fails the combine on
+// every rank naming the field, without waiting.
+TEST(HtBadInput, CombinedWeightsMustBeSetOnEveryRankOrNone) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  selectDevice(bs);
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 47));
+  DeviceInputs dev(all[me], c);
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  EpBuffer buffer(bs, config);
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  const DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+  buffer.sync(stream.get());
+  DeviceArray<uint16_t> out(size_t(all[me].num_tokens) * c.hidden + 8);
+  DeviceArray<float> combined(size_t(all[me].num_tokens) * c.topk + 1);
+  const CallOutcome o = runTimed([&] {
+    CombineArgs a;
+    a.x = r.combine_input;
+    a.out = out.get();
+    if (me == 0) {
+      a.recv_topk_weights = r.recv_topk_weights;
+      a.combined_topk_weights = combined.get();
+    }
+    buffer.combine(a, handle, stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " finished a combine whose ranks disagree";
+  EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+  EXPECT_NE(o.what.find("CombineArgs::recv_topk_weights set"), std::string::npos) << o.what;
+  if (me != 0) {
+    EXPECT_NE(o.what.find("rank 0"), std::string::npos) << o.what;
+  }
+  EXPECT_LT(o.seconds, 3.0) << o.what;
+}
+
 }  // namespace
 }  // namespace epcomm::test
