@@ -840,6 +840,44 @@ TEST(HtLayoutInput, DispatchFromLayoutWithAndWithoutTopk) {
   }
 }
 
+// Issue 11 item 1: the handle's layout outputs after EpBuffer::layout() are a valid
+// DispatchArgs::layout (DeepEP's get_dispatch_layout, then dispatch), with repeated ids in the
+// routing: the device checks accept them, with and without top-k, and the results match.
+TEST(HtLayoutInput, LayoutOfAnotherHandleIsAValidLayout) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.routing = Routing::kWithDuplicates;
+  c.idx_type = IndexType::kInt32;
+  c.seed = 48;
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle source = buffer.createHandle();
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+  DeviceInputs dev(all[me], c);
+  buffer.layout(dev.args(all[me], c, true).topk, source, stream.get());
+  const DispatchLayout layout{source.numTokensPerRank(), source.isTokenInRank(),
+                              source.numTokensPerExpert()};
+  for (bool with_topk : {true, false}) {
+    SCOPED_TRACE(with_topk ? "layout + top-k" : "layout only");
+    DispatchArgs args = dev.args(all[me], c, with_topk);
+    args.layout = layout;
+    DispatchResult r = buffer.dispatch(args, handle, stream.get());
+    buffer.sync(stream.get());
+    checkDispatchAgainst(
+        r,
+        referenceHtDispatchFromLayout(all, referenceLayouts(all, c.experts, c.topk), me, c.hidden,
+                                      c.experts, c.topk, with_topk, c.alignment),
+        c, with_topk, 0, "dispatch from another handle's layout");
+    if (anyRankFailed()) break;
+  }
+}
+
 // Issue 11 item 1, the bug found by a user: after layout() with a new routing, a cached dispatch
 // returned the previous dispatch's per-expert counts at the previous alignment. Every dispatch
 // must count its own routing at its own alignment (exact mode's host copy too).
