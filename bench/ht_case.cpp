@@ -46,7 +46,7 @@ DispatchArgs dispatchArgs(const HtSet& in, int tokens, int topk, DType dtype, bo
 CombineArgs combineArgs(const void* x, const float* weights, void* out, int sms) {
   CombineArgs a;
   a.x = x;
-  a.topk_weights = weights;
+  a.scale_weights = weights;
   a.out = out;
   a.num_sms = sms;
   return a;

@@ -47,6 +47,13 @@ struct LayoutParams {
   int32_t* expert_counts;  // [E]
   int32_t* topk_copy;      // [N, K] int32 copy kept for weighted combine
   int32_t* tile_counts;    // [layoutTiles(N), R] scratch
+  // Layout input (DispatchArgs::layout), or all nullptr to route from topk_idx alone. With
+  // in_rank set, masks and slots come from it; topk_idx (may be nullptr then) only fills
+  // topk_copy and is checked against it. The caller's counts are checked (FailKind::kLayout*)
+  // and become rank_counts / expert_counts.
+  const bool* in_rank;              // [N, R]
+  const int32_t* rank_counts_in;    // [R]
+  const int32_t* expert_counts_in;  // [E]
   // A bad id is recorded, stops this rank's next collective op and is announced to every peer
   // (ControlRegion::peer_faulted), so the op fails on every rank; it is never used as an address.
   PeerContext peers;
@@ -76,14 +83,16 @@ struct HtDispatchParams {
   const uint32_t* token_mask;
   const int32_t* token_slot;
   const int32_t* rank_counts;
-  const int32_t* expert_counts;  // [E]; only read with topk (cached dispatch sends none)
+  const int32_t* expert_counts;  // [E] of the handle's routing; sent by every dispatch
+  int32_t num_worst_tokens;      // > 0: pad the views to this many rows; more received = fault
   // outputs (handle)
   int32_t* count_matrix;        // [R, R]
   int32_t* num_recv;            // [1]
   int32_t* recv_rank_prefix;    // [R + 1]
   int32_t* recv_expert_counts;  // [L]
   uint64_t* host_count;         // host-mapped count for exact mode (hostCount(rows)),
-                                // or nullptr
+                                // or nullptr; written after host_expert_counts
+  int32_t* host_expert_counts;  // host-mapped [L] for exact mode, or nullptr
 };
 
 struct HtCombineParams {
@@ -98,12 +107,19 @@ struct HtCombineParams {
   const int32_t* token_slot;
   const int32_t* count_matrix;  // [R, R] from the matching dispatch
   const int32_t* topk_copy;     // [N, K] for weights
-  const float* topk_weights;    // nullptr = unweighted
+  const float* scale_weights;   // [N, K] token side; nullptr = unweighted
   const uint16_t* bias;         // [N, H] BF16 or nullptr
   uint16_t* out;                // [N, H] BF16
+  // Combined top-k weights: every rank's received-weights rows [rows, num_topk] float at this
+  // offset of its buffer (regions.recv_topk_weights or regions.combine_weights), summed per
+  // (token, k) into combined_weights [N, K]. combined_weights == nullptr: off.
+  uint64_t recv_weights_offset;
+  float* combined_weights;
+  uint32_t signature;  // htCombineSignature(): every rank must pass the same
 };
 
-// Copies `*count` rows (read on the device) of row_bytes each, count capped at max_rows.
+// Copies `*count` rows (read on the device) of row_bytes each, count capped at max_rows; with
+// fixed_rows > 0 exactly fixed_rows rows (static shapes) and `count` is not read.
 struct CopyRowsParams {
   uint8_t* dst;
   const uint8_t* src;
@@ -112,6 +128,7 @@ struct CopyRowsParams {
   int64_t src_stride;
   const int32_t* count;
   int64_t max_rows;
+  int64_t fixed_rows = 0;
 };
 
 struct LlParams {

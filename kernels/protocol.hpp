@@ -74,6 +74,12 @@ enum class FailKind : int32_t {
   kSignatureMismatch,  // ranks called the same op with different per-call parameters
   kPeerFaulted,        // a peer's kernel found bad input or bad data and told every rank
   kBadPeerData,        // a value that came from a peer (count, offset, row index) is out of range
+  // DispatchArgs::layout inconsistent (index = the rank, expert or token named):
+  kLayoutRankCount,     // num_tokens_per_rank[index] != is_token_in_rank's column sum
+  kLayoutExpertCount,   // num_tokens_per_expert[index] outside [0, num_tokens_per_rank[its rank]]
+  kLayoutExpertVsTopk,  // num_tokens_per_expert[index] != the count topk_idx gives
+  kLayoutTokenVsTopk,   // token `index` names an expert on a rank is_token_in_rank leaves out
+  kOverWorstTokens,     // more rows received than DispatchArgs::num_worst_tokens
 };
 
 // The point of an op at which a device thread waited (or found bad data), for the error record.
@@ -180,8 +186,9 @@ struct LocalState {
 // Per-call signatures: the per-call parameters every rank must pass identically, carried with the
 // call's first signal so that a mismatch is found in the same call, on every rank, at no extra
 // cost. HT dispatch: 64 bits, the last two words of each count row (ht_counts[..][src][R, R+1]).
-// LL dispatch: 16 bits, the upper half of the value of the rows-sent post. Encoded by
-// htSignature()/llSignature(), decoded field by field through signatureFieldsOf().
+// LL dispatch: 16 bits, the upper half of the value of the rows-sent post. HT combine: the value
+// of the tagged combine-ready word. Encoded by htSignature()/llSignature()/htCombineSignature(),
+// decoded field by field through signatureFieldsOf().
 // ---------------------------------------------------------------------------------------------
 struct SignatureField {
   const char* name;
@@ -202,6 +209,12 @@ inline constexpr SignatureField kLlSignatureFields[] = {
     {"use_fp8", 0, 1, 1},
     {"hidden", 1, 8, kHiddenAlignment},
 };
+// Every rank pulls each peer's received top-k weights: either all ranks stage them or none, with
+// one row width.
+inline constexpr SignatureField kHtCombineSignatureFields[] = {
+    {"CombineArgs::recv_topk_weights set", 0, 1, 1},
+    {"the handle's num_topk (the recv_topk_weights row width)", 1, 5, 1},
+};
 inline constexpr uint64_t signatureBits(const SignatureField& f, int64_t value) {
   return (static_cast<uint64_t>(value / f.scale) & ((uint64_t{1} << f.bits) - 1)) << f.shift;
 }
@@ -215,17 +228,26 @@ inline uint64_t htSignature(int hidden, bool fp8, bool has_topk, int num_topk, b
          signatureBits(f[3], has_topk ? num_topk : 0) | signatureBits(f[4], has_topk && idx_is_64) |
          signatureBits(f[5], num_experts) | signatureBits(f[6], expert_alignment);
 }
+inline uint32_t htCombineSignature(bool combined_weights, int num_topk) {
+  const SignatureField* f = kHtCombineSignatureFields;
+  return static_cast<uint32_t>(signatureBits(f[0], combined_weights) |
+                               signatureBits(f[1], combined_weights ? num_topk : 0));
+}
 inline uint32_t llSignature(int hidden, bool use_fp8) {
   return static_cast<uint32_t>(signatureBits(kLlSignatureFields[0], use_fp8) |
                                signatureBits(kLlSignatureFields[1], hidden));
 }
-// The fields of the signature `op` carries (HT dispatch, else LL), for decoding a mismatch.
+// The fields of the signature `op` carries (HT dispatch, HT combine, else LL), for decoding a
+// mismatch.
 struct SignatureFields {
   const SignatureField* fields;
   size_t count;
 };
 inline SignatureFields signatureFieldsOf(OpId op) {
   if (op == OpId::kHtDispatch) return {kHtSignatureFields, std::size(kHtSignatureFields)};
+  if (op == OpId::kHtCombine) {
+    return {kHtCombineSignatureFields, std::size(kHtCombineSignatureFields)};
+  }
   return {kLlSignatureFields, std::size(kLlSignatureFields)};
 }
 constexpr int kHtSignatureWords = 2;
@@ -276,7 +298,8 @@ struct alignas(128) ControlRegion {
                     [kMaxRanks + kHtSignatureWords];  // [parity][src][dst];
                                                       // [src][R, R+1] = call signature; tagged
   uint64_t ht_dispatch_done[kMaxRanks];               // [src] epoch
-  uint64_t ht_combine_ready[kMaxRanks];               // [src] epoch: src's combine input ready
+  uint64_t ht_combine_ready[kMaxRanks];               // [src] tagged htCombineSignature(): src's
+                                                      // combine input ready
   uint64_t ht_combine_done[kMaxRanks];                // [src] epoch: src finished pulling
   uint64_t ll_dispatch_flag[2][kMaxRanks];            // [parity][src] tagged llPost()
   uint64_t ll_combine_flag[2][kMaxRanks];             // [parity][src] epoch
@@ -346,6 +369,8 @@ struct HtRegions {
   uint64_t recv_topk_weights = 0;  // [capacity, max_topk] float (packed by num_topk)
   uint64_t recv_src_idx = 0;       // [capacity] int32
   uint64_t combine_in = 0;         // [capacity, hidden] BF16
+  uint64_t combine_weights = 0;    // [capacity, max_topk] float (packed by num_topk): combine's
+                                   // recv_topk_weights when they are not recv_topk_weights
   int64_t capacity = 0;            // rows = num_ranks * max_tokens_per_rank
 };
 

@@ -49,7 +49,9 @@ class EPCOMM_API EpHandle {
   int numTokens() const;  // tokens of the last layout (host value)
   int numTopk() const;
 
-  // Layout outputs (device), valid after EpBuffer::layout or a dispatch with topk.
+  // Layout outputs (device), valid after EpBuffer::layout or a dispatch with topk or a
+  // DispatchArgs::layout (then they are the caller's layout; numTokensPerExpert() is what a
+  // cached dispatch sends). Together they are a DispatchLayout for another dispatch.
   const int32_t* numTokensPerRank() const;    // [num_ranks] tokens sent to each rank
   const int32_t* numTokensPerExpert() const;  // [num_experts] (token, expert) pairs per expert
   const bool* isTokenInRank() const;          // [num_tokens, num_ranks]
@@ -105,12 +107,15 @@ class EPCOMM_API EpBuffer {
   // is_token_in_rank, slots). Local, not collective. dispatch() with topk does this itself.
   void layout(const TopkView& topk, EpHandle& handle, cudaStream_t stream);
 
-  // Collective. Sends each token row once to every rank that holds one of its experts and
-  // writes it at its final offset there. Graph-capturable unless args.exact_count.
+  // Collective. Sends each token row once to every rank that holds one of its experts (or that
+  // args.layout names) and writes it at its final offset there. Graph-capturable unless
+  // args.exact_count. See DispatchArgs for the routing sources and static shapes.
   DispatchResult dispatch(const DispatchArgs& args, EpHandle& handle, cudaStream_t stream);
 
   // Collective. Brings back one row per (token, destination rank) and sums them per token in
-  // float32 (optionally weighted, plus an optional bias), writing BF16 in token order.
+  // float32 (optionally scaled by CombineArgs::scale_weights, which DeepEP does not do, plus an
+  // optional bias), writing BF16 in token order; every token's row is written. Optionally also
+  // sums the received top-k weights back per token (CombineArgs::combined_topk_weights).
   void combine(const CombineArgs& args, const EpHandle& handle, cudaStream_t stream);
 
   // --- LL -------------------------------------------------------------------------------------

@@ -26,10 +26,16 @@
 //                is, topk.num_topk and topk.idx_type; expert_alignment. (hidden and num_experts
 //                come from the BufferConfig, agreed at creation.)
 //   LL dispatch: use_fp8.
+//   HT combine: whether CombineArgs::recv_topk_weights is set (every rank pulls the others'
+//               rows), and then the handle's num_topk.
 // Everything else may differ per rank: num_tokens (0 included; a rank with 0 tokens may pass
 // topk.idx == nullptr but passes the same topk.num_topk and idx_type as the others), the pointers,
-// x_scales strides, LL topk.num_topk, exact_count, the recv_*_out copies, num_sms, and the combine
-// arguments (weights, bias). Every rank must issue the same sequence of collective ops.
+// x_scales strides, LL topk.num_topk, exact_count, the recv_*_out copies, num_sms, and the other
+// combine arguments (scale_weights, bias). Also free per rank: where HT dispatch takes its
+// routing from (topk, DispatchArgs::layout, or the handle of a cached dispatch: each rank routes
+// its own tokens and only the counts travel) and DispatchArgs::num_worst_tokens (it shapes this
+// rank's outputs only).
+// Every rank must issue the same sequence of collective ops.
 #pragma once
 
 #include <cstdint>
@@ -59,6 +65,22 @@ struct TopkView {
   int num_topk = 0;
 };
 
+// A precomputed routing (DeepEP's get_dispatch_layout outputs), device arrays. R = num_ranks,
+// E = num_experts, N = DispatchArgs::num_tokens. EpHandle::numTokensPerRank(), isTokenInRank()
+// and numTokensPerExpert() after EpBuffer::layout() are such a layout.
+struct DispatchLayout {
+  // [R] tokens this rank sends to each rank. Must equal the column sums of is_token_in_rank.
+  const int32_t* num_tokens_per_rank = nullptr;
+  // [N, R] bool (one byte each, non-zero = true): token t goes to rank r. May be nullptr only
+  // when N == 0.
+  const bool* is_token_in_rank = nullptr;
+  // [E] (token, expert) pairs of this rank's tokens per expert, each counted once per token.
+  // Entry e must lie in [0, num_tokens_per_rank[rank of e]]; with topk.idx set it must equal
+  // what topk.idx gives (EpBuffer::layout's numTokensPerExpert(): repeated ids count once).
+  // The receivers' num_recv_tokens_per_expert are the sums of these entries.
+  const int32_t* num_tokens_per_expert = nullptr;
+};
+
 struct DispatchArgs {
   // x [num_tokens, hidden] in `dtype`. For kFP8E4M3 also x_scales [num_tokens, hidden / 128]
   // float32 with element (t, c) at x_scales[t * scales_token_stride + c * scales_col_stride];
@@ -70,37 +92,71 @@ struct DispatchArgs {
   int64_t scales_token_stride = 0;
   int64_t scales_col_stride = 1;
 
-  // Routing. With topk.idx set, dispatch lays the routing out into the handle first. With
-  // topk.idx == nullptr this is a cached dispatch: the handle's routing is reused (the handle
-  // must hold a layout for the same num_tokens) and no top-k data is sent.
+  // Routing, one of three sources (each rank may use a different one):
+  //  - `layout` set (any of its pointers; then num_tokens_per_rank and num_tokens_per_expert are
+  //    required, and is_token_in_rank unless num_tokens == 0): rows go where
+  //    layout.is_token_in_rank says, the receivers count layout.num_tokens_per_expert. With
+  //    topk.idx set too, top-k ids (re-based) and weights are sent as below, and every expert a
+  //    token names must live on a rank it goes to. The layout is checked on the device (the
+  //    sums, every bound, and against topk.idx when set); an inconsistent layout fails the op on
+  //    every rank like a bad expert id (InvalidArgument naming the field on this rank). The
+  //    handle then holds this routing (for combine and cached dispatches).
+  //  - topk.idx set, no layout: dispatch lays the routing out into the handle first.
+  //  - neither: a cached dispatch. The handle's routing (from EpBuffer::layout(), or from the
+  //    last dispatch that had a layout or top-k) is reused; the handle must hold a routing for
+  //    the same num_tokens. No top-k data is sent; the handle's per-expert counts are sent again
+  //    and aligned with this call's expert_alignment.
   TopkView topk;
+  DispatchLayout layout;
   // Optional topk_weights [num_tokens, num_topk] float32, sent along when topk.idx is set.
+  // Without them DispatchResult::recv_topk_weights holds 0.0f in every received entry.
   const float* topk_weights = nullptr;
 
   // Per-local-expert received counts are rounded up to a multiple of this. Same on every rank.
   int expert_alignment = 1;
 
+  // Static shapes (DeepEP's num_worst_tokens), 0 = off. With n > 0 (n <= capacity, may differ
+  // per rank) rows [num_recv_tokens, n) of every result view are written too: recv_x and
+  // recv_x_scales 0, recv_topk_idx -1, recv_topk_weights 0, recv_src_idx -1; recv_x_out and
+  // recv_scales_out get n rows. Receiving more than n rows fails the op on every rank
+  // (InvalidArgument naming num_worst_tokens on the receiving rank, kRemote on the others; the
+  // buffer is then unusable). Costs no host sync: graph-capturable. The counts
+  // (num_recv_tokens, recv_rank_prefix, per-expert) still give the real rows.
+  int num_worst_tokens = 0;
+
   // Exact mode: block the host until the received-row count is known and return it in
-  // DispatchResult::num_recv_tokens_host. Not capturable in a CUDA graph.
+  // DispatchResult::num_recv_tokens_host (and the per-expert counts in
+  // num_recv_tokens_per_expert_host). Not capturable in a CUDA graph. The wait is bounded by
+  // the buffer's deadline (TimeoutError).
   bool exact_count = false;
 
   // Optional: also copy the received rows to these caller buffers ([capacity, hidden] and
-  // [capacity, hidden / 128]); the copy covers the received rows only.
+  // [capacity, hidden / 128]); the copy covers the received rows only (num_worst_tokens rows
+  // when that is set).
   void* recv_x_out = nullptr;
   float* recv_scales_out = nullptr;
 
   int num_sms = kAuto;  // SM budget of this call; kAuto = the buffer's default
 };
 
+// Validity of the views. Every pointer below is the same on every call with the same buffer and
+// handle (zero-copy views into the symmetric buffer, or arrays the handle owns), so pointers
+// taken from a dispatch that was captured in a CUDA graph stay right for every replay: after a
+// replay they show that replay's results. The contents are valid from the dispatch (or replay)
+// until the next HT dispatch on the buffer (recv_* views) or on the handle (counts). Combine
+// does not change them.
 struct DispatchResult {
   // Received rows, rank-major (all rows from rank 0 in its token order, then rank 1, ...).
-  // Zero-copy views into the symmetric buffer, valid until the next HT dispatch.
+  // Zero-copy views into the symmetric buffer. Rows [0, num_recv_tokens) are valid (and up to
+  // num_worst_tokens with static shapes, see DispatchArgs).
   const void* recv_x = nullptr;              // [capacity, hidden] in the input dtype
   const float* recv_x_scales = nullptr;      // [capacity, hidden / 128] (FP8 only)
   const void* recv_topk_idx = nullptr;       // [capacity, num_topk] input index type, local
                                              // expert ids (-1 = expert on another rank, no
-                                             // expert, or a repetition within the token)
-  const float* recv_topk_weights = nullptr;  // [capacity, num_topk], 0 where the id is -1
+                                             // expert, or a repetition within the token);
+                                             // nullptr when no top-k was sent
+  const float* recv_topk_weights = nullptr;  // [capacity, num_topk], 0 where the id is -1, and
+                                             // 0 everywhere when dispatch had no topk_weights
   const int32_t* recv_src_idx = nullptr;     // [capacity] token index on the source rank
 
   // Device scalars and arrays, owned by the handle.
@@ -109,7 +165,13 @@ struct DispatchResult {
   const int32_t* num_recv_tokens_per_expert = nullptr;  // [num_local_experts], aligned
 
   int64_t num_recv_tokens_host = -1;  // exact mode only, else -1
-  int64_t capacity = 0;               // rows the views can hold (num_ranks * max_tokens)
+  // Exact mode only, else nullptr: host memory owned by the handle, [num_local_experts], the
+  // same values as num_recv_tokens_per_expert (aligned). Valid until the next dispatch with the
+  // handle.
+  const int32_t* num_recv_tokens_per_expert_host = nullptr;
+  // Rows the views can hold: exactly num_ranks * BufferConfig::max_tokens_per_rank (every rank
+  // sending all its tokens to one rank fits).
+  int64_t capacity = 0;
 
   // Where combine reads its input without a copy: write the expert outputs here as
   // [capacity, hidden] BF16, row i matching recv_x row i (symmetric memory).
@@ -120,14 +182,33 @@ struct CombineArgs {
   // x [num_recv_tokens, hidden] BF16: one row per received row of the matching dispatch. If x
   // is DispatchResult::combine_input no copy is made; otherwise the rows are first copied there.
   const void* x = nullptr;
-  // Optional topk_weights [num_tokens, num_topk] float32 of the source tokens: the row from
-  // rank r is scaled by the sum of the weights of the token's experts on rank r. Without
-  // weights rows are summed as they are.
-  const float* topk_weights = nullptr;
+  // !!! Porting from DeepEP: leave scale_weights null. DeepEP's combine does NOT weight the
+  // rows (the expert outputs arrive already weighted, or the caller weights after combine); set
+  // this as well and the weights are applied twice. !!!
+  // Optional scale_weights [num_tokens, num_topk] float32 of the source tokens (token side, as
+  // given to dispatch's topk): the row from rank r is scaled by the sum of the weights of the
+  // token's experts on rank r. Needs a handle laid out with top-k. Without it rows are summed as
+  // they are.
+  const float* scale_weights = nullptr;
   // Optional bias [num_tokens, hidden] BF16, added once per token.
   const void* bias = nullptr;
-  // out [num_tokens, hidden] BF16, original token order.
+  // out [num_tokens, hidden] BF16, original token order. Every token's row is written: a token
+  // that went to no rank gets its bias row, or zeros without bias.
   void* out = nullptr;
+
+  // Optional, both or neither (DeepEP's combined_topk_weights, the backward of
+  // DispatchResult::recv_topk_weights; router-weight gradients need it):
+  // recv_topk_weights [num_recv_tokens, num_topk] float32, one row per received row as
+  // dispatch delivered them (any device memory; DispatchResult::recv_topk_weights itself is
+  // read in place, other memory is first copied into the buffer), and combined_topk_weights
+  // [num_tokens, num_topk] float32 out: entry (t, k) = the sum, over the ranks token t went to
+  // (in rank order, float32), of that rank's recv_topk_weights entry (row of t, k). Written for
+  // every token (0 for a token that went nowhere). num_topk is the handle's (the top-k of its
+  // layout); needs a handle laid out with top-k. Set on every rank or on none (checked: a
+  // mismatch fails the combine on every rank), since each rank reads the others' rows.
+  const float* recv_topk_weights = nullptr;
+  float* combined_topk_weights = nullptr;
+
   int num_sms = kAuto;
 };
 

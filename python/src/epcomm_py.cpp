@@ -1122,7 +1122,7 @@ NB_MODULE(_epcomm, m) {
       .def(
           "combine",
           [](PyBuffer& self, nb::object x_obj, PyHandle& handle, nb::object out_obj,
-             OptArray topk_weights, OptArray bias, std::optional<int> num_sms, nb::handle stream) {
+             OptArray scale_weights, OptArray bias, std::optional<int> num_sms, nb::handle stream) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
@@ -1142,10 +1142,11 @@ NB_MODULE(_epcomm, m) {
               args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
               checkDim(out_arr, "out", 0, h.numTokens(), "the handle's num_tokens");
               checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
-              if (topk_weights) {
-                args.topk_weights = static_cast<const float*>(
-                    devicePtr(*topk_weights, "topk_weights", device, 2, {dt::kF32}));
-                checkDim(*topk_weights, "topk_weights", 0, h.numTokens(),
+              if (scale_weights) {
+                // Not DeepEP's semantics (its combine does not scale): see CombineArgs.
+                args.scale_weights = static_cast<const float*>(
+                    devicePtr(*scale_weights, "scale_weights", device, 2, {dt::kF32}));
+                checkDim(*scale_weights, "scale_weights", 0, h.numTokens(),
                          "the handle's num_tokens");
               }
               if (bias) {
@@ -1160,7 +1161,7 @@ NB_MODULE(_epcomm, m) {
             buf.combine(args, h, s);
             return out;
           },
-          "x"_a, "handle"_a, "out"_a = nb::none(), nb::kw_only(), "topk_weights"_a = nb::none(),
+          "x"_a, "handle"_a, "out"_a = nb::none(), nb::kw_only(), "scale_weights"_a = nb::none(),
           "bias"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none())
       .def(
           "low_latency_dispatch",

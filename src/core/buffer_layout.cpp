@@ -60,6 +60,7 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
     ht.recv_topk_weights = carver.take(capacity * max_topk * sizeof(float));
     ht.recv_src_idx = carver.take(capacity * sizeof(int32_t));
     ht.combine_in = carver.take(capacity * hidden * 2);
+    ht.combine_weights = carver.take(capacity * max_topk * sizeof(float));
   }
 
   if (c.ll_max_tokens_per_rank > 0) {

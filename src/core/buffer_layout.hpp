@@ -3,7 +3,8 @@
 // configuration, so every rank computes the same offsets.
 //
 //   [ControlRegion][HT: recv_x | recv_scales | recv_topk_idx | recv_topk_weights | recv_src_idx |
-//    combine_in][LL: staging rows x2 | meta x2 | combine partials x2 | outputs ...][scratch]
+//    combine_in | combine_weights][LL: staging rows x2 | meta x2 | combine partials x2 | outputs
+//    ...][scratch]
 #pragma once
 
 #include <cstddef>

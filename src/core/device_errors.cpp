@@ -47,6 +47,13 @@ const char* failKindName(int kind) {
       return "an out-of-range value received from a peer";
     case kernels::FailKind::kSignatureMismatch:
       return "different per-call parameters";
+    case kernels::FailKind::kLayoutRankCount:
+    case kernels::FailKind::kLayoutExpertCount:
+    case kernels::FailKind::kLayoutExpertVsTopk:
+    case kernels::FailKind::kLayoutTokenVsTopk:
+      return "an inconsistent DispatchArgs::layout";
+    case kernels::FailKind::kOverWorstTokens:
+      return "more received rows than its DispatchArgs::num_worst_tokens";
     default:
       return "a device-side error";
   }
@@ -78,6 +85,11 @@ void BufferCore::checkDeviceError() const {
         throw TimeoutError(copy.peer, message);
       case kernels::FailKind::kBadExpertId:
       case kernels::FailKind::kSignatureMismatch:
+      case kernels::FailKind::kLayoutRankCount:
+      case kernels::FailKind::kLayoutExpertCount:
+      case kernels::FailKind::kLayoutExpertVsTopk:
+      case kernels::FailKind::kLayoutTokenVsTopk:
+      case kernels::FailKind::kOverWorstTokens:
         throw InvalidArgument(message);
       case kernels::FailKind::kPeerFaulted:
         throw Error(ErrorCode::kRemote, message);
@@ -113,6 +125,35 @@ std::string BufferCore::describeDeviceError(const kernels::DeviceErrorRecord& r)
       os << "invalid argument topk_idx: token " << r.index << " has expert id "
          << static_cast<int64_t>(r.observed) << ", must be -1 or in [0, " << r.expected
          << ") (found on the device in " << op << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kLayoutRankCount:
+      os << "invalid argument DispatchArgs::layout.num_tokens_per_rank[" << r.index
+         << "] = " << static_cast<int64_t>(r.observed) << ": must equal the number of tokens "
+         << "layout.is_token_in_rank sends to rank " << r.index << " (" << r.expected
+         << ") (found on the device in " << op << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kLayoutExpertCount:
+      os << "invalid argument DispatchArgs::layout.num_tokens_per_expert[" << r.index
+         << "] = " << static_cast<int64_t>(r.observed)
+         << ": must be in [0, num_tokens_per_rank of the expert's rank = " << r.expected
+         << "] (found on the device in " << op << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kLayoutExpertVsTopk:
+      os << "invalid argument DispatchArgs::layout.num_tokens_per_expert[" << r.index
+         << "] = " << static_cast<int64_t>(r.observed) << ": topk.idx names expert " << r.index
+         << " in " << r.expected << " tokens (a repeated id counts once; found on the device in "
+         << op << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kLayoutTokenVsTopk:
+      os << "invalid argument DispatchArgs::layout.is_token_in_rank: token " << r.index
+         << " has an expert on rank " << r.expected << " in topk.idx but is_token_in_rank["
+         << r.index << "][" << r.expected << "] is false (found on the device in " << op
+         << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kOverWorstTokens:
+      os << "invalid argument DispatchArgs::num_worst_tokens = " << r.expected << ": " << op
+         << " received " << r.observed << " rows on this rank, more than num_worst_tokens (the "
+         << "op was stopped on every rank)";
       break;
     case kernels::FailKind::kOverCapacity:
       if (static_cast<kernels::OpId>(r.op) == kernels::OpId::kLlDispatchRecv) {

@@ -52,6 +52,9 @@ struct EPCOMM_LOCAL EpHandle::Impl {
   int32_t* num_recv = nullptr;            // [1]
   int32_t* recv_rank_prefix = nullptr;    // [R + 1]
   int32_t* recv_expert_counts = nullptr;  // [L]
+  // Exact mode: the device writes the aligned per-expert counts here ([L], host-mapped) before
+  // it publishes the row count (HostMappedState::ht_count).
+  MappedHostMemory host_expert_counts;
   // Host view of what the device holds.
   int num_tokens = -1;  // -1: no layout yet
   int num_topk = 0;

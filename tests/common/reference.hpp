@@ -63,6 +63,39 @@ struct HtDispatchRef {
 HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_rank, int hidden,
                                   int num_experts, int num_topk, int expert_alignment);
 
+// Dispatch from a caller's layout (DispatchArgs::layout), one LayoutRef per source rank (only
+// tokens_per_rank, is_token_in_rank and tokens_per_expert are read; build one by hand or take
+// referenceLayout's). Rows go where is_token_in_rank says; the per-local-expert counts are the
+// sums of the sources' tokens_per_expert, aligned. With with_topk the received top-k is the
+// sources' topk_idx re-based as in referenceHtDispatch; without it recv_topk_idx and
+// recv_topk_weights are empty. Throws std::invalid_argument if a layout is inconsistent (a
+// tokens_per_rank entry that is not the column sum, a tokens_per_expert entry outside
+// [0, tokens_per_rank of its rank], wrong sizes): the device must reject those.
+HtDispatchRef referenceHtDispatchFromLayout(const std::vector<RankInputs>& all,
+                                            const std::vector<LayoutRef>& layouts, int dst_rank,
+                                            int hidden, int num_experts, int num_topk,
+                                            bool with_topk, int expert_alignment);
+
+// Static shapes (DispatchArgs::num_worst_tokens): appends rows [num_recv, num_worst_tokens) as
+// the GPU fills them: zero x (bf16 and fp8), zero scales, src_rank/src_token/recv_src_idx -1,
+// and, with num_topk > 0 (0: the dispatch sent no top-k), ids -1 with weight 0. num_recv and
+// rank_prefix stay (the real rows). Throws std::invalid_argument if num_recv > num_worst_tokens.
+void padToWorstTokens(HtDispatchRef& ref, int num_worst_tokens, int hidden, int num_topk);
+
+// CombineArgs::combined_topk_weights of source rank s, [N_s * num_topk]:
+//   combined[t][k] = sum over ranks d that token t was sent to, in increasing d, of
+//                    recv_weights[d][(row of (s, t) on d) * num_topk + k]
+// accumulated in float32 from 0.0f (the GPU's order, so compare exactly); 0 for a token sent
+// nowhere. `layouts` is the routing of every source (referenceLayout's or a caller's layout);
+// recv_weights[d] holds at least num_recv_d rows of num_topk floats.
+std::vector<float> referenceCombinedTopkWeights(const std::vector<LayoutRef>& layouts, int src_rank,
+                                                const std::vector<std::vector<float>>& recv_weights,
+                                                int num_topk);
+
+// Every source's layout as the ops compute it from topk_idx (referenceLayout per rank).
+std::vector<LayoutRef> referenceLayouts(const std::vector<RankInputs>& all, int num_experts,
+                                        int num_topk);
+
 // What source rank s gets back from combine, [N_s*H] as float (the GPU writes bf16):
 //   out[t][c] = sum over ranks d that token t was sent to of w_d(t) * y_d[row of (s, t) on d][c]
 //               + bias[t][c]
@@ -71,10 +104,13 @@ HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_ra
 // least num_recv_d rows; extra rows, e.g. a whole capacity-sized buffer, are ignored). bias is
 // [N_s*H] bf16 or nullptr. Accumulated in double: this is the exact answer, compare with a
 // tolerance (kCombineAtol / kCombineRtol).
+// `routing`: the layouts the dispatch used (referenceHtDispatchFromLayout); nullptr = the routing
+// of topk_idx. The weights (`weighted`) always come from topk_idx / topk_weights.
 std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int src_rank,
                                       const std::vector<std::vector<uint16_t>>& combine_inputs,
                                       int hidden, int num_experts, int num_topk, bool weighted,
-                                      const uint16_t* bias);
+                                      const uint16_t* bias,
+                                      const std::vector<LayoutRef>* routing = nullptr);
 
 // ----- LL dispatch / combine ----------------------------------------------------------------
 

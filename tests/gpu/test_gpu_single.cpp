@@ -108,7 +108,7 @@ TEST(GpuSingle, OneRankDispatchCombineRoundTrip) {
   out.poison();
   CombineArgs cargs;
   cargs.x = r.recv_x;
-  cargs.topk_weights = weights.get();
+  cargs.scale_weights = weights.get();
   cargs.out = out.get();
   buffer.combine(cargs, handle, stream);
   buffer.sync(stream);

@@ -97,7 +97,7 @@ def test_dispatch_and_combine_match_reference(buf, idx_dtype):
     # Weighted, from a tensor that is not combine_input (copied there first).
     y = (res.recv_x * 2).clone()
     out2 = torch.empty(TOKENS, HIDDEN, dtype=torch.bfloat16, device="cuda")
-    buf.combine(y, handle, out2, topk_weights=topk_w)
+    buf.combine(y, handle, out2, scale_weights=topk_w)
     buf.sync()
     scale = np.where(clean >= 0, weights, 0).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(_bf16_to_np(out2), ref * scale, rtol=2e-2, atol=2e-2)

@@ -346,6 +346,139 @@ void expectColumns(const std::vector<float>& out, int token, float even, float o
     ASSERT_EQ(out[token * kH + c], c % 2 ? odd : even) << "token " << token << " column " << c;
 }
 
+// ----- dispatch from a caller's layout, static shapes, combined top-k weights ----------------
+
+TEST(ReferenceHtDispatchFromLayout, TopkLayoutsGiveTheTopkDispatch) {
+  const auto all = handProblem();
+  const std::vector<LayoutRef> layouts = referenceLayouts(all, kE, kK);
+  for (int d = 0; d < 2; ++d) {
+    SCOPED_TRACE("destination " + std::to_string(d));
+    const HtDispatchRef want = referenceHtDispatch(all, d, kH, kE, kK, 2);
+    const HtDispatchRef got = referenceHtDispatchFromLayout(all, layouts, d, kH, kE, kK, true, 2);
+    EXPECT_EQ(got.num_recv, want.num_recv);
+    EXPECT_EQ(got.rank_prefix, want.rank_prefix);
+    EXPECT_EQ(got.src_token, want.src_token);
+    EXPECT_EQ(got.recv_x_bf16, want.recv_x_bf16);
+    EXPECT_EQ(got.recv_topk_idx, want.recv_topk_idx);
+    EXPECT_EQ(got.recv_topk_weights, want.recv_topk_weights);
+    EXPECT_EQ(got.tokens_per_local_expert, want.tokens_per_local_expert);
+  }
+}
+
+// Rank 0 also sends t1 (which has no expert) to rank 1, and claims one more pair for expert 2:
+// rows follow is_token_in_rank, counts follow tokens_per_expert, no top-k without with_topk.
+TEST(ReferenceHtDispatchFromLayout, LayoutOnlyRoutesByIsTokenInRank) {
+  const auto all = handProblem();
+  std::vector<LayoutRef> layouts = referenceLayouts(all, kE, kK);
+  layouts[0].is_token_in_rank[1 * 2 + 1] = 1;
+  layouts[0].tokens_per_rank[1] = 3;
+  layouts[0].tokens_per_expert[2] = 3;  // <= tokens_per_rank[1]
+  const HtDispatchRef on1 = referenceHtDispatchFromLayout(all, layouts, 1, kH, kE, kK, false, 1);
+  EXPECT_EQ(on1.num_recv, 5);
+  EXPECT_EQ(on1.rank_prefix, (std::vector<int>{0, 3, 5}));
+  EXPECT_EQ(on1.src_rank, (std::vector<int>{0, 0, 0, 1, 1}));
+  EXPECT_EQ(on1.recv_src_idx, (std::vector<int>{0, 1, 2, 0, 2}));
+  EXPECT_TRUE(on1.recv_topk_idx.empty());
+  EXPECT_TRUE(on1.recv_topk_weights.empty());
+  // expert 2: 3 (rank 0's claim) + 1; expert 3: 1 + 1.
+  EXPECT_EQ(on1.tokens_per_local_expert, (std::vector<int>{4, 2}));
+  EXPECT_EQ(on1.recv_x_bf16[1 * kH + 1], bf(2.0f));  // row 1 is rank 0's t1
+  // Rank 0 receives what topk routing gives (its layouts did not change for rank 0).
+  EXPECT_EQ(referenceHtDispatchFromLayout(all, layouts, 0, kH, kE, kK, false, 1).src_token,
+            (std::vector<int>{0, 3, 0, 1}));
+}
+
+TEST(ReferenceHtDispatchFromLayout, RejectsInconsistentLayouts) {
+  const auto all = handProblem();
+  const std::vector<LayoutRef> good = referenceLayouts(all, kE, kK);
+  std::vector<LayoutRef> bad = good;
+  bad[1].tokens_per_rank[0] = 1;  // is_token_in_rank sends 2 tokens to rank 0
+  EXPECT_THROW(referenceHtDispatchFromLayout(all, bad, 0, kH, kE, kK, false, 1),
+               std::invalid_argument);
+  bad = good;
+  bad[0].tokens_per_expert[3] = 3;  // rank 0 sends only 2 tokens to rank 1
+  EXPECT_THROW(referenceHtDispatchFromLayout(all, bad, 0, kH, kE, kK, false, 1),
+               std::invalid_argument);
+  bad = good;
+  bad[0].tokens_per_expert[0] = -1;
+  EXPECT_THROW(referenceHtDispatchFromLayout(all, bad, 0, kH, kE, kK, false, 1),
+               std::invalid_argument);
+  bad = good;
+  bad.pop_back();
+  EXPECT_THROW(referenceHtDispatchFromLayout(all, bad, 0, kH, kE, kK, false, 1),
+               std::invalid_argument);
+}
+
+TEST(ReferencePadToWorstTokens, AppendsZeroRowsAndMinusOne) {
+  const auto all = handProblem();
+  HtDispatchRef ref = referenceHtDispatch(all, 0, kH, kE, kK, 1);
+  padToWorstTokens(ref, 6, kH, kK);
+  EXPECT_EQ(ref.num_recv, 4);
+  EXPECT_EQ(ref.rank_prefix, (std::vector<int>{0, 2, 4}));
+  EXPECT_EQ(ref.recv_src_idx, (std::vector<int>{0, 3, 0, 1, -1, -1}));
+  EXPECT_EQ(ref.recv_topk_idx, (std::vector<int64_t>{1, -1, 0, -1, -1, 0, 1, 0, -1, -1, -1, -1}));
+  EXPECT_EQ(ref.recv_topk_weights.size(), 12u);
+  EXPECT_EQ(ref.recv_topk_weights[8], 0.0f);
+  ASSERT_EQ(ref.recv_x_bf16.size(), 6u * kH);
+  EXPECT_EQ(ref.recv_x_bf16[4 * kH], 0);
+  EXPECT_EQ(ref.recv_x_bf16[6 * kH - 1], 0);
+  EXPECT_EQ(ref.recv_x_fp8.size(), 6u * kH);
+  EXPECT_EQ(ref.recv_scales, (std::vector<float>{0.5f, 3.5f, 10.5f, 11.5f, 0.0f, 0.0f}));
+
+  HtDispatchRef no_topk =
+      referenceHtDispatchFromLayout(all, referenceLayouts(all, kE, kK), 0, kH, kE, kK, false, 1);
+  padToWorstTokens(no_topk, 4, kH, 0);  // exactly full: nothing added
+  EXPECT_EQ(no_topk.recv_src_idx.size(), 4u);
+  EXPECT_TRUE(no_topk.recv_topk_idx.empty());
+
+  HtDispatchRef over = referenceHtDispatch(all, 0, kH, kE, kK, 1);
+  EXPECT_THROW(padToWorstTokens(over, 3, kH, kK), std::invalid_argument);
+}
+
+TEST(ReferenceCombinedTopkWeights, SumsTheRowsOfEveryRankInRankOrder) {
+  const auto all = handProblem();
+  const std::vector<LayoutRef> layouts = referenceLayouts(all, kE, kK);
+  // recv_weights[d] [4 rows, 2]: rows as in HandComputedRank0 / HandComputedRank1.
+  const std::vector<std::vector<float>> w = {{1, 2, 3, 4, 5, 6, 7, 8},
+                                             {10, 20, 30, 40, 50, 60, 70, 80}};
+  // Rank 0: t0 -> row 0 on both; t1 nowhere; t2 -> row 1 on rank 1; t3 -> row 1 on rank 0.
+  EXPECT_EQ(referenceCombinedTopkWeights(layouts, 0, w, kK),
+            (std::vector<float>{11, 22, 0, 0, 30, 40, 3, 4}));
+  // Rank 1 (rows from 2 on): t0 -> row 2 on both; t1 -> row 3 on rank 0; t2 -> row 3 on rank 1.
+  EXPECT_EQ(referenceCombinedTopkWeights(layouts, 1, w, kK),
+            (std::vector<float>{55, 66, 7, 8, 70, 80}));
+  // With rank 0's t1 also sent to rank 1 (a caller's layout), rank 1 holds 5 rows and t1 gets row
+  // 1 there; rank 1's own rows move down by one.
+  std::vector<LayoutRef> extra = layouts;
+  extra[0].is_token_in_rank[1 * 2 + 1] = 1;
+  extra[0].tokens_per_rank[1] = 3;
+  const std::vector<std::vector<float>> w5 = {{1, 2, 3, 4, 5, 6, 7, 8},
+                                              {10, 20, 30, 40, 50, 60, 70, 80, 90, 100}};
+  EXPECT_EQ(referenceCombinedTopkWeights(extra, 0, w5, kK),
+            (std::vector<float>{11, 22, 30, 40, 50, 60, 3, 4}));
+  EXPECT_EQ(referenceCombinedTopkWeights(extra, 1, w5, kK),
+            (std::vector<float>{75, 86, 7, 8, 90, 100}));
+  // Too few rows for the routing.
+  EXPECT_THROW(referenceCombinedTopkWeights(extra, 0, w, kK), std::invalid_argument);
+}
+
+TEST(ReferenceHtCombine, RoutingFromACallersLayout) {
+  const auto all = handProblem();
+  std::vector<LayoutRef> extra = referenceLayouts(all, kE, kK);
+  extra[0].is_token_in_rank[1 * 2 + 1] = 1;  // rank 0's t1 also goes to rank 1 (row 1 there)
+  extra[0].tokens_per_rank[1] = 3;
+  std::vector<std::vector<uint16_t>> y = {std::vector<uint16_t>(4 * kH, bf(1.0f)),
+                                          std::vector<uint16_t>(5 * kH, bf(2.0f))};
+  const std::vector<float> out = referenceHtCombine(all, 0, y, kH, kE, kK, false, nullptr, &extra);
+  ASSERT_EQ(out.size(), 4u * kH);
+  EXPECT_EQ(out[0 * kH], 3.0f);  // t0: ranks 0 and 1
+  EXPECT_EQ(out[1 * kH], 2.0f);  // t1: rank 1 only, through the layout
+  EXPECT_EQ(out[3 * kH], 1.0f);  // t3: rank 0
+  // Without the layout t1 went nowhere.
+  y[1].resize(4 * kH);
+  EXPECT_EQ(referenceHtCombine(all, 0, y, kH, kE, kK, false, nullptr)[1 * kH], 0.0f);
+}
+
 TEST(ReferenceHtCombine, UnweightedSumsRowsOfEveryDestination) {
   const auto all = handProblem();
   const auto y = handCombineInputs();
