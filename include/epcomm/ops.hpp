@@ -59,6 +59,14 @@ struct TopkView {
   int num_topk = 0;
 };
 
+// MERGE PLACEHOLDER (wt-py): declaration from the session-3 API contract so the Python binding
+// compiles; the owner (wt-ht) has the real one with its documentation and behaviour.
+struct DispatchLayout {
+  const int32_t* num_tokens_per_rank = nullptr;
+  const bool* is_token_in_rank = nullptr;
+  const int32_t* num_tokens_per_expert = nullptr;
+};
+
 struct DispatchArgs {
   // x [num_tokens, hidden] in `dtype`. For kFP8E4M3 also x_scales [num_tokens, hidden / 128]
   // float32 with element (t, c) at x_scales[t * scales_token_stride + c * scales_col_stride];
@@ -90,6 +98,12 @@ struct DispatchArgs {
   float* recv_scales_out = nullptr;
 
   int num_sms = kAuto;  // SM budget of this call; kAuto = the buffer's default
+
+  // MERGE PLACEHOLDERS (wt-py), contract declarations only: owners wt-ht (layout,
+  // num_worst_tokens) and wt-em (expert_major).
+  DispatchLayout layout;
+  int num_worst_tokens = 0;
+  bool expert_major = false;
 };
 
 struct DispatchResult {
@@ -114,6 +128,11 @@ struct DispatchResult {
   // Where combine reads its input without a copy: write the expert outputs here as
   // [capacity, hidden] BF16, row i matching recv_x row i (symmetric memory).
   void* combine_input = nullptr;
+
+  // MERGE PLACEHOLDERS (wt-py), contract declarations only: owners wt-ht (host counts) and
+  // wt-em (expert_offsets).
+  const int32_t* num_recv_tokens_per_expert_host = nullptr;
+  const int32_t* expert_offsets = nullptr;
 };
 
 struct CombineArgs {
@@ -124,6 +143,12 @@ struct CombineArgs {
   // rank r is scaled by the sum of the weights of the token's experts on rank r. Without
   // weights rows are summed as they are.
   const float* topk_weights = nullptr;
+  // MERGE PLACEHOLDER (wt-py): the contract renames topk_weights to scale_weights (owner wt-ht);
+  // keep the owner's version. The binding sets scale_weights only.
+  const float* scale_weights = nullptr;
+  // MERGE PLACEHOLDERS (wt-py), contract declarations only (owner wt-ht).
+  const float* recv_topk_weights = nullptr;
+  float* combined_topk_weights = nullptr;
   // Optional bias [num_tokens, hidden] BF16, added once per token.
   const void* bias = nullptr;
   // out [num_tokens, hidden] BF16, original token order.
@@ -148,6 +173,8 @@ struct LlDispatchArgs {
   bool use_fp8 = false;  // cast to FP8 e4m3 with one float32 scale per 128 columns; the same
                          // on every rank (checked: InvalidArgument on every rank otherwise)
   int num_sms = kAuto;
+  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-ll).
+  int32_t* cumulative_recv_counts = nullptr;
 };
 
 struct LlDispatchResult {
@@ -173,6 +200,8 @@ struct LlCombineArgs {
   // BF16 (one row per token and rank, not per expert); the partials are summed in float32.
   void* out = nullptr;
   int num_sms = kAuto;
+  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-ll).
+  const float* topk_weights = nullptr;
 };
 
 }  // namespace epcomm

@@ -512,7 +512,10 @@ struct ResultBase {
 struct DispatchOutput : ResultBase {
   LazyView recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
   LazyView num_recv_tokens, recv_rank_prefix, num_recv_tokens_per_expert, combine_input;
+  LazyView expert_offsets;  // expert_major only
   std::optional<int64_t> num_recv_tokens_host;
+  // Host copy of the aligned per-local-expert counts (exact_count only), else None.
+  std::optional<std::vector<int32_t>> num_recv_tokens_per_expert_list;
   int64_t capacity = 0;
 };
 
@@ -600,6 +603,35 @@ template <typename Call>
   throw error;
 }
 
+// DeepEP-style precomputed layout (DispatchArgs::layout): num_tokens_per_rank [R] int32,
+// is_token_in_rank [num_tokens, R] bool, num_tokens_per_expert [E] int32.
+struct LayoutArrays {
+  OptArray num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert;
+};
+
+void convertLayout(PyBuffer& self, const LayoutArrays& l, int num_tokens,
+                   epcomm::DispatchLayout& out) {
+  epcomm::EpBuffer& buf = self.get();
+  const int device = buf.device();
+  if (l.num_tokens_per_rank) {
+    out.num_tokens_per_rank = static_cast<const int32_t*>(
+        devicePtr(*l.num_tokens_per_rank, "num_tokens_per_rank", device, 1, {dt::kI32}));
+    checkDim(*l.num_tokens_per_rank, "num_tokens_per_rank", 0, buf.numRanks(), "num_ranks");
+  }
+  if (l.is_token_in_rank) {
+    out.is_token_in_rank = static_cast<const bool*>(
+        devicePtr(*l.is_token_in_rank, "is_token_in_rank", device, 2, {dt::kBool}));
+    checkDim(*l.is_token_in_rank, "is_token_in_rank", 0, num_tokens, "one row per token of x");
+    checkDim(*l.is_token_in_rank, "is_token_in_rank", 1, buf.numRanks(), "num_ranks");
+  }
+  if (l.num_tokens_per_expert) {
+    out.num_tokens_per_expert = static_cast<const int32_t*>(
+        devicePtr(*l.num_tokens_per_expert, "num_tokens_per_expert", device, 1, {dt::kI32}));
+    checkDim(*l.num_tokens_per_expert, "num_tokens_per_expert", 0, buf.config().config.num_experts,
+             "the buffer's num_experts");
+  }
+}
+
 void convertDispatchArgs(PyBuffer& self, const Array& x, const OptArray& topk_idx,
                          const OptArray& topk_weights, const OptArray& x_scales,
                          const OptArray& recv_x_out, const OptArray& recv_scales_out,
@@ -646,8 +678,10 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
   epcomm::EpBuffer& buf = self.get();
   const int device = buf.device();
   const int hidden = buf.config().config.hidden;
-  const size_t rows =
-      exact_count ? static_cast<size_t>(r.num_recv_tokens_host) : static_cast<size_t>(r.capacity);
+  // exact_count: the received rows; num_worst_tokens: the static row count; else the capacity.
+  const size_t rows = exact_count                 ? static_cast<size_t>(r.num_recv_tokens_host)
+                      : args.num_worst_tokens > 0 ? static_cast<size_t>(args.num_worst_tokens)
+                                                  : static_cast<size_t>(r.capacity);
   const size_t topk = static_cast<size_t>(args.topk.num_topk);
   const size_t ranks = static_cast<size_t>(buf.numRanks());
   const size_t h = static_cast<size_t>(hidden);
@@ -668,6 +702,14 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
   out.num_recv_tokens_per_expert.set(r.num_recv_tokens_per_expert,
                                      {static_cast<size_t>(buf.numLocalExperts())}, dt::kI32, true);
   out.combine_input.set(r.combine_input, {rows, h}, dt::kBF16);
+  const size_t local_experts = static_cast<size_t>(buf.numLocalExperts());
+  if (r.expert_offsets) {
+    out.expert_offsets.set(r.expert_offsets, {local_experts + 1}, dt::kI32, true);
+  }
+  if (r.num_recv_tokens_per_expert_host) {
+    out.num_recv_tokens_per_expert_list.emplace(r.num_recv_tokens_per_expert_host,
+                                                r.num_recv_tokens_per_expert_host + local_experts);
+  }
   if (r.num_recv_tokens_host >= 0) out.num_recv_tokens_host = r.num_recv_tokens_host;
   out.capacity = r.capacity;
   return out;
@@ -676,7 +718,9 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
 DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptArray topk_idx,
                         OptArray topk_weights, OptArray x_scales, int expert_alignment,
                         bool exact_count, OptArray recv_x_out, OptArray recv_scales_out,
-                        std::optional<int> num_sms, nb::handle stream) {
+                        std::optional<int> num_sms, nb::handle stream, OptArray num_tokens_per_rank,
+                        OptArray is_token_in_rank, OptArray num_tokens_per_expert,
+                        int num_worst_tokens, bool expert_major) {
   epcomm::EpBuffer& buf = self.get();
   cudaStream_t s = nullptr;
   nb::object handle_obj;
@@ -694,6 +738,14 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptA
     handleOf(*handle, self);
     convertDispatchArgs(self, x, topk_idx, topk_weights, x_scales, recv_x_out, recv_scales_out,
                         args);
+    convertLayout(self,
+                  LayoutArrays{std::move(num_tokens_per_rank), std::move(is_token_in_rank),
+                               std::move(num_tokens_per_expert)},
+                  args.num_tokens, args.layout);
+    if (num_worst_tokens < 0) {
+      throwInvalid("num_worst_tokens: " + std::to_string(num_worst_tokens) +
+                   ", expected >= 0 (0: off)");
+    }
   } catch (const epcomm::InvalidArgument& e) {
     epcomm::DispatchArgs bad;
     bad.num_tokens = -1;
@@ -701,6 +753,8 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptA
   }
   args.expert_alignment = expert_alignment;
   args.exact_count = exact_count;
+  args.num_worst_tokens = num_worst_tokens;
+  args.expert_major = expert_major;
   args.num_sms = optInt(num_sms);
 
   epcomm::DispatchResult r;
@@ -857,6 +911,30 @@ NB_MODULE(_epcomm, m) {
       "num_ranks"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS,
       "Checks a Buffer configuration on the host (no GPU) and returns it with kAuto values and "
       "environment overrides resolved. Raises InvalidArgument naming the field.");
+
+  m.def(
+      "bytes_for",
+      [](int num_ranks, std::optional<int> device, int hidden, int num_experts, int max_topk,
+         int max_tokens_per_rank, int ll_max_tokens_per_rank, const std::string& mem_mode,
+         std::optional<double> timeout_s, std::optional<double> first_op_timeout_s,
+         std::optional<int> num_sms, std::optional<int> ll_num_sms, size_t scratch_bytes) {
+        const epcomm::BufferSizes b = epcomm::EpBuffer::bytesFor(
+            makeConfig(device, hidden, num_experts, max_topk, max_tokens_per_rank,
+                       ll_max_tokens_per_rank, mem_mode, timeout_s, first_op_timeout_s, num_sms,
+                       ll_num_sms, scratch_bytes),
+            num_ranks);
+        nb::dict d;
+        d["total"] = b.total;
+        d["control"] = b.control;
+        d["ht"] = b.ht;
+        d["ll"] = b.ll;
+        d["scratch"] = b.scratch;
+        return d;
+      },
+      "num_ranks"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS,
+      "Symmetric bytes per rank a Buffer with this configuration allocates (C++ "
+      "EpBuffer::bytesFor), with a breakdown by region: total, control, ht, ll, scratch. Host "
+      "only, no GPU.");
 
   m.def(
       "set_log_level",
@@ -1018,6 +1096,8 @@ NB_MODULE(_epcomm, m) {
       .EPCOMM_VIEW(DispatchOutput, recv_rank_prefix)
       .EPCOMM_VIEW(DispatchOutput, num_recv_tokens_per_expert)
       .EPCOMM_VIEW(DispatchOutput, combine_input)
+      .EPCOMM_VIEW(DispatchOutput, expert_offsets)
+      .def_ro("num_recv_tokens_per_expert_list", &DispatchOutput::num_recv_tokens_per_expert_list)
       .def_ro("handle", &DispatchOutput::handle)
       .def_ro("num_recv_tokens_host", &DispatchOutput::num_recv_tokens_host)
       .def_ro("capacity", &DispatchOutput::capacity);
@@ -1118,21 +1198,33 @@ NB_MODULE(_epcomm, m) {
       .def("dispatch", &dispatch, "x"_a, nb::arg("handle").none() = nb::none(), nb::kw_only(),
            "topk_idx"_a = nb::none(), "topk_weights"_a = nb::none(), "x_scales"_a = nb::none(),
            "expert_alignment"_a = 1, "exact_count"_a = false, "recv_x_out"_a = nb::none(),
-           "recv_scales_out"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none())
+           "recv_scales_out"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none(),
+           "num_tokens_per_rank"_a = nb::none(), "is_token_in_rank"_a = nb::none(),
+           "num_tokens_per_expert"_a = nb::none(), "num_worst_tokens"_a = 0,
+           "expert_major"_a = false)
       .def(
           "combine",
           [](PyBuffer& self, nb::object x_obj, PyHandle& handle, nb::object out_obj,
-             OptArray topk_weights, OptArray bias, std::optional<int> num_sms, nb::handle stream) {
+             OptArray topk_weights, OptArray bias, std::optional<int> num_sms, nb::handle stream,
+             OptArray scale_weights, nb::object recv_topk_weights_obj,
+             nb::object combined_topk_weights_obj) -> nb::object {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
             const epcomm::EpHandle& h = handle.handle;
             cudaStream_t s = nullptr;
             epcomm::CombineArgs args;
-            nb::object out;
+            nb::object out, combined;
+            const bool reduce_weights = !recv_topk_weights_obj.is_none();
             try {
               s = toStream(stream);
               handleOf(handle, self);
+              // `topk_weights` is the old name of `scale_weights` (CombineArgs renamed it: it
+              // scales rows, which DeepEP's combine does not do).
+              if (topk_weights && scale_weights) {
+                throwInvalid("scale_weights: given together with topk_weights, its old name");
+              }
+              if (topk_weights) scale_weights = std::move(topk_weights);
               Array x = asArray(x_obj, "x");
               args.x = devicePtr(x, "x", device, 2, {dt::kBF16});
               checkDim(x, "x", 1, hidden, "the buffer's hidden");
@@ -1142,11 +1234,38 @@ NB_MODULE(_epcomm, m) {
               args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
               checkDim(out_arr, "out", 0, h.numTokens(), "the handle's num_tokens");
               checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
-              if (topk_weights) {
-                args.topk_weights = static_cast<const float*>(
-                    devicePtr(*topk_weights, "topk_weights", device, 2, {dt::kF32}));
-                checkDim(*topk_weights, "topk_weights", 0, h.numTokens(),
+              if (scale_weights) {
+                args.scale_weights = static_cast<const float*>(
+                    devicePtr(*scale_weights, "scale_weights", device, 2, {dt::kF32}));
+                checkDim(*scale_weights, "scale_weights", 0, h.numTokens(),
                          "the handle's num_tokens");
+              }
+              if (reduce_weights) {
+                // recv_topk_weights [rows of x, num_topk] as received; combined_topk_weights
+                // [num_tokens, num_topk] is written (allocated like recv_topk_weights if None).
+                Array rw = asArray(recv_topk_weights_obj, "recv_topk_weights");
+                args.recv_topk_weights = static_cast<const float*>(
+                    devicePtr(rw, "recv_topk_weights", device, 2, {dt::kF32}));
+                checkDim(rw, "recv_topk_weights", 0, static_cast<int64_t>(x.shape(0)),
+                         "one row per row of x");
+                checkDim(rw, "recv_topk_weights", 1, h.numTopk(), "the handle's num_topk");
+                combined = combined_topk_weights_obj;
+                if (combined.is_none()) {
+                  if (!nb::hasattr(recv_topk_weights_obj, "new_empty")) {
+                    throwInvalid(
+                        "combined_topk_weights: required unless recv_topk_weights is a "
+                        "torch tensor ([num_tokens, num_topk] float32)");
+                  }
+                  combined = recv_topk_weights_obj.attr("new_empty")(
+                      nb::make_tuple(h.numTokens(), h.numTopk()));
+                }
+                Array cw = asArray(combined, "combined_topk_weights");
+                args.combined_topk_weights = static_cast<float*>(
+                    devicePtr(cw, "combined_topk_weights", device, 2, {dt::kF32}));
+                checkDim(cw, "combined_topk_weights", 0, h.numTokens(), "the handle's num_tokens");
+                checkDim(cw, "combined_topk_weights", 1, h.numTopk(), "the handle's num_topk");
+              } else if (!combined_topk_weights_obj.is_none()) {
+                throwInvalid("combined_topk_weights: given without recv_topk_weights");
               }
               if (bias) {
                 args.bias = devicePtr(*bias, "bias", device, 2, {dt::kBF16});
@@ -1158,15 +1277,22 @@ NB_MODULE(_epcomm, m) {
             }
             args.num_sms = optInt(num_sms);
             buf.combine(args, h, s);
+            if (reduce_weights) return nb::make_tuple(out, combined);
             return out;
           },
           "x"_a, "handle"_a, "out"_a = nb::none(), nb::kw_only(), "topk_weights"_a = nb::none(),
-          "bias"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none())
+          "bias"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none(),
+          "scale_weights"_a = nb::none(), "recv_topk_weights"_a = nb::none(),
+          "combined_topk_weights"_a = nb::none(),
+          "Collective. Returns out, or (out, combined_topk_weights) when recv_topk_weights is "
+          "given. scale_weights (old name topk_weights) SCALES each row from rank r by the sum "
+          "of the token's weights on r; DeepEP's combine does not: do not pass the weights "
+          "twice.")
       .def(
           "low_latency_dispatch",
           [](PyBuffer& self, nb::object x_obj, nb::object topk_idx_obj, nb::object topk_weights_obj,
              bool use_fp8, std::optional<int> num_sms, nb::handle stream,
-             const std::string& phase_name) {
+             const std::string& phase_name, OptArray cumulative_recv_counts) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
@@ -1182,11 +1308,19 @@ NB_MODULE(_epcomm, m) {
                 args.num_tokens = static_cast<int>(x.shape(0));
                 checkDim(x, "x", 1, hidden, "the buffer's hidden");
                 args.topk = topkView(asArray(topk_idx_obj, "topk_idx"), self, args.num_tokens);
-                Array w = asArray(topk_weights_obj, "topk_weights");
-                args.topk_weights =
-                    static_cast<const float*>(devicePtr(w, "topk_weights", device, 2, {dt::kF32}));
-                checkDim(w, "topk_weights", 0, args.num_tokens, "one row per token of x");
-                checkDim(w, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
+                if (!topk_weights_obj.is_none()) {  // optional: may come at combine instead
+                  Array w = asArray(topk_weights_obj, "topk_weights");
+                  args.topk_weights = static_cast<const float*>(
+                      devicePtr(w, "topk_weights", device, 2, {dt::kF32}));
+                  checkDim(w, "topk_weights", 0, args.num_tokens, "one row per token of x");
+                  checkDim(w, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
+                }
+                if (cumulative_recv_counts) {
+                  args.cumulative_recv_counts = static_cast<int32_t*>(const_cast<void*>(devicePtr(
+                      *cumulative_recv_counts, "cumulative_recv_counts", device, 1, {dt::kI32})));
+                  checkDim(*cumulative_recv_counts, "cumulative_recv_counts", 0,
+                           buf.numLocalExperts(), "num_local_experts");
+                }
               }
             } catch (const epcomm::InvalidArgument& e) {
               epcomm::LlDispatchArgs bad;
@@ -1214,12 +1348,13 @@ NB_MODULE(_epcomm, m) {
             out.rows_per_expert = r.rows_per_expert;
             return out;
           },
-          "x"_a, "topk_idx"_a, "topk_weights"_a, nb::kw_only(), "use_fp8"_a = false,
-          "num_sms"_a = nb::none(), "stream"_a = nb::none(), "phase"_a = "both")
+          "x"_a, "topk_idx"_a, "topk_weights"_a = nb::none(), nb::kw_only(), "use_fp8"_a = false,
+          "num_sms"_a = nb::none(), "stream"_a = nb::none(), "phase"_a = "both",
+          "cumulative_recv_counts"_a = nb::none())
       .def(
           "low_latency_combine",
           [](PyBuffer& self, nb::object x_obj, nb::object out_obj, std::optional<int> num_sms,
-             nb::handle stream, const std::string& phase_name) {
+             nb::handle stream, const std::string& phase_name, nb::object topk_weights_obj) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
@@ -1235,6 +1370,13 @@ NB_MODULE(_epcomm, m) {
                 args.x = devicePtr(x, "x", device, 3, {dt::kBF16});
                 checkDim(x, "x", 0, buf.numLocalExperts(), "num_local_experts");
                 checkDim(x, "x", 2, hidden, "the buffer's hidden");
+                if (!topk_weights_obj.is_none()) {  // token side, instead of the dispatch's
+                  Array w = asArray(topk_weights_obj, "topk_weights");
+                  args.topk_weights = static_cast<const float*>(
+                      devicePtr(w, "topk_weights", device, 2, {dt::kF32}));
+                  checkDim(w, "topk_weights", 0, self.last_ll_num_tokens,
+                           "the tokens of the matching low_latency_dispatch");
+                }
               }
               if (phase != epcomm::LlPhase::kSend) {  // out is written by the receiving half
                 auto [o, out_arr] =
@@ -1257,7 +1399,7 @@ NB_MODULE(_epcomm, m) {
             return out;
           },
           "x"_a, "out"_a = nb::none(), nb::kw_only(), "num_sms"_a = nb::none(),
-          "stream"_a = nb::none(), "phase"_a = "both")
+          "stream"_a = nb::none(), "phase"_a = "both", "topk_weights"_a = nb::none())
       .def(
           "barrier",
           [](PyBuffer& self, nb::handle stream) { self.get().barrier(toStream(stream)); },
