@@ -471,11 +471,48 @@ struct LazyView {
   }
 };
 
+// Views into the symmetric buffer, kept per buffer and handed out again when a later result has
+// a view of the same memory, shape, dtype and framework (the LL outputs, combine_input and the
+// capacity-sized HT views are the same every call). A framework view costs microseconds
+// (torch.from_dlpack), a lookup here a few nanoseconds. The cached views hold the buffer; the
+// Buffer type visits them for Python's cycle collector (tp_traverse / tp_clear below).
+struct ViewCache {
+  struct Entry {
+    const void* data;
+    size_t shape[3];
+    int ndim;
+    uint8_t code, bits;
+    Framework fw;
+    nb::object view;
+  };
+  static constexpr size_t kMaxEntries = 32;  // a few per op; exact-count row counts vary
+  std::vector<Entry> entries;
+
+  nb::object* find(const void* data, const size_t* shape, int ndim, nb::dlpack::dtype d,
+                   Framework fw) {
+    for (Entry& e : entries) {
+      if (e.data == data && e.ndim == ndim && e.code == d.code && e.bits == d.bits && e.fw == fw &&
+          std::equal(shape, shape + ndim, e.shape)) {
+        return &e.view;
+      }
+    }
+    return nullptr;
+  }
+  void add(const void* data, const size_t* shape, int ndim, nb::dlpack::dtype d, Framework fw,
+           nb::object v) {
+    if (entries.size() >= kMaxEntries) entries.clear();
+    Entry e{data, {0, 0, 0}, ndim, d.code, d.bits, fw, std::move(v)};
+    std::copy(shape, shape + ndim, e.shape);
+    entries.push_back(std::move(e));
+  }
+};
+
 struct ResultBase {
   nb::object buffer;  // keep the memory the views point into alive
   nb::object handle;
   int device = 0;
   Framework framework = Framework::kDlpack;
+  ViewCache* cache = nullptr;  // the buffer's, for buffer-owned views
 
   nb::object get(LazyView& v) {
     if (!v.data) return nb::none();
@@ -491,6 +528,13 @@ struct ResultBase {
   }
 
   nb::object make(LazyView& v) {
+    const bool shared = cache != nullptr && !v.from_handle;
+    if (!v.cached.is_valid() && shared) {
+      if (nb::object* hit = cache->find(v.data, v.shape, v.ndim, v.dtype, framework)) {
+        v.cached = *hit;
+        return v.cached;
+      }
+    }
     if (!v.cached.is_valid()) {
       nb::handle owner = v.from_handle ? handle : buffer;
       switch (v.ndim) {
@@ -504,6 +548,7 @@ struct ResultBase {
           v.cached =
               view(v.data, {v.shape[0], v.shape[1], v.shape[2]}, v.dtype, device, owner, framework);
       }
+      if (shared) cache->add(v.data, v.shape, v.ndim, v.dtype, framework, v.cached);
     }
     return v.cached;
   }
@@ -529,6 +574,7 @@ struct PyBuffer {
   nb::object bootstrap;  // the Python Bootstrap object, which must outlive the buffer
   Framework framework = Framework::kAuto;
   int last_ll_num_tokens = 0;
+  ViewCache views;
 
   epcomm::EpBuffer& get() const {
     if (!buffer) {
@@ -543,6 +589,7 @@ struct PyBuffer {
   }
   void destroy() {
     if (!buffer) return;
+    views.entries.clear();           // views of freed memory must not be handed out again
     nb::gil_scoped_release release;  // collective: waits for the peers
     buffer.reset();
   }
@@ -687,6 +734,7 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
   const size_t h = static_cast<size_t>(hidden);
   DispatchOutput out;
   out.buffer = pyself(&self);
+  out.cache = &self.views;
   out.handle = handle_obj;
   out.device = device;
   out.framework = self.fw(x_obj);
@@ -835,6 +883,26 @@ epcomm::BufferConfig makeConfig(std::optional<int> device, int hidden, int num_e
   "max_tokens_per_rank"_a = 4096, "ll_max_tokens_per_rank"_a = 0, "mem_mode"_a = "auto",     \
   "timeout_s"_a = nb::none(), "first_op_timeout_s"_a = nb::none(), "num_sms"_a = nb::none(), \
   "ll_num_sms"_a = nb::none(), "scratch_bytes"_a = 0
+
+// The cached views (ViewCache) reference the Buffer that holds them: let the cycle collector see
+// and break that cycle, so a Buffer dropped without destroy() is still collected.
+int bufferTraverse(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(Py_TYPE(self));
+  if (!nb::inst_ready(self)) return 0;
+  for (const ViewCache::Entry& e : nb::inst_ptr<PyBuffer>(self)->views.entries) {
+    Py_VISIT(e.view.ptr());
+  }
+  return 0;
+}
+
+int bufferClear(PyObject* self) {
+  if (nb::inst_ready(self)) nb::inst_ptr<PyBuffer>(self)->views.entries.clear();
+  return 0;
+}
+
+PyType_Slot g_buffer_slots[] = {{Py_tp_traverse, reinterpret_cast<void*>(bufferTraverse)},
+                                {Py_tp_clear, reinterpret_cast<void*>(bufferClear)},
+                                {0, nullptr}};
 
 // A host-time loop in C++ for the overhead benchmark: calls `fn` n times, returns seconds per call.
 double timeLoopCpp(const std::function<void()>& fn, int n) {
@@ -1114,7 +1182,7 @@ NB_MODULE(_epcomm, m) {
 
   // --- Buffer -----------------------------------------------------------------------------------
   nb::class_<PyBuffer>(
-      m, "Buffer",
+      m, "Buffer", nb::type_slots(g_buffer_slots),
       "The symmetric GPU buffer this rank shares with its EP group (C++ epcomm::EpBuffer), and "
       "the dispatch/combine ops on it.\n\n"
       "Buffer(bootstrap, *, hidden, num_experts, max_topk, max_tokens_per_rank, "
@@ -1156,7 +1224,7 @@ NB_MODULE(_epcomm, m) {
               nb::gil_scoped_release release;  // collective, may take seconds
               buffer = std::make_unique<epcomm::EpBuffer>(bootstrap, config);
             }
-            new (self) PyBuffer{std::move(buffer), nb::find(&bootstrap), fw, 0};
+            new (self) PyBuffer{std::move(buffer), nb::find(&bootstrap), fw, 0, {}};
           },
           "bootstrap"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS, "framework"_a = "auto")
       .def_prop_ro("rank", [](const PyBuffer& b) { return b.get().rank(); })
@@ -1338,6 +1406,7 @@ NB_MODULE(_epcomm, m) {
             const size_t h = static_cast<size_t>(hidden);
             LlDispatchOutput out;
             out.buffer = pyself(&self);
+            out.cache = &self.views;
             out.device = device;
             out.framework = self.fw(x_obj);
             out.recv_x.set(r.recv_x, {experts, rows, h}, use_fp8 ? dt::kF8E4M3 : dt::kBF16);
