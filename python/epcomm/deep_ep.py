@@ -312,7 +312,8 @@ class Buffer:
         if t is None:
             t = torch.empty((handle.num_experts // self.group_size,
                              self.group_size * handle.num_max_dispatch_tokens_per_rank,
-                             handle.hidden), dtype=torch.bfloat16, device=self._device)
+                             handle.hidden), dtype=torch.bfloat16,
+                            device=handle.recv_src_info.device)
             self._ll_combine_buffers[key] = t
         return t
 

@@ -10,14 +10,15 @@ from pathlib import Path
 WORKER = Path(__file__).with_name("deep_ep_worker.py")
 
 
-def run_ranks(scenario, nranks, timeout=600):
+def run_ranks(scenario, nranks, timeout=600, extra_env=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for rank in range(nranks):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nranks), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0",
+                   **(extra_env or {}))
         procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

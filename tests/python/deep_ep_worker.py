@@ -275,8 +275,14 @@ def main():
     scenario = sys.argv[1]
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    dev = torch.device("cuda", torch.cuda.current_device())
+    if os.environ.get("EPCOMM_FAKE_CORE") == "1":  # CPU stand-in for the core (fake_core.py)
+        import fake_core
+
+        fake_core.install()
+        dev = torch.device("cpu")
+    else:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
     try:
         {"intranode": intranode, "low_latency": low_latency, "autograd": autograd}[scenario](
             rank, size, dev)
