@@ -235,6 +235,7 @@ class Buffer:
         self._ll_seq = 0
         self._ll_pending = None  # what the LL receive hook must finish
         self._ll_combine_buffers = {}
+        self._last_ll = self._last_cached = None
         if hidden is not None and num_experts is not None:
             self._ensure(hidden, num_experts)  # collective, as DeepEP's constructor
 
@@ -324,6 +325,7 @@ class Buffer:
         self._buf = None
         self._pool = []
         self._bootstrap = None
+        self._last_ll = self._last_cached = None
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
                                  num_experts: int) -> None:
@@ -538,6 +540,7 @@ class Buffer:
                                expert_alignment=handle.expert_alignment,
                                num_worst_tokens=handle.num_worst_tokens, num_sms=num_sms, stream=s)
             n = handle.num_recv
+            self._last_cached = res  # keeps its capacity-sized views for reuse (view cache)
         else:
             ep = self._handle()
             try:
@@ -674,6 +677,7 @@ class Buffer:
         phase = "send" if return_recv_hook else "both"
         r = buf.low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, stream=stream, phase=phase,
                                      cumulative_recv_counts=cumulative_local_expert_recv_stats)
+        self._last_ll = r  # its views stay alive, so the next call's are reused (view cache)
         rows = self.group_size * num_max_dispatch_tokens_per_rank
         recv_x = r.recv_x[:, :rows]  # valid rows are packed at the front of each expert
         if use_fp8 and recv_x.dtype == torch.uint8:  # a torch without DLPack float8

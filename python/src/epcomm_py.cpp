@@ -471,11 +471,12 @@ struct LazyView {
   }
 };
 
-// Views into the symmetric buffer, kept per buffer and handed out again when a later result has
-// a view of the same memory, shape, dtype and framework (the LL outputs, combine_input and the
-// capacity-sized HT views are the same every call). A framework view costs microseconds
-// (torch.from_dlpack), a lookup here a few nanoseconds. The cached views hold the buffer; the
-// Buffer type visits them for Python's cycle collector (tp_traverse / tp_clear below).
+// Views into the symmetric buffer, remembered per buffer and handed out again when a later result
+// has a view of the same memory, shape, dtype and framework (the LL outputs, combine_input and
+// the capacity-sized HT views are the same every call) while the earlier view is still alive. A
+// framework view costs microseconds (torch.from_dlpack), a lookup here a few nanoseconds.
+// Weak references: a view holds its buffer (inside the framework's DLPack deleter, where Python's
+// cycle collector cannot see it), so a strong cache would keep every buffer alive for ever.
 struct ViewCache {
   struct Entry {
     const void* data;
@@ -483,25 +484,35 @@ struct ViewCache {
     int ndim;
     uint8_t code, bits;
     Framework fw;
-    nb::object view;
+    nb::weakref view;
   };
   static constexpr size_t kMaxEntries = 32;  // a few per op; exact-count row counts vary
   std::vector<Entry> entries;
 
-  nb::object* find(const void* data, const size_t* shape, int ndim, nb::dlpack::dtype d,
-                   Framework fw) {
-    for (Entry& e : entries) {
+  // The live view of this memory, shape, dtype and framework, or an invalid object.
+  nb::object find(const void* data, const size_t* shape, int ndim, nb::dlpack::dtype d,
+                  Framework fw) {
+    for (size_t i = 0; i < entries.size(); ++i) {
+      Entry& e = entries[i];
       if (e.data == data && e.ndim == ndim && e.code == d.code && e.bits == d.bits && e.fw == fw &&
           std::equal(shape, shape + ndim, e.shape)) {
-        return &e.view;
+        nb::object v = e.view();
+        if (!v.is_none()) return v;
+        entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));  // it died
+        return nb::object();
       }
     }
-    return nullptr;
+    return nb::object();
   }
   void add(const void* data, const size_t* shape, int ndim, nb::dlpack::dtype d, Framework fw,
-           nb::object v) {
+           nb::handle v) {
+    PyObject* ref = PyWeakref_NewRef(v.ptr(), nullptr);
+    if (!ref) {  // a type without weak references (nanobind's own ndarray): not cached
+      PyErr_Clear();
+      return;
+    }
     if (entries.size() >= kMaxEntries) entries.clear();
-    Entry e{data, {0, 0, 0}, ndim, d.code, d.bits, fw, std::move(v)};
+    Entry e{data, {0, 0, 0}, ndim, d.code, d.bits, fw, nb::steal<nb::weakref>(ref)};
     std::copy(shape, shape + ndim, e.shape);
     entries.push_back(std::move(e));
   }
@@ -530,8 +541,9 @@ struct ResultBase {
   nb::object make(LazyView& v) {
     const bool shared = cache != nullptr && !v.from_handle;
     if (!v.cached.is_valid() && shared) {
-      if (nb::object* hit = cache->find(v.data, v.shape, v.ndim, v.dtype, framework)) {
-        v.cached = *hit;
+      nb::object hit = cache->find(v.data, v.shape, v.ndim, v.dtype, framework);
+      if (hit.is_valid()) {
+        v.cached = std::move(hit);
         return v.cached;
       }
     }
@@ -884,26 +896,6 @@ epcomm::BufferConfig makeConfig(std::optional<int> device, int hidden, int num_e
   "timeout_s"_a = nb::none(), "first_op_timeout_s"_a = nb::none(), "num_sms"_a = nb::none(), \
   "ll_num_sms"_a = nb::none(), "scratch_bytes"_a = 0
 
-// The cached views (ViewCache) reference the Buffer that holds them: let the cycle collector see
-// and break that cycle, so a Buffer dropped without destroy() is still collected.
-int bufferTraverse(PyObject* self, visitproc visit, void* arg) {
-  Py_VISIT(Py_TYPE(self));
-  if (!nb::inst_ready(self)) return 0;
-  for (const ViewCache::Entry& e : nb::inst_ptr<PyBuffer>(self)->views.entries) {
-    Py_VISIT(e.view.ptr());
-  }
-  return 0;
-}
-
-int bufferClear(PyObject* self) {
-  if (nb::inst_ready(self)) nb::inst_ptr<PyBuffer>(self)->views.entries.clear();
-  return 0;
-}
-
-PyType_Slot g_buffer_slots[] = {{Py_tp_traverse, reinterpret_cast<void*>(bufferTraverse)},
-                                {Py_tp_clear, reinterpret_cast<void*>(bufferClear)},
-                                {0, nullptr}};
-
 // A host-time loop in C++ for the overhead benchmark: calls `fn` n times, returns seconds per call.
 double timeLoopCpp(const std::function<void()>& fn, int n) {
   auto t0 = std::chrono::steady_clock::now();
@@ -1182,7 +1174,7 @@ NB_MODULE(_epcomm, m) {
 
   // --- Buffer -----------------------------------------------------------------------------------
   nb::class_<PyBuffer>(
-      m, "Buffer", nb::type_slots(g_buffer_slots),
+      m, "Buffer",
       "The symmetric GPU buffer this rank shares with its EP group (C++ epcomm::EpBuffer), and "
       "the dispatch/combine ops on it.\n\n"
       "Buffer(bootstrap, *, hidden, num_experts, max_topk, max_tokens_per_rank, "

@@ -221,9 +221,9 @@ def test_torch_stream_objects(buf):
 
 
 def test_result_views_are_reused_and_buffer_is_collected():
-    """Views of the same buffer memory come back as the same tensor object (the per-buffer view
-    cache), and a Buffer dropped without destroy() is still freed (the cache's cycle is
-    collected)."""
+    """Views of the same buffer memory come back as the same tensor object while the earlier one
+    lives (the per-buffer weak view cache), and a Buffer dropped without destroy() is still
+    freed (the cache holds no reference to it)."""
     import weakref
 
     b = epcomm.Buffer(epcomm.single_process_bootstrap(), device=0, hidden=HIDDEN,
