@@ -36,6 +36,11 @@ namespace epcomm {
 
 class EpBuffer;
 
+// MERGE PLACEHOLDER (wt-py): contract declaration only (owner wt-ll, who may add fields).
+struct BufferSizes {
+  size_t total = 0, control = 0, ht = 0, ll = 0, scratch = 0;
+};
+
 // Routing of one HT dispatch: what combine and a cached re-dispatch need, kept on the device.
 // Create it once (EpBuffer::createHandle allocates it for the buffer's capacity) and reuse it
 // every layer/step: no allocation happens per call. Combine with a handle is the backward of
@@ -96,6 +101,8 @@ class EPCOMM_API EpBuffer {
   const ResolvedConfig& config() const;
   int numLocalExperts() const;
   size_t bytesPerRank() const;  // symmetric bytes this rank allocated
+  // MERGE PLACEHOLDER (wt-py): contract declaration only (owner wt-ll).
+  static BufferSizes bytesFor(const BufferConfig& config, int num_ranks);
 
   // --- HT -------------------------------------------------------------------------------------
   // Allocates a handle for up to max_tokens_per_rank tokens (not in a captured region). A handle

@@ -137,6 +137,9 @@ struct DispatchArgs {
   float* recv_scales_out = nullptr;
 
   int num_sms = kAuto;  // SM budget of this call; kAuto = the buffer's default
+
+  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-em).
+  bool expert_major = false;
 };
 
 // Validity of the views. Every pointer below is the same on every call with the same buffer and
@@ -176,6 +179,9 @@ struct DispatchResult {
   // Where combine reads its input without a copy: write the expert outputs here as
   // [capacity, hidden] BF16, row i matching recv_x row i (symmetric memory).
   void* combine_input = nullptr;
+
+  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-em).
+  const int32_t* expert_offsets = nullptr;
 };
 
 struct CombineArgs {
@@ -229,6 +235,8 @@ struct LlDispatchArgs {
   bool use_fp8 = false;  // cast to FP8 e4m3 with one float32 scale per 128 columns; the same
                          // on every rank (checked: InvalidArgument on every rank otherwise)
   int num_sms = kAuto;
+  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-ll).
+  int32_t* cumulative_recv_counts = nullptr;
 };
 
 struct LlDispatchResult {
@@ -254,6 +262,8 @@ struct LlCombineArgs {
   // BF16 (one row per token and rank, not per expert); the partials are summed in float32.
   void* out = nullptr;
   int num_sms = kAuto;
+  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-ll).
+  const float* topk_weights = nullptr;
 };
 
 }  // namespace epcomm
