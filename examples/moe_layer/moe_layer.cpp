@@ -179,7 +179,7 @@ double worstError(const std::vector<double>& got, const std::vector<double>& wan
 template <typename T>
 T* deviceCopy(const std::vector<T>& host) {
   T* d = nullptr;
-  CUDA_OK(cudaMalloc(&d, std::max<size_t>(host.size(), 1) * sizeof(T)));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(host.size(), 1) * sizeof(T)));
   if (!host.empty())
     CUDA_OK(cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
   return d;
@@ -187,7 +187,7 @@ T* deviceCopy(const std::vector<T>& host) {
 template <typename T>
 T* deviceAlloc(size_t count) {
   T* d = nullptr;
-  CUDA_OK(cudaMalloc(&d, std::max<size_t>(count, 1) * sizeof(T)));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(count, 1) * sizeof(T)));
   CUDA_OK(cudaMemset(d, 0xff, std::max<size_t>(count, 1) * sizeof(T)));  // poison
   return d;
 }
