@@ -197,6 +197,7 @@ inline constexpr SignatureField kHtSignatureFields[] = {
     {"topk.idx_type is int64", 15, 1, 1},
     {"num_experts", 16, 10, 1},
     {"expert_alignment", 32, 17, 1},
+    {"expert_major", 49, 1, 1},  // htExpertMajorBits(): OR-ed into htSignature()'s value
 };
 inline constexpr SignatureField kLlSignatureFields[] = {
     {"use_fp8", 0, 1, 1},
@@ -214,6 +215,11 @@ inline uint64_t htSignature(int hidden, bool fp8, bool has_topk, int num_topk, b
   return signatureBits(f[0], hidden) | signatureBits(f[1], fp8) | signatureBits(f[2], has_topk) |
          signatureBits(f[3], has_topk ? num_topk : 0) | signatureBits(f[4], has_topk && idx_is_64) |
          signatureBits(f[5], num_experts) | signatureBits(f[6], expert_alignment);
+}
+// The expert-major bit of the HT dispatch signature (kept apart from htSignature() so the field
+// list can grow without touching its callers).
+inline uint64_t htExpertMajorBits(bool expert_major) {
+  return signatureBits(kHtSignatureFields[7], expert_major ? 1 : 0);
 }
 inline uint32_t llSignature(int hidden, bool use_fp8) {
   return static_cast<uint32_t>(signatureBits(kLlSignatureFields[0], use_fp8) |

@@ -9,6 +9,7 @@
 
 #include "check.hpp"
 #include "core/arg_check.hpp"
+#include "ht/ht_expert_major.hpp"
 #include "kernels/launch.hpp"
 
 namespace epcomm {
@@ -108,6 +109,7 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
   h->num_recv = h->memory.as<int32_t>(o_num_recv);
   h->recv_rank_prefix = h->memory.as<int32_t>(o_prefix);
   h->recv_expert_counts = h->memory.as<int32_t>(o_recv_experts);
+  allocateExpertMajorState(*h, c, b.num_local_experts);
   return h;
 }
 
@@ -205,6 +207,7 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                   "the handle's num_tokens (" + std::to_string(handle->num_tokens) +
                       ") for a cached dispatch");
   }
+  if (args.expert_major) checkExpertMajorDispatch(check, args, handle);
   if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtDispatch, check.message());
   const int sms = b.resolveSms(stream, kernels::OpId::kHtDispatch, args.num_sms, c.num_sms,
                                kDefaultHtSms, "DispatchArgs::num_sms");
@@ -212,6 +215,8 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   DeviceGuard guard(b.device);
   EpHandle::Impl& h = *handle;
   if (has_topk) launchLayoutInto(b, args.topk, h, stream);
+  h.expert_major = args.expert_major;
+  if (args.expert_major) return dispatchExpertMajor(b, regions_, args, h, sms, stream);
 
   kernels::HtDispatchParams p{};
   p.peers = b.peers;
@@ -353,6 +358,10 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
                                  h->num_recv,
                                  ht.capacity};
     kernels::launchCopyRows(copy, sms, stream);
+  }
+  if (h->expert_major) {
+    combineExpertMajor(b, ht, args, *h, sms, stream);
+    return;
   }
   kernels::HtCombineParams p{};
   p.peers = b.peers;
