@@ -110,9 +110,9 @@ __global__ void __launch_bounds__(kBlockThreads) emDispatchKernel(HtExpertMajorP
 
   // 1. notify: count row + signature (ht_counts, as rank-major) and my per-expert counts
   const int row_words = num_ranks + kHtSignatureWords;
-  if (tid < num_ranks * row_words) {
-    const int d = tid / row_words;
-    const int j = tid % row_words;
+  for (int i = tid; i < num_ranks * row_words; i += kBlockThreads) {
+    const int d = i / row_words;
+    const int j = i % row_words;
     const uint32_t value = j < num_ranks    ? static_cast<uint32_t>(p.rank_counts[j])
                            : j == num_ranks ? static_cast<uint32_t>(p.signature)
                                             : static_cast<uint32_t>(p.signature >> 32);
@@ -146,13 +146,13 @@ __global__ void __launch_bounds__(kBlockThreads) emDispatchKernel(HtExpertMajorP
     bad = true;
   }
   if (__syncthreads_or(bad)) return;
-  if (blockIdx.x == 0 && tid < num_ranks * num_ranks) {
+  for (int i = tid; blockIdx.x == 0 && ok && i < num_ranks * num_ranks; i += kBlockThreads) {
     // The rank-major count matrix, kept in the handle for symmetry (combine does not need it).
-    const int s = tid / num_ranks;
+    const int s = i / num_ranks;
     uint64_t v = 0;
-    ok = waitTagged(&own->ht_counts[parity][s][tid % num_ranks], epoch, w, WaitPhase::kHtCounts, s,
+    ok = waitTagged(&own->ht_counts[parity][s][i % num_ranks], epoch, w, WaitPhase::kHtCounts, s,
                     &v);
-    if (ok) p.count_matrix[tid] = static_cast<int32_t>(tagValue(v));
+    if (ok) p.count_matrix[i] = static_cast<int32_t>(tagValue(v));
   }
 
   // 2b. the expert-count matrix [R, E]: totals, my prefix, aligned totals
