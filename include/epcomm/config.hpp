@@ -73,9 +73,9 @@ struct BufferConfig {
   // to num_ranks * max_tokens_per_rank * min(max_topk, local experts) + local experts *
   // (expert_alignment - 1): size this for the traffic you expect (the worst case is rarely
   // affordable: alignment may be 65536). A call that needs more rows than this fails on every
-  // rank with ErrorCode::kInvalidArgument naming "over capacity", the rows needed and this
-  // capacity (the buffer is then unusable). When set: >= num_ranks * max_tokens_per_rank and
-  // < 2^31. Same on every rank (it sizes the buffer).
+  // rank (ErrorCode::kBroken naming the rows needed and ht_recv_rows, or kRemote on a rank that
+  // heard of it from a peer first; the buffer is then unusable). When set: >= num_ranks *
+  // max_tokens_per_rank and < 2^31. Same on every rank (it sizes the buffer).
   int64_t ht_recv_rows = kAuto;
 
   // Memory sharing mode. kAuto honours EPCOMM_MEM_MODE; any other value wins over it.
