@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kBlockThreads) emDispatchKernel(HtExpertMajorP
   const int global_warp = blockIdx.x * kWarpsPerBlock + warp;
   const int num_warps = gridDim.x * kWarpsPerBlock;
   uint8_t* local = ctx.local_base;
-  for (int l = 0; l < local_experts; ++l) {
+  for (int l = 0; l < local_experts && align > 1; ++l) {  // alignment 1: no padding
     const int e = me * local_experts + l;
     const int64_t first = s_start[e] - my_first + s_total[e];
     const int64_t pad = s_start[e + 1] - s_start[e] - s_total[e];

@@ -88,9 +88,11 @@ struct DispatchArgs {
   //     and spans num_recv_tokens_per_expert[e] rows (the pair count rounded up to
   //     expert_alignment); expert_offsets[num_local_experts] == *num_recv_tokens;
   //   - within a group, the rows of source rank 0 come first, then those of rank 1, ...; the
-  //     order of one source's rows within a group is NOT defined (set on the device per call; the
-  //     handle records it, so combine and a cached re-dispatch with the same handle read the same
-  //     rows); then the padding rows;
+  //     order of one source's rows within a group is NOT defined: each dispatch call sets it on
+  //     the device (atomics) and records it in the handle, so the combine with that handle reads
+  //     the right rows; two calls with the same routing (a cached re-dispatch included) may order
+  //     them differently (match rows by recv_src_idx, unique within one source's part); then the
+  //     padding rows;
   //   - a padding row holds zero data (and zero scales), recv_src_idx -1, top-k ids -1 and
   //     weights 0;
   //   - recv_topk_idx / recv_topk_weights keep their [rows, num_topk] shape: a pair row holds its
@@ -100,8 +102,10 @@ struct DispatchArgs {
   //   - recv_rank_prefix is nullptr (rows are not grouped by source).
   // The routing must come from top-k (topk.idx set, or a cached dispatch on a handle laid out
   // from top-k). Rows needed = sum over local experts of the aligned pair counts; more than
-  // BufferConfig::ht_recv_rows fails the call on every rank (FailKind over capacity). Combine
-  // with a handle dispatched expert-major reads this layout (CombineArgs).
+  // BufferConfig::ht_recv_rows fails the call on every rank (see there; the buffer is then
+  // unusable). Combine with a handle dispatched expert-major reads this layout (CombineArgs).
+  // Dispatch from top-k only (it needs each token's experts); exact_count, recv_x_out and FP8
+  // work as in rank-major.
   bool expert_major = false;
 
   // Exact mode: block the host until the received-row count is known and return it in
