@@ -485,6 +485,73 @@ TEST(HtExpertMajor, Top1AndTop16) {
   }
 }
 
+// Dispatch (with layout) + combine of the dispatched rows captured in a CUDA graph: each replay
+// with new inputs and routing gives the reference round trip, and the same calls eagerly give
+// bit-identical output (the row order within a group may differ between calls; combine sums a
+// token's rows in top-k order, so its result does not depend on it).
+TEST(HtExpertMajor, GraphReplayEqualsEager) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  EmCase c;
+  c.tokens = 96;
+  c.max_tokens = 128;
+  c.alignment = 8;
+  if (c.experts % num_ranks != 0) GTEST_SKIP() << c.experts << " experts on " << num_ranks;
+  const int local = c.experts / num_ranks;
+  // Every replay draws a new routing: size for the worst case of any routing.
+  const int64_t worst = int64_t{num_ranks} * c.max_tokens * std::min(c.topk, local) +
+                        int64_t{local} * (c.alignment - 1);
+  EpBuffer buffer(bs, configOf(c, num_ranks, worst));
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 40));
+  DeviceInputs dev(all[me]);
+  DeviceArray<uint16_t> out(std::max<size_t>(size_t(c.tokens) * c.hidden, 8));
+
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  EPCOMM_TEST_CUDA(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+  const DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+  CombineArgs cargs;
+  cargs.x = r.recv_x;  // staged into the combine input by a copy inside the graph
+  cargs.topk_weights = dev.weights.get();
+  cargs.out = out.get();
+  buffer.combine(cargs, handle, stream.get());
+  EPCOMM_TEST_CUDA(cudaStreamEndCapture(stream.get(), &graph));
+  EPCOMM_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (int replay = 0; replay < 4; ++replay) {
+    SCOPED_TRACE("replay " + std::to_string(replay) + " rank " + std::to_string(me));
+    all = generateProblem(specOf(c, num_ranks, 41 + replay));
+    dev.upload(all[me]);
+    out.poison();
+    poisonDispatchViews(r, c, stream.get());
+    EPCOMM_TEST_CUDA(cudaStreamSynchronize(stream.get()));
+    EPCOMM_TEST_CUDA(cudaGraphLaunch(exec, stream.get()));
+    buffer.sync(stream.get());
+    checkDispatch(r, all, c, true, "graph");
+    const std::vector<uint16_t> graph_out = out.download(size_t(all[me].num_tokens) * c.hidden);
+    const std::vector<float> expected = referenceHtCombineExpertMajor(
+        all, me, c.experts, c.topk,
+        [&all, &c](int, int s, int t, int col) {
+          return bf16ToFloat(all[s].x_bf16[size_t(t) * c.hidden + col]);
+        },
+        c.hidden, true, nullptr);
+    EXPECT_TRUE(compareBf16Near(graph_out, expected, c.hidden));
+    out.poison();
+    buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+    buffer.combine(cargs, handle, stream.get());
+    buffer.sync(stream.get());
+    EXPECT_TRUE(compareExact(out.download(graph_out.size()), graph_out, "eager vs graph"));
+    if (::testing::Test::HasFailure() || anyRankFailed()) break;
+  }
+  EPCOMM_TEST_CUDA(cudaGraphExecDestroy(exec));
+  EPCOMM_TEST_CUDA(cudaGraphDestroy(graph));
+}
+
 // More rows than BufferConfig::ht_recv_rows: the call fails on every rank, quickly, naming the
 // capacity; nothing is written out of bounds.
 TEST(HtExpertMajor, OverCapacityFailsEverywhere) {
