@@ -36,9 +36,10 @@ struct CaseEnv {
 struct HtCaseSpec {
   int tokens = 0;
   int hidden = 0;
-  std::vector<int> sms;    // SM budgets (--sms); the first one also runs the count checks
-  bool main_case = false;  // adds the 0-token round trip
-  int case_id = 0;         // seeds the inputs
+  std::vector<int> sms;       // SM budgets (--sms); the first one also runs the count checks
+  bool main_case = false;     // adds the 0-token round trip
+  int case_id = 0;            // seeds the inputs
+  bool expert_major = false;  // also the expert-major dispatch and combine rows
 };
 
 struct LlCaseSpec {

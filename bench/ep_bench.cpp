@@ -130,6 +130,12 @@ int run(const Options& o, const Ranks& ranks) {
   base.max_topk = o.topk;
   base.mem_mode = parseMemMode(o.mem_mode, "--mem-mode");
   const CasePlan plan = planCases(o);
+  if (o.expert_major) {
+    // One row per (token, local expert) with alignment 1: at most min(topk, local experts) per
+    // token and rank (DispatchArgs::expert_major, BufferConfig::ht_recv_rows).
+    base.ht_recv_rows = int64_t{ranks.size} * std::max(plan.max_tokens, o.tokens) *
+                        std::min(o.topk, o.experts / ranks.size);
+  }
 
   Report report;
   int case_id = 0;
@@ -145,14 +151,16 @@ int run(const Options& o, const Ranks& ranks) {
     if (ranks.root()) printLinkTable(report.link.rows, report.link.note);
     std::fflush(stdout);
     for (int tokens : plan.tokens) {
-      runHtCase(env, buffer, HtCaseSpec{tokens, o.hidden, o.sms, tokens == o.tokens, case_id++});
+      runHtCase(env, buffer,
+                HtCaseSpec{tokens, o.hidden, o.sms, tokens == o.tokens, case_id++, o.expert_major});
     }
     if (o.ll) runLlCases(env, buffer, o, machine, case_id);
   }  // the main buffer is destroyed (collectively) before the next one is created
 
   for (int hidden : plan.other_hidden) {
     const BufferBuild b = createBuffer(ranks, bootstrap, base, BufferShape{hidden, o.tokens, 0, 0});
-    runHtCase(env, *b.buffer, HtCaseSpec{o.tokens, hidden, o.sms, false, case_id++});
+    runHtCase(env, *b.buffer,
+              HtCaseSpec{o.tokens, hidden, o.sms, false, case_id++, o.expert_major});
   }
   return finish(o, ranks, report, rows);
 }

@@ -118,6 +118,70 @@ struct HtCombineParams {
   uint32_t signature;  // htCombineSignature(): every rank must pass the same
 };
 
+// Expert-major HT dispatch (kernels/ht_expert_major.cu; DispatchArgs::expert_major).
+struct HtExpertMajorParams {
+  PeerContext peers;
+  HtRegions regions;
+  // inputs
+  const uint8_t* x;
+  int64_t x_row_bytes;  // hidden * element bytes
+  const float* x_scales;
+  int64_t scales_token_stride;
+  int64_t scales_col_stride;
+  int32_t num_scales;         // hidden / 128 for FP8, else 0
+  int32_t has_topk;           // write recv_topk_idx / recv_topk_weights
+  int32_t idx_is_64;          // element type of recv_topk_idx
+  const float* topk_weights;  // [N, route_topk] or nullptr
+  int32_t num_topk;           // columns of recv_topk_idx / weights (0 without top-k)
+  int32_t route_topk;         // columns of topk_copy / pair_pos (the handle's layout)
+  int32_t num_tokens;
+  int32_t num_experts;
+  int32_t num_local_experts;
+  int32_t expert_alignment;
+  int32_t max_tokens;  // BufferConfig::max_tokens_per_rank: bound on a peer's per-expert count
+  uint64_t signature;  // htSignature() | htExpertMajorBits(true)
+  // routing (handle)
+  const int32_t* topk_copy;      // [N, route_topk] valid global ids, -1 for none/duplicate
+  const int32_t* rank_counts;    // [R]
+  const int32_t* expert_counts;  // [E] this rank's pairs per expert
+  const int32_t* pair_pos;       // [N, route_topk] rank of the pair among this rank's pairs of
+                                 // its expert (launchHtExpertMajorPairs)
+  // outputs (handle)
+  int32_t* count_matrix;        // [R, R]
+  int32_t* num_recv;            // [1] rows incl. padding
+  int32_t* recv_expert_counts;  // [L] aligned
+  int32_t* expert_offsets;      // [L + 1]
+  int32_t* send_base;           // [E] this rank's first row in expert e's group on its rank
+  uint64_t* host_count;         // exact mode, or nullptr
+};
+
+// pair_pos[t, k] = position of (t, k) among this rank's pairs of expert topk_copy[t, k]
+// (atomics: the order is per call; it is kept in the handle). cursor [E] is scratch.
+struct HtExpertMajorPairsParams {
+  const int32_t* topk_copy;
+  int32_t num_tokens;
+  int32_t num_topk;
+  int32_t num_experts;
+  int32_t* cursor;
+  int32_t* pair_pos;
+};
+
+struct HtExpertMajorCombineParams {
+  PeerContext peers;
+  HtRegions regions;
+  int64_t row_bytes;  // hidden * 2
+  int32_t hidden;
+  int32_t num_tokens;
+  int32_t num_topk;  // the handle's layout columns
+  int32_t num_local_experts;
+  const int32_t* topk_copy;   // [N, K]
+  const int32_t* pair_pos;    // [N, K]
+  const int32_t* send_base;   // [E] from the matching dispatch
+  const float* topk_weights;  // [N, K] or nullptr
+  const uint16_t* bias;       // [N, H] BF16 or nullptr
+  uint16_t* out;              // [N, H] BF16
+};
+
 // Copies `*count` rows (read on the device) of row_bytes each, count capped at max_rows; with
 // fixed_rows > 0 exactly fixed_rows rows (static shapes) and `count` is not read.
 struct CopyRowsParams {
@@ -175,6 +239,14 @@ void launchLayout(const LayoutParams& params, cudaStream_t stream);
 void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream);
 void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream);
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream);
+
+// Expert-major HT (kernels/ht_expert_major.cu). Pairs: zeroes the cursor, then one thread per
+// top-k entry. Dispatch and combine: `sm_budget` blocks, the same handshakes as rank-major.
+void launchHtExpertMajorPairs(const HtExpertMajorPairsParams& params, cudaStream_t stream);
+void launchHtExpertMajorDispatch(const HtExpertMajorParams& params, int sm_budget,
+                                 cudaStream_t stream);
+void launchHtExpertMajorCombine(const HtExpertMajorCombineParams& params, int sm_budget,
+                                cudaStream_t stream);
 
 // At most one block per token (idle blocks would only add arrivals to the last-block count).
 void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t stream);

@@ -204,6 +204,7 @@ inline constexpr SignatureField kHtSignatureFields[] = {
     {"topk.idx_type is int64", 15, 1, 1},
     {"num_experts", 16, 10, 1},
     {"expert_alignment", 32, 17, 1},
+    {"expert_major", 49, 1, 1},  // htExpertMajorBits(): OR-ed into htSignature()'s value
 };
 inline constexpr SignatureField kLlSignatureFields[] = {
     {"use_fp8", 0, 1, 1},
@@ -232,6 +233,11 @@ inline uint32_t htCombineSignature(bool combined_weights, int num_topk) {
   const SignatureField* f = kHtCombineSignatureFields;
   return static_cast<uint32_t>(signatureBits(f[0], combined_weights) |
                                signatureBits(f[1], combined_weights ? num_topk : 0));
+}
+// The expert-major bit of the HT dispatch signature (kept apart from htSignature() so the field
+// list can grow without touching its callers).
+inline uint64_t htExpertMajorBits(bool expert_major) {
+  return signatureBits(kHtSignatureFields[7], expert_major ? 1 : 0);
 }
 inline uint32_t llSignature(int hidden, bool use_fp8) {
   return static_cast<uint32_t>(signatureBits(kLlSignatureFields[0], use_fp8) |

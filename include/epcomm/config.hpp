@@ -66,6 +66,17 @@ struct BufferConfig {
   int max_tokens_per_rank = 4096;
   // Low-latency (LL) capacity: tokens one rank may dispatch per LL call. 0 disables LL.
   int ll_max_tokens_per_rank = 0;
+  // Rows of the HT receive region (recv_x, its metadata and combine_input) of every rank;
+  // DispatchResult::capacity. kAuto = num_ranks * max_tokens_per_rank, the most a rank-major
+  // dispatch can receive. An expert-major dispatch (DispatchArgs::expert_major) receives one row
+  // per (token, local expert) pair plus each group's padding to expert_alignment, which can be up
+  // to num_ranks * max_tokens_per_rank * min(max_topk, local experts) + local experts *
+  // (expert_alignment - 1): size this for the traffic you expect (the worst case is rarely
+  // affordable: alignment may be 65536). A call that needs more rows than this fails on every
+  // rank (ErrorCode::kBroken naming the rows needed and ht_recv_rows, or kRemote on a rank that
+  // heard of it from a peer first; the buffer is then unusable). When set: >= num_ranks *
+  // max_tokens_per_rank and < 2^31. Same on every rank (it sizes the buffer).
+  int64_t ht_recv_rows = kAuto;
 
   // Memory sharing mode. kAuto honours EPCOMM_MEM_MODE; any other value wins over it.
   MemMode mem_mode = MemMode::kAuto;

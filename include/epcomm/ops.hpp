@@ -23,8 +23,8 @@
 // signature of these; a mismatch fails the op on every rank (InvalidArgument naming the rank and
 // the field, reported by sync() or the next call; the buffer is then unusable):
 //   HT dispatch: dtype; whether top-k is sent (topk.idx set or topk.num_topk > 0); and, when it
-//                is, topk.num_topk and topk.idx_type; expert_alignment. (hidden and num_experts
-//                come from the BufferConfig, agreed at creation.)
+//                is, topk.num_topk and topk.idx_type; expert_alignment; expert_major. (hidden and
+//                num_experts come from the BufferConfig, agreed at creation.)
 //   LL dispatch: use_fp8.
 //   HT combine: whether CombineArgs::recv_topk_weights is set (every rank pulls the others'
 //               rows), and then the handle's num_topk.
@@ -124,6 +124,34 @@ struct DispatchArgs {
   // (num_recv_tokens, recv_rank_prefix, per-expert) still give the real rows.
   int num_worst_tokens = 0;
 
+  // Expert-major output (same on every rank). The received rows are grouped by local expert so
+  // a grouped GEMM runs on recv_x without a permute:
+  //   - group e (local expert e) holds one row per (token, expert e) pair this rank receives: a
+  //     token with two experts on this rank arrives twice here, once in each group;
+  //   - group e starts at row DispatchResult::expert_offsets[e] (a multiple of expert_alignment)
+  //     and spans num_recv_tokens_per_expert[e] rows (the pair count rounded up to
+  //     expert_alignment); expert_offsets[num_local_experts] == *num_recv_tokens;
+  //   - within a group, the rows of source rank 0 come first, then those of rank 1, ...; the
+  //     order of one source's rows within a group is NOT defined: each dispatch call sets it on
+  //     the device (atomics) and records it in the handle, so the combine with that handle reads
+  //     the right rows; two calls with the same routing (a cached re-dispatch included) may order
+  //     them differently (match rows by recv_src_idx, unique within one source's part); then the
+  //     padding rows;
+  //   - a padding row holds zero data (and zero scales), recv_src_idx -1, top-k ids -1 and
+  //     weights 0;
+  //   - recv_topk_idx / recv_topk_weights keep their [rows, num_topk] shape: a pair row holds its
+  //     own entry k (the local expert id e, and that entry's weight) and -1 / 0 in every other
+  //     column. So the row's weight is the sum of its weight row, and summing weight rows per
+  //     token gives each k's weight exactly once (as rank-major does);
+  //   - recv_rank_prefix is nullptr (rows are not grouped by source).
+  // The routing must come from top-k (topk.idx set, or a cached dispatch on a handle laid out
+  // from top-k). Rows needed = sum over local experts of the aligned pair counts; more than
+  // BufferConfig::ht_recv_rows fails the call on every rank (see there; the buffer is then
+  // unusable). Combine with a handle dispatched expert-major reads this layout (CombineArgs).
+  // Dispatch from top-k only (it needs each token's experts); exact_count, recv_x_out and FP8
+  // work as in rank-major.
+  bool expert_major = false;
+
   // Exact mode: block the host until the received-row count is known and return it in
   // DispatchResult::num_recv_tokens_host (and the per-expert counts in
   // num_recv_tokens_per_expert_host). Not capturable in a CUDA graph. The wait is bounded by
@@ -138,8 +166,6 @@ struct DispatchArgs {
 
   int num_sms = kAuto;  // SM budget of this call; kAuto = the buffer's default
 
-  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-em).
-  bool expert_major = false;
 };
 
 // Validity of the views. Every pointer below is the same on every call with the same buffer and
@@ -166,22 +192,24 @@ struct DispatchResult {
   const int32_t* num_recv_tokens = nullptr;             // [1]
   const int32_t* recv_rank_prefix = nullptr;            // [num_ranks + 1] row offsets by source
   const int32_t* num_recv_tokens_per_expert = nullptr;  // [num_local_experts], aligned
+  // expert_major only, else nullptr: [num_local_experts + 1] first row of each local expert's
+  // group (multiples of expert_alignment); the last entry is the number of rows. Device, owned
+  // by the handle.
+  const int32_t* expert_offsets = nullptr;
 
   int64_t num_recv_tokens_host = -1;  // exact mode only, else -1
   // Exact mode only, else nullptr: host memory owned by the handle, [num_local_experts], the
   // same values as num_recv_tokens_per_expert (aligned). Valid until the next dispatch with the
   // handle.
   const int32_t* num_recv_tokens_per_expert_host = nullptr;
-  // Rows the views can hold: exactly num_ranks * BufferConfig::max_tokens_per_rank (every rank
-  // sending all its tokens to one rank fits).
+  // Rows the views can hold: BufferConfig::ht_recv_rows, by default exactly num_ranks *
+  // max_tokens_per_rank (every rank sending all its tokens to one rank fits in rank-major).
   int64_t capacity = 0;
 
   // Where combine reads its input without a copy: write the expert outputs here as
   // [capacity, hidden] BF16, row i matching recv_x row i (symmetric memory).
   void* combine_input = nullptr;
 
-  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-em).
-  const int32_t* expert_offsets = nullptr;
 };
 
 struct CombineArgs {
@@ -195,6 +223,10 @@ struct CombineArgs {
   // given to dispatch's topk): the row from rank r is scaled by the sum of the weights of the
   // token's experts on rank r. Needs a handle laid out with top-k. Without it rows are summed as
   // they are.
+  // Expert-major handle (DispatchArgs::expert_major): x holds one row per (token, local expert)
+  // pair in the dispatch's row order (padding rows are never read); token t's output is the sum
+  // over its top-k entries k with a valid expert of scale_weights[t][k] (1 without them) times
+  // the row of (t, expert k), in float32, plus bias.
   const float* scale_weights = nullptr;
   // Optional bias [num_tokens, hidden] BF16, added once per token.
   const void* bias = nullptr;

@@ -52,7 +52,10 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
   if (c.max_tokens_per_rank > 0) {
     layout.has_ht = true;
     kernels::HtRegions& ht = layout.ht;
-    const uint64_t capacity = ranks * static_cast<uint64_t>(c.max_tokens_per_rank);
+    // resolveConfig() sets ht_recv_rows (kAuto: ranks * max_tokens, the rank-major worst case).
+    const uint64_t capacity = c.ht_recv_rows > 0
+                                  ? static_cast<uint64_t>(c.ht_recv_rows)
+                                  : ranks * static_cast<uint64_t>(c.max_tokens_per_rank);
     ht.capacity = static_cast<int64_t>(capacity);
     ht.recv_x = carver.take(capacity * hidden * 2);
     ht.recv_scales = carver.take(capacity * scales * sizeof(float));

@@ -161,8 +161,11 @@ std::string BufferCore::describeDeviceError(const kernels::DeviceErrorRecord& r)
            << "already holds its capacity of " << r.expected << " rows (a token may reach an "
            << "expert at most once); the row was dropped";
       } else {
-        os << op << " would receive " << r.observed << " rows, more than the buffer's capacity of "
-           << r.expected;
+        os << op << " would receive " << r.observed << " rows"
+           << (r.peer >= 0 ? " on rank " + std::to_string(r.peer) : std::string())
+           << ", more than the buffer's capacity of " << r.expected
+           << " (BufferConfig::ht_recv_rows; an expert-major dispatch needs one row per (token, "
+              "local expert) pair plus each group's padding to expert_alignment)";
       }
       break;
     case kernels::FailKind::kBadPeerData:

@@ -11,6 +11,7 @@
 
 #include "check.hpp"
 #include "core/arg_check.hpp"
+#include "ht/ht_expert_major.hpp"
 #include "kernels/launch.hpp"
 
 namespace epcomm {
@@ -112,6 +113,7 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
   h->recv_expert_counts = h->memory.as<int32_t>(o_recv_experts);
   h->host_expert_counts = MappedHostMemory(
       std::max<size_t>(static_cast<size_t>(b.num_local_experts), 1) * sizeof(int32_t));
+  allocateExpertMajorState(*h, c, b.num_local_experts);
   return h;
 }
 
@@ -245,6 +247,7 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                   "the handle's num_tokens (" + std::to_string(handle->num_tokens) +
                       ") for a cached dispatch");
   }
+  if (args.expert_major) checkExpertMajorDispatch(check, args, handle);
   if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtDispatch, check.message());
   const int sms = b.resolveSms(stream, kernels::OpId::kHtDispatch, args.num_sms, c.num_sms,
                                kDefaultHtSms, "DispatchArgs::num_sms");
@@ -258,6 +261,8 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   } else if (has_topk) {
     launchLayoutInto(b, args.topk, nullptr, args.num_tokens, h, stream);
   }
+  h.expert_major = args.expert_major;
+  if (args.expert_major) return dispatchExpertMajor(b, regions_, args, h, sms, stream);
 
   kernels::HtDispatchParams p{};
   p.peers = b.peers;
@@ -385,6 +390,9 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
     check.require(args.recv_topk_weights == nullptr || h->num_topk > 0,
                   "CombineArgs::recv_topk_weights", pointerText(args.recv_topk_weights),
                   "null for a handle laid out without top-k (its num_topk gives the row width)");
+    check.require(args.recv_topk_weights == nullptr || !h->expert_major,
+                  "CombineArgs::recv_topk_weights", pointerText(args.recv_topk_weights),
+                  "null for a handle dispatched expert-major (not supported there yet)");
   }
   check.require((args.recv_topk_weights == nullptr) == (args.combined_topk_weights == nullptr),
                 "CombineArgs::combined_topk_weights", pointerText(args.combined_topk_weights),
@@ -419,6 +427,10 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
                                  h->num_recv,
                                  ht.capacity};
     kernels::launchCopyRows(copy, sms, stream);
+  }
+  if (h->expert_major) {
+    combineExpertMajor(b, ht, args, *h, sms, stream);
+    return;
   }
   uint64_t recv_weights_offset = 0;
   if (args.recv_topk_weights != nullptr) {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iterator>
+#include <map>
 #include <stdexcept>
 #include <utility>
 
@@ -382,6 +383,189 @@ std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int sr
       const uint16_t* y =
           combine_inputs[d].data() + static_cast<size_t>(first_row[d] + slot) * hidden;
       for (int c = 0; c < hidden; ++c) acc[c] += w * static_cast<double>(bf16ToFloat(y[c]));
+    }
+    for (int c = 0; c < hidden; ++c) {
+      const size_t i = static_cast<size_t>(t) * hidden + c;
+      if (bias) acc[c] += static_cast<double>(bf16ToFloat(bias[i]));
+      out[i] = static_cast<float>(acc[c]);
+    }
+  }
+  return out;
+}
+
+// ----- HT expert-major -----------------------------------------------------------------------
+
+HtExpertMajorRef referenceHtDispatchExpertMajor(const std::vector<RankInputs>& all, int dst_rank,
+                                                int num_experts, int num_topk,
+                                                int expert_alignment) {
+  const char* fn = "referenceHtDispatchExpertMajor";
+  checkInputs(fn, all, 0, num_experts, num_topk);
+  checkRank(fn, dst_rank, all.size());
+  if (expert_alignment < 1) fail(fn, "expert_alignment must be >= 1");
+  const int num_ranks = static_cast<int>(all.size());
+  const int local = num_experts / num_ranks;
+
+  HtExpertMajorRef ref;
+  ref.expert_offsets.assign(local + 1, 0);
+  ref.tokens_per_local_expert.assign(local, 0);
+  ref.pairs_per_local_expert.assign(local, 0);
+  ref.part_begin.assign(static_cast<size_t>(local) * (num_ranks + 1), 0);
+  for (int l = 0; l < local; ++l) {
+    const int64_t expert = static_cast<int64_t>(dst_rank) * local + l;
+    ref.expert_offsets[l] = ref.num_rows;
+    for (int s = 0; s < num_ranks; ++s) {
+      ref.part_begin[static_cast<size_t>(l) * (num_ranks + 1) + s] =
+          static_cast<int>(ref.src_rank.size());
+      const RankInputs& in = all[s];
+      for (int t = 0; t < in.num_tokens; ++t) {
+        const int64_t* ids = in.topk_idx.data() + static_cast<size_t>(t) * num_topk;
+        for (int k = 0; k < num_topk; ++k) {
+          if (effectiveExpert(ids, k) != expert) continue;
+          ref.src_rank.push_back(s);
+          ref.src_token.push_back(t);
+          ref.topk_col.push_back(k);
+        }
+      }
+    }
+    const int pairs = static_cast<int>(ref.src_rank.size()) - ref.num_rows;
+    const int aligned = (pairs + expert_alignment - 1) / expert_alignment * expert_alignment;
+    ref.part_begin[static_cast<size_t>(l) * (num_ranks + 1) + num_ranks] =
+        static_cast<int>(ref.src_rank.size());
+    ref.pairs_per_local_expert[l] = pairs;
+    ref.tokens_per_local_expert[l] = aligned;
+    ref.src_rank.resize(ref.num_rows + aligned, -1);
+    ref.src_token.resize(ref.num_rows + aligned, -1);
+    ref.topk_col.resize(ref.num_rows + aligned, -1);
+    ref.num_rows += aligned;
+  }
+  ref.expert_offsets[local] = ref.num_rows;
+  return ref;
+}
+
+::testing::AssertionResult checkHtExpertMajorRows(const std::vector<RankInputs>& all,
+                                                  const HtExpertMajorRef& ref,
+                                                  const HtExpertMajorView& actual, int dst_rank,
+                                                  int num_experts, int hidden, int num_topk,
+                                                  std::vector<int>* row_origin) {
+  const int num_ranks = static_cast<int>(all.size());
+  const int local = num_experts / num_ranks;
+  const int blocks = hidden / kFp8BlockSize;
+  if (actual.num_rows != ref.num_rows)
+    return ::testing::AssertionFailure()
+           << "rank " << dst_rank << ": " << actual.num_rows << " rows, expected " << ref.num_rows;
+  ::testing::AssertionResult r = compareExact(actual.expert_offsets, ref.expert_offsets.data(), 1,
+                                              local + 1, "expert_offsets");
+  if (!r) return r;
+  r = compareExact(actual.tokens_per_expert, ref.tokens_per_local_expert.data(), 1, local,
+                   "num_recv_tokens_per_expert");
+  if (!r) return r;
+
+  std::vector<int> origin(ref.num_rows, -1);
+  for (int l = 0; l < local; ++l) {
+    for (int s = 0; s < num_ranks; ++s) {
+      const int begin = ref.part_begin[static_cast<size_t>(l) * (num_ranks + 1) + s];
+      const int end = ref.part_begin[static_cast<size_t>(l) * (num_ranks + 1) + s + 1];
+      // A token has at most one pair per expert: its source index identifies the row.
+      std::map<int, int> want;  // token -> reference row
+      for (int i = begin; i < end; ++i) want[ref.src_token[i]] = i;
+      for (int i = begin; i < end; ++i) {
+        const int t = actual.src_idx[i];
+        auto it = want.find(t);
+        if (it == want.end())
+          return ::testing::AssertionFailure()
+                 << "rank " << dst_rank << ", local expert " << l << ", source " << s << ": row "
+                 << i << " has recv_src_idx " << t
+                 << ", which is not (or twice) a token of that source with that expert";
+        origin[i] = it->second;
+        want.erase(it);
+      }
+    }
+  }
+  for (int i = 0; i < ref.num_rows; ++i) {
+    const std::string where = "rank " + std::to_string(dst_rank) + ", row " + std::to_string(i);
+    const int o = origin[i];
+    if (o < 0) {  // padding
+      if (actual.src_idx[i] != -1)
+        return ::testing::AssertionFailure()
+               << where << " (padding): recv_src_idx " << actual.src_idx[i] << ", expected -1";
+      for (int c = 0; c < hidden; ++c) {
+        const bool zero = actual.x_bf16 ? actual.x_bf16[static_cast<size_t>(i) * hidden + c] == 0
+                                        : actual.x_fp8[static_cast<size_t>(i) * hidden + c] == 0;
+        if (!zero)
+          return ::testing::AssertionFailure()
+                 << where << " (padding): column " << c << " is not zero";
+      }
+      for (int b = 0; actual.scales && b < blocks; ++b) {
+        if (actual.scales[static_cast<size_t>(i) * blocks + b] != 0.0f)
+          return ::testing::AssertionFailure()
+                 << where << " (padding): scale " << b << " is not zero";
+      }
+      for (int k = 0; actual.topk_idx && k < num_topk; ++k) {
+        const size_t j = static_cast<size_t>(i) * num_topk + k;
+        if (actual.topk_idx[j] != -1 || actual.topk_weights[j] != 0.0f)
+          return ::testing::AssertionFailure()
+                 << where << " (padding): top-k column " << k << " holds id " << actual.topk_idx[j]
+                 << " weight " << actual.topk_weights[j] << ", expected -1 and 0";
+      }
+      continue;
+    }
+    const int s = ref.src_rank[o], t = ref.src_token[o], kk = ref.topk_col[o];
+    const std::string pair = where + " (rank " + std::to_string(s) + ", token " +
+                             std::to_string(t) + ", k " + std::to_string(kk) + ")";
+    const size_t x0 = static_cast<size_t>(t) * hidden;
+    if (actual.x_bf16) {
+      r = compareBf16Exact(actual.x_bf16 + static_cast<size_t>(i) * hidden,
+                           all[s].x_bf16.data() + x0, 1, hidden, true);
+      if (!r) return ::testing::AssertionFailure() << pair << ": " << r.message();
+    } else {
+      r = compareExact(actual.x_fp8 + static_cast<size_t>(i) * hidden, all[s].x_fp8.data() + x0, 1,
+                       hidden, "FP8 row");
+      if (!r) return ::testing::AssertionFailure() << pair << ": " << r.message();
+      r = compareExact(actual.scales + static_cast<size_t>(i) * blocks,
+                       all[s].x_scales.data() + static_cast<size_t>(t) * blocks, 1, blocks,
+                       "scales");
+      if (!r) return ::testing::AssertionFailure() << pair << ": " << r.message();
+    }
+    if (actual.topk_idx) {
+      const int64_t* ids = all[s].topk_idx.data() + static_cast<size_t>(t) * num_topk;
+      for (int k = 0; k < num_topk; ++k) {
+        const size_t j = static_cast<size_t>(i) * num_topk + k;
+        const int64_t want_id = k == kk ? ids[k] - static_cast<int64_t>(dst_rank) * local : -1;
+        const float want_w =
+            k == kk ? all[s].topk_weights[static_cast<size_t>(t) * num_topk + k] : 0.0f;
+        if (actual.topk_idx[j] != want_id || actual.topk_weights[j] != want_w)
+          return ::testing::AssertionFailure()
+                 << pair << ": top-k column " << k << " holds id " << actual.topk_idx[j]
+                 << " weight " << formatFloat(actual.topk_weights[j]) << ", expected " << want_id
+                 << " and " << formatFloat(want_w);
+      }
+    }
+  }
+  if (row_origin) *row_origin = origin;
+  return ::testing::AssertionSuccess();
+}
+
+std::vector<float> referenceHtCombineExpertMajor(
+    const std::vector<RankInputs>& all, int src_rank, int num_experts, int num_topk,
+    const std::function<float(int global_expert, int src_rank, int src_token, int col)>&
+        expert_output,
+    int hidden, bool weighted, const uint16_t* bias) {
+  const char* fn = "referenceHtCombineExpertMajor";
+  checkInputs(fn, all, 0, num_experts, num_topk);
+  checkRank(fn, src_rank, all.size());
+  if (hidden < 1) fail(fn, "hidden must be >= 1");
+  const RankInputs& in = all[src_rank];
+  std::vector<float> out(static_cast<size_t>(in.num_tokens) * hidden);
+  std::vector<double> acc(hidden);
+  for (int t = 0; t < in.num_tokens; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    const int64_t* ids = in.topk_idx.data() + static_cast<size_t>(t) * num_topk;
+    for (int k = 0; k < num_topk; ++k) {
+      const int64_t e = effectiveExpert(ids, k);
+      if (e < 0) continue;
+      const double w = weighted ? in.topk_weights[static_cast<size_t>(t) * num_topk + k] : 1.0;
+      for (int c = 0; c < hidden; ++c)
+        acc[c] += w * expert_output(static_cast<int>(e), src_rank, t, c);
     }
     for (int c = 0; c < hidden; ++c) {
       const size_t i = static_cast<size_t>(t) * hidden + c;

@@ -112,6 +112,64 @@ std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int sr
                                       const uint16_t* bias,
                                       const std::vector<LayoutRef>* routing = nullptr);
 
+// ----- HT expert-major dispatch / combine (DispatchArgs::expert_major) ----------------------
+
+// What destination rank d receives in expert-major mode. Group l (local expert l) starts at
+// expert_offsets[l] (a multiple of expert_alignment) and holds one row per (token, expert l)
+// pair: the part of source 0, then of source 1, ..., then padding up to the aligned size. Within
+// one source's part the op's row order is not defined; the reference lists it by increasing
+// token. part_begin[l * (R + 1) + s] is the first row of source s's part of group l;
+// part_begin[l * (R + 1) + R] is the first padding row of group l.
+struct HtExpertMajorRef {
+  int num_rows = 0;                          // padding included; == expert_offsets[L]
+  std::vector<int> expert_offsets;           // [L + 1]
+  std::vector<int> tokens_per_local_expert;  // [L] aligned group sizes
+  std::vector<int> pairs_per_local_expert;   // [L] pairs (unaligned)
+  std::vector<int> part_begin;               // [L * (R + 1)]
+  // Per row, in the reference order: source rank, source token and top-k column k of the pair
+  // (all -1 for padding rows).
+  std::vector<int> src_rank, src_token, topk_col;
+};
+
+HtExpertMajorRef referenceHtDispatchExpertMajor(const std::vector<RankInputs>& all, int dst_rank,
+                                                int num_experts, int num_topk,
+                                                int expert_alignment);
+
+// Host copies of an expert-major dispatch result on one rank (rows = the GPU's row count).
+struct HtExpertMajorView {
+  int num_rows = 0;                            // *num_recv_tokens
+  const int32_t* expert_offsets = nullptr;     // [L + 1]
+  const int32_t* tokens_per_expert = nullptr;  // [L] num_recv_tokens_per_expert
+  const int32_t* src_idx = nullptr;            // [num_rows] recv_src_idx
+  const uint16_t* x_bf16 = nullptr;            // [num_rows, hidden] BF16 dispatch, else nullptr
+  const uint8_t* x_fp8 = nullptr;              // [num_rows, hidden] FP8 dispatch, else nullptr
+  const float* scales = nullptr;               // [num_rows, hidden / 128] FP8 only
+  const int64_t* topk_idx = nullptr;           // [num_rows, num_topk] (as int64) or nullptr
+  const float* topk_weights = nullptr;         // [num_rows, num_topk] or nullptr
+};
+
+// Checks an expert-major dispatch on rank `dst_rank` against `ref`: offsets, sizes and row
+// count; per (group, source) part the multiset of source tokens; every pair row's data (bit
+// exact), scales, top-k row (its own column k: local id and weight, others -1 and 0) and source
+// index; every padding row zero with src -1, ids -1, weights 0. On success, *row_origin (if not
+// null) gets, per GPU row, the index of the matching reference row (-1 for padding), so a caller
+// can name each GPU row's (source rank, token, k).
+::testing::AssertionResult checkHtExpertMajorRows(const std::vector<RankInputs>& all,
+                                                  const HtExpertMajorRef& ref,
+                                                  const HtExpertMajorView& actual, int dst_rank,
+                                                  int num_experts, int hidden, int num_topk,
+                                                  std::vector<int>* row_origin = nullptr);
+
+// What source rank s gets back from an expert-major combine, [N_s*hidden] as float:
+//   out[t][c] = sum over k (valid entry under the routing policy, expert e_k) of
+//               w * expert_output(e_k, s, t, c) + bias[t][c]
+// with w = topk_weights[t][k] when `weighted`, else 1. Accumulated in double.
+std::vector<float> referenceHtCombineExpertMajor(
+    const std::vector<RankInputs>& all, int src_rank, int num_experts, int num_topk,
+    const std::function<float(int global_expert, int src_rank, int src_token, int col)>&
+        expert_output,
+    int hidden, bool weighted, const uint16_t* bias);
+
 // ----- LL dispatch / combine ----------------------------------------------------------------
 
 // The rows one local expert receives. The row order within an expert is not defined, so this is

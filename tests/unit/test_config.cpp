@@ -450,6 +450,34 @@ TEST_F(ConfigTest, ABufferForOneModeOnlyIsAccepted) {
                                 2));
 }
 
+// BufferConfig::ht_recv_rows: kAuto is the rank-major worst case; a larger value (expert-major
+// output) is kept; a smaller one, or one past int32, is rejected naming the field and the bound.
+TEST_F(ConfigTest, HtRecvRows) {
+  for (int ranks : {1, 2, 8}) {
+    EXPECT_EQ(resolveConfig(BufferConfig{}, ranks).config.ht_recv_rows, int64_t{ranks} * 4096);
+    EXPECT_EQ(resolveConfig(with([](BufferConfig& c) { c.ht_recv_rows = 100000; }), ranks)
+                  .config.ht_recv_rows,
+              100000);
+  }
+  for (int64_t bad : {int64_t{8191}, int64_t{0}, int64_t{1} << 31}) {
+    try {
+      resolveConfig(with([bad](BufferConfig& c) { c.ht_recv_rows = bad; }), 2);
+      ADD_FAILURE() << "ht_recv_rows = " << bad << " accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("BufferConfig::ht_recv_rows"), std::string::npos)
+          << e.what();
+      EXPECT_NE(std::string(e.what()).find("8192"), std::string::npos) << e.what();
+    }
+  }
+  // Without HT the field is not used.
+  EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) {
+                                  c.max_tokens_per_rank = 0;
+                                  c.ll_max_tokens_per_rank = 8;
+                                  c.ht_recv_rows = 1;
+                                }),
+                                2));
+}
+
 TEST_F(ConfigTest, MemModeInAnyCase) {
   for (const char* name : {"FABRIC", "Posix_Fd", "CUDA_IPC", "Auto"}) {
     SCOPED_TRACE(name);

@@ -616,6 +616,177 @@ std::vector<RankInputs> duplicateProblem() {
           makeRank3(1, {0, 2, 0}, {0.25f, 0.5f, 0.75f})};
 }
 
+// ----- HT expert-major ------------------------------------------------------------------------
+// handProblem(): rank 0 owns experts 0, 1; rank 1 owns 2, 3.
+//   rank 0: t0 [1, 2]  t1 [-1, -1]  t2 [3, 2]  t3 [0, -1]
+//   rank 1: t0 [2, 0]  t1 [1, 0]    t2 [-1, 3]
+// Rank 0 t2 has both its experts on rank 1: it arrives there twice.
+
+TEST(ReferenceHtExpertMajor, HandComputedRank0) {
+  const auto all = handProblem();
+  const HtExpertMajorRef ref = referenceHtDispatchExpertMajor(all, 0, kE, kK, 1);
+  // Expert 0: (0,t3,k0) | (1,t0,k1) (1,t1,k1); expert 1: (0,t0,k0) | (1,t1,k0).
+  EXPECT_EQ(ref.num_rows, 5);
+  EXPECT_EQ(ref.expert_offsets, (std::vector<int>{0, 3, 5}));
+  EXPECT_EQ(ref.tokens_per_local_expert, (std::vector<int>{3, 2}));
+  EXPECT_EQ(ref.pairs_per_local_expert, (std::vector<int>{3, 2}));
+  EXPECT_EQ(ref.part_begin, (std::vector<int>{0, 1, 3, 3, 4, 5}));
+  EXPECT_EQ(ref.src_rank, (std::vector<int>{0, 1, 1, 0, 1}));
+  EXPECT_EQ(ref.src_token, (std::vector<int>{3, 0, 1, 0, 1}));
+  EXPECT_EQ(ref.topk_col, (std::vector<int>{0, 1, 1, 0, 0}));
+}
+
+TEST(ReferenceHtExpertMajor, TokenWithTwoLocalExpertsArrivesTwiceAndPaddingAligns) {
+  const auto all = handProblem();
+  const HtExpertMajorRef one = referenceHtDispatchExpertMajor(all, 1, kE, kK, 1);
+  // Expert 2: (0,t0,k1) (0,t2,k1) | (1,t0,k0); expert 3: (0,t2,k0) | (1,t2,k1).
+  EXPECT_EQ(one.expert_offsets, (std::vector<int>{0, 3, 5}));
+  EXPECT_EQ(one.src_rank, (std::vector<int>{0, 0, 1, 0, 1}));
+  EXPECT_EQ(one.src_token, (std::vector<int>{0, 2, 0, 2, 2}));
+  EXPECT_EQ(one.topk_col, (std::vector<int>{1, 1, 0, 0, 1}));
+  const HtExpertMajorRef four = referenceHtDispatchExpertMajor(all, 1, kE, kK, 4);
+  EXPECT_EQ(four.num_rows, 8);
+  EXPECT_EQ(four.expert_offsets, (std::vector<int>{0, 4, 8}));
+  EXPECT_EQ(four.tokens_per_local_expert, (std::vector<int>{4, 4}));
+  EXPECT_EQ(four.pairs_per_local_expert, (std::vector<int>{3, 2}));
+  EXPECT_EQ(four.part_begin, (std::vector<int>{0, 2, 3, 4, 5, 6}));
+  EXPECT_EQ(four.src_rank, (std::vector<int>{0, 0, 1, -1, 0, 1, -1, -1}));
+  EXPECT_EQ(four.src_token, (std::vector<int>{0, 2, 0, -1, 2, 2, -1, -1}));
+  EXPECT_EQ(four.topk_col, (std::vector<int>{1, 1, 0, -1, 0, 1, -1, -1}));
+}
+
+TEST(ReferenceHtExpertMajor, DuplicatesCountOnceAndZeroTokenRanks) {
+  const auto dup = duplicateProblem();
+  // rank 0 t0 [1, 1, 2] -> expert 1 once (k0); rank 1 t0 [0, 2, 0] -> expert 0 once (k0).
+  const HtExpertMajorRef ref = referenceHtDispatchExpertMajor(dup, 0, kE, 3, 1);
+  EXPECT_EQ(ref.expert_offsets, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(ref.src_rank, (std::vector<int>{1, 0}));
+  EXPECT_EQ(ref.topk_col, (std::vector<int>{0, 0}));
+  // A rank with 0 tokens sends nothing; with alignment 8 every empty group stays empty.
+  std::vector<RankInputs> empty = {makeRank(0, {}, {}), makeRank(1, {}, {})};
+  const HtExpertMajorRef none = referenceHtDispatchExpertMajor(empty, 1, kE, kK, 8);
+  EXPECT_EQ(none.num_rows, 0);
+  EXPECT_EQ(none.expert_offsets, (std::vector<int>{0, 0, 0}));
+}
+
+TEST(ReferenceHtExpertMajor, CombineSumsOneWeightedRowPerExpert) {
+  const auto all = handProblem();
+  // Expert output e + 1 in every column.
+  auto y = [](int e, int, int, int) { return static_cast<float>(e + 1); };
+  const std::vector<float> w0 = referenceHtCombineExpertMajor(all, 0, kE, kK, y, kH, true, nullptr);
+  EXPECT_EQ(w0[0 * kH + 7], 0.5f * 2 + 0.25f * 3);   // t0: experts 1, 2
+  EXPECT_EQ(w0[1 * kH + 7], 0.0f);                   // t1: routed nowhere
+  EXPECT_EQ(w0[2 * kH + 7], 0.5f * 4 + 0.125f * 3);  // t2: experts 3, 2, both on rank 1
+  const std::vector<float> u0 =
+      referenceHtCombineExpertMajor(all, 0, kE, kK, y, kH, false, nullptr);
+  EXPECT_EQ(u0[2 * kH + 7], 4.0f + 3.0f);  // one row per expert, not one per rank
+  std::vector<uint16_t> bias(4 * kH, bf(0.5f));
+  const std::vector<float> b0 =
+      referenceHtCombineExpertMajor(all, 0, kE, kK, y, kH, false, bias.data());
+  EXPECT_EQ(b0[1 * kH + 7], 0.5f);
+  const auto dup = duplicateProblem();
+  const std::vector<float> d0 = referenceHtCombineExpertMajor(dup, 0, kE, 3, y, kH, true, nullptr);
+  EXPECT_EQ(d0[1 * kH + 3], 0.5f * 4);  // t1 [3, 3, 3]: the first weight only
+}
+
+// Builds what a correct GPU would return on rank 1 with alignment 4, from the inputs directly.
+struct FakeExpertMajorResult {
+  std::vector<int32_t> offsets{0, 4, 8}, sizes{4, 4}, src;
+  std::vector<uint16_t> x;
+  std::vector<int64_t> idx;
+  std::vector<float> w;
+  HtExpertMajorView view() const {
+    HtExpertMajorView v;
+    v.num_rows = static_cast<int>(src.size());
+    v.expert_offsets = offsets.data();
+    v.tokens_per_expert = sizes.data();
+    v.src_idx = src.data();
+    v.x_bf16 = x.data();
+    v.topk_idx = idx.data();
+    v.topk_weights = w.data();
+    return v;
+  }
+};
+
+FakeExpertMajorResult fakeRank1(const std::vector<RankInputs>& all) {
+  // Rows: (0,t2,k1) (0,t0,k1) [source 0's part swapped: any order is valid] (1,t0,k0) pad |
+  //       (0,t2,k0) (1,t2,k1) pad pad
+  const int rows[8][3] = {{0, 2, 1}, {0, 0, 1}, {1, 0, 0},    {-1, -1, -1},
+                          {0, 2, 0}, {1, 2, 1}, {-1, -1, -1}, {-1, -1, -1}};
+  FakeExpertMajorResult f;
+  for (const auto& r : rows) {
+    f.src.push_back(r[1]);
+    for (int c = 0; c < kH; ++c)
+      f.x.push_back(r[0] < 0 ? 0 : all[r[0]].x_bf16[static_cast<size_t>(r[1]) * kH + c]);
+    for (int k = 0; k < kK; ++k) {
+      const bool own = r[0] >= 0 && k == r[2];
+      const size_t i = static_cast<size_t>(r[1]) * kK + k;
+      f.idx.push_back(own ? all[r[0]].topk_idx[i] - 2 : -1);
+      f.w.push_back(own ? all[r[0]].topk_weights[i] : 0.0f);
+    }
+  }
+  return f;
+}
+
+TEST(ReferenceHtExpertMajor, RowCheckAcceptsAnyOrderWithinAPartAndNamesOrigins) {
+  const auto all = handProblem();
+  const HtExpertMajorRef ref = referenceHtDispatchExpertMajor(all, 1, kE, kK, 4);
+  const FakeExpertMajorResult f = fakeRank1(all);
+  std::vector<int> origin;
+  EXPECT_TRUE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK, &origin));
+  EXPECT_EQ(origin, (std::vector<int>{1, 0, 2, -1, 4, 5, -1, -1}));
+}
+
+TEST(ReferenceHtExpertMajor, RowCheckFindsEachKindOfError) {
+  const auto all = handProblem();
+  const HtExpertMajorRef ref = referenceHtDispatchExpertMajor(all, 1, kE, kK, 4);
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.src[3] = 0;  // padding row claims a source
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.x[3 * kH + 5] = bf(1.0f);  // padding data not zero
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    // Rows 1 (source 0, t0) and 2 (source 1, t0) swapped: same token index, wrong part.
+    std::swap(f.src[1], f.src[2]);
+    std::swap_ranges(f.x.begin() + 1 * kH, f.x.begin() + 2 * kH, f.x.begin() + 2 * kH);
+    std::swap_ranges(f.idx.begin() + 1 * kK, f.idx.begin() + 2 * kK, f.idx.begin() + 2 * kK);
+    std::swap_ranges(f.w.begin() + 1 * kK, f.w.begin() + 2 * kK, f.w.begin() + 2 * kK);
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.x[4 * kH + 9] ^= 1;  // data of a pair row
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.idx[4 * kK + 1] = 1;  // another column of the pair row set
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.w[5 * kK + 1] = 0.0f;  // its own weight lost
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.offsets[1] = 3;  // offsets not aligned
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.src.pop_back();  // one row short
+    f.x.resize(f.x.size() - kH);
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+}
+
 TEST(ReferenceDuplicates, EffectiveExpert) {
   const std::vector<int64_t> ids = {3, -1, 3, 5, 5, -1, 2};
   const std::vector<int64_t> want = {3, -1, -1, 5, -1, -1, 2};
