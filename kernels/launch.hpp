@@ -129,10 +129,13 @@ struct LlParams {
   int32_t num_topk;
   const float* topk_weights;
   int32_t use_fp8;
-  uint32_t signature;  // llSignature() of this call (dispatch send and receive)
+  uint32_t signature;               // llSignature() of this call (dispatch send and receive)
+  int32_t* cumulative_recv_counts;  // [L] or nullptr: += this call's (token, expert) rows
   // combine inputs/outputs
-  const uint16_t* expert_out;  // [L, rows_per_expert, H] BF16
-  uint16_t* out;               // [N, H] BF16
+  const uint16_t* expert_out;    // [L, rows_per_expert, H] BF16
+  uint16_t* out;                 // [N, H] BF16
+  const float* combine_weights;  // [N, num_topk] combine-time weights, or nullptr
+  uint32_t weights_mode;         // kLlWeightsNone / kLlWeightsPushed / kLlWeightsNoTokens
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -162,6 +165,10 @@ void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t st
 // At most one block per token (idle blocks would only add arrivals to the last-block count).
 void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlDispatchRecv(const LlParams& params, int sm_budget, cudaStream_t stream);
+// Pushes this rank's combine-time weights (params.combine_weights, [num_tokens, num_topk]) to
+// every rank its tokens went to, then posts the combine-weights flag; launched before
+// launchLlCombineSend when LlCombineArgs::topk_weights is given. One warp per token.
+void launchLlCombineWeights(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlCombineSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 // Reduces num_tokens x (hidden / kLlSegmentCols) segments, one warp each; `num_tokens` is this
 // rank's token count of the matching dispatch.
