@@ -37,7 +37,7 @@ struct LlCase {
   bool fp8 = false;
   IndexType idx_type = IndexType::kInt64;
   uint64_t seed = 17;
-  int all_one_expert = -1;  // >= 0: every top-k entry of every token is this expert
+  int all_one_expert = -1;      // >= 0: every top-k entry of every token is this expert
   bool nowhere_tokens = false;  // tokens t % 5 == 2 have every entry -1 (routed nowhere)
   WeightsAt weights = WeightsAt::kDispatch;
   int num_sms = kAuto;      // LlDispatchArgs / LlCombineArgs::num_sms
@@ -49,8 +49,8 @@ struct LlCase {
 std::vector<float> combineWeightsOf(const RankInputs& in, uint64_t seed) {
   std::vector<float> w(in.topk_weights.size());
   for (size_t i = 0; i < w.size(); ++i) {
-    w[i] = 0.0625f + static_cast<float>(mix64(hashCombine(seed, in.rank * 1000003ull + i)) % 960) /
-                         1024.0f;
+    w[i] = 0.0625f +
+           static_cast<float>(mix64(hashCombine(seed, in.rank * 1000003ull + i)) % 960) / 1024.0f;
   }
   return w;
 }
@@ -210,7 +210,8 @@ std::vector<int32_t> checkLlDispatch(const LlDispatchResult& r, const std::vecto
         for (int col = 0; col < c.hidden; ++col) {
           const double x = bf16ToFloat(all[s].x_bf16[size_t(t) * c.hidden + col]);
           const double scale = view.scales[size_t(i) * (c.hidden / 128) + col / 128];
-          const double back = double{fp8E4m3ToFloat(view.x_fp8[size_t(i) * c.hidden + col])} * scale;
+          const double back =
+              double{fp8E4m3ToFloat(view.x_fp8[size_t(i) * c.hidden + col])} * scale;
           if (std::fabs(back - x) <= fp8DequantBound(x, scale)) continue;
           if (bad++ == 0) {
             first = "row " + std::to_string(i) + " (src rank " + std::to_string(s) + ", token " +
@@ -296,11 +297,10 @@ void runPair(EpBuffer& buffer, DeviceInputs& dev, const std::vector<RankInputs>&
     poisonLlViews(sent, local_experts, c, stream);  // stream-ordered after the send half
     buffer.sync(stream);
     // The send half does not produce the result: the views are untouched and the counts 0.
-    EXPECT_TRUE(stillPoisoned(sent.recv_x, size_t(local_experts) * sent.rows_per_expert *
-                                               c.hidden * (c.fp8 ? 1 : 2)))
+    EXPECT_TRUE(stillPoisoned(
+        sent.recv_x, size_t(local_experts) * sent.rows_per_expert * c.hidden * (c.fp8 ? 1 : 2)))
         << "the kSend half wrote LlDispatchResult::recv_x";
-    EXPECT_TRUE(
-        stillPoisoned(sent.recv_src_info, size_t(local_experts) * sent.rows_per_expert * 4))
+    EXPECT_TRUE(stillPoisoned(sent.recv_src_info, size_t(local_experts) * sent.rows_per_expert * 4))
         << "the kSend half wrote LlDispatchResult::recv_src_info";
     const std::vector<int32_t> zero =
         DeviceArray<int32_t>::downloadFrom(sent.num_recv_tokens_per_expert, local_experts);
@@ -540,8 +540,8 @@ TEST(LlDispatchCombine, GraphReplay) {
     buffer.sync(stream.get());
     const std::vector<float> expected = referenceLlCombine(
         all, me, c.experts, c.topk,
-        [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); },
-        c.hidden, combine_weights.data());
+        [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); }, c.hidden,
+        combine_weights.data());
     EXPECT_TRUE(
         compareBf16Near(out.download(size_t(all[me].num_tokens) * c.hidden), expected, c.hidden));
     if (anyRankFailed()) break;

@@ -487,7 +487,6 @@ TEST(MemModeNames, RejectsUnknownNamesNamingTheSource) {
   }
 }
 
-
 // ----- EpBuffer::bytesFor (issue 11 item 5) ---------------------------------------------------
 
 size_t alignTo(size_t v, size_t a) {

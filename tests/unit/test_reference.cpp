@@ -491,7 +491,8 @@ TEST(ReferenceFp8Cast, DequantizedValuesWithinTheStatedBound) {
     referenceFp8Cast(row.data(), hidden, q.data(), scales.data());
     for (int b = 0; b < hidden / 128; ++b) {
       float amax = 0.0f;
-      for (int c = b * 128; c < (b + 1) * 128; ++c) amax = std::fmax(amax, std::fabs(bf16ToFloat(row[c])));
+      for (int c = b * 128; c < (b + 1) * 128; ++c)
+        amax = std::fmax(amax, std::fabs(bf16ToFloat(row[c])));
       ASSERT_EQ(scales[b], std::fmax(amax, 1e-4f) / 448.0f) << "block " << b;
       for (int c = b * 128; c < (b + 1) * 128; ++c) {
         const double x = bf16ToFloat(row[c]);
