@@ -59,7 +59,11 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
-  const uint64_t epoch = callEpoch(own, kEpochLl);
+  // The round's epoch, set by its dispatch send (== callEpoch() in every normal round). Not
+  // callEpoch(): when the weights wait below finds that a peer rejected this combine it marks the
+  // call skipped, and a block of this grid starting after that must still use this call's
+  // epoch and parity.
+  const uint64_t epoch = own->ll_round_epoch;
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
@@ -91,9 +95,13 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
                     tid, -1, 1, 0);
         ok = false;
       }
-      s_pushed[tid] = theirs == kLlWeightsPushed;
+      s_pushed[tid] = ok && theirs == kLlWeightsPushed;
     }
-    if (!__syncthreads_and(ok)) return;
+    // A failure (timeout, abort, fault) ends the op. A peer that rejected this combine (the only
+    // other way a wait ends unready) does not: this rank still sends its partials and posts, so
+    // that no peer's combine receive waits on it until the deadline; rows from the rejecting
+    // rank use its dispatch weights, and nobody reads them (it skipped the call).
+    if (!__syncthreads_and(ok) && rankFailed(ctx)) return;
   }
   if (tid == 0) {
     // Rows staged from each source in this call (the posts arrived before dispatch recv ended,
