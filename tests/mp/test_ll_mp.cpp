@@ -745,6 +745,48 @@ TEST(LlBadInput, CombineWeightsOnOneRankOnlyFailsEveryRank) {
   EXPECT_LT(o.seconds, 5.0) << o.what;
 }
 
+// A rank that rejects its combine on the host while the others pushed combine weights: the
+// others' combine send waits for that rank's weights, sees the rejection, still posts (so no
+// one waits to the deadline), and the buffer stays usable: a full pair afterwards is correct.
+TEST(LlBadInput, CombineRejectedWhileOthersPushWeights) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  selectDevice(bs);
+  const int me = bs.rank();
+  LlCase c;
+  c.hidden = 512;
+  c.experts = 16;
+  c.max_tokens = 16;
+  c.tokens = 16;
+  c.weights = WeightsAt::kCombine;
+  if (c.experts % bs.size() != 0) GTEST_SKIP();
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 16));
+  DeviceInputs dev(c);
+  dev.upload(all[me]);
+  dev.combine_weights.upload(combineWeightsOf(all[me], 16));
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  EpBuffer buffer(bs, config);
+  TestStream stream;
+  DeviceArray<uint16_t> y(size_t(c.experts / bs.size()) * bs.size() * c.max_tokens * c.hidden);
+  DeviceArray<uint16_t> out(size_t(c.max_tokens) * c.hidden);
+  const CallOutcome o = runTimed([&] {
+    buffer.lowLatencyDispatch(dev.args(all[me], c), stream.get());
+    LlCombineArgs a = dev.combineArgs(c, y.get(), out.get());
+    if (me == 0) a.x = nullptr;  // rejected on the host
+    buffer.lowLatencyCombine(a, stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " finished a combine rank 0 rejected";
+  EXPECT_EQ(o.code, me == 0 ? ErrorCode::kInvalidArgument : ErrorCode::kRemote) << o.what;
+  EXPECT_LT(o.seconds, 5.0) << "a rank waited for the deadline: " << o.what;
+  if (anyRankFailed()) return;
+  LlDispatchResult last{};
+  runPair(buffer, dev, generateProblem(specOf(c, bs.size(), 17)), c, false, stream.get(), &last,
+          "pair after the rejection");
+}
+
 TEST(LlBadInput, RejectedBeforeLaunch) {
   EPCOMM_REQUIRE_GPU();
   Bootstrap& bs = *mpiBootstrap();
