@@ -129,13 +129,15 @@ struct LlParams {
   int32_t num_topk;
   const float* topk_weights;
   int32_t use_fp8;
-  uint32_t signature;               // llSignature() of this call (dispatch send and receive)
-  int32_t* cumulative_recv_counts;  // [L] or nullptr: += this call's (token, expert) rows
+  uint32_t signature;  // llSignature() of this call (dispatch send and receive)
   // combine inputs/outputs
-  const uint16_t* expert_out;    // [L, rows_per_expert, H] BF16
-  uint16_t* out;                 // [N, H] BF16
-  const float* combine_weights;  // [N, num_topk] combine-time weights, or nullptr
-  uint32_t weights_mode;         // kLlWeightsNone / kLlWeightsPushed / kLlWeightsNoTokens
+  const uint16_t* expert_out;  // [L, rows_per_expert, H] BF16
+  uint16_t* out;               // [N, H] BF16
+
+  // Issue 11: cumulative receive counts (dispatch receive) and combine-time weights.
+  int32_t* cumulative_recv_counts;  // [L] or nullptr: += this call's (token, expert) rows
+  const float* combine_weights;     // [N, num_topk] combine-time weights, or nullptr
+  uint32_t weights_mode;            // kLlWeightsNone / kLlWeightsPushed / kLlWeightsNoTokens
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ namespace epcomm::kernels {
 namespace {
 
 constexpr WaitPhase kPhaseCombinePost = WaitPhase::kLlCombinePost;
-constexpr WaitPhase kPhaseCombineWeights = WaitPhase::kLlCombineWeights;
+constexpr WaitPhase kPhaseCombineWeights = WaitPhase::kLlWeightsPost;
 
 // Combine-time weights (LlCombineArgs::topk_weights). The expert side sums weighted rows before
 // sending one partial per (token, rank), so the owner's weights must reach it first: one warp

@@ -78,16 +78,16 @@ enum class FailKind : int32_t {
 
 // The point of an op at which a device thread waited (or found bad data), for the error record.
 enum class WaitPhase : int32_t {
-  kNone = 0,          // input checks outside any wait
-  kBarrierArrival,    // barrier: a peer's arrival
-  kHtCounts,          // HT dispatch: the count matrix (and call signatures) from every peer
-  kHtRowsWritten,     // HT dispatch: "my rows are written" from every source
-  kHtExpertCounts,    // HT dispatch: the per-expert counts from every source
-  kHtCombineReady,    // HT combine: a peer's combine input is ready to pull
-  kHtCombineDone,     // HT combine: a peer finished pulling from this rank
-  kLlDispatchPost,    // LL dispatch receive: a source's rows-sent post
-  kLlCombinePost,     // LL combine receive: a rank's partials-sent post
-  kLlCombineWeights,  // LL combine send: a source's combine-time weights (or "none") post
+  kNone = 0,        // input checks outside any wait
+  kBarrierArrival,  // barrier: a peer's arrival
+  kHtCounts,        // HT dispatch: the count matrix (and call signatures) from every peer
+  kHtRowsWritten,   // HT dispatch: "my rows are written" from every source
+  kHtExpertCounts,  // HT dispatch: the per-expert counts from every source
+  kHtCombineReady,  // HT combine: a peer's combine input is ready to pull
+  kHtCombineDone,   // HT combine: a peer finished pulling from this rank
+  kLlDispatchPost,  // LL dispatch receive: a source's rows-sent post
+  kLlCombinePost,   // LL combine receive: a rank's partials-sent post
+  kLlWeightsPost,   // LL combine send: a rank's combine-weights post (weights pushed or not)
   kCount
 };
 inline constexpr const char* kWaitPhaseNames[] = {"wait",
@@ -298,11 +298,14 @@ struct alignas(128) ControlRegion {
   uint64_t ht_combine_done[kMaxRanks];                // [src] epoch: src finished pulling
   uint64_t ll_dispatch_flag[2][kMaxRanks];            // [parity][src] tagged llPost()
   uint64_t ll_combine_flag[2][kMaxRanks];             // [parity][src] epoch
-  uint64_t ll_weights_flag[2][kMaxRanks];  // [parity][src] tagged llWeightsPost(): src's combine
-                                           // weights are in this rank's combine_weights region
-                                           // (or src passed none); see low_latency.cuh
-  uint64_t ll_round_epoch;                 // this rank only: the LL epoch of the last dispatch
-                                           // send (a combine of a stopped round sees another)
+
+  // LL combine weights (low_latency.cuh): [parity][src] tagged llWeightsPost(), src's
+  // combine-time weights are in this rank's combine_weights region (or src passed none).
+  uint64_t ll_weights_flag[2][kMaxRanks];
+  // This rank only: the LL epoch of the last dispatch send (a combine of a stopped round, whose
+  // call counter moved on, sees another value and returns).
+  uint64_t ll_round_epoch;
+
   LocalState local;
   uint64_t ht_expert_counts[2][kMaxRanks][kMaxExperts];  // [parity][src][local expert] tagged
 };
@@ -376,24 +379,28 @@ struct HtRegions {
 // the call's parity; what only this rank writes and reads in stream order (outputs, bookkeeping)
 // has one.
 struct LlRegions {
-  uint64_t rows[2] = {};             // [num_ranks][max_tokens][row_bytes] staged rows, by source
-  uint64_t meta[2] = {};             // [num_ranks][max_tokens][meta_bytes] their metadata
-  uint64_t combine_rows[2] = {};     // [num_ranks][max_tokens][hidden] BF16 partial sums, by rank
-  uint64_t combine_weights[2] = {};  // [num_ranks][max_tokens][max_topk] float: each source's
-                                     // combine-time weights of the tokens it sent here
-  uint64_t slot_of_row = 0;          // [num_ranks][max_tokens][max_topk] int32 output row or -1
-  uint64_t topk_copy = 0;            // [max_tokens][max_topk] int32: my tokens' valid, deduplicated
-                                     // expert ids (-1 otherwise), for the combine-weights push
-  uint64_t out_x = 0;                // [local_experts][rows_per_expert][hidden * 2 bytes]
-  uint64_t out_scales = 0;           // [local_experts][rows_per_expert][hidden / 128] float
-  uint64_t src_info = 0;             // [local_experts][rows_per_expert] int32
-  uint64_t expert_count = 0;         // [local_experts] int32
-  uint64_t token_mask = 0;           // [max_tokens] uint32: ranks each of my tokens went to
-  uint64_t num_tokens = 0;           // int32: my token count in the current call
-  int64_t max_tokens = 0;            // ll_max_tokens_per_rank
-  int64_t rows_per_expert = 0;       // num_ranks * max_tokens
-  int64_t row_bytes = 0;             // staged row stride: hidden * 2 (FP8 rows + scales fit too)
-  int64_t meta_bytes = 0;            // metadata record stride
+  uint64_t rows[2] = {};          // [num_ranks][max_tokens][row_bytes] staged rows, by source
+  uint64_t meta[2] = {};          // [num_ranks][max_tokens][meta_bytes] their metadata
+  uint64_t combine_rows[2] = {};  // [num_ranks][max_tokens][hidden] BF16 partial sums, by rank
+  uint64_t slot_of_row = 0;       // [num_ranks][max_tokens][max_topk] int32 output row or -1
+  uint64_t out_x = 0;             // [local_experts][rows_per_expert][hidden * 2 bytes]
+  uint64_t out_scales = 0;        // [local_experts][rows_per_expert][hidden / 128] float
+  uint64_t src_info = 0;          // [local_experts][rows_per_expert] int32
+  uint64_t expert_count = 0;      // [local_experts] int32
+  uint64_t token_mask = 0;        // [max_tokens] uint32: ranks each of my tokens went to
+  uint64_t num_tokens = 0;        // int32: my token count in the current call
+  int64_t max_tokens = 0;         // ll_max_tokens_per_rank
+  int64_t rows_per_expert = 0;    // num_ranks * max_tokens
+  int64_t row_bytes = 0;          // staged row stride: hidden * 2 (FP8 rows + scales fit too)
+  int64_t meta_bytes = 0;         // metadata record stride
+
+  // LL combine weights (low_latency.cuh).
+  // [num_ranks][max_tokens][max_topk] float: each source's combine-time weights of the tokens it
+  // sent here, by parity.
+  uint64_t combine_weights[2] = {};
+  // [max_tokens][max_topk] int32: my tokens' valid, deduplicated expert ids (-1 otherwise), for
+  // the combine-weights push (no rank bitmask needed).
+  uint64_t topk_copy = 0;
 };
 
 }  // namespace epcomm::kernels
