@@ -162,6 +162,9 @@ void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase p
   } else if (send && (args.x == nullptr || !aligned16(args.x))) {
     problem << "invalid argument LlCombineArgs::x = " << args.x
             << ": must be non-null and 16-byte aligned";
+  } else if (send && reinterpret_cast<uintptr_t>(args.topk_weights) % alignof(float) != 0) {
+    problem << "invalid argument LlCombineArgs::topk_weights = " << args.topk_weights
+            << ": must be 4-byte aligned";
   } else if (send && num_tokens_ > 0 && args.topk_weights == nullptr && !dispatch_weights_) {
     // DeepEP's low_latency_combine always takes the weights; a silent unweighted sum would hide
     // a forgotten argument, so it is an error (ops.hpp, LlCombineArgs::topk_weights).
