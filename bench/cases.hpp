@@ -45,7 +45,8 @@ struct HtCaseSpec {
 struct LlCaseSpec {
   int tokens = 0;
   int hidden = 0;
-  int sms = 0;  // the buffer's LL SM budget, printed in the SMs column
+  int sms = 0;           // the LL SM budget the ops run with, printed in the SMs column
+  int call_sms = kAuto;  // LlDispatchArgs / LlCombineArgs::num_sms (kAuto: the buffer's default)
   // Expert outputs for LL combine, [local experts, ranks * LL tokens, hidden] BF16.
   const DeviceMemory* expert_out = nullptr;
   int case_id = 0;

@@ -69,10 +69,22 @@ void runLlCases(const CaseEnv& env, EpBuffer& buffer, const Options& o, const Ma
   fillRandomBf16(expert_out.get(), rows * o.hidden,
                  seedFor(o.seed, {static_cast<uint64_t>(env.ranks.rank), 5}), env.stream);
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(env.stream));
-  const int ll_sms = buffer.config().config.ll_num_sms != kAuto ? buffer.config().config.ll_num_sms
-                                                                : machine.device_sms;
+  // The buffer's default budget first (the LL targets read the first LL row of a token count),
+  // then the SM sweep at --ll-tokens that picks kDefaultLlSms (issue 11 item 6): 16, 24, 32
+  // and every SM, each capped at the device's SM count, the default's value not repeated.
+  const int configured = buffer.config().config.ll_num_sms;
+  const int default_sms =
+      configured != kAuto ? configured : std::min(kDefaultLlSms, machine.device_sms);
   for (int tokens : unique({o.ll_tokens, 1})) {
-    runLlCase(env, buffer, LlCaseSpec{tokens, o.hidden, ll_sms, &expert_out, case_id++});
+    runLlCase(env, buffer,
+              LlCaseSpec{tokens, o.hidden, default_sms, kAuto, &expert_out, case_id++});
+  }
+  std::vector<int> sweep;
+  for (int sms : {16, 24, 32, machine.device_sms})
+    sweep.push_back(std::min(sms, machine.device_sms));
+  for (int sms : unique(sweep)) {
+    if (sms == default_sms) continue;
+    runLlCase(env, buffer, LlCaseSpec{o.ll_tokens, o.hidden, sms, sms, &expert_out, case_id++});
   }
 }
 

@@ -214,6 +214,11 @@ struct LlParams {
   // combine inputs/outputs
   const uint16_t* expert_out;  // [L, rows_per_expert, H] BF16
   uint16_t* out;               // [N, H] BF16
+
+  // Issue 11: cumulative receive counts (dispatch receive) and combine-time weights.
+  int32_t* cumulative_recv_counts;  // [L] or nullptr: += this call's (token, expert) rows
+  const float* combine_weights;     // [N, num_topk] combine-time weights, or nullptr
+  uint32_t weights_mode;            // kLlWeightsNone / kLlWeightsPushed / kLlWeightsNoTokens
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -251,6 +256,10 @@ void launchHtExpertMajorCombine(const HtExpertMajorCombineParams& params, int sm
 // At most one block per token (idle blocks would only add arrivals to the last-block count).
 void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlDispatchRecv(const LlParams& params, int sm_budget, cudaStream_t stream);
+// Pushes this rank's combine-time weights (params.combine_weights, [num_tokens, num_topk]) to
+// every rank its tokens went to, then posts the combine-weights flag; launched before
+// launchLlCombineSend when LlCombineArgs::topk_weights is given. One warp per token.
+void launchLlCombineWeights(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlCombineSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 // Reduces num_tokens x (hidden / kLlSegmentCols) segments, one warp each; `num_tokens` is this
 // rank's token count of the matching dispatch.

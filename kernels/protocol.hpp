@@ -93,6 +93,7 @@ enum class WaitPhase : int32_t {
   kHtCombineDone,   // HT combine: a peer finished pulling from this rank
   kLlDispatchPost,  // LL dispatch receive: a source's rows-sent post
   kLlCombinePost,   // LL combine receive: a rank's partials-sent post
+  kLlWeightsPost,   // LL combine send: a rank's combine-weights post (weights pushed or not)
   kCount
 };
 inline constexpr const char* kWaitPhaseNames[] = {"wait",
@@ -103,7 +104,8 @@ inline constexpr const char* kWaitPhaseNames[] = {"wait",
                                                   "combine-input-ready signal",
                                                   "done-pulling signal",
                                                   "rows-sent post",
-                                                  "partials-sent post"};
+                                                  "partials-sent post",
+                                                  "combine-weights post"};
 static_assert(std::size(kWaitPhaseNames) == static_cast<size_t>(WaitPhase::kCount),
               "one name per WaitPhase");
 inline const char* waitPhaseName(int phase) {
@@ -166,6 +168,7 @@ enum ArriveSlot : int {
   kArriveLlSend = 4,
   kArriveLlCombineSend = 5,
   kArriveLlCombineRecv = 6,
+  kArriveLlCombineWeights = 9,
 };
 constexpr int kNumArriveSlots = 16;
 
@@ -249,10 +252,25 @@ struct SignatureFields {
   const SignatureField* fields;
   size_t count;
 };
+// LL combine: whether LlCombineArgs::topk_weights was given (1) or the dispatch's weights are
+// used (0); the value of the combine-weights post (ControlRegion::ll_weights_flag).
+inline constexpr SignatureField kLlCombineSignatureFields[] = {
+    {"LlCombineArgs::topk_weights given", 0, 1, 1},
+};
+// The combine-weights post's value: how rank s's weights reach the experts for this combine.
+constexpr uint32_t kLlWeightsNone = 0;      // s uses its dispatch weights (s has tokens)
+constexpr uint32_t kLlWeightsPushed = 1;    // s pushed combine-time weights into combine_weights
+constexpr uint32_t kLlWeightsNoTokens = 2;  // s dispatched no tokens: nothing to give
+EPCOMM_HOST_DEVICE constexpr uint32_t llWeightsPost(uint32_t mode) {
+  return mode;
+}
 inline SignatureFields signatureFieldsOf(OpId op) {
   if (op == OpId::kHtDispatch) return {kHtSignatureFields, std::size(kHtSignatureFields)};
   if (op == OpId::kHtCombine) {
     return {kHtCombineSignatureFields, std::size(kHtCombineSignatureFields)};
+  }
+  if (op == OpId::kLlCombineSend) {
+    return {kLlCombineSignatureFields, std::size(kLlCombineSignatureFields)};
   }
   return {kLlSignatureFields, std::size(kLlSignatureFields)};
 }
@@ -309,6 +327,14 @@ struct alignas(128) ControlRegion {
   uint64_t ht_combine_done[kMaxRanks];                // [src] epoch: src finished pulling
   uint64_t ll_dispatch_flag[2][kMaxRanks];            // [parity][src] tagged llPost()
   uint64_t ll_combine_flag[2][kMaxRanks];             // [parity][src] epoch
+
+  // LL combine weights (low_latency.cuh): [parity][src] tagged llWeightsPost(), src's
+  // combine-time weights are in this rank's combine_weights region (or src passed none).
+  uint64_t ll_weights_flag[2][kMaxRanks];
+  // This rank only: the LL epoch of the last dispatch send (a combine of a stopped round, whose
+  // call counter moved on, sees another value and returns).
+  uint64_t ll_round_epoch;
+
   LocalState local;
   uint64_t ht_expert_counts[2][kMaxRanks][kMaxExperts];  // [parity][src][local expert] tagged
 };
@@ -398,6 +424,14 @@ struct LlRegions {
   int64_t rows_per_expert = 0;    // num_ranks * max_tokens
   int64_t row_bytes = 0;          // staged row stride: hidden * 2 (FP8 rows + scales fit too)
   int64_t meta_bytes = 0;         // metadata record stride
+
+  // LL combine weights (low_latency.cuh).
+  // [num_ranks][max_tokens][max_topk] float: each source's combine-time weights of the tokens it
+  // sent here, by parity.
+  uint64_t combine_weights[2] = {};
+  // [max_tokens][max_topk] int32: my tokens' valid, deduplicated expert ids (-1 otherwise), for
+  // the combine-weights push (no rank bitmask needed).
+  uint64_t topk_copy = 0;
 };
 
 }  // namespace epcomm::kernels

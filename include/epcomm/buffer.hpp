@@ -36,9 +36,25 @@ namespace epcomm {
 
 class EpBuffer;
 
-// MERGE PLACEHOLDER (wt-py): contract declaration only (owner wt-ll, who may add fields).
+// What one rank's symmetric buffer takes, by region (EpBuffer::bytesFor). Every field is in
+// bytes and includes the alignment padding of its regions (each region starts on a 4 KiB
+// boundary), so control + ht + ll + scratch + padding == total. Every rank allocates `total`.
 struct BufferSizes {
-  size_t total = 0, control = 0, ht = 0, ll = 0, scratch = 0;
+  size_t total = 0;       // == EpBuffer::bytesPerRank() of a buffer with this config and rank count
+  size_t control = 0;     // signal words and per-rank state (fixed, a few hundred KiB)
+  size_t ht = 0;          // HT regions, 0 if max_tokens_per_rank is 0: ht_recv + ht_combine
+  size_t ht_recv = 0;     //   received rows, scales, top-k ids/weights, source indices:
+                          //   BufferConfig::ht_recv_rows rows (default num_ranks * max_tokens)
+  size_t ht_combine = 0;  //   combine input (BF16 rows) and combine weights (float32 top-k
+                          //   rows), ht_recv_rows rows each
+  size_t ll = 0;          // LL regions, 0 if ll_max_tokens_per_rank is 0: the four below
+  size_t ll_dispatch_staging = 0;  //   2 x num_ranks * ll_max_tokens rows (+ metadata) peers write
+  size_t ll_combine_staging = 0;   //   2 x num_ranks * ll_max_tokens BF16 partials (+ weights)
+  size_t ll_outputs = 0;           //   expert-major receive views: num_local_experts *
+                                   //   num_ranks * ll_max_tokens rows (+ scales, src info)
+  size_t ll_bookkeeping = 0;       //   routing kept from dispatch for combine
+  size_t scratch = 0;              // BufferConfig::scratch_bytes, aligned
+  size_t padding = 0;              // rounding of the total up to the allocation granularity (2 MiB)
 };
 
 // Routing of one HT dispatch: what combine and a cached re-dispatch need, kept on the device.
@@ -101,7 +117,11 @@ class EPCOMM_API EpBuffer {
   const ResolvedConfig& config() const;
   int numLocalExperts() const;
   size_t bytesPerRank() const;  // symmetric bytes this rank allocated
-  // MERGE PLACEHOLDER (wt-py): contract declaration only (owner wt-ll).
+
+  // The symmetric bytes every rank of a buffer with `config` on `num_ranks` ranks allocates,
+  // by region, before creating it. Computed by the code that lays the buffer out; host-only (no
+  // CUDA call), not collective. Environment overrides apply as in the constructor; throws
+  // InvalidArgument for a config the constructor would reject on the host.
   static BufferSizes bytesFor(const BufferConfig& config, int num_ranks);
 
   // --- HT -------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ namespace epcomm {
 // "Let the library choose" for integer settings.
 constexpr int kAuto = -1;
 
+// SM budget of LL ops when neither the call nor BufferConfig::ll_num_sms sets one (capped at
+// the device's SM count). LL kernels loop over their work, so any budget >= 1 is correct; this
+// one trades latency against SMs left to overlapped compute. 24 is a placeholder until the
+// ep_bench rows "ll ... sms=16/24/32/all" at 128 tokens are measured (docs/design.md §6).
+constexpr int kDefaultLlSms = 24;
+
 // Compile-time limits. Inputs beyond them are rejected with epcomm::InvalidArgument.
 constexpr int kMaxRanks = 8;           // ranks in one EP group (one NVLink domain, one node)
 constexpr int kMaxExperts = 512;       // experts in total
@@ -90,7 +96,7 @@ struct BufferConfig {
   double first_op_timeout_s = kAuto;
 
   // Default SM budget of HT ops (kAuto: the library's tuned default) and of LL ops
-  // (kAuto: every SM). Each call may override it.
+  // (kAuto: kDefaultLlSms, or every SM of a smaller GPU). Each call may override it.
   int num_sms = kAuto;
   int ll_num_sms = kAuto;
 

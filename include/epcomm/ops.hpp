@@ -28,6 +28,8 @@
 //   LL dispatch: use_fp8.
 //   HT combine: whether CombineArgs::recv_topk_weights is set (every rank pulls the others'
 //               rows), and then the handle's num_topk.
+//   LL combine:  whether LlCombineArgs::topk_weights is given, among ranks that dispatched
+//                tokens (a rank with 0 tokens may pass it or not).
 // Everything else may differ per rank: num_tokens (0 included; a rank with 0 tokens may pass
 // topk.idx == nullptr but passes the same topk.num_topk and idx_type as the others), the pointers,
 // x_scales strides, LL topk.num_topk, exact_count, the recv_*_out copies, num_sms, and the other
@@ -257,26 +259,54 @@ struct CombineArgs {
 // Which halves of an LL op to run. kSend returns once the data is on its way; kRecv waits for
 // the peers and finishes the op. Running kSend, then other work, then kRecv lets the caller
 // overlap compute with the transfer.
+//
+// Which half returns the result: every lowLatencyDispatch call (kSend, kRecv or kBoth) returns
+// the same LlDispatchResult views (fixed addresses in the buffer), but their contents are the
+// op's result only once the kRecv half has run on the stream: after a kSend-only call the
+// views still hold whatever they held before (num_recv_tokens_per_expert reads 0 once the send
+// half has run). Likewise lowLatencyCombine writes LlCombineArgs::out in its kRecv half only;
+// `out` must be passed to that call (a kSend-only call ignores it).
+//
+// CUDA graphs: the views returned while capturing are the views of every replay (the addresses
+// never change for the buffer's lifetime); after each replayed dispatch they hold that replay's
+// result, until the next LL dispatch (replayed or not) starts. Results are valid across graph
+// replays in this sense only: a replay overwrites the previous replay's result.
 enum class LlPhase { kSend = 1, kRecv = 2, kBoth = 3 };
 
 struct LlDispatchArgs {
-  const void* x = nullptr;              // [num_tokens, hidden] BF16
-  int num_tokens = 0;                   // <= ll_max_tokens_per_rank
-  TopkView topk;                        // topk.num_tokens must equal num_tokens
-  const float* topk_weights = nullptr;  // [num_tokens, num_topk] float32, required
-  bool use_fp8 = false;  // cast to FP8 e4m3 with one float32 scale per 128 columns; the same
-                         // on every rank (checked: InvalidArgument on every rank otherwise)
-  int num_sms = kAuto;
-  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-ll).
+  const void* x = nullptr;  // [num_tokens, hidden] BF16
+  int num_tokens = 0;       // <= ll_max_tokens_per_rank
+  TopkView topk;            // topk.num_tokens must equal num_tokens
+  // Optional [num_tokens, num_topk] float32 router weights. Without them, the matching
+  // lowLatencyCombine must be given LlCombineArgs::topk_weights (DeepEP's convention: weights
+  // at combine). With both, the combine's are used.
+  const float* topk_weights = nullptr;
+  // FP8 (use_fp8): the row is cast to FP8 e4m3 with one float32 scale per 128 columns, the same
+  // on every rank (checked: InvalidArgument on every rank otherwise). Convention
+  // x ~= float(fp8) * scale, per 128-column block:
+  //   amax = max |x| over the block (x as float32),
+  //   scale = max(amax, 1e-4f) / 448.0f   (float32 division, round to nearest; NOT rounded to
+  //                                          a power of two: no UE8M0 / round_scale option),
+  //   fp8 = e4m3(x * (1.0f / scale))       (float32 reciprocal then product, each rounded to
+  //                                          nearest, no FMA; saturating, round to nearest even).
+  // So |float(fp8) * scale - x| <= |x| / 16 + scale / 1024 (3 mantissa bits; subnormal step
+  // 2^-9), and the largest element of a block maps to +-448 (within rounding).
+  bool use_fp8 = false;
+  // Optional device int32 [num_local_experts]: the receive half adds this call's received
+  // (token, local expert) rows per local expert to it (DeepEP's
+  // cumulative_local_expert_recv_stats, for load balancing). Taken from the call that runs the
+  // receive half (kRecv or kBoth); stream-ordered, atomic adds, never reset by the library.
   int32_t* cumulative_recv_counts = nullptr;
+  int num_sms = kAuto;  // SM budget; kAuto = BufferConfig::ll_num_sms, else kDefaultLlSms
 };
 
 struct LlDispatchResult {
   // Expert-major: for local expert e, rows [0, num_recv_tokens_per_expert[e]) of
   // recv_x[e] are valid (row order within an expert is unspecified). Views into the
-  // symmetric buffer, valid until the next LL dispatch starts.
+  // symmetric buffer, valid (after the kRecv half, see LlPhase) until the next LL dispatch
+  // starts.
   const void* recv_x = nullptr;          // [num_local_experts, num_ranks * max_tokens, hidden]
-                                         // BF16, or FP8 when use_fp8
+                                         // BF16, or FP8 when use_fp8 (see LlDispatchArgs)
   const float* recv_x_scales = nullptr;  // [num_local_experts, num_ranks * max_tokens, hidden/128]
   const int32_t* num_recv_tokens_per_expert = nullptr;  // [num_local_experts]
   // src_rank * ll_max_tokens_per_rank + src_token for every valid row, same shape as rows.
@@ -288,14 +318,23 @@ struct LlCombineArgs {
   // Expert outputs [num_local_experts, num_ranks * max_tokens, hidden] BF16 in the layout of
   // LlDispatchResult::recv_x (only valid rows are read). Any device memory.
   const void* x = nullptr;
+  // Optional topk_weights [num_tokens, num_topk] float32 for this rank's tokens of the matching
+  // dispatch (same num_tokens and num_topk), as DeepEP's low_latency_combine takes them. When
+  // given they are used instead of the dispatch's weights; required when the dispatch had none
+  // (InvalidArgument otherwise: a silent unweighted sum would hide a forgotten argument; pass
+  // ones for an unweighted sum). Whether they are given must match on every rank that dispatched
+  // tokens (checked on the device: InvalidArgument on a rank that passed them, kRemote on the
+  // others). Read by the kSend half. Cost: before its send the rank writes each token's weight
+  // row to the ranks holding its experts (num_tokens * ranks-per-token * num_topk * 4 bytes),
+  // and each rank's combine send waits until every rank has done so (docs/design.md §6).
+  const float* topk_weights = nullptr;
   // out [num_tokens, hidden] BF16 for the tokens of the matching dispatch: the sum over the
-  // token's experts of topk_weight * expert output (weights as given to the dispatch). Each rank
-  // first sums its own experts' weighted rows in float32 and sends that partial once, rounded to
-  // BF16 (one row per token and rank, not per expert); the partials are summed in float32.
+  // token's experts of topk_weight * expert output. Each rank first sums its own experts'
+  // weighted rows in float32 and sends that partial once, rounded to BF16 (one row per token and
+  // rank, not per expert); the partials are summed in float32. Every token's row is written,
+  // zeros for a token routed nowhere (all top-k ids -1). Written by the kRecv half.
   void* out = nullptr;
   int num_sms = kAuto;
-  // MERGE PLACEHOLDER (wt-py), contract declaration only (owner wt-ll).
-  const float* topk_weights = nullptr;
 };
 
 }  // namespace epcomm

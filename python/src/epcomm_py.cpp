@@ -987,14 +987,21 @@ NB_MODULE(_epcomm, m) {
         d["total"] = b.total;
         d["control"] = b.control;
         d["ht"] = b.ht;
+        d["ht_recv"] = b.ht_recv;
+        d["ht_combine"] = b.ht_combine;
         d["ll"] = b.ll;
+        d["ll_dispatch_staging"] = b.ll_dispatch_staging;
+        d["ll_combine_staging"] = b.ll_combine_staging;
+        d["ll_outputs"] = b.ll_outputs;
+        d["ll_bookkeeping"] = b.ll_bookkeeping;
         d["scratch"] = b.scratch;
+        d["padding"] = b.padding;
         return d;
       },
       "num_ranks"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS,
       "Symmetric bytes per rank a Buffer with this configuration allocates (C++ "
-      "EpBuffer::bytesFor), with a breakdown by region: total, control, ht, ll, scratch. Host "
-      "only, no GPU.");
+      "EpBuffer::bytesFor), with the breakdown of BufferSizes by region (total, control, ht, "
+      "ht_recv, ht_combine, ll, its four parts, scratch, padding). Host only, no GPU.");
 
   m.def(
       "set_log_level",

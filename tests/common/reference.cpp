@@ -625,7 +625,8 @@ void referenceFp8Cast(const uint16_t* row_bf16, int hidden, uint8_t* q, float* s
 
 std::vector<float> referenceLlCombine(const std::vector<RankInputs>& all, int src_rank,
                                       int num_experts, int num_topk,
-                                      const ExpertOutputFn& expert_output, int hidden) {
+                                      const ExpertOutputFn& expert_output, int hidden,
+                                      const float* combine_weights) {
   const char* fn = "referenceLlCombine";
   checkInputs(fn, all, 0, num_experts, num_topk);
   checkRank(fn, src_rank, all.size());
@@ -639,7 +640,8 @@ std::vector<float> referenceLlCombine(const std::vector<RankInputs>& all, int sr
   std::vector<float> partial(hidden);
   for (int t = 0; t < in.num_tokens; ++t) {
     const int64_t* ids = in.topk_idx.data() + static_cast<size_t>(t) * num_topk;
-    const float* weights = in.topk_weights.data() + static_cast<size_t>(t) * num_topk;
+    const float* weights = (combine_weights != nullptr ? combine_weights : in.topk_weights.data()) +
+                           static_cast<size_t>(t) * num_topk;
     std::fill(total.begin(), total.end(), 0.0f);
     for (int d = 0; d < num_ranks; ++d) {
       bool any = false;

@@ -200,9 +200,18 @@ using ExpertOutputFn =
 //                          w[t][k] * expert_output(e_k, s, t, c), in float32 )
 // i.e. each rank's weighted partial is rounded to bf16 once (it travels as bf16), then the
 // partials are summed in float32. Tokens without a valid expert give 0.
+// w is all[src_rank].topk_weights (the dispatch's), or `combine_weights` ([N_s*K]) when given:
+// LlCombineArgs::topk_weights, which replace the dispatch's.
 std::vector<float> referenceLlCombine(const std::vector<RankInputs>& all, int src_rank,
                                       int num_experts, int num_topk,
-                                      const ExpertOutputFn& expert_output, int hidden);
+                                      const ExpertOutputFn& expert_output, int hidden,
+                                      const float* combine_weights = nullptr);
+
+// The largest error the FP8 cast may make (ops.hpp, LlDispatchArgs::use_fp8): for a value x of
+// a block with scale `scale`, |float(fp8) * scale - x| <= |x| / 16 + scale / 1024.
+inline double fp8DequantBound(double x, double scale) {
+  return (x < 0 ? -x : x) / 16.0 + scale / 1024.0;
+}
 
 // ----- comparison helpers -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
 
@@ -512,6 +513,74 @@ TEST(MemModeNames, RejectsUnknownNamesNamingTheSource) {
       EXPECT_NE(what.find("cuda_ipc"), std::string::npos) << what;
     }
   }
+}
+
+// ----- EpBuffer::bytesFor (issue 11 item 5) ---------------------------------------------------
+
+size_t alignTo(size_t v, size_t a) {
+  return (v + a - 1) / a * a;
+}
+
+void expectBreakdownSums(const BufferSizes& s, const std::string& what) {
+  SCOPED_TRACE(what);
+  EXPECT_EQ(s.control + s.ht + s.ll + s.scratch + s.padding, s.total);
+  EXPECT_EQ(s.ht_recv + s.ht_combine, s.ht);
+  EXPECT_EQ(s.ll_dispatch_staging + s.ll_combine_staging + s.ll_outputs + s.ll_bookkeeping, s.ll);
+  EXPECT_EQ(s.total % (size_t{2} << 20), 0u);
+  EXPECT_LT(s.padding, size_t{2} << 20);
+  EXPECT_GT(s.control, 0u);
+  EXPECT_EQ(s.control % 4096, 0u);
+}
+
+TEST_F(ConfigTest, BytesForBreakdownSumsAndScales) {
+  const BufferConfig both = with([](BufferConfig& c) {
+    c.hidden = 2048;
+    c.num_experts = 64;
+    c.max_tokens_per_rank = 512;
+    c.ll_max_tokens_per_rank = 64;
+    c.scratch_bytes = 12345;
+  });
+  for (int ranks : {1, 2, 4, 8}) {
+    const BufferSizes s = EpBuffer::bytesFor(both, ranks);
+    expectBreakdownSums(s, "both, " + str(ranks) + " ranks");
+    // The HT combine input is one BF16 row per (rank, token); scratch is the caller's bytes.
+    EXPECT_EQ(s.ht_combine, alignTo(size_t(ranks) * 512 * 2048 * 2, 4096));
+    EXPECT_EQ(s.scratch, alignTo(12345, 4096));
+    // The control region does not depend on the shape.
+    EXPECT_EQ(s.control, EpBuffer::bytesFor(BufferConfig{}, ranks).control);
+    // HT grows linearly with the token capacity, LL staging with the rank count; LL outputs
+    // hold num_experts * max_tokens rows whatever the rank count (alignment aside).
+    BufferConfig twice = both;
+    twice.max_tokens_per_rank *= 2;
+    const BufferSizes s2 = EpBuffer::bytesFor(twice, ranks);
+    EXPECT_NEAR(double(s2.ht), 2.0 * double(s.ht), 8.0 * 4096);
+    EXPECT_EQ(s2.ll, s.ll);
+    const BufferSizes one = EpBuffer::bytesFor(both, 1);
+    EXPECT_NEAR(double(s.ll_dispatch_staging), ranks * double(one.ll_dispatch_staging),
+                4.0 * 4096 * ranks);
+    EXPECT_NEAR(double(s.ll_outputs), double(one.ll_outputs), 4.0 * 4096);
+    EXPECT_GE(s.ll_outputs, size_t(64) * 64 * 2048 * 2);  // the expert-major BF16 rows
+  }
+  BufferConfig ht_only = both;
+  ht_only.ll_max_tokens_per_rank = 0;
+  const BufferSizes h = EpBuffer::bytesFor(ht_only, 4);
+  expectBreakdownSums(h, "HT only");
+  EXPECT_EQ(h.ll, 0u);
+  EXPECT_EQ(h.ht, EpBuffer::bytesFor(both, 4).ht);
+  BufferConfig ll_only = both;
+  ll_only.max_tokens_per_rank = 0;
+  const BufferSizes l = EpBuffer::bytesFor(ll_only, 4);
+  expectBreakdownSums(l, "LL only");
+  EXPECT_EQ(l.ht, 0u);
+  EXPECT_EQ(l.ll, EpBuffer::bytesFor(both, 4).ll);
+  EXPECT_LT(l.total, EpBuffer::bytesFor(both, 4).total);
+}
+
+TEST_F(ConfigTest, BytesForRejectsWhatTheConstructorRejects) {
+  EXPECT_THROW(EpBuffer::bytesFor(with([](BufferConfig& c) { c.hidden = 100; }), 2),
+               InvalidArgument);
+  EXPECT_THROW(EpBuffer::bytesFor(BufferConfig{}, 3), InvalidArgument);  // 256 experts, 3 ranks
+  EXPECT_THROW(EpBuffer::bytesFor(BufferConfig{}, 0), InvalidArgument);
 }
 
 }  // namespace

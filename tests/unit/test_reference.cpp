@@ -585,6 +585,58 @@ TEST(ReferenceLlCombine, HandComputedWithPerRankBf16Rounding) {
   EXPECT_EQ(out1[2 * kH + 100], 26.0f);
 }
 
+// LlCombineArgs::topk_weights replace the dispatch's for the owner's tokens: the result equals
+// the model run on inputs whose topk_weights are the combine weights, and differs from the
+// dispatch-weighted one.
+TEST(ReferenceLlCombine, CombineWeightsReplaceTheDispatchWeights) {
+  const auto all = handProblem();
+  const ExpertOutputFn f = [](int e, int, int, int c) { return static_cast<float>(e + 1 + c); };
+  for (int s = 0; s < 2; ++s) {
+    std::vector<float> w(all[s].topk_weights.size());
+    for (size_t i = 0; i < w.size(); ++i) w[i] = 0.0625f * static_cast<float>(i % 7 + 1);
+    auto replaced = all;
+    replaced[s].topk_weights = w;
+    const std::vector<float> with = referenceLlCombine(all, s, kE, kK, f, kH, w.data());
+    EXPECT_EQ(with, referenceLlCombine(replaced, s, kE, kK, f, kH)) << "rank " << s;
+    EXPECT_NE(with, referenceLlCombine(all, s, kE, kK, f, kH)) << "rank " << s;
+  }
+  // Token 1 of rank 0 is routed nowhere: its row is zeros whatever the weights.
+  std::vector<float> w(all[0].topk_weights.size(), 3.0f);
+  const std::vector<float> out = referenceLlCombine(all, 0, kE, kK, f, kH, w.data());
+  for (int c = 0; c < kH; ++c) ASSERT_EQ(out[1 * kH + c], 0.0f) << c;
+}
+
+// The FP8 convention of ops.hpp: x ~= fp8 * scale with scale = max(amax, 1e-4) / 448 (not a
+// power of two), within |x| / 16 + scale / 1024; the bound is tight enough to catch a wrong
+// scale (e.g. amax / 240 or a power-of-two rounding of the scale changes the bytes).
+TEST(ReferenceFp8Cast, DequantizedValuesWithinTheStatedBound) {
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> mag(-6.0f, 3.0f);
+  const int hidden = 1024;
+  std::vector<uint16_t> row(hidden);
+  for (int trial = 0; trial < 50; ++trial) {
+    for (int c = 0; c < hidden; ++c) {
+      const float v = std::pow(2.0f, mag(gen)) * ((c + trial) % 3 == 0 ? -1.0f : 1.0f);
+      row[c] = bf((c / 128) % 4 == 3 && trial % 2 ? v * 1e-6f : v);  // some tiny blocks
+    }
+    std::vector<uint8_t> q(hidden);
+    std::vector<float> scales(hidden / 128);
+    referenceFp8Cast(row.data(), hidden, q.data(), scales.data());
+    for (int b = 0; b < hidden / 128; ++b) {
+      float amax = 0.0f;
+      for (int c = b * 128; c < (b + 1) * 128; ++c)
+        amax = std::fmax(amax, std::fabs(bf16ToFloat(row[c])));
+      ASSERT_EQ(scales[b], std::fmax(amax, 1e-4f) / 448.0f) << "block " << b;
+      for (int c = b * 128; c < (b + 1) * 128; ++c) {
+        const double x = bf16ToFloat(row[c]);
+        const double back = double{fp8E4m3ToFloat(q[c])} * scales[b];
+        ASSERT_LE(std::fabs(back - x), fp8DequantBound(x, scales[b]))
+            << "trial " << trial << " column " << c << ": x " << x << ", dequantized " << back;
+      }
+    }
+  }
+}
+
 // ----- repeated expert ids
 // ---------------------------------------------------------------------------
 //
