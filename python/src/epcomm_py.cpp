@@ -586,6 +586,8 @@ struct PyBuffer {
   nb::object bootstrap;  // the Python Bootstrap object, which must outlive the buffer
   Framework framework = Framework::kAuto;
   int last_ll_num_tokens = 0;
+  // Framework of the last LL dispatch's x: a receive half (x=None) returns views in it.
+  Framework last_ll_framework = Framework::kDlpack;
   ViewCache views;
 
   epcomm::EpBuffer& get() const {
@@ -1181,7 +1183,7 @@ NB_MODULE(_epcomm, m) {
 
   // --- Buffer -----------------------------------------------------------------------------------
   nb::class_<PyBuffer>(
-      m, "Buffer",
+      m, "Buffer", nb::is_weak_referenceable(),
       "The symmetric GPU buffer this rank shares with its EP group (C++ epcomm::EpBuffer), and "
       "the dispatch/combine ops on it.\n\n"
       "Buffer(bootstrap, *, hidden, num_experts, max_topk, max_tokens_per_rank, "
@@ -1223,7 +1225,8 @@ NB_MODULE(_epcomm, m) {
               nb::gil_scoped_release release;  // collective, may take seconds
               buffer = std::make_unique<epcomm::EpBuffer>(bootstrap, config);
             }
-            new (self) PyBuffer{std::move(buffer), nb::find(&bootstrap), fw, 0, {}};
+            new (self)
+                PyBuffer{std::move(buffer), nb::find(&bootstrap), fw, 0, Framework::kDlpack, {}};
           },
           "bootstrap"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS, "framework"_a = "auto")
       .def_prop_ro("rank", [](const PyBuffer& b) { return b.get().rank(); })
@@ -1403,7 +1406,10 @@ NB_MODULE(_epcomm, m) {
             args.use_fp8 = use_fp8;
             args.num_sms = optInt(num_sms);
             epcomm::LlDispatchResult r = buf.lowLatencyDispatch(args, s, phase);
-            if (phase != epcomm::LlPhase::kRecv) self.last_ll_num_tokens = args.num_tokens;
+            if (phase != epcomm::LlPhase::kRecv) {
+              self.last_ll_num_tokens = args.num_tokens;
+              self.last_ll_framework = self.fw(x_obj);
+            }
             const size_t experts = static_cast<size_t>(buf.numLocalExperts());
             const size_t rows = static_cast<size_t>(r.rows_per_expert);
             const size_t h = static_cast<size_t>(hidden);
@@ -1411,7 +1417,7 @@ NB_MODULE(_epcomm, m) {
             out.buffer = pyself(&self);
             out.cache = &self.views;
             out.device = device;
-            out.framework = self.fw(x_obj);
+            out.framework = x_obj.is_none() ? self.last_ll_framework : self.fw(x_obj);
             out.recv_x.set(r.recv_x, {experts, rows, h}, use_fp8 ? dt::kF8E4M3 : dt::kBF16);
             out.recv_x_scales.set(r.recv_x_scales, {experts, rows, h / epcomm::kFp8BlockSize},
                                   dt::kF32);
@@ -1420,9 +1426,9 @@ NB_MODULE(_epcomm, m) {
             out.rows_per_expert = r.rows_per_expert;
             return out;
           },
-          "x"_a, "topk_idx"_a, "topk_weights"_a = nb::none(), nb::kw_only(), "use_fp8"_a = false,
-          "num_sms"_a = nb::none(), "stream"_a = nb::none(), "phase"_a = "both",
-          "cumulative_recv_counts"_a = nb::none())
+          "x"_a.none(), "topk_idx"_a.none(), "topk_weights"_a = nb::none(), nb::kw_only(),
+          "use_fp8"_a = false, "num_sms"_a = nb::none(), "stream"_a = nb::none(),
+          "phase"_a = "both", "cumulative_recv_counts"_a = nb::none())
       .def(
           "low_latency_combine",
           [](PyBuffer& self, nb::object x_obj, nb::object out_obj, std::optional<int> num_sms,

@@ -118,6 +118,14 @@ def main():
     ok = comm.allreduce(0 if failures else 1, op=MPI.MIN)
     if rank == 0:
         print(f"mp_dispatch ({args.bootstrap}, {size} ranks): {'PASS' if ok else 'FAIL'}")
+    if args.bootstrap == "torch":
+        # Tear the process group down before the interpreter does: a gloo worker thread that
+        # drops a tensor reference during interpreter finalization aborts the process.
+        del bs
+        import gc
+
+        gc.collect()
+        dist.destroy_process_group()
     return 0 if ok else 1
 
 
