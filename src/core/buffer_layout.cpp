@@ -83,7 +83,8 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
     ll.out_scales = carver.take(out_rows * scales * sizeof(float));
     ll.src_info = carver.take(out_rows * sizeof(int32_t));
     ll.expert_count = carver.take(local_experts * sizeof(int32_t));
-    ll.token_mask = carver.take(max_tokens * sizeof(uint32_t));
+    ll.token_mask = carver.take(max_tokens * sizeof(uint32_t) *
+                                static_cast<uint64_t>(kernels::rankMaskWords(resolved.num_ranks)));
     ll.num_tokens = carver.take(sizeof(int32_t));
   }
 

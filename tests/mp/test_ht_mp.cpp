@@ -470,6 +470,29 @@ TEST(HtDispatchCombine, MaxExperts) {
   runCase(c);
 }
 
+// Issue 11 item 7: 896 and 1024 experts with top-16, so that a token reaches many ranks (up to 16
+// at 16 ranks, past the 8-rank limit the kernels once had): BF16 and FP8, uniform and skewed.
+TEST(HtDispatchCombine, Top16Of896And1024Experts) {
+  for (int experts : {896, 1024}) {
+    for (DType dtype : {DType::kBF16, DType::kFP8E4M3}) {
+      HtCase c;
+      c.experts = experts;
+      c.topk = 16;
+      c.max_topk = 16;
+      c.hidden = 1024;
+      c.tokens = 128;
+      c.max_tokens = 128;
+      c.dtype = dtype;
+      c.alignment = experts == 896 ? 1 : 8;
+      c.routing = dtype == DType::kBF16 ? Routing::kUniform : Routing::kSkewed;
+      c.seed = experts + (dtype == DType::kBF16 ? 0 : 1);
+      SCOPED_TRACE(std::to_string(experts) + " experts" +
+                   (dtype == DType::kBF16 ? " bf16" : " fp8"));
+      runCase(c);
+    }
+  }
+}
+
 // Issue 9 item 1: an expert id repeated within a token's top-k counts once (ops.hpp, "Routing
 // policy"), checked against the reference model, including every entry of every token naming
 // expert 0 (the input that used to overflow a slab in LL).

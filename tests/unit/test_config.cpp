@@ -12,6 +12,7 @@
 #include <optional>
 #include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "epcomm/config.hpp"
@@ -119,7 +120,11 @@ TEST_F(ConfigTest, LimitsThemselvesAreAccepted) {
     c.device = 0;
     c.timeout_s = 24.0 * 3600.0;
   });
-  EXPECT_NO_THROW(resolveConfig(config, kMaxRanks));
+  // kMaxExperts (1024) is not a multiple of kMaxRanks (72): each limit at a rank count it divides.
+  EXPECT_NO_THROW(resolveConfig(config, 16));
+  BufferConfig rack = config;
+  rack.num_experts = kMaxExperts / kMaxRanks * kMaxRanks;  // 1008: 14 experts per rank
+  EXPECT_NO_THROW(resolveConfig(rack, kMaxRanks));
   EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) {
                                   c.hidden = kHiddenAlignment;
                                   c.num_experts = 1;
@@ -128,6 +133,40 @@ TEST_F(ConfigTest, LimitsThemselvesAreAccepted) {
                                   c.ll_max_tokens_per_rank = 1;
                                 }),
                                 1));
+}
+
+// Issue 11 item 7: 1024 experts, 72 ranks in one NVLink domain, top-16.
+TEST_F(ConfigTest, RackScaleLimits) {
+  EXPECT_EQ(kMaxExperts, 1024);
+  EXPECT_EQ(kMaxRanks, 72);
+  EXPECT_EQ(kMaxTopk, 16);
+  for (const auto& [experts, ranks] : std::vector<std::pair<int, int>>{
+           {1024, 1}, {1024, 16}, {1024, 64}, {896, 16}, {896, 64}, {576, 72}, {1008, 72}}) {
+    const BufferConfig config = with([experts = experts](BufferConfig& c) {
+      c.num_experts = experts;
+      c.max_topk = 16;
+    });
+    EXPECT_NO_THROW(resolveConfig(config, ranks)) << experts << " experts, " << ranks << " ranks";
+  }
+  const BufferConfig too_many_experts = with([](BufferConfig& c) { c.num_experts = 1025; });
+  try {
+    resolveConfig(too_many_experts, 1);
+    ADD_FAILURE() << "1025 experts accepted";
+  } catch (const InvalidArgument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("BufferConfig::num_experts"), std::string::npos) << what;
+    EXPECT_NE(what.find("1025"), std::string::npos) << what;
+    EXPECT_NE(what.find("1024"), std::string::npos) << what;
+  }
+  try {
+    resolveConfig(with([](BufferConfig& c) { c.num_experts = 73; }), 73);
+    ADD_FAILURE() << "73 ranks accepted";
+  } catch (const InvalidArgument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("number of ranks"), std::string::npos) << what;
+    EXPECT_NE(what.find("73"), std::string::npos) << what;
+    EXPECT_NE(what.find("72"), std::string::npos) << what;
+  }
 }
 
 // ----- bad input, table-driven: one row per rejected config --------------------------------------
