@@ -13,9 +13,9 @@ namespace epcomm::kernels {
 namespace {
 
 constexpr int kTile = kBlockThreads;  // tokens scanned per block-scan pass
-// s_dest packs slot | rank << 16 and counts destinations in 8 bits.
-static_assert(kMaxLlTokensPerRank <= 0xffff && kMaxRanks < (1 << 15) && kMaxTopk <= 0xff,
-              "LL destination lists: slot in 16 bits, rank above it, count in 8 bits");
+// The send kernel's destination lists: slots in 16 bits, ranks and counts in 8.
+static_assert(kMaxLlTokensPerRank <= 0xffff && kMaxRanks <= 0xff && kMaxTopk <= 0xff,
+              "LL destination lists: slot in 16 bits, rank and count in 8 bits");
 
 constexpr WaitPhase kPhaseDispatchPost = WaitPhase::kLlDispatchPost;
 
@@ -86,10 +86,11 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   using BlockScan = cub::BlockScan<RankCounts, kBlockThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ int32_t s_base[kMaxRanks];  // rows sent to each rank before this tile
-  // A tile token's destinations, slot | rank << 16 (slot < max_tokens <= 4096): a token reaches
-  // at most num_topk ranks, so the list is kMaxTopk long whatever the rank count (a [kTile][R]
-  // table would not fit in shared memory at 72 ranks).
-  __shared__ int32_t s_dest[kTile][kMaxTopk];
+  // A tile token's destinations (slot < max_tokens <= 4096, rank): a token reaches at most
+  // num_topk ranks, so the list is kMaxTopk long whatever the rank count (a [kTile][R] table of
+  // slots would not fit in shared memory at 72 ranks).
+  __shared__ uint16_t s_dest_slot[kTile][kMaxTopk];
+  __shared__ uint8_t s_dest_rank[kTile][kMaxTopk];
   __shared__ uint8_t s_num_dest[kTile];
   __shared__ uint8_t* s_peer[kMaxRanks];
 
@@ -149,7 +150,8 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
         for (int d = first; d < last; ++d) {
           if (!mask.test(d)) continue;
           const int32_t slot = s_base[d] + static_cast<int32_t>(prefix.get(d - first));
-          s_dest[tid][num_dest++] = slot | d << 16;
+          s_dest_slot[tid][num_dest] = static_cast<uint16_t>(slot);
+          s_dest_rank[tid][num_dest++] = static_cast<uint8_t>(d);
         }
       }
       // Every thread read s_base[first, last) and the scan storage: both may change now.
@@ -168,8 +170,8 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
       const int seg = item % num_segments;
       if (j >= s_num_dest[local_t]) continue;
       const int token = tile + local_t;
-      const int d = s_dest[local_t][j] >> 16;
-      const int slot = s_dest[local_t][j] & 0xffff;
+      const int d = s_dest_rank[local_t][j];
+      const int slot = s_dest_slot[local_t][j];
       uint8_t* peer = s_peer[d];
       uint8_t* staged = peer + r.rows[parity] + (int64_t{me} * r.max_tokens + slot) * r.row_bytes;
       stageSegment(p, p.x + int64_t{token} * p.hidden, staged, seg, lane);
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
         }
       }
     }
-    __syncthreads();  // the next tile rewrites s_dest
+    __syncthreads();  // the next tile rewrites the destination lists
   }
 
   // The last block posts (epoch, rows) to every rank, rows counted from every block's masks.
