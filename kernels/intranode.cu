@@ -81,9 +81,11 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   __shared__ uint32_t s_matrix[kMaxRanks][kMaxRanks + kHtSignatureWords];
   __shared__ int32_t s_offset[kMaxRanks];  // first row of this rank's rows in each destination
   __shared__ uint8_t* s_peer[kMaxRanks];
-  // The current token's rows, per warp: s_dst compact (j-th destination), s_dst_row by rank.
+  // The current token's destinations, per warp, as a compact list: j-th rank, row and row address.
   __shared__ int4* s_dst[kWarpsPerBlock][kMaxRanks];
   __shared__ int32_t s_dst_row[kWarpsPerBlock][kMaxRanks];
+  __shared__ uint8_t s_dst_rank[kWarpsPerBlock][kMaxRanks];
+  static_assert(kMaxRanks <= 0xff, "s_dst_rank holds a rank in 8 bits");
 
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
 
@@ -185,9 +187,10 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
        t += gridDim.x * kWarpsPerBlock) {
     const RankMask mask = loadRankMask(p.token_mask, t, mask_words);
-    // Shared (not a local array): the copy loop indexes the table with a run-time rank.
+    // Shared (not local arrays): the loops below index the lists with a run-time value.
     int4** dst = s_dst[warp];
     int32_t* dst_row = s_dst_row[warp];
+    uint8_t* dst_rank = s_dst_rank[warp];
     // Compact list of destinations (the copy loop then costs nothing per absent rank at 72).
     int num_dst = 0;
     for (int first = 0; first < num_ranks; first += kWarpSize) {  // warp-uniform
@@ -196,9 +199,10 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
       const unsigned ballot = __ballot_sync(kFullMask, in);
       if (in) {
         const int32_t row = s_offset[d] + p.token_slot[static_cast<int64_t>(t) * num_ranks + d];
-        dst_row[d] = row;
-        dst[num_dst + __popc(ballot & ((1u << lane) - 1u))] =
-            reinterpret_cast<int4*>(s_peer[d] + p.regions.recv_x + row * p.x_row_bytes);
+        const int j = num_dst + __popc(ballot & ((1u << lane) - 1u));
+        dst_row[j] = row;
+        dst_rank[j] = static_cast<uint8_t>(d);
+        dst[j] = reinterpret_cast<int4*>(s_peer[d] + p.regions.recv_x + row * p.x_row_bytes);
       }
       num_dst += __popc(ballot);
     }
@@ -209,29 +213,30 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
     // Scales (FP8), top-k (re-based to the destination's local ids) and the source index.
     for (int c = lane; c < p.num_scales; c += kWarpSize) {
       const float scale = p.x_scales[t * p.scales_token_stride + c * p.scales_col_stride];
-      forEachRank(mask, [&](int d) {
+      for (int j = 0; j < num_dst; ++j) {
         reinterpret_cast<float*>(
-            s_peer[d] +
-            p.regions.recv_scales)[static_cast<int64_t>(dst_row[d]) * p.num_scales + c] = scale;
-      });
+            s_peer[dst_rank[j]] +
+            p.regions.recv_scales)[static_cast<int64_t>(dst_row[j]) * p.num_scales + c] = scale;
+      }
     }
     if (has_topk && lane < num_topk) {
       // The layout's copy: ids in range, -1 for none and for repetitions within the token.
       const int32_t e = p.topk_copy[int64_t{t} * num_topk + lane];
       const float weight = p.topk_weights ? p.topk_weights[int64_t{t} * num_topk + lane] : 0.f;
-      forEachRank(mask, [&](int d) {
+      for (int j = 0; j < num_dst; ++j) {
+        const int d = dst_rank[j];
         const bool local = e >= d * local_experts && e < (d + 1) * local_experts;
-        const int64_t slot = static_cast<int64_t>(dst_row[d]) * num_topk + lane;
+        const int64_t slot = static_cast<int64_t>(dst_row[j]) * num_topk + lane;
         reinterpret_cast<IdxT*>(s_peer[d] + p.regions.recv_topk_idx)[slot] =
             static_cast<IdxT>(local ? e - d * local_experts : -1);
         reinterpret_cast<float*>(s_peer[d] + p.regions.recv_topk_weights)[slot] =
             local ? weight : 0.f;
-      });
+      }
     }
     if (lane == 0) {
-      forEachRank(mask, [&](int d) {
-        reinterpret_cast<int32_t*>(s_peer[d] + p.regions.recv_src_idx)[dst_row[d]] = t;
-      });
+      for (int j = 0; j < num_dst; ++j) {
+        reinterpret_cast<int32_t*>(s_peer[dst_rank[j]] + p.regions.recv_src_idx)[dst_row[j]] = t;
+      }
     }
     __syncwarp();  // the next token rewrites this warp's table
   }
