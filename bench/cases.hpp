@@ -36,15 +36,17 @@ struct CaseEnv {
 struct HtCaseSpec {
   int tokens = 0;
   int hidden = 0;
-  std::vector<int> sms;    // SM budgets (--sms); the first one also runs the count checks
-  bool main_case = false;  // adds the 0-token round trip
-  int case_id = 0;         // seeds the inputs
+  std::vector<int> sms;       // SM budgets (--sms); the first one also runs the count checks
+  bool main_case = false;     // adds the 0-token round trip
+  int case_id = 0;            // seeds the inputs
+  bool expert_major = false;  // also the expert-major dispatch and combine rows
 };
 
 struct LlCaseSpec {
   int tokens = 0;
   int hidden = 0;
-  int sms = 0;  // the buffer's LL SM budget, printed in the SMs column
+  int sms = 0;           // the LL SM budget the ops run with, printed in the SMs column
+  int call_sms = kAuto;  // LlDispatchArgs / LlCombineArgs::num_sms (kAuto: the buffer's default)
   // Expert outputs for LL combine, [local experts, ranks * LL tokens, hidden] BF16.
   const DeviceMemory* expert_out = nullptr;
   int case_id = 0;

@@ -69,10 +69,22 @@ void runLlCases(const CaseEnv& env, EpBuffer& buffer, const Options& o, const Ma
   fillRandomBf16(expert_out.get(), rows * o.hidden,
                  seedFor(o.seed, {static_cast<uint64_t>(env.ranks.rank), 5}), env.stream);
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(env.stream));
-  const int ll_sms = buffer.config().config.ll_num_sms != kAuto ? buffer.config().config.ll_num_sms
-                                                                : machine.device_sms;
+  // The buffer's default budget first (the LL targets read the first LL row of a token count),
+  // then the SM sweep at --ll-tokens that picks kDefaultLlSms (issue 11 item 6): 16, 24, 32
+  // and every SM, each capped at the device's SM count, the default's value not repeated.
+  const int configured = buffer.config().config.ll_num_sms;
+  const int default_sms =
+      configured != kAuto ? configured : std::min(kDefaultLlSms, machine.device_sms);
   for (int tokens : unique({o.ll_tokens, 1})) {
-    runLlCase(env, buffer, LlCaseSpec{tokens, o.hidden, ll_sms, &expert_out, case_id++});
+    runLlCase(env, buffer,
+              LlCaseSpec{tokens, o.hidden, default_sms, kAuto, &expert_out, case_id++});
+  }
+  std::vector<int> sweep;
+  for (int sms : {16, 24, 32, machine.device_sms})
+    sweep.push_back(std::min(sms, machine.device_sms));
+  for (int sms : unique(sweep)) {
+    if (sms == default_sms) continue;
+    runLlCase(env, buffer, LlCaseSpec{o.ll_tokens, o.hidden, sms, sms, &expert_out, case_id++});
   }
 }
 
@@ -130,6 +142,12 @@ int run(const Options& o, const Ranks& ranks) {
   base.max_topk = o.topk;
   base.mem_mode = parseMemMode(o.mem_mode, "--mem-mode");
   const CasePlan plan = planCases(o);
+  if (o.expert_major) {
+    // One row per (token, local expert) with alignment 1: at most min(topk, local experts) per
+    // token and rank (DispatchArgs::expert_major, BufferConfig::ht_recv_rows).
+    base.ht_recv_rows = int64_t{ranks.size} * std::max(plan.max_tokens, o.tokens) *
+                        std::min(o.topk, o.experts / ranks.size);
+  }
 
   Report report;
   int case_id = 0;
@@ -145,14 +163,16 @@ int run(const Options& o, const Ranks& ranks) {
     if (ranks.root()) printLinkTable(report.link.rows, report.link.note);
     std::fflush(stdout);
     for (int tokens : plan.tokens) {
-      runHtCase(env, buffer, HtCaseSpec{tokens, o.hidden, o.sms, tokens == o.tokens, case_id++});
+      runHtCase(env, buffer,
+                HtCaseSpec{tokens, o.hidden, o.sms, tokens == o.tokens, case_id++, o.expert_major});
     }
     if (o.ll) runLlCases(env, buffer, o, machine, case_id);
   }  // the main buffer is destroyed (collectively) before the next one is created
 
   for (int hidden : plan.other_hidden) {
     const BufferBuild b = createBuffer(ranks, bootstrap, base, BufferShape{hidden, o.tokens, 0, 0});
-    runHtCase(env, *b.buffer, HtCaseSpec{o.tokens, hidden, o.sms, false, case_id++});
+    runHtCase(env, *b.buffer,
+              HtCaseSpec{o.tokens, hidden, o.sms, false, case_id++, o.expert_major});
   }
   return finish(o, ranks, report, rows);
 }

@@ -22,7 +22,25 @@ struct HtSet {
   DeviceMemory weights;  // [tokens, topk] float32
   std::vector<int> dest_tokens;
   Traffic traffic;
+  // Expert-major: rows are (token, expert) pairs; recv_rows / peer_send_rows count pairs.
+  Traffic pair_traffic;
 };
+
+// Per destination rank, this rank's (token, distinct expert) pairs on it: the rows an
+// expert-major dispatch sends there.
+std::vector<int> destPairs(const std::vector<int64_t>& idx, int tokens, int topk, int experts,
+                           int ranks) {
+  std::vector<int> pairs(static_cast<size_t>(ranks), 0);
+  const int local = experts / ranks;
+  for (int t = 0; t < tokens; ++t) {
+    const int64_t* row = idx.data() + static_cast<size_t>(t) * topk;
+    for (int k = 0; k < topk; ++k) {
+      if (row[k] < 0 || std::find(row, row + k, row[k]) != row + k) continue;
+      ++pairs[static_cast<size_t>(row[k] / local)];
+    }
+  }
+  return pairs;
+}
 
 DispatchArgs dispatchArgs(const HtSet& in, int tokens, int topk, DType dtype, bool with_topk,
                           int sms) {
@@ -46,7 +64,7 @@ DispatchArgs dispatchArgs(const HtSet& in, int tokens, int topk, DType dtype, bo
 CombineArgs combineArgs(const void* x, const float* weights, void* out, int sms) {
   CombineArgs a;
   a.x = x;
-  a.topk_weights = weights;
+  a.scale_weights = weights;
   a.out = out;
   a.num_sms = sms;
   return a;
@@ -83,9 +101,13 @@ class HtCase {
     const CaseRows rows(env_.loop, traffic);
     nccl_ = timeNcclBaselines(env_, traffic, spec_.hidden);
     timeLayout();
+    std::vector<const Traffic*> pair_traffic;
+    for (const HtSet& set : in_) pair_traffic.push_back(&set.pair_traffic);
+    const CaseRows pair_rows(env_.loop, pair_traffic);
     for (int sms : spec_.sms) {
       timeDispatches(sms, rows);
       timeCombines(sms, rows);
+      if (spec_.expert_major) timeExpertMajor(sms, pair_rows);
       if (env_.graph) timeGraph(sms, rows);
     }
     if (spec_.main_case) timeZeroTokens();
@@ -105,6 +127,7 @@ class HtCase {
   void timeDispatches(int sms, const CaseRows& rows);
   void timeCombines(int sms, const CaseRows& rows);
   void timeGraph(int sms, const CaseRows& rows);
+  void timeExpertMajor(int sms, const CaseRows& pair_rows);
   void timeZeroTokens();
 
   const CaseEnv& env_;
@@ -143,6 +166,8 @@ void HtCase::makeInputs() {
     fillRandomFp8(set.x_fp8.get(), elements(), seedFor(base, {2}), stream);
     fillRandomScales(set.scales.as<float>(), num_scales, seedFor(base, {3}), stream);
     set.traffic = gatherTraffic(env_.ranks, set.dest_tokens);
+    set.pair_traffic = gatherTraffic(env_.ranks, destPairs(routing.idx, spec_.tokens, topk_,
+                                                           env_.work.experts, env_.ranks.size));
     handles_.push_back(buffer_.createHandle());
   }
 }
@@ -267,6 +292,38 @@ void HtCase::timeGraph(int sms, const CaseRows& rows) {
       env_.loop, env_.stream, buffer_, [&](int it) { graphs[setOf(it)].launch(env_.stream); });
   env_.rows.add(row("graph d+c", "bf16", sms), samples, rows.bytes(bf16RowBytes(spec_.hidden), 2.0),
                 nccl_.round_trip);
+}
+
+// Expert-major dispatch (with its layout, as the "dispatch" row) and zero-copy combine (after an
+// untimed cached expert-major dispatch). Bytes: (token, expert) pair rows, both definitions as for
+// rank-major, so the GB/s columns compare directly with the rank-major rows (issue 11 item 4).
+void HtCase::timeExpertMajor(int sms, const CaseRows& pair_rows) {
+  {
+    TimedLoop loop(env_.loop, env_.stream, 1);
+    loop.run(buffer_, [&](int it) {
+      DispatchArgs a = dispatchArgs(in_[setOf(it)], spec_.tokens, topk_, DType::kBF16, true, sms);
+      a.expert_major = true;
+      loop.start(0);
+      buffer_.dispatch(a, handles_[setOf(it)], env_.stream);
+      loop.stop(0);
+    });
+    env_.rows.add(row("dispatch expert-major", "bf16", sms), loop.samples(0),
+                  pair_rows.bytes(bf16RowBytes(spec_.hidden)), std::nullopt);
+  }
+  TimedLoop loop(env_.loop, env_.stream, 1);
+  loop.run(buffer_, [&](int it) {
+    const HtSet& set = in_[setOf(it)];
+    EpHandle& handle = handles_[setOf(it)];
+    DispatchArgs d = dispatchArgs(set, spec_.tokens, topk_, DType::kBF16, false, sms);
+    d.expert_major = true;
+    buffer_.dispatch(d, handle, env_.stream);
+    const CombineArgs a = combineArgs(combine_input_, set.weights.as<float>(), out_.get(), sms);
+    loop.start(0);
+    buffer_.combine(a, handle, env_.stream);
+    loop.stop(0);
+  });
+  env_.rows.add(row("combine expert-major", "bf16", sms), loop.samples(0),
+                pair_rows.bytes(bf16RowBytes(spec_.hidden)), std::nullopt);
 }
 
 // The fixed cost of a round trip: dispatch (with its layout) and combine of 0 tokens.

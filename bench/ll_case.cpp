@@ -27,8 +27,9 @@ class LlCase {
                            static_cast<size_t>(spec.tokens) * bf16RowBytes(spec.hidden))) {}
 
   void run() {
-    progress(env_.ranks, "LL tokens=" + std::to_string(spec_.tokens) + " (" +
-                             std::to_string(sets_) + " input sets)");
+    progress(env_.ranks, "LL tokens=" + std::to_string(spec_.tokens) +
+                             " SMs=" + std::to_string(spec_.sms) + " (" + std::to_string(sets_) +
+                             " input sets)");
     makeInputs();
     std::vector<const Traffic*> traffic;
     for (const LlSet& set : in_) traffic.push_back(&set.traffic);
@@ -36,6 +37,7 @@ class LlCase {
     nccl_ = timeNcclBaselines(env_, traffic, spec_.hidden);
     combine_args_.x = spec_.expert_out->get();
     combine_args_.out = out_.get();
+    combine_args_.num_sms = spec_.call_sms;
     timeDispatchCombine(rows);
     if (env_.graph) timeGraph(rows);
   }
@@ -52,6 +54,7 @@ class LlCase {
     a.topk = TopkView{set.idx.get(), IndexType::kInt64, spec_.tokens, env_.work.topk};
     a.topk_weights = set.weights.as<float>();
     a.use_fp8 = fp8;
+    a.num_sms = spec_.call_sms;
     return a;
   }
 

@@ -89,6 +89,9 @@ void defineOptions(CLI::App& app, Options& o) {
       ->capture_default_str();
   addSwitch(app, "graph", o.graph, "CUDA-graph replay rows", "Skip the CUDA-graph replay rows",
             onOff(o.graph));
+  addSwitch(app, "expert-major", o.expert_major,
+            "Expert-major HT rows (the receive region is sized for one row per (token, expert))",
+            "Skip the expert-major HT rows", onOff(o.expert_major));
   addSwitch(app, "ll", o.ll, "Low-latency rows", "Skip the low-latency rows", onOff(o.ll));
   app.add_option("--ll-tokens", o.ll_tokens, "LL tokens per rank (the LL rows also run 1 token)")
       ->capture_default_str();
@@ -151,6 +154,7 @@ nlohmann::ordered_json optionsJson(const Options& o) {
           {"iters", o.iters},
           {"warmup", o.warmup},
           {"graph", o.graph},
+          {"expert_major", o.expert_major},
           {"ll", o.ll},
           {"ll_tokens", o.ll_tokens},
           {"seed", o.seed},

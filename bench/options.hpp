@@ -21,6 +21,7 @@ struct Options {
   int iters = 50;
   int warmup = 10;
   bool graph = true;
+  bool expert_major = true;  // expert-major HT rows (sizes the HT receive region for them)
   bool ll = true;
   int ll_tokens = 128;
   uint64_t seed = 1;

@@ -341,6 +341,17 @@ __device__ __forceinline__ void forEachRank(const RankMask& m, F&& f) {
   }
 }
 
+// The lowest rank set in `a` but not in `b`, -1 if none (a layout's routing vs. its top-k).
+__device__ __forceinline__ int firstRankOfAndNot(const RankMask& a, const RankMask& b) {
+  int first = -1;
+#pragma unroll
+  for (int j = kRankMaskWords - 1; j >= 0; --j) {
+    const uint32_t extra = a.w[j] & ~b.w[j];
+    if (extra != 0) first = j * 32 + __ffs(extra) - 1;
+  }
+  return first;
+}
+
 // --- per-rank counts for block scans ------------------------------------------------------------
 // Token counts per destination rank for a group of kRanksPerScan ranks, packed as 16-bit lanes
 // (ranks 0-3 of the group in lo, 4-7 in hi) so a CUB block scan moves two words instead of eight.

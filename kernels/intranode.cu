@@ -20,7 +20,8 @@
 // Combine (pull): every rank's expert outputs sit in its symmetric combine-input region in
 // received-row order. After a readiness handshake each rank reads, for each of its tokens, the
 // rows from every rank the token went to, sums them in float32 (weighted, plus bias) and writes
-// BF16 in token order. A final handshake ("done pulling") makes the combine input reusable as
+// BF16 in token order; with combined top-k weights, the token's received-weight rows the same way
+// (lane k sums entry k). A final handshake ("done pulling") makes the combine input reusable as
 // soon as the kernel completes.
 #include "kernels/device_utils.cuh"
 #include "kernels/kernel_check.hpp"
@@ -100,7 +101,9 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
                                             : static_cast<uint32_t>(p.signature >> 32);
     stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_counts[parity][me][j], tag(epoch, value));
   }
-  if (blockIdx.x == 0 && has_topk) {
+  // Every dispatch sends the per-expert counts of its routing, cached ones too (the handle keeps
+  // them): the receivers' counts always belong to this call, aligned with this call's alignment.
+  if (blockIdx.x == 0) {
     const int local_experts = p.num_local_experts;
     for (int i = tid; i < num_ranks * local_experts; i += kBlockThreads) {
       const int d = i / local_experts;
@@ -123,6 +126,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
 
   // Everything in the matrix came from other ranks: check it before it becomes an address.
   // Every rank compares every signature with its own, so each rank finds a mismatch by itself.
+  __shared__ int32_t s_num_recv;
   bool bad = false;
   if (tid == 0) {
     for (int s = 0; s < num_ranks && !bad; ++s) {
@@ -141,6 +145,12 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
                   static_cast<uint64_t>(capacity), static_cast<uint64_t>(total));
       bad = true;
     }
+    if (!bad && p.num_worst_tokens > 0 && total > p.num_worst_tokens) {
+      recordFault(ctx, FailKind::kOverWorstTokens, OpId::kHtDispatch, kPhaseCounts, -1, -1,
+                  static_cast<uint64_t>(p.num_worst_tokens), static_cast<uint64_t>(total));
+      bad = true;
+    }
+    s_num_recv = static_cast<int32_t>(total);  // <= capacity when used
   }
   if (tid < num_ranks) {
     // My rows land in rank tid at [offset, offset + my count): both ends inside its capacity.
@@ -168,12 +178,37 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
       }
       p.recv_rank_prefix[num_ranks] = prefix;
       *p.num_recv = prefix;
-      if (p.host_count != nullptr) {
-        // Exact mode: the host polls this while the rows are still moving.
-        *reinterpret_cast<volatile uint64_t*>(p.host_count) =
-            hostCount(static_cast<uint32_t>(prefix));
-        __threadfence_system();
+    }
+    // The per-expert counts: every source's block 0 sent them with its count row, so they are
+    // (about) here already. Collected before any row moves so that exact mode can return them.
+    ok = true;
+    for (int e = tid; e < p.num_local_experts && ok; e += kBlockThreads) {
+      int64_t count = 0;
+      for (int s = 0; s < num_ranks && ok; ++s) {
+        uint64_t v = 0;
+        ok = waitTagged(&own->ht_expert_counts[parity][s][e], epoch, w, kPhaseExpertCounts, s, &v);
+        count += tagValue(v);
       }
+      if (ok && count > capacity) {  // peer data: a count no source can have sent
+        recordFault(ctx, FailKind::kBadPeerData, OpId::kHtDispatch, kPhaseExpertCounts, -1, e,
+                    static_cast<uint64_t>(capacity), static_cast<uint64_t>(count));
+        ok = false;
+      }
+      const int64_t align = p.expert_alignment;
+      const int32_t aligned = static_cast<int32_t>((count + align - 1) / align * align);
+      if (ok) p.recv_expert_counts[e] = aligned;
+      if (ok && p.host_expert_counts != nullptr) {
+        reinterpret_cast<volatile int32_t*>(p.host_expert_counts)[e] = aligned;
+      }
+    }
+    if (!__syncthreads_and(ok)) return;
+    if (tid == 0 && p.host_count != nullptr) {
+      // Exact mode: the host polls this while the rows are still moving; the per-expert counts
+      // written above are ordered before it.
+      __threadfence_system();
+      *reinterpret_cast<volatile uint64_t*>(p.host_count) =
+          hostCount(static_cast<uint32_t>(s_num_recv));
+      __threadfence_system();
     }
   }
 
@@ -241,6 +276,33 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
     __syncwarp();  // the next token rewrites this warp's table
   }
 
+  // Static shapes: rows [num_recv, num_worst_tokens) of my views hold zeros / -1. No peer writes
+  // there in this call (their rows end at num_recv, checked above).
+  if (p.num_worst_tokens > 0) {
+    const int64_t first = s_num_recv;
+    const int64_t pad_rows = p.num_worst_tokens - first;
+    const int64_t stride = int64_t{gridDim.x} * kBlockThreads;
+    const int64_t start = int64_t{blockIdx.x} * kBlockThreads + tid;
+    uint8_t* own_base = ctx.local_base;
+    int4* x_pad = reinterpret_cast<int4*>(own_base + p.regions.recv_x + first * p.x_row_bytes);
+    for (int64_t i = start; i < pad_rows * num_vecs; i += stride) x_pad[i] = make_int4(0, 0, 0, 0);
+    float* scales_pad =
+        reinterpret_cast<float*>(own_base + p.regions.recv_scales) + first * p.num_scales;
+    for (int64_t i = start; i < pad_rows * p.num_scales; i += stride) scales_pad[i] = 0.f;
+    if (has_topk) {
+      IdxT* idx_pad =
+          reinterpret_cast<IdxT*>(own_base + p.regions.recv_topk_idx) + first * num_topk;
+      float* weight_pad =
+          reinterpret_cast<float*>(own_base + p.regions.recv_topk_weights) + first * num_topk;
+      for (int64_t i = start; i < pad_rows * num_topk; i += stride) {
+        idx_pad[i] = static_cast<IdxT>(-1);
+        weight_pad[i] = 0.f;
+      }
+    }
+    int32_t* src_pad = reinterpret_cast<int32_t*>(own_base + p.regions.recv_src_idx) + first;
+    for (int64_t i = start; i < pad_rows; i += stride) src_pad[i] = -1;
+  }
+
   // 4. the last block signals every destination and collects every source's signal
   if (!arriveLastBlock(&own->local.arrive[kArriveHtDispatch])) return;
   if (tid == 0) {
@@ -252,23 +314,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   if (tid < num_ranks) {
     ok = waitEpoch(&own->ht_dispatch_done[tid], epoch, w, kPhaseDone, tid);
   }
-  if (has_topk) {
-    for (int e = tid; e < local_experts && ok; e += kBlockThreads) {
-      int64_t count = 0;
-      for (int s = 0; s < num_ranks && ok; ++s) {
-        uint64_t v = 0;
-        ok = waitTagged(&own->ht_expert_counts[parity][s][e], epoch, w, kPhaseExpertCounts, s, &v);
-        count += tagValue(v);
-      }
-      if (ok && count > capacity) {  // peer data: a count no source can have sent
-        recordFault(ctx, FailKind::kBadPeerData, OpId::kHtDispatch, kPhaseExpertCounts, -1, e,
-                    static_cast<uint64_t>(capacity), static_cast<uint64_t>(count));
-        ok = false;
-      }
-      const int64_t align = p.expert_alignment;
-      if (ok) p.recv_expert_counts[e] = static_cast<int32_t>((count + align - 1) / align * align);
-    }
-  }  // a cached dispatch keeps the counts of the dispatch that laid the handle out
+  // (The per-expert counts were collected by block 0 in step 2.)
   if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtDispatch] = epoch;
 }
 
@@ -286,21 +332,32 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   __shared__ uint8_t* s_peer[kMaxRanks];
   __shared__ const int4* s_row[kWarpsPerBlock][kMaxRanks];  // the current token's rows, per warp
   __shared__ float s_weight[kWarpsPerBlock][kMaxRanks];
+  __shared__ const float* s_recv_weights[kMaxRanks];  // my rows of each rank's received weights
 
   // 1. my combine input is in place (stream order): tell everyone, then wait for everyone.
   if (tid == 0) {
     fenceAcqRelSys();
     for (int d = 0; d < num_ranks; ++d) {
-      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], epoch);
+      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
     }
   }
   bool ok = true;
   if (tid < num_ranks) {
-    ok = waitEpoch(&own->ht_combine_ready[tid], epoch, w, kPhaseReady, tid);
+    uint64_t v = 0;
+    ok = waitTagged(&own->ht_combine_ready[tid], epoch, w, kPhaseReady, tid, &v);
+    if (ok && tagValue(v) != p.signature) {
+      // Every rank compares every peer's with its own, so each finds a mismatch by itself.
+      recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kHtCombine, kPhaseReady, tid,
+                      p.signature, tagValue(v));
+      ok = false;
+    }
     s_peer[tid] = ctx.peer_bases[tid];
     int64_t first_row = 0;  // rows of lower-ranked sources come first in rank tid's region
     for (int s = 0; s < me; ++s) first_row += p.count_matrix[s * num_ranks + tid];
     s_src[tid] = ctx.peer_bases[tid] + p.regions.combine_in + first_row * p.row_bytes;
+    s_recv_weights[tid] =
+        reinterpret_cast<const float*>(ctx.peer_bases[tid] + p.recv_weights_offset) +
+        first_row * p.num_topk;
   }
   if (!__syncthreads_and(ok)) return;
 
@@ -315,7 +372,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
     const RankMask mask = loadRankMask(p.token_mask, t, mask_words);
     float* weight = s_weight[warp];
     const int4** src = s_row[warp];
-    if (p.topk_weights == nullptr) {
+    if (p.scale_weights == nullptr) {
       for (int d = lane; d < num_ranks; d += kWarpSize) weight[d] = 1.f;
     } else {
       // weight of rank d = sum of the token's top-k weights whose expert lives on d
@@ -325,7 +382,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
         const int32_t e = p.topk_copy[int64_t{t} * p.num_topk + lane];
         if (e >= 0) {
           my_rank_of_k = e / local_experts;
-          my_weight = p.topk_weights[int64_t{t} * p.num_topk + lane];
+          my_weight = p.scale_weights[int64_t{t} * p.num_topk + lane];
         }
       }
       // Only the ranks the token went to (the mask is the same in every lane: no divergence).
@@ -342,6 +399,17 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
           s_src[d] + int64_t{p.token_slot[int64_t{t} * num_ranks + d]} * p.row_bytes);
     }
     __syncwarp();
+    if (p.combined_weights != nullptr && lane < p.num_topk) {
+      // Lane k pulls entry k of the token's row from every rank it went to (the backward of
+      // dispatch's recv_topk_weights): summed in rank order in float32, 0 if it went nowhere.
+      // Only the mask's ranks (increasing order): no slot loads for the others at 72 ranks.
+      float sum = 0.f;
+      forEachRank(mask, [&](int d) {
+        const int32_t slot = p.token_slot[int64_t{t} * num_ranks + d];
+        if (slot >= 0) sum += __ldcg(s_recv_weights[d] + int64_t{slot} * p.num_topk + lane);
+      });
+      p.combined_weights[int64_t{t} * p.num_topk + lane] = sum;
+    }
     int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
     const int4* bias =
         p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;
@@ -391,7 +459,8 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t.
 template <typename Vec>
 __global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p) {
-  const int64_t rows = min(static_cast<int64_t>(*p.count), p.max_rows);
+  const int64_t rows =
+      p.fixed_rows > 0 ? p.fixed_rows : min(static_cast<int64_t>(*p.count), p.max_rows);
   const int64_t vecs_per_row = p.row_bytes / static_cast<int64_t>(sizeof(Vec));
   const int64_t total = rows * vecs_per_row;
   for (int64_t i = blockIdx.x * int64_t{kBlockThreads} + threadIdx.x; i < total;

@@ -47,6 +47,13 @@ struct LayoutParams {
   int32_t* expert_counts;  // [E]
   int32_t* topk_copy;      // [N, K] int32 copy kept for weighted combine
   int32_t* tile_counts;    // [layoutTiles(N), R] scratch
+  // Layout input (DispatchArgs::layout), or all nullptr to route from topk_idx alone. With
+  // in_rank set, masks and slots come from it; topk_idx (may be nullptr then) only fills
+  // topk_copy and is checked against it. The caller's counts are checked (FailKind::kLayout*)
+  // and become rank_counts / expert_counts.
+  const bool* in_rank;              // [N, R]
+  const int32_t* rank_counts_in;    // [R]
+  const int32_t* expert_counts_in;  // [E]
   // A bad id is recorded, stops this rank's next collective op and is announced to every peer
   // (ControlRegion::peer_faulted), so the op fails on every rank; it is never used as an address.
   PeerContext peers;
@@ -76,14 +83,16 @@ struct HtDispatchParams {
   const uint32_t* token_mask;  // [N, rankMaskWords(R)]
   const int32_t* token_slot;
   const int32_t* rank_counts;
-  const int32_t* expert_counts;  // [E]; only read with topk (cached dispatch sends none)
+  const int32_t* expert_counts;  // [E] of the handle's routing; sent by every dispatch
+  int32_t num_worst_tokens;      // > 0: pad the views to this many rows; more received = fault
   // outputs (handle)
   int32_t* count_matrix;        // [R, R]
   int32_t* num_recv;            // [1]
   int32_t* recv_rank_prefix;    // [R + 1]
   int32_t* recv_expert_counts;  // [L]
   uint64_t* host_count;         // host-mapped count for exact mode (hostCount(rows)),
-                                // or nullptr
+                                // or nullptr; written after host_expert_counts
+  int32_t* host_expert_counts;  // host-mapped [L] for exact mode, or nullptr
 };
 
 struct HtCombineParams {
@@ -98,12 +107,84 @@ struct HtCombineParams {
   const int32_t* token_slot;
   const int32_t* count_matrix;  // [R, R] from the matching dispatch
   const int32_t* topk_copy;     // [N, K] for weights
-  const float* topk_weights;    // nullptr = unweighted
+  const float* scale_weights;   // [N, K] token side; nullptr = unweighted
   const uint16_t* bias;         // [N, H] BF16 or nullptr
   uint16_t* out;                // [N, H] BF16
+  // Combined top-k weights: every rank's received-weights rows [rows, num_topk] float at this
+  // offset of its buffer (regions.recv_topk_weights or regions.combine_weights), summed per
+  // (token, k) into combined_weights [N, K]. combined_weights == nullptr: off.
+  uint64_t recv_weights_offset;
+  float* combined_weights;
+  uint32_t signature;  // htCombineSignature(): every rank must pass the same
 };
 
-// Copies `*count` rows (read on the device) of row_bytes each, count capped at max_rows.
+// Expert-major HT dispatch (kernels/ht_expert_major.cu; DispatchArgs::expert_major).
+struct HtExpertMajorParams {
+  PeerContext peers;
+  HtRegions regions;
+  // inputs
+  const uint8_t* x;
+  int64_t x_row_bytes;  // hidden * element bytes
+  const float* x_scales;
+  int64_t scales_token_stride;
+  int64_t scales_col_stride;
+  int32_t num_scales;         // hidden / 128 for FP8, else 0
+  int32_t has_topk;           // write recv_topk_idx / recv_topk_weights
+  int32_t idx_is_64;          // element type of recv_topk_idx
+  const float* topk_weights;  // [N, route_topk] or nullptr
+  int32_t num_topk;           // columns of recv_topk_idx / weights (0 without top-k)
+  int32_t route_topk;         // columns of topk_copy / pair_pos (the handle's layout)
+  int32_t num_tokens;
+  int32_t num_experts;
+  int32_t num_local_experts;
+  int32_t expert_alignment;
+  int32_t max_tokens;  // BufferConfig::max_tokens_per_rank: bound on a peer's per-expert count
+  uint64_t signature;  // htSignature() | htExpertMajorBits(true)
+  // routing (handle)
+  const int32_t* topk_copy;      // [N, route_topk] valid global ids, -1 for none/duplicate
+  const int32_t* rank_counts;    // [R]
+  const int32_t* expert_counts;  // [E] this rank's pairs per expert
+  const int32_t* pair_pos;       // [N, route_topk] rank of the pair among this rank's pairs of
+                                 // its expert (launchHtExpertMajorPairs)
+  // outputs (handle)
+  int32_t* count_matrix;        // [R, R]
+  int32_t* num_recv;            // [1] rows incl. padding
+  int32_t* recv_expert_counts;  // [L] aligned
+  int32_t* expert_offsets;      // [L + 1]
+  int32_t* send_base;           // [E] this rank's first row in expert e's group on its rank
+  uint64_t* host_count;         // exact mode, or nullptr
+};
+
+// pair_pos[t, k] = position of (t, k) among this rank's pairs of expert topk_copy[t, k]
+// (atomics: the order is per call; it is kept in the handle). cursor [E] is scratch.
+struct HtExpertMajorPairsParams {
+  const int32_t* topk_copy;
+  int32_t num_tokens;
+  int32_t num_topk;
+  int32_t num_experts;
+  int32_t* cursor;
+  int32_t* pair_pos;
+};
+
+struct HtExpertMajorCombineParams {
+  PeerContext peers;
+  HtRegions regions;
+  int64_t row_bytes;  // hidden * 2
+  int32_t hidden;
+  int32_t num_tokens;
+  int32_t num_topk;  // the handle's layout columns
+  int32_t num_local_experts;
+  const int32_t* topk_copy;   // [N, K]
+  const int32_t* pair_pos;    // [N, K]
+  const int32_t* send_base;   // [E] from the matching dispatch
+  const float* topk_weights;  // [N, K] or nullptr
+  const uint16_t* bias;       // [N, H] BF16 or nullptr
+  uint16_t* out;              // [N, H] BF16
+  uint32_t signature;         // htCombineSignature() (the rank-major combine's tagged ready word)
+};
+
+// Copies `*count` rows (read on the device) of row_bytes each, count capped at max_rows; with
+// fixed_rows > 0 exactly fixed_rows rows (static shapes) and `count` is not read.
 struct CopyRowsParams {
   uint8_t* dst;
   const uint8_t* src;
@@ -112,6 +193,7 @@ struct CopyRowsParams {
   int64_t src_stride;
   const int32_t* count;
   int64_t max_rows;
+  int64_t fixed_rows = 0;
 };
 
 struct LlParams {
@@ -133,6 +215,11 @@ struct LlParams {
   // combine inputs/outputs
   const uint16_t* expert_out;  // [L, rows_per_expert, H] BF16
   uint16_t* out;               // [N, H] BF16
+
+  // Issue 11: cumulative receive counts (dispatch receive) and combine-time weights.
+  int32_t* cumulative_recv_counts;  // [L] or nullptr: += this call's (token, expert) rows
+  const float* combine_weights;     // [N, num_topk] combine-time weights, or nullptr
+  uint32_t weights_mode;            // kLlWeightsNone / kLlWeightsPushed / kLlWeightsNoTokens
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -159,9 +246,21 @@ void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_
 void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream);
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream);
 
+// Expert-major HT (kernels/ht_expert_major.cu). Pairs: zeroes the cursor, then one thread per
+// top-k entry. Dispatch and combine: `sm_budget` blocks, the same handshakes as rank-major.
+void launchHtExpertMajorPairs(const HtExpertMajorPairsParams& params, cudaStream_t stream);
+void launchHtExpertMajorDispatch(const HtExpertMajorParams& params, int sm_budget,
+                                 cudaStream_t stream);
+void launchHtExpertMajorCombine(const HtExpertMajorCombineParams& params, int sm_budget,
+                                cudaStream_t stream);
+
 // At most one block per token (idle blocks would only add arrivals to the last-block count).
 void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlDispatchRecv(const LlParams& params, int sm_budget, cudaStream_t stream);
+// Pushes this rank's combine-time weights (params.combine_weights, [num_tokens, num_topk]) to
+// every rank its tokens went to, then posts the combine-weights flag; launched before
+// launchLlCombineSend when LlCombineArgs::topk_weights is given. One warp per token.
+void launchLlCombineWeights(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlCombineSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 // Reduces num_tokens x (hidden / kLlSegmentCols) segments, one warp each; `num_tokens` is this
 // rank's token count of the matching dispatch.

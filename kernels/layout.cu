@@ -10,6 +10,11 @@
 // never used as an address: it is recorded as bad input, this rank's next collective op stops
 // before sending anything, and every peer is told (ControlRegion::peer_faulted), so that op fails
 // on every rank at once instead of timing out.
+//
+// Layout input (DispatchArgs::layout, DeepEP-style): the masks come from the caller's
+// is_token_in_rank instead, through the same scans; the caller's per-rank counts must equal the
+// column sums and its per-expert counts are bounded (or, with top-k, must equal the histogram),
+// each mismatch a fault of the same kind as a bad expert id.
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/device_utils.cuh"
@@ -66,10 +71,30 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
   __syncthreads();
 
   const int t = blockIdx.x * kLayoutThreads + tid;
-  const RankMask mask = t < p.num_tokens ? routeToken(p, static_cast<const IdxT*>(p.topk_idx), t,
-                                                      p.num_experts / p.num_ranks, expert_hist)
-                                         : emptyRankMask();
-  if (t < p.num_tokens) storeRankMask(p.token_mask, t, rankMaskWords(p.num_ranks), mask);
+  RankMask mask = emptyRankMask();
+  if (t < p.num_tokens) {
+    const RankMask topk_mask = p.topk_idx != nullptr
+                                   ? routeToken(p, static_cast<const IdxT*>(p.topk_idx), t,
+                                                p.num_experts / p.num_ranks, expert_hist)
+                                   : emptyRankMask();
+    mask = topk_mask;
+    if (p.in_rank != nullptr) {
+      // The caller's layout decides where the token goes; its experts must be among those ranks
+      // (else they would be counted on a rank the row never reaches).
+      mask = emptyRankMask();
+      const uint8_t* row =
+          reinterpret_cast<const uint8_t*>(p.in_rank) + static_cast<int64_t>(t) * p.num_ranks;
+      for (int d = 0; d < p.num_ranks; ++d) {
+        if (row[d] != 0) mask.set(d);
+      }
+      const int d = firstRankOfAndNot(topk_mask, mask);
+      if (d >= 0) {
+        recordFault(p.peers, FailKind::kLayoutTokenVsTopk, OpId::kLayout, WaitPhase::kNone, -1, t,
+                    static_cast<uint64_t>(d), 0);
+      }
+    }
+    storeRankMask(p.token_mask, t, rankMaskWords(p.num_ranks), mask);
+  }
   for (int g = 0; g < rankScanGroups(p.num_ranks); ++g) {
     const int first = g * kRanksPerScan;
     const int last = min(p.num_ranks, first + kRanksPerScan);
@@ -95,20 +120,60 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
   }
 }
 
+// The last tile's block, with a caller's layout: checks its counts against the routing just
+// computed (`totals`, the column sums of is_token_in_rank) and, without top-k, adopts its
+// per-expert counts. Every value is bounded before it is kept: they are sent to the peers.
+__device__ void checkLayoutInput(const LayoutParams& p, const int32_t* totals) {
+  const int tid = threadIdx.x;
+  if (tid < p.num_ranks) {
+    const int32_t given = p.rank_counts_in[tid];
+    if (given != totals[tid]) {
+      recordFault(p.peers, FailKind::kLayoutRankCount, OpId::kLayout, WaitPhase::kNone, -1, tid,
+                  static_cast<uint64_t>(totals[tid]), static_cast<uint64_t>(int64_t{given}));
+    }
+  }
+  const int experts_per_rank = p.num_experts / p.num_ranks;
+  for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
+    const int32_t given = p.expert_counts_in[e];
+    if (p.topk_idx != nullptr) {
+      // expert_counts holds topk's histogram (pass 1): the layout must agree with it.
+      const int32_t counted = p.expert_counts[e];
+      if (given != counted) {
+        recordFault(p.peers, FailKind::kLayoutExpertVsTopk, OpId::kLayout, WaitPhase::kNone, -1, e,
+                    static_cast<uint64_t>(counted), static_cast<uint64_t>(int64_t{given}));
+      }
+    } else {
+      const int32_t limit = totals[e / experts_per_rank];
+      if (given < 0 || given > limit) {
+        recordFault(p.peers, FailKind::kLayoutExpertCount, OpId::kLayout, WaitPhase::kNone, -1, e,
+                    static_cast<uint64_t>(limit), static_cast<uint64_t>(int64_t{given}));
+      } else {
+        p.expert_counts[e] = given;
+      }
+    }
+  }
+}
+
 // Pass 2: adds the totals of the earlier tiles to every slot; the last tile's block also writes
-// the per-rank totals.
+// the per-rank totals (and checks a caller's layout against them).
 __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutParams p) {
   __shared__ int32_t base[kMaxRanks];
+  __shared__ int32_t totals[kMaxRanks];
   const int tid = threadIdx.x;
   const int tile = blockIdx.x;
+  const bool last = tile == gridDim.x - 1;
   if (tid < p.num_ranks) {
     int32_t sum = 0;
     for (int earlier = 0; earlier < tile; ++earlier)
       sum += p.tile_counts[earlier * p.num_ranks + tid];
     base[tid] = sum;
-    if (tile == gridDim.x - 1) p.rank_counts[tid] = sum + p.tile_counts[tile * p.num_ranks + tid];
+    if (last) {
+      totals[tid] = sum + p.tile_counts[tile * p.num_ranks + tid];
+      p.rank_counts[tid] = totals[tid];
+    }
   }
   __syncthreads();
+  if (last && p.rank_counts_in != nullptr) checkLayoutInput(p, totals);
   const int t = tile * kLayoutThreads + tid;
   if (t >= p.num_tokens) return;
   for (int d = 0; d < p.num_ranks; ++d) {

@@ -9,6 +9,47 @@ namespace epcomm::kernels {
 namespace {
 
 constexpr WaitPhase kPhaseCombinePost = WaitPhase::kLlCombinePost;
+constexpr WaitPhase kPhaseCombineWeights = WaitPhase::kLlWeightsPost;
+
+// Combine-time weights (LlCombineArgs::topk_weights). The expert side sums weighted rows before
+// sending one partial per (token, rank), so the owner's weights must reach it first: one warp
+// per token of this rank writes the token's whole weight row [num_topk] into the
+// combine_weights[parity][me][token] slot of every rank one of its experts lives on (found from
+// topk_copy, the ids dispatch send kept, not from a rank bitmask); the last block then posts
+// llWeightsPost(kLlWeightsPushed) to every rank, which llCombineSendKernel waits for.
+__global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams p) {
+  const PeerContext& ctx = p.peers;
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int me = ctx.rank;
+  const uint64_t epoch = callEpoch(own, kEpochLl);
+  const int parity = static_cast<int>(epoch & 1);
+  const LlRegions& r = p.regions;
+  if (rankFailed(ctx)) return;
+  const int32_t* topk_copy = reinterpret_cast<const int32_t*>(ctx.local_base + r.topk_copy);
+  for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
+       t += gridDim.x * kWarpsPerBlock) {
+    // Lane k < num_topk looks at entry k; the first lane naming a rank writes the row there.
+    const int32_t e = lane < p.num_topk ? topk_copy[int64_t{t} * p.max_topk + lane] : -1;
+    const int d = e >= 0 ? e / p.num_local_experts : -1;
+    const unsigned same = __match_any_sync(kFullMask, d);
+    const bool leader = d >= 0 && (same & ((1u << lane) - 1u)) == 0;
+    if (!leader) continue;
+    float* dst = reinterpret_cast<float*>(ctx.peer_bases[d] + r.combine_weights[parity]) +
+                 (int64_t{me} * r.max_tokens + t) * p.max_topk;
+    const float* src = p.combine_weights + int64_t{t} * p.num_topk;
+    for (int k = 0; k < p.num_topk; ++k) dst[k] = src[k];
+  }
+  if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineWeights])) return;
+  if (tid == 0 && !rankFailed(ctx)) {
+    for (int d = 0; d < ctx.num_ranks; ++d) {
+      stReleaseSys(&controlOf(ctx.peer_bases[d])->ll_weights_flag[parity][me],
+                   tag(epoch, llWeightsPost(kLlWeightsPushed)));
+    }
+  }
+}
 
 __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
   const PeerContext& ctx = p.peers;
@@ -18,7 +59,11 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
-  const uint64_t epoch = callEpoch(own, kEpochLl);
+  // The round's epoch, set by its dispatch send (== callEpoch() in every normal round). Not
+  // callEpoch(): when the weights wait below finds that a peer rejected this combine it marks the
+  // call skipped, and a block of this grid starting after that must still use this call's
+  // epoch and parity.
+  const uint64_t epoch = own->ll_round_epoch;
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
@@ -27,6 +72,37 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
   __shared__ uint8_t* s_peer[kMaxRanks];
   // The dispatch receive failed (or anything before): nothing here is valid, send nothing.
   if (rankFailed(ctx)) return;
+  // Combine-time weights (protocol in low_latency.cuh). Mode kLlWeightsNone (this rank used its
+  // dispatch weights) posts at once and never waits; the other modes wait for every rank's post
+  // and take rank s's weights from the combine_weights region iff s pushed them. A rank that
+  // pushed and hears "none" from a rank that has tokens fails the op on every rank.
+  __shared__ bool s_pushed[kMaxRanks];
+  if (p.weights_mode != kLlWeightsPushed && blockIdx.x == 0 && tid < num_ranks) {
+    stReleaseSys(&controlOf(ctx.peer_bases[tid])->ll_weights_flag[parity][me],
+                 tag(epoch, llWeightsPost(p.weights_mode)));
+  }
+  if (tid < num_ranks) s_pushed[tid] = false;
+  if (p.weights_mode != kLlWeightsNone) {
+    const WaitContext w{&ctx, OpId::kLlCombineSend, globalTimerNs()};
+    bool ok = true;
+    if (tid < num_ranks) {
+      uint64_t v = 0;
+      ok = waitTagged(&own->ll_weights_flag[parity][tid], epoch, w, kPhaseCombineWeights, tid, &v);
+      const uint32_t theirs = tagValue(v);
+      if (ok && p.weights_mode == kLlWeightsPushed && theirs == kLlWeightsNone) {
+        // Announced to every peer: ranks in mode "none" do not wait for this rank's post.
+        recordFault(ctx, FailKind::kSignatureMismatch, OpId::kLlCombineSend, kPhaseCombineWeights,
+                    tid, -1, 1, 0);
+        ok = false;
+      }
+      s_pushed[tid] = ok && theirs == kLlWeightsPushed;
+    }
+    // A failure (timeout, abort, fault) ends the op. A peer that rejected this combine (the only
+    // other way a wait ends unready) does not: this rank still sends its partials and posts, so
+    // that no peer's combine receive waits on it until the deadline; rows from the rejecting
+    // rank use its dispatch weights, and nobody reads them (it skipped the call).
+    if (!__syncthreads_and(ok) && rankFailed(ctx)) return;
+  }
   if (tid == 0) {
     // Rows staged from each source in this call (the posts arrived before dispatch recv ended,
     // which checked them; bounded again since they are peer data).
@@ -53,7 +129,13 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
     if (token >= r.max_tokens) continue;  // rejected by dispatch recv already
     const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base + r.slot_of_row) +
                                  (int64_t{s} * r.max_tokens + row) * p.max_topk;
-    const float* weights = reinterpret_cast<const float*>(meta + 1 + p.max_topk);
+    // Combine-time weights (pushed by rank s before its post, which this block acquired), else
+    // the dispatch's from the metadata. Pushed ones were written during this kernel: read them
+    // through L2 (__ldcg), never from a stale L1 line.
+    const float* weights =
+        s_pushed[s] ? reinterpret_cast<const float*>(ctx.local_base + r.combine_weights[parity]) +
+                          (int64_t{s} * r.max_tokens + token) * p.max_topk
+                    : reinterpret_cast<const float*>(meta + 1 + p.max_topk);
     float acc[kRoundsPerSegment][8];
 #pragma unroll
     for (int u = 0; u < kRoundsPerSegment; ++u) {
@@ -63,7 +145,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
     for (int k = 0; k < p.max_topk; ++k) {
       const int32_t out_row = slot_of_row[k];
       if (out_row < 0) continue;
-      const float weight = weights[k];
+      const float weight = s_pushed[s] ? __ldcg(weights + k) : weights[k];
       const uint16_t* y = p.expert_out + int64_t{out_row} * p.hidden;
 #pragma unroll
       for (int u = 0; u < kRoundsPerSegment; ++u) {
@@ -105,6 +187,10 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
   if (rankFailed(ctx)) return;
+  // A peer that rejected this combine stops this rank's combine send, which marks the call
+  // skipped; this kernel, queued behind it, then computes the next epoch. The round's epoch
+  // (set by its dispatch send) tells: nothing to wait for, the host reports the rejection.
+  if (ldVolatileU64(&own->ll_round_epoch) != epoch) return;
   bool ok = true;
   if (tid < num_ranks) {
     ok = waitEpoch(&own->ll_combine_flag[parity][tid], epoch, w, kPhaseCombinePost, tid);
@@ -153,6 +239,13 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
 }
 
 }  // namespace
+
+void launchLlCombineWeights(const LlParams& params, int sm_budget, cudaStream_t stream) {
+  const int work_blocks = (params.num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int num_blocks = std::max(1, std::min(sm_budget, work_blocks));
+  llCombineWeightsKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  EPCOMM_KERNEL_LAUNCH_CHECK(llCombineWeightsKernel);
+}
 
 void launchLlCombineSend(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = sm_budget;

@@ -114,7 +114,10 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
     // This rank's receive side of the call starts from empty expert lists.
     int32_t* counts = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
     for (int e = tid; e < p.num_local_experts; e += kBlockThreads) counts[e] = 0;
-    if (tid == 0) *reinterpret_cast<int32_t*>(ctx.local_base + r.num_tokens) = n;
+    if (tid == 0) {
+      *reinterpret_cast<int32_t*>(ctx.local_base + r.num_tokens) = n;
+      own->ll_round_epoch = epoch;  // read by this round's combine receive (stream-ordered)
+    }
   }
 
   // This block's tokens: a contiguous chunk. Rows to each rank before the chunk = count of
@@ -136,7 +139,20 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
     const int tile_len = min(kTile, t_end - tile);
     const int t = tile + tid;
     const RankMask mask = tid < tile_len ? tokenMask<IdxT>(p, t) : emptyRankMask();
-    if (tid < tile_len) storeRankMask(token_masks, t, mask_words, mask);
+    if (tid < tile_len) {
+      storeRankMask(token_masks, t, mask_words, mask);
+      // The token's valid, deduplicated ids, for the combine-weights push (which must not rely
+      // on a rank bitmask: it iterates over these).
+      const IdxT* ids = static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk;
+      int32_t* copy =
+          reinterpret_cast<int32_t*>(ctx.local_base + r.topk_copy) + int64_t{t} * p.max_topk;
+      for (int k = 0; k < p.num_topk; ++k) {
+        const int64_t e = static_cast<int64_t>(ids[k]);
+        bool keep = e >= 0 && e < p.num_experts;
+        for (int j = 0; j < k && keep; ++j) keep = static_cast<int64_t>(ids[j]) != e;
+        copy[k] = keep ? static_cast<int32_t>(e) : -1;
+      }
+    }
     // Slots per group of 8 ranks (one block scan each; one scan at R <= 8).
     int num_dest = 0;
     for (int g = 0; g < rankScanGroups(num_ranks); ++g) {
@@ -188,8 +204,10 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
           const unsigned same = __match_any_sync(lanes, static_cast<unsigned long long>(e));
           const bool first = (same & ((1u << lane) - 1u)) == 0;
           meta[1 + lane] = (first && e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
+          // Without dispatch weights combine must get them (LlCombineArgs::topk_weights; the
+          // host checks), so these zeros are never used.
           reinterpret_cast<float*>(meta + 1 + p.max_topk)[lane] =
-              p.topk_weights[int64_t{token} * p.num_topk + lane];
+              p.topk_weights != nullptr ? p.topk_weights[int64_t{token} * p.num_topk + lane] : 0.0f;
         }
       }
     }
@@ -317,6 +335,9 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
         reinterpret_cast<int32_t*>(ctx.local_base + r.src_info)[out_row] =
             s * static_cast<int32_t>(r.max_tokens) + token;
         slot_of_row[k] = static_cast<int32_t>(out_row);
+        // One more row for this expert (load-balancing statistics, DeepEP's
+        // cumulative_local_expert_recv_stats): counted where the row is placed.
+        if (p.cumulative_recv_counts != nullptr) atomicAdd(&p.cumulative_recv_counts[local], 1);
       }
     }
     __syncthreads();  // s_count is rewritten for the next source

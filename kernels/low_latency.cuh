@@ -12,11 +12,26 @@
 //                  row count, then copy each staged row into the expert-major output of every
 //                  local expert it selected (positions taken with atomics and bounded by the
 //                  slab), remembering where each copy went.
-//   combine send   (rank d): for each staged row, sum weight * expert output over the row's local
-//                  experts in float32 and store that BF16 partial row into the token owner's
-//                  combine staging [parity][d][token]; the last block posts the epoch.
+//   combine weights (rank s, only with LlCombineArgs::topk_weights): the weights live with the
+//                  token owner but the expert side needs them (it sends one weighted partial per
+//                  (token, rank), not one row per expert), so s first writes each token's weight
+//                  row into combine_weights[parity][s][token] of every rank the token went to
+//                  (ranks found from the ids dispatch send kept in topk_copy), then posts
+//                  (epoch, kLlWeightsPushed) to every rank's ll_weights_flag[parity][s]. Cost:
+//                  one small kernel, N * (ranks per token) * K * 4 bytes of NVLink writes (32 KiB
+//                  for 128 tokens, top-8 on 8 ranks, against 14 MiB of rows at hidden 7168), and
+//                  the combine send waits for every rank to have reached its combine.
+//   combine send   (rank d): a rank using its dispatch weights posts (epoch, kLlWeightsNone)
+//                  (a rank with no tokens and no weights kLlWeightsNoTokens) and does not wait;
+//                  a rank that pushed, or has no tokens, waits for every rank's post and takes
+//                  rank s's weights from combine_weights iff s pushed (a pusher hearing "none"
+//                  fails the op on every rank: the choice must match). Then, for each staged
+//                  row, sum weight * expert output over the row's local experts in float32 and
+//                  store that BF16 partial row into the token owner's combine staging
+//                  [parity][d][token]; the last block posts the epoch.
 //   combine recv   (rank s): wait for every rank's post, then sum the partial rows of each token
-//                  over the ranks it went to (float32) and write BF16.
+//                  over the ranks it went to (float32) and write BF16; every token's row is
+//                  written (zeros for a token routed nowhere).
 // Parity: consecutive calls alternate between two copies of every region peers write into, so a
 // rank may start call e+1 while a peer still reads call e. Call e+2 reuses call e's copy; by then
 // every peer has finished call e, because call e+1's combine could not complete without it.

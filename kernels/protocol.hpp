@@ -83,6 +83,12 @@ enum class FailKind : int32_t {
   kSignatureMismatch,  // ranks called the same op with different per-call parameters
   kPeerFaulted,        // a peer's kernel found bad input or bad data and told every rank
   kBadPeerData,        // a value that came from a peer (count, offset, row index) is out of range
+  // DispatchArgs::layout inconsistent (index = the rank, expert or token named):
+  kLayoutRankCount,     // num_tokens_per_rank[index] != is_token_in_rank's column sum
+  kLayoutExpertCount,   // num_tokens_per_expert[index] outside [0, num_tokens_per_rank[its rank]]
+  kLayoutExpertVsTopk,  // num_tokens_per_expert[index] != the count topk_idx gives
+  kLayoutTokenVsTopk,   // token `index` names an expert on a rank is_token_in_rank leaves out
+  kOverWorstTokens,     // more rows received than DispatchArgs::num_worst_tokens
 };
 
 // The point of an op at which a device thread waited (or found bad data), for the error record.
@@ -96,6 +102,7 @@ enum class WaitPhase : int32_t {
   kHtCombineDone,   // HT combine: a peer finished pulling from this rank
   kLlDispatchPost,  // LL dispatch receive: a source's rows-sent post
   kLlCombinePost,   // LL combine receive: a rank's partials-sent post
+  kLlWeightsPost,   // LL combine send: a rank's combine-weights post (weights pushed or not)
   kCount
 };
 inline constexpr const char* kWaitPhaseNames[] = {"wait",
@@ -106,7 +113,8 @@ inline constexpr const char* kWaitPhaseNames[] = {"wait",
                                                   "combine-input-ready signal",
                                                   "done-pulling signal",
                                                   "rows-sent post",
-                                                  "partials-sent post"};
+                                                  "partials-sent post",
+                                                  "combine-weights post"};
 static_assert(std::size(kWaitPhaseNames) == static_cast<size_t>(WaitPhase::kCount),
               "one name per WaitPhase");
 inline const char* waitPhaseName(int phase) {
@@ -169,6 +177,7 @@ enum ArriveSlot : int {
   kArriveLlSend = 4,
   kArriveLlCombineSend = 5,
   kArriveLlCombineRecv = 6,
+  kArriveLlCombineWeights = 9,
 };
 constexpr int kNumArriveSlots = 16;
 
@@ -189,8 +198,9 @@ struct LocalState {
 // Per-call signatures: the per-call parameters every rank must pass identically, carried with the
 // call's first signal so that a mismatch is found in the same call, on every rank, at no extra
 // cost. HT dispatch: 64 bits, the last two words of each count row (ht_counts[..][src][R, R+1]).
-// LL dispatch: 16 bits, the upper half of the value of the rows-sent post. Encoded by
-// htSignature()/llSignature(), decoded field by field through signatureFieldsOf().
+// LL dispatch: 16 bits, the upper half of the value of the rows-sent post. HT combine: the value
+// of the tagged combine-ready word. Encoded by htSignature()/llSignature()/htCombineSignature(),
+// decoded field by field through signatureFieldsOf().
 // ---------------------------------------------------------------------------------------------
 struct SignatureField {
   const char* name;
@@ -206,10 +216,17 @@ inline constexpr SignatureField kHtSignatureFields[] = {
     {"topk.idx_type is int64", 15, 1, 1},
     {"num_experts", 16, 11, 1},
     {"expert_alignment", 32, 17, 1},
+    {"expert_major", 49, 1, 1},  // htExpertMajorBits(): OR-ed into htSignature()'s value
 };
 inline constexpr SignatureField kLlSignatureFields[] = {
     {"use_fp8", 0, 1, 1},
     {"hidden", 1, 8, kHiddenAlignment},
+};
+// Every rank pulls each peer's received top-k weights: either all ranks stage them or none, with
+// one row width.
+inline constexpr SignatureField kHtCombineSignatureFields[] = {
+    {"CombineArgs::recv_topk_weights set", 0, 1, 1},
+    {"the handle's num_topk (the recv_topk_weights row width)", 1, 5, 1},
 };
 inline constexpr uint64_t signatureBits(const SignatureField& f, int64_t value) {
   return (static_cast<uint64_t>(value / f.scale) & ((uint64_t{1} << f.bits) - 1)) << f.shift;
@@ -224,17 +241,46 @@ inline uint64_t htSignature(int hidden, bool fp8, bool has_topk, int num_topk, b
          signatureBits(f[3], has_topk ? num_topk : 0) | signatureBits(f[4], has_topk && idx_is_64) |
          signatureBits(f[5], num_experts) | signatureBits(f[6], expert_alignment);
 }
+inline uint32_t htCombineSignature(bool combined_weights, int num_topk) {
+  const SignatureField* f = kHtCombineSignatureFields;
+  return static_cast<uint32_t>(signatureBits(f[0], combined_weights) |
+                               signatureBits(f[1], combined_weights ? num_topk : 0));
+}
+// The expert-major bit of the HT dispatch signature (kept apart from htSignature() so the field
+// list can grow without touching its callers).
+inline uint64_t htExpertMajorBits(bool expert_major) {
+  return signatureBits(kHtSignatureFields[7], expert_major ? 1 : 0);
+}
 inline uint32_t llSignature(int hidden, bool use_fp8) {
   return static_cast<uint32_t>(signatureBits(kLlSignatureFields[0], use_fp8) |
                                signatureBits(kLlSignatureFields[1], hidden));
 }
-// The fields of the signature `op` carries (HT dispatch, else LL), for decoding a mismatch.
+// The fields of the signature `op` carries (HT dispatch, HT combine, else LL), for decoding a
+// mismatch.
 struct SignatureFields {
   const SignatureField* fields;
   size_t count;
 };
+// LL combine: whether LlCombineArgs::topk_weights was given (1) or the dispatch's weights are
+// used (0); the value of the combine-weights post (ControlRegion::ll_weights_flag).
+inline constexpr SignatureField kLlCombineSignatureFields[] = {
+    {"LlCombineArgs::topk_weights given", 0, 1, 1},
+};
+// The combine-weights post's value: how rank s's weights reach the experts for this combine.
+constexpr uint32_t kLlWeightsNone = 0;      // s uses its dispatch weights (s has tokens)
+constexpr uint32_t kLlWeightsPushed = 1;    // s pushed combine-time weights into combine_weights
+constexpr uint32_t kLlWeightsNoTokens = 2;  // s dispatched no tokens: nothing to give
+EPCOMM_HOST_DEVICE constexpr uint32_t llWeightsPost(uint32_t mode) {
+  return mode;
+}
 inline SignatureFields signatureFieldsOf(OpId op) {
   if (op == OpId::kHtDispatch) return {kHtSignatureFields, std::size(kHtSignatureFields)};
+  if (op == OpId::kHtCombine) {
+    return {kHtCombineSignatureFields, std::size(kHtCombineSignatureFields)};
+  }
+  if (op == OpId::kLlCombineSend) {
+    return {kLlCombineSignatureFields, std::size(kLlCombineSignatureFields)};
+  }
   return {kLlSignatureFields, std::size(kLlSignatureFields)};
 }
 constexpr int kHtSignatureWords = 2;
@@ -288,10 +334,19 @@ struct alignas(128) ControlRegion {
                     [kMaxRanks + kHtSignatureWords];  // [parity][src][dst];
                                                       // [src][R, R+1] = call signature; tagged
   uint64_t ht_dispatch_done[kMaxRanks];               // [src] epoch
-  uint64_t ht_combine_ready[kMaxRanks];               // [src] epoch: src's combine input ready
+  uint64_t ht_combine_ready[kMaxRanks];               // [src] tagged htCombineSignature(): src's
+                                                      // combine input ready
   uint64_t ht_combine_done[kMaxRanks];                // [src] epoch: src finished pulling
   uint64_t ll_dispatch_flag[2][kMaxRanks];            // [parity][src] tagged llPost()
   uint64_t ll_combine_flag[2][kMaxRanks];             // [parity][src] epoch
+
+  // LL combine weights (low_latency.cuh): [parity][src] tagged llWeightsPost(), src's
+  // combine-time weights are in this rank's combine_weights region (or src passed none).
+  uint64_t ll_weights_flag[2][kMaxRanks];
+  // This rank only: the LL epoch of the last dispatch send (a combine of a stopped round, whose
+  // call counter moved on, sees another value and returns).
+  uint64_t ll_round_epoch;
+
   LocalState local;
   uint64_t ht_expert_counts[2][kMaxRanks][kMaxExperts];  // [parity][src][local expert] tagged
 };
@@ -360,6 +415,8 @@ struct HtRegions {
   uint64_t recv_topk_weights = 0;  // [capacity, max_topk] float (packed by num_topk)
   uint64_t recv_src_idx = 0;       // [capacity] int32
   uint64_t combine_in = 0;         // [capacity, hidden] BF16
+  uint64_t combine_weights = 0;    // [capacity, max_topk] float (packed by num_topk): combine's
+                                   // recv_topk_weights when they are not recv_topk_weights
   int64_t capacity = 0;            // rows = num_ranks * max_tokens_per_rank
 };
 
@@ -382,6 +439,14 @@ struct LlRegions {
   int64_t rows_per_expert = 0;    // num_ranks * max_tokens
   int64_t row_bytes = 0;          // staged row stride: hidden * 2 (FP8 rows + scales fit too)
   int64_t meta_bytes = 0;         // metadata record stride
+
+  // LL combine weights (low_latency.cuh).
+  // [num_ranks][max_tokens][max_topk] float: each source's combine-time weights of the tokens it
+  // sent here, by parity.
+  uint64_t combine_weights[2] = {};
+  // [max_tokens][max_topk] int32: my tokens' valid, deduplicated expert ids (-1 otherwise), for
+  // the combine-weights push (no rank bitmask needed).
+  uint64_t topk_copy = 0;
 };
 
 }  // namespace epcomm::kernels

@@ -8,8 +8,11 @@
 # dependencies are installed with apt-get when run as root on Debian/Ubuntu; otherwise the exact
 # install command is printed. Environment: BUILD_DIR (default build), CMAKE_CUDA_ARCHITECTURES,
 # CMAKE_BUILD_TYPE (default Release), EPCOMM_WERROR (ON/OFF), EPCOMM_CMAKE_ARGS (extra).
+# After CTest it runs the Python tests (pytest, tests/python) through scripts/test-python.sh:
+# wheel, fresh venv, pytest; EPCOMM_TEST_PYTHON=0 skips them (see that script's settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo_root=$PWD
 BUILD_DIR=${BUILD_DIR:-build}
 
 # Build dependencies: checked, and installed when run as root on Debian/Ubuntu (scripts/deps.sh).
@@ -53,4 +56,15 @@ if [ "${num_skipped:-0}" -gt 0 ]; then
 else
   echo "test.sh: no test skipped"
 fi
-exit "$ctest_rc"
+
+py_rc=0
+if [ "${EPCOMM_TEST_PYTHON:-1}" != 0 ]; then
+  cd "$repo_root"
+  set +e
+  scripts/test-python.sh
+  py_rc=$?
+  set -e
+  echo "test.sh: Python tests (scripts/test-python.sh) exit code $py_rc"
+fi
+[ "$ctest_rc" = 0 ] || exit "$ctest_rc"
+exit "$py_rc"

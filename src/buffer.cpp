@@ -48,6 +48,9 @@ int EpBuffer::numLocalExperts() const {
 size_t EpBuffer::bytesPerRank() const {
   return impl_->core.memory->bytes();
 }
+BufferSizes EpBuffer::bytesFor(const BufferConfig& config, int num_ranks) {
+  return computeBufferLayout(resolveConfig(config, num_ranks)).sizes;
+}
 
 void EpBuffer::barrier(cudaStream_t stream) {
   impl_->core.barrier(stream);

@@ -107,6 +107,14 @@ ResolvedConfig resolveConfig(const BufferConfig& in, int num_ranks) {
   EPCOMM_ARG_CHECK(c.ll_max_tokens_per_rank >= 0 && c.ll_max_tokens_per_rank <= kMaxLlTokensPerRank,
                    "BufferConfig::ll_max_tokens_per_rank", c.ll_max_tokens_per_rank,
                    "in [0, " << kMaxLlTokensPerRank << "]");
+  if (c.max_tokens_per_rank > 0) {
+    const int64_t rank_major_rows = int64_t{num_ranks} * c.max_tokens_per_rank;
+    if (c.ht_recv_rows == kAuto) c.ht_recv_rows = rank_major_rows;
+    EPCOMM_ARG_CHECK(c.ht_recv_rows >= rank_major_rows && c.ht_recv_rows <= INT32_MAX,
+                     "BufferConfig::ht_recv_rows", c.ht_recv_rows,
+                     "kAuto or in [num_ranks * max_tokens_per_rank = "
+                         << rank_major_rows << ", 2^31 - 1] (rows of the HT receive region)");
+  }
   EPCOMM_ARG_CHECK(c.num_sms == kAuto || (c.num_sms >= 1 && c.num_sms <= 1024),
                    "BufferConfig::num_sms", c.num_sms, "kAuto or in [1, 1024]");
   EPCOMM_ARG_CHECK(c.ll_num_sms == kAuto || (c.ll_num_sms >= 1 && c.ll_num_sms <= 1024),

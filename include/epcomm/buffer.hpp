@@ -36,6 +36,27 @@ namespace epcomm {
 
 class EpBuffer;
 
+// What one rank's symmetric buffer takes, by region (EpBuffer::bytesFor). Every field is in
+// bytes and includes the alignment padding of its regions (each region starts on a 4 KiB
+// boundary), so control + ht + ll + scratch + padding == total. Every rank allocates `total`.
+struct BufferSizes {
+  size_t total = 0;       // == EpBuffer::bytesPerRank() of a buffer with this config and rank count
+  size_t control = 0;     // signal words and per-rank state (fixed, a few hundred KiB)
+  size_t ht = 0;          // HT regions, 0 if max_tokens_per_rank is 0: ht_recv + ht_combine
+  size_t ht_recv = 0;     //   received rows, scales, top-k ids/weights, source indices:
+                          //   BufferConfig::ht_recv_rows rows (default num_ranks * max_tokens)
+  size_t ht_combine = 0;  //   combine input (BF16 rows) and combine weights (float32 top-k
+                          //   rows), ht_recv_rows rows each
+  size_t ll = 0;          // LL regions, 0 if ll_max_tokens_per_rank is 0: the four below
+  size_t ll_dispatch_staging = 0;  //   2 x num_ranks * ll_max_tokens rows (+ metadata) peers write
+  size_t ll_combine_staging = 0;   //   2 x num_ranks * ll_max_tokens BF16 partials (+ weights)
+  size_t ll_outputs = 0;           //   expert-major receive views: num_local_experts *
+                                   //   num_ranks * ll_max_tokens rows (+ scales, src info)
+  size_t ll_bookkeeping = 0;       //   routing kept from dispatch for combine
+  size_t scratch = 0;              // BufferConfig::scratch_bytes, aligned
+  size_t padding = 0;              // rounding of the total up to the allocation granularity (2 MiB)
+};
+
 // Routing of one HT dispatch: what combine and a cached re-dispatch need, kept on the device.
 // Create it once (EpBuffer::createHandle allocates it for the buffer's capacity) and reuse it
 // every layer/step: no allocation happens per call. Combine with a handle is the backward of
@@ -49,7 +70,9 @@ class EPCOMM_API EpHandle {
   int numTokens() const;  // tokens of the last layout (host value)
   int numTopk() const;
 
-  // Layout outputs (device), valid after EpBuffer::layout or a dispatch with topk.
+  // Layout outputs (device), valid after EpBuffer::layout or a dispatch with topk or a
+  // DispatchArgs::layout (then they are the caller's layout; numTokensPerExpert() is what a
+  // cached dispatch sends). Together they are a DispatchLayout for another dispatch.
   const int32_t* numTokensPerRank() const;    // [num_ranks] tokens sent to each rank
   const int32_t* numTokensPerExpert() const;  // [num_experts] (token, expert) pairs per expert
   const bool* isTokenInRank() const;          // [num_tokens, num_ranks]
@@ -95,6 +118,12 @@ class EPCOMM_API EpBuffer {
   int numLocalExperts() const;
   size_t bytesPerRank() const;  // symmetric bytes this rank allocated
 
+  // The symmetric bytes every rank of a buffer with `config` on `num_ranks` ranks allocates,
+  // by region, before creating it. Computed by the code that lays the buffer out; host-only (no
+  // CUDA call), not collective. Environment overrides apply as in the constructor; throws
+  // InvalidArgument for a config the constructor would reject on the host.
+  static BufferSizes bytesFor(const BufferConfig& config, int num_ranks);
+
   // --- HT -------------------------------------------------------------------------------------
   // Allocates a handle for up to max_tokens_per_rank tokens (not in a captured region). A handle
   // belongs to the buffer that created it: passing it to another buffer, or to a new buffer
@@ -105,12 +134,15 @@ class EPCOMM_API EpBuffer {
   // is_token_in_rank, slots). Local, not collective. dispatch() with topk does this itself.
   void layout(const TopkView& topk, EpHandle& handle, cudaStream_t stream);
 
-  // Collective. Sends each token row once to every rank that holds one of its experts and
-  // writes it at its final offset there. Graph-capturable unless args.exact_count.
+  // Collective. Sends each token row once to every rank that holds one of its experts (or that
+  // args.layout names) and writes it at its final offset there. Graph-capturable unless
+  // args.exact_count. See DispatchArgs for the routing sources and static shapes.
   DispatchResult dispatch(const DispatchArgs& args, EpHandle& handle, cudaStream_t stream);
 
   // Collective. Brings back one row per (token, destination rank) and sums them per token in
-  // float32 (optionally weighted, plus an optional bias), writing BF16 in token order.
+  // float32 (optionally scaled by CombineArgs::scale_weights, which DeepEP does not do, plus an
+  // optional bias), writing BF16 in token order; every token's row is written. Optionally also
+  // sums the received top-k weights back per token (CombineArgs::combined_topk_weights).
   void combine(const CombineArgs& args, const EpHandle& handle, cudaStream_t stream);
 
   // --- LL -------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ namespace epcomm {
 // "Let the library choose" for integer settings.
 constexpr int kAuto = -1;
 
+// SM budget of LL ops when neither the call nor BufferConfig::ll_num_sms sets one (capped at
+// the device's SM count). LL kernels loop over their work, so any budget >= 1 is correct; this
+// one trades latency against SMs left to overlapped compute. 24 is a placeholder until the
+// ep_bench rows "ll ... sms=16/24/32/all" at 128 tokens are measured (docs/design.md §6).
+constexpr int kDefaultLlSms = 24;
+
 // Compile-time limits. Inputs beyond them are rejected with epcomm::InvalidArgument.
 // kMaxRanks: ranks in one EP group, all in one NVLink domain (one node, or a rack-scale NVLink
 // domain such as GB200 NVL72 through the fabric memory mode). Kernels keep a token's destination
@@ -70,6 +76,17 @@ struct BufferConfig {
   int max_tokens_per_rank = 4096;
   // Low-latency (LL) capacity: tokens one rank may dispatch per LL call. 0 disables LL.
   int ll_max_tokens_per_rank = 0;
+  // Rows of the HT receive region (recv_x, its metadata and combine_input) of every rank;
+  // DispatchResult::capacity. kAuto = num_ranks * max_tokens_per_rank, the most a rank-major
+  // dispatch can receive. An expert-major dispatch (DispatchArgs::expert_major) receives one row
+  // per (token, local expert) pair plus each group's padding to expert_alignment, which can be up
+  // to num_ranks * max_tokens_per_rank * min(max_topk, local experts) + local experts *
+  // (expert_alignment - 1): size this for the traffic you expect (the worst case is rarely
+  // affordable: alignment may be 65536). A call that needs more rows than this fails on every
+  // rank (ErrorCode::kBroken naming the rows needed and ht_recv_rows, or kRemote on a rank that
+  // heard of it from a peer first; the buffer is then unusable). When set: >= num_ranks *
+  // max_tokens_per_rank and < 2^31. Same on every rank (it sizes the buffer).
+  int64_t ht_recv_rows = kAuto;
 
   // Memory sharing mode. kAuto honours EPCOMM_MEM_MODE; any other value wins over it.
   MemMode mem_mode = MemMode::kAuto;
@@ -83,7 +100,7 @@ struct BufferConfig {
   double first_op_timeout_s = kAuto;
 
   // Default SM budget of HT ops (kAuto: the library's tuned default) and of LL ops
-  // (kAuto: every SM). Each call may override it.
+  // (kAuto: kDefaultLlSms, or every SM of a smaller GPU). Each call may override it.
   int num_sms = kAuto;
   int ll_num_sms = kAuto;
 

@@ -33,6 +33,7 @@ from ._epcomm import (  # noqa: F401
     TimeoutError,
     UnsupportedError,
     __version__,
+    bytes_for,
     git_describe,
     log_level,
     resolve_config,
@@ -60,7 +61,7 @@ __all__ = [
     "Bootstrap", "BrokenError", "Buffer", "CallbackBootstrap", "CudaError", "DispatchResult",
     "DriverError", "Error", "ErrorCode", "Handle", "InternalError", "InvalidArgument",
     "LlDispatchResult", "MpiError", "RemoteError", "SystemError", "TimeoutError",
-    "UnsupportedError", "bootstrap_from_mpi4py", "bootstrap_from_torch", "current_stream",
+    "UnsupportedError", "bootstrap_from_mpi4py", "bytes_for", "bootstrap_from_torch", "current_stream",
     "device_count", "log_level", "resolve_config", "set_log_level", "single_process_bootstrap",
     "stream_handle",
 ]

@@ -22,6 +22,8 @@ def _parse(argv):
     p.add_argument("--iters", type=int, default=100, help="calls per timed batch (default 100)")
     p.add_argument("--repeat", type=int, default=20, help="batches; the best is reported")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--no-facade", action="store_true",
+                   help="skip the epcomm.deep_ep rows (they need torch.distributed/gloo)")
     return p.parse_args(argv)
 
 
@@ -36,6 +38,52 @@ def _best_per_call(issue, sync, iters, repeat):
         best = min(best, (t1 - t0) / iters)
     sync()
     return best
+
+
+def _facade_rows(args, x, topk_idx, topk_weights, cpp_by_op):
+    """The same ops through epcomm.deep_ep (DeepEP's API), on a 1-rank gloo group. Its HT calls
+    allocate fresh outputs and switch to the comm stream and back, as DeepEP's do; its LL calls
+    return views. The C++ column is the matching plain C++ call."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    import epcomm.deep_ep as deep_ep
+
+    if not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+    n, h, e = x.shape[0], x.shape[1], args.experts
+    fb = deep_ep.Buffer(dist.group.WORLD, 0, 0, low_latency_mode=True, hidden=h, num_experts=e,
+                        max_topk=args.topk, max_tokens_per_rank=max(n, 1),
+                        ll_max_tokens_per_rank=min(max(n, 1), 4096))
+    sync = torch.cuda.synchronize
+    ntr, _, nte, itr, _ = fb.get_dispatch_layout(topk_idx, e)
+    recv_x, _, recv_w, _, handle, _ = fb.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                                                  num_tokens_per_rank=ntr, is_token_in_rank=itr,
+                                                  num_tokens_per_expert=nte)
+    out = []
+
+    def row(name, fn, cpp_op):
+        py = _best_per_call(fn, sync, args.iters, args.repeat)
+        cpp = cpp_by_op[cpp_op]
+        out.append({"op": name, "python_us": py * 1e6, "cpp_us": cpp,
+                    "overhead_us": py * 1e6 - cpp})
+
+    row("deep_ep dispatch (cached)", lambda: fb.dispatch(x, handle=handle), "dispatch (cached)")
+    row("deep_ep combine", lambda: fb.combine(recv_x, handle), "combine")
+
+    def ll_pair():
+        r, _, hd, _, _ = fb.low_latency_dispatch(x, topk_idx, n, e, use_fp8=False)
+        fb.low_latency_combine(r, topk_idx, topk_weights, hd)
+
+    row("deep_ep LL dispatch+combine", ll_pair, "LL dispatch+combine")
+    fb.destroy()
+    return out
 
 
 def main(argv=None) -> int:
@@ -104,7 +152,10 @@ def main(argv=None) -> int:
         py_none = _best_per_call(lambda: buf.dispatch(x, handle), sync, args.iters, args.repeat)
     rows.append({"op": "dispatch (cached, stream=None)", "python_us": py_none * 1e6,
                  "cpp_us": rows[1]["cpp_us"], "overhead_us": py_none * 1e6 - rows[1]["cpp_us"]})
+    cpp_by_op = {r["op"]: r["cpp_us"] for r in rows}
     buf.destroy()
+    if not args.no_facade:
+        rows += _facade_rows(args, x, topk_idx, topk_weights, cpp_by_op)
 
     meta = {"tokens": n, "hidden": h, "experts": e, "topk": k, "iters": args.iters,
             "repeat": args.repeat, "version": epcomm.__version__, "git": epcomm.git_describe,

@@ -471,11 +471,59 @@ struct LazyView {
   }
 };
 
+// Views into the symmetric buffer, remembered per buffer and handed out again when a later result
+// has a view of the same memory, shape, dtype and framework (the LL outputs, combine_input and
+// the capacity-sized HT views are the same every call) while the earlier view is still alive. A
+// framework view costs microseconds (torch.from_dlpack), a lookup here a few nanoseconds.
+// Weak references: a view holds its buffer (inside the framework's DLPack deleter, where Python's
+// cycle collector cannot see it), so a strong cache would keep every buffer alive for ever.
+struct ViewCache {
+  struct Entry {
+    const void* data;
+    size_t shape[3];
+    int ndim;
+    uint8_t code, bits;
+    Framework fw;
+    nb::weakref view;
+  };
+  static constexpr size_t kMaxEntries = 32;  // a few per op; exact-count row counts vary
+  std::vector<Entry> entries;
+
+  // The live view of this memory, shape, dtype and framework, or an invalid object.
+  nb::object find(const void* data, const size_t* shape, int ndim, nb::dlpack::dtype d,
+                  Framework fw) {
+    for (size_t i = 0; i < entries.size(); ++i) {
+      Entry& e = entries[i];
+      if (e.data == data && e.ndim == ndim && e.code == d.code && e.bits == d.bits && e.fw == fw &&
+          std::equal(shape, shape + ndim, e.shape)) {
+        nb::object v = e.view();
+        if (!v.is_none()) return v;
+        entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));  // it died
+        return nb::object();
+      }
+    }
+    return nb::object();
+  }
+  void add(const void* data, const size_t* shape, int ndim, nb::dlpack::dtype d, Framework fw,
+           nb::handle v) {
+    PyObject* ref = PyWeakref_NewRef(v.ptr(), nullptr);
+    if (!ref) {  // a type without weak references (nanobind's own ndarray): not cached
+      PyErr_Clear();
+      return;
+    }
+    if (entries.size() >= kMaxEntries) entries.clear();
+    Entry e{data, {0, 0, 0}, ndim, d.code, d.bits, fw, nb::steal<nb::weakref>(ref)};
+    std::copy(shape, shape + ndim, e.shape);
+    entries.push_back(std::move(e));
+  }
+};
+
 struct ResultBase {
   nb::object buffer;  // keep the memory the views point into alive
   nb::object handle;
   int device = 0;
   Framework framework = Framework::kDlpack;
+  ViewCache* cache = nullptr;  // the buffer's, for buffer-owned views
 
   nb::object get(LazyView& v) {
     if (!v.data) return nb::none();
@@ -491,6 +539,14 @@ struct ResultBase {
   }
 
   nb::object make(LazyView& v) {
+    const bool shared = cache != nullptr && !v.from_handle;
+    if (!v.cached.is_valid() && shared) {
+      nb::object hit = cache->find(v.data, v.shape, v.ndim, v.dtype, framework);
+      if (hit.is_valid()) {
+        v.cached = std::move(hit);
+        return v.cached;
+      }
+    }
     if (!v.cached.is_valid()) {
       nb::handle owner = v.from_handle ? handle : buffer;
       switch (v.ndim) {
@@ -504,6 +560,7 @@ struct ResultBase {
           v.cached =
               view(v.data, {v.shape[0], v.shape[1], v.shape[2]}, v.dtype, device, owner, framework);
       }
+      if (shared) cache->add(v.data, v.shape, v.ndim, v.dtype, framework, v.cached);
     }
     return v.cached;
   }
@@ -512,7 +569,10 @@ struct ResultBase {
 struct DispatchOutput : ResultBase {
   LazyView recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
   LazyView num_recv_tokens, recv_rank_prefix, num_recv_tokens_per_expert, combine_input;
+  LazyView expert_offsets;  // expert_major only
   std::optional<int64_t> num_recv_tokens_host;
+  // Host copy of the aligned per-local-expert counts (exact_count only), else None.
+  std::optional<std::vector<int32_t>> num_recv_tokens_per_expert_list;
   int64_t capacity = 0;
 };
 
@@ -526,6 +586,7 @@ struct PyBuffer {
   nb::object bootstrap;  // the Python Bootstrap object, which must outlive the buffer
   Framework framework = Framework::kAuto;
   int last_ll_num_tokens = 0;
+  ViewCache views;
 
   epcomm::EpBuffer& get() const {
     if (!buffer) {
@@ -540,6 +601,7 @@ struct PyBuffer {
   }
   void destroy() {
     if (!buffer) return;
+    views.entries.clear();           // views of freed memory must not be handed out again
     nb::gil_scoped_release release;  // collective: waits for the peers
     buffer.reset();
   }
@@ -600,6 +662,35 @@ template <typename Call>
   throw error;
 }
 
+// DeepEP-style precomputed layout (DispatchArgs::layout): num_tokens_per_rank [R] int32,
+// is_token_in_rank [num_tokens, R] bool, num_tokens_per_expert [E] int32.
+struct LayoutArrays {
+  OptArray num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert;
+};
+
+void convertLayout(PyBuffer& self, const LayoutArrays& l, int num_tokens,
+                   epcomm::DispatchLayout& out) {
+  epcomm::EpBuffer& buf = self.get();
+  const int device = buf.device();
+  if (l.num_tokens_per_rank) {
+    out.num_tokens_per_rank = static_cast<const int32_t*>(
+        devicePtr(*l.num_tokens_per_rank, "num_tokens_per_rank", device, 1, {dt::kI32}));
+    checkDim(*l.num_tokens_per_rank, "num_tokens_per_rank", 0, buf.numRanks(), "num_ranks");
+  }
+  if (l.is_token_in_rank) {
+    out.is_token_in_rank = static_cast<const bool*>(
+        devicePtr(*l.is_token_in_rank, "is_token_in_rank", device, 2, {dt::kBool}));
+    checkDim(*l.is_token_in_rank, "is_token_in_rank", 0, num_tokens, "one row per token of x");
+    checkDim(*l.is_token_in_rank, "is_token_in_rank", 1, buf.numRanks(), "num_ranks");
+  }
+  if (l.num_tokens_per_expert) {
+    out.num_tokens_per_expert = static_cast<const int32_t*>(
+        devicePtr(*l.num_tokens_per_expert, "num_tokens_per_expert", device, 1, {dt::kI32}));
+    checkDim(*l.num_tokens_per_expert, "num_tokens_per_expert", 0, buf.config().config.num_experts,
+             "the buffer's num_experts");
+  }
+}
+
 void convertDispatchArgs(PyBuffer& self, const Array& x, const OptArray& topk_idx,
                          const OptArray& topk_weights, const OptArray& x_scales,
                          const OptArray& recv_x_out, const OptArray& recv_scales_out,
@@ -646,13 +737,16 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
   epcomm::EpBuffer& buf = self.get();
   const int device = buf.device();
   const int hidden = buf.config().config.hidden;
-  const size_t rows =
-      exact_count ? static_cast<size_t>(r.num_recv_tokens_host) : static_cast<size_t>(r.capacity);
+  // exact_count: the received rows; num_worst_tokens: the static row count; else the capacity.
+  const size_t rows = exact_count                 ? static_cast<size_t>(r.num_recv_tokens_host)
+                      : args.num_worst_tokens > 0 ? static_cast<size_t>(args.num_worst_tokens)
+                                                  : static_cast<size_t>(r.capacity);
   const size_t topk = static_cast<size_t>(args.topk.num_topk);
   const size_t ranks = static_cast<size_t>(buf.numRanks());
   const size_t h = static_cast<size_t>(hidden);
   DispatchOutput out;
   out.buffer = pyself(&self);
+  out.cache = &self.views;
   out.handle = handle_obj;
   out.device = device;
   out.framework = self.fw(x_obj);
@@ -668,6 +762,14 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
   out.num_recv_tokens_per_expert.set(r.num_recv_tokens_per_expert,
                                      {static_cast<size_t>(buf.numLocalExperts())}, dt::kI32, true);
   out.combine_input.set(r.combine_input, {rows, h}, dt::kBF16);
+  const size_t local_experts = static_cast<size_t>(buf.numLocalExperts());
+  if (r.expert_offsets) {
+    out.expert_offsets.set(r.expert_offsets, {local_experts + 1}, dt::kI32, true);
+  }
+  if (r.num_recv_tokens_per_expert_host) {
+    out.num_recv_tokens_per_expert_list.emplace(r.num_recv_tokens_per_expert_host,
+                                                r.num_recv_tokens_per_expert_host + local_experts);
+  }
   if (r.num_recv_tokens_host >= 0) out.num_recv_tokens_host = r.num_recv_tokens_host;
   out.capacity = r.capacity;
   return out;
@@ -676,7 +778,9 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
 DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptArray topk_idx,
                         OptArray topk_weights, OptArray x_scales, int expert_alignment,
                         bool exact_count, OptArray recv_x_out, OptArray recv_scales_out,
-                        std::optional<int> num_sms, nb::handle stream) {
+                        std::optional<int> num_sms, nb::handle stream, OptArray num_tokens_per_rank,
+                        OptArray is_token_in_rank, OptArray num_tokens_per_expert,
+                        int num_worst_tokens, bool expert_major) {
   epcomm::EpBuffer& buf = self.get();
   cudaStream_t s = nullptr;
   nb::object handle_obj;
@@ -694,6 +798,14 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptA
     handleOf(*handle, self);
     convertDispatchArgs(self, x, topk_idx, topk_weights, x_scales, recv_x_out, recv_scales_out,
                         args);
+    convertLayout(self,
+                  LayoutArrays{std::move(num_tokens_per_rank), std::move(is_token_in_rank),
+                               std::move(num_tokens_per_expert)},
+                  args.num_tokens, args.layout);
+    if (num_worst_tokens < 0) {
+      throwInvalid("num_worst_tokens: " + std::to_string(num_worst_tokens) +
+                   ", expected >= 0 (0: off)");
+    }
   } catch (const epcomm::InvalidArgument& e) {
     epcomm::DispatchArgs bad;
     bad.num_tokens = -1;
@@ -701,6 +813,8 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptA
   }
   args.expert_alignment = expert_alignment;
   args.exact_count = exact_count;
+  args.num_worst_tokens = num_worst_tokens;
+  args.expert_major = expert_major;
   args.num_sms = optInt(num_sms);
 
   epcomm::DispatchResult r;
@@ -857,6 +971,37 @@ NB_MODULE(_epcomm, m) {
       "num_ranks"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS,
       "Checks a Buffer configuration on the host (no GPU) and returns it with kAuto values and "
       "environment overrides resolved. Raises InvalidArgument naming the field.");
+
+  m.def(
+      "bytes_for",
+      [](int num_ranks, std::optional<int> device, int hidden, int num_experts, int max_topk,
+         int max_tokens_per_rank, int ll_max_tokens_per_rank, const std::string& mem_mode,
+         std::optional<double> timeout_s, std::optional<double> first_op_timeout_s,
+         std::optional<int> num_sms, std::optional<int> ll_num_sms, size_t scratch_bytes) {
+        const epcomm::BufferSizes b = epcomm::EpBuffer::bytesFor(
+            makeConfig(device, hidden, num_experts, max_topk, max_tokens_per_rank,
+                       ll_max_tokens_per_rank, mem_mode, timeout_s, first_op_timeout_s, num_sms,
+                       ll_num_sms, scratch_bytes),
+            num_ranks);
+        nb::dict d;
+        d["total"] = b.total;
+        d["control"] = b.control;
+        d["ht"] = b.ht;
+        d["ht_recv"] = b.ht_recv;
+        d["ht_combine"] = b.ht_combine;
+        d["ll"] = b.ll;
+        d["ll_dispatch_staging"] = b.ll_dispatch_staging;
+        d["ll_combine_staging"] = b.ll_combine_staging;
+        d["ll_outputs"] = b.ll_outputs;
+        d["ll_bookkeeping"] = b.ll_bookkeeping;
+        d["scratch"] = b.scratch;
+        d["padding"] = b.padding;
+        return d;
+      },
+      "num_ranks"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS,
+      "Symmetric bytes per rank a Buffer with this configuration allocates (C++ "
+      "EpBuffer::bytesFor), with the breakdown of BufferSizes by region (total, control, ht, "
+      "ht_recv, ht_combine, ll, its four parts, scratch, padding). Host only, no GPU.");
 
   m.def(
       "set_log_level",
@@ -1018,6 +1163,8 @@ NB_MODULE(_epcomm, m) {
       .EPCOMM_VIEW(DispatchOutput, recv_rank_prefix)
       .EPCOMM_VIEW(DispatchOutput, num_recv_tokens_per_expert)
       .EPCOMM_VIEW(DispatchOutput, combine_input)
+      .EPCOMM_VIEW(DispatchOutput, expert_offsets)
+      .def_ro("num_recv_tokens_per_expert_list", &DispatchOutput::num_recv_tokens_per_expert_list)
       .def_ro("handle", &DispatchOutput::handle)
       .def_ro("num_recv_tokens_host", &DispatchOutput::num_recv_tokens_host)
       .def_ro("capacity", &DispatchOutput::capacity);
@@ -1076,7 +1223,7 @@ NB_MODULE(_epcomm, m) {
               nb::gil_scoped_release release;  // collective, may take seconds
               buffer = std::make_unique<epcomm::EpBuffer>(bootstrap, config);
             }
-            new (self) PyBuffer{std::move(buffer), nb::find(&bootstrap), fw, 0};
+            new (self) PyBuffer{std::move(buffer), nb::find(&bootstrap), fw, 0, {}};
           },
           "bootstrap"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS, "framework"_a = "auto")
       .def_prop_ro("rank", [](const PyBuffer& b) { return b.get().rank(); })
@@ -1118,21 +1265,36 @@ NB_MODULE(_epcomm, m) {
       .def("dispatch", &dispatch, "x"_a, nb::arg("handle").none() = nb::none(), nb::kw_only(),
            "topk_idx"_a = nb::none(), "topk_weights"_a = nb::none(), "x_scales"_a = nb::none(),
            "expert_alignment"_a = 1, "exact_count"_a = false, "recv_x_out"_a = nb::none(),
-           "recv_scales_out"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none())
+           "recv_scales_out"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none(),
+           "num_tokens_per_rank"_a = nb::none(), "is_token_in_rank"_a = nb::none(),
+           "num_tokens_per_expert"_a = nb::none(), "num_worst_tokens"_a = 0,
+           "expert_major"_a = false)
       .def(
           "combine",
           [](PyBuffer& self, nb::object x_obj, PyHandle& handle, nb::object out_obj,
-             OptArray topk_weights, OptArray bias, std::optional<int> num_sms, nb::handle stream) {
+             OptArray topk_weights, OptArray bias, std::optional<int> num_sms, nb::handle stream,
+             OptArray scale_weights, nb::object recv_topk_weights_obj,
+             nb::object combined_topk_weights_obj) -> nb::object {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
             const epcomm::EpHandle& h = handle.handle;
             cudaStream_t s = nullptr;
             epcomm::CombineArgs args;
-            nb::object out;
+            nb::object out, combined;
+            const bool reduce_weights = !recv_topk_weights_obj.is_none();
             try {
               s = toStream(stream);
               handleOf(handle, self);
+              // `topk_weights` was the old name of `scale_weights`. It is refused rather than
+              // aliased: a DeepEP user passing topk_weights= expects combined weights, not
+              // scaled rows, and would apply the weights twice.
+              if (topk_weights) {
+                throwInvalid(
+                    "combine(topk_weights=...): renamed scale_weights, which SCALES each row by "
+                    "the token's weights (DeepEP's combine does not). For DeepEP's combined "
+                    "weights pass recv_topk_weights=; to scale rows pass scale_weights=");
+              }
               Array x = asArray(x_obj, "x");
               args.x = devicePtr(x, "x", device, 2, {dt::kBF16});
               checkDim(x, "x", 1, hidden, "the buffer's hidden");
@@ -1142,11 +1304,39 @@ NB_MODULE(_epcomm, m) {
               args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
               checkDim(out_arr, "out", 0, h.numTokens(), "the handle's num_tokens");
               checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
-              if (topk_weights) {
-                args.topk_weights = static_cast<const float*>(
-                    devicePtr(*topk_weights, "topk_weights", device, 2, {dt::kF32}));
-                checkDim(*topk_weights, "topk_weights", 0, h.numTokens(),
+              if (scale_weights) {
+                // Not DeepEP's semantics (its combine does not scale): see CombineArgs.
+                args.scale_weights = static_cast<const float*>(
+                    devicePtr(*scale_weights, "scale_weights", device, 2, {dt::kF32}));
+                checkDim(*scale_weights, "scale_weights", 0, h.numTokens(),
                          "the handle's num_tokens");
+              }
+              if (reduce_weights) {
+                // recv_topk_weights [rows of x, num_topk] as received; combined_topk_weights
+                // [num_tokens, num_topk] is written (allocated like recv_topk_weights if None).
+                Array rw = asArray(recv_topk_weights_obj, "recv_topk_weights");
+                args.recv_topk_weights = static_cast<const float*>(
+                    devicePtr(rw, "recv_topk_weights", device, 2, {dt::kF32}));
+                checkDim(rw, "recv_topk_weights", 0, static_cast<int64_t>(x.shape(0)),
+                         "one row per row of x");
+                checkDim(rw, "recv_topk_weights", 1, h.numTopk(), "the handle's num_topk");
+                combined = combined_topk_weights_obj;
+                if (combined.is_none()) {
+                  if (!nb::hasattr(recv_topk_weights_obj, "new_empty")) {
+                    throwInvalid(
+                        "combined_topk_weights: required unless recv_topk_weights is a "
+                        "torch tensor ([num_tokens, num_topk] float32)");
+                  }
+                  combined = recv_topk_weights_obj.attr("new_empty")(
+                      nb::make_tuple(h.numTokens(), h.numTopk()));
+                }
+                Array cw = asArray(combined, "combined_topk_weights");
+                args.combined_topk_weights = static_cast<float*>(
+                    devicePtr(cw, "combined_topk_weights", device, 2, {dt::kF32}));
+                checkDim(cw, "combined_topk_weights", 0, h.numTokens(), "the handle's num_tokens");
+                checkDim(cw, "combined_topk_weights", 1, h.numTopk(), "the handle's num_topk");
+              } else if (!combined_topk_weights_obj.is_none()) {
+                throwInvalid("combined_topk_weights: given without recv_topk_weights");
               }
               if (bias) {
                 args.bias = devicePtr(*bias, "bias", device, 2, {dt::kBF16});
@@ -1158,15 +1348,22 @@ NB_MODULE(_epcomm, m) {
             }
             args.num_sms = optInt(num_sms);
             buf.combine(args, h, s);
+            if (reduce_weights) return nb::make_tuple(out, combined);
             return out;
           },
           "x"_a, "handle"_a, "out"_a = nb::none(), nb::kw_only(), "topk_weights"_a = nb::none(),
-          "bias"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none())
+          "bias"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none(),
+          "scale_weights"_a = nb::none(), "recv_topk_weights"_a = nb::none(),
+          "combined_topk_weights"_a = nb::none(),
+          "Collective. Returns out, or (out, combined_topk_weights) when recv_topk_weights is "
+          "given. scale_weights SCALES each row from rank r by the sum of the token's weights "
+          "on r; DeepEP's combine does not: do not pass the weights twice. topk_weights= (its "
+          "old name) is refused with an error that says so.")
       .def(
           "low_latency_dispatch",
           [](PyBuffer& self, nb::object x_obj, nb::object topk_idx_obj, nb::object topk_weights_obj,
              bool use_fp8, std::optional<int> num_sms, nb::handle stream,
-             const std::string& phase_name) {
+             const std::string& phase_name, OptArray cumulative_recv_counts) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
@@ -1182,11 +1379,19 @@ NB_MODULE(_epcomm, m) {
                 args.num_tokens = static_cast<int>(x.shape(0));
                 checkDim(x, "x", 1, hidden, "the buffer's hidden");
                 args.topk = topkView(asArray(topk_idx_obj, "topk_idx"), self, args.num_tokens);
-                Array w = asArray(topk_weights_obj, "topk_weights");
-                args.topk_weights =
-                    static_cast<const float*>(devicePtr(w, "topk_weights", device, 2, {dt::kF32}));
-                checkDim(w, "topk_weights", 0, args.num_tokens, "one row per token of x");
-                checkDim(w, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
+                if (!topk_weights_obj.is_none()) {  // optional: may come at combine instead
+                  Array w = asArray(topk_weights_obj, "topk_weights");
+                  args.topk_weights = static_cast<const float*>(
+                      devicePtr(w, "topk_weights", device, 2, {dt::kF32}));
+                  checkDim(w, "topk_weights", 0, args.num_tokens, "one row per token of x");
+                  checkDim(w, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
+                }
+                if (cumulative_recv_counts) {
+                  args.cumulative_recv_counts = static_cast<int32_t*>(const_cast<void*>(devicePtr(
+                      *cumulative_recv_counts, "cumulative_recv_counts", device, 1, {dt::kI32})));
+                  checkDim(*cumulative_recv_counts, "cumulative_recv_counts", 0,
+                           buf.numLocalExperts(), "num_local_experts");
+                }
               }
             } catch (const epcomm::InvalidArgument& e) {
               epcomm::LlDispatchArgs bad;
@@ -1204,6 +1409,7 @@ NB_MODULE(_epcomm, m) {
             const size_t h = static_cast<size_t>(hidden);
             LlDispatchOutput out;
             out.buffer = pyself(&self);
+            out.cache = &self.views;
             out.device = device;
             out.framework = self.fw(x_obj);
             out.recv_x.set(r.recv_x, {experts, rows, h}, use_fp8 ? dt::kF8E4M3 : dt::kBF16);
@@ -1214,12 +1420,13 @@ NB_MODULE(_epcomm, m) {
             out.rows_per_expert = r.rows_per_expert;
             return out;
           },
-          "x"_a, "topk_idx"_a, "topk_weights"_a, nb::kw_only(), "use_fp8"_a = false,
-          "num_sms"_a = nb::none(), "stream"_a = nb::none(), "phase"_a = "both")
+          "x"_a, "topk_idx"_a, "topk_weights"_a = nb::none(), nb::kw_only(), "use_fp8"_a = false,
+          "num_sms"_a = nb::none(), "stream"_a = nb::none(), "phase"_a = "both",
+          "cumulative_recv_counts"_a = nb::none())
       .def(
           "low_latency_combine",
           [](PyBuffer& self, nb::object x_obj, nb::object out_obj, std::optional<int> num_sms,
-             nb::handle stream, const std::string& phase_name) {
+             nb::handle stream, const std::string& phase_name, nb::object topk_weights_obj) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
@@ -1235,6 +1442,13 @@ NB_MODULE(_epcomm, m) {
                 args.x = devicePtr(x, "x", device, 3, {dt::kBF16});
                 checkDim(x, "x", 0, buf.numLocalExperts(), "num_local_experts");
                 checkDim(x, "x", 2, hidden, "the buffer's hidden");
+                if (!topk_weights_obj.is_none()) {  // token side, instead of the dispatch's
+                  Array w = asArray(topk_weights_obj, "topk_weights");
+                  args.topk_weights = static_cast<const float*>(
+                      devicePtr(w, "topk_weights", device, 2, {dt::kF32}));
+                  checkDim(w, "topk_weights", 0, self.last_ll_num_tokens,
+                           "the tokens of the matching low_latency_dispatch");
+                }
               }
               if (phase != epcomm::LlPhase::kSend) {  // out is written by the receiving half
                 auto [o, out_arr] =
@@ -1257,7 +1471,7 @@ NB_MODULE(_epcomm, m) {
             return out;
           },
           "x"_a, "out"_a = nb::none(), nb::kw_only(), "num_sms"_a = nb::none(),
-          "stream"_a = nb::none(), "phase"_a = "both")
+          "stream"_a = nb::none(), "phase"_a = "both", "topk_weights"_a = nb::none())
       .def(
           "barrier",
           [](PyBuffer& self, nb::handle stream) { self.get().barrier(toStream(stream)); },

@@ -23,6 +23,8 @@ class Carver {
     return offset;
   }
   uint64_t end() const { return align(next_); }
+  // Bytes taken (with alignment padding) since an earlier end().
+  uint64_t since(uint64_t mark) const { return end() - mark; }
 
  private:
   static uint64_t align(uint64_t v) {
@@ -46,21 +48,31 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
   const uint64_t local_experts = static_cast<uint64_t>(c.num_experts) / ranks;
 
   BufferLayout layout;
+  BufferSizes& sizes = layout.sizes;
   Carver carver(0);
   carver.take(sizeof(kernels::ControlRegion));
+  sizes.control = carver.end();
 
   if (c.max_tokens_per_rank > 0) {
     layout.has_ht = true;
     kernels::HtRegions& ht = layout.ht;
-    const uint64_t capacity = ranks * static_cast<uint64_t>(c.max_tokens_per_rank);
+    // resolveConfig() sets ht_recv_rows (kAuto: ranks * max_tokens, the rank-major worst case).
+    const uint64_t capacity = c.ht_recv_rows > 0
+                                  ? static_cast<uint64_t>(c.ht_recv_rows)
+                                  : ranks * static_cast<uint64_t>(c.max_tokens_per_rank);
     ht.capacity = static_cast<int64_t>(capacity);
     ht.recv_x = carver.take(capacity * hidden * 2);
     ht.recv_scales = carver.take(capacity * scales * sizeof(float));
     ht.recv_topk_idx = carver.take(capacity * max_topk * sizeof(int64_t));
     ht.recv_topk_weights = carver.take(capacity * max_topk * sizeof(float));
     ht.recv_src_idx = carver.take(capacity * sizeof(int32_t));
+    sizes.ht_recv = carver.since(sizes.control);
     ht.combine_in = carver.take(capacity * hidden * 2);
+    ht.combine_weights = carver.take(capacity * max_topk * sizeof(float));
+    sizes.ht = carver.since(sizes.control);
+    sizes.ht_combine = sizes.ht - sizes.ht_recv;
   }
+  const uint64_t ll_start = carver.end();
 
   if (c.ll_max_tokens_per_rank > 0) {
     layout.has_ll = true;
@@ -72,25 +84,47 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
     ll.row_bytes = static_cast<int64_t>(hidden * 2);
     ll.meta_bytes = static_cast<int64_t>(align16(sizeof(int32_t) * (1 + 2 * max_topk)));
     const uint64_t staged = ranks * max_tokens;
+    uint64_t mark = carver.end();
     for (int parity = 0; parity < 2; ++parity) {
       ll.rows[parity] = carver.take(staged * static_cast<uint64_t>(ll.row_bytes));
       ll.meta[parity] = carver.take(staged * static_cast<uint64_t>(ll.meta_bytes));
-      ll.combine_rows[parity] = carver.take(staged * hidden * 2);
     }
+    sizes.ll_dispatch_staging = carver.since(mark);
+    mark = carver.end();
+    for (int parity = 0; parity < 2; ++parity) {
+      ll.combine_rows[parity] = carver.take(staged * hidden * 2);
+      ll.combine_weights[parity] = carver.take(staged * max_topk * sizeof(float));
+    }
+    sizes.ll_combine_staging = carver.since(mark);
+    mark = carver.end();
     const uint64_t out_rows = local_experts * ranks * max_tokens;
-    ll.slot_of_row = carver.take(staged * max_topk * sizeof(int32_t));
     ll.out_x = carver.take(out_rows * hidden * 2);
     ll.out_scales = carver.take(out_rows * scales * sizeof(float));
     ll.src_info = carver.take(out_rows * sizeof(int32_t));
     ll.expert_count = carver.take(local_experts * sizeof(int32_t));
+    sizes.ll_outputs = carver.since(mark);
+    mark = carver.end();
+    ll.slot_of_row = carver.take(staged * max_topk * sizeof(int32_t));
+    ll.topk_copy = carver.take(max_tokens * max_topk * sizeof(int32_t));
     ll.token_mask = carver.take(max_tokens * sizeof(uint32_t) *
                                 static_cast<uint64_t>(kernels::rankMaskWords(resolved.num_ranks)));
     ll.num_tokens = carver.take(sizeof(int32_t));
+    sizes.ll_bookkeeping = carver.since(mark);
   }
+  sizes.ll = carver.since(ll_start);
 
+  const uint64_t scratch_start = carver.end();
   layout.scratch_bytes = c.scratch_bytes;
   layout.scratch_offset = carver.take(c.scratch_bytes);
-  layout.total_bytes = carver.end();
+  sizes.scratch = carver.since(scratch_start);
+  // Rounded to the allocation granularity here, so that bytesFor() (no CUDA call) gives what
+  // the allocation really takes (SymmetricMemory rounds to the driver's granularity, which
+  // divides kAllocationGranularity on the supported GPUs).
+  const uint64_t laid_out = carver.end();
+  layout.total_bytes =
+      (laid_out + kAllocationGranularity - 1) / kAllocationGranularity * kAllocationGranularity;
+  sizes.padding = layout.total_bytes - laid_out;
+  sizes.total = layout.total_bytes;
   return layout;
 }
 

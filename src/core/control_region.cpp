@@ -31,7 +31,7 @@ void setCallCounters(kernels::ControlRegion& region, uint64_t calls) {
   for (int s = 0; s < kMaxRanks; ++s) {
     region.barrier[s] = calls;
     region.ht_dispatch_done[s] = calls;
-    region.ht_combine_ready[s] = calls;
+    region.ht_combine_ready[s] = tagged;
     region.ht_combine_done[s] = calls;
     for (int parity = 0; parity < 2; ++parity) {
       for (uint64_t& w : region.ht_counts[parity][s]) w = tagged;

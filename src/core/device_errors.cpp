@@ -47,6 +47,13 @@ const char* failKindName(int kind) {
       return "an out-of-range value received from a peer";
     case kernels::FailKind::kSignatureMismatch:
       return "different per-call parameters";
+    case kernels::FailKind::kLayoutRankCount:
+    case kernels::FailKind::kLayoutExpertCount:
+    case kernels::FailKind::kLayoutExpertVsTopk:
+    case kernels::FailKind::kLayoutTokenVsTopk:
+      return "an inconsistent DispatchArgs::layout";
+    case kernels::FailKind::kOverWorstTokens:
+      return "more received rows than its DispatchArgs::num_worst_tokens";
     default:
       return "a device-side error";
   }
@@ -78,6 +85,11 @@ void BufferCore::checkDeviceError() const {
         throw TimeoutError(copy.peer, message);
       case kernels::FailKind::kBadExpertId:
       case kernels::FailKind::kSignatureMismatch:
+      case kernels::FailKind::kLayoutRankCount:
+      case kernels::FailKind::kLayoutExpertCount:
+      case kernels::FailKind::kLayoutExpertVsTopk:
+      case kernels::FailKind::kLayoutTokenVsTopk:
+      case kernels::FailKind::kOverWorstTokens:
         throw InvalidArgument(message);
       case kernels::FailKind::kPeerFaulted:
         throw Error(ErrorCode::kRemote, message);
@@ -114,14 +126,46 @@ std::string BufferCore::describeDeviceError(const kernels::DeviceErrorRecord& r)
          << static_cast<int64_t>(r.observed) << ", must be -1 or in [0, " << r.expected
          << ") (found on the device in " << op << "; the op was stopped on every rank)";
       break;
+    case kernels::FailKind::kLayoutRankCount:
+      os << "invalid argument DispatchArgs::layout.num_tokens_per_rank[" << r.index
+         << "] = " << static_cast<int64_t>(r.observed) << ": must equal the number of tokens "
+         << "layout.is_token_in_rank sends to rank " << r.index << " (" << r.expected
+         << ") (found on the device in " << op << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kLayoutExpertCount:
+      os << "invalid argument DispatchArgs::layout.num_tokens_per_expert[" << r.index
+         << "] = " << static_cast<int64_t>(r.observed)
+         << ": must be in [0, num_tokens_per_rank of the expert's rank = " << r.expected
+         << "] (found on the device in " << op << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kLayoutExpertVsTopk:
+      os << "invalid argument DispatchArgs::layout.num_tokens_per_expert[" << r.index
+         << "] = " << static_cast<int64_t>(r.observed) << ": topk.idx names expert " << r.index
+         << " in " << r.expected << " tokens (a repeated id counts once; found on the device in "
+         << op << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kLayoutTokenVsTopk:
+      os << "invalid argument DispatchArgs::layout.is_token_in_rank: token " << r.index
+         << " has an expert on rank " << r.expected << " in topk.idx but is_token_in_rank["
+         << r.index << "][" << r.expected << "] is false (found on the device in " << op
+         << "; the op was stopped on every rank)";
+      break;
+    case kernels::FailKind::kOverWorstTokens:
+      os << "invalid argument DispatchArgs::num_worst_tokens = " << r.expected << ": " << op
+         << " received " << r.observed << " rows on this rank, more than num_worst_tokens (the "
+         << "op was stopped on every rank)";
+      break;
     case kernels::FailKind::kOverCapacity:
       if (static_cast<kernels::OpId>(r.op) == kernels::OpId::kLlDispatchRecv) {
         os << op << ": rank " << r.peer << " sent row " << r.index << " to a local expert that "
            << "already holds its capacity of " << r.expected << " rows (a token may reach an "
            << "expert at most once); the row was dropped";
       } else {
-        os << op << " would receive " << r.observed << " rows, more than the buffer's capacity of "
-           << r.expected;
+        os << op << " would receive " << r.observed << " rows"
+           << (r.peer >= 0 ? " on rank " + std::to_string(r.peer) : std::string())
+           << ", more than the buffer's capacity of " << r.expected
+           << " (BufferConfig::ht_recv_rows; an expert-major dispatch needs one row per (token, "
+              "local expert) pair plus each group's padding to expert_alignment)";
       }
       break;
     case kernels::FailKind::kBadPeerData:

@@ -3,12 +3,15 @@
 // dispatch and combine.
 #include "ht/ht_engine.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <sstream>
 #include <thread>
 
 #include "check.hpp"
 #include "core/arg_check.hpp"
+#include "ht/ht_expert_major.hpp"
 #include "kernels/launch.hpp"
 
 namespace epcomm {
@@ -109,6 +112,9 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
   h->num_recv = h->memory.as<int32_t>(o_num_recv);
   h->recv_rank_prefix = h->memory.as<int32_t>(o_prefix);
   h->recv_expert_counts = h->memory.as<int32_t>(o_recv_experts);
+  h->host_expert_counts = MappedHostMemory(
+      std::max<size_t>(static_cast<size_t>(b.num_local_experts), 1) * sizeof(int32_t));
+  allocateExpertMajorState(*h, c, b.num_local_experts);
   return h;
 }
 
@@ -116,13 +122,21 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
 
 namespace {
 
-void launchLayoutInto(const BufferCore& b, const TopkView& topk, EpHandle::Impl& h,
-                      cudaStream_t stream) {
+// Lays a routing out into the handle: from `topk` alone (layout == nullptr), or from a caller's
+// layout (masks and slots from layout->is_token_in_rank; topk, when set, is checked against it and
+// kept for the top-k data and weighted combine). `topk.num_topk` == 0: no top-k at all.
+void launchLayoutInto(const BufferCore& b, const TopkView& topk, const DispatchLayout* layout,
+                      int num_tokens, EpHandle::Impl& h, cudaStream_t stream) {
   kernels::LayoutParams p{};
-  p.topk_idx = topk.idx;
+  p.topk_idx = topk.num_topk > 0 ? topk.idx : nullptr;
   p.idx_is_64 = topk.idx_type == IndexType::kInt64;
-  p.num_tokens = topk.num_tokens;
+  p.num_tokens = num_tokens;
   p.num_topk = topk.num_topk;
+  if (layout != nullptr) {
+    p.in_rank = layout->is_token_in_rank;
+    p.rank_counts_in = layout->num_tokens_per_rank;
+    p.expert_counts_in = layout->num_tokens_per_expert;
+  }
   p.num_experts = b.resolved.config.num_experts;
   p.num_ranks = b.num_ranks;
   p.rank = b.rank;
@@ -135,7 +149,7 @@ void launchLayoutInto(const BufferCore& b, const TopkView& topk, EpHandle::Impl&
   p.tile_counts = h.tile_counts;
   p.peers = b.peers;
   kernels::launchLayout(p, stream);
-  h.num_tokens = topk.num_tokens;
+  h.num_tokens = num_tokens;
   h.num_topk = topk.num_topk;
   h.dispatched = false;
 }
@@ -153,7 +167,7 @@ void HtEngine::layout(const TopkView& topk, EpHandle::Impl* handle, cudaStream_t
   // layout() is local: a bad input affects only this rank, so nothing is broken.
   EPCOMM_CHECK_CODE(!check.failed(), ErrorCode::kInvalidArgument, check.message());
   DeviceGuard guard(b.device);
-  launchLayoutInto(b, topk, *handle, stream);
+  launchLayoutInto(b, topk, nullptr, topk.num_tokens, *handle, stream);
   b.trackWork(stream);
 }
 
@@ -165,6 +179,10 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   b.checkUsable();
   const BufferConfig& c = b.resolved.config;
   const bool has_topk = args.topk.idx != nullptr || args.topk.num_topk > 0;
+  const DispatchLayout& layout = args.layout;
+  const bool has_layout = layout.num_tokens_per_rank != nullptr ||
+                          layout.is_token_in_rank != nullptr ||
+                          layout.num_tokens_per_expert != nullptr;
   const bool fp8 = args.dtype == DType::kFP8E4M3;
   const int hidden = c.hidden;
   const int num_scales = hidden / kFp8BlockSize;
@@ -194,25 +212,58 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                 "in [1, " + std::to_string(kMaxExpertAlignment) + "]");
   check.require(aligned16(args.recv_x_out), "DispatchArgs::recv_x_out",
                 pointerText(args.recv_x_out), "16-byte aligned");
+  check.require(args.num_worst_tokens >= 0 && args.num_worst_tokens <= regions_.capacity,
+                "DispatchArgs::num_worst_tokens", args.num_worst_tokens,
+                "in [0, " + std::to_string(regions_.capacity) +
+                    "] (the capacity, num_ranks * max_tokens_per_rank)");
+  if (has_layout) {
+    // All or none: a layout is the three arrays together (is_token_in_rank may be null only
+    // when there are no tokens: [0, R]).
+    const std::string why = "non-null when any DispatchArgs::layout pointer is set";
+    check.require(layout.num_tokens_per_rank != nullptr, "DispatchArgs::layout.num_tokens_per_rank",
+                  pointerText(layout.num_tokens_per_rank), why);
+    check.require(layout.num_tokens_per_expert != nullptr,
+                  "DispatchArgs::layout.num_tokens_per_expert",
+                  pointerText(layout.num_tokens_per_expert), why);
+    check.require(args.num_tokens == 0 || layout.is_token_in_rank != nullptr,
+                  "DispatchArgs::layout.is_token_in_rank", pointerText(layout.is_token_in_rank),
+                  why + " and num_tokens > 0");
+    check.require(reinterpret_cast<uintptr_t>(layout.num_tokens_per_rank) % 4 == 0,
+                  "DispatchArgs::layout.num_tokens_per_rank",
+                  pointerText(layout.num_tokens_per_rank), "4-byte aligned (int32)");
+    check.require(reinterpret_cast<uintptr_t>(layout.num_tokens_per_expert) % 4 == 0,
+                  "DispatchArgs::layout.num_tokens_per_expert",
+                  pointerText(layout.num_tokens_per_expert), "4-byte aligned (int32)");
+  }
   if (has_topk) {
     checkTopk(check, args.topk, c.max_topk, c.max_tokens_per_rank);
     check.require(args.topk.num_tokens == args.num_tokens, "topk.num_tokens", args.topk.num_tokens,
                   "equal to DispatchArgs::num_tokens (" + std::to_string(args.num_tokens) + ")");
-  } else if (handle != nullptr) {
+  } else if (handle != nullptr && !has_layout) {
     check.require(handle->num_tokens >= 0, "DispatchArgs::topk.idx", "nullptr",
-                  "set, or a handle that holds a layout (cached dispatch)");
+                  "set (or DispatchArgs::layout), or a handle that holds a layout (cached "
+                  "dispatch)");
     check.require(handle->num_tokens < 0 || handle->num_tokens == args.num_tokens,
                   "DispatchArgs::num_tokens", args.num_tokens,
                   "the handle's num_tokens (" + std::to_string(handle->num_tokens) +
                       ") for a cached dispatch");
   }
+  if (args.expert_major) checkExpertMajorDispatch(check, args, handle);
   if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtDispatch, check.message());
   const int sms = b.resolveSms(stream, kernels::OpId::kHtDispatch, args.num_sms, c.num_sms,
                                kDefaultHtSms, "DispatchArgs::num_sms");
 
   DeviceGuard guard(b.device);
   EpHandle::Impl& h = *handle;
-  if (has_topk) launchLayoutInto(b, args.topk, h, stream);
+  if (has_layout) {
+    TopkView topk = args.topk;
+    if (!has_topk) topk.num_topk = 0;
+    launchLayoutInto(b, topk, &layout, args.num_tokens, h, stream);
+  } else if (has_topk) {
+    launchLayoutInto(b, args.topk, nullptr, args.num_tokens, h, stream);
+  }
+  h.expert_major = args.expert_major;
+  if (args.expert_major) return dispatchExpertMajor(b, regions_, args, h, sms, stream);
 
   kernels::HtDispatchParams p{};
   p.peers = b.peers;
@@ -240,6 +291,7 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   p.token_slot = h.token_slot;
   p.rank_counts = h.rank_counts;
   p.expert_counts = h.expert_counts;
+  p.num_worst_tokens = args.num_worst_tokens;
   p.count_matrix = h.count_matrix;
   p.num_recv = h.num_recv;
   p.recv_rank_prefix = h.recv_rank_prefix;
@@ -248,6 +300,7 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   if (args.exact_count) {
     *reinterpret_cast<volatile uint64_t*>(&host->ht_count) = 0;
     p.host_count = &b.hostStateOnDevice()->ht_count;
+    p.host_expert_counts = h.host_expert_counts.device<int32_t>();
   }
   kernels::launchHtDispatch(p, sms, stream);
   h.dispatched = true;
@@ -261,7 +314,8 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                                  p.x_row_bytes,
                                  p.x_row_bytes,
                                  h.num_recv,
-                                 ht.capacity};
+                                 ht.capacity,
+                                 args.num_worst_tokens};
     kernels::launchCopyRows(copy, sms, stream);
   }
   if (fp8 && args.recv_scales_out != nullptr) {
@@ -272,7 +326,8 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                                  scale_row,
                                  scale_row,
                                  h.num_recv,
-                                 ht.capacity};
+                                 ht.capacity,
+                                 args.num_worst_tokens};
     kernels::launchCopyRows(copy, sms, stream);
   }
 
@@ -298,6 +353,9 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
       const uint64_t word = *reinterpret_cast<volatile uint64_t*>(&host->ht_count);
       if (kernels::hostCountValid(word)) {
         result.num_recv_tokens_host = kernels::hostCountRows(word);
+        // Written by the device before the count word (kernels/intranode.cu).
+        std::atomic_thread_fence(std::memory_order_acquire);
+        result.num_recv_tokens_per_expert_host = h.host_expert_counts.host<int32_t>();
         break;
       }
       b.checkUsable();
@@ -328,9 +386,25 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
                   "a handle that went through dispatch() (it holds the count matrix)");
     check.require(h->num_tokens == 0 || args.out != nullptr, "CombineArgs::out",
                   pointerText(args.out), "non-null when the handle has tokens");
-    check.require(args.topk_weights == nullptr || h->num_topk > 0, "CombineArgs::topk_weights",
-                  pointerText(args.topk_weights), "null for a handle laid out without top-k");
+    check.require(args.scale_weights == nullptr || h->num_topk > 0, "CombineArgs::scale_weights",
+                  pointerText(args.scale_weights), "null for a handle laid out without top-k");
+    check.require(args.recv_topk_weights == nullptr || h->num_topk > 0,
+                  "CombineArgs::recv_topk_weights", pointerText(args.recv_topk_weights),
+                  "null for a handle laid out without top-k (its num_topk gives the row width)");
+    check.require(args.recv_topk_weights == nullptr || !h->expert_major,
+                  "CombineArgs::recv_topk_weights", pointerText(args.recv_topk_weights),
+                  "null for a handle dispatched expert-major (not supported there yet)");
   }
+  check.require((args.recv_topk_weights == nullptr) == (args.combined_topk_weights == nullptr),
+                "CombineArgs::combined_topk_weights", pointerText(args.combined_topk_weights),
+                std::string(args.recv_topk_weights == nullptr ? "null" : "non-null") +
+                    " like CombineArgs::recv_topk_weights (both or neither)");
+  check.require(reinterpret_cast<uintptr_t>(args.recv_topk_weights) % 4 == 0,
+                "CombineArgs::recv_topk_weights", pointerText(args.recv_topk_weights),
+                "4-byte aligned (float32)");
+  check.require(reinterpret_cast<uintptr_t>(args.combined_topk_weights) % 4 == 0,
+                "CombineArgs::combined_topk_weights", pointerText(args.combined_topk_weights),
+                "4-byte aligned (float32)");
   check.require(args.x != nullptr, "CombineArgs::x", pointerText(args.x), "non-null");
   check.require(aligned16(args.x), "CombineArgs::x", pointerText(args.x), "16-byte aligned");
   check.require(aligned16(args.out), "CombineArgs::out", pointerText(args.out), "16-byte aligned");
@@ -355,6 +429,29 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
                                  ht.capacity};
     kernels::launchCopyRows(copy, sms, stream);
   }
+  if (h->expert_major) {
+    combineExpertMajor(b, ht, args, *h, sms, stream);
+    return;
+  }
+  uint64_t recv_weights_offset = 0;
+  if (args.recv_topk_weights != nullptr) {
+    // Peers pull these rows too: DispatchResult::recv_topk_weights is read where it is, other
+    // memory is staged into the symmetric combine_weights region first.
+    const auto* in_place = reinterpret_cast<const float*>(base + ht.recv_topk_weights);
+    recv_weights_offset = ht.recv_topk_weights;
+    if (args.recv_topk_weights != in_place) {
+      recv_weights_offset = ht.combine_weights;
+      const int64_t weight_row = int64_t{h->num_topk} * 4;
+      kernels::CopyRowsParams copy{base + ht.combine_weights,
+                                   reinterpret_cast<const uint8_t*>(args.recv_topk_weights),
+                                   weight_row,
+                                   weight_row,
+                                   weight_row,
+                                   h->num_recv,
+                                   ht.capacity};
+      kernels::launchCopyRows(copy, sms, stream);
+    }
+  }
   kernels::HtCombineParams p{};
   p.peers = b.peers;
   p.regions = ht;
@@ -367,7 +464,10 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   p.token_slot = h->token_slot;
   p.count_matrix = h->count_matrix;
   p.topk_copy = h->topk_copy;
-  p.topk_weights = args.topk_weights;
+  p.scale_weights = args.scale_weights;
+  p.recv_weights_offset = recv_weights_offset;
+  p.combined_weights = args.combined_topk_weights;
+  p.signature = kernels::htCombineSignature(args.combined_topk_weights != nullptr, h->num_topk);
   p.bias = static_cast<const uint16_t*>(args.bias);
   p.out = static_cast<uint16_t*>(args.out);
   kernels::launchHtCombine(p, sms, stream);

@@ -52,6 +52,16 @@ struct EPCOMM_LOCAL EpHandle::Impl {
   int32_t* num_recv = nullptr;            // [1]
   int32_t* recv_rank_prefix = nullptr;    // [R + 1]
   int32_t* recv_expert_counts = nullptr;  // [L]
+  // Exact mode: the device writes the aligned per-expert counts here ([L], host-mapped) before
+  // it publishes the row count (HostMappedState::ht_count).
+  MappedHostMemory host_expert_counts;
+  // Expert-major state (src/ht/ht_expert_major.cpp): its own allocation, made with the handle.
+  DeviceMemory em_memory;
+  int32_t* em_pair_pos = nullptr;     // [max_tokens, max_topk] row of (t, k) within its part
+  int32_t* em_cursor = nullptr;       // [E] scratch of the pair positions
+  int32_t* em_send_base = nullptr;    // [E] my first row in each expert's group on its rank
+  int32_t* expert_offsets = nullptr;  // [L + 1] group starts on this rank
+  bool expert_major = false;          // the last dispatch wrote expert-major rows
   // Host view of what the device holds.
   int num_tokens = -1;  // -1: no layout yet
   int num_topk = 0;

@@ -3,6 +3,7 @@
 // and receive halves.
 #include "ll/ll_engine.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <sstream>
 
@@ -52,6 +53,10 @@ bool LlEngine::beginCall(LlPhase phase, const SequenceRule& rule,
   return problem.tellp() == 0;
 }
 
+int LlEngine::defaultSms() const {
+  return std::min(kDefaultLlSms, core_.device_sms);
+}
+
 kernels::LlParams LlEngine::baseParams() const {
   kernels::LlParams p{};
   const BufferConfig& c = core_.resolved.config;
@@ -83,11 +88,9 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
     } else if (args.topk.num_topk < 1 || args.topk.num_topk > c.max_topk) {
       problem << "invalid argument topk.num_topk = " << args.topk.num_topk << ": must be in [1, "
               << c.max_topk << "] (BufferConfig::max_topk)";
-    } else if (args.num_tokens > 0 &&
-               (args.x == nullptr || args.topk.idx == nullptr || args.topk_weights == nullptr)) {
+    } else if (args.num_tokens > 0 && (args.x == nullptr || args.topk.idx == nullptr)) {
       problem << "invalid argument LlDispatchArgs: x = " << args.x
-              << ", topk.idx = " << args.topk.idx << ", topk_weights = " << args.topk_weights
-              << ": all must be non-null when num_tokens > 0";
+              << ", topk.idx = " << args.topk.idx << ": both must be non-null when num_tokens > 0";
     } else if (!aligned16(args.x)) {
       problem << "invalid argument LlDispatchArgs::x = " << args.x << ": must be 16-byte aligned";
     }
@@ -97,8 +100,16 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
                   recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
                   problem.str());
   }
+  if (problem.str().empty() && recv && args.cumulative_recv_counts != nullptr &&
+      reinterpret_cast<uintptr_t>(args.cumulative_recv_counts) % alignof(int32_t) != 0) {
+    problem << "invalid argument LlDispatchArgs::cumulative_recv_counts = "
+            << args.cumulative_recv_counts << ": must be 4-byte aligned";
+    b.rejectInput(stream,
+                  recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
+                  problem.str());
+  }
   const int sms = b.resolveSms(stream, kernels::OpId::kLlDispatchSend, args.num_sms, c.ll_num_sms,
-                               b.device_sms, "LlDispatchArgs::num_sms");
+                               defaultSms(), "LlDispatchArgs::num_sms");
 
   DeviceGuard guard(b.device);
   kernels::LlParams p = baseParams();
@@ -114,9 +125,12 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
     kernels::launchLlDispatchSend(p, sms, stream);
     use_fp8_ = args.use_fp8;
     num_tokens_ = args.num_tokens;
+    num_topk_ = args.topk.num_topk;
+    dispatch_weights_ = args.topk_weights != nullptr;
     stage_ = Stage::kDispatchSent;
   }
   if (recv) {
+    p.cumulative_recv_counts = args.cumulative_recv_counts;
     p.use_fp8 = use_fp8_;
     p.signature = kernels::llSignature(c.hidden, use_fp8_);
     kernels::launchLlDispatchRecv(p, sms, stream);
@@ -148,6 +162,15 @@ void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase p
   } else if (send && (args.x == nullptr || !aligned16(args.x))) {
     problem << "invalid argument LlCombineArgs::x = " << args.x
             << ": must be non-null and 16-byte aligned";
+  } else if (send && reinterpret_cast<uintptr_t>(args.topk_weights) % alignof(float) != 0) {
+    problem << "invalid argument LlCombineArgs::topk_weights = " << args.topk_weights
+            << ": must be 4-byte aligned";
+  } else if (send && num_tokens_ > 0 && args.topk_weights == nullptr && !dispatch_weights_) {
+    // DeepEP's low_latency_combine always takes the weights; a silent unweighted sum would hide
+    // a forgotten argument, so it is an error (ops.hpp, LlCombineArgs::topk_weights).
+    problem << "invalid argument LlCombineArgs::topk_weights = nullptr: required when the "
+               "matching lowLatencyDispatch had no topk_weights (this rank dispatched "
+            << num_tokens_ << " tokens)";
   } else if (recv && num_tokens_ > 0 && (args.out == nullptr || !aligned16(args.out))) {
     problem << "invalid argument LlCombineArgs::out = " << args.out
             << ": must be non-null and 16-byte aligned when the dispatch had tokens";
@@ -158,13 +181,23 @@ void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase p
                   problem.str());
   }
   const int sms = b.resolveSms(stream, kernels::OpId::kLlCombineSend, args.num_sms, c.ll_num_sms,
-                               b.device_sms, "LlCombineArgs::num_sms");
+                               defaultSms(), "LlCombineArgs::num_sms");
 
   DeviceGuard guard(b.device);
   kernels::LlParams p = baseParams();
   p.expert_out = static_cast<const uint16_t*>(args.x);
   p.out = static_cast<uint16_t*>(args.out);
   if (send) {
+    p.num_tokens = num_tokens_;
+    p.num_topk = num_topk_;
+    p.combine_weights = args.topk_weights;
+    // A rank without tokens has no weights to give: it takes each source's as that source says.
+    p.weights_mode = num_tokens_ == 0               ? kernels::kLlWeightsNoTokens
+                     : args.topk_weights != nullptr ? kernels::kLlWeightsPushed
+                                                    : kernels::kLlWeightsNone;
+    if (p.weights_mode == kernels::kLlWeightsPushed) {
+      kernels::launchLlCombineWeights(p, sms, stream);
+    }
     kernels::launchLlCombineSend(p, sms, stream);
     stage_ = Stage::kCombineSent;
   }

@@ -36,13 +36,17 @@ class EPCOMM_LOCAL LlEngine {
   // LlPhase and the call comes in sequence. False, with the reason in `problem`, if not.
   bool beginCall(LlPhase phase, const SequenceRule& rule, std::ostringstream& problem) const;
   kernels::LlParams baseParams() const;
+  // The SM budget when neither the call nor the config sets one: kDefaultLlSms, capped.
+  int defaultSms() const;
 
   BufferCore& core_;
-  bool enabled_;                // BufferConfig::ll_max_tokens_per_rank > 0
-  kernels::LlRegions regions_;  // byte offsets in every rank's buffer
-  Stage stage_ = Stage::kIdle;  // reset when a rank rejected an LL call (on_call_skipped)
-  bool use_fp8_ = false;        // of the current round's dispatch
-  int num_tokens_ = 0;          // this rank's tokens in the current round's dispatch
+  bool enabled_;                   // BufferConfig::ll_max_tokens_per_rank > 0
+  kernels::LlRegions regions_;     // byte offsets in every rank's buffer
+  Stage stage_ = Stage::kIdle;     // reset when a rank rejected an LL call (on_call_skipped)
+  bool use_fp8_ = false;           // of the current round's dispatch
+  int num_tokens_ = 0;             // this rank's tokens in the current round's dispatch
+  int num_topk_ = 0;               // its topk.num_topk (shape of LlCombineArgs::topk_weights)
+  bool dispatch_weights_ = false;  // its dispatch passed topk_weights
 };
 
 }  // namespace epcomm

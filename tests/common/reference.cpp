@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iterator>
+#include <map>
 #include <stdexcept>
 #include <utility>
 
@@ -139,16 +140,79 @@ LayoutRef referenceLayout(const int64_t* topk_idx, int num_tokens, int num_topk,
 
 // ----- HT dispatch / combine ----------------------------------------------------------------
 
+namespace {
+
+// Checks a caller's layout of source `s` (N tokens) and returns it with token_slot filled in from
+// is_token_in_rank (slot = tokens t' < t sent to the same rank).
+LayoutRef checkedLayout(const char* fn, const LayoutRef& given, int s, int num_tokens,
+                        int num_ranks, int num_experts) {
+  const std::string who = "layout of rank " + std::to_string(s) + ": ";
+  const size_t n = static_cast<size_t>(num_tokens);
+  if (given.tokens_per_rank.size() != static_cast<size_t>(num_ranks))
+    fail(fn, who + "tokens_per_rank must have num_ranks entries");
+  if (given.is_token_in_rank.size() != n * num_ranks)
+    fail(fn, who + "is_token_in_rank must have num_tokens * num_ranks entries");
+  if (given.tokens_per_expert.size() != static_cast<size_t>(num_experts))
+    fail(fn, who + "tokens_per_expert must have num_experts entries");
+  LayoutRef out = given;
+  out.token_slot.assign(n * num_ranks, -1);
+  std::vector<int> sums(num_ranks, 0);
+  for (size_t t = 0; t < n; ++t)
+    for (int d = 0; d < num_ranks; ++d)
+      if (given.is_token_in_rank[t * num_ranks + d]) out.token_slot[t * num_ranks + d] = sums[d]++;
+  for (int d = 0; d < num_ranks; ++d)
+    if (sums[d] != given.tokens_per_rank[d])
+      fail(fn, who + "tokens_per_rank[" + std::to_string(d) +
+                   "] = " + std::to_string(given.tokens_per_rank[d]) +
+                   " but is_token_in_rank sends " + std::to_string(sums[d]) + " tokens there");
+  const int local = num_experts / num_ranks;
+  for (int e = 0; e < num_experts; ++e)
+    if (given.tokens_per_expert[e] < 0 || given.tokens_per_expert[e] > sums[e / local])
+      fail(fn, who + "tokens_per_expert[" + std::to_string(e) +
+                   "] = " + std::to_string(given.tokens_per_expert[e]) + " outside [0, " +
+                   std::to_string(sums[e / local]) + "]");
+  return out;
+}
+
+std::vector<LayoutRef> checkedLayouts(const char* fn, const std::vector<RankInputs>& all,
+                                      const std::vector<LayoutRef>& layouts, int num_experts) {
+  if (layouts.size() != all.size())
+    fail(fn, "layouts must have one entry per rank, got " + std::to_string(layouts.size()));
+  std::vector<LayoutRef> out;
+  out.reserve(layouts.size());
+  for (size_t s = 0; s < layouts.size(); ++s)
+    out.push_back(checkedLayout(fn, layouts[s], static_cast<int>(s), all[s].num_tokens,
+                                static_cast<int>(all.size()), num_experts));
+  return out;
+}
+
+}  // namespace
+
+std::vector<LayoutRef> referenceLayouts(const std::vector<RankInputs>& all, int num_experts,
+                                        int num_topk) {
+  checkInputs("referenceLayouts", all, 0, num_experts, num_topk);
+  return allLayouts(all, num_experts, num_topk);
+}
+
 HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_rank, int hidden,
                                   int num_experts, int num_topk, int expert_alignment) {
-  const char* fn = "referenceHtDispatch";
+  checkInputs("referenceHtDispatch", all, hidden, num_experts, num_topk);
+  return referenceHtDispatchFromLayout(all, allLayouts(all, num_experts, num_topk), dst_rank,
+                                       hidden, num_experts, num_topk, true, expert_alignment);
+}
+
+HtDispatchRef referenceHtDispatchFromLayout(const std::vector<RankInputs>& all,
+                                            const std::vector<LayoutRef>& given_layouts,
+                                            int dst_rank, int hidden, int num_experts, int num_topk,
+                                            bool with_topk, int expert_alignment) {
+  const char* fn = "referenceHtDispatchFromLayout";
   checkInputs(fn, all, hidden, num_experts, num_topk);
   checkRank(fn, dst_rank, all.size());
   if (expert_alignment < 1) fail(fn, "expert_alignment must be >= 1");
   const int num_ranks = static_cast<int>(all.size());
   const int local = num_experts / num_ranks;
   const int blocks = hidden / kFp8BlockSize;
-  const std::vector<LayoutRef> layouts = allLayouts(all, num_experts, num_topk);
+  const std::vector<LayoutRef> layouts = checkedLayouts(fn, all, given_layouts, num_experts);
 
   HtDispatchRef ref;
   ref.rank_prefix = rankPrefixOn(layouts, dst_rank);
@@ -160,9 +224,10 @@ HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_ra
   ref.recv_x_bf16.reserve(rows * hidden);
   ref.recv_x_fp8.reserve(rows * hidden);
   ref.recv_scales.reserve(rows * blocks);
-  ref.recv_topk_idx.reserve(rows * num_topk);
-  ref.recv_topk_weights.reserve(rows * num_topk);
-  std::vector<int> pairs(local, 0);
+  if (with_topk) {
+    ref.recv_topk_idx.reserve(rows * num_topk);
+    ref.recv_topk_weights.reserve(rows * num_topk);
+  }
 
   for (int s = 0; s < num_ranks; ++s) {
     const RankInputs& in = all[s];
@@ -179,6 +244,7 @@ HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_ra
       const size_t s0 = static_cast<size_t>(t) * blocks;
       ref.recv_scales.insert(ref.recv_scales.end(), in.x_scales.begin() + s0,
                              in.x_scales.begin() + s0 + blocks);
+      if (!with_topk) continue;
       for (int k = 0; k < num_topk; ++k) {
         const size_t i = static_cast<size_t>(t) * num_topk + k;
         const int64_t e =
@@ -186,7 +252,6 @@ HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_ra
         if (e >= 0 && e / local == dst_rank) {
           ref.recv_topk_idx.push_back(e - static_cast<int64_t>(dst_rank) * local);
           ref.recv_topk_weights.push_back(in.topk_weights[i]);
-          ++pairs[e - dst_rank * local];
         } else {
           ref.recv_topk_idx.push_back(-1);
           ref.recv_topk_weights.push_back(0.0f);
@@ -194,17 +259,86 @@ HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_ra
       }
     }
   }
-  ref.tokens_per_local_expert.resize(local);
-  for (int l = 0; l < local; ++l)
+  // The receivers count what the sources' layouts say (for referenceLayout's layouts: the
+  // (row, k) pairs naming each local expert).
+  ref.tokens_per_local_expert.assign(local, 0);
+  for (int l = 0; l < local; ++l) {
+    int pairs = 0;
+    for (int s = 0; s < num_ranks; ++s) pairs += layouts[s].tokens_per_expert[dst_rank * local + l];
     ref.tokens_per_local_expert[l] =
-        (pairs[l] + expert_alignment - 1) / expert_alignment * expert_alignment;
+        (pairs + expert_alignment - 1) / expert_alignment * expert_alignment;
+  }
   return ref;
+}
+
+void padToWorstTokens(HtDispatchRef& ref, int num_worst_tokens, int hidden, int num_topk) {
+  const char* fn = "padToWorstTokens";
+  if (ref.num_recv > num_worst_tokens)
+    fail(fn, "num_recv " + std::to_string(ref.num_recv) + " > num_worst_tokens " +
+                 std::to_string(num_worst_tokens) + " (the GPU must fail this dispatch)");
+  const size_t pad = static_cast<size_t>(num_worst_tokens - ref.num_recv);
+  const bool with_topk = num_topk > 0;
+  ref.src_rank.insert(ref.src_rank.end(), pad, -1);
+  ref.src_token.insert(ref.src_token.end(), pad, -1);
+  ref.recv_src_idx.insert(ref.recv_src_idx.end(), pad, -1);
+  ref.recv_x_bf16.insert(ref.recv_x_bf16.end(), pad * hidden, uint16_t{0});
+  ref.recv_x_fp8.insert(ref.recv_x_fp8.end(), pad * hidden, uint8_t{0});
+  ref.recv_scales.insert(ref.recv_scales.end(), pad * (hidden / kFp8BlockSize), 0.0f);
+  if (with_topk) {
+    ref.recv_topk_idx.insert(ref.recv_topk_idx.end(), pad * num_topk, int64_t{-1});
+    ref.recv_topk_weights.insert(ref.recv_topk_weights.end(), pad * num_topk, 0.0f);
+  }
+}
+
+std::vector<float> referenceCombinedTopkWeights(const std::vector<LayoutRef>& given_layouts,
+                                                int src_rank,
+                                                const std::vector<std::vector<float>>& recv_weights,
+                                                int num_topk) {
+  const char* fn = "referenceCombinedTopkWeights";
+  const int num_ranks = static_cast<int>(given_layouts.size());
+  checkRank(fn, src_rank, given_layouts.size());
+  if (num_topk < 1) fail(fn, "num_topk must be >= 1");
+  if (recv_weights.size() != given_layouts.size())
+    fail(fn, "recv_weights must have one entry per rank");
+  std::vector<LayoutRef> layouts;
+  for (int s = 0; s < num_ranks; ++s) {
+    const LayoutRef& g = given_layouts[s];
+    if (g.tokens_per_rank.size() != static_cast<size_t>(num_ranks) ||
+        g.is_token_in_rank.size() % num_ranks != 0)
+      fail(fn, "layout of rank " + std::to_string(s) + " has wrong sizes");
+    const int n = static_cast<int>(g.is_token_in_rank.size() / num_ranks);
+    layouts.push_back(
+        checkedLayout(fn, g, s, n, num_ranks, static_cast<int>(g.tokens_per_expert.size())));
+  }
+  std::vector<int> first_row(num_ranks);
+  for (int d = 0; d < num_ranks; ++d) {
+    const std::vector<int> prefix = rankPrefixOn(layouts, d);
+    if (recv_weights[d].size() < static_cast<size_t>(prefix[num_ranks]) * num_topk)
+      fail(fn, "recv_weights[" + std::to_string(d) + "] has fewer than " +
+                   std::to_string(prefix[num_ranks]) + " rows");
+    first_row[d] = prefix[src_rank];
+  }
+  const LayoutRef& layout = layouts[src_rank];
+  const int n = static_cast<int>(layout.is_token_in_rank.size() / num_ranks);
+  std::vector<float> out(static_cast<size_t>(n) * num_topk, 0.0f);
+  for (int t = 0; t < n; ++t) {
+    for (int k = 0; k < num_topk; ++k) {
+      float sum = 0.0f;
+      for (int d = 0; d < num_ranks; ++d) {
+        const int slot = layout.token_slot[static_cast<size_t>(t) * num_ranks + d];
+        if (slot < 0) continue;
+        sum += recv_weights[d][static_cast<size_t>(first_row[d] + slot) * num_topk + k];
+      }
+      out[static_cast<size_t>(t) * num_topk + k] = sum;
+    }
+  }
+  return out;
 }
 
 std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int src_rank,
                                       const std::vector<std::vector<uint16_t>>& combine_inputs,
                                       int hidden, int num_experts, int num_topk, bool weighted,
-                                      const uint16_t* bias) {
+                                      const uint16_t* bias, const std::vector<LayoutRef>* routing) {
   const char* fn = "referenceHtCombine";
   checkInputs(fn, all, 0, num_experts, num_topk);
   checkRank(fn, src_rank, all.size());
@@ -214,7 +348,9 @@ std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int sr
     fail(fn, "combine_inputs must have one entry per rank, got " +
                  std::to_string(combine_inputs.size()));
   const int local = num_experts / num_ranks;
-  const std::vector<LayoutRef> layouts = allLayouts(all, num_experts, num_topk);
+  const std::vector<LayoutRef> layouts = routing != nullptr
+                                             ? checkedLayouts(fn, all, *routing, num_experts)
+                                             : allLayouts(all, num_experts, num_topk);
   std::vector<int> first_row(num_ranks);  // where source s's rows start on each destination
   for (int d = 0; d < num_ranks; ++d) {
     const std::vector<int> prefix = rankPrefixOn(layouts, d);
@@ -247,6 +383,189 @@ std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int sr
       const uint16_t* y =
           combine_inputs[d].data() + static_cast<size_t>(first_row[d] + slot) * hidden;
       for (int c = 0; c < hidden; ++c) acc[c] += w * static_cast<double>(bf16ToFloat(y[c]));
+    }
+    for (int c = 0; c < hidden; ++c) {
+      const size_t i = static_cast<size_t>(t) * hidden + c;
+      if (bias) acc[c] += static_cast<double>(bf16ToFloat(bias[i]));
+      out[i] = static_cast<float>(acc[c]);
+    }
+  }
+  return out;
+}
+
+// ----- HT expert-major -----------------------------------------------------------------------
+
+HtExpertMajorRef referenceHtDispatchExpertMajor(const std::vector<RankInputs>& all, int dst_rank,
+                                                int num_experts, int num_topk,
+                                                int expert_alignment) {
+  const char* fn = "referenceHtDispatchExpertMajor";
+  checkInputs(fn, all, 0, num_experts, num_topk);
+  checkRank(fn, dst_rank, all.size());
+  if (expert_alignment < 1) fail(fn, "expert_alignment must be >= 1");
+  const int num_ranks = static_cast<int>(all.size());
+  const int local = num_experts / num_ranks;
+
+  HtExpertMajorRef ref;
+  ref.expert_offsets.assign(local + 1, 0);
+  ref.tokens_per_local_expert.assign(local, 0);
+  ref.pairs_per_local_expert.assign(local, 0);
+  ref.part_begin.assign(static_cast<size_t>(local) * (num_ranks + 1), 0);
+  for (int l = 0; l < local; ++l) {
+    const int64_t expert = static_cast<int64_t>(dst_rank) * local + l;
+    ref.expert_offsets[l] = ref.num_rows;
+    for (int s = 0; s < num_ranks; ++s) {
+      ref.part_begin[static_cast<size_t>(l) * (num_ranks + 1) + s] =
+          static_cast<int>(ref.src_rank.size());
+      const RankInputs& in = all[s];
+      for (int t = 0; t < in.num_tokens; ++t) {
+        const int64_t* ids = in.topk_idx.data() + static_cast<size_t>(t) * num_topk;
+        for (int k = 0; k < num_topk; ++k) {
+          if (effectiveExpert(ids, k) != expert) continue;
+          ref.src_rank.push_back(s);
+          ref.src_token.push_back(t);
+          ref.topk_col.push_back(k);
+        }
+      }
+    }
+    const int pairs = static_cast<int>(ref.src_rank.size()) - ref.num_rows;
+    const int aligned = (pairs + expert_alignment - 1) / expert_alignment * expert_alignment;
+    ref.part_begin[static_cast<size_t>(l) * (num_ranks + 1) + num_ranks] =
+        static_cast<int>(ref.src_rank.size());
+    ref.pairs_per_local_expert[l] = pairs;
+    ref.tokens_per_local_expert[l] = aligned;
+    ref.src_rank.resize(ref.num_rows + aligned, -1);
+    ref.src_token.resize(ref.num_rows + aligned, -1);
+    ref.topk_col.resize(ref.num_rows + aligned, -1);
+    ref.num_rows += aligned;
+  }
+  ref.expert_offsets[local] = ref.num_rows;
+  return ref;
+}
+
+::testing::AssertionResult checkHtExpertMajorRows(const std::vector<RankInputs>& all,
+                                                  const HtExpertMajorRef& ref,
+                                                  const HtExpertMajorView& actual, int dst_rank,
+                                                  int num_experts, int hidden, int num_topk,
+                                                  std::vector<int>* row_origin) {
+  const int num_ranks = static_cast<int>(all.size());
+  const int local = num_experts / num_ranks;
+  const int blocks = hidden / kFp8BlockSize;
+  if (actual.num_rows != ref.num_rows)
+    return ::testing::AssertionFailure()
+           << "rank " << dst_rank << ": " << actual.num_rows << " rows, expected " << ref.num_rows;
+  ::testing::AssertionResult r = compareExact(actual.expert_offsets, ref.expert_offsets.data(), 1,
+                                              local + 1, "expert_offsets");
+  if (!r) return r;
+  r = compareExact(actual.tokens_per_expert, ref.tokens_per_local_expert.data(), 1, local,
+                   "num_recv_tokens_per_expert");
+  if (!r) return r;
+
+  std::vector<int> origin(ref.num_rows, -1);
+  for (int l = 0; l < local; ++l) {
+    for (int s = 0; s < num_ranks; ++s) {
+      const int begin = ref.part_begin[static_cast<size_t>(l) * (num_ranks + 1) + s];
+      const int end = ref.part_begin[static_cast<size_t>(l) * (num_ranks + 1) + s + 1];
+      // A token has at most one pair per expert: its source index identifies the row.
+      std::map<int, int> want;  // token -> reference row
+      for (int i = begin; i < end; ++i) want[ref.src_token[i]] = i;
+      for (int i = begin; i < end; ++i) {
+        const int t = actual.src_idx[i];
+        auto it = want.find(t);
+        if (it == want.end())
+          return ::testing::AssertionFailure()
+                 << "rank " << dst_rank << ", local expert " << l << ", source " << s << ": row "
+                 << i << " has recv_src_idx " << t
+                 << ", which is not (or twice) a token of that source with that expert";
+        origin[i] = it->second;
+        want.erase(it);
+      }
+    }
+  }
+  for (int i = 0; i < ref.num_rows; ++i) {
+    const std::string where = "rank " + std::to_string(dst_rank) + ", row " + std::to_string(i);
+    const int o = origin[i];
+    if (o < 0) {  // padding
+      if (actual.src_idx[i] != -1)
+        return ::testing::AssertionFailure()
+               << where << " (padding): recv_src_idx " << actual.src_idx[i] << ", expected -1";
+      for (int c = 0; c < hidden; ++c) {
+        const bool zero = actual.x_bf16 ? actual.x_bf16[static_cast<size_t>(i) * hidden + c] == 0
+                                        : actual.x_fp8[static_cast<size_t>(i) * hidden + c] == 0;
+        if (!zero)
+          return ::testing::AssertionFailure()
+                 << where << " (padding): column " << c << " is not zero";
+      }
+      for (int b = 0; actual.scales && b < blocks; ++b) {
+        if (actual.scales[static_cast<size_t>(i) * blocks + b] != 0.0f)
+          return ::testing::AssertionFailure()
+                 << where << " (padding): scale " << b << " is not zero";
+      }
+      for (int k = 0; actual.topk_idx && k < num_topk; ++k) {
+        const size_t j = static_cast<size_t>(i) * num_topk + k;
+        if (actual.topk_idx[j] != -1 || actual.topk_weights[j] != 0.0f)
+          return ::testing::AssertionFailure()
+                 << where << " (padding): top-k column " << k << " holds id " << actual.topk_idx[j]
+                 << " weight " << actual.topk_weights[j] << ", expected -1 and 0";
+      }
+      continue;
+    }
+    const int s = ref.src_rank[o], t = ref.src_token[o], kk = ref.topk_col[o];
+    const std::string pair = where + " (rank " + std::to_string(s) + ", token " +
+                             std::to_string(t) + ", k " + std::to_string(kk) + ")";
+    const size_t x0 = static_cast<size_t>(t) * hidden;
+    if (actual.x_bf16) {
+      r = compareBf16Exact(actual.x_bf16 + static_cast<size_t>(i) * hidden,
+                           all[s].x_bf16.data() + x0, 1, hidden, true);
+      if (!r) return ::testing::AssertionFailure() << pair << ": " << r.message();
+    } else {
+      r = compareExact(actual.x_fp8 + static_cast<size_t>(i) * hidden, all[s].x_fp8.data() + x0, 1,
+                       hidden, "FP8 row");
+      if (!r) return ::testing::AssertionFailure() << pair << ": " << r.message();
+      r = compareExact(actual.scales + static_cast<size_t>(i) * blocks,
+                       all[s].x_scales.data() + static_cast<size_t>(t) * blocks, 1, blocks,
+                       "scales");
+      if (!r) return ::testing::AssertionFailure() << pair << ": " << r.message();
+    }
+    if (actual.topk_idx) {
+      const int64_t* ids = all[s].topk_idx.data() + static_cast<size_t>(t) * num_topk;
+      for (int k = 0; k < num_topk; ++k) {
+        const size_t j = static_cast<size_t>(i) * num_topk + k;
+        const int64_t want_id = k == kk ? ids[k] - static_cast<int64_t>(dst_rank) * local : -1;
+        const float want_w =
+            k == kk ? all[s].topk_weights[static_cast<size_t>(t) * num_topk + k] : 0.0f;
+        if (actual.topk_idx[j] != want_id || actual.topk_weights[j] != want_w)
+          return ::testing::AssertionFailure()
+                 << pair << ": top-k column " << k << " holds id " << actual.topk_idx[j]
+                 << " weight " << formatFloat(actual.topk_weights[j]) << ", expected " << want_id
+                 << " and " << formatFloat(want_w);
+      }
+    }
+  }
+  if (row_origin) *row_origin = origin;
+  return ::testing::AssertionSuccess();
+}
+
+std::vector<float> referenceHtCombineExpertMajor(
+    const std::vector<RankInputs>& all, int src_rank, int num_experts, int num_topk,
+    const std::function<float(int global_expert, int src_rank, int src_token, int col)>&
+        expert_output,
+    int hidden, bool weighted, const uint16_t* bias) {
+  const char* fn = "referenceHtCombineExpertMajor";
+  checkInputs(fn, all, 0, num_experts, num_topk);
+  checkRank(fn, src_rank, all.size());
+  if (hidden < 1) fail(fn, "hidden must be >= 1");
+  const RankInputs& in = all[src_rank];
+  std::vector<float> out(static_cast<size_t>(in.num_tokens) * hidden);
+  std::vector<double> acc(hidden);
+  for (int t = 0; t < in.num_tokens; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    const int64_t* ids = in.topk_idx.data() + static_cast<size_t>(t) * num_topk;
+    for (int k = 0; k < num_topk; ++k) {
+      const int64_t e = effectiveExpert(ids, k);
+      if (e < 0) continue;
+      const double w = weighted ? in.topk_weights[static_cast<size_t>(t) * num_topk + k] : 1.0;
+      for (int c = 0; c < hidden; ++c)
+        acc[c] += w * expert_output(static_cast<int>(e), src_rank, t, c);
     }
     for (int c = 0; c < hidden; ++c) {
       const size_t i = static_cast<size_t>(t) * hidden + c;
@@ -306,7 +625,8 @@ void referenceFp8Cast(const uint16_t* row_bf16, int hidden, uint8_t* q, float* s
 
 std::vector<float> referenceLlCombine(const std::vector<RankInputs>& all, int src_rank,
                                       int num_experts, int num_topk,
-                                      const ExpertOutputFn& expert_output, int hidden) {
+                                      const ExpertOutputFn& expert_output, int hidden,
+                                      const float* combine_weights) {
   const char* fn = "referenceLlCombine";
   checkInputs(fn, all, 0, num_experts, num_topk);
   checkRank(fn, src_rank, all.size());
@@ -320,7 +640,8 @@ std::vector<float> referenceLlCombine(const std::vector<RankInputs>& all, int sr
   std::vector<float> partial(hidden);
   for (int t = 0; t < in.num_tokens; ++t) {
     const int64_t* ids = in.topk_idx.data() + static_cast<size_t>(t) * num_topk;
-    const float* weights = in.topk_weights.data() + static_cast<size_t>(t) * num_topk;
+    const float* weights = (combine_weights != nullptr ? combine_weights : in.topk_weights.data()) +
+                           static_cast<size_t>(t) * num_topk;
     std::fill(total.begin(), total.end(), 0.0f);
     for (int d = 0; d < num_ranks; ++d) {
       bool any = false;

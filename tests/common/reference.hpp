@@ -63,6 +63,39 @@ struct HtDispatchRef {
 HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_rank, int hidden,
                                   int num_experts, int num_topk, int expert_alignment);
 
+// Dispatch from a caller's layout (DispatchArgs::layout), one LayoutRef per source rank (only
+// tokens_per_rank, is_token_in_rank and tokens_per_expert are read; build one by hand or take
+// referenceLayout's). Rows go where is_token_in_rank says; the per-local-expert counts are the
+// sums of the sources' tokens_per_expert, aligned. With with_topk the received top-k is the
+// sources' topk_idx re-based as in referenceHtDispatch; without it recv_topk_idx and
+// recv_topk_weights are empty. Throws std::invalid_argument if a layout is inconsistent (a
+// tokens_per_rank entry that is not the column sum, a tokens_per_expert entry outside
+// [0, tokens_per_rank of its rank], wrong sizes): the device must reject those.
+HtDispatchRef referenceHtDispatchFromLayout(const std::vector<RankInputs>& all,
+                                            const std::vector<LayoutRef>& layouts, int dst_rank,
+                                            int hidden, int num_experts, int num_topk,
+                                            bool with_topk, int expert_alignment);
+
+// Static shapes (DispatchArgs::num_worst_tokens): appends rows [num_recv, num_worst_tokens) as
+// the GPU fills them: zero x (bf16 and fp8), zero scales, src_rank/src_token/recv_src_idx -1,
+// and, with num_topk > 0 (0: the dispatch sent no top-k), ids -1 with weight 0. num_recv and
+// rank_prefix stay (the real rows). Throws std::invalid_argument if num_recv > num_worst_tokens.
+void padToWorstTokens(HtDispatchRef& ref, int num_worst_tokens, int hidden, int num_topk);
+
+// CombineArgs::combined_topk_weights of source rank s, [N_s * num_topk]:
+//   combined[t][k] = sum over ranks d that token t was sent to, in increasing d, of
+//                    recv_weights[d][(row of (s, t) on d) * num_topk + k]
+// accumulated in float32 from 0.0f (the GPU's order, so compare exactly); 0 for a token sent
+// nowhere. `layouts` is the routing of every source (referenceLayout's or a caller's layout);
+// recv_weights[d] holds at least num_recv_d rows of num_topk floats.
+std::vector<float> referenceCombinedTopkWeights(const std::vector<LayoutRef>& layouts, int src_rank,
+                                                const std::vector<std::vector<float>>& recv_weights,
+                                                int num_topk);
+
+// Every source's layout as the ops compute it from topk_idx (referenceLayout per rank).
+std::vector<LayoutRef> referenceLayouts(const std::vector<RankInputs>& all, int num_experts,
+                                        int num_topk);
+
 // What source rank s gets back from combine, [N_s*H] as float (the GPU writes bf16):
 //   out[t][c] = sum over ranks d that token t was sent to of w_d(t) * y_d[row of (s, t) on d][c]
 //               + bias[t][c]
@@ -71,10 +104,71 @@ HtDispatchRef referenceHtDispatch(const std::vector<RankInputs>& all, int dst_ra
 // least num_recv_d rows; extra rows, e.g. a whole capacity-sized buffer, are ignored). bias is
 // [N_s*H] bf16 or nullptr. Accumulated in double: this is the exact answer, compare with a
 // tolerance (kCombineAtol / kCombineRtol).
+// `routing`: the layouts the dispatch used (referenceHtDispatchFromLayout); nullptr = the routing
+// of topk_idx. The weights (`weighted`) always come from topk_idx / topk_weights.
 std::vector<float> referenceHtCombine(const std::vector<RankInputs>& all, int src_rank,
                                       const std::vector<std::vector<uint16_t>>& combine_inputs,
                                       int hidden, int num_experts, int num_topk, bool weighted,
-                                      const uint16_t* bias);
+                                      const uint16_t* bias,
+                                      const std::vector<LayoutRef>* routing = nullptr);
+
+// ----- HT expert-major dispatch / combine (DispatchArgs::expert_major) ----------------------
+
+// What destination rank d receives in expert-major mode. Group l (local expert l) starts at
+// expert_offsets[l] (a multiple of expert_alignment) and holds one row per (token, expert l)
+// pair: the part of source 0, then of source 1, ..., then padding up to the aligned size. Within
+// one source's part the op's row order is not defined; the reference lists it by increasing
+// token. part_begin[l * (R + 1) + s] is the first row of source s's part of group l;
+// part_begin[l * (R + 1) + R] is the first padding row of group l.
+struct HtExpertMajorRef {
+  int num_rows = 0;                          // padding included; == expert_offsets[L]
+  std::vector<int> expert_offsets;           // [L + 1]
+  std::vector<int> tokens_per_local_expert;  // [L] aligned group sizes
+  std::vector<int> pairs_per_local_expert;   // [L] pairs (unaligned)
+  std::vector<int> part_begin;               // [L * (R + 1)]
+  // Per row, in the reference order: source rank, source token and top-k column k of the pair
+  // (all -1 for padding rows).
+  std::vector<int> src_rank, src_token, topk_col;
+};
+
+HtExpertMajorRef referenceHtDispatchExpertMajor(const std::vector<RankInputs>& all, int dst_rank,
+                                                int num_experts, int num_topk,
+                                                int expert_alignment);
+
+// Host copies of an expert-major dispatch result on one rank (rows = the GPU's row count).
+struct HtExpertMajorView {
+  int num_rows = 0;                            // *num_recv_tokens
+  const int32_t* expert_offsets = nullptr;     // [L + 1]
+  const int32_t* tokens_per_expert = nullptr;  // [L] num_recv_tokens_per_expert
+  const int32_t* src_idx = nullptr;            // [num_rows] recv_src_idx
+  const uint16_t* x_bf16 = nullptr;            // [num_rows, hidden] BF16 dispatch, else nullptr
+  const uint8_t* x_fp8 = nullptr;              // [num_rows, hidden] FP8 dispatch, else nullptr
+  const float* scales = nullptr;               // [num_rows, hidden / 128] FP8 only
+  const int64_t* topk_idx = nullptr;           // [num_rows, num_topk] (as int64) or nullptr
+  const float* topk_weights = nullptr;         // [num_rows, num_topk] or nullptr
+};
+
+// Checks an expert-major dispatch on rank `dst_rank` against `ref`: offsets, sizes and row
+// count; per (group, source) part the multiset of source tokens; every pair row's data (bit
+// exact), scales, top-k row (its own column k: local id and weight, others -1 and 0) and source
+// index; every padding row zero with src -1, ids -1, weights 0. On success, *row_origin (if not
+// null) gets, per GPU row, the index of the matching reference row (-1 for padding), so a caller
+// can name each GPU row's (source rank, token, k).
+::testing::AssertionResult checkHtExpertMajorRows(const std::vector<RankInputs>& all,
+                                                  const HtExpertMajorRef& ref,
+                                                  const HtExpertMajorView& actual, int dst_rank,
+                                                  int num_experts, int hidden, int num_topk,
+                                                  std::vector<int>* row_origin = nullptr);
+
+// What source rank s gets back from an expert-major combine, [N_s*hidden] as float:
+//   out[t][c] = sum over k (valid entry under the routing policy, expert e_k) of
+//               w * expert_output(e_k, s, t, c) + bias[t][c]
+// with w = topk_weights[t][k] when `weighted`, else 1. Accumulated in double.
+std::vector<float> referenceHtCombineExpertMajor(
+    const std::vector<RankInputs>& all, int src_rank, int num_experts, int num_topk,
+    const std::function<float(int global_expert, int src_rank, int src_token, int col)>&
+        expert_output,
+    int hidden, bool weighted, const uint16_t* bias);
 
 // ----- LL dispatch / combine ----------------------------------------------------------------
 
@@ -106,9 +200,18 @@ using ExpertOutputFn =
 //                          w[t][k] * expert_output(e_k, s, t, c), in float32 )
 // i.e. each rank's weighted partial is rounded to bf16 once (it travels as bf16), then the
 // partials are summed in float32. Tokens without a valid expert give 0.
+// w is all[src_rank].topk_weights (the dispatch's), or `combine_weights` ([N_s*K]) when given:
+// LlCombineArgs::topk_weights, which replace the dispatch's.
 std::vector<float> referenceLlCombine(const std::vector<RankInputs>& all, int src_rank,
                                       int num_experts, int num_topk,
-                                      const ExpertOutputFn& expert_output, int hidden);
+                                      const ExpertOutputFn& expert_output, int hidden,
+                                      const float* combine_weights = nullptr);
+
+// The largest error the FP8 cast may make (ops.hpp, LlDispatchArgs::use_fp8): for a value x of
+// a block with scale `scale`, |float(fp8) * scale - x| <= |x| / 16 + scale / 1024.
+inline double fp8DequantBound(double x, double scale) {
+  return (x < 0 ? -x : x) / 16.0 + scale / 1024.0;
+}
 
 // ----- comparison helpers -------------------------------------------------------------------
 

@@ -112,7 +112,7 @@ TEST(GpuSingle, OneRankDispatchCombineRoundTrip) {
   out.poison();
   CombineArgs cargs;
   cargs.x = r.recv_x;
-  cargs.topk_weights = weights.get();
+  cargs.scale_weights = weights.get();
   cargs.out = out.get();
   buffer.combine(cargs, handle, stream);
   buffer.sync(stream);
@@ -149,9 +149,15 @@ TEST(GpuSingle, BadExpertIdIsReportedNotUsed) {
 // (the layout kernel only talks to peers to announce a bad id, and every id here is valid or -1):
 // masks of 1 to 3 words, one to nine 8-rank block scans, several tiles. Compared with the
 // reference: each token's rank mask and slots, per-rank and per-expert counts, the int32 copy.
-void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is_64) {
+// source: where the routing comes from: top-k ids, the caller's is_token_in_rank (DeepEP layout,
+// the layout-from-mask path: the mask is built from R bytes per token), or both (checked against
+// each other).
+enum class LayoutSource { kTopk, kMask, kBoth };
+void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is_64,
+                   LayoutSource source = LayoutSource::kTopk) {
   SCOPED_TRACE(std::to_string(num_ranks) + " ranks, " + std::to_string(experts) + " experts, " +
-               (idx_is_64 ? "int64" : "int32") + " ids");
+               (idx_is_64 ? "int64" : "int32") + " ids, source " +
+               std::to_string(static_cast<int>(source)));
   ProblemSpec spec;
   spec.num_ranks = num_ranks;
   spec.hidden = 128;
@@ -192,6 +198,17 @@ void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is
   p.expert_counts = expert_counts.get();
   p.topk_copy = copy.get();
   p.tile_counts = tiles.get();
+  // The caller's layout: the reference's, so no check of it can fault (a fault would need peers).
+  std::vector<uint8_t> given_in_rank(ref.is_token_in_rank.begin(), ref.is_token_in_rank.end());
+  DeviceArray<uint8_t> layout_in_rank(std::max<size_t>(given_in_rank.size(), 1));
+  DeviceArray<int32_t> layout_ranks(ref.tokens_per_rank), layout_experts(ref.tokens_per_expert);
+  if (source != LayoutSource::kTopk) {
+    layout_in_rank.upload(given_in_rank);
+    p.in_rank = reinterpret_cast<const bool*>(layout_in_rank.get());
+    p.rank_counts_in = layout_ranks.get();
+    p.expert_counts_in = layout_experts.get();
+  }
+  if (source == LayoutSource::kMask) p.topk_idx = nullptr;
   kernels::launchLayout(p, nullptr);
   EPCOMM_TEST_CUDA(cudaDeviceSynchronize());
 
@@ -214,7 +231,7 @@ void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is
     }
     for (int d = num_ranks; d < words * 32; ++d)
       ASSERT_EQ((masks[t * words + d / 32] >> (d % 32)) & 1u, 0u) << "token " << t << " bit " << d;
-    for (int k = 0; k < topk; ++k)
+    for (int k = 0; k < topk && source != LayoutSource::kMask; ++k)
       ASSERT_EQ(copies[t * topk + k], in.topk_idx[t * topk + k]) << "token " << t << " k " << k;
     max_dests = std::max(max_dests, dests);
   }
@@ -232,6 +249,11 @@ TEST(GpuSingle, LayoutPastEightRanksMatchesReference) {
   checkLayoutAt(40, 960, 16, 1300, false);  // two words, five scans
   checkLayoutAt(72, 1008, 16, 1300, true);  // three words, nine scans
   checkLayoutAt(72, 576, 16, 513, false);   // a tile of one token after a full one
+  // The layout-from-mask path (DispatchArgs::layout): masks from is_token_in_rank's bytes.
+  checkLayoutAt(8, 256, 8, 700, true, LayoutSource::kMask);
+  checkLayoutAt(40, 960, 16, 1300, false, LayoutSource::kMask);
+  checkLayoutAt(72, 1008, 16, 1300, true, LayoutSource::kMask);
+  checkLayoutAt(72, 576, 16, 513, false, LayoutSource::kBoth);
 }
 
 }  // namespace

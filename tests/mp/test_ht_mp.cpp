@@ -38,10 +38,22 @@ struct HtCase {
   int max_tokens = 256;
   bool null_topk_when_empty = false;  // a rank with 0 tokens passes topk.idx = nullptr
   int all_one_expert = -1;            // >= 0: every top-k entry of every token is this expert
+  int nowhere_every = 0;              // > 0: every token t with t % nowhere_every == 1 has only -1
+  bool equal_tokens = false;          // every rank has `tokens` tokens
 };
 
 // Applies the case's routing edits to the generated problem.
 void editRouting(std::vector<RankInputs>& all, const HtCase& c) {
+  if (c.nowhere_every > 0) {
+    for (RankInputs& in : all) {
+      for (int t = 1; t < in.num_tokens; t += c.nowhere_every) {
+        for (int k = 0; k < c.topk; ++k) {
+          in.topk_idx[size_t(t) * c.topk + k] = -1;
+          in.topk_idx32[size_t(t) * c.topk + k] = -1;
+        }
+      }
+    }
+  }
   if (c.all_one_expert < 0) return;
   for (RankInputs& in : all) {
     for (size_t i = 0; i < in.topk_idx.size(); ++i) {
@@ -59,7 +71,7 @@ ProblemSpec specOf(const HtCase& c, int num_ranks, uint64_t seed) {
   spec.num_topk = c.topk;
   spec.tokens_per_rank.assign(num_ranks, c.tokens);
   // Uneven counts, never below 0 (past 16 ranks the pattern repeats).
-  for (int r = 0; r < num_ranks; ++r)
+  for (int r = 0; r < num_ranks && !c.equal_tokens; ++r)
     spec.tokens_per_rank[r] = c.tokens - (c.tokens / 16) * (r % 16);
   if (c.zero_rank >= 0 && c.zero_rank < num_ranks) spec.tokens_per_rank[c.zero_rank] = 0;
   spec.routing = c.routing;
@@ -188,23 +200,35 @@ void checkLayout(const EpHandle& handle, const RankInputs& in, const HtCase& c, 
                            "tokenSlot"));
 }
 
-// Checks every output of a dispatch on this rank.
-void checkDispatch(const DispatchResult& r, const std::vector<RankInputs>& all, const HtCase& c,
-                   bool with_topk, const std::string& where) {
+// Checks every output of a dispatch on this rank against `ref` (from referenceHtDispatch or
+// referenceHtDispatchFromLayout with c.alignment). With num_worst_tokens > 0 the views are checked
+// over num_worst_tokens rows (padToWorstTokens), the counts still against the real rows.
+void checkDispatchAgainst(const DispatchResult& r, HtDispatchRef ref, const HtCase& c,
+                          bool with_topk, int num_worst_tokens, const std::string& where) {
   SCOPED_TRACE(where + " rank " + std::to_string(rankNow()));
-  const int me = rankNow();
-  const int num_ranks = static_cast<int>(all.size());
-  const HtDispatchRef ref = referenceHtDispatch(all, me, c.hidden, c.experts, c.topk, c.alignment);
+  const int num_ranks = static_cast<int>(ref.rank_prefix.size()) - 1;
+  EXPECT_EQ(r.capacity, int64_t{num_ranks} * c.max_tokens) << "capacity";
   const int n = DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens, 1)[0];
   ASSERT_EQ(n, ref.num_recv) << "received rows";
   ASSERT_LE(n, r.capacity);
   EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(r.recv_rank_prefix, num_ranks + 1),
                            std::vector<int32_t>(ref.rank_prefix.begin(), ref.rank_prefix.end()),
                            "recv_rank_prefix"));
-  const size_t rows = static_cast<size_t>(n);
+  // Per-expert counts: every dispatch, cached ones included, counts its own routing at its own
+  // alignment.
+  const int local_experts = c.experts / num_ranks;
+  EXPECT_TRUE(compareExact(
+      DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, local_experts),
+      std::vector<int32_t>(ref.tokens_per_local_expert.begin(), ref.tokens_per_local_expert.end()),
+      "num_recv_tokens_per_expert (alignment " + std::to_string(c.alignment) + ")"));
+  if (num_worst_tokens > 0)
+    padToWorstTokens(ref, num_worst_tokens, c.hidden, with_topk ? c.topk : 0);
+  const int n_rows = num_worst_tokens > 0 ? num_worst_tokens : n;
+  const size_t rows = static_cast<size_t>(n_rows);
   if (c.dtype == DType::kBF16) {
     std::vector<uint16_t> x = DeviceArray<uint16_t>::downloadFrom(r.recv_x, rows * c.hidden);
-    EXPECT_TRUE(compareBf16Exact(x.data(), ref.recv_x_bf16.data(), n, c.hidden, true));
+    EXPECT_TRUE(compareBf16Exact(x.data(), ref.recv_x_bf16.data(), n_rows, c.hidden, true))
+        << "recv_x";
   } else {
     std::vector<uint8_t> x = DeviceArray<uint8_t>::downloadFrom(r.recv_x, rows * c.hidden);
     EXPECT_TRUE(compareExact(x, ref.recv_x_fp8, "recv_x (fp8 bytes)"));
@@ -215,14 +239,7 @@ void checkDispatch(const DispatchResult& r, const std::vector<RankInputs>& all, 
   EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(r.recv_src_idx, rows),
                            std::vector<int32_t>(ref.recv_src_idx.begin(), ref.recv_src_idx.end()),
                            "recv_src_idx"));
-  const int local_experts = c.experts / num_ranks;
-  std::vector<int32_t> per_expert =
-      DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, local_experts);
   if (with_topk) {
-    EXPECT_TRUE(compareExact(per_expert,
-                             std::vector<int32_t>(ref.tokens_per_local_expert.begin(),
-                                                  ref.tokens_per_local_expert.end()),
-                             "num_recv_tokens_per_expert"));
     ASSERT_NE(r.recv_topk_idx, nullptr);
     std::vector<int64_t> idx(rows * c.topk);
     if (c.idx_type == IndexType::kInt64) {
@@ -240,13 +257,26 @@ void checkDispatch(const DispatchResult& r, const std::vector<RankInputs>& all, 
   }
 }
 
+// Checks every output of a dispatch routed by topk_idx (or a cached one of that routing).
+void checkDispatch(const DispatchResult& r, const std::vector<RankInputs>& all, const HtCase& c,
+                   bool with_topk, const std::string& where, int num_worst_tokens = 0) {
+  checkDispatchAgainst(
+      r, referenceHtDispatch(all, rankNow(), c.hidden, c.experts, c.topk, c.alignment), c,
+      with_topk, num_worst_tokens, where);
+}
+
 // Every rank's combine input rows: a deterministic non-zero value per (rank, row, column).
-std::vector<std::vector<uint16_t>> combineInputsOfAll(const std::vector<RankInputs>& all,
-                                                      const HtCase& c, uint64_t seed) {
+// `routing`: the layouts of a dispatch from DispatchArgs::layout (nullptr: topk routing).
+std::vector<std::vector<uint16_t>> combineInputsOfAll(
+    const std::vector<RankInputs>& all, const HtCase& c, uint64_t seed,
+    const std::vector<LayoutRef>* routing = nullptr) {
   const int num_ranks = static_cast<int>(all.size());
   std::vector<std::vector<uint16_t>> inputs(num_ranks);
   for (int d = 0; d < num_ranks; ++d) {
-    const HtDispatchRef ref = referenceHtDispatch(all, d, c.hidden, c.experts, c.topk, 1);
+    const HtDispatchRef ref =
+        routing != nullptr
+            ? referenceHtDispatchFromLayout(all, *routing, d, c.hidden, c.experts, c.topk, false, 1)
+            : referenceHtDispatch(all, d, c.hidden, c.experts, c.topk, 1);
     inputs[d].resize(size_t(ref.num_recv) * c.hidden);
     for (int row = 0; row < ref.num_recv; ++row) {
       for (int col = 0; col < c.hidden; ++col) {
@@ -267,15 +297,30 @@ std::vector<uint16_t> biasOf(const RankInputs& in, int hidden, uint64_t seed) {
   return bias;
 }
 
-// Runs combine with this rank's rows from `inputs` and checks the output.
+// CombineArgs::recv_topk_weights: none, DispatchResult::recv_topk_weights as dispatched (read in
+// place), or other values in separate memory (copied into the buffer first).
+enum class CombinedWeights { kNone, kInPlace, kCopyIn };
+
+// A non-zero float for rank d's received-weight entry (row, k) in the copy-in variant.
+float recvWeightValue(uint64_t seed, int d, int row, int k) {
+  const uint64_t h = mix64(hashCombine(hashCombine(hashCombine(seed, d), row), k));
+  return 0.0625f + static_cast<float>(h % 1024) / 256.0f;  // exact in float, sums too
+}
+
+// Runs combine with this rank's rows from `inputs` and checks the output (and the combined top-k
+// weights). `routing`: the layouts of a dispatch from DispatchArgs::layout (nullptr: topk).
 void runAndCheckCombine(EpBuffer& buffer, const EpHandle& handle, const DispatchResult& r,
                         const std::vector<RankInputs>& all, const HtCase& c,
                         const std::vector<std::vector<uint16_t>>& inputs, bool zero_copy,
                         bool weighted, bool with_bias, cudaStream_t stream,
-                        const std::string& where) {
+                        const std::string& where, CombinedWeights combined = CombinedWeights::kNone,
+                        const std::vector<LayoutRef>* routing = nullptr) {
   SCOPED_TRACE(where + " rank " + std::to_string(rankNow()) +
                (zero_copy ? " zero-copy" : " copy-in") + (weighted ? " weighted" : "") +
-               (with_bias ? " bias" : ""));
+               (with_bias ? " bias" : "") +
+               (combined == CombinedWeights::kInPlace  ? " combined weights (in place)"
+                : combined == CombinedWeights::kCopyIn ? " combined weights (copied in)"
+                                                       : ""));
   const int me = rankNow();
   const RankInputs& in = all[me];
   DeviceArray<uint16_t> x_separate(std::max<size_t>(inputs[me].size(), 8));
@@ -295,18 +340,49 @@ void runAndCheckCombine(EpBuffer& buffer, const EpHandle& handle, const Dispatch
   DeviceArray<uint16_t> out(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
   out.poison();
 
+  // Every rank's received-weight rows [num_recv_d, K], as this rank's combine will see them.
+  const int num_ranks = static_cast<int>(all.size());
+  const std::vector<LayoutRef> layouts =
+      routing != nullptr ? *routing : referenceLayouts(all, c.experts, c.topk);
+  std::vector<std::vector<float>> recv_weights(num_ranks);
+  for (int d = 0; d < num_ranks && combined != CombinedWeights::kNone; ++d) {
+    const HtDispatchRef ref =
+        referenceHtDispatchFromLayout(all, layouts, d, c.hidden, c.experts, c.topk, true, 1);
+    recv_weights[d] = ref.recv_topk_weights;
+    if (combined == CombinedWeights::kCopyIn) {
+      for (int row = 0; row < ref.num_recv; ++row)
+        for (int k = 0; k < c.topk; ++k)
+          recv_weights[d][size_t(row) * c.topk + k] = recvWeightValue(c.seed, d, row, k);
+    }
+  }
+  DeviceArray<float> recv_weights_dev(std::max<size_t>(recv_weights[me].size(), 1));
+  recv_weights_dev.upload(recv_weights[me]);
+  DeviceArray<float> combined_out(std::max<size_t>(size_t(in.num_tokens) * c.topk, 1));
+  combined_out.poison();
+
   CombineArgs args;
   args.x = zero_copy ? r.combine_input : x_separate.get();
-  args.topk_weights = weighted ? weights.get() : nullptr;
+  args.scale_weights = weighted ? weights.get() : nullptr;
   args.bias = with_bias ? bias.get() : nullptr;
   args.out = out.get();
+  if (combined != CombinedWeights::kNone) {
+    args.recv_topk_weights =
+        combined == CombinedWeights::kInPlace ? r.recv_topk_weights : recv_weights_dev.get();
+    args.combined_topk_weights = combined_out.get();
+  }
   buffer.combine(args, handle, stream);
   buffer.sync(stream);
 
   const std::vector<float> expected =
       referenceHtCombine(all, me, inputs, c.hidden, c.experts, c.topk, weighted,
-                         with_bias ? bias_host.data() : nullptr);
-  EXPECT_TRUE(compareBf16Near(out.download(size_t(in.num_tokens) * c.hidden), expected, c.hidden));
+                         with_bias ? bias_host.data() : nullptr, routing);
+  EXPECT_TRUE(compareBf16Near(out.download(size_t(in.num_tokens) * c.hidden), expected, c.hidden))
+      << "combine out";
+  if (combined != CombinedWeights::kNone) {
+    EXPECT_TRUE(compareExact(combined_out.download(size_t(in.num_tokens) * c.topk),
+                             referenceCombinedTopkWeights(layouts, me, recv_weights, c.topk),
+                             "combined_topk_weights [token, k] (row = token, column = k)"));
+  }
 }
 
 // The full check of one case: layout, dispatch (copies and zero-copy views), combine in its
@@ -367,8 +443,10 @@ void runCase(const HtCase& c) {
   const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed + 99);
   runAndCheckCombine(buffer, handle, r, all, c, inputs, true, false, false, stream.get(),
                      "combine");
-  runAndCheckCombine(buffer, handle, r, all, c, inputs, false, true, true, stream.get(), "combine");
-  runAndCheckCombine(buffer, handle, r, all, c, inputs, true, true, false, stream.get(), "combine");
+  runAndCheckCombine(buffer, handle, r, all, c, inputs, false, true, true, stream.get(), "combine",
+                     CombinedWeights::kInPlace);
+  runAndCheckCombine(buffer, handle, r, all, c, inputs, true, true, false, stream.get(), "combine",
+                     CombinedWeights::kCopyIn);
 
   // 4. identity: combine(dispatch(x)) = x * (number of ranks the token went to), BF16 only
   if (c.dtype == DType::kBF16) {
@@ -660,6 +738,549 @@ TEST(HtDispatchCombine, GraphReplayEqualsEager) {
   EPCOMM_TEST_CUDA(cudaGraphDestroy(graph));
 }
 
+// --- issue 11: layout input, cached dispatch counts, static shapes, combined weights -----------
+
+// A caller's layout (DispatchArgs::layout) of this rank on the device.
+struct DeviceLayout {
+  DeviceArray<int32_t> per_rank;
+  DeviceArray<uint8_t> in_rank;
+  DeviceArray<int32_t> per_expert;
+  explicit DeviceLayout(const LayoutRef& l)
+      : per_rank(std::vector<int32_t>(l.tokens_per_rank.begin(), l.tokens_per_rank.end())),
+        in_rank(std::max<size_t>(l.is_token_in_rank.size(), 1)),
+        per_expert(std::vector<int32_t>(l.tokens_per_expert.begin(), l.tokens_per_expert.end())) {
+    in_rank.upload(l.is_token_in_rank);
+  }
+  DispatchLayout view() const {
+    return DispatchLayout{per_rank.get(), reinterpret_cast<const bool*>(in_rank.get()),
+                          per_expert.get()};
+  }
+};
+
+// Every rank's layout as referenceLayout computes it, plus extra destinations: token t with
+// t % 5 == 2 also goes to rank (t / 5) % R (allowed with top-k too: it only adds ranks). The
+// per-expert counts stay those of topk_idx.
+std::vector<LayoutRef> layoutsWithExtraRanks(const std::vector<RankInputs>& all, const HtCase& c) {
+  std::vector<LayoutRef> layouts = referenceLayouts(all, c.experts, c.topk);
+  const int num_ranks = static_cast<int>(all.size());
+  for (int s = 0; s < num_ranks; ++s) {
+    LayoutRef& l = layouts[s];
+    for (int t = 2; t < all[s].num_tokens; t += 5) {
+      uint8_t& cell = l.is_token_in_rank[size_t(t) * num_ranks + (t / 5) % num_ranks];
+      if (!cell) {
+        cell = 1;
+        ++l.tokens_per_rank[(t / 5) % num_ranks];
+      }
+    }
+    l.token_slot.clear();  // recomputed by the reference from is_token_in_rank
+  }
+  return layouts;
+}
+
+// Issue 11 item 1: dispatch from a precomputed layout, with and without top-k, against the
+// reference; ranks may mix routing sources (layout on even ranks, topk on odd ones) in one call;
+// combine (and combined weights) follow the layout's routing; the handle holds it afterwards, so a
+// cached dispatch with another alignment counts it again.
+TEST(HtLayoutInput, DispatchFromLayoutWithAndWithoutTopk) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  for (int variant = 0; variant < 3; ++variant) {
+    // 0: layout + top-k on every rank; 1: layout only (no top-k sent); 2: layout + top-k on even
+    // ranks, top-k alone on odd ranks (the routing source need not match across ranks).
+    const bool with_topk = variant != 1;
+    const bool use_layout = variant != 2 || me % 2 == 0;
+    SCOPED_TRACE("variant " + std::to_string(variant));
+    HtCase c;
+    c.hidden = 1024;
+    c.alignment = 2;
+    c.routing = variant == 1 ? Routing::kWithNegatives : Routing::kUniform;
+    c.nowhere_every = 6;
+    c.seed = 400 + variant;
+    c.zero_rank = variant == 1 ? num_ranks - 1 : -1;
+    EpBuffer buffer(bs, configOf(c));
+    EpHandle handle = buffer.createHandle();
+    TestStream stream;
+    std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+    editRouting(all, c);
+    std::vector<LayoutRef> layouts = layoutsWithExtraRanks(all, c);
+    if (variant == 2) {  // odd ranks route from topk: their layout is topk's
+      const std::vector<LayoutRef> plain = referenceLayouts(all, c.experts, c.topk);
+      for (int s = 1; s < num_ranks; s += 2) layouts[s] = plain[s];
+    }
+    const RankInputs& in = all[me];
+    DeviceInputs dev(in, c);
+    const DeviceLayout dev_layout(layouts[me]);
+
+    DispatchArgs args = dev.args(in, c, with_topk);
+    if (use_layout) args.layout = dev_layout.view();
+    args.exact_count = true;
+    DispatchResult r = buffer.dispatch(args, handle, stream.get());
+    buffer.sync(stream.get());
+    const HtDispatchRef ref = referenceHtDispatchFromLayout(all, layouts, me, c.hidden, c.experts,
+                                                            c.topk, with_topk, c.alignment);
+    EXPECT_EQ(r.num_recv_tokens_host, ref.num_recv);
+    ASSERT_NE(r.num_recv_tokens_per_expert_host, nullptr);
+    EXPECT_TRUE(compareExact(
+        std::vector<int32_t>(r.num_recv_tokens_per_expert_host,
+                             r.num_recv_tokens_per_expert_host + c.experts / num_ranks),
+        std::vector<int32_t>(ref.tokens_per_local_expert.begin(),
+                             ref.tokens_per_local_expert.end()),
+        "num_recv_tokens_per_expert_host"));
+    checkDispatchAgainst(r, ref, c, with_topk, 0, "layout dispatch");
+    // The handle now holds the layout's routing.
+    EXPECT_TRUE(
+        compareExact(DeviceArray<int32_t>::downloadFrom(handle.numTokensPerRank(), num_ranks),
+                     std::vector<int32_t>(layouts[me].tokens_per_rank.begin(),
+                                          layouts[me].tokens_per_rank.end()),
+                     "handle numTokensPerRank"));
+    EXPECT_TRUE(compareExact(DeviceArray<uint8_t>::downloadFrom(handle.isTokenInRank(),
+                                                                size_t(in.num_tokens) * num_ranks),
+                             layouts[me].is_token_in_rank, "handle isTokenInRank"));
+
+    // Combine follows the layout's routing.
+    const std::vector<std::vector<uint16_t>> inputs =
+        combineInputsOfAll(all, c, c.seed + 1, &layouts);
+    runAndCheckCombine(buffer, handle, r, all, c, inputs, true, false, true, stream.get(),
+                       "combine after layout dispatch",
+                       with_topk ? CombinedWeights::kCopyIn : CombinedWeights::kNone, &layouts);
+    if (with_topk) {
+      runAndCheckCombine(buffer, handle, r, all, c, inputs, false, true, false, stream.get(),
+                         "combine after layout dispatch", CombinedWeights::kInPlace, &layouts);
+    }
+
+    // Cached dispatch of the same routing with another alignment.
+    HtCase c8 = c;
+    c8.alignment = 8;
+    poisonDispatchViews(r, c, stream.get());
+    DispatchArgs cached = dev.args(in, c8, false);
+    DispatchResult rc = buffer.dispatch(cached, handle, stream.get());
+    buffer.sync(stream.get());
+    checkDispatchAgainst(rc,
+                         referenceHtDispatchFromLayout(all, layouts, me, c.hidden, c.experts,
+                                                       c.topk, false, c8.alignment),
+                         c8, false, 0, "cached dispatch after a layout dispatch");
+    if (anyRankFailed()) break;
+  }
+}
+
+// Issue 11 item 1: the handle's layout outputs after EpBuffer::layout() are a valid
+// DispatchArgs::layout (DeepEP's get_dispatch_layout, then dispatch), with repeated ids in the
+// routing: the device checks accept them, with and without top-k, and the results match.
+TEST(HtLayoutInput, LayoutOfAnotherHandleIsAValidLayout) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.routing = Routing::kWithDuplicates;
+  c.idx_type = IndexType::kInt32;
+  c.seed = 48;
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle source = buffer.createHandle();
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+  DeviceInputs dev(all[me], c);
+  buffer.layout(dev.args(all[me], c, true).topk, source, stream.get());
+  const DispatchLayout layout{source.numTokensPerRank(), source.isTokenInRank(),
+                              source.numTokensPerExpert()};
+  for (bool with_topk : {true, false}) {
+    SCOPED_TRACE(with_topk ? "layout + top-k" : "layout only");
+    DispatchArgs args = dev.args(all[me], c, with_topk);
+    args.layout = layout;
+    DispatchResult r = buffer.dispatch(args, handle, stream.get());
+    buffer.sync(stream.get());
+    checkDispatchAgainst(
+        r,
+        referenceHtDispatchFromLayout(all, referenceLayouts(all, c.experts, c.topk), me, c.hidden,
+                                      c.experts, c.topk, with_topk, c.alignment),
+        c, with_topk, 0, "dispatch from another handle's layout");
+    if (anyRankFailed()) break;
+  }
+}
+
+// Issue 11 item 1, the bug found by a user: after layout() with a new routing, a cached dispatch
+// returned the previous dispatch's per-expert counts at the previous alignment. Every dispatch
+// must count its own routing at its own alignment (exact mode's host copy too).
+TEST(HtDispatchCombine, CachedDispatchAfterLayoutCountsNewRoutingAtItsAlignment) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase a;
+  a.hidden = 512;
+  a.alignment = 1;
+  a.seed = 31;
+  HtCase b = a;
+  b.seed = 32;
+  b.routing = Routing::kSkewed;  // very different per-expert counts from a's
+  b.alignment = 4;
+  EpBuffer buffer(bs, configOf(a));
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  const std::vector<RankInputs> all_a = generateProblem(specOf(a, num_ranks, a.seed));
+  const std::vector<RankInputs> all_b = generateProblem(specOf(b, num_ranks, b.seed));
+  DeviceInputs dev_a(all_a[me], a);
+  DeviceInputs dev_b(all_b[me], b);
+
+  DispatchResult r = buffer.dispatch(dev_a.args(all_a[me], a, true), handle, stream.get());
+  buffer.sync(stream.get());
+  checkDispatch(r, all_a, a, true, "dispatch of routing A");
+
+  buffer.layout(dev_b.args(all_b[me], b, true).topk, handle, stream.get());
+  poisonDispatchViews(r, a, stream.get());
+  DispatchArgs cached = dev_b.args(all_b[me], b, false);
+  cached.exact_count = true;
+  DispatchResult rc = buffer.dispatch(cached, handle, stream.get());
+  buffer.sync(stream.get());
+  checkDispatch(rc, all_b, b, false, "cached dispatch of routing B (layout()), alignment 4");
+  const HtDispatchRef ref = referenceHtDispatch(all_b, me, b.hidden, b.experts, b.topk, 4);
+  EXPECT_EQ(rc.num_recv_tokens_host, ref.num_recv);
+  ASSERT_NE(rc.num_recv_tokens_per_expert_host, nullptr);
+  EXPECT_TRUE(compareExact(
+      std::vector<int32_t>(rc.num_recv_tokens_per_expert_host,
+                           rc.num_recv_tokens_per_expert_host + b.experts / num_ranks),
+      std::vector<int32_t>(ref.tokens_per_local_expert.begin(), ref.tokens_per_local_expert.end()),
+      "num_recv_tokens_per_expert_host"));
+
+  // Same routing, alignment 16: the counts follow the call.
+  HtCase b16 = b;
+  b16.alignment = 16;
+  DispatchResult r16 = buffer.dispatch(dev_b.args(all_b[me], b16, false), handle, stream.get());
+  buffer.sync(stream.get());
+  checkDispatch(r16, all_b, b16, false, "cached dispatch of routing B, alignment 16");
+  // Combine with the handle uses routing B.
+  const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all_b, b, 77);
+  runAndCheckCombine(buffer, handle, r16, all_b, b, inputs, true, true, false, stream.get(),
+                     "combine after the cached dispatch", CombinedWeights::kCopyIn);
+}
+
+// Issue 11 item 3: static shapes. Rows [num_recv, num_worst_tokens) of every view are filled
+// (zeros, -1), the caller copies get num_worst_tokens rows, the counts stay real; also in a
+// captured graph replayed with changing routing; num_worst_tokens may differ per rank.
+TEST(HtStaticShapes, WorstTokensPadEveryViewEagerAndInGraphs) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  for (DType dtype : {DType::kBF16, DType::kFP8E4M3}) {
+    SCOPED_TRACE(dtype == DType::kBF16 ? "bf16" : "fp8");
+    HtCase c;
+    c.hidden = 1024;
+    c.tokens = 96;
+    c.max_tokens = 128;
+    c.dtype = dtype;
+    c.idx_type = dtype == DType::kBF16 ? IndexType::kInt64 : IndexType::kInt32;
+    c.seed = dtype == DType::kBF16 ? 500 : 501;
+    EpBuffer buffer(bs, configOf(c));
+    EpHandle handle = buffer.createHandle();
+    TestStream stream;
+    const int capacity = num_ranks * c.max_tokens;
+    // Every rank receives at most num_ranks * tokens rows; rank-dependent worst sizes.
+    const int worst = me % 2 == 0 ? capacity : num_ranks * c.tokens + 3;
+    std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+    DeviceInputs dev(all[me], c);
+    const size_t elem = dtype == DType::kBF16 ? 2 : 1;
+    DeviceArray<uint8_t> x_copy(size_t(capacity) * c.hidden * elem);
+    DeviceArray<float> scales_copy(size_t(capacity) * (c.hidden / 128));
+
+    // Eager, with the caller copies.
+    x_copy.poison();
+    scales_copy.poison();
+    DispatchArgs args = dev.args(all[me], c, true);
+    args.num_worst_tokens = worst;
+    args.recv_x_out = x_copy.get();
+    if (dtype == DType::kFP8E4M3) args.recv_scales_out = scales_copy.get();
+    DispatchResult first = buffer.dispatch(args, handle, stream.get());
+    buffer.sync(stream.get());
+    poisonDispatchViews(first, c, stream.get());
+    DispatchResult r = buffer.dispatch(args, handle, stream.get());
+    buffer.sync(stream.get());
+    checkDispatch(r, all, c, true, "eager, num_worst_tokens " + std::to_string(worst), worst);
+    HtDispatchRef ref = referenceHtDispatch(all, me, c.hidden, c.experts, c.topk, c.alignment);
+    padToWorstTokens(ref, worst, c.hidden, c.topk);
+    if (dtype == DType::kBF16) {
+      std::vector<uint16_t> x =
+          DeviceArray<uint16_t>::downloadFrom(x_copy.get(), size_t(worst) * c.hidden);
+      EXPECT_TRUE(compareBf16Exact(x.data(), ref.recv_x_bf16.data(), worst, c.hidden, true))
+          << "recv_x_out copy of num_worst_tokens rows";
+    } else {
+      EXPECT_TRUE(compareExact(x_copy.download(size_t(worst) * c.hidden), ref.recv_x_fp8,
+                               "recv_x_out copy of num_worst_tokens rows (fp8)"));
+      EXPECT_TRUE(compareExact(scales_copy.download(size_t(worst) * (c.hidden / 128)),
+                               ref.recv_scales, "recv_scales_out copy of num_worst_tokens rows"));
+    }
+
+    // Captured: replays with new routing give padded views at the same pointers.
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    DispatchArgs gargs = dev.args(all[me], c, true);
+    gargs.num_worst_tokens = worst;
+    EPCOMM_TEST_CUDA(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+    DispatchResult g = buffer.dispatch(gargs, handle, stream.get());
+    EPCOMM_TEST_CUDA(cudaStreamEndCapture(stream.get(), &graph));
+    EPCOMM_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    EXPECT_EQ(g.recv_x, r.recv_x) << "views move between calls";
+    EXPECT_EQ(g.recv_topk_idx, r.recv_topk_idx);
+    EXPECT_EQ(g.num_recv_tokens_per_expert, r.num_recv_tokens_per_expert);
+    for (int replay = 0; replay < 3; ++replay) {
+      c.seed = 600 + replay;
+      c.routing = replay == 1 ? Routing::kSkewed : Routing::kWithNegatives;
+      all = generateProblem(specOf(c, num_ranks, c.seed));
+      dev.upload(all[me], c);
+      poisonDispatchViews(g, c, stream.get());
+      EPCOMM_TEST_CUDA(cudaStreamSynchronize(stream.get()));
+      EPCOMM_TEST_CUDA(cudaGraphLaunch(exec, stream.get()));
+      buffer.sync(stream.get());
+      checkDispatch(g, all, c, true, "graph replay " + std::to_string(replay), worst);
+      if (anyRankFailed()) break;
+    }
+    EPCOMM_TEST_CUDA(cudaGraphExecDestroy(exec));
+    EPCOMM_TEST_CUDA(cudaGraphDestroy(graph));
+    if (anyRankFailed()) break;
+  }
+}
+
+// Issue 11 items 3 and 8: the capacity is exactly num_ranks * max_tokens_per_rank rows: every
+// rank sending all of its max_tokens_per_rank tokens to rank 0 fits, with num_worst_tokens =
+// capacity too.
+TEST(HtStaticShapes, ExactCapacityFits) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 64;
+  c.max_tokens = 64;
+  c.equal_tokens = true;
+  c.all_one_expert = 0;
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 41));
+  editRouting(all, c);
+  DeviceInputs dev(all[me], c);
+  DispatchArgs args = dev.args(all[me], c, true);
+  args.num_worst_tokens = num_ranks * c.max_tokens;
+  args.exact_count = true;
+  DispatchResult r = buffer.dispatch(args, handle, stream.get());
+  buffer.sync(stream.get());
+  EXPECT_EQ(r.capacity, int64_t{num_ranks} * c.max_tokens);
+  EXPECT_EQ(r.num_recv_tokens_host, me == 0 ? r.capacity : 0);
+  checkDispatch(r, all, c, true, "every token to rank 0", num_ranks * c.max_tokens);
+}
+
+// Issue 11 item 3: more received rows than num_worst_tokens fails the op on every rank: the
+// receiving rank names num_worst_tokens, the others name that rank; promptly, never by timeout.
+TEST(HtStaticShapes, MoreRowsThanWorstTokensFailsEveryRank) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 42));
+  const HtDispatchRef ref0 = referenceHtDispatch(all, 0, c.hidden, c.experts, c.topk, 1);
+  ASSERT_GT(ref0.num_recv, 1);
+  DeviceInputs dev(all[me], c);
+  EpBuffer buffer(bs, config);
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  const CallOutcome o = runTimed([&] {
+    DispatchArgs a = dev.args(all[me], c, true);
+    a.num_worst_tokens = me == 0 ? ref0.num_recv - 1 : 0;
+    buffer.dispatch(a, handle, stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " finished a dispatch over rank 0's num_worst_tokens";
+  if (me == 0) {
+    EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+    EXPECT_NE(o.what.find("num_worst_tokens"), std::string::npos) << o.what;
+  } else {
+    EXPECT_EQ(o.code, ErrorCode::kRemote) << o.what;
+    EXPECT_NE(o.what.find("rank 0"), std::string::npos) << o.what;
+  }
+  EXPECT_LT(o.seconds, 3.0) << o.what;
+}
+
+// Issue 11 item 1: an inconsistent layout held in device memory fails the op on every rank like a
+// bad expert id (InvalidArgument naming the field on the rank that passed it, kRemote naming that
+// rank on the others), promptly; it is never used as an address.
+TEST(HtLayoutInput, InconsistentLayoutFailsEveryRank) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 43));
+  DeviceInputs dev(all[me], c);
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  struct Bad {
+    const char* name;
+    const char* text;  // must appear in rank 0's message
+    bool with_topk;
+    std::function<void(LayoutRef&)> edit;
+  };
+  const int experts_per_rank = c.experts / num_ranks;
+  const std::vector<Bad> cases = {
+      {"num_tokens_per_rank off by one", "layout.num_tokens_per_rank[0]", false,
+       [](LayoutRef& l) { l.tokens_per_rank[0] += 1; }},
+      {"num_tokens_per_expert above its rank's tokens", "layout.num_tokens_per_expert[0]", false,
+       [](LayoutRef& l) { l.tokens_per_expert[0] = l.tokens_per_rank[0] + 1; }},
+      {"negative num_tokens_per_expert", "layout.num_tokens_per_expert[1]", false,
+       [](LayoutRef& l) { l.tokens_per_expert[1] = -7; }},
+      {"num_tokens_per_expert disagrees with topk", "topk.idx names expert", true,
+       [experts_per_rank](LayoutRef& l) {
+         // Move one pair between two experts of rank 0: bounds hold, the topk counts do not.
+         l.tokens_per_expert[0] += 1;
+         l.tokens_per_expert[experts_per_rank > 1 ? 1 : 0] -= experts_per_rank > 1 ? 1 : 0;
+       }},
+      {"is_token_in_rank leaves out a topk rank", "layout.is_token_in_rank: token", true,
+       [num_ranks](LayoutRef& l) {
+         // The first token that goes somewhere loses that destination.
+         for (size_t i = 0; i < l.is_token_in_rank.size(); ++i) {
+           if (l.is_token_in_rank[i]) {
+             l.is_token_in_rank[i] = 0;
+             l.tokens_per_rank[i % num_ranks] -= 1;
+             break;
+           }
+         }
+       }},
+  };
+  for (const Bad& bad : cases) {
+    SCOPED_TRACE(std::string("rank 0 passes a layout with ") + bad.name);
+    std::vector<LayoutRef> layouts = referenceLayouts(all, c.experts, c.topk);
+    if (me == 0) bad.edit(layouts[0]);
+    const DeviceLayout dev_layout(layouts[me]);
+    EpBuffer buffer(bs, config);
+    EpHandle handle = buffer.createHandle();
+    TestStream stream;
+    const CallOutcome o = runTimed([&] {
+      DispatchArgs a = dev.args(all[me], c, bad.with_topk);
+      a.layout = dev_layout.view();
+      buffer.dispatch(a, handle, stream.get());
+      buffer.sync(stream.get());
+    });
+    EXPECT_TRUE(o.threw) << "rank " << me << " finished a dispatch with a bad layout";
+    if (me == 0) {
+      EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+      EXPECT_NE(o.what.find(bad.text), std::string::npos) << o.what;
+    } else {
+      EXPECT_EQ(o.code, ErrorCode::kRemote) << o.what;
+      EXPECT_NE(o.what.find("rank 0"), std::string::npos) << o.what;
+    }
+    EXPECT_LT(o.seconds, 3.0) << o.what;
+    EXPECT_THROW(buffer.barrier(stream.get()), Error);  // broken on every rank
+    if (anyRankFailed()) break;
+  }
+}
+
+// Issue 11 item 8: a token routed nowhere gets its bias row (or zeros) from combine, and 0 in
+// combined_topk_weights; checked explicitly on top of the reference comparison.
+TEST(HtDispatchCombine, TokenRoutedNowhereIsAlwaysWritten) {
+  HtCase c;
+  c.hidden = 1024;
+  c.nowhere_every = 4;
+  c.seed = 44;
+  runCase(c);
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+  editRouting(all, c);
+  const RankInputs& in = all[me];
+  DeviceInputs dev(in, c);
+  DispatchResult r = buffer.dispatch(dev.args(in, c, true), handle, stream.get());
+  const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, 45);
+  buffer.sync(stream.get());
+  if (!inputs[me].empty()) {
+    EPCOMM_TEST_CUDA(cudaMemcpy(r.combine_input, inputs[me].data(), inputs[me].size() * 2,
+                                cudaMemcpyHostToDevice));
+  }
+  const std::vector<uint16_t> bias_host = biasOf(in, c.hidden, c.seed);
+  DeviceArray<uint16_t> bias(std::max<size_t>(bias_host.size(), 8));
+  bias.upload(bias_host);
+  for (bool with_bias : {false, true}) {
+    SCOPED_TRACE(with_bias ? "with bias" : "without bias");
+    DeviceArray<uint16_t> out(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
+    DeviceArray<float> combined(std::max<size_t>(size_t(in.num_tokens) * c.topk, 1));
+    out.poison();
+    combined.poison();
+    CombineArgs args;
+    args.x = r.combine_input;
+    args.bias = with_bias ? bias.get() : nullptr;
+    args.out = out.get();
+    args.recv_topk_weights = r.recv_topk_weights;
+    args.combined_topk_weights = combined.get();
+    buffer.combine(args, handle, stream.get());
+    buffer.sync(stream.get());
+    const std::vector<uint16_t> got = out.download(size_t(in.num_tokens) * c.hidden);
+    const std::vector<float> got_w = combined.download(size_t(in.num_tokens) * c.topk);
+    for (int t = 1; t < in.num_tokens; t += c.nowhere_every) {
+      const std::vector<uint16_t> want =
+          with_bias ? std::vector<uint16_t>(bias_host.begin() + size_t(t) * c.hidden,
+                                            bias_host.begin() + size_t(t + 1) * c.hidden)
+                    : std::vector<uint16_t>(c.hidden, 0);
+      EXPECT_TRUE(compareBf16Exact(got.data() + size_t(t) * c.hidden, want.data(), 1, c.hidden))
+          << "token " << t << " (routed nowhere)";
+      EXPECT_TRUE(compareExact(got_w.data() + size_t(t) * c.topk,
+                               std::vector<float>(c.topk, 0.0f).data(), 1, c.topk,
+                               "combined_topk_weights of token " + std::to_string(t)));
+      if (::testing::Test::HasFailure()) break;
+    }
+  }
+}
+
+// Issue 11 item 8: with top-k but without topk_weights, recv_topk_weights holds 0.0f in every
+// received entry (and the ids are still right).
+TEST(HtDispatchCombine, NoDispatchWeightsGiveZeroRecvWeights) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int num_ranks = bs.size();
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.seed = 46;
+  EpBuffer buffer(bs, configOf(c));
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
+  DeviceInputs dev(all[me], c);
+  DispatchArgs args = dev.args(all[me], c, true);
+  DispatchResult first = buffer.dispatch(args, handle, stream.get());
+  buffer.sync(stream.get());
+  poisonDispatchViews(first, c, stream.get());
+  args.topk_weights = nullptr;
+  DispatchResult r = buffer.dispatch(args, handle, stream.get());
+  buffer.sync(stream.get());
+  for (RankInputs& in : all) std::fill(in.topk_weights.begin(), in.topk_weights.end(), 0.0f);
+  checkDispatch(r, all, c, true, "dispatch without topk_weights");
+}
+
 // --- bad input -----------------------------------------------------------------------------------
 
 struct BadInput {
@@ -762,6 +1383,83 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
       {"cached dispatch without a layout", "topk.idx",
        [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
           cudaStream_t s) { b.dispatch(d.args(i, hc, false), h, s); }},
+      {"layout without num_tokens_per_expert", "DispatchArgs::layout.num_tokens_per_expert",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.layout.num_tokens_per_rank = d.idx32.get();
+         a.layout.is_token_in_rank = reinterpret_cast<const bool*>(d.idx32.get());
+         b.dispatch(a, h, s);
+       }},
+      {"layout without is_token_in_rank", "DispatchArgs::layout.is_token_in_rank",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, false);
+         a.num_tokens = 4;
+         a.layout.num_tokens_per_rank = d.idx32.get();
+         a.layout.num_tokens_per_expert = d.idx32.get();
+         b.dispatch(a, h, s);
+       }},
+      {"num_worst_tokens over the capacity", "DispatchArgs::num_worst_tokens",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.num_worst_tokens = worldSize() * hc.max_tokens + 1;
+         b.dispatch(a, h, s);
+       }},
+      {"negative num_worst_tokens", "DispatchArgs::num_worst_tokens",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, true);
+         a.num_worst_tokens = -1;
+         b.dispatch(a, h, s);
+       }},
+      {"combined_topk_weights without recv_topk_weights", "CombineArgs::combined_topk_weights",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         const DispatchResult r = b.dispatch(d.args(i, hc, true), h, s);
+         b.sync(s);
+         DeviceArray<uint16_t> out(std::max<size_t>(size_t(i.num_tokens) * hc.hidden, 8));
+         CombineArgs a;
+         a.x = r.combine_input;
+         a.out = out.get();
+         a.combined_topk_weights = const_cast<float*>(d.weights.get());
+         b.combine(a, h, s);
+       }},
+      {"scale_weights after a dispatch without top-k", "CombineArgs::scale_weights",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         const DeviceLayout layout(
+             referenceLayout(i.topk_idx.data(), i.num_tokens, hc.topk, hc.experts, worldSize()));
+         DispatchArgs da = d.args(i, hc, false);
+         da.layout = layout.view();
+         const DispatchResult r = b.dispatch(da, h, s);
+         b.sync(s);
+         DeviceArray<uint16_t> out(std::max<size_t>(size_t(i.num_tokens) * hc.hidden, 8));
+         CombineArgs a;
+         a.x = r.combine_input;
+         a.out = out.get();
+         a.scale_weights = d.weights.get();
+         b.combine(a, h, s);
+       }},
+      {"recv_topk_weights after a dispatch without top-k", "CombineArgs::recv_topk_weights",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         const DeviceLayout layout(
+             referenceLayout(i.topk_idx.data(), i.num_tokens, hc.topk, hc.experts, worldSize()));
+         DispatchArgs da = d.args(i, hc, false);
+         da.layout = layout.view();
+         const DispatchResult r = b.dispatch(da, h, s);
+         b.sync(s);
+         DeviceArray<uint16_t> out(std::max<size_t>(size_t(i.num_tokens) * hc.hidden, 8));
+         DeviceArray<float> combined(std::max<size_t>(size_t(i.num_tokens) * hc.topk, 1));
+         CombineArgs a;
+         a.x = r.combine_input;
+         a.out = out.get();
+         a.recv_topk_weights = d.weights.get();
+         a.combined_topk_weights = combined.get();
+         b.combine(a, h, s);
+       }},
       {"combine before dispatch", "handle",
        [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
@@ -1010,6 +1708,50 @@ TEST(HtBadInput, PerCallParametersMustMatchAcrossRanks) {
     EXPECT_LT(o.seconds, 3.0) << o.what;
     if (anyRankFailed()) break;
   }
+}
+
+// Issue 11 item 8: combined top-k weights are pulled from every rank, so whether
+// CombineArgs::recv_topk_weights is set must match across ranks: a mismatch fails the combine on
+// every rank naming the field, without waiting.
+TEST(HtBadInput, CombinedWeightsMustBeSetOnEveryRankOrNone) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  selectDevice(bs);
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 47));
+  DeviceInputs dev(all[me], c);
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  EpBuffer buffer(bs, config);
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  const DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+  buffer.sync(stream.get());
+  DeviceArray<uint16_t> out(size_t(all[me].num_tokens) * c.hidden + 8);
+  DeviceArray<float> combined(size_t(all[me].num_tokens) * c.topk + 1);
+  const CallOutcome o = runTimed([&] {
+    CombineArgs a;
+    a.x = r.combine_input;
+    a.out = out.get();
+    if (me == 0) {
+      a.recv_topk_weights = r.recv_topk_weights;
+      a.combined_topk_weights = combined.get();
+    }
+    buffer.combine(a, handle, stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " finished a combine whose ranks disagree";
+  EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+  EXPECT_NE(o.what.find("CombineArgs::recv_topk_weights set"), std::string::npos) << o.what;
+  if (me != 0) {
+    EXPECT_NE(o.what.find("rank 0"), std::string::npos) << o.what;
+  }
+  EXPECT_LT(o.seconds, 3.0) << o.what;
 }
 
 }  // namespace

@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -21,6 +23,9 @@
 namespace epcomm::test {
 namespace {
 
+// Where the router weights come from (LlDispatchArgs::topk_weights, LlCombineArgs::topk_weights).
+enum class WeightsAt { kDispatch, kCombine, kBoth };
+
 struct LlCase {
   int hidden = 2048;
   int experts = 64;
@@ -32,10 +37,35 @@ struct LlCase {
   bool fp8 = false;
   IndexType idx_type = IndexType::kInt64;
   uint64_t seed = 17;
-  int all_one_expert = -1;  // >= 0: every top-k entry of every token is this expert
+  int all_one_expert = -1;      // >= 0: every top-k entry of every token is this expert
+  bool nowhere_tokens = false;  // tokens t % 5 == 2 have every entry -1 (routed nowhere)
+  WeightsAt weights = WeightsAt::kDispatch;
+  int num_sms = kAuto;      // LlDispatchArgs / LlCombineArgs::num_sms
+  bool cumulative = false;  // pass LlDispatchArgs::cumulative_recv_counts and check it
 };
 
+// Combine-time weights of a rank's tokens: [N*K] in [1/16, 1), unlike the dispatch's weights
+// (generated from another stream), so using the wrong ones shows.
+std::vector<float> combineWeightsOf(const RankInputs& in, uint64_t seed) {
+  std::vector<float> w(in.topk_weights.size());
+  for (size_t i = 0; i < w.size(); ++i) {
+    w[i] = 0.0625f +
+           static_cast<float>(mix64(hashCombine(seed, in.rank * 1000003ull + i)) % 960) / 1024.0f;
+  }
+  return w;
+}
+
 void editRouting(std::vector<RankInputs>& all, const LlCase& c) {
+  if (c.nowhere_tokens) {
+    for (RankInputs& in : all) {
+      for (int t = 2; t < in.num_tokens; t += 5) {
+        for (int k = 0; k < in.num_topk; ++k) {
+          in.topk_idx[size_t(t) * in.num_topk + k] = -1;
+          in.topk_idx32[size_t(t) * in.num_topk + k] = -1;
+        }
+      }
+    }
+  }
   if (c.all_one_expert < 0) return;
   for (RankInputs& in : all) {
     for (size_t i = 0; i < in.topk_idx.size(); ++i) {
@@ -76,11 +106,13 @@ struct DeviceInputs {
   DeviceArray<int64_t> idx64;
   DeviceArray<int32_t> idx32;
   DeviceArray<float> weights;
+  DeviceArray<float> combine_weights;
   DeviceInputs(const LlCase& c)
       : x(size_t(c.max_tokens) * c.hidden),
         idx64(size_t(c.max_tokens) * c.max_topk),
         idx32(size_t(c.max_tokens) * c.max_topk),
-        weights(size_t(c.max_tokens) * c.max_topk) {}
+        weights(size_t(c.max_tokens) * c.max_topk),
+        combine_weights(size_t(c.max_tokens) * c.max_topk) {}
   void upload(const RankInputs& in) {
     x.upload(in.x_bf16);
     idx64.upload(in.topk_idx);
@@ -96,8 +128,17 @@ struct DeviceInputs {
     a.topk.idx_type = c.idx_type;
     a.topk.num_tokens = in.num_tokens;
     a.topk.num_topk = c.topk;
-    a.topk_weights = weights.get();
+    a.topk_weights = c.weights == WeightsAt::kCombine ? nullptr : weights.get();
     a.use_fp8 = c.fp8;
+    a.num_sms = c.num_sms;
+    return a;
+  }
+  LlCombineArgs combineArgs(const LlCase& c, const void* y, void* out) const {
+    LlCombineArgs a;
+    a.x = y;
+    a.out = out;
+    a.topk_weights = c.weights == WeightsAt::kDispatch ? nullptr : combine_weights.get();
+    a.num_sms = c.num_sms;
     return a;
   }
 };
@@ -158,6 +199,30 @@ std::vector<int32_t> checkLlDispatch(const LlDispatchResult& r, const std::vecto
     }
     EXPECT_TRUE(checkLlExpertRows(all, ref.per_local_expert[e], view, c.max_tokens, c.hidden))
         << "local expert " << e;
+    if (c.fp8) {
+      // The documented convention (ops.hpp): x ~= fp8 * scale within fp8DequantBound.
+      int64_t bad = 0;
+      std::string first;
+      for (int i = 0; i < view.count; ++i) {
+        const int info = view.src_info[i];
+        const int s = info / c.max_tokens, t = info % c.max_tokens;
+        if (s < 0 || s >= num_ranks || t < 0 || t >= all[s].num_tokens) continue;  // reported
+        for (int col = 0; col < c.hidden; ++col) {
+          const double x = bf16ToFloat(all[s].x_bf16[size_t(t) * c.hidden + col]);
+          const double scale = view.scales[size_t(i) * (c.hidden / 128) + col / 128];
+          const double back =
+              double{fp8E4m3ToFloat(view.x_fp8[size_t(i) * c.hidden + col])} * scale;
+          if (std::fabs(back - x) <= fp8DequantBound(x, scale)) continue;
+          if (bad++ == 0) {
+            first = "row " + std::to_string(i) + " (src rank " + std::to_string(s) + ", token " +
+                    std::to_string(t) + ") column " + std::to_string(col) + ": x " +
+                    std::to_string(x) + ", fp8 * scale " + std::to_string(back);
+          }
+        }
+      }
+      EXPECT_EQ(bad, 0) << "local expert " << e << ": dequantized FP8 outside the bound; first "
+                        << first;
+    }
   }
   return src_info;
 }
@@ -186,43 +251,90 @@ std::vector<uint16_t> expertOutputsFor(const std::vector<int32_t>& src_info,
   return y;
 }
 
+// True when every byte of [ptr, ptr + bytes) on the device is the poison byte.
+bool stillPoisoned(const void* ptr, size_t bytes) {
+  const std::vector<uint8_t> host = DeviceArray<uint8_t>::downloadFrom(ptr, bytes);
+  for (uint8_t b : host) {
+    if (b != kPoisonByte) return false;
+  }
+  return true;
+}
+
+// Cumulative per-expert receive counts across the pairs of a case (LlCase::cumulative).
+struct Cumulative {
+  DeviceArray<int32_t> device;
+  std::vector<int32_t> expected;
+  explicit Cumulative(int local_experts) : device(local_experts), expected(local_experts) {
+    // Non-zero start: the op adds to it and never resets it.
+    for (int e = 0; e < local_experts; ++e) expected[e] = 1000 + 7 * e;
+    device.upload(expected);
+  }
+};
+
 // One dispatch + combine pair, optionally split into send/recv halves with work in between,
-// checked completely.
+// checked completely. Split pairs also check which half fills the results: after a kSend-only
+// call (and a sync) the poisoned dispatch views and combine output are still poison.
 // `last` holds the previous pair's views of this buffer (their addresses never change), used to
 // poison the outputs; it starts empty.
 void runPair(EpBuffer& buffer, DeviceInputs& dev, const std::vector<RankInputs>& all,
              const LlCase& c, bool split, cudaStream_t stream, LlDispatchResult* last,
-             const std::string& where) {
+             const std::string& where, Cumulative* cumulative = nullptr) {
   const int me = rankNow();
   const int num_ranks = static_cast<int>(all.size());
   const int local_experts = c.experts / num_ranks;
   const RankInputs& in = all[me];
+  SCOPED_TRACE(where + " rank " + std::to_string(me));
   dev.upload(in);
+  const uint64_t seed = c.seed * 31 + 7;
+  const std::vector<float> combine_weights = combineWeightsOf(in, seed ^ 0xc0b1);
+  dev.combine_weights.upload(combine_weights);
   if (last->recv_x != nullptr) poisonLlViews(*last, local_experts, c, stream);
+  LlDispatchArgs dargs = dev.args(in, c);
+  if (cumulative != nullptr) dargs.cumulative_recv_counts = cumulative->device.get();
   LlDispatchResult r;
   if (split) {
-    buffer.lowLatencyDispatch(dev.args(in, c), stream, LlPhase::kSend);
+    const LlDispatchResult sent = buffer.lowLatencyDispatch(dargs, stream, LlPhase::kSend);
+    poisonLlViews(sent, local_experts, c, stream);  // stream-ordered after the send half
+    buffer.sync(stream);
+    // The send half does not produce the result: the views are untouched and the counts 0.
+    EXPECT_TRUE(stillPoisoned(
+        sent.recv_x, size_t(local_experts) * sent.rows_per_expert * c.hidden * (c.fp8 ? 1 : 2)))
+        << "the kSend half wrote LlDispatchResult::recv_x";
+    EXPECT_TRUE(stillPoisoned(sent.recv_src_info, size_t(local_experts) * sent.rows_per_expert * 4))
+        << "the kSend half wrote LlDispatchResult::recv_src_info";
+    const std::vector<int32_t> zero =
+        DeviceArray<int32_t>::downloadFrom(sent.num_recv_tokens_per_expert, local_experts);
+    EXPECT_TRUE(compareExact(zero, std::vector<int32_t>(local_experts, 0), "counts after kSend"));
     launchSpin(20000, stream);
-    r = buffer.lowLatencyDispatch(dev.args(in, c), stream, LlPhase::kRecv);
+    r = buffer.lowLatencyDispatch(dargs, stream, LlPhase::kRecv);
+    EXPECT_EQ(r.recv_x, sent.recv_x);
+    EXPECT_EQ(r.num_recv_tokens_per_expert, sent.num_recv_tokens_per_expert);
   } else {
-    r = buffer.lowLatencyDispatch(dev.args(in, c), stream);
+    r = buffer.lowLatencyDispatch(dargs, stream);
   }
   *last = r;
   buffer.sync(stream);
   const std::vector<int32_t> src_info = checkLlDispatch(r, all, c, where);
   const std::vector<int32_t> counts =
       DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, local_experts);
+  if (cumulative != nullptr) {
+    const LlDispatchRef ref = referenceLlDispatch(all, me, c.experts, c.topk);
+    for (int e = 0; e < local_experts; ++e) {
+      cumulative->expected[e] += static_cast<int32_t>(ref.per_local_expert[e].src_rank.size());
+    }
+    EXPECT_TRUE(compareExact(cumulative->device.download(local_experts), cumulative->expected,
+                             "cumulative_recv_counts"));
+  }
 
-  const uint64_t seed = c.seed * 31 + 7;
   DeviceArray<uint16_t> y(
       expertOutputsFor(src_info, counts, local_experts, c, r.rows_per_expert, seed));
   DeviceArray<uint16_t> out(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
   out.poison();
-  LlCombineArgs cargs;
-  cargs.x = y.get();
-  cargs.out = out.get();
+  const LlCombineArgs cargs = dev.combineArgs(c, y.get(), out.get());
   if (split) {
     buffer.lowLatencyCombine(cargs, stream, LlPhase::kSend);
+    buffer.sync(stream);
+    EXPECT_TRUE(stillPoisoned(out.get(), out.size() * 2)) << "the kSend half wrote the output";
     launchSpin(20000, stream);
     buffer.lowLatencyCombine(cargs, stream, LlPhase::kRecv);
   } else {
@@ -231,8 +343,8 @@ void runPair(EpBuffer& buffer, DeviceInputs& dev, const std::vector<RankInputs>&
   buffer.sync(stream);
   const std::vector<float> expected = referenceLlCombine(
       all, me, c.experts, c.topk,
-      [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); }, c.hidden);
-  SCOPED_TRACE(where + " rank " + std::to_string(me));
+      [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); }, c.hidden,
+      c.weights == WeightsAt::kDispatch ? nullptr : combine_weights.data());
   EXPECT_TRUE(compareBf16Near(out.download(size_t(in.num_tokens) * c.hidden), expected, c.hidden))
       << "LL combine";
 }
@@ -251,10 +363,13 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_
   TestStream stream;
   DeviceInputs dev(c);
   LlDispatchResult last{};
+  std::unique_ptr<Cumulative> cumulative;
+  if (c.cumulative) cumulative = std::make_unique<Cumulative>(c.experts / bs.size());
   for (int pair = 0; pair < pairs; ++pair) {
     std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), c.seed + pair));
     editRouting(all, c);
-    runPair(buffer, dev, all, c, split, stream.get(), &last, "pair " + std::to_string(pair));
+    runPair(buffer, dev, all, c, split, stream.get(), &last, "pair " + std::to_string(pair),
+            cumulative.get());
     if (anyRankFailed()) break;
   }
 }
@@ -396,6 +511,9 @@ TEST(LlDispatchCombine, ThousandPairsChangingRouting) {
 }
 
 // Dispatch and combine captured as CUDA graphs; replays with new inputs give correct results.
+// Weights at combine (DeepEP's convention), so the combine-weights push is captured too. The
+// views returned at capture are every replay's views, and an eager call afterwards returns the
+// same addresses (ops.hpp, LlPhase: "CUDA graphs").
 TEST(LlDispatchCombine, GraphReplay) {
   EPCOMM_REQUIRE_GPU();
   Bootstrap& bs = *mpiBootstrap();
@@ -403,6 +521,7 @@ TEST(LlDispatchCombine, GraphReplay) {
   LlCase c;
   c.hidden = 1024;
   c.tokens = 64;
+  c.weights = WeightsAt::kCombine;
   if (c.experts % bs.size() != 0) GTEST_SKIP();
   const int me = bs.rank();
   const int local_experts = c.experts / bs.size();
@@ -419,9 +538,7 @@ TEST(LlDispatchCombine, GraphReplay) {
   EPCOMM_TEST_CUDA(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
   LlDispatchResult r = buffer.lowLatencyDispatch(dev.args(all[me], c), stream.get());
   EPCOMM_TEST_CUDA(cudaStreamEndCapture(stream.get(), &dispatch_graph));
-  LlCombineArgs cargs;
-  cargs.x = y.get();
-  cargs.out = out.get();
+  const LlCombineArgs cargs = dev.combineArgs(c, y.get(), out.get());
   EPCOMM_TEST_CUDA(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
   buffer.lowLatencyCombine(cargs, stream.get());
   EPCOMM_TEST_CUDA(cudaStreamEndCapture(stream.get(), &combine_graph));
@@ -432,6 +549,8 @@ TEST(LlDispatchCombine, GraphReplay) {
     SCOPED_TRACE("replay " + std::to_string(replay));
     all = generateProblem(specOf(c, bs.size(), 901 + replay));
     dev.upload(all[me]);
+    const std::vector<float> combine_weights = combineWeightsOf(all[me], 500 + replay);
+    dev.combine_weights.upload(combine_weights);
     poisonLlViews(r, local_experts, c, stream.get());
     EPCOMM_TEST_CUDA(cudaGraphLaunch(dispatch_exec, stream.get()));
     buffer.sync(stream.get());
@@ -445,15 +564,251 @@ TEST(LlDispatchCombine, GraphReplay) {
     buffer.sync(stream.get());
     const std::vector<float> expected = referenceLlCombine(
         all, me, c.experts, c.topk,
-        [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); },
-        c.hidden);
+        [seed](int e, int s, int t, int col) { return expertOutput(seed, e, s, t, col); }, c.hidden,
+        combine_weights.data());
     EXPECT_TRUE(
         compareBf16Near(out.download(size_t(all[me].num_tokens) * c.hidden), expected, c.hidden));
+    if (anyRankFailed()) break;
   }
+  // An eager pair after the replays: correct, and its views are the captured ones.
+  LlDispatchResult eager{};
+  runPair(buffer, dev, generateProblem(specOf(c, bs.size(), 990)), c, false, stream.get(), &eager,
+          "eager after replays");
+  EXPECT_EQ(eager.recv_x, r.recv_x);
+  EXPECT_EQ(eager.recv_src_info, r.recv_src_info);
+  EXPECT_EQ(eager.num_recv_tokens_per_expert, r.num_recv_tokens_per_expert);
   EPCOMM_TEST_CUDA(cudaGraphExecDestroy(dispatch_exec));
   EPCOMM_TEST_CUDA(cudaGraphExecDestroy(combine_exec));
   EPCOMM_TEST_CUDA(cudaGraphDestroy(dispatch_graph));
   EPCOMM_TEST_CUDA(cudaGraphDestroy(combine_graph));
+}
+
+// Issue 11 item 6: weights at combine (DeepEP's low_latency_combine), alone or replacing the
+// dispatch's; tokens routed nowhere come back as zero rows (the output is poisoned first).
+TEST(LlDispatchCombine, WeightsAtCombine) {
+  for (WeightsAt at : {WeightsAt::kCombine, WeightsAt::kBoth}) {
+    for (bool split : {false, true}) {
+      LlCase c;
+      c.hidden = 1024;
+      c.weights = at;
+      c.nowhere_tokens = true;
+      c.routing = Routing::kWithNegatives;
+      c.seed = at == WeightsAt::kCombine ? 60 : 61;
+      SCOPED_TRACE(std::string(at == WeightsAt::kCombine ? "weights at combine only"
+                                                         : "weights at dispatch and combine") +
+                   (split ? ", split" : ""));
+      runCase(c, 3, split);
+      if (anyRankFailed()) return;
+    }
+  }
+  LlCase c;
+  c.fp8 = true;
+  c.weights = WeightsAt::kCombine;
+  c.idx_type = IndexType::kInt32;
+  c.topk = 4;
+  c.seed = 62;
+  SCOPED_TRACE("FP8, int32 ids, weights at combine");
+  runCase(c, 2);
+}
+
+// Tokens routed nowhere (every entry -1) get a zero row, with dispatch weights too.
+TEST(LlDispatchCombine, TokensRoutedNowhereAreZero) {
+  LlCase c;
+  c.hidden = 512;
+  c.nowhere_tokens = true;
+  runCase(c, 2);
+}
+
+// A rank with 0 tokens takes part whether it passes combine weights or not.
+TEST(LlDispatchCombine, WeightsAtCombineWithZeroTokenRanks) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  LlCase c;
+  c.hidden = 512;
+  c.experts = 16;
+  c.weights = WeightsAt::kCombine;
+  if (c.experts % bs.size() != 0) GTEST_SKIP();
+  EpBuffer buffer(bs, configOf(c));
+  TestStream stream;
+  DeviceInputs dev(c);
+  LlDispatchResult last{};
+  for (int pair = 0; pair < 2; ++pair) {
+    ProblemSpec spec = specOf(c, bs.size(), 70 + pair);
+    for (int r = pair % 2; r < bs.size(); r += 2) spec.tokens_per_rank[r] = 0;
+    const std::vector<RankInputs> all = generateProblem(spec);
+    runPair(buffer, dev, all, c, pair == 1, stream.get(), &last, "pair " + std::to_string(pair));
+    if (anyRankFailed()) return;
+  }
+}
+
+// Issue 11 item 6: LlDispatchArgs::cumulative_recv_counts += each call's per-expert rows.
+TEST(LlDispatchCombine, CumulativeRecvCounts) {
+  LlCase c;
+  c.hidden = 512;
+  c.routing = Routing::kSkewed;
+  c.cumulative = true;
+  runCase(c, 4);
+  if (anyRankFailed()) return;
+  c.routing = Routing::kWithDuplicates;
+  c.seed = 18;
+  runCase(c, 3, true);
+}
+
+// Issue 11 item 6: any SM budget covers the work (the kernels loop), including budgets below
+// the rank count and the default (kAuto = kDefaultLlSms).
+TEST(LlDispatchCombine, SmallSmBudgets) {
+  for (int sms : {1, 3, 16, kAuto}) {
+    LlCase c;
+    c.hidden = 2048;
+    c.num_sms = sms;
+    c.weights = sms == 3 ? WeightsAt::kCombine : WeightsAt::kDispatch;
+    c.seed = 100 + sms;
+    SCOPED_TRACE("num_sms " + std::to_string(sms));
+    runCase(c, 2, sms == 16);
+    if (anyRankFailed()) return;
+  }
+}
+
+// Issue 11 item 5: bytesFor (no CUDA call) is what a real buffer allocates.
+TEST(LlBuffer, BytesForEqualsBytesPerRank) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  for (int variant = 0; variant < 3; ++variant) {
+    BufferConfig config;
+    config.hidden = 1024;
+    config.num_experts = 64;
+    config.max_topk = 8;
+    config.max_tokens_per_rank = variant == 1 ? 0 : 256;
+    config.ll_max_tokens_per_rank = variant == 2 ? 0 : 128;
+    config.scratch_bytes = variant == 0 ? 3 << 20 : 0;
+    const BufferSizes sizes = EpBuffer::bytesFor(config, bs.size());
+    EpBuffer buffer(bs, config);
+    EXPECT_EQ(sizes.total, buffer.bytesPerRank()) << "variant " << variant;
+    EXPECT_EQ(sizes.control + sizes.ht + sizes.ll + sizes.scratch + sizes.padding, sizes.total);
+  }
+}
+
+// Issue 11 item 6: combine with no weights at all (none at dispatch, none at combine) is
+// rejected on the host, as DeepEP always takes weights at combine; the buffer stays usable.
+TEST(LlBadInput, CombineWithoutAnyWeightsIsRejected) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  const int me = bs.rank();
+  LlCase c;
+  c.hidden = 256;
+  c.experts = 16;
+  c.max_tokens = 8;
+  c.tokens = 8;
+  c.weights = WeightsAt::kCombine;
+  if (c.experts % bs.size() != 0) GTEST_SKIP();
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 14));
+  DeviceInputs dev(c);
+  dev.upload(all[me]);
+  EpBuffer buffer(bs, configOf(c));
+  TestStream stream;
+  buffer.lowLatencyDispatch(dev.args(all[me], c), stream.get());
+  buffer.sync(stream.get());
+  DeviceArray<uint16_t> y(size_t(c.experts / bs.size()) * bs.size() * c.max_tokens * c.hidden);
+  DeviceArray<uint16_t> out(size_t(c.max_tokens) * c.hidden);
+  LlCombineArgs cargs;  // no topk_weights
+  cargs.x = y.get();
+  cargs.out = out.get();
+  const CallOutcome o = runTimed([&] {
+    buffer.lowLatencyCombine(cargs, stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " accepted an LL combine without weights";
+  EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;  // every rank has tokens
+  EXPECT_NE(o.what.find("LlCombineArgs::topk_weights"), std::string::npos) << o.what;
+  EXPECT_LT(o.seconds, 5.0) << o.what;
+}
+
+// Whether combine weights are given must match across ranks that have tokens: rank 0 with them,
+// the others with dispatch weights only, fails the combine on every rank within seconds
+// (InvalidArgument naming the field on rank 0, kRemote naming rank 0 on the others).
+TEST(LlBadInput, CombineWeightsOnOneRankOnlyFailsEveryRank) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  selectDevice(bs);
+  const int me = bs.rank();
+  LlCase c;
+  c.hidden = 256;
+  c.experts = 16;
+  c.max_tokens = 8;
+  c.tokens = 8;
+  if (c.experts % bs.size() != 0) GTEST_SKIP();
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 15));
+  DeviceInputs dev(c);
+  dev.upload(all[me]);
+  dev.combine_weights.upload(combineWeightsOf(all[me], 15));
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  EpBuffer buffer(bs, config);
+  TestStream stream;
+  DeviceArray<uint16_t> y(size_t(c.experts / bs.size()) * bs.size() * c.max_tokens * c.hidden);
+  DeviceArray<uint16_t> out(size_t(c.max_tokens) * c.hidden);
+  const CallOutcome o = runTimed([&] {
+    buffer.lowLatencyDispatch(dev.args(all[me], c), stream.get());  // with dispatch weights
+    LlCase mine = c;
+    mine.weights = me == 0 ? WeightsAt::kBoth : WeightsAt::kDispatch;
+    buffer.lowLatencyCombine(dev.combineArgs(mine, y.get(), out.get()), stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " finished a combine whose weights mode differed";
+  if (me == 0) {
+    EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+    EXPECT_NE(o.what.find("topk_weights"), std::string::npos) << o.what;
+  } else {
+    EXPECT_EQ(o.code, ErrorCode::kRemote) << o.what;
+    EXPECT_NE(o.what.find("rank 0"), std::string::npos) << o.what;
+  }
+  EXPECT_LT(o.seconds, 5.0) << o.what;
+}
+
+// A rank that rejects its combine on the host while the others pushed combine weights: the
+// others' combine send waits for that rank's weights, sees the rejection, still posts (so no
+// one waits to the deadline), and the buffer stays usable: a full pair afterwards is correct.
+TEST(LlBadInput, CombineRejectedWhileOthersPushWeights) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  selectDevice(bs);
+  const int me = bs.rank();
+  LlCase c;
+  c.hidden = 512;
+  c.experts = 16;
+  c.max_tokens = 16;
+  c.tokens = 16;
+  c.weights = WeightsAt::kCombine;
+  if (c.experts % bs.size() != 0) GTEST_SKIP();
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 16));
+  DeviceInputs dev(c);
+  dev.upload(all[me]);
+  dev.combine_weights.upload(combineWeightsOf(all[me], 16));
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  EpBuffer buffer(bs, config);
+  TestStream stream;
+  DeviceArray<uint16_t> y(size_t(c.experts / bs.size()) * bs.size() * c.max_tokens * c.hidden);
+  DeviceArray<uint16_t> out(size_t(c.max_tokens) * c.hidden);
+  const CallOutcome o = runTimed([&] {
+    buffer.lowLatencyDispatch(dev.args(all[me], c), stream.get());
+    LlCombineArgs a = dev.combineArgs(c, y.get(), out.get());
+    if (me == 0) a.x = nullptr;  // rejected on the host
+    buffer.lowLatencyCombine(a, stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " finished a combine rank 0 rejected";
+  EXPECT_EQ(o.code, me == 0 ? ErrorCode::kInvalidArgument : ErrorCode::kRemote) << o.what;
+  EXPECT_LT(o.seconds, 5.0) << "a rank waited for the deadline: " << o.what;
+  if (anyRankFailed()) return;
+  LlDispatchResult last{};
+  runPair(buffer, dev, generateProblem(specOf(c, bs.size(), 17)), c, false, stream.get(), &last,
+          "pair after the rejection");
 }
 
 TEST(LlBadInput, RejectedBeforeLaunch) {

@@ -347,6 +347,9 @@ void Segment::poisonHt(const Round& r, cudaStream_t stream) {
                  rows * (shape_.hidden / kFp8BlockSize) * sizeof(float), stream);
   }
   poisonDevice(const_cast<int32_t*>(v.recv_src_idx), rows * sizeof(int32_t), stream);
+  // Every dispatch, a cached one too, writes its per-expert counts (issue 11).
+  poisonDevice(const_cast<int32_t*>(v.num_recv_tokens_per_expert), local_experts_ * sizeof(int32_t),
+               stream);
   // A cached re-dispatch reuses the handle's routing: its counts and prefixes stay as they are.
   if (!r.cached) {
     poisonDevice(const_cast<int32_t*>(v.num_recv_tokens), sizeof(int32_t), stream);
@@ -356,8 +359,6 @@ void Segment::poisonHt(const Round& r, cudaStream_t stream) {
                  rows * r.ht_spec.num_topk * (r.ht_idx == IndexType::kInt64 ? 8 : 4), stream);
     poisonDevice(const_cast<float*>(v.recv_topk_weights), rows * r.ht_spec.num_topk * sizeof(float),
                  stream);
-    poisonDevice(const_cast<int32_t*>(v.num_recv_tokens_per_expert),
-                 local_experts_ * sizeof(int32_t), stream);
   }
 }
 
@@ -387,14 +388,14 @@ void Segment::checkHtDispatch(const DispatchResult& res, const std::vector<RankI
   EXPECT_TRUE(compareExact(DeviceArray<int32_t>::downloadFrom(res.recv_src_idx, rows),
                            std::vector<int32_t>(ref.recv_src_idx.begin(), ref.recv_src_idx.end()),
                            "recv_src_idx"));
-  if (!with_topk) {
-    EXPECT_EQ(res.recv_topk_idx, nullptr);
-    return;
-  }
   EXPECT_TRUE(compareExact(
       DeviceArray<int32_t>::downloadFrom(res.num_recv_tokens_per_expert, local_experts_),
       std::vector<int32_t>(ref.tokens_per_local_expert.begin(), ref.tokens_per_local_expert.end()),
       "num_recv_tokens_per_expert"));
+  if (!with_topk) {
+    EXPECT_EQ(res.recv_topk_idx, nullptr);
+    return;
+  }
   ASSERT_NE(res.recv_topk_idx, nullptr);
   std::vector<int64_t> idx(rows * topk);
   if (r.ht_idx == IndexType::kInt64) {
@@ -466,7 +467,7 @@ void Segment::checkHtCombine(const std::vector<RankInputs>& all, const Round& r)
     args.bias = bias_.get();
   }
   // The dispatch's weights are still on the device (ht_in_), in this rank's token order.
-  if (r.weighted) args.topk_weights = ht_in_.weights.get();
+  if (r.weighted) args.scale_weights = ht_in_.weights.get();
   out_.poison();
   args.out = out_.get();
   args.num_sms = r.ht_sms;

@@ -97,7 +97,7 @@ def test_dispatch_and_combine_match_reference(buf, idx_dtype):
     # Weighted, from a tensor that is not combine_input (copied there first).
     y = (res.recv_x * 2).clone()
     out2 = torch.empty(TOKENS, HIDDEN, dtype=torch.bfloat16, device="cuda")
-    buf.combine(y, handle, out2, topk_weights=topk_w)
+    buf.combine(y, handle, out2, scale_weights=topk_w)
     buf.sync()
     scale = np.where(clean >= 0, weights, 0).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(_bf16_to_np(out2), ref * scale, rtol=2e-2, atol=2e-2)
@@ -218,3 +218,30 @@ def test_torch_stream_objects(buf):
     res = buf.dispatch(x, topk_idx=topk_idx, stream=s)
     buf.sync(s)
     assert res.num_recv_tokens_host is None and res.capacity >= TOKENS
+
+
+def test_result_views_are_reused_and_buffer_is_collected():
+    """Views of the same buffer memory come back as the same tensor object while the earlier one
+    lives (the per-buffer weak view cache), and a Buffer dropped without destroy() is still
+    freed (the cache holds no reference to it)."""
+    import weakref
+
+    b = epcomm.Buffer(epcomm.single_process_bootstrap(), device=0, hidden=HIDDEN,
+                      num_experts=EXPERTS, max_topk=TOPK, max_tokens_per_rank=64,
+                      ll_max_tokens_per_rank=64)
+    x, topk_idx, topk_w, _, _ = _inputs(6)
+    r1 = b.low_latency_dispatch(x, topk_idx, topk_w)
+    v1 = r1.recv_x
+    b.low_latency_combine(v1)
+    r2 = b.low_latency_dispatch(x, topk_idx, topk_w)
+    assert r2.recv_x is v1 and r2.num_recv_tokens_per_expert is r1.num_recv_tokens_per_expert
+    b.low_latency_combine(r2.recv_x)
+    h = b.create_handle()
+    d1 = b.dispatch(x, h, topk_idx=topk_idx, topk_weights=topk_w)
+    d2 = b.dispatch(x, h)
+    assert d1.combine_input is d2.combine_input and d1.recv_x is d2.recv_x
+    b.sync()
+    ref = weakref.ref(b)
+    del b, r1, r2, v1, d1, d2, h
+    gc.collect()
+    assert ref() is None, "the Buffer was not collected"

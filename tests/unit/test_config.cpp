@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
 
@@ -489,6 +490,34 @@ TEST_F(ConfigTest, ABufferForOneModeOnlyIsAccepted) {
                                 2));
 }
 
+// BufferConfig::ht_recv_rows: kAuto is the rank-major worst case; a larger value (expert-major
+// output) is kept; a smaller one, or one past int32, is rejected naming the field and the bound.
+TEST_F(ConfigTest, HtRecvRows) {
+  for (int ranks : {1, 2, 8}) {
+    EXPECT_EQ(resolveConfig(BufferConfig{}, ranks).config.ht_recv_rows, int64_t{ranks} * 4096);
+    EXPECT_EQ(resolveConfig(with([](BufferConfig& c) { c.ht_recv_rows = 100000; }), ranks)
+                  .config.ht_recv_rows,
+              100000);
+  }
+  for (int64_t bad : {int64_t{8191}, int64_t{0}, int64_t{1} << 31}) {
+    try {
+      resolveConfig(with([bad](BufferConfig& c) { c.ht_recv_rows = bad; }), 2);
+      ADD_FAILURE() << "ht_recv_rows = " << bad << " accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("BufferConfig::ht_recv_rows"), std::string::npos)
+          << e.what();
+      EXPECT_NE(std::string(e.what()).find("8192"), std::string::npos) << e.what();
+    }
+  }
+  // Without HT the field is not used.
+  EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) {
+                                  c.max_tokens_per_rank = 0;
+                                  c.ll_max_tokens_per_rank = 8;
+                                  c.ht_recv_rows = 1;
+                                }),
+                                2));
+}
+
 TEST_F(ConfigTest, MemModeInAnyCase) {
   for (const char* name : {"FABRIC", "Posix_Fd", "CUDA_IPC", "Auto"}) {
     SCOPED_TRACE(name);
@@ -523,6 +552,98 @@ TEST(MemModeNames, RejectsUnknownNamesNamingTheSource) {
       EXPECT_NE(what.find("cuda_ipc"), std::string::npos) << what;
     }
   }
+}
+
+// ----- EpBuffer::bytesFor (issue 11 item 5) ---------------------------------------------------
+
+size_t alignTo(size_t v, size_t a) {
+  return (v + a - 1) / a * a;
+}
+
+void expectBreakdownSums(const BufferSizes& s, const std::string& what) {
+  SCOPED_TRACE(what);
+  EXPECT_EQ(s.control + s.ht + s.ll + s.scratch + s.padding, s.total);
+  EXPECT_EQ(s.ht_recv + s.ht_combine, s.ht);
+  EXPECT_EQ(s.ll_dispatch_staging + s.ll_combine_staging + s.ll_outputs + s.ll_bookkeeping, s.ll);
+  EXPECT_EQ(s.total % (size_t{2} << 20), 0u);
+  EXPECT_LT(s.padding, size_t{2} << 20);
+  EXPECT_GT(s.control, 0u);
+  EXPECT_EQ(s.control % 4096, 0u);
+}
+
+TEST_F(ConfigTest, BytesForBreakdownSumsAndScales) {
+  const BufferConfig both = with([](BufferConfig& c) {
+    c.hidden = 2048;
+    c.num_experts = 64;
+    c.max_tokens_per_rank = 512;
+    c.ll_max_tokens_per_rank = 64;
+    c.scratch_bytes = 12345;
+  });
+  for (int ranks : {1, 2, 4, 8}) {
+    const BufferSizes s = EpBuffer::bytesFor(both, ranks);
+    expectBreakdownSums(s, "both, " + str(ranks) + " ranks");
+    // The HT combine input is one BF16 row per (rank, token) plus its staged top-k weights
+    // (CombineArgs::recv_topk_weights, max_topk floats per row); scratch is the caller's bytes.
+    EXPECT_EQ(s.ht_combine, alignTo(size_t(ranks) * 512 * 2048 * 2, 4096) +
+                                alignTo(size_t(ranks) * 512 * 8 * sizeof(float), 4096));
+    EXPECT_EQ(s.scratch, alignTo(12345, 4096));
+    // The control region does not depend on the shape.
+    EXPECT_EQ(s.control, EpBuffer::bytesFor(BufferConfig{}, ranks).control);
+    // HT grows linearly with the token capacity, LL staging with the rank count; LL outputs
+    // hold num_experts * max_tokens rows whatever the rank count (alignment aside).
+    BufferConfig twice = both;
+    twice.max_tokens_per_rank *= 2;
+    const BufferSizes s2 = EpBuffer::bytesFor(twice, ranks);
+    EXPECT_NEAR(double(s2.ht), 2.0 * double(s.ht), 8.0 * 4096);
+    EXPECT_EQ(s2.ll, s.ll);
+    const BufferSizes one = EpBuffer::bytesFor(both, 1);
+    EXPECT_NEAR(double(s.ll_dispatch_staging), ranks * double(one.ll_dispatch_staging),
+                4.0 * 4096 * ranks);
+    EXPECT_NEAR(double(s.ll_outputs), double(one.ll_outputs), 4.0 * 4096);
+    EXPECT_GE(s.ll_outputs, size_t(64) * 64 * 2048 * 2);  // the expert-major BF16 rows
+  }
+  BufferConfig ht_only = both;
+  ht_only.ll_max_tokens_per_rank = 0;
+  const BufferSizes h = EpBuffer::bytesFor(ht_only, 4);
+  expectBreakdownSums(h, "HT only");
+  EXPECT_EQ(h.ll, 0u);
+  EXPECT_EQ(h.ht, EpBuffer::bytesFor(both, 4).ht);
+  BufferConfig ll_only = both;
+  ll_only.max_tokens_per_rank = 0;
+  const BufferSizes l = EpBuffer::bytesFor(ll_only, 4);
+  expectBreakdownSums(l, "LL only");
+  EXPECT_EQ(l.ht, 0u);
+  EXPECT_EQ(l.ll, EpBuffer::bytesFor(both, 4).ll);
+  EXPECT_LT(l.total, EpBuffer::bytesFor(both, 4).total);
+}
+
+// The LL routing kept for combine: slot of every staged row, the top-k copy and the token masks,
+// which take one 32-bit word per 32 ranks per token (a single word would drop ranks 32..71).
+TEST_F(ConfigTest, BytesForLlBookkeepingHoldsEveryRankMaskWord) {
+  for (int ranks : {1, 8, 32, 33, 64, 65, 72}) {
+    const BufferConfig config = with([ranks](BufferConfig& c) {
+      c.hidden = 1024;
+      c.num_experts = ranks * 8;
+      c.max_topk = 8;
+      c.max_tokens_per_rank = 0;
+      c.ll_max_tokens_per_rank = 1024;
+    });
+    const size_t words = (size_t(ranks) + 31) / 32;
+    const BufferSizes s = EpBuffer::bytesFor(config, ranks);
+    expectBreakdownSums(s, str(ranks) + " ranks");
+    EXPECT_EQ(s.ll_bookkeeping, alignTo(size_t(ranks) * 1024 * 8 * 4, 4096) +  // slot_of_row
+                                    alignTo(1024 * 8 * 4, 4096) +              // topk_copy
+                                    alignTo(1024 * 4 * words, 4096) +          // token masks
+                                    alignTo(4, 4096))                          // num_tokens
+        << ranks << " ranks";
+  }
+}
+
+TEST_F(ConfigTest, BytesForRejectsWhatTheConstructorRejects) {
+  EXPECT_THROW(EpBuffer::bytesFor(with([](BufferConfig& c) { c.hidden = 100; }), 2),
+               InvalidArgument);
+  EXPECT_THROW(EpBuffer::bytesFor(BufferConfig{}, 3), InvalidArgument);  // 256 experts, 3 ranks
+  EXPECT_THROW(EpBuffer::bytesFor(BufferConfig{}, 0), InvalidArgument);
 }
 
 }  // namespace

@@ -115,5 +115,20 @@ TEST(ProtocolLimits, ControlRegionHoldsEveryRankAndExpert) {
   std::printf("sizeof(ControlRegion) = %zu bytes\n", sizeof(ControlRegion));
 }
 
+// ht_combine_ready is shared by the rank-major and the expert-major combine (one epoch family):
+// both must post it tagged. A plain epoch e would never read as reached by a tagged wait, and a
+// tagged word of call e would pass a plain `>= e + 1` wait at once (the expert-major combine
+// then pulled before its peers' input was ready).
+TEST(ProtocolLimits, CombineReadyWordIsTaggedInEveryMode) {
+  const uint64_t e = 5;
+  const uint64_t tagged = tag(e, htCombineSignature(false, 0));
+  EXPECT_TRUE(tagReached(tagged, e));
+  EXPECT_FALSE(tagReached(tagged, e + 1));
+  EXPECT_GE(tagged, e + 1) << "why a plain epoch compare is wrong on this word";
+  EXPECT_FALSE(tagReached(e, e)) << "a plain epoch never satisfies a tagged wait";
+  EXPECT_EQ(tagValue(tagged), htCombineSignature(false, 0));
+  EXPECT_NE(htCombineSignature(false, 0), htCombineSignature(true, 8));
+}
+
 }  // namespace
 }  // namespace epcomm::kernels

@@ -346,6 +346,139 @@ void expectColumns(const std::vector<float>& out, int token, float even, float o
     ASSERT_EQ(out[token * kH + c], c % 2 ? odd : even) << "token " << token << " column " << c;
 }
 
+// ----- dispatch from a caller's layout, static shapes, combined top-k weights ----------------
+
+TEST(ReferenceHtDispatchFromLayout, TopkLayoutsGiveTheTopkDispatch) {
+  const auto all = handProblem();
+  const std::vector<LayoutRef> layouts = referenceLayouts(all, kE, kK);
+  for (int d = 0; d < 2; ++d) {
+    SCOPED_TRACE("destination " + std::to_string(d));
+    const HtDispatchRef want = referenceHtDispatch(all, d, kH, kE, kK, 2);
+    const HtDispatchRef got = referenceHtDispatchFromLayout(all, layouts, d, kH, kE, kK, true, 2);
+    EXPECT_EQ(got.num_recv, want.num_recv);
+    EXPECT_EQ(got.rank_prefix, want.rank_prefix);
+    EXPECT_EQ(got.src_token, want.src_token);
+    EXPECT_EQ(got.recv_x_bf16, want.recv_x_bf16);
+    EXPECT_EQ(got.recv_topk_idx, want.recv_topk_idx);
+    EXPECT_EQ(got.recv_topk_weights, want.recv_topk_weights);
+    EXPECT_EQ(got.tokens_per_local_expert, want.tokens_per_local_expert);
+  }
+}
+
+// Rank 0 also sends t1 (which has no expert) to rank 1, and claims one more pair for expert 2:
+// rows follow is_token_in_rank, counts follow tokens_per_expert, no top-k without with_topk.
+TEST(ReferenceHtDispatchFromLayout, LayoutOnlyRoutesByIsTokenInRank) {
+  const auto all = handProblem();
+  std::vector<LayoutRef> layouts = referenceLayouts(all, kE, kK);
+  layouts[0].is_token_in_rank[1 * 2 + 1] = 1;
+  layouts[0].tokens_per_rank[1] = 3;
+  layouts[0].tokens_per_expert[2] = 3;  // <= tokens_per_rank[1]
+  const HtDispatchRef on1 = referenceHtDispatchFromLayout(all, layouts, 1, kH, kE, kK, false, 1);
+  EXPECT_EQ(on1.num_recv, 5);
+  EXPECT_EQ(on1.rank_prefix, (std::vector<int>{0, 3, 5}));
+  EXPECT_EQ(on1.src_rank, (std::vector<int>{0, 0, 0, 1, 1}));
+  EXPECT_EQ(on1.recv_src_idx, (std::vector<int>{0, 1, 2, 0, 2}));
+  EXPECT_TRUE(on1.recv_topk_idx.empty());
+  EXPECT_TRUE(on1.recv_topk_weights.empty());
+  // expert 2: 3 (rank 0's claim) + 1; expert 3: 1 + 1.
+  EXPECT_EQ(on1.tokens_per_local_expert, (std::vector<int>{4, 2}));
+  EXPECT_EQ(on1.recv_x_bf16[1 * kH + 1], bf(2.0f));  // row 1 is rank 0's t1
+  // Rank 0 receives what topk routing gives (its layouts did not change for rank 0).
+  EXPECT_EQ(referenceHtDispatchFromLayout(all, layouts, 0, kH, kE, kK, false, 1).src_token,
+            (std::vector<int>{0, 3, 0, 1}));
+}
+
+TEST(ReferenceHtDispatchFromLayout, RejectsInconsistentLayouts) {
+  const auto all = handProblem();
+  const std::vector<LayoutRef> good = referenceLayouts(all, kE, kK);
+  std::vector<LayoutRef> bad = good;
+  bad[1].tokens_per_rank[0] = 1;  // is_token_in_rank sends 2 tokens to rank 0
+  EXPECT_THROW(referenceHtDispatchFromLayout(all, bad, 0, kH, kE, kK, false, 1),
+               std::invalid_argument);
+  bad = good;
+  bad[0].tokens_per_expert[3] = 3;  // rank 0 sends only 2 tokens to rank 1
+  EXPECT_THROW(referenceHtDispatchFromLayout(all, bad, 0, kH, kE, kK, false, 1),
+               std::invalid_argument);
+  bad = good;
+  bad[0].tokens_per_expert[0] = -1;
+  EXPECT_THROW(referenceHtDispatchFromLayout(all, bad, 0, kH, kE, kK, false, 1),
+               std::invalid_argument);
+  bad = good;
+  bad.pop_back();
+  EXPECT_THROW(referenceHtDispatchFromLayout(all, bad, 0, kH, kE, kK, false, 1),
+               std::invalid_argument);
+}
+
+TEST(ReferencePadToWorstTokens, AppendsZeroRowsAndMinusOne) {
+  const auto all = handProblem();
+  HtDispatchRef ref = referenceHtDispatch(all, 0, kH, kE, kK, 1);
+  padToWorstTokens(ref, 6, kH, kK);
+  EXPECT_EQ(ref.num_recv, 4);
+  EXPECT_EQ(ref.rank_prefix, (std::vector<int>{0, 2, 4}));
+  EXPECT_EQ(ref.recv_src_idx, (std::vector<int>{0, 3, 0, 1, -1, -1}));
+  EXPECT_EQ(ref.recv_topk_idx, (std::vector<int64_t>{1, -1, 0, -1, -1, 0, 1, 0, -1, -1, -1, -1}));
+  EXPECT_EQ(ref.recv_topk_weights.size(), 12u);
+  EXPECT_EQ(ref.recv_topk_weights[8], 0.0f);
+  ASSERT_EQ(ref.recv_x_bf16.size(), 6u * kH);
+  EXPECT_EQ(ref.recv_x_bf16[4 * kH], 0);
+  EXPECT_EQ(ref.recv_x_bf16[6 * kH - 1], 0);
+  EXPECT_EQ(ref.recv_x_fp8.size(), 6u * kH);
+  EXPECT_EQ(ref.recv_scales, (std::vector<float>{0.5f, 3.5f, 10.5f, 11.5f, 0.0f, 0.0f}));
+
+  HtDispatchRef no_topk =
+      referenceHtDispatchFromLayout(all, referenceLayouts(all, kE, kK), 0, kH, kE, kK, false, 1);
+  padToWorstTokens(no_topk, 4, kH, 0);  // exactly full: nothing added
+  EXPECT_EQ(no_topk.recv_src_idx.size(), 4u);
+  EXPECT_TRUE(no_topk.recv_topk_idx.empty());
+
+  HtDispatchRef over = referenceHtDispatch(all, 0, kH, kE, kK, 1);
+  EXPECT_THROW(padToWorstTokens(over, 3, kH, kK), std::invalid_argument);
+}
+
+TEST(ReferenceCombinedTopkWeights, SumsTheRowsOfEveryRankInRankOrder) {
+  const auto all = handProblem();
+  const std::vector<LayoutRef> layouts = referenceLayouts(all, kE, kK);
+  // recv_weights[d] [4 rows, 2]: rows as in HandComputedRank0 / HandComputedRank1.
+  const std::vector<std::vector<float>> w = {{1, 2, 3, 4, 5, 6, 7, 8},
+                                             {10, 20, 30, 40, 50, 60, 70, 80}};
+  // Rank 0: t0 -> row 0 on both; t1 nowhere; t2 -> row 1 on rank 1; t3 -> row 1 on rank 0.
+  EXPECT_EQ(referenceCombinedTopkWeights(layouts, 0, w, kK),
+            (std::vector<float>{11, 22, 0, 0, 30, 40, 3, 4}));
+  // Rank 1 (rows from 2 on): t0 -> row 2 on both; t1 -> row 3 on rank 0; t2 -> row 3 on rank 1.
+  EXPECT_EQ(referenceCombinedTopkWeights(layouts, 1, w, kK),
+            (std::vector<float>{55, 66, 7, 8, 70, 80}));
+  // With rank 0's t1 also sent to rank 1 (a caller's layout), rank 1 holds 5 rows and t1 gets row
+  // 1 there; rank 1's own rows move down by one.
+  std::vector<LayoutRef> extra = layouts;
+  extra[0].is_token_in_rank[1 * 2 + 1] = 1;
+  extra[0].tokens_per_rank[1] = 3;
+  const std::vector<std::vector<float>> w5 = {{1, 2, 3, 4, 5, 6, 7, 8},
+                                              {10, 20, 30, 40, 50, 60, 70, 80, 90, 100}};
+  EXPECT_EQ(referenceCombinedTopkWeights(extra, 0, w5, kK),
+            (std::vector<float>{11, 22, 30, 40, 50, 60, 3, 4}));
+  EXPECT_EQ(referenceCombinedTopkWeights(extra, 1, w5, kK),
+            (std::vector<float>{75, 86, 7, 8, 90, 100}));
+  // Too few rows for the routing.
+  EXPECT_THROW(referenceCombinedTopkWeights(extra, 0, w, kK), std::invalid_argument);
+}
+
+TEST(ReferenceHtCombine, RoutingFromACallersLayout) {
+  const auto all = handProblem();
+  std::vector<LayoutRef> extra = referenceLayouts(all, kE, kK);
+  extra[0].is_token_in_rank[1 * 2 + 1] = 1;  // rank 0's t1 also goes to rank 1 (row 1 there)
+  extra[0].tokens_per_rank[1] = 3;
+  std::vector<std::vector<uint16_t>> y = {std::vector<uint16_t>(4 * kH, bf(1.0f)),
+                                          std::vector<uint16_t>(5 * kH, bf(2.0f))};
+  const std::vector<float> out = referenceHtCombine(all, 0, y, kH, kE, kK, false, nullptr, &extra);
+  ASSERT_EQ(out.size(), 4u * kH);
+  EXPECT_EQ(out[0 * kH], 3.0f);  // t0: ranks 0 and 1
+  EXPECT_EQ(out[1 * kH], 2.0f);  // t1: rank 1 only, through the layout
+  EXPECT_EQ(out[3 * kH], 1.0f);  // t3: rank 0
+  // Without the layout t1 went nowhere.
+  y[1].resize(4 * kH);
+  EXPECT_EQ(referenceHtCombine(all, 0, y, kH, kE, kK, false, nullptr)[1 * kH], 0.0f);
+}
+
 TEST(ReferenceHtCombine, UnweightedSumsRowsOfEveryDestination) {
   const auto all = handProblem();
   const auto y = handCombineInputs();
@@ -452,6 +585,58 @@ TEST(ReferenceLlCombine, HandComputedWithPerRankBf16Rounding) {
   EXPECT_EQ(out1[2 * kH + 100], 26.0f);
 }
 
+// LlCombineArgs::topk_weights replace the dispatch's for the owner's tokens: the result equals
+// the model run on inputs whose topk_weights are the combine weights, and differs from the
+// dispatch-weighted one.
+TEST(ReferenceLlCombine, CombineWeightsReplaceTheDispatchWeights) {
+  const auto all = handProblem();
+  const ExpertOutputFn f = [](int e, int, int, int c) { return static_cast<float>(e + 1 + c); };
+  for (int s = 0; s < 2; ++s) {
+    std::vector<float> w(all[s].topk_weights.size());
+    for (size_t i = 0; i < w.size(); ++i) w[i] = 0.0625f * static_cast<float>(i % 7 + 1);
+    auto replaced = all;
+    replaced[s].topk_weights = w;
+    const std::vector<float> with = referenceLlCombine(all, s, kE, kK, f, kH, w.data());
+    EXPECT_EQ(with, referenceLlCombine(replaced, s, kE, kK, f, kH)) << "rank " << s;
+    EXPECT_NE(with, referenceLlCombine(all, s, kE, kK, f, kH)) << "rank " << s;
+  }
+  // Token 1 of rank 0 is routed nowhere: its row is zeros whatever the weights.
+  std::vector<float> w(all[0].topk_weights.size(), 3.0f);
+  const std::vector<float> out = referenceLlCombine(all, 0, kE, kK, f, kH, w.data());
+  for (int c = 0; c < kH; ++c) ASSERT_EQ(out[1 * kH + c], 0.0f) << c;
+}
+
+// The FP8 convention of ops.hpp: x ~= fp8 * scale with scale = max(amax, 1e-4) / 448 (not a
+// power of two), within |x| / 16 + scale / 1024; the bound is tight enough to catch a wrong
+// scale (e.g. amax / 240 or a power-of-two rounding of the scale changes the bytes).
+TEST(ReferenceFp8Cast, DequantizedValuesWithinTheStatedBound) {
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> mag(-6.0f, 3.0f);
+  const int hidden = 1024;
+  std::vector<uint16_t> row(hidden);
+  for (int trial = 0; trial < 50; ++trial) {
+    for (int c = 0; c < hidden; ++c) {
+      const float v = std::pow(2.0f, mag(gen)) * ((c + trial) % 3 == 0 ? -1.0f : 1.0f);
+      row[c] = bf((c / 128) % 4 == 3 && trial % 2 ? v * 1e-6f : v);  // some tiny blocks
+    }
+    std::vector<uint8_t> q(hidden);
+    std::vector<float> scales(hidden / 128);
+    referenceFp8Cast(row.data(), hidden, q.data(), scales.data());
+    for (int b = 0; b < hidden / 128; ++b) {
+      float amax = 0.0f;
+      for (int c = b * 128; c < (b + 1) * 128; ++c)
+        amax = std::fmax(amax, std::fabs(bf16ToFloat(row[c])));
+      ASSERT_EQ(scales[b], std::fmax(amax, 1e-4f) / 448.0f) << "block " << b;
+      for (int c = b * 128; c < (b + 1) * 128; ++c) {
+        const double x = bf16ToFloat(row[c]);
+        const double back = double{fp8E4m3ToFloat(q[c])} * scales[b];
+        ASSERT_LE(std::fabs(back - x), fp8DequantBound(x, scales[b]))
+            << "trial " << trial << " column " << c << ": x " << x << ", dequantized " << back;
+      }
+    }
+  }
+}
+
 // ----- repeated expert ids
 // ---------------------------------------------------------------------------
 //
@@ -481,6 +666,177 @@ RankInputs makeRank3(int rank, const std::vector<int64_t>& topk, const std::vect
 std::vector<RankInputs> duplicateProblem() {
   return {makeRank3(0, {1, 1, 2, 3, 3, 3}, {0.5f, 0.25f, 0.125f, 0.5f, 0.25f, 0.75f}),
           makeRank3(1, {0, 2, 0}, {0.25f, 0.5f, 0.75f})};
+}
+
+// ----- HT expert-major ------------------------------------------------------------------------
+// handProblem(): rank 0 owns experts 0, 1; rank 1 owns 2, 3.
+//   rank 0: t0 [1, 2]  t1 [-1, -1]  t2 [3, 2]  t3 [0, -1]
+//   rank 1: t0 [2, 0]  t1 [1, 0]    t2 [-1, 3]
+// Rank 0 t2 has both its experts on rank 1: it arrives there twice.
+
+TEST(ReferenceHtExpertMajor, HandComputedRank0) {
+  const auto all = handProblem();
+  const HtExpertMajorRef ref = referenceHtDispatchExpertMajor(all, 0, kE, kK, 1);
+  // Expert 0: (0,t3,k0) | (1,t0,k1) (1,t1,k1); expert 1: (0,t0,k0) | (1,t1,k0).
+  EXPECT_EQ(ref.num_rows, 5);
+  EXPECT_EQ(ref.expert_offsets, (std::vector<int>{0, 3, 5}));
+  EXPECT_EQ(ref.tokens_per_local_expert, (std::vector<int>{3, 2}));
+  EXPECT_EQ(ref.pairs_per_local_expert, (std::vector<int>{3, 2}));
+  EXPECT_EQ(ref.part_begin, (std::vector<int>{0, 1, 3, 3, 4, 5}));
+  EXPECT_EQ(ref.src_rank, (std::vector<int>{0, 1, 1, 0, 1}));
+  EXPECT_EQ(ref.src_token, (std::vector<int>{3, 0, 1, 0, 1}));
+  EXPECT_EQ(ref.topk_col, (std::vector<int>{0, 1, 1, 0, 0}));
+}
+
+TEST(ReferenceHtExpertMajor, TokenWithTwoLocalExpertsArrivesTwiceAndPaddingAligns) {
+  const auto all = handProblem();
+  const HtExpertMajorRef one = referenceHtDispatchExpertMajor(all, 1, kE, kK, 1);
+  // Expert 2: (0,t0,k1) (0,t2,k1) | (1,t0,k0); expert 3: (0,t2,k0) | (1,t2,k1).
+  EXPECT_EQ(one.expert_offsets, (std::vector<int>{0, 3, 5}));
+  EXPECT_EQ(one.src_rank, (std::vector<int>{0, 0, 1, 0, 1}));
+  EXPECT_EQ(one.src_token, (std::vector<int>{0, 2, 0, 2, 2}));
+  EXPECT_EQ(one.topk_col, (std::vector<int>{1, 1, 0, 0, 1}));
+  const HtExpertMajorRef four = referenceHtDispatchExpertMajor(all, 1, kE, kK, 4);
+  EXPECT_EQ(four.num_rows, 8);
+  EXPECT_EQ(four.expert_offsets, (std::vector<int>{0, 4, 8}));
+  EXPECT_EQ(four.tokens_per_local_expert, (std::vector<int>{4, 4}));
+  EXPECT_EQ(four.pairs_per_local_expert, (std::vector<int>{3, 2}));
+  EXPECT_EQ(four.part_begin, (std::vector<int>{0, 2, 3, 4, 5, 6}));
+  EXPECT_EQ(four.src_rank, (std::vector<int>{0, 0, 1, -1, 0, 1, -1, -1}));
+  EXPECT_EQ(four.src_token, (std::vector<int>{0, 2, 0, -1, 2, 2, -1, -1}));
+  EXPECT_EQ(four.topk_col, (std::vector<int>{1, 1, 0, -1, 0, 1, -1, -1}));
+}
+
+TEST(ReferenceHtExpertMajor, DuplicatesCountOnceAndZeroTokenRanks) {
+  const auto dup = duplicateProblem();
+  // rank 0 t0 [1, 1, 2] -> expert 1 once (k0); rank 1 t0 [0, 2, 0] -> expert 0 once (k0).
+  const HtExpertMajorRef ref = referenceHtDispatchExpertMajor(dup, 0, kE, 3, 1);
+  EXPECT_EQ(ref.expert_offsets, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(ref.src_rank, (std::vector<int>{1, 0}));
+  EXPECT_EQ(ref.topk_col, (std::vector<int>{0, 0}));
+  // A rank with 0 tokens sends nothing; with alignment 8 every empty group stays empty.
+  std::vector<RankInputs> empty = {makeRank(0, {}, {}), makeRank(1, {}, {})};
+  const HtExpertMajorRef none = referenceHtDispatchExpertMajor(empty, 1, kE, kK, 8);
+  EXPECT_EQ(none.num_rows, 0);
+  EXPECT_EQ(none.expert_offsets, (std::vector<int>{0, 0, 0}));
+}
+
+TEST(ReferenceHtExpertMajor, CombineSumsOneWeightedRowPerExpert) {
+  const auto all = handProblem();
+  // Expert output e + 1 in every column.
+  auto y = [](int e, int, int, int) { return static_cast<float>(e + 1); };
+  const std::vector<float> w0 = referenceHtCombineExpertMajor(all, 0, kE, kK, y, kH, true, nullptr);
+  EXPECT_EQ(w0[0 * kH + 7], 0.5f * 2 + 0.25f * 3);   // t0: experts 1, 2
+  EXPECT_EQ(w0[1 * kH + 7], 0.0f);                   // t1: routed nowhere
+  EXPECT_EQ(w0[2 * kH + 7], 0.5f * 4 + 0.125f * 3);  // t2: experts 3, 2, both on rank 1
+  const std::vector<float> u0 =
+      referenceHtCombineExpertMajor(all, 0, kE, kK, y, kH, false, nullptr);
+  EXPECT_EQ(u0[2 * kH + 7], 4.0f + 3.0f);  // one row per expert, not one per rank
+  std::vector<uint16_t> bias(4 * kH, bf(0.5f));
+  const std::vector<float> b0 =
+      referenceHtCombineExpertMajor(all, 0, kE, kK, y, kH, false, bias.data());
+  EXPECT_EQ(b0[1 * kH + 7], 0.5f);
+  const auto dup = duplicateProblem();
+  const std::vector<float> d0 = referenceHtCombineExpertMajor(dup, 0, kE, 3, y, kH, true, nullptr);
+  EXPECT_EQ(d0[1 * kH + 3], 0.5f * 4);  // t1 [3, 3, 3]: the first weight only
+}
+
+// Builds what a correct GPU would return on rank 1 with alignment 4, from the inputs directly.
+struct FakeExpertMajorResult {
+  std::vector<int32_t> offsets{0, 4, 8}, sizes{4, 4}, src;
+  std::vector<uint16_t> x;
+  std::vector<int64_t> idx;
+  std::vector<float> w;
+  HtExpertMajorView view() const {
+    HtExpertMajorView v;
+    v.num_rows = static_cast<int>(src.size());
+    v.expert_offsets = offsets.data();
+    v.tokens_per_expert = sizes.data();
+    v.src_idx = src.data();
+    v.x_bf16 = x.data();
+    v.topk_idx = idx.data();
+    v.topk_weights = w.data();
+    return v;
+  }
+};
+
+FakeExpertMajorResult fakeRank1(const std::vector<RankInputs>& all) {
+  // Rows: (0,t2,k1) (0,t0,k1) [source 0's part swapped: any order is valid] (1,t0,k0) pad |
+  //       (0,t2,k0) (1,t2,k1) pad pad
+  const int rows[8][3] = {{0, 2, 1}, {0, 0, 1}, {1, 0, 0},    {-1, -1, -1},
+                          {0, 2, 0}, {1, 2, 1}, {-1, -1, -1}, {-1, -1, -1}};
+  FakeExpertMajorResult f;
+  for (const auto& r : rows) {
+    f.src.push_back(r[1]);
+    for (int c = 0; c < kH; ++c)
+      f.x.push_back(r[0] < 0 ? 0 : all[r[0]].x_bf16[static_cast<size_t>(r[1]) * kH + c]);
+    for (int k = 0; k < kK; ++k) {
+      const bool own = r[0] >= 0 && k == r[2];
+      const size_t i = static_cast<size_t>(r[1]) * kK + k;
+      f.idx.push_back(own ? all[r[0]].topk_idx[i] - 2 : -1);
+      f.w.push_back(own ? all[r[0]].topk_weights[i] : 0.0f);
+    }
+  }
+  return f;
+}
+
+TEST(ReferenceHtExpertMajor, RowCheckAcceptsAnyOrderWithinAPartAndNamesOrigins) {
+  const auto all = handProblem();
+  const HtExpertMajorRef ref = referenceHtDispatchExpertMajor(all, 1, kE, kK, 4);
+  const FakeExpertMajorResult f = fakeRank1(all);
+  std::vector<int> origin;
+  EXPECT_TRUE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK, &origin));
+  EXPECT_EQ(origin, (std::vector<int>{1, 0, 2, -1, 4, 5, -1, -1}));
+}
+
+TEST(ReferenceHtExpertMajor, RowCheckFindsEachKindOfError) {
+  const auto all = handProblem();
+  const HtExpertMajorRef ref = referenceHtDispatchExpertMajor(all, 1, kE, kK, 4);
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.src[3] = 0;  // padding row claims a source
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.x[3 * kH + 5] = bf(1.0f);  // padding data not zero
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    // Rows 1 (source 0, t0) and 2 (source 1, t0) swapped: same token index, wrong part.
+    std::swap(f.src[1], f.src[2]);
+    std::swap_ranges(f.x.begin() + 1 * kH, f.x.begin() + 2 * kH, f.x.begin() + 2 * kH);
+    std::swap_ranges(f.idx.begin() + 1 * kK, f.idx.begin() + 2 * kK, f.idx.begin() + 2 * kK);
+    std::swap_ranges(f.w.begin() + 1 * kK, f.w.begin() + 2 * kK, f.w.begin() + 2 * kK);
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.x[4 * kH + 9] ^= 1;  // data of a pair row
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.idx[4 * kK + 1] = 1;  // another column of the pair row set
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.w[5 * kK + 1] = 0.0f;  // its own weight lost
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.offsets[1] = 3;  // offsets not aligned
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
+  {
+    FakeExpertMajorResult f = fakeRank1(all);
+    f.src.pop_back();  // one row short
+    f.x.resize(f.x.size() - kH);
+    EXPECT_FALSE(checkHtExpertMajorRows(all, ref, f.view(), 1, kE, kH, kK));
+  }
 }
 
 TEST(ReferenceDuplicates, EffectiveExpert) {
