@@ -4,6 +4,7 @@
 // Device errors are surfaced in device_errors.cpp, rejected calls handled in rejection.cpp.
 #include "core/buffer_core.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -71,6 +72,15 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
         return d;
       });
   DeviceGuard guard(device);
+  {
+    const std::string mine(devices[rank].pci_bus_id, strnlen(devices[rank].pci_bus_id, 31));
+    ranks_on_device = 0;
+    for (int r : bootstrap.localRanks()) {
+      ranks_on_device +=
+          mine == std::string(devices[r].pci_bus_id, strnlen(devices[r].pci_bus_id, 31)) ? 1 : 0;
+    }
+    ranks_on_device = std::max(ranks_on_device, 1);
+  }
 
   // 3. Peer access between this rank's GPU and every other GPU of this host (the kernels load
   //    and store over NVLink/PCIe P2P). A peer GPU this process cannot see is not checked here;
@@ -220,7 +230,13 @@ void BufferCore::waitStream(cudaStream_t stream, const char* what) {
 
 int BufferCore::resolveSms(cudaStream_t stream, kernels::OpId op, int call_value, int buffer_value,
                            int fallback, const char* what) {
-  int sms = call_value != kAuto ? call_value : buffer_value != kAuto ? buffer_value : fallback;
+  // The library's default is shared among the ranks on this GPU: every rank's blocks spin on
+  // the others' signals, so the blocks of all of them must be resident together (a budget the
+  // caller sets explicitly is taken as given).
+  const int shared_default = std::max(1, std::min(fallback, device_sms / ranks_on_device));
+  int sms = call_value != kAuto     ? call_value
+            : buffer_value != kAuto ? buffer_value
+                                    : shared_default;
   if (sms < 1 || sms > device_sms) {
     rejectInput(stream, op,
                 std::string("invalid argument ") + what + " = " + std::to_string(sms) +

@@ -78,6 +78,10 @@ struct EPCOMM_LOCAL BufferCore {
   int num_ranks = 1;
   int device = 0;
   int device_sms = 0;
+  // Ranks of this buffer whose GPU is this rank's (MPS, or several processes on one GPU). Their
+  // kernels wait for each other, so together they must fit on the GPU at once: the default SM
+  // budgets are divided among them (resolveSms).
+  int ranks_on_device = 1;
   int num_local_experts = 0;
   BufferLayout layout;
   std::unique_ptr<memory::SymmetricMemory> memory;

@@ -582,10 +582,10 @@ TEST_F(ConfigTest, BytesForBreakdownSumsAndScales) {
   for (int ranks : {1, 2, 4, 8}) {
     const BufferSizes s = EpBuffer::bytesFor(both, ranks);
     expectBreakdownSums(s, "both, " + str(ranks) + " ranks");
-    // The HT combine input is one BF16 row per (rank, token) plus its staged top-k weights
-    // (CombineArgs::recv_topk_weights, max_topk floats per row); scratch is the caller's bytes.
+    // The HT combine regions: one BF16 row and one float32 top-k weight row (max_topk 8 by
+    // default) per (rank, token); scratch is the caller's bytes.
     EXPECT_EQ(s.ht_combine, alignTo(size_t(ranks) * 512 * 2048 * 2, 4096) +
-                                alignTo(size_t(ranks) * 512 * 8 * sizeof(float), 4096));
+                                alignTo(size_t(ranks) * 512 * 8 * 4, 4096));
     EXPECT_EQ(s.scratch, alignTo(12345, 4096));
     // The control region does not depend on the shape.
     EXPECT_EQ(s.control, EpBuffer::bytesFor(BufferConfig{}, ranks).control);
