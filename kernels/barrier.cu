@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Device barrier across every rank of the buffer: one warp, stream-ordered, bounded by the
-// deadline. Thread p announces this rank to rank p and waits for rank p's announcement.
+// deadline. Lane l announces this rank to ranks l, l + 32, ... (all of them first, then waits for
+// their announcements: up to kMaxRanks = 72 ranks on one warp).
 #include "kernels/device_utils.cuh"
 #include "kernels/kernel_check.hpp"
 #include "kernels/launch.hpp"
@@ -16,12 +17,14 @@ __global__ void __launch_bounds__(kWarpSize) barrierKernel(PeerContext ctx) {
   const int lane = threadIdx.x;
   const WaitContext w{&ctx, OpId::kBarrier, globalTimerNs()};
   bool ok = true;
-  if (lane < ctx.num_ranks) {
-    // Everything this rank wrote before the barrier (earlier kernels included) must be visible
-    // to rank `lane` once it sees the arrival.
-    fenceAcqRelSys();
-    stReleaseSys(&controlOf(ctx.peer_bases[lane])->barrier[ctx.rank], epoch);
-    ok = waitEpoch(&own->barrier[lane], epoch, w, WaitPhase::kBarrierArrival, lane);
+  // Everything this rank wrote before the barrier (earlier kernels included) must be visible to
+  // each rank once it sees the arrival.
+  fenceAcqRelSys();
+  for (int p = lane; p < ctx.num_ranks; p += kWarpSize) {
+    stReleaseSys(&controlOf(ctx.peer_bases[p])->barrier[ctx.rank], epoch);
+  }
+  for (int p = lane; p < ctx.num_ranks && ok; p += kWarpSize) {
+    ok = waitEpoch(&own->barrier[p], epoch, w, WaitPhase::kBarrierArrival, p);
   }
   if (__all_sync(kFullMask, ok) && lane == 0) own->local.epoch[kEpochBarrier] = epoch;
 }

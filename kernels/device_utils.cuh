@@ -280,11 +280,88 @@ __device__ __forceinline__ bool arriveLastBlock(uint32_t* counter) {
   return s_last;
 }
 
+// --- destination-rank masks ----------------------------------------------------------------------
+// A token's destination ranks, rankMaskWords(R) words (protocol.hpp). Held in registers: every
+// access below is unrolled over the kRankMaskWords words with a compare, never indexed by a
+// run-time value (that would put the mask in local memory). Words past rankMaskWords(R) are 0, so
+// at R <= 32 a mask costs one load and one word of work, as the 8-rank uint32_t did.
+static_assert(kMaxRanks <= kBlockThreads, "per-rank shared arrays are filled by tid < num_ranks");
+struct RankMask {
+  uint32_t w[kRankMaskWords];
+
+  __device__ __forceinline__ uint32_t word(int i) const {
+    uint32_t v = 0;
+#pragma unroll
+    for (int j = 0; j < kRankMaskWords; ++j) v = j == i ? w[j] : v;
+    return v;
+  }
+  __device__ __forceinline__ bool test(int d) const {
+    return ((word(d >> 5) >> (d & 31)) & 1u) != 0;
+  }
+  __device__ __forceinline__ void set(int d) {
+#pragma unroll
+    for (int j = 0; j < kRankMaskWords; ++j) w[j] |= j == (d >> 5) ? 1u << (d & 31) : 0u;
+  }
+  __device__ __forceinline__ bool any() const {
+    uint32_t v = 0;
+#pragma unroll
+    for (int j = 0; j < kRankMaskWords; ++j) v |= w[j];
+    return v != 0;
+  }
+};
+
+__device__ __forceinline__ RankMask emptyRankMask() {
+  RankMask m;
+#pragma unroll
+  for (int j = 0; j < kRankMaskWords; ++j) m.w[j] = 0;
+  return m;
+}
+
+// masks: [tokens][words] with words = rankMaskWords(num_ranks).
+__device__ __forceinline__ RankMask loadRankMask(const uint32_t* masks, int64_t t, int words) {
+  RankMask m;
+#pragma unroll
+  for (int j = 0; j < kRankMaskWords; ++j) m.w[j] = j < words ? masks[t * words + j] : 0u;
+  return m;
+}
+__device__ __forceinline__ void storeRankMask(uint32_t* masks, int64_t t, int words,
+                                              const RankMask& m) {
+#pragma unroll
+  for (int j = 0; j < kRankMaskWords; ++j) {
+    if (j < words) masks[t * words + j] = m.w[j];
+  }
+}
+
+// Calls f(d) for every rank d in the mask, in increasing order.
+template <typename F>
+__device__ __forceinline__ void forEachRank(const RankMask& m, F&& f) {
+#pragma unroll
+  for (int j = 0; j < kRankMaskWords; ++j) {
+    for (uint32_t bits = m.w[j]; bits != 0; bits &= bits - 1) f(j * 32 + __ffs(bits) - 1);
+  }
+}
+
+// The lowest rank set in `a` but not in `b`, -1 if none (a layout's routing vs. its top-k).
+__device__ __forceinline__ int firstRankOfAndNot(const RankMask& a, const RankMask& b) {
+  int first = -1;
+#pragma unroll
+  for (int j = kRankMaskWords - 1; j >= 0; --j) {
+    const uint32_t extra = a.w[j] & ~b.w[j];
+    if (extra != 0) first = j * 32 + __ffs(extra) - 1;
+  }
+  return first;
+}
+
 // --- per-rank counts for block scans ------------------------------------------------------------
-// Token counts per destination rank, packed as 16-bit lanes (ranks 0-3 in lo, 4-7 in hi) so a
-// CUB block scan moves two words instead of eight. Callers scan at most 65535 tokens at a time,
-// so adding packed words never carries from one lane into the next.
-static_assert(kMaxRanks <= 8, "RankCounts packs at most 8 ranks");
+// Token counts per destination rank for a group of kRanksPerScan ranks, packed as 16-bit lanes
+// (ranks 0-3 of the group in lo, 4-7 in hi) so a CUB block scan moves two words instead of eight.
+// Kernels scan ceil(R / 8) groups one after another: one scan at R <= 8, as before 72 ranks.
+// Callers scan at most 65535 tokens at a time, so adding packed words never carries from one lane
+// into the next.
+constexpr int kRanksPerScan = 8;
+__host__ __device__ constexpr int rankScanGroups(int num_ranks) {
+  return (num_ranks + kRanksPerScan - 1) / kRanksPerScan;
+}
 struct RankCounts {
   uint64_t lo;
   uint64_t hi;
@@ -299,10 +376,10 @@ struct AddRankCounts {
   }
 };
 
-// One token's contribution: 1 in the lane of every rank set in `mask`.
-__device__ __forceinline__ RankCounts countsOfMask(uint32_t mask) {
+// One token's contribution: 1 in the lane of every rank set in the low 8 bits of `bits`.
+__device__ __forceinline__ RankCounts countsOfMask(uint32_t bits) {
   RankCounts c{0, 0};
-  for (uint32_t m = mask; m != 0; m &= m - 1) {
+  for (uint32_t m = bits & 0xffu; m != 0; m &= m - 1) {
     const int d = __ffs(m) - 1;
     if (d < 4)
       c.lo += 1ull << (16 * d);
@@ -310,6 +387,10 @@ __device__ __forceinline__ RankCounts countsOfMask(uint32_t mask) {
       c.hi += 1ull << (16 * (d - 4));
   }
   return c;
+}
+// The same for ranks [8 * group, 8 * group + 8) of a mask (lane i = rank 8 * group + i).
+__device__ __forceinline__ RankCounts countsOfGroup(const RankMask& m, int group) {
+  return countsOfMask(m.word(group >> 2) >> (8 * (group & 3)));
 }
 
 // --- BF16 helpers ------------------------------------------------------------------------------

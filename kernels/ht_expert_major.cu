@@ -344,12 +344,20 @@ __global__ void __launch_bounds__(kBlockThreads) emCombineKernel(HtExpertMajorCo
   if (tid == 0) {
     fenceAcqRelSys();
     for (int d = 0; d < num_ranks; ++d) {
-      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], epoch);
+      // Tagged as the rank-major combine's (the word and the epoch family are shared): a plain
+      // epoch here would read as long reached to a later tagged wait, and vice versa never.
+      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
     }
   }
   bool ok = true;
   if (tid < num_ranks) {
-    ok = waitEpoch(&own->ht_combine_ready[tid], epoch, w, WaitPhase::kHtCombineReady, tid);
+    uint64_t v = 0;
+    ok = waitTagged(&own->ht_combine_ready[tid], epoch, w, WaitPhase::kHtCombineReady, tid, &v);
+    if (ok && tagValue(v) != p.signature) {
+      recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kHtCombine,
+                      WaitPhase::kHtCombineReady, tid, p.signature, tagValue(v));
+      ok = false;
+    }
     s_peer[tid] = ctx.peer_bases[tid];
   }
   if (!__syncthreads_and(ok)) return;

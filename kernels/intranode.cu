@@ -41,9 +41,9 @@ constexpr WaitPhase kPhaseExpertCounts = WaitPhase::kHtExpertCounts;
 constexpr WaitPhase kPhaseReady = WaitPhase::kHtCombineReady;
 constexpr WaitPhase kPhasePullDone = WaitPhase::kHtCombineDone;
 
-// Copies one row of `num_vecs` 16-byte vectors from `src` to every destination row in `dst`
-// (one per set bit of `mask`), the warp's lanes striding over the row.
-__device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst, uint32_t mask,
+// Copies one row of `num_vecs` 16-byte vectors from `src` to the `num_dst` destination rows in
+// `dst`, the warp's lanes striding over the row.
+__device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst, int num_dst,
                                                int num_vecs, int lane) {
   for (int base = 0; base < num_vecs; base += kWarpSize * kDispatchUnroll) {
     int4 v[kDispatchUnroll];
@@ -52,12 +52,11 @@ __device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst
       const int i = base + u * kWarpSize + lane;
       if (i < num_vecs) v[u] = ldNcNoAlloc(src + i);
     }
-    for (uint32_t m = mask; m != 0; m &= m - 1) {
-      const int d = __ffs(m) - 1;
+    for (int j = 0; j < num_dst; ++j) {
 #pragma unroll
       for (int u = 0; u < kDispatchUnroll; ++u) {
         const int i = base + u * kWarpSize + lane;
-        if (i < num_vecs) stNoAlloc(dst[d] + i, v[u]);
+        if (i < num_vecs) stNoAlloc(dst[j] + i, v[u]);
       }
     }
   }
@@ -83,16 +82,20 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   __shared__ uint32_t s_matrix[kMaxRanks][kMaxRanks + kHtSignatureWords];
   __shared__ int32_t s_offset[kMaxRanks];  // first row of this rank's rows in each destination
   __shared__ uint8_t* s_peer[kMaxRanks];
-  __shared__ int4* s_dst[kWarpsPerBlock][kMaxRanks];  // the current token's rows, per warp
+  // The current token's destinations, per warp, as a compact list: j-th rank, row and row address.
+  __shared__ int4* s_dst[kWarpsPerBlock][kMaxRanks];
   __shared__ int32_t s_dst_row[kWarpsPerBlock][kMaxRanks];
+  __shared__ uint8_t s_dst_rank[kWarpsPerBlock][kMaxRanks];
+  static_assert(kMaxRanks <= 0xff, "s_dst_rank holds a rank in 8 bits");
 
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
 
   // 1. notify: my count row and the call signature, into every peer
+  // (R * (R + 2) words: more than the block's threads beyond 21 ranks)
   const int row_words = num_ranks + kHtSignatureWords;
-  if (tid < num_ranks * row_words) {
-    const int d = tid / row_words;
-    const int j = tid % row_words;
+  for (int i = tid; i < num_ranks * row_words; i += kBlockThreads) {
+    const int d = i / row_words;
+    const int j = i % row_words;
     const uint32_t value = j < num_ranks    ? static_cast<uint32_t>(p.rank_counts[j])
                            : j == num_ranks ? static_cast<uint32_t>(p.signature)
                                             : static_cast<uint32_t>(p.signature >> 32);
@@ -112,9 +115,9 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
 
   // 2. wait for the whole count matrix
   bool ok = true;
-  if (tid < num_ranks * row_words) {
-    const int s = tid / row_words;
-    const int j = tid % row_words;
+  for (int i = tid; i < num_ranks * row_words && ok; i += kBlockThreads) {
+    const int s = i / row_words;
+    const int j = i % row_words;
     uint64_t v = 0;
     ok = waitTagged(&own->ht_counts[parity][s][j], epoch, w, kPhaseCounts, s, &v);
     if (ok) s_matrix[s][j] = tagValue(v);
@@ -135,7 +138,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
         bad = true;
       }
     }
-    int64_t total = 0;  // at most 8 * (2^32 - 1): no overflow
+    int64_t total = 0;  // at most kMaxRanks * (2^32 - 1): no overflow
     for (int s = 0; s < num_ranks; ++s) total += s_matrix[s][me];
     if (!bad && total > capacity) {
       recordFault(ctx, FailKind::kOverCapacity, OpId::kHtDispatch, kPhaseCounts, -1, -1,
@@ -164,8 +167,8 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   if (__syncthreads_or(bad)) return;
 
   if (blockIdx.x == 0) {
-    if (tid < num_ranks * num_ranks) {
-      p.count_matrix[tid] = static_cast<int32_t>(s_matrix[tid / num_ranks][tid % num_ranks]);
+    for (int i = tid; i < num_ranks * num_ranks; i += kBlockThreads) {
+      p.count_matrix[i] = static_cast<int32_t>(s_matrix[i / num_ranks][i % num_ranks]);
     }
     if (tid == 0) {
       int32_t prefix = 0;
@@ -215,39 +218,50 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   const int num_vecs = static_cast<int>(p.x_row_bytes / 16);
   const int num_topk = p.num_topk;
   const int local_experts = p.num_local_experts;
+  const int mask_words = rankMaskWords(num_ranks);
   for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
        t += gridDim.x * kWarpsPerBlock) {
-    const uint32_t mask = p.token_mask[t];
-    // Shared (not a local array): the copy loop indexes the table with a run-time rank.
+    const RankMask mask = loadRankMask(p.token_mask, t, mask_words);
+    // Shared (not local arrays): the loops below index the lists with a run-time value.
     int4** dst = s_dst[warp];
     int32_t* dst_row = s_dst_row[warp];
-    if (lane < num_ranks && ((mask >> lane) & 1u)) {
-      const int32_t row = s_offset[lane] + p.token_slot[static_cast<int64_t>(t) * num_ranks + lane];
-      dst_row[lane] = row;
-      dst[lane] = reinterpret_cast<int4*>(s_peer[lane] + p.regions.recv_x + row * p.x_row_bytes);
+    uint8_t* dst_rank = s_dst_rank[warp];
+    // Compact list of destinations (the copy loop then costs nothing per absent rank at 72).
+    int num_dst = 0;
+    for (int first = 0; first < num_ranks; first += kWarpSize) {  // warp-uniform
+      const int d = first + lane;
+      const bool in = d < num_ranks && mask.test(d);
+      const unsigned ballot = __ballot_sync(kFullMask, in);
+      if (in) {
+        const int32_t row = s_offset[d] + p.token_slot[static_cast<int64_t>(t) * num_ranks + d];
+        const int j = num_dst + __popc(ballot & ((1u << lane) - 1u));
+        dst_row[j] = row;
+        dst_rank[j] = static_cast<uint8_t>(d);
+        dst[j] = reinterpret_cast<int4*>(s_peer[d] + p.regions.recv_x + row * p.x_row_bytes);
+      }
+      num_dst += __popc(ballot);
     }
     __syncwarp();
-    copyRowToRanks(reinterpret_cast<const int4*>(p.x + t * p.x_row_bytes), dst, mask, num_vecs,
+    copyRowToRanks(reinterpret_cast<const int4*>(p.x + t * p.x_row_bytes), dst, num_dst, num_vecs,
                    lane);
 
     // Scales (FP8), top-k (re-based to the destination's local ids) and the source index.
     for (int c = lane; c < p.num_scales; c += kWarpSize) {
       const float scale = p.x_scales[t * p.scales_token_stride + c * p.scales_col_stride];
-      for (uint32_t m = mask; m != 0; m &= m - 1) {
-        const int d = __ffs(m) - 1;
+      for (int j = 0; j < num_dst; ++j) {
         reinterpret_cast<float*>(
-            s_peer[d] +
-            p.regions.recv_scales)[static_cast<int64_t>(dst_row[d]) * p.num_scales + c] = scale;
+            s_peer[dst_rank[j]] +
+            p.regions.recv_scales)[static_cast<int64_t>(dst_row[j]) * p.num_scales + c] = scale;
       }
     }
     if (has_topk && lane < num_topk) {
       // The layout's copy: ids in range, -1 for none and for repetitions within the token.
       const int32_t e = p.topk_copy[int64_t{t} * num_topk + lane];
       const float weight = p.topk_weights ? p.topk_weights[int64_t{t} * num_topk + lane] : 0.f;
-      for (uint32_t m = mask; m != 0; m &= m - 1) {
-        const int d = __ffs(m) - 1;
+      for (int j = 0; j < num_dst; ++j) {
+        const int d = dst_rank[j];
         const bool local = e >= d * local_experts && e < (d + 1) * local_experts;
-        const int64_t slot = static_cast<int64_t>(dst_row[d]) * num_topk + lane;
+        const int64_t slot = static_cast<int64_t>(dst_row[j]) * num_topk + lane;
         reinterpret_cast<IdxT*>(s_peer[d] + p.regions.recv_topk_idx)[slot] =
             static_cast<IdxT>(local ? e - d * local_experts : -1);
         reinterpret_cast<float*>(s_peer[d] + p.regions.recv_topk_weights)[slot] =
@@ -255,9 +269,8 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
       }
     }
     if (lane == 0) {
-      for (uint32_t m = mask; m != 0; m &= m - 1) {
-        const int d = __ffs(m) - 1;
-        reinterpret_cast<int32_t*>(s_peer[d] + p.regions.recv_src_idx)[dst_row[d]] = t;
+      for (int j = 0; j < num_dst; ++j) {
+        reinterpret_cast<int32_t*>(s_peer[dst_rank[j]] + p.regions.recv_src_idx)[dst_row[j]] = t;
       }
     }
     __syncwarp();  // the next token rewrites this warp's table
@@ -353,13 +366,14 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   const int lane = tid % kWarpSize;
   const int num_vecs = static_cast<int>(p.row_bytes / 16);
   const int local_experts = p.num_local_experts;
+  const int mask_words = rankMaskWords(num_ranks);
   for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
        t += gridDim.x * kWarpsPerBlock) {
-    const uint32_t mask = p.token_mask[t];
+    const RankMask mask = loadRankMask(p.token_mask, t, mask_words);
     float* weight = s_weight[warp];
     const int4** src = s_row[warp];
     if (p.scale_weights == nullptr) {
-      if (lane < kMaxRanks) weight[lane] = 1.f;
+      for (int d = lane; d < num_ranks; d += kWarpSize) weight[d] = 1.f;
     } else {
       // weight of rank d = sum of the token's top-k weights whose expert lives on d
       int my_rank_of_k = -1;
@@ -371,26 +385,29 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
           my_weight = p.scale_weights[int64_t{t} * p.num_topk + lane];
         }
       }
-      for (int d = 0; d < num_ranks; ++d) {
+      // Only the ranks the token went to (the mask is the same in every lane: no divergence).
+      forEachRank(mask, [&](int d) {
         float v = my_rank_of_k == d ? my_weight : 0.f;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
         if (lane == 0) weight[d] = v;
-      }
+      });
     }
-    if (lane < num_ranks && ((mask >> lane) & 1u)) {
-      src[lane] = reinterpret_cast<const int4*>(
-          s_src[lane] + int64_t{p.token_slot[int64_t{t} * num_ranks + lane]} * p.row_bytes);
+    for (int d = lane; d < num_ranks; d += kWarpSize) {
+      if (!mask.test(d)) continue;
+      src[d] = reinterpret_cast<const int4*>(
+          s_src[d] + int64_t{p.token_slot[int64_t{t} * num_ranks + d]} * p.row_bytes);
     }
     __syncwarp();
     if (p.combined_weights != nullptr && lane < p.num_topk) {
       // Lane k pulls entry k of the token's row from every rank it went to (the backward of
       // dispatch's recv_topk_weights): summed in rank order in float32, 0 if it went nowhere.
+      // Only the mask's ranks (increasing order): no slot loads for the others at 72 ranks.
       float sum = 0.f;
-      for (int d = 0; d < num_ranks; ++d) {
+      forEachRank(mask, [&](int d) {
         const int32_t slot = p.token_slot[int64_t{t} * num_ranks + d];
         if (slot >= 0) sum += __ldcg(s_recv_weights[d] + int64_t{slot} * p.num_topk + lane);
-      }
+      });
       p.combined_weights[int64_t{t} * p.num_topk + lane] = sum;
     }
     int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
@@ -403,8 +420,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
       }
-      for (uint32_t m = mask; m != 0; m &= m - 1) {
-        const int d = __ffs(m) - 1;
+      forEachRank(mask, [&](int d) {
         int4 v[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -415,7 +431,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
         for (int u = 0; u < kUnroll; ++u) {
           if (base + u * kWarpSize + lane < num_vecs) accumulateBf16x8(acc[u], v[u], weight[d]);
         }
-      }
+      });
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + u * kWarpSize + lane;

@@ -40,7 +40,7 @@ struct LayoutParams {
   int32_t num_ranks;
   int32_t rank;
   // outputs (handle memory)
-  uint32_t* token_mask;    // [N] bit d = token goes to rank d
+  uint32_t* token_mask;    // [N, rankMaskWords(R)] RankMask: token goes to rank d
   int32_t* token_slot;     // [N, R]
   bool* is_token_in_rank;  // [N, R]
   int32_t* rank_counts;    // [R]
@@ -80,7 +80,7 @@ struct HtDispatchParams {
   int32_t expert_alignment;
   uint64_t signature;  // htSignature(): every rank must pass the same
   // routing (handle)
-  const uint32_t* token_mask;
+  const uint32_t* token_mask;  // [N, rankMaskWords(R)]
   const int32_t* token_slot;
   const int32_t* rank_counts;
   const int32_t* expert_counts;  // [E] of the handle's routing; sent by every dispatch
@@ -103,7 +103,7 @@ struct HtCombineParams {
   int32_t num_tokens;
   int32_t num_topk;
   int32_t num_local_experts;
-  const uint32_t* token_mask;
+  const uint32_t* token_mask;  // [N, rankMaskWords(R)]
   const int32_t* token_slot;
   const int32_t* count_matrix;  // [R, R] from the matching dispatch
   const int32_t* topk_copy;     // [N, K] for weights
@@ -180,6 +180,7 @@ struct HtExpertMajorCombineParams {
   const float* topk_weights;  // [N, K] or nullptr
   const uint16_t* bias;       // [N, H] BF16 or nullptr
   uint16_t* out;              // [N, H] BF16
+  uint32_t signature;         // htCombineSignature() (the rank-major combine's tagged ready word)
 };
 
 // Copies `*count` rows (read on the device) of row_bytes each, count capped at max_rows; with

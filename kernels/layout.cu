@@ -27,9 +27,9 @@ namespace {
 using namespace device;
 
 template <typename IdxT>
-__device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT* topk, int t,
+__device__ __forceinline__ RankMask routeToken(const LayoutParams& p, const IdxT* topk, int t,
                                                int experts_per_rank, int32_t* expert_hist) {
-  uint32_t mask = 0;
+  RankMask mask = emptyRankMask();
   int32_t* copy = p.topk_copy + static_cast<int64_t>(t) * p.num_topk;
   for (int k = 0; k < p.num_topk; ++k) {
     const int64_t e = static_cast<int64_t>(topk[static_cast<int64_t>(t) * p.num_topk + k]);
@@ -45,7 +45,7 @@ __device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT
         }
       }
       if (kept >= 0) {
-        mask |= 1u << (kept / experts_per_rank);
+        mask.set(kept / experts_per_rank);
         atomicAdd(&expert_hist[kept], 1);
       }
     } else if (e != -1) {
@@ -57,8 +57,9 @@ __device__ __forceinline__ uint32_t routeToken(const LayoutParams& p, const IdxT
   return mask;
 }
 
-// Pass 1, one block per tile of kLayoutThreads tokens: masks, slots within the tile (block scan),
-// the tile's per-rank totals, and the expert histogram (added into expert_counts, zeroed first).
+// Pass 1, one block per tile of kLayoutThreads tokens: masks, slots within the tile (block scans,
+// one per group of 8 ranks), the tile's per-rank totals, and the expert histogram (added into
+// expert_counts, zeroed first).
 template <typename IdxT>
 __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams p) {
   using BlockScan = cub::BlockScan<RankCounts, kLayoutThreads>;
@@ -70,39 +71,48 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
   __syncthreads();
 
   const int t = blockIdx.x * kLayoutThreads + tid;
-  uint32_t mask = 0u;
+  RankMask mask = emptyRankMask();
   if (t < p.num_tokens) {
-    const uint32_t topk_mask = p.topk_idx != nullptr
+    const RankMask topk_mask = p.topk_idx != nullptr
                                    ? routeToken(p, static_cast<const IdxT*>(p.topk_idx), t,
                                                 p.num_experts / p.num_ranks, expert_hist)
-                                   : 0u;
+                                   : emptyRankMask();
     mask = topk_mask;
     if (p.in_rank != nullptr) {
       // The caller's layout decides where the token goes; its experts must be among those ranks
       // (else they would be counted on a rank the row never reaches).
-      mask = 0u;
+      mask = emptyRankMask();
       const uint8_t* row =
           reinterpret_cast<const uint8_t*>(p.in_rank) + static_cast<int64_t>(t) * p.num_ranks;
-      for (int d = 0; d < p.num_ranks; ++d) mask |= (row[d] != 0 ? 1u : 0u) << d;
-      if ((topk_mask & ~mask) != 0u) {
-        const int d = __ffs(topk_mask & ~mask) - 1;
+      for (int d = 0; d < p.num_ranks; ++d) {
+        if (row[d] != 0) mask.set(d);
+      }
+      const int d = firstRankOfAndNot(topk_mask, mask);
+      if (d >= 0) {
         recordFault(p.peers, FailKind::kLayoutTokenVsTopk, OpId::kLayout, WaitPhase::kNone, -1, t,
                     static_cast<uint64_t>(d), 0);
       }
     }
+    storeRankMask(p.token_mask, t, rankMaskWords(p.num_ranks), mask);
   }
-  RankCounts prefix, aggregate;
-  BlockScan(scan_storage)
-      .ExclusiveScan(countsOfMask(mask), prefix, RankCounts{0, 0}, AddRankCounts(), aggregate);
-  if (t < p.num_tokens) {
-    p.token_mask[t] = mask;
-    for (int d = 0; d < p.num_ranks; ++d) {
-      p.token_slot[static_cast<int64_t>(t) * p.num_ranks + d] =
-          ((mask >> d) & 1u) ? static_cast<int32_t>(prefix.get(d)) : -1;
+  for (int g = 0; g < rankScanGroups(p.num_ranks); ++g) {
+    const int first = g * kRanksPerScan;
+    const int last = min(p.num_ranks, first + kRanksPerScan);
+    if (g > 0) __syncthreads();  // scan_storage is reused
+    RankCounts prefix, aggregate;
+    BlockScan(scan_storage)
+        .ExclusiveScan(countsOfGroup(mask, g), prefix, RankCounts{0, 0}, AddRankCounts(),
+                       aggregate);
+    if (t < p.num_tokens) {
+      for (int d = first; d < last; ++d) {
+        p.token_slot[static_cast<int64_t>(t) * p.num_ranks + d] =
+            mask.test(d) ? static_cast<int32_t>(prefix.get(d - first)) : -1;
+      }
     }
-  }
-  if (tid < p.num_ranks) {
-    p.tile_counts[blockIdx.x * p.num_ranks + tid] = static_cast<int32_t>(aggregate.get(tid));
+    if (tid >= first && tid < last) {
+      p.tile_counts[blockIdx.x * p.num_ranks + tid] =
+          static_cast<int32_t>(aggregate.get(tid - first));
+    }
   }
   __syncthreads();
   for (int e = tid; e < p.num_experts; e += kLayoutThreads) {

@@ -208,15 +208,14 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
        item += gridDim.x * kWarpsPerBlock) {
     const int token = item / num_segments;
     const int seg = item % num_segments;
-    const uint32_t mask = token_masks[token];
+    const RankMask mask = loadRankMask(token_masks, token, rankMaskWords(num_ranks));
     float acc[kRoundsPerSegment][8];
 #pragma unroll
     for (int u = 0; u < kRoundsPerSegment; ++u) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
     }
-    for (uint32_t m = mask; m != 0; m &= m - 1) {
-      const int d = __ffs(m) - 1;
+    forEachRank(mask, [&](int d) {
       const uint16_t* row = partials + (int64_t{d} * r.max_tokens + token) * p.hidden;
 #pragma unroll
       for (int u = 0; u < kRoundsPerSegment; ++u) {
@@ -225,7 +224,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
           accumulateBf16x8Unfused(acc[u], ldNoAlloc(reinterpret_cast<const int4*>(row + col)), 1.f);
         }
       }
-    }
+    });
 #pragma unroll
     for (int u = 0; u < kRoundsPerSegment; ++u) {
       const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;

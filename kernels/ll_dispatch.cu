@@ -13,19 +13,22 @@ namespace epcomm::kernels {
 namespace {
 
 constexpr int kTile = kBlockThreads;  // tokens scanned per block-scan pass
+// The send kernel's destination lists: slots in 16 bits, ranks and counts in 8.
+static_assert(kMaxLlTokensPerRank <= 0xffff && kMaxRanks <= 0xff && kMaxTopk <= 0xff,
+              "LL destination lists: slot in 16 bits, rank and count in 8 bits");
 
 constexpr WaitPhase kPhaseDispatchPost = WaitPhase::kLlDispatchPost;
 
 // The ranks token t goes to. An id outside [-1, num_experts) is bad input: recorded, announced
 // to every peer (the op then fails on every rank), and never used as an address.
 template <typename IdxT>
-__device__ __forceinline__ uint32_t tokenMask(const LlParams& p, int t) {
+__device__ __forceinline__ RankMask tokenMask(const LlParams& p, int t) {
   const IdxT* topk = static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk;
-  uint32_t mask = 0;
+  RankMask mask = emptyRankMask();
   for (int k = 0; k < p.num_topk; ++k) {
     const int64_t e = static_cast<int64_t>(topk[k]);
     if (e >= 0 && e < p.num_experts) {
-      mask |= 1u << (e / p.num_local_experts);
+      mask.set(static_cast<int>(e / p.num_local_experts));
     } else if (e != -1) {
       recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, WaitPhase::kNone, -1, t,
                   static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
@@ -83,8 +86,12 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   using BlockScan = cub::BlockScan<RankCounts, kBlockThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ int32_t s_base[kMaxRanks];  // rows sent to each rank before this tile
-  __shared__ uint32_t s_mask[kTile];
-  __shared__ int32_t s_slot[kTile][kMaxRanks];
+  // A tile token's destinations (slot < max_tokens <= 4096, rank): a token reaches at most
+  // num_topk ranks, so the list is kMaxTopk long whatever the rank count (a [kTile][R] table of
+  // slots would not fit in shared memory at 72 ranks).
+  __shared__ uint16_t s_dest_slot[kTile][kMaxTopk];
+  __shared__ uint8_t s_dest_rank[kTile][kMaxTopk];
+  __shared__ uint8_t s_num_dest[kTile];
   __shared__ uint8_t* s_peer[kMaxRanks];
 
   const PeerContext& ctx = p.peers;
@@ -121,22 +128,19 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   if (tid < kMaxRanks) s_base[tid] = 0;
   __syncthreads();
   for (int t = tid; t < t_begin; t += kBlockThreads) {
-    const uint32_t mask = tokenMask<IdxT>(p, t);
-    for (uint32_t m = mask; m != 0; m &= m - 1) atomicAdd(&s_base[__ffs(m) - 1], 1);
+    forEachRank(tokenMask<IdxT>(p, t), [&](int d) { atomicAdd(&s_base[d], 1); });
   }
   __syncthreads();
 
+  const int mask_words = rankMaskWords(num_ranks);
+  const int max_dest = min(p.num_topk, num_ranks);
   uint32_t* token_masks = reinterpret_cast<uint32_t*>(ctx.local_base + r.token_mask);
   for (int tile = t_begin; tile < t_end; tile += kTile) {
     const int tile_len = min(kTile, t_end - tile);
     const int t = tile + tid;
-    const uint32_t mask = tid < tile_len ? tokenMask<IdxT>(p, t) : 0u;
-    RankCounts prefix, aggregate;
-    BlockScan(scan_storage)
-        .ExclusiveScan(countsOfMask(mask), prefix, RankCounts{0, 0}, AddRankCounts(), aggregate);
+    const RankMask mask = tid < tile_len ? tokenMask<IdxT>(p, t) : emptyRankMask();
     if (tid < tile_len) {
-      s_mask[tid] = mask;
-      token_masks[t] = mask;
+      storeRankMask(token_masks, t, mask_words, mask);
       // The token's valid, deduplicated ids, for the combine-weights push (which must not rely
       // on a rank bitmask: it iterates over these).
       const IdxT* ids = static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk;
@@ -148,21 +152,42 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
         for (int j = 0; j < k && keep; ++j) keep = static_cast<int64_t>(ids[j]) != e;
         copy[k] = keep ? static_cast<int32_t>(e) : -1;
       }
-      for (int d = 0; d < num_ranks; ++d) {
-        s_slot[tid][d] = s_base[d] + static_cast<int32_t>(prefix.get(d));
-      }
     }
+    // Slots per group of 8 ranks (one block scan each; one scan at R <= 8).
+    int num_dest = 0;
+    for (int g = 0; g < rankScanGroups(num_ranks); ++g) {
+      const int first = g * kRanksPerScan;
+      const int last = min(num_ranks, first + kRanksPerScan);
+      RankCounts prefix, aggregate;
+      BlockScan(scan_storage)
+          .ExclusiveScan(countsOfGroup(mask, g), prefix, RankCounts{0, 0}, AddRankCounts(),
+                         aggregate);
+      if (tid < tile_len) {
+        for (int d = first; d < last; ++d) {
+          if (!mask.test(d)) continue;
+          const int32_t slot = s_base[d] + static_cast<int32_t>(prefix.get(d - first));
+          s_dest_slot[tid][num_dest] = static_cast<uint16_t>(slot);
+          s_dest_rank[tid][num_dest++] = static_cast<uint8_t>(d);
+        }
+      }
+      // Every thread read s_base[first, last) and the scan storage: both may change now.
+      __syncthreads();
+      if (tid >= first && tid < last)
+        s_base[tid] += static_cast<int32_t>(aggregate.get(tid - first));
+    }
+    if (tid < tile_len) s_num_dest[tid] = static_cast<uint8_t>(num_dest);
     __syncthreads();
 
-    // Work items: (token of the tile, destination rank, row segment); absent ranks are skipped.
-    const int items = tile_len * num_ranks * num_segments;
+    // Work items: (token of the tile, destination of the token, row segment).
+    const int items = tile_len * max_dest * num_segments;
     for (int item = warp; item < items; item += kWarpsPerBlock) {
-      const int local_t = item / (num_ranks * num_segments);
-      const int d = (item / num_segments) % num_ranks;
+      const int local_t = item / (max_dest * num_segments);
+      const int j = (item / num_segments) % max_dest;
       const int seg = item % num_segments;
-      if (((s_mask[local_t] >> d) & 1u) == 0) continue;
+      if (j >= s_num_dest[local_t]) continue;
       const int token = tile + local_t;
-      const int slot = s_slot[local_t][d];
+      const int d = s_dest_rank[local_t][j];
+      const int slot = s_dest_slot[local_t][j];
       uint8_t* peer = s_peer[d];
       uint8_t* staged = peer + r.rows[parity] + (int64_t{me} * r.max_tokens + slot) * r.row_bytes;
       stageSegment(p, p.x + int64_t{token} * p.hidden, staged, seg, lane);
@@ -186,9 +211,7 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
         }
       }
     }
-    __syncthreads();
-    if (tid < kMaxRanks) s_base[tid] += static_cast<int32_t>(aggregate.get(tid));
-    __syncthreads();
+    __syncthreads();  // the next tile rewrites the destination lists
   }
 
   // The last block posts (epoch, rows) to every rank, rows counted from every block's masks.
@@ -197,8 +220,8 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   if (tid < kMaxRanks) s_total[tid] = 0;
   __syncthreads();
   for (int t = tid; t < n; t += kBlockThreads) {
-    const uint32_t mask = token_masks[t];
-    for (uint32_t m = mask; m != 0; m &= m - 1) atomicAdd(&s_total[__ffs(m) - 1], 1);
+    forEachRank(loadRankMask(token_masks, t, mask_words),
+                [&](int d) { atomicAdd(&s_total[d], 1); });
   }
   __syncthreads();
   // A bad id found by any block: post nothing (every peer already got the fault notice).

@@ -36,6 +36,15 @@ inline int layoutTiles(int num_tokens) {
 // LL kernels move rows in segments of this many columns, one warp per (token, segment).
 constexpr int kLlSegmentCols = 1024;
 
+// A token's destination ranks: a bit mask of rankMaskWords(R) 32-bit words per token (bit d % 32
+// of word d / 32 = rank d), so at R <= 32 a token's mask is one word, as it was when 8 ranks was
+// the limit. Arrays of masks are [tokens][rankMaskWords(R)] uint32. Device helpers (RankMask,
+// forEachRank) are in device_utils.cuh.
+constexpr int kRankMaskWords = (kMaxRanks + 31) / 32;
+EPCOMM_HOST_DEVICE constexpr int rankMaskWords(int num_ranks) {
+  return (num_ranks + 31) / 32;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Ops, failures and wait phases: what the device error record holds and the host names.
 // ---------------------------------------------------------------------------------------------
@@ -205,7 +214,7 @@ inline constexpr SignatureField kHtSignatureFields[] = {
     {"top-k sent (topk.idx set or topk.num_topk > 0)", 9, 1, 1},
     {"topk.num_topk", 10, 5, 1},
     {"topk.idx_type is int64", 15, 1, 1},
-    {"num_experts", 16, 10, 1},
+    {"num_experts", 16, 11, 1},
     {"expert_alignment", 32, 17, 1},
     {"expert_major", 49, 1, 1},  // htExpertMajorBits(): OR-ed into htSignature()'s value
 };
@@ -275,6 +284,9 @@ inline SignatureFields signatureFieldsOf(OpId op) {
   return {kLlSignatureFields, std::size(kLlSignatureFields)};
 }
 constexpr int kHtSignatureWords = 2;
+static_assert(kMaxExperts < (1 << 11), "HT signature: num_experts has 11 bits");
+static_assert(kMaxHidden / kHiddenAlignment < (1 << 8), "HT/LL signature: hidden has 8 bits");
+static_assert(kMaxTopk < (1 << 5), "HT signature: num_topk has 5 bits");
 
 // LL rows-sent post value: rows in the low 16 bits (<= kMaxLlTokensPerRank), signature above.
 constexpr uint32_t kLlRowsMask = 0xffffu;
@@ -377,6 +389,8 @@ EPCOMM_HOST_DEVICE constexpr OpId rejectionOp(uint64_t report) {
 EPCOMM_HOST_DEVICE constexpr int rejectionRank(uint64_t report) {
   return static_cast<int>(report & 0xffu) - 1;
 }
+static_assert(kMaxRanks + 1 <= 0xff, "a rejection report holds rank + 1 in 8 bits");
+static_assert(static_cast<int>(OpId::kCount) <= 0xff, "a rejection report holds the op in 8 bits");
 
 // Exact-mode HT count (host-mapped word): set once the count is known (the host clears it before
 // each call).
@@ -418,7 +432,8 @@ struct LlRegions {
   uint64_t out_scales = 0;        // [local_experts][rows_per_expert][hidden / 128] float
   uint64_t src_info = 0;          // [local_experts][rows_per_expert] int32
   uint64_t expert_count = 0;      // [local_experts] int32
-  uint64_t token_mask = 0;        // [max_tokens] uint32: ranks each of my tokens went to
+  uint64_t token_mask = 0;        // [max_tokens][rankMaskWords(R)] uint32: ranks each of my
+                                  // tokens went to
   uint64_t num_tokens = 0;        // int32: my token count in the current call
   int64_t max_tokens = 0;         // ll_max_tokens_per_rank
   int64_t rows_per_expert = 0;    // num_ranks * max_tokens

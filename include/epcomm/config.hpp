@@ -20,8 +20,12 @@ constexpr int kAuto = -1;
 constexpr int kDefaultLlSms = 24;
 
 // Compile-time limits. Inputs beyond them are rejected with epcomm::InvalidArgument.
-constexpr int kMaxRanks = 8;           // ranks in one EP group (one NVLink domain, one node)
-constexpr int kMaxExperts = 512;       // experts in total
+// kMaxRanks: ranks in one EP group, all in one NVLink domain (one node, or a rack-scale NVLink
+// domain such as GB200 NVL72 through the fabric memory mode). Kernels keep a token's destination
+// ranks in ceil(R / 32) 32-bit words, so up to 32 ranks cost what 8 did.
+// kMaxExperts: 1024 covers the 896-expert models; the HT call signature holds 11 bits of it.
+constexpr int kMaxRanks = 72;
+constexpr int kMaxExperts = 1024;      // experts in total
 constexpr int kMaxTopk = 16;           // experts per token
 constexpr int kMaxHidden = 16384;      // elements per token row
 constexpr int kHiddenAlignment = 128;  // hidden must be a multiple (FP8 scales cover 128 columns)

@@ -167,7 +167,6 @@ struct DispatchArgs {
   float* recv_scales_out = nullptr;
 
   int num_sms = kAuto;  // SM budget of this call; kAuto = the buffer's default
-
 };
 
 // Validity of the views. Every pointer below is the same on every call with the same buffer and
@@ -211,7 +210,6 @@ struct DispatchResult {
   // Where combine reads its input without a copy: write the expert outputs here as
   // [capacity, hidden] BF16, row i matching recv_x row i (symmetric memory).
   void* combine_input = nullptr;
-
 };
 
 struct CombineArgs {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "check.hpp"
@@ -50,10 +51,11 @@ void setCallCounterForTesting(EpBuffer& buffer, Bootstrap& bootstrap, uint64_t c
   auto* device_region = static_cast<kernels::ControlRegion*>(buffer.peerBase(buffer.rank()));
   std::vector<uint8_t> bytes(sizeof(kernels::ControlRegion));
   EPCOMM_CUDA_CHECK(cudaMemcpy(bytes.data(), device_region, bytes.size(), cudaMemcpyDeviceToHost));
-  kernels::ControlRegion region;
-  std::memcpy(&region, bytes.data(), bytes.size());
-  setCallCounters(region, calls);
-  std::memcpy(bytes.data(), &region, bytes.size());
+  // On the heap: the region is over a megabyte at kMaxRanks and kMaxExperts.
+  auto region = std::make_unique<kernels::ControlRegion>();
+  std::memcpy(region.get(), bytes.data(), bytes.size());
+  setCallCounters(*region, calls);
+  std::memcpy(bytes.data(), region.get(), bytes.size());
   EPCOMM_CUDA_CHECK(cudaMemcpy(device_region, bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
   EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
   bootstrap.barrier();

@@ -86,7 +86,8 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
     offset += (bytes + 255) / 256 * 256;
     return start;
   };
-  const size_t o_mask = carve(tokens * sizeof(uint32_t));
+  const size_t mask_words = static_cast<size_t>(kernels::rankMaskWords(b.num_ranks));
+  const size_t o_mask = carve(tokens * mask_words * sizeof(uint32_t));
   const size_t o_slot = carve(tokens * ranks * sizeof(int32_t));
   const size_t o_in_rank = carve(tokens * ranks * sizeof(bool));
   const size_t o_rank_counts = carve(ranks * sizeof(int32_t));

@@ -41,7 +41,7 @@ struct EPCOMM_LOCAL EpHandle::Impl {
   int max_tokens = 0;
   int max_topk = 0;
   DeviceMemory memory;
-  uint32_t* token_mask = nullptr;         // [max_tokens]
+  uint32_t* token_mask = nullptr;         // [max_tokens, rankMaskWords(R)]
   int32_t* token_slot = nullptr;          // [max_tokens, R]
   bool* is_token_in_rank = nullptr;       // [max_tokens, R]
   int32_t* rank_counts = nullptr;         // [R]

@@ -44,11 +44,12 @@ void checkExpertMajorDispatch(ArgChecker& check, const DispatchArgs& args,
   }
   // Not (yet) combined with expert-major: a precomputed layout (the routing must come from
   // top-k) and static shapes (the padding fill is rank-major's).
-  check.require(args.layout.is_token_in_rank == nullptr && args.layout.num_tokens_per_rank == nullptr &&
+  check.require(args.layout.is_token_in_rank == nullptr &&
+                    args.layout.num_tokens_per_rank == nullptr &&
                     args.layout.num_tokens_per_expert == nullptr,
                 "DispatchArgs::layout", "set", "unset with expert_major (routing from topk.idx)");
-  check.require(args.num_worst_tokens == 0, "DispatchArgs::num_worst_tokens",
-                args.num_worst_tokens, "0 with expert_major (static shapes are rank-major only)");
+  check.require(args.num_worst_tokens == 0, "DispatchArgs::num_worst_tokens", args.num_worst_tokens,
+                "0 with expert_major (static shapes are rank-major only)");
 }
 
 DispatchResult dispatchExpertMajor(BufferCore& b, const kernels::HtRegions& ht,
@@ -186,6 +187,8 @@ void combineExpertMajor(BufferCore& b, const kernels::HtRegions& ht, const Combi
   p.pair_pos = h.em_pair_pos;
   p.send_base = h.em_send_base;
   p.topk_weights = args.scale_weights;
+  // The ready word is shared with the rank-major combine (same epoch family): tagged the same way.
+  p.signature = kernels::htCombineSignature(false, 0);
   p.bias = static_cast<const uint16_t*>(args.bias);
   p.out = static_cast<uint16_t*>(args.out);
   kernels::launchHtExpertMajorCombine(p, sms, stream);

@@ -4,7 +4,10 @@
 // reference model.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common/gpu_helpers.hpp"
@@ -12,6 +15,7 @@
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
+#include "kernels/launch.hpp"
 #include "memory/driver_api.hpp"
 
 namespace epcomm::test {
@@ -139,6 +143,117 @@ TEST(GpuSingle, BadExpertIdIsReportedNotUsed) {
     EXPECT_NE(std::string(e.what()).find("1000"), std::string::npos) << e.what();
   }
   EPCOMM_TEST_CUDA(cudaStreamDestroy(stream));
+}
+
+// Issue 11 item 7: the layout kernel at rank counts past the old 8-rank limit, in one process
+// (the layout kernel only talks to peers to announce a bad id, and every id here is valid or -1):
+// masks of 1 to 3 words, one to nine 8-rank block scans, several tiles. Compared with the
+// reference: each token's rank mask and slots, per-rank and per-expert counts, the int32 copy.
+// source: where the routing comes from: top-k ids, the caller's is_token_in_rank (DeepEP layout,
+// the layout-from-mask path: the mask is built from R bytes per token), or both (checked against
+// each other).
+enum class LayoutSource { kTopk, kMask, kBoth };
+void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is_64,
+                   LayoutSource source = LayoutSource::kTopk) {
+  SCOPED_TRACE(std::to_string(num_ranks) + " ranks, " + std::to_string(experts) + " experts, " +
+               (idx_is_64 ? "int64" : "int32") + " ids, source " +
+               std::to_string(static_cast<int>(source)));
+  ProblemSpec spec;
+  spec.num_ranks = num_ranks;
+  spec.hidden = 128;
+  spec.num_experts = experts;
+  spec.num_topk = topk;
+  spec.tokens_per_rank.assign(num_ranks, 1);
+  spec.tokens_per_rank[0] = tokens;
+  spec.routing = Routing::kWithNegatives;
+  spec.negative_fraction = 0.1;
+  spec.seed = 4000 + num_ranks;
+  const RankInputs in = generateProblem(spec)[0];
+  const LayoutRef ref = referenceLayout(in.topk_idx.data(), tokens, topk, experts, num_ranks);
+
+  const int words = kernels::rankMaskWords(num_ranks);
+  const size_t n = static_cast<size_t>(tokens), r = static_cast<size_t>(num_ranks);
+  DeviceArray<int64_t> idx64(in.topk_idx);
+  DeviceArray<int32_t> idx32(in.topk_idx32);
+  DeviceArray<uint32_t> mask(n * words);
+  DeviceArray<int32_t> slot(n * r), rank_counts(r), expert_counts(experts), copy(n * topk),
+      tiles(static_cast<size_t>(kernels::layoutTiles(tokens)) * r);
+  DeviceArray<uint8_t> in_rank(n * r);
+  for (const auto* a : {&slot, &rank_counts, &copy}) a->poison();
+  mask.poison();
+  in_rank.poison();
+
+  kernels::LayoutParams p{};
+  p.topk_idx = idx_is_64 ? static_cast<const void*>(idx64.get()) : idx32.get();
+  p.idx_is_64 = idx_is_64 ? 1 : 0;
+  p.num_tokens = tokens;
+  p.num_topk = topk;
+  p.num_experts = experts;
+  p.num_ranks = num_ranks;
+  p.rank = 0;
+  p.token_mask = mask.get();
+  p.token_slot = slot.get();
+  p.is_token_in_rank = reinterpret_cast<bool*>(in_rank.get());
+  p.rank_counts = rank_counts.get();
+  p.expert_counts = expert_counts.get();
+  p.topk_copy = copy.get();
+  p.tile_counts = tiles.get();
+  // The caller's layout: the reference's, so no check of it can fault (a fault would need peers).
+  std::vector<uint8_t> given_in_rank(ref.is_token_in_rank.begin(), ref.is_token_in_rank.end());
+  DeviceArray<uint8_t> layout_in_rank(std::max<size_t>(given_in_rank.size(), 1));
+  DeviceArray<int32_t> layout_ranks(ref.tokens_per_rank), layout_experts(ref.tokens_per_expert);
+  if (source != LayoutSource::kTopk) {
+    layout_in_rank.upload(given_in_rank);
+    p.in_rank = reinterpret_cast<const bool*>(layout_in_rank.get());
+    p.rank_counts_in = layout_ranks.get();
+    p.expert_counts_in = layout_experts.get();
+  }
+  if (source == LayoutSource::kMask) p.topk_idx = nullptr;
+  kernels::launchLayout(p, nullptr);
+  EPCOMM_TEST_CUDA(cudaDeviceSynchronize());
+
+  EXPECT_EQ(rank_counts.download(r), ref.tokens_per_rank);
+  EXPECT_EQ(expert_counts.download(experts), ref.tokens_per_expert);
+  const std::vector<int32_t> slots = slot.download(n * r);
+  const std::vector<uint8_t> in_ranks = in_rank.download(n * r);
+  const std::vector<uint32_t> masks = mask.download(n * words);
+  const std::vector<int32_t> copies = copy.download(n * topk);
+  int max_dests = 0;
+  for (size_t t = 0; t < n; ++t) {
+    int dests = 0;
+    for (size_t d = 0; d < r; ++d) {
+      const size_t i = t * r + d;
+      ASSERT_EQ(slots[i], ref.token_slot[i]) << "token " << t << " rank " << d;
+      ASSERT_EQ(in_ranks[i], ref.is_token_in_rank[i]) << "token " << t << " rank " << d;
+      const bool bit = (masks[t * words + d / 32] >> (d % 32)) & 1u;
+      ASSERT_EQ(bit, ref.is_token_in_rank[i] != 0) << "mask of token " << t << " rank " << d;
+      dests += bit;
+    }
+    for (int d = num_ranks; d < words * 32; ++d)
+      ASSERT_EQ((masks[t * words + d / 32] >> (d % 32)) & 1u, 0u) << "token " << t << " bit " << d;
+    for (int k = 0; k < topk && source != LayoutSource::kMask; ++k)
+      ASSERT_EQ(copies[t * topk + k], in.topk_idx[t * topk + k]) << "token " << t << " k " << k;
+    max_dests = std::max(max_dests, dests);
+  }
+  if (num_ranks > 8) {
+    EXPECT_GT(max_dests, 8) << "tokens should reach more ranks than 8";
+  }
+}
+
+TEST(GpuSingle, LayoutPastEightRanksMatchesReference) {
+  EPCOMM_REQUIRE_GPU();
+  CallbackBootstrap bs = soloBootstrap();
+  selectDevice(bs);
+  checkLayoutAt(8, 256, 8, 700, true);      // one word, one scan (the old limit)
+  checkLayoutAt(16, 1024, 16, 1300, true);  // one word, two scans, three tiles
+  checkLayoutAt(40, 960, 16, 1300, false);  // two words, five scans
+  checkLayoutAt(72, 1008, 16, 1300, true);  // three words, nine scans
+  checkLayoutAt(72, 576, 16, 513, false);   // a tile of one token after a full one
+  // The layout-from-mask path (DispatchArgs::layout): masks from is_token_in_rank's bytes.
+  checkLayoutAt(8, 256, 8, 700, true, LayoutSource::kMask);
+  checkLayoutAt(40, 960, 16, 1300, false, LayoutSource::kMask);
+  checkLayoutAt(72, 1008, 16, 1300, true, LayoutSource::kMask);
+  checkLayoutAt(72, 576, 16, 513, false, LayoutSource::kBoth);
 }
 
 }  // namespace

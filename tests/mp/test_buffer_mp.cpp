@@ -29,12 +29,14 @@ constexpr size_t kWordsPerSlice = 64 * 1024;  // 256 KiB from every rank to ever
 BufferConfig smallConfig(MemMode mode) {
   BufferConfig config;
   config.hidden = 512;
-  config.num_experts = 8;
+  config.num_experts = 16;  // divides every registered rank count (1..16)
   config.max_topk = 2;
   config.max_tokens_per_rank = 16;
   config.mem_mode = mode;
   config.timeout_s = 20;
-  config.scratch_bytes = kWordsPerSlice * 4 * kMaxRanks;
+  // One slice per rank of the job (not kMaxRanks: 72 slices would be 72 MiB per rank).
+  config.scratch_bytes =
+      kWordsPerSlice * sizeof(uint32_t) * static_cast<size_t>(mpiBootstrap()->size());
   return config;
 }
 

@@ -52,7 +52,9 @@ ProblemSpec specOf(const EmCase& c, int num_ranks, uint64_t seed) {
   spec.num_experts = c.experts;
   spec.num_topk = c.topk;
   spec.tokens_per_rank.assign(num_ranks, c.tokens);
-  for (int r = 0; r < num_ranks; ++r) spec.tokens_per_rank[r] = c.tokens - (c.tokens / 16) * r;
+  // Uneven counts, never below 0 (past 16 ranks the pattern repeats).
+  for (int r = 0; r < num_ranks; ++r)
+    spec.tokens_per_rank[r] = c.tokens - (c.tokens / 16) * (r % 16);
   if (c.zero_rank >= 0 && c.zero_rank < num_ranks) spec.tokens_per_rank[c.zero_rank] = 0;
   spec.routing = c.routing;
   spec.hot_rank = num_ranks - 1;

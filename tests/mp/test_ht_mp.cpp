@@ -70,8 +70,9 @@ ProblemSpec specOf(const HtCase& c, int num_ranks, uint64_t seed) {
   spec.num_experts = c.experts;
   spec.num_topk = c.topk;
   spec.tokens_per_rank.assign(num_ranks, c.tokens);
+  // Uneven counts, never below 0 (past 16 ranks the pattern repeats).
   for (int r = 0; r < num_ranks && !c.equal_tokens; ++r)
-    spec.tokens_per_rank[r] = c.tokens - (c.tokens / 16) * r;
+    spec.tokens_per_rank[r] = c.tokens - (c.tokens / 16) * (r % 16);
   if (c.zero_rank >= 0 && c.zero_rank < num_ranks) spec.tokens_per_rank[c.zero_rank] = 0;
   spec.routing = c.routing;
   spec.hot_rank = num_ranks - 1;
@@ -547,6 +548,31 @@ TEST(HtDispatchCombine, MaxExperts) {
   c.experts = kMaxExperts;
   c.hidden = 1024;
   runCase(c);
+}
+
+// Issue 11 item 7: 896 and 1024 experts with top-16, so that a token reaches many ranks (up to 16
+// at 16 ranks, past the 8-rank limit the kernels once had): BF16 and FP8, uniform and skewed.
+// 960 experts also divide 24, 40 and 48 ranks (EPCOMM_MANY_RANK_TESTS runs this at 40 ranks).
+TEST(HtDispatchCombine, Top16Of896And1024Experts) {
+  for (int experts : {896, 960, 1024}) {
+    if (experts % mpiBootstrap()->size() != 0) continue;  // a skip would hide the other counts
+    for (DType dtype : {DType::kBF16, DType::kFP8E4M3}) {
+      HtCase c;
+      c.experts = experts;
+      c.topk = 16;
+      c.max_topk = 16;
+      c.hidden = 1024;
+      c.tokens = 128;
+      c.max_tokens = 128;
+      c.dtype = dtype;
+      c.alignment = experts == 896 ? 1 : 8;
+      c.routing = dtype == DType::kBF16 ? Routing::kUniform : Routing::kSkewed;
+      c.seed = experts + (dtype == DType::kBF16 ? 0 : 1);
+      SCOPED_TRACE(std::to_string(experts) + " experts" +
+                   (dtype == DType::kBF16 ? " bf16" : " fp8"));
+      runCase(c);
+    }
+  }
 }
 
 // Issue 9 item 1: an expert id repeated within a token's top-k counts once (ops.hpp, "Routing

@@ -12,6 +12,7 @@
 #include <optional>
 #include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "epcomm/buffer.hpp"
@@ -120,7 +121,11 @@ TEST_F(ConfigTest, LimitsThemselvesAreAccepted) {
     c.device = 0;
     c.timeout_s = 24.0 * 3600.0;
   });
-  EXPECT_NO_THROW(resolveConfig(config, kMaxRanks));
+  // kMaxExperts (1024) is not a multiple of kMaxRanks (72): each limit at a rank count it divides.
+  EXPECT_NO_THROW(resolveConfig(config, 16));
+  BufferConfig rack = config;
+  rack.num_experts = kMaxExperts / kMaxRanks * kMaxRanks;  // 1008: 14 experts per rank
+  EXPECT_NO_THROW(resolveConfig(rack, kMaxRanks));
   EXPECT_NO_THROW(resolveConfig(with([](BufferConfig& c) {
                                   c.hidden = kHiddenAlignment;
                                   c.num_experts = 1;
@@ -129,6 +134,40 @@ TEST_F(ConfigTest, LimitsThemselvesAreAccepted) {
                                   c.ll_max_tokens_per_rank = 1;
                                 }),
                                 1));
+}
+
+// Issue 11 item 7: 1024 experts, 72 ranks in one NVLink domain, top-16.
+TEST_F(ConfigTest, RackScaleLimits) {
+  EXPECT_EQ(kMaxExperts, 1024);
+  EXPECT_EQ(kMaxRanks, 72);
+  EXPECT_EQ(kMaxTopk, 16);
+  for (const auto& [experts, ranks] : std::vector<std::pair<int, int>>{
+           {1024, 1}, {1024, 16}, {1024, 64}, {896, 16}, {896, 64}, {576, 72}, {1008, 72}}) {
+    const BufferConfig config = with([experts = experts](BufferConfig& c) {
+      c.num_experts = experts;
+      c.max_topk = 16;
+    });
+    EXPECT_NO_THROW(resolveConfig(config, ranks)) << experts << " experts, " << ranks << " ranks";
+  }
+  const BufferConfig too_many_experts = with([](BufferConfig& c) { c.num_experts = 1025; });
+  try {
+    resolveConfig(too_many_experts, 1);
+    ADD_FAILURE() << "1025 experts accepted";
+  } catch (const InvalidArgument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("BufferConfig::num_experts"), std::string::npos) << what;
+    EXPECT_NE(what.find("1025"), std::string::npos) << what;
+    EXPECT_NE(what.find("1024"), std::string::npos) << what;
+  }
+  try {
+    resolveConfig(with([](BufferConfig& c) { c.num_experts = 73; }), 73);
+    ADD_FAILURE() << "73 ranks accepted";
+  } catch (const InvalidArgument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("number of ranks"), std::string::npos) << what;
+    EXPECT_NE(what.find("73"), std::string::npos) << what;
+    EXPECT_NE(what.find("72"), std::string::npos) << what;
+  }
 }
 
 // ----- bad input, table-driven: one row per rejected config --------------------------------------
@@ -576,6 +615,28 @@ TEST_F(ConfigTest, BytesForBreakdownSumsAndScales) {
   EXPECT_EQ(l.ht, 0u);
   EXPECT_EQ(l.ll, EpBuffer::bytesFor(both, 4).ll);
   EXPECT_LT(l.total, EpBuffer::bytesFor(both, 4).total);
+}
+
+// The LL routing kept for combine: slot of every staged row, the top-k copy and the token masks,
+// which take one 32-bit word per 32 ranks per token (a single word would drop ranks 32..71).
+TEST_F(ConfigTest, BytesForLlBookkeepingHoldsEveryRankMaskWord) {
+  for (int ranks : {1, 8, 32, 33, 64, 65, 72}) {
+    const BufferConfig config = with([ranks](BufferConfig& c) {
+      c.hidden = 1024;
+      c.num_experts = ranks * 8;
+      c.max_topk = 8;
+      c.max_tokens_per_rank = 0;
+      c.ll_max_tokens_per_rank = 1024;
+    });
+    const size_t words = (size_t(ranks) + 31) / 32;
+    const BufferSizes s = EpBuffer::bytesFor(config, ranks);
+    expectBreakdownSums(s, str(ranks) + " ranks");
+    EXPECT_EQ(s.ll_bookkeeping, alignTo(size_t(ranks) * 1024 * 8 * 4, 4096) +  // slot_of_row
+                                    alignTo(1024 * 8 * 4, 4096) +              // topk_copy
+                                    alignTo(1024 * 4 * words, 4096) +          // token masks
+                                    alignTo(4, 4096))                          // num_tokens
+        << ranks << " ranks";
+  }
 }
 
 TEST_F(ConfigTest, BytesForRejectsWhatTheConstructorRejects) {

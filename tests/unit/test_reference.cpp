@@ -1248,6 +1248,83 @@ TEST(ReferenceModel, GeneratedDispatchRowsMatchTheirTags) {
   EXPECT_EQ(ll_rows, valid_pairs);
 }
 
+// Issue 11 item 7: the reference at 16 and 72 ranks with up to 1024 experts and top-16, where a
+// token reaches many ranks (the layout the GPU tests compare against at 16 ranks).
+void checkManyRanks(int num_ranks, int experts, int topk, uint64_t seed) {
+  SCOPED_TRACE(std::to_string(num_ranks) + " ranks, " + std::to_string(experts) + " experts");
+  const int hidden = 128;
+  ProblemSpec spec;
+  spec.num_ranks = num_ranks;
+  spec.hidden = hidden;
+  spec.num_experts = experts;
+  spec.num_topk = topk;
+  spec.tokens_per_rank.assign(num_ranks, 0);
+  for (int r = 0; r < num_ranks; ++r) spec.tokens_per_rank[r] = r == 1 ? 0 : 3 + (r * 7) % 11;
+  spec.routing = Routing::kUniform;
+  spec.seed = seed;
+  const auto all = generateProblem(spec);
+  const int local = experts / num_ranks;
+  int valid_pairs = 0, sent = 0, max_dests = 0;
+  for (const auto& in : all) {
+    for (int64_t e : in.topk_idx) valid_pairs += e >= 0;
+    const LayoutRef layout =
+        referenceLayout(in.topk_idx.data(), in.num_tokens, topk, experts, num_ranks);
+    for (int n : layout.tokens_per_rank) sent += n;
+    for (int t = 0; t < in.num_tokens; ++t) {
+      std::set<int64_t> ranks;
+      for (int k = 0; k < topk; ++k) ranks.insert(in.topk_idx[t * topk + k] / local);
+      int dests = 0;
+      for (int d = 0; d < num_ranks; ++d) {
+        const bool in_rank = layout.is_token_in_rank[size_t(t) * num_ranks + d];
+        ASSERT_EQ(in_rank, ranks.count(d) == 1) << "token " << t << " rank " << d;
+        dests += in_rank;
+      }
+      max_dests = std::max(max_dests, dests);
+    }
+  }
+  EXPECT_GT(max_dests, 8) << "the routing should reach more ranks than the old 8-rank limit";
+  int recv = 0, counted_pairs = 0;
+  std::vector<std::vector<uint16_t>> y(num_ranks);
+  for (int d = 0; d < num_ranks; ++d) {
+    const HtDispatchRef ref = referenceHtDispatch(all, d, hidden, experts, topk, 1);
+    recv += ref.num_recv;
+    for (int n : ref.tokens_per_local_expert) counted_pairs += n;
+    for (int i = 0; i < ref.num_recv; ++i) {
+      int rank = -1, token = -1;
+      ASSERT_TRUE(decodeRowOrigin(ref.recv_x_bf16.data() + i * hidden, &rank, &token));
+      ASSERT_EQ(rank, ref.src_rank[i]);
+      ASSERT_EQ(token, ref.src_token[i]);
+      ASSERT_GE(i, ref.rank_prefix[rank]);
+      ASSERT_LT(i, ref.rank_prefix[rank + 1]);
+    }
+    y[d] = ref.recv_x_bf16;
+  }
+  EXPECT_EQ(recv, sent);
+  EXPECT_EQ(counted_pairs, valid_pairs);
+  // Unweighted combine of the identity: every destination's copy comes back once.
+  for (int s = 0; s < num_ranks; ++s) {
+    const std::vector<float> out =
+        referenceHtCombine(all, s, y, hidden, experts, topk, false, nullptr);
+    for (int t = 0; t < all[s].num_tokens; ++t) {
+      std::set<int64_t> ranks;
+      for (int k = 0; k < topk; ++k) ranks.insert(all[s].topk_idx[t * topk + k] / local);
+      ASSERT_EQ(out[size_t(t) * hidden + 3], static_cast<float>(ranks.size()) *
+                                                 bf16ToFloat(all[s].x_bf16[size_t(t) * hidden + 3]))
+          << "rank " << s << " token " << t;
+    }
+  }
+}
+
+TEST(ReferenceModel, SixteenRanks1024ExpertsTop16) {
+  checkManyRanks(16, 1024, 16, 901);
+}
+TEST(ReferenceModel, SixteenRanks896ExpertsTop16) {
+  checkManyRanks(16, 896, 16, 902);
+}
+TEST(ReferenceModel, SeventyTwoRanks1008ExpertsTop16) {
+  checkManyRanks(72, 1008, 16, 903);
+}
+
 TEST(ReferenceModel, IdentityCombineMultipliesByDestinationCount) {
   ProblemSpec spec;
   spec.num_ranks = 4;
