@@ -38,6 +38,9 @@ fi
 export NCCL_NVLS_ENABLE=0
 # Short device deadlines: a protocol bug fails in seconds, not in 30 s per wait.
 export EPCOMM_TIMEOUT_S=${EPCOMM_TIMEOUT_S:-8}
+# The first op of each family waits up to 600 s by default (ranks may start minutes apart);
+# here they start together, so a hang in a first op shows in a minute instead of ten.
+export EPCOMM_FIRST_OP_TIMEOUT_S=${EPCOMM_FIRST_OP_TIMEOUT_S:-60}
 export BUILD_DIR=${BUILD_DIR:-build}
 export CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90}
 if [ "$(id -u)" = 0 ]; then

@@ -5,6 +5,7 @@
 // reference cast), and combine within float tolerance. Outputs are poisoned before every run.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -658,7 +659,15 @@ TEST(LlDispatchCombine, CumulativeRecvCounts) {
 // Issue 11 item 6: any SM budget covers the work (the kernels loop), including budgets below
 // the rank count and the default (kAuto = kDefaultLlSms).
 TEST(LlDispatchCombine, SmallSmBudgets) {
-  for (int sms : {1, 3, 16, kAuto}) {
+  EPCOMM_REQUIRE_GPU();
+  // An explicit budget is taken as given, so it must let every rank on a GPU be resident at
+  // once (ranks share GPUs under MPS here): at most SMs / ranks-per-GPU.
+  int devices = 1, device_sms = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&devices), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  const int ranks_per_gpu = (worldSize() + devices - 1) / devices;
+  const int fitting = std::max(1, device_sms / ranks_per_gpu);
+  for (int sms : {1, 3, std::min(16, fitting), kAuto}) {
     LlCase c;
     c.hidden = 2048;
     c.num_sms = sms;
