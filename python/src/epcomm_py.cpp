@@ -1476,7 +1476,7 @@ NB_MODULE(_epcomm, m) {
             buf.lowLatencyCombine(args, s, phase);
             return out;
           },
-          "x"_a, "out"_a = nb::none(), nb::kw_only(), "num_sms"_a = nb::none(),
+          "x"_a.none(), "out"_a = nb::none(), nb::kw_only(), "num_sms"_a = nb::none(),
           "stream"_a = nb::none(), "phase"_a = "both", "topk_weights"_a = nb::none())
       .def(
           "barrier",
