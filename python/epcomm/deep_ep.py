@@ -704,7 +704,10 @@ class Buffer:
                 if self._ll_pending is not hook:
                     return  # already called
                 self._ll_pending = None
-                buf.low_latency_dispatch(None, None, stream=stream, phase="recv")
+                # The receiving half adds to the cumulative counts (C++ LlDispatchArgs).
+                buf.low_latency_dispatch(
+                    None, None, use_fp8=use_fp8, stream=stream, phase="recv",
+                    cumulative_recv_counts=cumulative_local_expert_recv_stats)
                 finish()
 
             self._ll_pending = hook

@@ -1389,12 +1389,12 @@ NB_MODULE(_epcomm, m) {
                   checkDim(w, "topk_weights", 0, args.num_tokens, "one row per token of x");
                   checkDim(w, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
                 }
-                if (cumulative_recv_counts) {
-                  args.cumulative_recv_counts = static_cast<int32_t*>(const_cast<void*>(devicePtr(
-                      *cumulative_recv_counts, "cumulative_recv_counts", device, 1, {dt::kI32})));
-                  checkDim(*cumulative_recv_counts, "cumulative_recv_counts", 0,
-                           buf.numLocalExperts(), "num_local_experts");
-                }
+              }
+              if (cumulative_recv_counts) {  // read by the receiving half (kRecv or both)
+                args.cumulative_recv_counts = static_cast<int32_t*>(const_cast<void*>(devicePtr(
+                    *cumulative_recv_counts, "cumulative_recv_counts", device, 1, {dt::kI32})));
+                checkDim(*cumulative_recv_counts, "cumulative_recv_counts", 0,
+                         buf.numLocalExperts(), "num_local_experts");
               }
             } catch (const epcomm::InvalidArgument& e) {
               epcomm::LlDispatchArgs bad;

@@ -187,7 +187,7 @@ class FakeBuffer:
                 "LL dispatch and combine must alternate"
             assert x.shape[0] <= cap and x.shape[1] == self.hidden
             self._ll = dict(stage="sent", x=x.clone(), idx=_dedup(topk_idx.long()),
-                            use_fp8=use_fp8, stats=cumulative_recv_counts)
+                            use_fp8=use_fp8)
             self._out = _Obj(
                 recv_x=torch.zeros((L, rows, self.hidden),
                                    dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16),
@@ -218,8 +218,9 @@ class FakeBuffer:
                             o.recv_src_info[e, n] = s * cap + t
                             n += 1
                 o.num_recv_tokens_per_expert[e] = n
-            if st["stats"] is not None:
-                st["stats"] += o.num_recv_tokens_per_expert
+            # As in C++: the counts of the call that runs the receiving half.
+            if cumulative_recv_counts is not None:
+                cumulative_recv_counts += o.num_recv_tokens_per_expert
             st["stage"] = "dispatched"
             st["num_tokens"] = st["x"].shape[0]
         return self._out
