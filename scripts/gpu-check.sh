@@ -14,6 +14,7 @@
 #   GPU_CHECK_TEST_SECONDS      wall-clock budget of the ctest phase (default 520)
 #   GPU_CHECK_BENCH=0           skip the benchmark (and do not build ep_bench)
 #   GPU_CHECK_README=1          run the README's two commands exactly as written instead
+#   GPU_CHECK_PYTHON=1          also run the Python tests (scripts/test.sh -> test-python.sh)
 #   GPU_CHECK_MPS=0|1           run the tests under the CUDA MPS daemon (default 1 when fewer
 #                               than 8 GPUs are visible: the tests put up to 8 ranks on them)
 #   GPU_CHECK_SANITIZE=0        skip the compute-sanitizer phase
@@ -42,6 +43,11 @@ export EPCOMM_TIMEOUT_S=${EPCOMM_TIMEOUT_S:-8}
 # here they start together, so a hang in a first op shows in a minute instead of ten.
 export EPCOMM_FIRST_OP_TIMEOUT_S=${EPCOMM_FIRST_OP_TIMEOUT_S:-60}
 export BUILD_DIR=${BUILD_DIR:-build}
+# scripts/test.sh runs the Python tests after CTest; here only when GPU_CHECK_PYTHON=1, because a
+# GPU machine is often offline: then also set PYTHON (an interpreter that has torch),
+# PY_SYSTEM_SITE=1 PY_NO_BUILD_ISOLATION=1 PIP_NO_INDEX=1 PIP_FIND_LINKS=<wheelhouse with
+# scikit-build-core, nanobind, pytest> (docs/python.md).
+export EPCOMM_TEST_PYTHON=${GPU_CHECK_PYTHON:-0}
 export CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90}
 if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
