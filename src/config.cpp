@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <iterator>
+#include <optional>
 #include <string>
 
 #include "check.hpp"
+#include "core/topology.hpp"
 
 namespace epcomm {
 
@@ -153,5 +155,23 @@ ResolvedConfig resolveConfig(const BufferConfig& in, int num_ranks) {
   out.first_op_timeout_ns = toNanoseconds(c.first_op_timeout_s);
   return out;
 }
+
+namespace core {
+
+// Declared in core/topology.hpp; here because this file is the one place the environment is read.
+std::optional<std::string> hostIdOverride() {
+  const char* env = envOrNull("EPCOMM_HOSTID");
+  if (env == nullptr) return std::nullopt;
+  const std::string value = env;
+  EPCOMM_ARG_CHECK(value.size() <= kMaxNodeKeyBytes, "EPCOMM_HOSTID", "'" << value << "'",
+                   "at most " << kMaxNodeKeyBytes << " bytes");
+  for (char ch : value) {
+    EPCOMM_ARG_CHECK(!std::iscntrl(static_cast<unsigned char>(ch)), "EPCOMM_HOSTID",
+                     "'" << value << "'", "printable text (no control characters)");
+  }
+  return value;
+}
+
+}  // namespace core
 
 }  // namespace epcomm

@@ -13,21 +13,16 @@
 #include <string>
 #include <utility>
 
+#include "bootstrap/host_identity.hpp"
 #include "check.hpp"
 
-namespace epcomm {
-
-namespace {
-
-// Fixed wire size of one host identity, so the all-gather needs no length exchange first.
-constexpr size_t kHostIdBytes = 128;
-using HostId = std::array<char, kHostIdBytes>;
+namespace epcomm::detail {
 
 // hostname + boot id. The hostname alone is not enough: containers on different machines can
 // share a hostname, and the boot id (new on every boot, per kernel) tells them apart. Two
 // containers on one machine with different hostnames count as different hosts, which is the
 // conservative answer: fd passing over abstract sockets may not cross their network namespaces.
-HostId hostIdentity() {
+std::string hostIdentityText() {
   std::string id;
   char name[256] = {};
   if (gethostname(name, sizeof(name) - 1) == 0) id = name;
@@ -40,6 +35,21 @@ HostId hostIdentity() {
     }
     std::fclose(file);
   }
+  return id;
+}
+
+}  // namespace epcomm::detail
+
+namespace epcomm {
+
+namespace {
+
+// Fixed wire size of one host identity, so the all-gather needs no length exchange first.
+constexpr size_t kHostIdBytes = 128;
+using HostId = std::array<char, kHostIdBytes>;
+
+HostId hostIdentity() {
+  const std::string id = detail::hostIdentityText();
   HostId record{};  // zero padded: equal identities compare equal byte for byte
   std::memcpy(record.data(), id.data(), std::min(id.size(), kHostIdBytes - 1));
   return record;
