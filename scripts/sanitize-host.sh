@@ -3,9 +3,9 @@
 #
 # Host-code sanitizer run: builds the host-only tests with AddressSanitizer and
 # UndefinedBehaviorSanitizer in a separate build directory and runs them through CTest
-# (unit_tests, and mp_bootstrap under mpirun at 1, 2 and 4 ranks). Any ASan or UBSan report
-# fails the run: UBSan is built with -fno-sanitize-recover=all and both runtimes halt on the
-# first error. Needs no GPU (device code is compiled but never launched here).
+# (unit_tests, mp_bootstrap under mpirun at 1, 2 and 4 ranks, mp_topology with its simulated
+# nodes). Any ASan or UBSan report fails the run: UBSan is built with -fno-sanitize-recover=all
+# and both runtimes halt on the first error. Needs no GPU (device code is compiled but never launched here).
 #
 #   scripts/sanitize-host.sh [extra ctest arguments]
 #
@@ -97,7 +97,7 @@ cd "$build_dir"
 log=sanitize-ctest.log
 set +e
 ctest --output-on-failure --timeout 300 \
-  -R "${SANITIZE_TESTS:-^(unit_tests|mp_bootstrap_np[124])\$}" "$@" 2>&1 | tee "$log"
+  -R "${SANITIZE_TESTS:-^(unit_tests|mp_bootstrap_np[124]|mp_topology_.*)\$}" "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # A report inside a test that otherwise passed must still fail the run.

@@ -137,6 +137,14 @@ const char* buildVersion() {
   return EPCOMM_NCCL_BUILD_VERSION;
 }
 
+core::RailId newRailUniqueId() {
+  ncclUniqueId unique;
+  EPCOMM_NCCL_CHECK(ncclGetUniqueId(&unique), nullptr);
+  core::RailId out{};
+  std::memcpy(out.bytes, &unique, sizeof(unique));
+  return out;
+}
+
 RailComm createRailComm(Bootstrap& bootstrap, const core::Topology& topology, double timeout_s) {
   EPCOMM_CHECK(topology.size == bootstrap.size() && topology.rank == bootstrap.rank(),
                "topology of rank " << topology.rank << " of " << topology.size
@@ -161,13 +169,7 @@ RailComm createRailComm(Bootstrap& bootstrap, const core::Topology& topology, do
   }
 
   // 2. One unique id per rail, made by the rail's rank on node 0.
-  const core::RailId id = core::exchangeRailId(bootstrap, topology, [] {
-    ncclUniqueId unique;
-    EPCOMM_NCCL_CHECK(ncclGetUniqueId(&unique), nullptr);
-    core::RailId out{};
-    std::memcpy(out.bytes, &unique, sizeof(unique));
-    return out;
-  });
+  const core::RailId id = core::exchangeRailId(bootstrap, topology, newRailUniqueId);
 
   // 3. Non-blocking creation with a deadline, voted: a rank whose rail failed makes every rank
   //    fail (its rail peers could otherwise wait for it until their own deadline, and the other

@@ -73,6 +73,10 @@ struct RailComm {
 // failing rank with its own error, the others with kRemote naming it.
 RailComm createRailComm(Bootstrap& bootstrap, const core::Topology& topology, double timeout_s);
 
+// A fresh ncclUniqueId as a rail id (ncclGetUniqueId: opens NCCL's bootstrap listening socket;
+// needs no GPU). createRailComm calls it on each rail's root.
+core::RailId newRailUniqueId();
+
 // The NCCL version of the loaded library, as "2.28.9" (ncclGetVersion), and the one compiled.
 std::string runtimeVersion();
 const char* buildVersion();

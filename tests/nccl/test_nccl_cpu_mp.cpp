@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: Apache-2.0
+// epcomm_nccl without a GPU (registered only when epcomm_nccl is built): the loaded NCCL's
+// version, and real ncclUniqueIds travelling through the epcomm Bootstrap, one per rail. CTest
+// runs it plainly and with EPCOMM_HOSTID per rank (2x1, 2x2, 4x1), like mp_topology.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/mp_fixture.hpp"
+#include "core/topology.hpp"
+#include "nccl/rail_comms.hpp"
+
+namespace epcomm {
+namespace {
+
+class NcclCpu : public test::MultiRankTest {};
+
+TEST_F(NcclCpu, RuntimeVersionIsSupported) {
+  const std::string version = nccl::runtimeVersion();
+  int major = 0, minor = 0;
+  ASSERT_EQ(std::sscanf(version.c_str(), "%d.%d", &major, &minor), 2) << version;
+  EXPECT_TRUE(major > 2 || (major == 2 && minor >= 28))
+      << "NCCL " << version << " loaded; epcomm_nccl needs 2.28 or newer";
+  if (rank() == 0) {
+    std::printf("[nccl] built against %s, running %s\n", nccl::buildVersion(), version.c_str());
+  }
+}
+
+// Every rank of a rail holds its root's id; the rails' ids differ.
+TEST_F(NcclCpu, OneUniqueIdPerRail) {
+  const core::Topology t = core::discoverTopology(bootstrap(), core::localNodeKey());
+  const core::RailId mine = core::exchangeRailId(bootstrap(), t, nccl::newRailUniqueId);
+  std::vector<core::RailId> all(static_cast<size_t>(size()));
+  bootstrap().allGather(&mine, all.data(), sizeof(mine));
+  for (int a = 0; a < size(); ++a) {
+    for (int b = a + 1; b < size(); ++b) {
+      const bool same_rail = t.local_of[a] == t.local_of[b];
+      const bool same_id = std::memcmp(&all[a], &all[b], sizeof(core::RailId)) == 0;
+      EXPECT_EQ(same_id, same_rail) << "ranks " << a << " and " << b << " (rails " << t.local_of[a]
+                                    << " and " << t.local_of[b] << ")";
+    }
+  }
+}
+
+}  // namespace
+}  // namespace epcomm
