@@ -142,14 +142,17 @@ if ls "$libdir"/libepcomm.so* > /dev/null 2>&1; then
       *) echo "check-install: lib$lib.so has no versioned SONAME" >&2; exit 1 ;;
     esac
     # Defined dynamic symbols, demangled. Everything of epcomm must be public API: no internal
-    # namespaces, no anonymous namespaces, and of epcomm::detail only the helpers that
-    # libepcomm_mpi needs (src/check.hpp, src/log_internal.hpp).
+    # namespaces, no anonymous namespaces, of epcomm::detail only the helpers that
+    # libepcomm_mpi needs (src/check.hpp, src/log_internal.hpp), and of epcomm::core only the
+    # cross-node topology that libepcomm_nccl needs (src/core/topology.hpp).
     nm -D --defined-only -C "$so" | awk '{ $1 = ""; $2 = ""; sub(/^  /, ""); print }' > "$work/$lib.syms"
     bad=$(grep -E 'epcomm::' "$work/$lib.syms" |
           grep -E 'epcomm::(memory|kernels|bench|test)::|anonymous namespace|::Impl::|DriverApi|SymmetricMemory|computeBufferLayout|launch[A-Z]' |
           grep -vE '^(typeinfo|vtable|VTT)' || true)
     detail=$(grep -E '(^|[ :])epcomm::detail::' "$work/$lib.syms" |
              grep -vE 'epcomm::detail::(setProcessRank|processRank|formatMessage|throwCuda|throwDriver|throwSystem|throwError|logWarning|logEnabled|logMessage)\(' || true)
+    detail+=$(grep -E '(^|[ :])epcomm::core::' "$work/$lib.syms" |
+              grep -vE 'epcomm::core::(Topology::|nodeKeySourceName|hostIdOverride|fabricDomainKeyText|localNodeKey|buildTopology|discoverTopology|pickRailId)' || true)
     if [ -n "$bad$detail" ]; then
       echo "check-install: lib$lib.so exports internal symbols:" >&2
       printf '%s\n%s\n' "$bad" "$detail" | sed '/^$/d' | head -20 >&2
