@@ -117,8 +117,7 @@ void waitReady(NcclComm& comm, double timeout_s, int peer, const std::string& wh
       os << what << " did not complete within " << timeout_s << " s";
       if (peer >= 0) os << "; waiting for rank " << peer;
       os << ". The communicator was aborted (ncclCommAbort). Is every rank running, and can the "
-            "nodes reach each other (NCCL_SOCKET_IFNAME, NCCL_DEBUG=INFO)? Raise the deadline "
-            "with EPCOMM_FIRST_OP_TIMEOUT_S";
+            "nodes reach each other (NCCL_SOCKET_IFNAME, NCCL_DEBUG=INFO)?";
       throw TimeoutError(peer, detail::formatMessage(os.str(), __FILE__, __LINE__));
     }
     std::this_thread::sleep_for(pause);
