@@ -52,7 +52,7 @@ cmake -S "$repo_dir" -B "$build_dir" \
   -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
   "${launcher[@]}"
 jobs=${SANITIZE_JOBS:-$(nproc)}
-cmake --build "$build_dir" --target unit_tests mp_bootstrap -j "$jobs"
+cmake --build "$build_dir" --target unit_tests mp_bootstrap mp_topology -j "$jobs"
 
 # Allocations made inside Open MPI and its plugins (never freed before exit by design) are not
 # ours; nor are the staging buffers and communicator slot that MpiBootstrap deliberately leaks
