@@ -240,9 +240,16 @@ class SocketPhase {
       }
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return;  // poll POLLOUT, then go on
-      detail::throwSystem(errno,
-                          ("sendmsg(SCM_RIGHTS) to rank " + std::to_string(out->peer)).c_str(),
-                          __FILE__, __LINE__);
+      const bool peer_gone = errno == EPIPE || errno == ECONNRESET;
+      detail::throwSystem(
+          errno,
+          ("sendmsg(SCM_RIGHTS) to rank " + std::to_string(out->peer) +
+           (peer_gone ? " (rank " + std::to_string(out->peer) +
+                            " closed its socket before taking the fd: it failed or left the "
+                            "exchange; its own error says why)"
+                      : std::string()))
+              .c_str(),
+          __FILE__, __LINE__);
     }
     // Queued data (and the fd) stay readable by the peer after we close our end.
     out->socket.reset();
