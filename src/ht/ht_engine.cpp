@@ -305,33 +305,55 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   kernels::launchHtDispatch(p, sms, stream);
   h.dispatched = true;
 
+  copyReceivedRows(b, regions_, args, p.x_row_bytes, fp8 ? num_scales : 0, h.num_recv,
+                   args.num_worst_tokens, sms, stream);
+  b.trackWork(stream);
+  DispatchResult result = receivedViews(b, regions_, h, fp8, has_topk);
+  if (args.exact_count) {
+    // Returns as soon as the count matrix is known; the rows may still be moving.
+    result.num_recv_tokens_host = waitHostCount(b, stream, "exact_count dispatch");
+    // Written by the device before the count word (kernels/intranode.cu); waitHostCount's
+    // acquire fence orders this read after it.
+    result.num_recv_tokens_per_expert_host = h.host_expert_counts.host<int32_t>();
+  }
+  return result;
+}
+
+// --- shared by both dispatch layouts
+// --------------------------------------------------------------
+
+void copyReceivedRows(const BufferCore& b, const kernels::HtRegions& ht, const DispatchArgs& args,
+                      int64_t x_row_bytes, int num_scales, const int32_t* num_recv, int fixed_rows,
+                      int sms, cudaStream_t stream) {
   uint8_t* base = b.localBase();
-  const kernels::HtRegions& ht = regions_;
   if (args.recv_x_out != nullptr) {
     kernels::CopyRowsParams copy{static_cast<uint8_t*>(args.recv_x_out),
                                  base + ht.recv_x,
-                                 p.x_row_bytes,
-                                 p.x_row_bytes,
-                                 p.x_row_bytes,
-                                 h.num_recv,
+                                 x_row_bytes,
+                                 x_row_bytes,
+                                 x_row_bytes,
+                                 num_recv,
                                  ht.capacity,
-                                 args.num_worst_tokens};
+                                 fixed_rows};
     kernels::launchCopyRows(copy, sms, stream);
   }
-  if (fp8 && args.recv_scales_out != nullptr) {
+  if (num_scales > 0 && args.recv_scales_out != nullptr) {
     const int64_t scale_row = int64_t{num_scales} * 4;
     kernels::CopyRowsParams copy{reinterpret_cast<uint8_t*>(args.recv_scales_out),
                                  base + ht.recv_scales,
                                  scale_row,
                                  scale_row,
                                  scale_row,
-                                 h.num_recv,
+                                 num_recv,
                                  ht.capacity,
-                                 args.num_worst_tokens};
+                                 fixed_rows};
     kernels::launchCopyRows(copy, sms, stream);
   }
+}
 
-  b.trackWork(stream);
+DispatchResult receivedViews(const BufferCore& b, const kernels::HtRegions& ht,
+                             const EpHandle::Impl& h, bool fp8, bool has_topk) {
+  uint8_t* base = b.localBase();
   DispatchResult result;
   result.recv_x = base + ht.recv_x;
   result.recv_x_scales = fp8 ? reinterpret_cast<const float*>(base + ht.recv_scales) : nullptr;
@@ -344,30 +366,27 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   result.num_recv_tokens_per_expert = h.recv_expert_counts;
   result.capacity = ht.capacity;
   result.combine_input = base + ht.combine_in;
-
-  if (args.exact_count) {
-    // Returns as soon as the count matrix is known; the rows may still be moving.
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::duration<double>(b.hostDeadlineS());
-    while (true) {
-      const uint64_t word = *reinterpret_cast<volatile uint64_t*>(&host->ht_count);
-      if (kernels::hostCountValid(word)) {
-        result.num_recv_tokens_host = kernels::hostCountRows(word);
-        // Written by the device before the count word (kernels/intranode.cu).
-        std::atomic_thread_fence(std::memory_order_acquire);
-        result.num_recv_tokens_per_expert_host = h.host_expert_counts.host<int32_t>();
-        break;
-      }
-      b.checkUsable();
-      const cudaError_t status = cudaStreamQuery(stream);
-      if (status != cudaSuccess && status != cudaErrorNotReady) EPCOMM_CUDA_CHECK(status);
-      EPCOMM_CHECK_CODE(std::chrono::steady_clock::now() < deadline, ErrorCode::kTimeout,
-                        "exact_count dispatch: the received-row count did not arrive within "
-                            << b.hostDeadlineS() << " s");
-      std::this_thread::sleep_for(std::chrono::microseconds(5));
-    }
-  }
   return result;
+}
+
+int64_t waitHostCount(BufferCore& b, cudaStream_t stream, const char* what) {
+  HostMappedState* host = b.hostState();
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::duration<double>(b.hostDeadlineS());
+  while (true) {
+    const uint64_t word = *reinterpret_cast<volatile uint64_t*>(&host->ht_count);
+    if (kernels::hostCountValid(word)) {
+      std::atomic_thread_fence(std::memory_order_acquire);
+      return kernels::hostCountRows(word);
+    }
+    b.checkUsable();
+    const cudaError_t status = cudaStreamQuery(stream);
+    if (status != cudaSuccess && status != cudaErrorNotReady) EPCOMM_CUDA_CHECK(status);
+    EPCOMM_CHECK_CODE(
+        std::chrono::steady_clock::now() < deadline, ErrorCode::kTimeout,
+        what << ": the received-row count did not arrive within " << b.hostDeadlineS() << " s");
+    std::this_thread::sleep_for(std::chrono::microseconds(5));
+  }
 }
 
 // --- combine -------------------------------------------------------------------------------------

@@ -68,6 +68,21 @@ struct EPCOMM_LOCAL EpHandle::Impl {
   bool dispatched = false;
 };
 
+// Shared by the rank-major and the expert-major dispatch (src/ht/ht_expert_major.cpp), after the
+// dispatch kernel is queued:
+// - copyReceivedRows: the optional caller copies of the received rows and FP8 scales
+//   (DispatchArgs::recv_x_out / recv_scales_out; fixed_rows > 0: exactly that many rows).
+// - receivedViews: the result views into the buffer and the handle (rank-major ones; the caller
+//   adjusts what its layout changes).
+// - waitHostCount: exact mode, polls the host-mapped count word until the device publishes it,
+//   bounded by the host deadline; `what` names the call in the timeout message.
+void copyReceivedRows(const BufferCore& b, const kernels::HtRegions& ht, const DispatchArgs& args,
+                      int64_t x_row_bytes, int num_scales, const int32_t* num_recv, int fixed_rows,
+                      int sms, cudaStream_t stream);
+DispatchResult receivedViews(const BufferCore& b, const kernels::HtRegions& ht,
+                             const EpHandle::Impl& h, bool fp8, bool has_topk);
+int64_t waitHostCount(BufferCore& b, cudaStream_t stream, const char* what);
+
 class EPCOMM_LOCAL HtEngine {
  public:
   explicit HtEngine(BufferCore& core);

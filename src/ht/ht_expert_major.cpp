@@ -4,9 +4,6 @@
 // (DispatchArgs::expert_major).
 #include "ht/ht_expert_major.hpp"
 
-#include <chrono>
-#include <thread>
-
 #include "check.hpp"
 #include "kernels/launch.hpp"
 
@@ -111,63 +108,15 @@ DispatchResult dispatchExpertMajor(BufferCore& b, const kernels::HtRegions& ht,
   kernels::launchHtExpertMajorDispatch(p, sms, stream);
   h.dispatched = true;
 
-  uint8_t* base = b.localBase();
-  if (args.recv_x_out != nullptr) {
-    kernels::CopyRowsParams copy{static_cast<uint8_t*>(args.recv_x_out),
-                                 base + ht.recv_x,
-                                 p.x_row_bytes,
-                                 p.x_row_bytes,
-                                 p.x_row_bytes,
-                                 h.num_recv,
-                                 ht.capacity};
-    kernels::launchCopyRows(copy, sms, stream);
-  }
-  if (fp8 && args.recv_scales_out != nullptr) {
-    const int64_t scale_row = int64_t{num_scales} * 4;
-    kernels::CopyRowsParams copy{reinterpret_cast<uint8_t*>(args.recv_scales_out),
-                                 base + ht.recv_scales,
-                                 scale_row,
-                                 scale_row,
-                                 scale_row,
-                                 h.num_recv,
-                                 ht.capacity};
-    kernels::launchCopyRows(copy, sms, stream);
-  }
+  copyReceivedRows(b, ht, args, p.x_row_bytes, fp8 ? num_scales : 0, h.num_recv,
+                   /*fixed_rows=*/0, sms, stream);
   b.trackWork(stream);
-
-  DispatchResult result;
-  result.recv_x = base + ht.recv_x;
-  result.recv_x_scales = fp8 ? reinterpret_cast<const float*>(base + ht.recv_scales) : nullptr;
-  result.recv_topk_idx = has_topk ? base + ht.recv_topk_idx : nullptr;
-  result.recv_topk_weights =
-      has_topk ? reinterpret_cast<const float*>(base + ht.recv_topk_weights) : nullptr;
-  result.recv_src_idx = reinterpret_cast<const int32_t*>(base + ht.recv_src_idx);
-  result.num_recv_tokens = h.num_recv;
+  DispatchResult result = receivedViews(b, ht, h, fp8, has_topk);
   result.recv_rank_prefix = nullptr;  // rows are grouped by expert, not by source
-  result.num_recv_tokens_per_expert = h.recv_expert_counts;
   result.expert_offsets = h.expert_offsets;
-  result.capacity = ht.capacity;
-  result.combine_input = base + ht.combine_in;
-
   if (args.exact_count) {
     // As rank-major: returns once the row count is known (after the count exchange).
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::duration<double>(b.hostDeadlineS());
-    while (true) {
-      const uint64_t word = *reinterpret_cast<volatile uint64_t*>(&host->ht_count);
-      if (kernels::hostCountValid(word)) {
-        result.num_recv_tokens_host = kernels::hostCountRows(word);
-        break;
-      }
-      b.checkUsable();
-      const cudaError_t status = cudaStreamQuery(stream);
-      if (status != cudaSuccess && status != cudaErrorNotReady) EPCOMM_CUDA_CHECK(status);
-      EPCOMM_CHECK_CODE(std::chrono::steady_clock::now() < deadline, ErrorCode::kTimeout,
-                        "exact_count expert-major dispatch: the received-row count did not "
-                        "arrive within "
-                            << b.hostDeadlineS() << " s");
-      std::this_thread::sleep_for(std::chrono::microseconds(5));
-    }
+    result.num_recv_tokens_host = waitHostCount(b, stream, "exact_count expert-major dispatch");
   }
   return result;
 }
