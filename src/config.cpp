@@ -10,6 +10,7 @@
 #include <string>
 
 #include "check.hpp"
+#include "core/perf_flags.hpp"
 
 namespace epcomm {
 
@@ -152,6 +153,36 @@ ResolvedConfig resolveConfig(const BufferConfig& in, int num_ranks) {
   out.timeout_ns = toNanoseconds(c.timeout_s);
   out.first_op_timeout_ns = toNanoseconds(c.first_op_timeout_s);
   return out;
+}
+
+PerfFlags perfFlagsFromEnv() {
+  PerfFlags flags;
+  const char* env = envOrNull("EPCOMM_PERF");
+  if (env == nullptr) return flags;
+  std::string text = env;
+  size_t begin = 0;
+  while (begin <= text.size()) {
+    size_t end = text.find(',', begin);
+    if (end == std::string::npos) end = text.size();
+    const std::string name = text.substr(begin, end - begin);
+    if (name == "ll_fused_dispatch") {
+      flags.ll_fused_dispatch = true;
+    } else if (name == "ll_fused_combine") {
+      flags.ll_fused_combine = true;
+    } else if (name == "ll_parallel_posts") {
+      flags.ll_parallel_posts = true;
+    } else if (name == "all") {
+      flags.ll_fused_dispatch = true;
+      flags.ll_fused_combine = true;
+      flags.ll_parallel_posts = true;
+    } else if (!name.empty()) {
+      EPCOMM_ARG_CHECK(false, "EPCOMM_PERF", "'" << text << "'",
+                       "a comma-separated list of ll_fused_dispatch, ll_fused_combine, "
+                       "ll_parallel_posts, all");
+    }
+    begin = end + 1;
+  }
+  return flags;
 }
 
 }  // namespace epcomm
