@@ -265,6 +265,7 @@ void printFixedCost(const std::vector<OpSweep>& sweeps) {
       std::printf("%-44s %10s %12s %14.2f\n", s.op.c_str(), "n/a", "n/a", s.host_median_us);
     }
   }
+  std::printf("\n");
   std::fflush(stdout);
 }
 
