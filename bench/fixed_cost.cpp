@@ -174,6 +174,12 @@ void llPoint(const CaseEnv& env, EpBuffer& buffer, int hidden, int tokens, const
   out[2].points.push_back(reducePoint(env, tokens, 2 * bytes, graph_loop.samples(0), graph_host));
 }
 
+std::vector<OpSweep> named(const std::vector<std::string>& ops) {
+  std::vector<OpSweep> out(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) out[i].op = ops[i];
+  return out;
+}
+
 void fit(OpSweep& s) {
   std::vector<double> x, y;
   std::vector<float> host;
@@ -221,7 +227,7 @@ std::vector<OpSweep> measureFixedCost(const CaseEnv& env, EpBuffer& buffer, int 
   std::vector<OpSweep> sweeps;
   if (!ht_tokens.empty()) {
     progress(env.ranks, "fixed cost: HT token sweep");
-    std::vector<OpSweep> ht{{"dispatch"}, {"combine"}, {"dispatch (cached)"}};
+    std::vector<OpSweep> ht = named({"dispatch", "combine", "dispatch (cached)"});
     for (int t : ht_tokens) htPoint(env, buffer, hidden, t, ht);
     sweeps.insert(sweeps.end(), ht.begin(), ht.end());
   }
@@ -234,7 +240,7 @@ std::vector<OpSweep> measureFixedCost(const CaseEnv& env, EpBuffer& buffer, int 
     DeviceMemory expert_out(rows * bf16RowBytes(hidden));
     fillRandomBf16(expert_out.get(), rows * hidden,
                    seedFor(env.work.seed, {static_cast<uint64_t>(env.ranks.rank), 14}), env.stream);
-    std::vector<OpSweep> ll{{"ll dispatch"}, {"ll combine"}, {"ll graph d+c"}};
+    std::vector<OpSweep> ll = named({"ll dispatch", "ll combine", "ll graph d+c"});
     for (int t : ll_tokens) llPoint(env, buffer, hidden, t, expert_out.get(), ll);
     sweeps.insert(sweeps.end(), ll.begin(), ll.end());
   }
