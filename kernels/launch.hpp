@@ -93,6 +93,9 @@ struct HtDispatchParams {
   uint64_t* host_count;         // host-mapped count for exact mode (hostCount(rows)),
                                 // or nullptr; written after host_expert_counts
   int32_t* host_expert_counts;  // host-mapped [L] for exact mode, or nullptr
+  // PerfFlags::ht_counts_once: only block 0 posts this rank's count row and signature (every
+  // block still waits for the whole matrix) instead of every block posting the same words.
+  uint32_t counts_once;
 };
 
 struct HtCombineParams {

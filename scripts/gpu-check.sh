@@ -19,8 +19,8 @@
 #   GPU_CHECK_PERF              an EPCOMM_PERF value (e.g. all): after the tests, run the tests
 #                               matching GPU_CHECK_PERF_TESTS again with it set (the fast paths
 #                               of issue 13; docs/perf-notes.md); log perf-tests.log
-#   GPU_CHECK_PERF_TESTS        ctest -R regex of that run (default mp_ll|mp_soak|gpu_single)
-#   GPU_CHECK_PERF_SECONDS      its wall-clock budget (default 200)
+#   GPU_CHECK_PERF_TESTS        ctest -R regex of that run (default mp_ll|mp_ht|mp_soak|gpu_single)
+#   GPU_CHECK_PERF_SECONDS      its wall-clock budget (default 300)
 #   GPU_CHECK_SANITIZE=0        skip the compute-sanitizer phase
 #   GPU_CHECK_SANITIZE_TOOLS    default "memcheck racecheck synccheck"
 #   GPU_CHECK_SANITIZE_RUNS     regex over the sanitizer run names below (empty = all)
@@ -155,8 +155,8 @@ test_s=$(( $(date +%s) - start ))
 perf_rc=skipped
 if [ -n "${GPU_CHECK_PERF:-}" ]; then
   start=$(date +%s)
-  EPCOMM_PERF=$GPU_CHECK_PERF timeout "${GPU_CHECK_PERF_SECONDS:-200}" scripts/test.sh \
-    --timeout 200 -R "${GPU_CHECK_PERF_TESTS:-mp_ll|mp_soak|gpu_single}" 2>&1 |
+  EPCOMM_PERF=$GPU_CHECK_PERF timeout "${GPU_CHECK_PERF_SECONDS:-300}" scripts/test.sh \
+    --timeout 300 -R "${GPU_CHECK_PERF_TESTS:-mp_ll|mp_ht|mp_soak|gpu_single}" 2>&1 |
     tee "$OUT/perf-tests.log"
   perf_rc=${PIPESTATUS[0]}
   perf_s=$(( $(date +%s) - start ))

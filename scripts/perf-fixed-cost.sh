@@ -14,7 +14,7 @@
 #
 # Environment:
 #   PERF_VARIANTS      --perf-variants (default off,ll_fused_dispatch,ll_fused_combine,
-#                      ll_parallel_posts,all)
+#                      ll_parallel_posts,ht_counts_once,all)
 #   PERF_RUN_SECONDS   limit of each run (default 150); the first also builds ep_bench
 #   PERF_RUNS          which runs, a subset of "1rank 2gpu mps2" (default all three)
 set -uo pipefail
@@ -25,11 +25,14 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
   export PATH=/usr/local/cuda/bin:$PATH
 fi
 export NCCL_NVLS_ENABLE=0
+# A fast path that hangs fails in seconds (as in gpu-check.sh), not after 30 s per wait.
+export EPCOMM_TIMEOUT_S=${EPCOMM_TIMEOUT_S:-8}
+export EPCOMM_FIRST_OP_TIMEOUT_S=${EPCOMM_FIRST_OP_TIMEOUT_S:-60}
 export CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90}
 if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
-variants=${PERF_VARIANTS:-off,ll_fused_dispatch,ll_fused_combine,ll_parallel_posts,all}
+variants=${PERF_VARIANTS:-off,ll_fused_dispatch,ll_fused_combine,ll_parallel_posts,ht_counts_once,all}
 limit=${PERF_RUN_SECONDS:-150}
 runs=${PERF_RUNS:-1rank 2gpu mps2}
 num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)

@@ -171,14 +171,17 @@ PerfFlags perfFlagsFromEnv() {
       flags.ll_fused_combine = true;
     } else if (name == "ll_parallel_posts") {
       flags.ll_parallel_posts = true;
+    } else if (name == "ht_counts_once") {
+      flags.ht_counts_once = true;
     } else if (name == "all") {
       flags.ll_fused_dispatch = true;
       flags.ll_fused_combine = true;
       flags.ll_parallel_posts = true;
+      flags.ht_counts_once = true;
     } else if (!name.empty()) {
       EPCOMM_ARG_CHECK(false, "EPCOMM_PERF", "'" << text << "'",
                        "a comma-separated list of ll_fused_dispatch, ll_fused_combine, "
-                       "ll_parallel_posts, all");
+                       "ll_parallel_posts, ht_counts_once, all");
     }
     begin = end + 1;
   }

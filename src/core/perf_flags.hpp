@@ -18,6 +18,9 @@ struct PerfFlags {
   // "ll_parallel_posts": the LL kernels' last block posts to the R ranks from R threads at once
   // (R overlapping release stores) instead of from thread 0 one after the other.
   bool ll_parallel_posts = false;
+  // "ht_counts_once": in HT dispatch (rank-major), only block 0 posts this rank's count row and
+  // signature to every peer, instead of every block posting the same words.
+  bool ht_counts_once = false;
 };
 
 // EPCOMM_PERF, parsed (src/config.cpp, where every environment override is read). "" or unset:

@@ -670,7 +670,13 @@ TEST(PerfFlags, OffUnlessNamed) {
     ScopedEnv env("EPCOMM_PERF", "ll_parallel_posts");
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ll_parallel_posts);
-    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ht_counts_once);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "ht_counts_once");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_TRUE(f.ht_counts_once);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "ll_fused_combine,,ll_fused_dispatch");
@@ -681,7 +687,8 @@ TEST(PerfFlags, OffUnlessNamed) {
   {
     ScopedEnv env("EPCOMM_PERF", "all");
     const PerfFlags f = perfFlagsFromEnv();
-    EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts);
+    EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts &&
+                f.ht_counts_once);
   }
   for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch"}) {
     ScopedEnv env("EPCOMM_PERF", bad);
