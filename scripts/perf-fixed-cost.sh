@@ -15,7 +15,7 @@
 # Environment:
 #   PERF_VARIANTS      --perf-variants (default off,ll_fused_dispatch,ll_fused_combine,
 #                      ll_parallel_posts,ht_counts_once,all)
-#   PERF_RUN_SECONDS   limit of each run (default 150); the first also builds ep_bench
+#   PERF_RUN_SECONDS   limit of each run (default 150); ep_bench is built before, unbounded
 #   PERF_RUNS          which runs, a subset of "1rank 2gpu mps2" (default all three)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,27 @@ num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
 # NCCL is not what this measures, and it cannot run with 2 ranks on one GPU.
 args=(--no-nccl --perf-variants "$variants" "$@")
 done_runs=()
+
+# Build first, unbounded (a fresh machine needs minutes), with the arguments scripts/bench.sh
+# uses, so that its own build step in each run below finds nothing to do.
+build_dir=${BUILD_DIR:-$PWD/build}
+start=$(date +%s)
+(
+  # shellcheck source=scripts/deps.sh
+  source scripts/deps.sh
+  deps_main core mpi bench
+  # shellcheck disable=SC2086
+  cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DEPCOMM_BUILD_TESTS=OFF \
+    -DEPCOMM_BUILD_BENCH=ON "-DCMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES}" \
+    ${EPCOMM_CMAKE_ARGS:-} &&
+    cmake --build "$build_dir" --target ep_bench -j"$(nproc)"
+) > "$OUT/build.log" 2>&1
+build_rc=$?
+echo "build: rc=$build_rc ($(( $(date +%s) - start ))s; log build.log)"
+if [ "$build_rc" != 0 ]; then
+  tail -30 "$OUT/build.log"
+  exit 1
+fi
 
 # run NAME RANKS: ep_bench through scripts/bench.sh, bounded.
 run() {
