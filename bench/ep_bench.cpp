@@ -108,8 +108,12 @@ std::vector<int> atMost(const std::vector<int>& values, int max) {
 
 // Rank 0: the final table, the targets and the JSON. Returns the exit code.
 int finish(const Options& o, const Ranks& ranks, const Report& report, const RowRecorder& rows) {
-  const std::vector<Target> targets = evaluateTargets(
+  std::vector<Target> targets = evaluateTargets(
       rows.rows(), TargetCase{o.tokens, o.hidden, o.sms.front(), o.ll_tokens, o.ll});
+  if (o.fixed_cost) {
+    const std::vector<Target> fixed = fixedCostTargets(report.fixed_cost);
+    targets.insert(targets.end(), fixed.begin(), fixed.end());
+  }
   if (!ranks.root()) return 0;
   printTable(rows.rows());
   printTargets(targets);

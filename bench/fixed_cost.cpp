@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <optional>
 #include <string>
 
 #include "epcomm/epcomm.hpp"
@@ -246,6 +247,31 @@ std::vector<OpSweep> measureFixedCost(const CaseEnv& env, EpBuffer& buffer, int 
   }
   for (OpSweep& s : sweeps) fit(s);
   return sweeps;
+}
+
+std::vector<Target> fixedCostTargets(const std::vector<OpSweep>& sweeps) {
+  Target fixed{"dispatch (cached) fixed",         std::nullopt, "us", false, 6.0,
+               "intercept of the token-sweep fit"};
+  Target graph{"ll graph d+c @1 tok", std::nullopt, "us", false, 12.0, "median, fixed-cost sweep"};
+  Target host{"host enqueue, slowest op",
+              std::nullopt,
+              "us",
+              false,
+              3.0,
+              "median per op, max over the swept ops"};
+  for (const OpSweep& s : sweeps) {
+    if (!s.op.empty() && s.op.back() == ']') continue;  // an EPCOMM_PERF variant
+    if (s.op == "dispatch (cached)" && s.fitted) fixed.value = s.fixed_us;
+    if (s.op == "ll graph d+c") {
+      for (const SweepPoint& p : s.points) {
+        if (p.tokens == 1) graph.value = p.device_us;
+      }
+    }
+    if (s.op != "ll graph d+c") {  // a graph launch is not an op's enqueue
+      host.value = std::max(host.value.value_or(0.0), s.host_median_us);
+    }
+  }
+  return {fixed, graph, host};
 }
 
 void printFixedCost(const std::vector<OpSweep>& sweeps) {

@@ -45,6 +45,12 @@ std::vector<OpSweep> measureFixedCost(const CaseEnv& env, EpBuffer& buffer, int 
                                       const std::vector<int>& ht_tokens,
                                       const std::vector<int>& ll_tokens);
 
+// Issue 13's targets that the sweep measures, from the main buffer's ops (variants, whose op
+// names end in "]", are left out): the fit's fixed cost of a cached HT dispatch (<= 6 us), the
+// LL graph round trip at 1 token (<= 12 us) and the slowest op's host enqueue median (<= 3 us).
+// Values are empty when the sweep did not run.
+std::vector<Target> fixedCostTargets(const std::vector<OpSweep>& sweeps);
+
 // Rank 0: the sweep table and the fit per op.
 void printFixedCost(const std::vector<OpSweep>& sweeps);
 
