@@ -110,7 +110,8 @@ void printTargets(const std::vector<Target>& targets) {
 std::string writeJson(const std::string& path, const nlohmann::ordered_json& options,
                       const Setup& setup, const std::vector<LinkRow>& link,
                       const std::optional<double>& link_limit_gbps, const std::vector<Row>& rows,
-                      const std::vector<Target>& targets) {
+                      const std::vector<Target>& targets,
+                      const nlohmann::ordered_json& fixed_cost) {
   nlohmann::ordered_json doc;
   doc["options"] = options;
   doc["setup"] = setup.json;
@@ -123,6 +124,7 @@ std::string writeJson(const std::string& path, const nlohmann::ordered_json& opt
                          {"gbps_min", r.gbps_min},
                          {"gbps_max", r.gbps_max}});
   }
+  if (!fixed_cost.is_null()) doc["fixed_cost"] = fixed_cost;
   doc["link"] = {{"limit_gbps", orNull(link_limit_gbps)},
                  {"limit_method", "SM store, all SMs, min over ranks"},
                  {"measurements", link_json}};

@@ -83,6 +83,7 @@ void printTargets(const std::vector<Target>& targets);
 std::string writeJson(const std::string& path, const nlohmann::ordered_json& options,
                       const Setup& setup, const std::vector<LinkRow>& link,
                       const std::optional<double>& link_limit_gbps, const std::vector<Row>& rows,
-                      const std::vector<Target>& targets);
+                      const std::vector<Target>& targets,
+                      const nlohmann::ordered_json& fixed_cost = nlohmann::ordered_json());
 
 }  // namespace epcomm::bench

@@ -19,6 +19,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,7 @@
 #include "cases.hpp"
 #include "epcomm/epcomm.hpp"
 #include "epcomm/mpi_bootstrap.hpp"
+#include "fixed_cost.hpp"
 #include "link_bench.hpp"
 #include "machine.hpp"
 #include "nccl_baseline.hpp"
@@ -92,15 +94,30 @@ void runLlCases(const CaseEnv& env, EpBuffer& buffer, const Options& o, const Ma
 struct Report {
   Setup setup;
   LinkResult link;
+  std::vector<OpSweep> fixed_cost;
 };
+
+// The values of `values` that are <= `max`, in order.
+std::vector<int> atMost(const std::vector<int>& values, int max) {
+  std::vector<int> out;
+  for (int v : values) {
+    if (v <= max) out.push_back(v);
+  }
+  return out;
+}
 
 // Rank 0: the final table, the targets and the JSON. Returns the exit code.
 int finish(const Options& o, const Ranks& ranks, const Report& report, const RowRecorder& rows) {
-  const std::vector<Target> targets = evaluateTargets(
+  std::vector<Target> targets = evaluateTargets(
       rows.rows(), TargetCase{o.tokens, o.hidden, o.sms.front(), o.ll_tokens, o.ll});
+  if (o.fixed_cost) {
+    const std::vector<Target> fixed = fixedCostTargets(report.fixed_cost);
+    targets.insert(targets.end(), fixed.begin(), fixed.end());
+  }
   if (!ranks.root()) return 0;
   printTable(rows.rows());
   printTargets(targets);
+  printFixedCost(report.fixed_cost);
   std::printf(
       "logical GB/s = received rows (self included) x row bytes / time; link GB/s = rows "
       "crossing to or from other ranks x row bytes / time; link %% = link GB/s / link limit; "
@@ -108,8 +125,9 @@ int finish(const Options& o, const Ranks& ranks, const Report& report, const Row
       "counted. See docs/benchmarks.md.\n");
   std::fflush(stdout);
   if (o.json.empty()) return 0;
-  const std::string error = writeJson(o.json, optionsJson(o), report.setup, report.link.rows,
-                                      report.link.limit_gbps, rows.rows(), targets);
+  const std::string error =
+      writeJson(o.json, optionsJson(o), report.setup, report.link.rows, report.link.limit_gbps,
+                rows.rows(), targets, fixedCostJson(report.fixed_cost));
   if (!error.empty()) {
     std::fprintf(stderr, "ep_bench: error: %s\n", error.c_str());
     return 1;
@@ -167,7 +185,35 @@ int run(const Options& o, const Ranks& ranks) {
                 HtCaseSpec{tokens, o.hidden, o.sms, tokens == o.tokens, case_id++, o.expert_major});
     }
     if (o.ll) runLlCases(env, buffer, o, machine, case_id);
+    if (o.fixed_cost) {
+      report.fixed_cost =
+          measureFixedCost(env, buffer, o.hidden, atMost(o.fit_tokens, plan.max_tokens),
+                           o.ll ? atMost(o.fit_ll_tokens, o.ll_tokens) : std::vector<int>{});
+    }
   }  // the main buffer is destroyed (collectively) before the next one is created
+
+  // The same sweep on one buffer per EPCOMM_PERF variant (read when a buffer is created).
+  if (o.fixed_cost && !o.perf_variants.empty()) {
+    const char* previous = std::getenv("EPCOMM_PERF");
+    const std::string saved = previous != nullptr ? previous : "";
+    for (const std::string& variant : o.perf_variants) {
+      // '+' joins names inside one variant (',' separates the variants on the command line).
+      std::string value = variant == "off" ? "" : variant;
+      std::replace(value.begin(), value.end(), '+', ',');
+      setenv("EPCOMM_PERF", value.c_str(), 1);
+      const BufferBuild b = createBuffer(
+          ranks, bootstrap, base,
+          BufferShape{o.hidden, plan.max_tokens, o.ll ? o.ll_tokens : 0, kScratchBytes});
+      std::vector<OpSweep> sweeps =
+          measureFixedCost(env, *b.buffer, o.hidden, atMost(o.fit_tokens, plan.max_tokens),
+                           o.ll ? atMost(o.fit_ll_tokens, o.ll_tokens) : std::vector<int>{});
+      for (OpSweep& s : sweeps) {
+        s.op += " [" + variant + "]";
+        report.fixed_cost.push_back(std::move(s));
+      }
+    }
+    setenv("EPCOMM_PERF", saved.c_str(), 1);
+  }
 
   for (int hidden : plan.other_hidden) {
     const BufferBuild b = createBuffer(ranks, bootstrap, base, BufferShape{hidden, o.tokens, 0, 0});

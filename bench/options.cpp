@@ -113,6 +113,24 @@ void defineOptions(CLI::App& app, Options& o) {
   addSwitch(app, "nccl", o.nccl, "NCCL baseline", "Skip the NCCL baseline",
             onOff(o.nccl) +
                 (EPCOMM_BENCH_HAVE_NCCL ? "" : "; this build has no NCCL, so its column is n/a"));
+  addSwitch(app, "fixed-cost", o.fixed_cost,
+            "Fixed cost per call: a token sweep per op with a least-squares fit (fixed us, "
+            "streaming GB/s) and the host time to enqueue each op",
+            "Skip the fixed-cost sweep", onOff(o.fixed_cost));
+  app.add_option("--fit-tokens", o.fit_tokens,
+                 "HT token counts of the fixed-cost sweep (those above the HT maximum are dropped)")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--fit-ll-tokens", o.fit_ll_tokens,
+                 "LL token counts of the fixed-cost sweep (those above --ll-tokens are dropped)")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--perf-variants", o.perf_variants,
+                 "Also run the fixed-cost sweep on one extra EpBuffer per value, created with "
+                 "EPCOMM_PERF set to it ('off': unset; '+' joins names, e.g. "
+                 "ll_fused_dispatch+ll_fused_combine), rows labelled [value]: old and new fast "
+                 "paths in one run (docs/perf-notes.md)")
+      ->delimiter(',');
   app.footer(
       "Run under mpirun with one rank per GPU (scripts/bench.sh). Definitions of every column: "
       "docs/benchmarks.md.");
@@ -131,6 +149,31 @@ void validateOptions(const CLI::App& app, Options& o) {
   for (int t : o.sweep_tokens) checkTokens(t, "--sweep-tokens");
   checkHidden(o.hidden, "--hidden");
   for (int h : o.sweep_hidden) checkHidden(h, "--sweep-hidden");
+  for (int t : o.fit_tokens) checkTokens(t, "--fit-tokens");
+  for (int t : o.fit_ll_tokens) {
+    require(t >= 1 && t <= kMaxLlTokensPerRank, "--fit-ll-tokens",
+            "values must be in [1, " + std::to_string(kMaxLlTokensPerRank) + "]");
+  }
+  // The names EPCOMM_PERF knows (src/core/perf_flags.hpp), checked here so that a typo fails
+  // before the run rather than at the variant's buffer, after every other row.
+  for (const std::string& variant : o.perf_variants) {
+    std::string rest = variant;
+    while (true) {
+      const size_t plus = rest.find('+');
+      const std::string name = rest.substr(0, plus);
+      require(name == "off" || name == "all" || name == "ll_fused_dispatch" ||
+                  name == "ll_fused_combine" || name == "ll_parallel_posts" ||
+                  name == "ht_counts_once",
+              "--perf-variants",
+              "'" + variant +
+                  "': names are off, all, ll_fused_dispatch, ll_fused_combine, "
+                  "ll_parallel_posts, ht_counts_once, joined by '+'");
+      if (plus == std::string::npos) break;
+      rest = rest.substr(plus + 1);
+    }
+  }
+  o.fit_tokens = unique(o.fit_tokens);
+  o.fit_ll_tokens = unique(o.fit_ll_tokens);
   require(o.experts >= 1 && o.experts <= kMaxExperts, "--experts",
           "must be in [1, " + std::to_string(kMaxExperts) + "]");
   require(o.topk >= 1 && o.topk <= kMaxTopk, "--topk",
@@ -162,7 +205,11 @@ nlohmann::ordered_json optionsJson(const Options& o) {
           {"sweep_tokens", o.sweep_tokens},
           {"sweep_hidden", o.sweep_hidden},
           {"quick", o.quick},
-          {"nccl", o.nccl}};
+          {"nccl", o.nccl},
+          {"fixed_cost", o.fixed_cost},
+          {"fit_tokens", o.fit_tokens},
+          {"fit_ll_tokens", o.fit_ll_tokens},
+          {"perf_variants", o.perf_variants}};
 }
 
 }  // namespace epcomm::bench

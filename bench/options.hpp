@@ -31,6 +31,12 @@ struct Options {
   std::vector<int> sweep_hidden;
   bool quick = false;
   bool nccl = true;
+  // Fixed cost per call (issue 13): token sweeps with a fit per op, and host enqueue times.
+  bool fixed_cost = true;
+  std::vector<int> fit_tokens{1, 8, 32, 128, 512, 4096};  // HT; capped at the HT buffer's max
+  std::vector<int> fit_ll_tokens{1, 8, 32, 128};          // LL; capped at --ll-tokens
+  // EPCOMM_PERF values to measure the sweep under, one extra buffer each ("off": none set).
+  std::vector<std::string> perf_variants;
 };
 
 // Registers every option on `app`, bound to `o` (whose values are the defaults shown by --help).

@@ -92,8 +92,12 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
 
   // 1. notify: my count row and the call signature, into every peer
   // (R * (R + 2) words: more than the block's threads beyond 21 ranks)
+  // (ht_counts_once: block 0 alone; the words are the same from every block, and what a block
+  // waits for below is only that they arrived: block 0 of rank s posting them tells as much as
+  // every block of s posting them, since all of them run at once.)
   const int row_words = num_ranks + kHtSignatureWords;
-  for (int i = tid; i < num_ranks * row_words; i += kBlockThreads) {
+  const int post_words = p.counts_once && blockIdx.x != 0 ? 0 : num_ranks * row_words;
+  for (int i = tid; i < post_words; i += kBlockThreads) {
     const int d = i / row_words;
     const int j = i % row_words;
     const uint32_t value = j < num_ranks    ? static_cast<uint32_t>(p.rank_counts[j])

@@ -93,6 +93,9 @@ struct HtDispatchParams {
   uint64_t* host_count;         // host-mapped count for exact mode (hostCount(rows)),
                                 // or nullptr; written after host_expert_counts
   int32_t* host_expert_counts;  // host-mapped [L] for exact mode, or nullptr
+  // PerfFlags::ht_counts_once: only block 0 posts this rank's count row and signature (every
+  // block still waits for the whole matrix) instead of every block posting the same words.
+  uint32_t counts_once;
 };
 
 struct HtCombineParams {
@@ -220,6 +223,9 @@ struct LlParams {
   int32_t* cumulative_recv_counts;  // [L] or nullptr: += this call's (token, expert) rows
   const float* combine_weights;     // [N, num_topk] combine-time weights, or nullptr
   uint32_t weights_mode;            // kLlWeightsNone / kLlWeightsPushed / kLlWeightsNoTokens
+  // PerfFlags::ll_parallel_posts: the last block's posts to every rank are stored by threads
+  // tid < R at once instead of one after the other by thread 0 (same words, same values).
+  uint32_t parallel_posts;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -257,6 +263,9 @@ void launchHtExpertMajorCombine(const HtExpertMajorCombineParams& params, int sm
 // At most one block per token (idle blocks would only add arrivals to the last-block count).
 void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlDispatchRecv(const LlParams& params, int sm_budget, cudaStream_t stream);
+// Both halves in one kernel of `sm_budget` blocks (PerfFlags::ll_fused_dispatch): the same
+// signals and regions as launchLlDispatchSend followed by launchLlDispatchRecv.
+void launchLlDispatchFused(const LlParams& params, int sm_budget, cudaStream_t stream);
 // Pushes this rank's combine-time weights (params.combine_weights, [num_tokens, num_topk]) to
 // every rank its tokens went to, then posts the combine-weights flag; launched before
 // launchLlCombineSend when LlCombineArgs::topk_weights is given. One warp per token.
@@ -266,5 +275,8 @@ void launchLlCombineSend(const LlParams& params, int sm_budget, cudaStream_t str
 // rank's token count of the matching dispatch.
 void launchLlCombineRecv(const LlParams& params, int num_tokens, int sm_budget,
                          cudaStream_t stream);
+// Send and receive halves in one kernel of `sm_budget` blocks (PerfFlags::ll_fused_combine): the
+// same signals and regions as launchLlCombineSend followed by launchLlCombineRecv.
+void launchLlCombineFused(const LlParams& params, int sm_budget, cudaStream_t stream);
 
 }  // namespace epcomm::kernels

@@ -43,7 +43,13 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams
     for (int k = 0; k < p.num_topk; ++k) dst[k] = src[k];
   }
   if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineWeights])) return;
-  if (tid == 0 && !rankFailed(ctx)) {
+  if (p.parallel_posts) {  // thread d posts to rank d (see llDispatchSend)
+    const bool failed = __syncthreads_or(rankFailed(ctx));
+    if (!failed && tid < ctx.num_ranks) {
+      stReleaseSys(&controlOf(ctx.peer_bases[tid])->ll_weights_flag[parity][me],
+                   tag(epoch, llWeightsPost(kLlWeightsPushed)));
+    }
+  } else if (tid == 0 && !rankFailed(ctx)) {
     for (int d = 0; d < ctx.num_ranks; ++d) {
       stReleaseSys(&controlOf(ctx.peer_bases[d])->ll_weights_flag[parity][me],
                    tag(epoch, llWeightsPost(kLlWeightsPushed)));
@@ -51,7 +57,10 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams
   }
 }
 
-__global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
+// The send half. `fused`: called by llCombineFusedKernel, which checked rankFailed for the whole
+// block; every return below is block-uniform, so all threads of a block go on to the receive
+// half together.
+__device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
@@ -71,7 +80,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
   __shared__ int32_t s_first_item[kMaxRanks + 1];
   __shared__ uint8_t* s_peer[kMaxRanks];
   // The dispatch receive failed (or anything before): nothing here is valid, send nothing.
-  if (rankFailed(ctx)) return;
+  if (!fused && rankFailed(ctx)) return;
   // Combine-time weights (protocol in low_latency.cuh). Mode kLlWeightsNone (this rank used its
   // dispatch weights) posts at once and never waits; the other modes wait for every rank's post
   // and take rank s's weights from the combine_weights region iff s pushed them. A rank that
@@ -101,7 +110,10 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
     // other way a wait ends unready) does not: this rank still sends its partials and posts, so
     // that no peer's combine receive waits on it until the deadline; rows from the rejecting
     // rank use its dispatch weights, and nobody reads them (it skipped the call).
-    if (!__syncthreads_and(ok) && rankFailed(ctx)) return;
+    // (Fused: block-wide, every thread of the block must agree.)
+    if (!__syncthreads_and(ok) && (fused ? __syncthreads_or(rankFailed(ctx)) : rankFailed(ctx))) {
+      return;
+    }
   }
   if (tid == 0) {
     // Rows staged from each source in this call (the posts arrived before dispatch recv ended,
@@ -168,14 +180,21 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
   }
 
   if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineSend])) return;
-  if (tid == 0) {
+  if (p.parallel_posts) {  // thread s posts to rank s (see llDispatchSend)
+    if (tid < num_ranks) stReleaseSys(&controlOf(s_peer[tid])->ll_combine_flag[parity][me], epoch);
+  } else if (tid == 0) {
     for (int s = 0; s < num_ranks; ++s) {
       stReleaseSys(&controlOf(s_peer[s])->ll_combine_flag[parity][me], epoch);
     }
   }
 }
 
-__global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
+// The receive half. `fused`: after the send half in the same grid. Its epoch is read here, after
+// the send half, as the separate kernel reads it after the send kernel: if a wait of the send
+// half found a peer's rejection of this combine, the call is marked skipped and this half either
+// sees the next epoch (and returns below) or waits for the rejecting rank's post, which also
+// ends on the rejection notice.
+__device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
@@ -186,7 +205,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
   const WaitContext w{&ctx, OpId::kLlCombineRecv, globalTimerNs()};
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
-  if (rankFailed(ctx)) return;
+  if (fused ? __syncthreads_or(rankFailed(ctx)) : rankFailed(ctx)) return;
   // A peer that rejected this combine stops this rank's combine send, which marks the call
   // skipped; this kernel, queued behind it, then computes the next epoch. The round's epoch
   // (set by its dispatch send) tells: nothing to wait for, the host reports the rejection.
@@ -238,7 +257,31 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
   if (tid == 0) own->local.epoch[kEpochLl] = epoch;
 }
 
+__global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
+  llCombineSend(p, false);
+}
+
+__global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
+  llCombineRecv(p, false);
+}
+
+// Both halves in one grid (PerfFlags::ll_fused_combine). The receive half waits for every rank's
+// combine post, this rank's included, which the last block of each rank's send half makes: the
+// grid (the SM budget, one block per SM) must be resident at once, as the two-kernel path
+// already needs across ranks.
+__global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p) {
+  if (__syncthreads_or(rankFailed(p.peers))) return;
+  llCombineSend(p, true);
+  llCombineRecv(p, true);
+}
+
 }  // namespace
+
+void launchLlCombineFused(const LlParams& params, int sm_budget, cudaStream_t stream) {
+  const int num_blocks = std::max(1, sm_budget);
+  llCombineFusedKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  EPCOMM_KERNEL_LAUNCH_CHECK(llCombineFusedKernel);
+}
 
 void launchLlCombineWeights(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int work_blocks = (params.num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;

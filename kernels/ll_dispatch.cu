@@ -81,8 +81,11 @@ __device__ __forceinline__ void stageSegment(const LlParams& p, const uint16_t* 
   }
 }
 
+// The send half. `fused`: called by llDispatchFusedKernel, whose caller checked rankFailed for
+// the whole block; every return below is then block-uniform, so all threads of the block go on
+// to the receive half together (a thread leaving early would meet that half's barriers).
 template <typename IdxT>
-__global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p) {
+__device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch, bool fused) {
   using BlockScan = cub::BlockScan<RankCounts, kBlockThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ int32_t s_base[kMaxRanks];  // rows sent to each rank before this tile
@@ -101,14 +104,13 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
-  const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
   const int n = p.num_tokens;
   const LlRegions& r = p.regions;
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
   // A rank that failed sends nothing: its peers stop on its fault notice (or their own failure).
-  if (rankFailed(ctx)) return;
+  if (!fused && rankFailed(ctx)) return;
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
   if (blockIdx.x == 0) {
     // This rank's receive side of the call starts from empty expert lists.
@@ -225,7 +227,18 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   }
   __syncthreads();
   // A bad id found by any block: post nothing (every peer already got the fault notice).
-  if (tid == 0 && !rankFailed(ctx)) {
+  if (p.parallel_posts) {
+    // Thread d posts to rank d: the R release stores (each a system fence) overlap instead of
+    // following each other. Each is cumulative: it releases what this block's thread 0 acquired
+    // through the arrivals (every block's rows), ordered before it by thread 0's fence and the
+    // barrier, as the serial path's stores do. The block agrees on whether to post at all.
+    if (tid == 0) fenceAcqRelSys();
+    const bool failed = __syncthreads_or(rankFailed(ctx));
+    if (!failed && tid < num_ranks) {
+      stReleaseSys(&controlOf(s_peer[tid])->ll_dispatch_flag[parity][me],
+                   tag(epoch, llPost(static_cast<uint32_t>(s_total[tid]), p.signature)));
+    }
+  } else if (tid == 0 && !rankFailed(ctx)) {
     fenceAcqRelSys();
     for (int d = 0; d < num_ranks; ++d) {
       stReleaseSys(&controlOf(s_peer[d])->ll_dispatch_flag[parity][me],
@@ -234,14 +247,15 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   }
 }
 
-__global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p) {
+// The receive half. `fused`: called by llDispatchFusedKernel after the send half of the same
+// grid (rankFailed checked block-uniformly by the caller).
+__device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
-  const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   const WaitContext w{&ctx, OpId::kLlDispatchRecv, globalTimerNs()};
@@ -251,11 +265,23 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
 
   __shared__ int32_t s_count;
 
-  if (rankFailed(ctx)) return;
+  if (fused ? __syncthreads_or(rankFailed(ctx)) : rankFailed(ctx)) return;
   // Blocks are split evenly over the sources; with fewer blocks than ranks a block takes several.
   const int blocks_per_source = max(1, static_cast<int>(gridDim.x) / num_ranks);
   const int sub = blockIdx.x / num_ranks;
   if (sub >= blocks_per_source) return;
+  if (fused) {
+    // Two kernels get this from stream order: the send half is over on this rank (block 0 has
+    // zeroed the expert counters this half increments) before any row is placed. This rank's
+    // own post comes from the send half's last block, after every block arrived (each arrival
+    // is fenced, arriveLastBlock): acquiring it orders the zeroing before the atomics below.
+    bool ok = true;
+    if (tid == 0) {
+      ok = waitTagged(&own->ll_dispatch_flag[parity][ctx.rank], epoch, w, kPhaseDispatchPost,
+                      ctx.rank);
+    }
+    if (!__syncthreads_and(ok)) return;
+  }
   for (int s = blockIdx.x % num_ranks; s < num_ranks;
        s += min(num_ranks, static_cast<int>(gridDim.x))) {
     bool ok = true;
@@ -346,7 +372,45 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
   // counters already hold the capped counts, and the host reports the error at its next check.
 }
 
+template <typename IdxT>
+__global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p) {
+  llDispatchSend<IdxT>(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), false);
+}
+
+__global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p) {
+  llDispatchRecv(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), false);
+}
+
+// Both halves in one grid (PerfFlags::ll_fused_dispatch). Every block runs the send half, then
+// the receive half; a block waits in the receive half only for posts, which the last block of
+// each rank's send half makes, so the grid must be resident at once: it is at most the SM
+// budget, one block per SM, as for the receive kernel of the two-kernel path (whose blocks also
+// wait for other ranks' send kernels).
+//
+// One epoch for both halves, read at the start: a wait of the receive half that finds a peer's
+// rejection marks the call skipped (callEpoch() then gives the next call), and a block reading
+// callEpoch() after that would work on the wrong call. Every block reads it before it arrives in
+// the send half, and every receive wait comes after this rank's own post, which the last block
+// to arrive makes: so no block can read it after a skip of this call.
+template <typename IdxT>
+__global__ void __launch_bounds__(kBlockThreads) llDispatchFusedKernel(LlParams p) {
+  const uint64_t epoch = callEpoch(controlOf(p.peers.local_base), kEpochLl);
+  if (__syncthreads_or(rankFailed(p.peers))) return;
+  llDispatchSend<IdxT>(p, epoch, true);
+  llDispatchRecv(p, epoch, true);
+}
+
 }  // namespace
+
+void launchLlDispatchFused(const LlParams& params, int sm_budget, cudaStream_t stream) {
+  const int num_blocks = std::max(1, sm_budget);
+  if (params.idx_is_64) {
+    llDispatchFusedKernel<int64_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    llDispatchFusedKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
+  EPCOMM_KERNEL_LAUNCH_CHECK(llDispatchFusedKernel);
+}
 
 void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = std::max(1, std::min(sm_budget, params.num_tokens));

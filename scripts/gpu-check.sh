@@ -17,6 +17,11 @@
 #   GPU_CHECK_PYTHON=1          also run the Python tests (scripts/test.sh -> test-python.sh)
 #   GPU_CHECK_MPS=0|1           run the tests under the CUDA MPS daemon (default 1 when fewer
 #                               than 8 GPUs are visible: the tests put up to 8 ranks on them)
+#   GPU_CHECK_PERF              an EPCOMM_PERF value (e.g. all): after the tests, run the tests
+#                               matching GPU_CHECK_PERF_TESTS again with it set (the fast paths
+#                               of issue 13; docs/perf-notes.md); log perf-tests.log
+#   GPU_CHECK_PERF_TESTS        ctest -R regex of that run (default mp_ll|mp_ht|mp_soak|gpu_single)
+#   GPU_CHECK_PERF_SECONDS      its wall-clock budget (default 300)
 #   GPU_CHECK_SANITIZE=0        skip the compute-sanitizer phase
 #   GPU_CHECK_SANITIZE_TOOLS    default "memcheck racecheck synccheck"
 #   GPU_CHECK_SANITIZE_RUNS     regex over the sanitizer run names below (empty = all)
@@ -151,6 +156,17 @@ else
 fi
 test_rc=${PIPESTATUS[0]}
 test_s=$(( $(date +%s) - start ))
+
+# --- the same tests with the EPCOMM_PERF fast paths on -----------------------------------------
+perf_rc=skipped
+if [ -n "${GPU_CHECK_PERF:-}" ]; then
+  start=$(date +%s)
+  EPCOMM_PERF=$GPU_CHECK_PERF timeout "${GPU_CHECK_PERF_SECONDS:-300}" scripts/test.sh \
+    --timeout 300 -R "${GPU_CHECK_PERF_TESTS:-mp_ll|mp_ht|mp_soak|gpu_single}" 2>&1 |
+    tee "$OUT/perf-tests.log"
+  perf_rc=${PIPESTATUS[0]}
+  perf_s=$(( $(date +%s) - start ))
+fi
 
 # --- compute-sanitizer ---------------------------------------------------------------------------
 # name|ranks (0 = no mpirun)|test binary|gtest filter|extra environment
@@ -328,6 +344,11 @@ grep -E "tests passed|tests failed|Total Test time" "$OUT/test.log" | tail -3
 grep -E "SKIPPED \]|Skipped because|is not usable here|EPCOMM_SKIPPED_NO_GPU" "$OUT/test.log" |
   sort | uniq -c | head -10
 echo "tests: rc=$test_rc (${test_s}s)"
+if [ "$perf_rc" != skipped ]; then
+  echo "-- tests with EPCOMM_PERF=$GPU_CHECK_PERF"
+  grep -E "tests passed|tests failed" "$OUT/perf-tests.log" | tail -2
+  echo "perf tests: rc=$perf_rc (${perf_s}s)"
+fi
 echo "-- compute-sanitizer ($san_state, ${san_s}s${san_mps_note:+; $san_mps_note})"
 if [ "$san_state" = run ]; then
   printf '%-10s %-14s %5s %8s %9s %10s %6s  %s\n' tool run ranks reported "fabric(*)" unexpected \
@@ -340,10 +361,13 @@ fi
 echo "bench: rc=$bench_rc (${bench_s:-0}s)"
 if [ "$bench_rc" != skipped ]; then
   sed -n '/^op /,$p' "$OUT/bench.log" | head -60
+  echo "-- fixed cost per call"
+  sed -n '/^Fit per op/,$p' "$OUT/bench.log" | head -40
 fi
 rm -rf "$mps_root"
 final=0
 [ "$test_rc" = 0 ] || final=1
+[ "$perf_rc" = skipped ] || [ "$perf_rc" = 0 ] || final=1
 if [ "$san_state" = run ] && { [ "$san_total_unexpected" != 0 ] || [ "$san_incomplete" != 0 ]; }; then
   final=1
 fi

@@ -11,7 +11,9 @@
 #include <string>
 
 #include "check.hpp"
+#include "core/perf_flags.hpp"
 #include "core/topology.hpp"
+#include "core/perf_flags.hpp"
 
 namespace epcomm {
 
@@ -173,5 +175,38 @@ std::optional<std::string> hostIdOverride() {
 }
 
 }  // namespace core
+
+PerfFlags perfFlagsFromEnv() {
+  PerfFlags flags;
+  const char* env = envOrNull("EPCOMM_PERF");
+  if (env == nullptr) return flags;
+  std::string text = env;
+  size_t begin = 0;
+  while (begin <= text.size()) {
+    size_t end = text.find(',', begin);
+    if (end == std::string::npos) end = text.size();
+    const std::string name = text.substr(begin, end - begin);
+    if (name == "ll_fused_dispatch") {
+      flags.ll_fused_dispatch = true;
+    } else if (name == "ll_fused_combine") {
+      flags.ll_fused_combine = true;
+    } else if (name == "ll_parallel_posts") {
+      flags.ll_parallel_posts = true;
+    } else if (name == "ht_counts_once") {
+      flags.ht_counts_once = true;
+    } else if (name == "all") {
+      flags.ll_fused_dispatch = true;
+      flags.ll_fused_combine = true;
+      flags.ll_parallel_posts = true;
+      flags.ht_counts_once = true;
+    } else if (!name.empty()) {
+      EPCOMM_ARG_CHECK(false, "EPCOMM_PERF", "'" << text << "'",
+                       "a comma-separated list of ll_fused_dispatch, ll_fused_combine, "
+                       "ll_parallel_posts, ht_counts_once, all");
+    }
+    begin = end + 1;
+  }
+  return flags;
+}
 
 }  // namespace epcomm

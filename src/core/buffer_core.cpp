@@ -39,6 +39,7 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
   const std::vector<ConfigDigest> digests =
       agreeOn<ConfigDigest>(bootstrap, "checking its BufferConfig", [&]() {
         resolved = resolveConfig(config, num_ranks);
+        perf = perfFlagsFromEnv();
         layout = computeBufferLayout(resolved);
         return core::digestOf(resolved, layout);
       });

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "core/buffer_layout.hpp"
+#include "core/perf_flags.hpp"
 #include "cuda_resources.hpp"
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/config.hpp"
@@ -74,6 +75,7 @@ struct EPCOMM_LOCAL BufferCore {
 
   Bootstrap& bootstrap;
   ResolvedConfig resolved;
+  PerfFlags perf;  // EPCOMM_PERF, read with the config (core/perf_flags.hpp)
   int rank = 0;
   int num_ranks = 1;
   int device = 0;

@@ -266,6 +266,7 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   if (args.expert_major) return dispatchExpertMajor(b, regions_, args, h, sms, stream);
 
   kernels::HtDispatchParams p{};
+  p.counts_once = b.perf.ht_counts_once ? 1 : 0;
   p.peers = b.peers;
   p.regions = regions_;
   p.x = static_cast<const uint8_t*>(args.x);

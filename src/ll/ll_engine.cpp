@@ -66,6 +66,7 @@ kernels::LlParams LlEngine::baseParams() const {
   p.num_experts = c.num_experts;
   p.num_local_experts = core_.num_local_experts;
   p.max_topk = c.max_topk;
+  p.parallel_posts = core_.perf.ll_parallel_posts ? 1 : 0;
   return p;
 }
 
@@ -113,6 +114,7 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
 
   DeviceGuard guard(b.device);
   kernels::LlParams p = baseParams();
+  const bool fused = send && recv && b.perf.ll_fused_dispatch;
   if (send) {
     p.x = static_cast<const uint16_t*>(args.x);
     p.num_tokens = args.num_tokens;
@@ -122,7 +124,12 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
     p.topk_weights = args.topk_weights;
     p.use_fp8 = args.use_fp8;
     p.signature = kernels::llSignature(c.hidden, args.use_fp8);
-    kernels::launchLlDispatchSend(p, sms, stream);
+    if (fused) {
+      p.cumulative_recv_counts = args.cumulative_recv_counts;
+      kernels::launchLlDispatchFused(p, sms, stream);
+    } else {
+      kernels::launchLlDispatchSend(p, sms, stream);
+    }
     use_fp8_ = args.use_fp8;
     num_tokens_ = args.num_tokens;
     num_topk_ = args.topk.num_topk;
@@ -130,10 +137,12 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
     stage_ = Stage::kDispatchSent;
   }
   if (recv) {
-    p.cumulative_recv_counts = args.cumulative_recv_counts;
-    p.use_fp8 = use_fp8_;
-    p.signature = kernels::llSignature(c.hidden, use_fp8_);
-    kernels::launchLlDispatchRecv(p, sms, stream);
+    if (!fused) {
+      p.cumulative_recv_counts = args.cumulative_recv_counts;
+      p.use_fp8 = use_fp8_;
+      p.signature = kernels::llSignature(c.hidden, use_fp8_);
+      kernels::launchLlDispatchRecv(p, sms, stream);
+    }
     stage_ = Stage::kDispatched;
   }
 
@@ -198,11 +207,17 @@ void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase p
     if (p.weights_mode == kernels::kLlWeightsPushed) {
       kernels::launchLlCombineWeights(p, sms, stream);
     }
-    kernels::launchLlCombineSend(p, sms, stream);
+    if (recv && b.perf.ll_fused_combine) {
+      kernels::launchLlCombineFused(p, sms, stream);
+    } else {
+      kernels::launchLlCombineSend(p, sms, stream);
+    }
     stage_ = Stage::kCombineSent;
   }
   if (recv) {
-    kernels::launchLlCombineRecv(p, num_tokens_, sms, stream);
+    if (!(send && b.perf.ll_fused_combine)) {
+      kernels::launchLlCombineRecv(p, num_tokens_, sms, stream);
+    }
     stage_ = Stage::kIdle;
   }
   b.trackWork(stream);

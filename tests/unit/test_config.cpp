@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/perf_flags.hpp"
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
@@ -644,6 +645,60 @@ TEST_F(ConfigTest, BytesForRejectsWhatTheConstructorRejects) {
                InvalidArgument);
   EXPECT_THROW(EpBuffer::bytesFor(BufferConfig{}, 3), InvalidArgument);  // 256 experts, 3 ranks
   EXPECT_THROW(EpBuffer::bytesFor(BufferConfig{}, 0), InvalidArgument);
+}
+
+// EPCOMM_PERF (core/perf_flags.hpp): every fast path is off unless named; a typo is an error.
+TEST(PerfFlags, OffUnlessNamed) {
+  {
+    ScopedEnv env("EPCOMM_PERF", nullptr);
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_FALSE(f.ll_fused_dispatch);
+    EXPECT_FALSE(f.ll_fused_combine);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "");
+    EXPECT_FALSE(perfFlagsFromEnv().ll_fused_dispatch);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "ll_fused_dispatch");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_TRUE(f.ll_fused_dispatch);
+    EXPECT_FALSE(f.ll_fused_combine);
+    EXPECT_FALSE(f.ll_parallel_posts);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "ll_parallel_posts");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_TRUE(f.ll_parallel_posts);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ht_counts_once);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "ht_counts_once");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_TRUE(f.ht_counts_once);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "ll_fused_combine,,ll_fused_dispatch");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_TRUE(f.ll_fused_dispatch);
+    EXPECT_TRUE(f.ll_fused_combine);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "all");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts &&
+                f.ht_counts_once);
+  }
+  for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch"}) {
+    ScopedEnv env("EPCOMM_PERF", bad);
+    try {
+      (void)perfFlagsFromEnv();
+      ADD_FAILURE() << "EPCOMM_PERF='" << bad << "' was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("EPCOMM_PERF"), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace
