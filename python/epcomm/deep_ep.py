@@ -609,19 +609,19 @@ class Buffer:
                 for t in (recv_x, recv_scales, recv_idx, recv_w):
                     if t is not None:
                         t.record_stream(run)
-            view = res.recv_x
-            if view.shape[0] != n:
-                view = view[:n]
+            # The binding's views have exactly n rows (exact_count / num_worst_tokens); other
+            # cores may give more. A slice costs a microsecond: only when needed.
+            view = _rows(res.recv_x, n)
             if recv_x.element_size() == 1:  # FP8: copy the bytes (a framework without DLPack
                 recv_x.view(torch.uint8).copy_(view.view(torch.uint8))  # float8 gives uint8)
             else:
                 recv_x.copy_(view)
             if recv_scales is not None:
-                recv_scales.copy_(res.recv_x_scales[:n])
+                recv_scales.copy_(_rows(res.recv_x_scales, n))
             if topk_out:
-                recv_idx.copy_(res.recv_topk_idx[:n])
+                recv_idx.copy_(_rows(res.recv_topk_idx, n))
                 if topk_weights is not None:
-                    recv_w.copy_(res.recv_topk_weights[:n])
+                    recv_w.copy_(_rows(res.recv_topk_weights, n))
                 else:  # DeepEP sends no weights then; epcomm's are 0 (documented in ops.hpp)
                     recv_w.zero_()
         event = self._leave(compute, run, async_finish,
@@ -722,7 +722,10 @@ class Buffer:
                                      cumulative_recv_counts=cumulative_local_expert_recv_stats)
         self._last_ll = r  # its views stay alive, so the next call's are reused (view cache)
         rows = self.group_size * num_max_dispatch_tokens_per_rank
-        recv_x = r.recv_x[:, :rows]  # valid rows are packed at the front of each expert
+        recv_x = r.recv_x  # valid rows are packed at the front of each expert
+        # A new tensor object per call, as DeepEP's (the binding hands out the same cached view
+        # object); detach() makes one for a fraction of a slice's cost.
+        recv_x = recv_x[:, :rows] if recv_x.shape[1] != rows else recv_x.detach()
         if use_fp8 and recv_x.dtype == torch.uint8:  # a torch without DLPack float8
             recv_x = recv_x.view(torch.float8_e4m3fn)
         scales = None
@@ -846,6 +849,11 @@ def _on(stream, current):
     """torch.cuda.stream(stream), or nothing when it is the current stream already (the context
     manager costs microseconds per call). None stands for the current stream."""
     return _NOTHING if stream is current or stream is None else _torch().cuda.stream(stream)
+
+
+def _rows(t, n):
+    """The first n rows of t (t itself when it has n)."""
+    return t if t.shape[0] == n else t[:n]
 
 
 def _check_ranks(num_ranks):

@@ -258,9 +258,9 @@ epcomm::IndexType indexType(const Array& a) {
 // the conversion itself in a fraction of the host time. Exact torch.Tensor only: a subclass may
 // override __dlpack__ or __torch_function__, so it takes nanobind's general path.
 struct TorchDlpack {
-  PyTypeObject* tensor = nullptr;   // torch.Tensor
-  PyObject* to_dlpack = nullptr;    // torch._C._to_dlpack(tensor) -> capsule
-  PyObject* from_dlpack = nullptr;  // torch._C._from_dlpack(capsule) -> tensor
+  PyTypeObject* tensor = nullptr;     // torch.Tensor
+  PyObject* to_dlpack = nullptr;      // torch._C._to_dlpack(tensor) -> capsule
+  PyObject* from_dlpack = nullptr;    // torch._C._from_dlpack(capsule) -> tensor
   PyObject* requires_grad = nullptr;  // interned "requires_grad"
 };
 
@@ -860,10 +860,9 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
   return out;
 }
 
-DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle,
-                        nb::handle topk_idx_obj, nb::handle topk_weights_obj,
-                        nb::handle x_scales_obj, int expert_alignment, bool exact_count,
-                        nb::handle recv_x_out_obj, nb::handle recv_scales_out_obj,
+DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, nb::handle topk_idx_obj,
+                        nb::handle topk_weights_obj, nb::handle x_scales_obj, int expert_alignment,
+                        bool exact_count, nb::handle recv_x_out_obj, nb::handle recv_scales_out_obj,
                         std::optional<int> num_sms, nb::handle stream,
                         nb::handle num_tokens_per_rank_obj, nb::handle is_token_in_rank_obj,
                         nb::handle num_tokens_per_expert_obj, int num_worst_tokens,
@@ -1283,7 +1282,8 @@ NB_MODULE(_epcomm, m) {
       "the dispatch/combine ops on it.\n\n"
       "Buffer(bootstrap, *, hidden, num_experts, max_topk, max_tokens_per_rank, "
       "ll_max_tokens_per_rank, device, mem_mode, timeout_s, first_op_timeout_s, num_sms, "
-      "ll_num_sms, scratch_bytes, ht_recv_rows, framework='auto') is collective over the bootstrap's ranks. "
+      "ll_num_sms, scratch_bytes, ht_recv_rows, framework='auto') is collective over the "
+      "bootstrap's ranks. "
       "None means the library default (kAuto). Tensors are any __dlpack__ CUDA tensor; results "
       "are views into the buffer, in the framework of the call's x ('auto') or the one named "
       "(torch, cupy, jax, dlpack). Streams: None (torch's current stream, else 0), an int "

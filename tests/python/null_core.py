@@ -9,8 +9,8 @@ stream/event handling, torch.empty and copy_ calls, tuple building.
 
     python tests/python/null_core.py [--iters N] [--repeat R] [--json]
 
-prints the best-of-R mean host time (thread CPU time) per call of each deep_ep path. A CPU number is not the GPU
-number: torch ops on CPU tensors cost a little less host time than CUDA launches, the torch.cuda
+prints the best-of-R mean host time (thread CPU time) per call of each deep_ep path, and the
+binding's per-tensor costs. A CPU number is not the GPU number: torch ops on CPU tensors cost a little less host time than CUDA launches, the torch.cuda
 stream/event calls cost nothing here, and the core call (C++ on the GPU) is left out. It tells
 what the Python layer costs and whether a change made it cheaper; ``python -m epcomm.bench`` on a
 GPU stays the authority. Shapes are small (hidden 128, 16 tokens) so that the CPU copies the
@@ -218,6 +218,26 @@ def facade_paths(tokens=16, hidden=128, experts=64, topk=8):
     }
 
 
+def check_fresh_outputs(paths):
+    """DeepEP's HT and LL-combine results are fresh tensors: a later call must not hand out (or
+    write into) the memory of an earlier call's result. Checks that on the null core."""
+    def ptrs(result):
+        out = []
+        for v in (result if isinstance(result, tuple) else (result,)):
+            if isinstance(v, tuple):
+                out += ptrs(v)
+            elif isinstance(v, torch.Tensor) and v.numel():
+                out.append(v.data_ptr())
+        return out
+
+    for name in ("deep_ep dispatch (top-k)", "deep_ep dispatch (cached)", "deep_ep combine",
+                 "deep_ep combine (weights)", "deep_ep LL dispatch+combine"):
+        first = paths[name]()
+        keep = ptrs(first)
+        second = ptrs(paths[name]())
+        assert keep and not set(keep) & set(second), f"{name}: a result's memory was reused"
+
+
 def binding_paths():
     """{name: callable}: the binding's per-tensor costs, which CPU tensors can show: importing a
     torch tensor argument (DLPack in, as every tensor argument of Buffer.dispatch/combine/LL is)
@@ -240,13 +260,18 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--profile", metavar="PATH", help="cProfile each path; print the top calls")
+    p.add_argument("--profile", metavar="NAME", help="cProfile the paths whose name starts "
+                   "with NAME; print the top calls")
+    p.add_argument("--check", action="store_true", help="also check that HT and LL-combine "
+                   "results are fresh tensors (what the pytest smoke test runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     paths = dict(binding_paths())  # before install(): the real binding
     install()
     paths.update(facade_paths())
+    if args.check:
+        check_fresh_outputs(paths)
     for name, fn in paths.items():
         if args.profile and name.startswith(args.profile):
             import cProfile
