@@ -13,7 +13,6 @@
 #include "check.hpp"
 #include "core/perf_flags.hpp"
 #include "core/topology.hpp"
-#include "core/perf_flags.hpp"
 
 namespace epcomm {
 

@@ -4,12 +4,30 @@ import sys
 
 from . import _epcomm
 
+_raw_stream_of = None  # (torch module, raw current-stream function, current-device function)
+
+
+def _torch_raw(torch):
+    """torch's C functions for the current stream's handle (no torch.cuda.Stream object is made:
+    torch.cuda.current_stream() builds one per call, a few microseconds), or None when this
+    torch lacks them."""
+    global _raw_stream_of
+    if _raw_stream_of is None or _raw_stream_of[0] is not torch:
+        c = getattr(torch, "_C", None)
+        raw = getattr(c, "_cuda_getCurrentRawStream", None)
+        dev = getattr(c, "_cuda_getDevice", None)
+        _raw_stream_of = (torch, (raw, dev) if raw is not None and dev is not None else None)
+    return _raw_stream_of[1]
+
 
 def current_stream() -> int:
     """The stream a call with ``stream=None`` runs on: torch's current stream when torch has
     initialized CUDA in this process, else the legacy default stream (0)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
+        fns = _torch_raw(torch)
+        if fns is not None:
+            return fns[0](fns[1]())
         return torch.cuda.current_stream().cuda_stream
     return 0
 

@@ -74,6 +74,12 @@ def _facade_rows(args, x, topk_idx, topk_weights, cpp_by_op):
         out.append({"op": name, "python_us": py * 1e6, "cpp_us": cpp,
                     "overhead_us": py * 1e6 - cpp})
 
+    # Static shapes (num_worst_tokens = all tokens): no host wait for the received count, as in
+    # the C++ row; with exact counts the host time would include the GPU's work.
+    row("deep_ep dispatch (top-k, worst)",
+        lambda: fb.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                            num_tokens_per_rank=ntr, is_token_in_rank=itr,
+                            num_tokens_per_expert=nte, num_worst_tokens=n), "dispatch (top-k)")
     row("deep_ep dispatch (cached)", lambda: fb.dispatch(x, handle=handle), "dispatch (cached)")
     row("deep_ep combine", lambda: fb.combine(recv_x, handle), "combine")
 

@@ -20,19 +20,24 @@ Lifetimes. HT results are fresh tensors, as DeepEP's (copied out of the symmetri
 LL results are zero-copy views, valid until the next ``low_latency_dispatch`` (DeepEP keeps two
 LL buffers; epcomm alternates dispatch and combine on one).
 """
-import weakref
-
 from . import _epcomm
 from ._epcomm import InvalidArgument, UnsupportedError
+from ._streams import current_stream as _current_stream
 
 _INTERNODE = ("internode (RDMA) is not supported by epcomm.deep_ep: epcomm runs inside one "
               "NVLink domain")
 
 
-def _torch():
-    import torch
+_torch_module = None
 
-    return torch
+
+def _torch():
+    global _torch_module
+    if _torch_module is None:
+        import torch
+
+        _torch_module = torch
+    return _torch_module
 
 
 # --- Config and size hints (no torch needed) ---------------------------------------------------
@@ -147,10 +152,11 @@ class _Handle:
     no allocation per call once the pool is warm."""
 
     __slots__ = ("ep", "num_tokens", "num_recv", "num_topk", "is_token_in_rank",
-                 "expert_alignment", "num_worst_tokens", "__weakref__")
+                 "expert_alignment", "num_worst_tokens", "_pool", "__weakref__")
 
-    def __init__(self, ep, num_tokens, num_recv, num_topk, is_token_in_rank, expert_alignment,
-                 num_worst_tokens):
+    def __init__(self, pool, ep, num_tokens, num_recv, num_topk, is_token_in_rank,
+                 expert_alignment, num_worst_tokens):
+        self._pool = pool  # the Buffer's free list at creation (destroy() starts a new one)
         self.ep = ep
         self.num_tokens = num_tokens
         self.num_recv = num_recv  # host row count of recv_x (num_worst_tokens when static)
@@ -158,6 +164,14 @@ class _Handle:
         self.is_token_in_rank = is_token_in_rank
         self.expert_alignment = expert_alignment
         self.num_worst_tokens = num_worst_tokens
+
+    def __del__(self):
+        # Cheaper than weakref.finalize (no registry entry per handle): the epcomm Handle goes
+        # back to the pool it came from.
+        try:
+            self._pool.append(self.ep)
+        except AttributeError:  # __init__ did not finish
+            pass
 
 
 class _LlHandle:
@@ -230,6 +244,9 @@ class Buffer:
                            max_tokens_per_rank=max_tokens_per_rank,
                            ll_max_tokens_per_rank=ll_max_tokens_per_rank, timeout_s=timeout_s)
         self._buf = None
+        # The buffer's shape, read once at creation (the binding's properties cost a call each).
+        self._hidden = self._num_experts = None
+        self._ll_cap = 0
         self._pool = []  # free epcomm Handles
         self._num_experts_hint = None
         self._ll_seq = 0
@@ -333,7 +350,7 @@ class Buffer:
         HT and LL calls. The arguments are checked against the buffer."""
         if self._buf is not None:
             self._check_shape(hidden, num_experts)
-            cap = self._buf.config["ll_max_tokens_per_rank"]
+            cap = self._ll_cap
             if num_max_dispatch_tokens_per_rank > cap:
                 raise ValueError(f"num_max_dispatch_tokens_per_rank = "
                                  f"{num_max_dispatch_tokens_per_rank} > the buffer's LL capacity "
@@ -342,22 +359,24 @@ class Buffer:
     # --- creation -----------------------------------------------------------------------------
 
     def _check_shape(self, hidden, num_experts):
-        b = self._buf
-        if hidden is not None and hidden != b.hidden:
+        if hidden is not None and hidden != self._hidden:
             raise ValueError(f"hidden = {hidden}, but this Buffer was created for hidden = "
-                             f"{b.hidden} (one shape per Buffer)")
-        if num_experts is not None and num_experts != b.num_experts:
+                             f"{self._hidden} (one shape per Buffer)")
+        if num_experts is not None and num_experts != self._num_experts:
             raise ValueError(f"num_experts = {num_experts}, but this Buffer was created for "
-                             f"num_experts = {b.num_experts} (one shape per Buffer)")
+                             f"num_experts = {self._num_experts} (one shape per Buffer)")
 
     def _ensure(self, hidden, num_experts, ll_tokens=None):
         """The epcomm buffer, created (collectively) on first use with capacities mapped from
         the byte budgets."""
+        buf = self._buf
+        if buf is not None:
+            if hidden != self._hidden or (num_experts is not None and
+                                          num_experts != self._num_experts):
+                self._check_shape(hidden, num_experts)
+            return buf
         if self._bootstrap is None:
             raise _epcomm.BrokenError("[epcomm] deep_ep.Buffer: destroyed; create a new one")
-        if self._buf is not None:
-            self._check_shape(hidden, num_experts)
-            return self._buf
         f = self._fixed
         hidden = f["hidden"] if f["hidden"] is not None else hidden
         num_experts = num_experts if num_experts is not None else (
@@ -402,24 +421,28 @@ class Buffer:
                 f"Buffer.get_low_latency_rdma_size_hint")
         from ._epcomm import Buffer as EpBuffer
 
-        self._buf = EpBuffer(self._bootstrap, device=self._device, max_tokens_per_rank=ht,
-                             ll_max_tokens_per_rank=ll, mem_mode=self._mem_mode,
-                             timeout_s=f["timeout_s"], framework="torch", **shape)
-        return self._buf
+        buf = EpBuffer(self._bootstrap, device=self._device, max_tokens_per_rank=ht,
+                       ll_max_tokens_per_rank=ll, mem_mode=self._mem_mode,
+                       timeout_s=f["timeout_s"], framework="torch", **shape)
+        self._hidden, self._num_experts = buf.hidden, buf.num_experts
+        self._ll_cap = buf.config["ll_max_tokens_per_rank"]
+        self._buf = buf
+        return buf
 
     # --- streams ------------------------------------------------------------------------------
 
     def _enter(self, previous_event, async_finish=False, allocate_on_comm_stream=False):
-        """Returns (compute, run): torch's current stream and the stream the call runs on.
+        """Returns (compute, run): torch's current stream and the stream the call runs on, or
+        (None, None) for "the current stream" (see _run_stream).
 
         DeepEP runs on its comm stream after waiting for previous_event (or the current stream).
         Without previous_event, async_finish and allocate_on_comm_stream that round trip orders
         nothing more than running on the current stream does, so the call runs there: two event
-        records and waits less per call (most of the facade's host time)."""
-        torch = _torch()
-        compute = torch.cuda.current_stream()
+        records and waits less per call (most of the facade's host time). That common case
+        makes no stream object at all (torch.cuda.current_stream() builds one per call)."""
         if previous_event is None and not async_finish and not allocate_on_comm_stream:
-            return compute, compute
+            return None, None
+        compute = _torch().cuda.current_stream()
         if previous_event is not None:
             if previous_event.event is not None:
                 self._comm.wait_event(previous_event.event)
@@ -430,7 +453,7 @@ class Buffer:
     def _leave(self, compute, run, async_finish, tensors):
         """DeepEP's ending: with async_finish an event on the comm stream (and the tensors kept
         alive for it), else the current stream waits for the comm stream."""
-        if run is compute:
+        if run is compute:  # (None, None) from _enter included
             return EventOverlap()
         if async_finish:
             event = _torch().cuda.Event()
@@ -448,9 +471,7 @@ class Buffer:
         return self._buf.create_handle()
 
     def _wrap_handle(self, ep, *args):
-        h = _Handle(ep, *args)
-        weakref.finalize(h, self._pool.append, ep)
-        return h
+        return _Handle(self._pool, ep, *args)
 
     # --- HT -----------------------------------------------------------------------------------
 
@@ -534,70 +555,87 @@ class Buffer:
             raise ValueError(f"num_worst_tokens = {num_worst_tokens}, expected >= 0")
 
         compute, run = self._enter(previous_event, async_finish, allocate_on_comm_stream)
-        s = run.cuda_stream
-        if handle is not None:
-            res = buf.dispatch(x, handle.ep, x_scales=x_scales,
-                               expert_alignment=handle.expert_alignment,
-                               num_worst_tokens=handle.num_worst_tokens, num_sms=num_sms, stream=s)
-            n = handle.num_recv
-            self._last_cached = res  # keeps its capacity-sized views for reuse (view cache)
-        else:
-            ep = self._handle()
-            try:
-                res = buf.dispatch(x, ep, topk_idx=topk_idx, topk_weights=topk_weights,
-                                   x_scales=x_scales, expert_alignment=expert_alignment,
-                                   exact_count=num_worst_tokens == 0,
-                                   num_tokens_per_rank=num_tokens_per_rank,
-                                   is_token_in_rank=is_token_in_rank,
-                                   num_tokens_per_expert=num_tokens_per_expert,
-                                   num_worst_tokens=num_worst_tokens, num_sms=num_sms, stream=s)
-            except BaseException:
-                self._pool.append(ep)
-                raise
-            n = res.num_recv_tokens_host if num_worst_tokens == 0 else num_worst_tokens
+        s = _current_stream() if run is None else run.cuda_stream
         # DeepEP returns fresh tensors; epcomm's views live until the next HT dispatch.
         alloc_stream = run if allocate_on_comm_stream else compute
+        if handle is not None:
+            # Cached: the row count is known before the call, so the library copies the rows
+            # into the fresh tensors itself (DispatchArgs::recv_x_out / recv_scales_out), in the
+            # dispatch call: no result views, slices or torch copies on the host.
+            n = handle.num_recv
+            with _on(alloc_stream, compute):
+                recv_x = x.new_empty((n, x.shape[1]))
+                recv_scales = None if x_scales is None else x_scales.new_empty(
+                    (n, x_scales.shape[1]), dtype=torch.float32)
+            if alloc_stream is not run:
+                recv_x.record_stream(run)
+                if recv_scales is not None:
+                    recv_scales.record_stream(run)
+            # FP8 rows as bytes: the binding takes any dtype here, and a torch without DLPack
+            # float8 still exports uint8.
+            out = recv_x.view(torch.uint8) if recv_x.element_size() == 1 else recv_x
+            buf.dispatch(x, handle.ep, x_scales=x_scales, expert_alignment=handle.expert_alignment,
+                         num_worst_tokens=handle.num_worst_tokens, num_sms=num_sms, stream=s,
+                         recv_x_out=out, recv_scales_out=recv_scales)
+            event = self._leave(compute, run, async_finish, (x, x_scales, recv_x, recv_scales))
+            return ((recv_x, recv_scales) if x_scales is not None else recv_x), None, None, \
+                None, None, event
+        ep = self._handle()
+        try:
+            res = buf.dispatch(x, ep, topk_idx=topk_idx, topk_weights=topk_weights,
+                               x_scales=x_scales, expert_alignment=expert_alignment,
+                               exact_count=num_worst_tokens == 0,
+                               num_tokens_per_rank=num_tokens_per_rank,
+                               is_token_in_rank=is_token_in_rank,
+                               num_tokens_per_expert=num_tokens_per_expert,
+                               num_worst_tokens=num_worst_tokens, num_sms=num_sms, stream=s)
+        except BaseException:
+            self._pool.append(ep)
+            raise
+        n = res.num_recv_tokens_host if num_worst_tokens == 0 else num_worst_tokens
+        h = x.shape[1]
         with _on(alloc_stream, compute):
-            recv_x = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)
-            recv_scales = None if x_scales is None else torch.empty(
-                (n, x_scales.shape[1]), dtype=torch.float32, device=x.device)
-            topk_out = handle is None and topk_idx is not None
+            recv_x = x.new_empty((n, h))
+            recv_scales = None if x_scales is None else x_scales.new_empty(
+                (n, x_scales.shape[1]), dtype=torch.float32)
+            topk_out = topk_idx is not None
             recv_idx = recv_w = None
             if topk_out:
-                recv_idx = torch.empty((n, topk_idx.shape[1]), dtype=topk_idx.dtype,
-                                       device=x.device)
-                recv_w = torch.empty((n, topk_idx.shape[1]), dtype=torch.float32,
-                                     device=x.device)
+                k = topk_idx.shape[1]
+                recv_idx = topk_idx.new_empty((n, k))
+                recv_w = x.new_empty((n, k), dtype=torch.float32)
         with _on(run, compute):
             if alloc_stream is not run:
                 for t in (recv_x, recv_scales, recv_idx, recv_w):
                     if t is not None:
                         t.record_stream(run)
-            view = res.recv_x[:n]
+            # The binding's views have exactly n rows (exact_count / num_worst_tokens); other
+            # cores may give more. A slice costs a microsecond: only when needed.
+            view = _rows(res.recv_x, n)
             if recv_x.element_size() == 1:  # FP8: copy the bytes (a framework without DLPack
                 recv_x.view(torch.uint8).copy_(view.view(torch.uint8))  # float8 gives uint8)
             else:
                 recv_x.copy_(view)
             if recv_scales is not None:
-                recv_scales.copy_(res.recv_x_scales[:n])
+                recv_scales.copy_(_rows(res.recv_x_scales, n))
             if topk_out:
-                recv_idx.copy_(res.recv_topk_idx[:n])
+                recv_idx.copy_(_rows(res.recv_topk_idx, n))
                 if topk_weights is not None:
-                    recv_w.copy_(res.recv_topk_weights[:n])
+                    recv_w.copy_(_rows(res.recv_topk_weights, n))
                 else:  # DeepEP sends no weights then; epcomm's are 0 (documented in ops.hpp)
                     recv_w.zero_()
         event = self._leave(compute, run, async_finish,
                             (x, x_scales, topk_idx, topk_weights, recv_x, recv_scales, recv_idx,
                              recv_w))
         out_x = (recv_x, recv_scales) if x_scales is not None else recv_x
-        if handle is not None:
-            return out_x, None, None, None, None, event
         if num_worst_tokens > 0:
             counts = []  # DeepEP: no host counts in the static-shape mode
-        elif res.num_recv_tokens_per_expert_list is not None:
-            counts = list(res.num_recv_tokens_per_expert_list)
         else:
-            counts = res.num_recv_tokens_per_expert.tolist()
+            counts = res.num_recv_tokens_per_expert_list  # a new list on every read
+            if counts is None:
+                counts = res.num_recv_tokens_per_expert.tolist()
+            elif type(counts) is not list:
+                counts = list(counts)
         itr = is_token_in_rank if is_token_in_rank is not None else res.handle.is_token_in_rank
         new_handle = self._wrap_handle(ep, x.shape[0], n,
                                        topk_idx.shape[1] if topk_idx is not None else 0, itr,
@@ -625,17 +663,21 @@ class Buffer:
         compute, run = self._enter(previous_event, async_finish, allocate_on_comm_stream)
         alloc_stream = run if allocate_on_comm_stream else compute
         with _on(alloc_stream, compute):
-            out = torch.empty((handle.num_tokens, x.shape[1]), dtype=x.dtype, device=x.device)
+            out = x.new_empty((handle.num_tokens, x.shape[1]))
             combined_w = None
             if topk_weights is not None:
-                combined_w = torch.empty((handle.num_tokens, topk_weights.shape[1]),
-                                         dtype=torch.float32, device=x.device)
+                combined_w = x.new_empty((handle.num_tokens, topk_weights.shape[1]),
+                                         dtype=torch.float32)
         if alloc_stream is not run:
             for t in (out, combined_w):
                 if t is not None:
                     t.record_stream(run)
-        buf.combine(x, handle.ep, out, bias=bias, recv_topk_weights=topk_weights,
-                    combined_topk_weights=combined_w, num_sms=num_sms, stream=run.cuda_stream)
+        s = _current_stream() if run is None else run.cuda_stream
+        if topk_weights is None and bias is None:
+            buf.combine(x, handle.ep, out, num_sms=num_sms, stream=s)
+        else:
+            buf.combine(x, handle.ep, out, bias=bias, recv_topk_weights=topk_weights,
+                        combined_topk_weights=combined_w, num_sms=num_sms, stream=s)
         event = self._leave(compute, run, async_finish, (x, topk_weights, bias, out, combined_w))
         return out, combined_w, event
 
@@ -664,7 +706,7 @@ class Buffer:
         if self._ll_pending is not None:
             raise ValueError("low_latency_dispatch: call the previous call's recv hook first")
         buf = self._ensure(x.shape[1], num_experts, ll_tokens=num_max_dispatch_tokens_per_rank)
-        cap = buf.config["ll_max_tokens_per_rank"]
+        cap = self._ll_cap
         if num_max_dispatch_tokens_per_rank > cap:
             raise ValueError(f"num_max_dispatch_tokens_per_rank = "
                              f"{num_max_dispatch_tokens_per_rank} > the buffer's LL capacity {cap} "
@@ -673,21 +715,25 @@ class Buffer:
             raise ValueError(f"low_latency_dispatch: {x.shape[0]} tokens > "
                              f"num_max_dispatch_tokens_per_rank = "
                              f"{num_max_dispatch_tokens_per_rank}")
-        stream, compute = self._ll_stream(async_finish)
+        # The stream object is needed only to copy the FP8 scales later, in the recv hook.
+        stream, compute = self._ll_stream(async_finish, use_fp8 and return_recv_hook)
         phase = "send" if return_recv_hook else "both"
         r = buf.low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, stream=stream, phase=phase,
                                      cumulative_recv_counts=cumulative_local_expert_recv_stats)
         self._last_ll = r  # its views stay alive, so the next call's are reused (view cache)
         rows = self.group_size * num_max_dispatch_tokens_per_rank
-        recv_x = r.recv_x[:, :rows]  # valid rows are packed at the front of each expert
+        recv_x = r.recv_x  # valid rows are packed at the front of each expert
+        # A new tensor object per call, as DeepEP's (the binding hands out the same cached view
+        # object); detach() makes one for a fraction of a slice's cost.
+        recv_x = recv_x[:, :rows] if recv_x.shape[1] != rows else recv_x.detach()
         if use_fp8 and recv_x.dtype == torch.uint8:  # a torch without DLPack float8
             recv_x = recv_x.view(torch.float8_e4m3fn)
         scales = None
         if use_fp8:
             # DeepEP's scales are column-major in the last two dimensions (TMA-friendly).
             src = r.recv_x_scales[:, :rows]
-            scales = torch.empty((src.shape[0], src.shape[2], src.shape[1]), dtype=torch.float32,
-                                 device=x.device).transpose(1, 2)
+            scales = x.new_empty((src.shape[0], src.shape[2], src.shape[1]),
+                                 dtype=torch.float32).transpose(1, 2)
         self._ll_seq += 1
         handle = _LlHandle(self._ll_seq, x.shape[0], topk_idx.shape[1],
                            num_max_dispatch_tokens_per_rank, x.shape[1], num_experts,
@@ -695,7 +741,7 @@ class Buffer:
 
         def finish():
             if scales is not None:
-                with torch.cuda.stream(self._comm if async_finish else compute):
+                with _on(self._comm if async_finish else compute, None):
                     scales.copy_(r.recv_x_scales[:, :rows])
 
         hook = None
@@ -736,11 +782,12 @@ class Buffer:
                              "low_latency_dispatch's (epcomm alternates LL dispatch and combine)")
         if self._ll_pending is not None:
             raise ValueError("low_latency_combine: call the dispatch's recv hook first")
-        if tuple(topk_idx.shape) != (handle.num_tokens, handle.num_topk):
-            raise ValueError(f"topk_idx: shape {tuple(topk_idx.shape)}, the dispatch had "
+        shape = topk_idx.shape
+        if len(shape) != 2 or shape[0] != handle.num_tokens or shape[1] != handle.num_topk:
+            raise ValueError(f"topk_idx: shape {tuple(shape)}, the dispatch had "
                              f"({handle.num_tokens}, {handle.num_topk})")
         buf = self._buf
-        full = buf.config["ll_max_tokens_per_rank"] * self.group_size
+        full = self._ll_cap * self.group_size
         if x.shape[1] != full:
             # epcomm reads rows with the buffer's per-expert stride: stage a narrower x.
             key = ("stage", x.shape[0], x.shape[2])
@@ -753,8 +800,7 @@ class Buffer:
             x = stage
         stream, compute = self._ll_stream(async_finish)
         if out is None:
-            out = torch.empty((handle.num_tokens, handle.hidden), dtype=torch.bfloat16,
-                              device=x.device)
+            out = x.new_empty((handle.num_tokens, handle.hidden), dtype=torch.bfloat16)
         phase = "send" if return_recv_hook else "both"
         buf.low_latency_combine(x, out, topk_weights=topk_weights, stream=stream, phase=phase)
         hook = None
@@ -769,15 +815,18 @@ class Buffer:
         event = self._ll_leave(compute, async_finish, (x, topk_idx, topk_weights, out))
         return out, event, hook
 
-    def _ll_stream(self, async_finish):
-        """LL calls run on torch's current stream (capturable in a CUDA graph as it is), or on
-        the comm stream with async_finish."""
-        torch = _torch()
-        compute = torch.cuda.current_stream()
+    def _ll_stream(self, async_finish, want_compute=False):
+        """(handle, compute): LL calls run on torch's current stream (capturable in a CUDA graph
+        as it is), or on the comm stream with async_finish. compute (the current stream object)
+        is None unless async_finish or want_compute: making it costs a torch call."""
         if async_finish:
+            compute = _torch().cuda.current_stream()
             self._comm.wait_stream(compute)
             return self._comm_handle, compute
-        return compute.cuda_stream, compute
+        if want_compute:
+            compute = _torch().cuda.current_stream()
+            return compute.cuda_stream, compute
+        return _current_stream(), None
 
     def _ll_leave(self, compute, async_finish, tensors):
         if not async_finish:
@@ -798,8 +847,13 @@ _NOTHING = _Nothing()
 
 def _on(stream, current):
     """torch.cuda.stream(stream), or nothing when it is the current stream already (the context
-    manager costs microseconds per call)."""
-    return _NOTHING if stream is current else _torch().cuda.stream(stream)
+    manager costs microseconds per call). None stands for the current stream."""
+    return _NOTHING if stream is current or stream is None else _torch().cuda.stream(stream)
+
+
+def _rows(t, n):
+    """The first n rows of t (t itself when it has n)."""
+    return t if t.shape[0] == n else t[:n]
 
 
 def _check_ranks(num_ranks):

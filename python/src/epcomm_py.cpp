@@ -251,6 +251,73 @@ epcomm::IndexType indexType(const Array& a) {
   return sameDtype(a.dtype(), dt::kI32) ? epcomm::IndexType::kInt32 : epcomm::IndexType::kInt64;
 }
 
+// torch's own DLPack converters (torch._C._to_dlpack / _from_dlpack), looked up once torch is
+// imported. nanobind imports a torch tensor through Tensor.__dlpack__ (Python code: checks,
+// stream arguments) and exports through torch.utils.dlpack.from_dlpack (Python code that makes
+// a torch.cuda.Stream from a device string for every CUDA view); the C functions under both do
+// the conversion itself in a fraction of the host time. Exact torch.Tensor only: a subclass may
+// override __dlpack__ or __torch_function__, so it takes nanobind's general path.
+struct TorchDlpack {
+  PyTypeObject* tensor = nullptr;     // torch.Tensor
+  PyObject* to_dlpack = nullptr;      // torch._C._to_dlpack(tensor) -> capsule
+  PyObject* from_dlpack = nullptr;    // torch._C._from_dlpack(capsule) -> tensor
+  PyObject* requires_grad = nullptr;  // interned "requires_grad"
+};
+
+// nullptr until torch is imported (looked up again on the next call: one dict lookup), or when
+// this torch lacks the functions. Raw references, never released (module lifetime).
+const TorchDlpack* torchDlpack() {
+  static TorchDlpack api;
+  static bool resolved = false;
+  if (resolved) return api.tensor ? &api : nullptr;
+  PyObject* torch = PyDict_GetItemString(PyImport_GetModuleDict(), "torch");  // borrowed
+  if (!torch) return nullptr;
+  PyObject* tensor = PyObject_GetAttrString(torch, "Tensor");
+  if (!tensor) {  // torch is being imported right now: try again later
+    PyErr_Clear();
+    return nullptr;
+  }
+  resolved = true;
+  PyObject* c = PyObject_GetAttrString(torch, "_C");
+  PyObject* to = c ? PyObject_GetAttrString(c, "_to_dlpack") : nullptr;
+  PyObject* from = c ? PyObject_GetAttrString(c, "_from_dlpack") : nullptr;
+  PyErr_Clear();
+  Py_XDECREF(c);
+  if (!PyType_Check(tensor) || !to || !from) {
+    Py_DECREF(tensor);
+    Py_XDECREF(to);
+    Py_XDECREF(from);
+    return nullptr;
+  }
+  api.tensor = reinterpret_cast<PyTypeObject*>(tensor);
+  api.to_dlpack = to;
+  api.from_dlpack = from;
+  api.requires_grad = PyUnicode_InternFromString("requires_grad");
+  return &api;
+}
+
+// Imports `obj` through torch._C._to_dlpack when it is a plain torch.Tensor; false (and no
+// Python error set) when it is not, or when torch refuses (then nanobind's path gives the error).
+bool importTorch(nb::handle obj, Array& out) {
+  const TorchDlpack* t = torchDlpack();
+  if (!t || Py_TYPE(obj.ptr()) != t->tensor) return false;
+  // Tensor.__dlpack__ refuses a tensor that requires grad; leave those to it (same error).
+  PyObject* grad = PyObject_GetAttr(obj.ptr(), t->requires_grad);
+  if (!grad) {
+    PyErr_Clear();
+    return false;
+  }
+  const bool requires_grad = grad == Py_True;
+  Py_DECREF(grad);
+  if (requires_grad) return false;
+  nb::object capsule = nb::steal(PyObject_CallOneArg(t->to_dlpack, obj.ptr()));
+  if (!capsule.is_valid()) {
+    PyErr_Clear();
+    return false;
+  }
+  return nb::try_cast(capsule, out);
+}
+
 // What result arrays are returned as. kAuto: the framework of the call's main input.
 enum class Framework { kAuto = -1, kDlpack = 0, kNumpy = 1, kTorch = 2, kJax = 4, kCupy = 5 };
 
@@ -285,6 +352,13 @@ nb::object view(const void* data, std::initializer_list<size_t> shape, nb::dlpac
   ViewArray a(const_cast<void*>(data), shape, owner, {}, dtype, device_type, device);
   switch (fw) {
     case Framework::kTorch:
+      if (const TorchDlpack* t = torchDlpack()) {
+        // A plain DLPack capsule (nb::ndarray<> exports one) straight into torch.
+        nb::object capsule = nb::cast(a, nb::rv_policy::reference);
+        PyObject* tensor = PyObject_CallOneArg(t->from_dlpack, capsule.ptr());
+        if (!tensor) throw nb::python_error();
+        return nb::steal(tensor);
+      }
       return nb::cast(nb::ndarray<nb::pytorch>(a), nb::rv_policy::reference);
     case Framework::kCupy:
       return nb::cast(nb::ndarray<nb::cupy>(a), nb::rv_policy::reference);
@@ -637,6 +711,7 @@ epcomm::TopkView topkView(const OptArray& topk_idx, const PyBuffer& b, int num_t
 
 Array asArray(nb::handle obj, const char* name) {
   Array a;
+  if (importTorch(obj, a)) return a;
   if (!nb::try_cast(obj, a)) {
     throwInvalid(std::string(name) +
                  ": expected a tensor with __dlpack__ (torch, CuPy, JAX), got " +
@@ -644,6 +719,14 @@ Array asArray(nb::handle obj, const char* name) {
                      nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()))))));
   }
   return a;
+}
+
+// An optional tensor argument (None: not given), converted like asArray. The binding takes these
+// as Python objects and converts them here, inside the call's argument checks, so a bad one is
+// rejected on every rank (rejectCollective) and torch tensors take the fast path.
+OptArray optArray(nb::handle obj, const char* name) {
+  if (obj.is_none()) return std::nullopt;
+  return asArray(obj, name);
 }
 
 // Bad input found by the binding while converting the arguments of a collective call. The call
@@ -777,12 +860,13 @@ DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
   return out;
 }
 
-DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptArray topk_idx,
-                        OptArray topk_weights, OptArray x_scales, int expert_alignment,
-                        bool exact_count, OptArray recv_x_out, OptArray recv_scales_out,
-                        std::optional<int> num_sms, nb::handle stream, OptArray num_tokens_per_rank,
-                        OptArray is_token_in_rank, OptArray num_tokens_per_expert,
-                        int num_worst_tokens, bool expert_major) {
+DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, nb::handle topk_idx_obj,
+                        nb::handle topk_weights_obj, nb::handle x_scales_obj, int expert_alignment,
+                        bool exact_count, nb::handle recv_x_out_obj, nb::handle recv_scales_out_obj,
+                        std::optional<int> num_sms, nb::handle stream,
+                        nb::handle num_tokens_per_rank_obj, nb::handle is_token_in_rank_obj,
+                        nb::handle num_tokens_per_expert_obj, int num_worst_tokens,
+                        bool expert_major) {
   epcomm::EpBuffer& buf = self.get();
   cudaStream_t s = nullptr;
   nb::object handle_obj;
@@ -793,16 +877,20 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, OptA
     handle_obj = pyself(handle);
   }
   Array x;
+  OptArray topk_idx;
   epcomm::DispatchArgs args;
   try {
     s = toStream(stream);
     x = asArray(x_obj, "x");
     handleOf(*handle, self);
-    convertDispatchArgs(self, x, topk_idx, topk_weights, x_scales, recv_x_out, recv_scales_out,
-                        args);
+    topk_idx = optArray(topk_idx_obj, "topk_idx");
+    convertDispatchArgs(self, x, topk_idx, optArray(topk_weights_obj, "topk_weights"),
+                        optArray(x_scales_obj, "x_scales"), optArray(recv_x_out_obj, "recv_x_out"),
+                        optArray(recv_scales_out_obj, "recv_scales_out"), args);
     convertLayout(self,
-                  LayoutArrays{std::move(num_tokens_per_rank), std::move(is_token_in_rank),
-                               std::move(num_tokens_per_expert)},
+                  LayoutArrays{optArray(num_tokens_per_rank_obj, "num_tokens_per_rank"),
+                               optArray(is_token_in_rank_obj, "is_token_in_rank"),
+                               optArray(num_tokens_per_expert_obj, "num_tokens_per_expert")},
                   args.num_tokens, args.layout);
     if (num_worst_tokens < 0) {
       throwInvalid("num_worst_tokens: " + std::to_string(num_worst_tokens) +
@@ -841,7 +929,7 @@ std::pair<nb::object, Array> outputFor(nb::object out, nb::handle x, size_t rows
     }
     out = x.attr("new_empty")(nb::make_tuple(rows, hidden));
   }
-  return {out, nb::cast<Array>(out)};
+  return {out, asArray(out, "out")};
 }
 
 epcomm::LlPhase parsePhase(const std::string& phase) {
@@ -866,6 +954,7 @@ nb::dict configDict(const epcomm::ResolvedConfig& rc) {
   d["num_sms"] = c.num_sms;
   d["ll_num_sms"] = c.ll_num_sms;
   d["scratch_bytes"] = c.scratch_bytes;
+  d["ht_recv_rows"] = c.ht_recv_rows;
   d["num_ranks"] = rc.num_ranks;
   return d;
 }
@@ -875,7 +964,7 @@ epcomm::BufferConfig makeConfig(std::optional<int> device, int hidden, int num_e
                                 const std::string& mem_mode, std::optional<double> timeout_s,
                                 std::optional<double> first_op_timeout_s,
                                 std::optional<int> num_sms, std::optional<int> ll_num_sms,
-                                size_t scratch_bytes) {
+                                size_t scratch_bytes, std::optional<int64_t> ht_recv_rows) {
   epcomm::BufferConfig c;
   c.device = optInt(device);
   c.hidden = hidden;
@@ -889,6 +978,7 @@ epcomm::BufferConfig makeConfig(std::optional<int> device, int hidden, int num_e
   c.num_sms = optInt(num_sms);
   c.ll_num_sms = optInt(ll_num_sms);
   c.scratch_bytes = scratch_bytes;
+  c.ht_recv_rows = ht_recv_rows ? *ht_recv_rows : epcomm::kAuto;
   return c;
 }
 
@@ -896,7 +986,7 @@ epcomm::BufferConfig makeConfig(std::optional<int> device, int hidden, int num_e
   "device"_a = nb::none(), "hidden"_a = 7168, "num_experts"_a = 256, "max_topk"_a = 8,       \
   "max_tokens_per_rank"_a = 4096, "ll_max_tokens_per_rank"_a = 0, "mem_mode"_a = "auto",     \
   "timeout_s"_a = nb::none(), "first_op_timeout_s"_a = nb::none(), "num_sms"_a = nb::none(), \
-  "ll_num_sms"_a = nb::none(), "scratch_bytes"_a = 0
+  "ll_num_sms"_a = nb::none(), "scratch_bytes"_a = 0, "ht_recv_rows"_a = nb::none()
 
 // A host-time loop in C++ for the overhead benchmark: calls `fn` n times, returns seconds per call.
 double timeLoopCpp(const std::function<void()>& fn, int n) {
@@ -963,11 +1053,12 @@ NB_MODULE(_epcomm, m) {
       [](int num_ranks, std::optional<int> device, int hidden, int num_experts, int max_topk,
          int max_tokens_per_rank, int ll_max_tokens_per_rank, const std::string& mem_mode,
          std::optional<double> timeout_s, std::optional<double> first_op_timeout_s,
-         std::optional<int> num_sms, std::optional<int> ll_num_sms, size_t scratch_bytes) {
+         std::optional<int> num_sms, std::optional<int> ll_num_sms, size_t scratch_bytes,
+         std::optional<int64_t> ht_recv_rows) {
         return configDict(epcomm::resolveConfig(
             makeConfig(device, hidden, num_experts, max_topk, max_tokens_per_rank,
                        ll_max_tokens_per_rank, mem_mode, timeout_s, first_op_timeout_s, num_sms,
-                       ll_num_sms, scratch_bytes),
+                       ll_num_sms, scratch_bytes, ht_recv_rows),
             num_ranks));
       },
       "num_ranks"_a, nb::kw_only(), EPCOMM_CONFIG_ARGS,
@@ -979,11 +1070,12 @@ NB_MODULE(_epcomm, m) {
       [](int num_ranks, std::optional<int> device, int hidden, int num_experts, int max_topk,
          int max_tokens_per_rank, int ll_max_tokens_per_rank, const std::string& mem_mode,
          std::optional<double> timeout_s, std::optional<double> first_op_timeout_s,
-         std::optional<int> num_sms, std::optional<int> ll_num_sms, size_t scratch_bytes) {
+         std::optional<int> num_sms, std::optional<int> ll_num_sms, size_t scratch_bytes,
+         std::optional<int64_t> ht_recv_rows) {
         const epcomm::BufferSizes b = epcomm::EpBuffer::bytesFor(
             makeConfig(device, hidden, num_experts, max_topk, max_tokens_per_rank,
                        ll_max_tokens_per_rank, mem_mode, timeout_s, first_op_timeout_s, num_sms,
-                       ll_num_sms, scratch_bytes),
+                       ll_num_sms, scratch_bytes, ht_recv_rows),
             num_ranks);
         nb::dict d;
         d["total"] = b.total;
@@ -1020,14 +1112,16 @@ NB_MODULE(_epcomm, m) {
   // Test and benchmark helpers (not part of the public API).
   m.def(
       "_check_tensor",
-      [](Array a, const std::string& name) {
+      [](nb::handle obj, const std::string& name) {
+        Array a = asArray(obj, name.c_str());  // as the ops import their tensor arguments
         devicePtr(a, name.c_str(), -1, -1, {});
         return nb::make_tuple(shapeText(a), dtypeName(a.dtype()));
       },
       "array"_a, "name"_a = "x");
   m.def(
       "_describe",
-      [](Array a) {
+      [](nb::handle obj) {
+        Array a = asArray(obj, "array");  // as the ops import their tensor arguments
         std::vector<int64_t> shape, strides;
         for (size_t i = 0; i < a.ndim(); ++i) {
           shape.push_back(static_cast<int64_t>(a.shape(i)));
@@ -1041,7 +1135,7 @@ NB_MODULE(_epcomm, m) {
       "_roundtrip",
       [](nb::object obj) {
         // A new view of the same memory made by the same code that makes the result views.
-        Array a = nb::cast<Array>(obj);
+        Array a = asArray(obj, "array");
         if (a.ndim() < 1 || a.ndim() > 3 || !isRowMajor(a))
           throwInvalid("_roundtrip: 1-3D, row-major");
         const void* p = static_cast<const char*>(a.data_handle()) + a.byte_offset();
@@ -1188,7 +1282,8 @@ NB_MODULE(_epcomm, m) {
       "the dispatch/combine ops on it.\n\n"
       "Buffer(bootstrap, *, hidden, num_experts, max_topk, max_tokens_per_rank, "
       "ll_max_tokens_per_rank, device, mem_mode, timeout_s, first_op_timeout_s, num_sms, "
-      "ll_num_sms, scratch_bytes, framework='auto') is collective over the bootstrap's ranks. "
+      "ll_num_sms, scratch_bytes, ht_recv_rows, framework='auto') is collective over the "
+      "bootstrap's ranks. "
       "None means the library default (kAuto). Tensors are any __dlpack__ CUDA tensor; results "
       "are views into the buffer, in the framework of the call's x ('auto') or the one named "
       "(torch, cupy, jax, dlpack). Streams: None (torch's current stream, else 0), an int "
@@ -1200,7 +1295,8 @@ NB_MODULE(_epcomm, m) {
              int num_experts, int max_topk, int max_tokens_per_rank, int ll_max_tokens_per_rank,
              const std::string& mem_mode, std::optional<double> timeout_s,
              std::optional<double> first_op_timeout_s, std::optional<int> num_sms,
-             std::optional<int> ll_num_sms, size_t scratch_bytes, const std::string& framework) {
+             std::optional<int> ll_num_sms, size_t scratch_bytes,
+             std::optional<int64_t> ht_recv_rows, const std::string& framework) {
             Framework fw = Framework::kAuto;
             epcomm::BufferConfig config;
             std::unique_ptr<epcomm::EpBuffer> buffer;
@@ -1208,7 +1304,7 @@ NB_MODULE(_epcomm, m) {
               fw = parseFramework(framework);
               config = makeConfig(device, hidden, num_experts, max_topk, max_tokens_per_rank,
                                   ll_max_tokens_per_rank, mem_mode, timeout_s, first_op_timeout_s,
-                                  num_sms, ll_num_sms, scratch_bytes);
+                                  num_sms, ll_num_sms, scratch_bytes, ht_recv_rows);
             } catch (const epcomm::InvalidArgument& e) {
               // Creation is collective: fail it on every rank (the library agrees on each step)
               // with a configuration it rejects, then raise this rank's own message.
@@ -1275,8 +1371,8 @@ NB_MODULE(_epcomm, m) {
       .def(
           "combine",
           [](PyBuffer& self, nb::object x_obj, PyHandle& handle, nb::object out_obj,
-             OptArray topk_weights, OptArray bias, std::optional<int> num_sms, nb::handle stream,
-             OptArray scale_weights, nb::object recv_topk_weights_obj,
+             nb::handle topk_weights, nb::handle bias_obj, std::optional<int> num_sms,
+             nb::handle stream, nb::handle scale_weights_obj, nb::object recv_topk_weights_obj,
              nb::object combined_topk_weights_obj) -> nb::object {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
@@ -1292,7 +1388,7 @@ NB_MODULE(_epcomm, m) {
               // `topk_weights` was the old name of `scale_weights`. It is refused rather than
               // aliased: a DeepEP user passing topk_weights= expects combined weights, not
               // scaled rows, and would apply the weights twice.
-              if (topk_weights) {
+              if (!topk_weights.is_none()) {
                 throwInvalid(
                     "combine(topk_weights=...): renamed scale_weights, which SCALES each row by "
                     "the token's weights (DeepEP's combine does not). For DeepEP's combined "
@@ -1307,6 +1403,8 @@ NB_MODULE(_epcomm, m) {
               args.out = devicePtr(out_arr, "out", device, 2, {dt::kBF16});
               checkDim(out_arr, "out", 0, h.numTokens(), "the handle's num_tokens");
               checkDim(out_arr, "out", 1, hidden, "the buffer's hidden");
+              const OptArray scale_weights = optArray(scale_weights_obj, "scale_weights");
+              const OptArray bias = optArray(bias_obj, "bias");
               if (scale_weights) {
                 // Not DeepEP's semantics (its combine does not scale): see CombineArgs.
                 args.scale_weights = static_cast<const float*>(
@@ -1366,7 +1464,7 @@ NB_MODULE(_epcomm, m) {
           "low_latency_dispatch",
           [](PyBuffer& self, nb::object x_obj, nb::object topk_idx_obj, nb::object topk_weights_obj,
              bool use_fp8, std::optional<int> num_sms, nb::handle stream,
-             const std::string& phase_name, OptArray cumulative_recv_counts) {
+             const std::string& phase_name, nb::handle cumulative_recv_counts_obj) {
             epcomm::EpBuffer& buf = self.get();
             const int device = buf.device();
             const int hidden = buf.config().config.hidden;
@@ -1390,6 +1488,8 @@ NB_MODULE(_epcomm, m) {
                   checkDim(w, "topk_weights", 1, args.topk.num_topk, "topk_idx's");
                 }
               }
+              const OptArray cumulative_recv_counts =
+                  optArray(cumulative_recv_counts_obj, "cumulative_recv_counts");
               if (cumulative_recv_counts) {  // read by the receiving half (kRecv or both)
                 args.cumulative_recv_counts = static_cast<int32_t*>(const_cast<void*>(devicePtr(
                     *cumulative_recv_counts, "cumulative_recv_counts", device, 1, {dt::kI32})));

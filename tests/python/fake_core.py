@@ -72,7 +72,7 @@ class FakeBuffer:
     def dispatch(self, x, handle, *, topk_idx=None, topk_weights=None, x_scales=None,
                  expert_alignment=1, exact_count=False, num_tokens_per_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, num_worst_tokens=0,
-                 num_sms=None, stream=None, **_):
+                 num_sms=None, stream=None, recv_x_out=None, recv_scales_out=None, **_):
         R, L, me = self.num_ranks, self.num_local_experts, self.rank
         assert self.capacity > 0, "HT disabled (max_tokens_per_rank = 0)"
         assert x.shape[1] == self.hidden
@@ -143,6 +143,18 @@ class FakeBuffer:
             handle.counts = counts
         else:
             counts = handle.counts
+        # DispatchArgs::recv_x_out / recv_scales_out: the received rows (num_worst_tokens rows
+        # when set) are copied there too; a caller buffer with fewer rows would be overrun.
+        copied = num_worst_tokens if num_worst_tokens > 0 else rows
+        if recv_x_out is not None:
+            assert recv_x_out.dim() == 2 and recv_x_out.shape[0] >= copied, "recv_x_out too small"
+            src = rx.view(torch.uint8) if rx.element_size() == 1 else rx
+            assert recv_x_out.element_size() == src.element_size(), "recv_x_out: row bytes"
+            recv_x_out[:copied].copy_(src[:copied].view(recv_x_out.dtype))
+        if recv_scales_out is not None:
+            assert rs is not None, "recv_scales_out without FP8 x"
+            assert recv_scales_out.dtype == torch.float32 and recv_scales_out.shape[0] >= copied
+            recv_scales_out[:copied].copy_(rs[:copied])
         return _Obj(recv_x=rx, recv_x_scales=rs, recv_topk_idx=ridx, recv_topk_weights=rw,
                     num_recv_tokens_host=rows if exact_count else None,
                     num_recv_tokens_per_expert=counts.clone(),

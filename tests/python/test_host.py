@@ -295,3 +295,41 @@ def test_read_only_arrays_are_accepted():
     a.flags.writeable = False
     assert _epcomm._describe(a)[0] == [2, 3]
     np.testing.assert_array_equal(np.from_dlpack(_epcomm._roundtrip(a)), a)
+
+
+def test_ht_recv_rows_is_a_config_argument():
+    # BufferConfig::ht_recv_rows: rows of the HT receive region (expert_major needs more than
+    # the rank-major num_ranks * max_tokens_per_rank).
+    cfg = epcomm.resolve_config(2, max_tokens_per_rank=64)
+    assert cfg["ht_recv_rows"] == 2 * 64  # kAuto resolves to the rank-major rows
+    assert epcomm.resolve_config(2, max_tokens_per_rank=64, ht_recv_rows=1000)["ht_recv_rows"] \
+        == 1000
+    auto = epcomm.bytes_for(2, max_tokens_per_rank=64)
+    more = epcomm.bytes_for(2, max_tokens_per_rank=64, ht_recv_rows=1000)
+    assert more["ht_recv"] > auto["ht_recv"] and more["total"] > auto["total"]
+    assert epcomm.bytes_for(2, max_tokens_per_rank=64, ht_recv_rows=128) == auto
+    with pytest.raises(epcomm.InvalidArgument, match="ht_recv_rows"):
+        epcomm.resolve_config(2, max_tokens_per_rank=64, ht_recv_rows=100)
+    with pytest.raises(epcomm.InvalidArgument, match="ht_recv_rows"):
+        epcomm.bytes_for(2, max_tokens_per_rank=64, ht_recv_rows=2**31)
+
+
+def test_torch_tensors_take_the_fast_dlpack_path():
+    # torch.Tensor in and out through torch._C._to_dlpack / _from_dlpack (the binding's fast
+    # path); subclasses (nn.Parameter) through nanobind's general one. Same memory either way.
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.bfloat16, torch.float32, torch.int64, torch.int32, torch.bool):
+        t = torch.arange(12).reshape(3, 4).to(dtype)
+        shape, strides, _, device, _ = _epcomm._describe(t)
+        assert (shape, strides, device) == ([3, 4], [4, 1], "cpu")
+        v = _epcomm._roundtrip(t)
+        assert type(v) is torch.Tensor and v.dtype == dtype and v.data_ptr() == t.data_ptr()
+        assert torch.equal(v, t)
+    p = torch.nn.Parameter(torch.ones(2, 3), requires_grad=False)
+    assert _epcomm._describe(p)[0] == [2, 3]
+    del t
+    v = _epcomm._roundtrip(torch.full((5,), 3, dtype=torch.int32))  # the view keeps it alive
+    import gc
+
+    gc.collect()
+    assert v.tolist() == [3] * 5
