@@ -72,11 +72,10 @@ void runLlCases(const CaseEnv& env, EpBuffer& buffer, const Options& o, const Ma
                  seedFor(o.seed, {static_cast<uint64_t>(env.ranks.rank), 5}), env.stream);
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(env.stream));
   // The buffer's default budget first (the LL targets read the first LL row of a token count),
-  // then the SM sweep at --ll-tokens that picks kDefaultLlSms (issue 11 item 6): 16, 24, 32
-  // and every SM, each capped at the device's SM count, the default's value not repeated.
+  // then the SM sweep at --ll-tokens that chose the default (issue 11 item 6): 16, 24, 32 and
+  // every SM, each capped at the device's SM count, the default's value not repeated.
   const int configured = buffer.config().config.ll_num_sms;
-  const int default_sms =
-      configured != kAuto ? configured : std::min(kDefaultLlSms, machine.device_sms);
+  const int default_sms = configured != kAuto ? configured : machine.device_sms;
   for (int tokens : unique({o.ll_tokens, 1})) {
     runLlCase(env, buffer,
               LlCaseSpec{tokens, o.hidden, default_sms, kAuto, &expert_out, case_id++});

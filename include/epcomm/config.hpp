@@ -13,12 +13,6 @@ namespace epcomm {
 // "Let the library choose" for integer settings.
 constexpr int kAuto = -1;
 
-// SM budget of LL ops when neither the call nor BufferConfig::ll_num_sms sets one (capped at
-// the device's SM count). LL kernels loop over their work, so any budget >= 1 is correct; this
-// one trades latency against SMs left to overlapped compute. 24 is a placeholder until the
-// ep_bench rows "ll ... sms=16/24/32/all" at 128 tokens are measured (docs/design.md §6).
-constexpr int kDefaultLlSms = 24;
-
 // Compile-time limits. Inputs beyond them are rejected with epcomm::InvalidArgument.
 // kMaxRanks: ranks in one EP group, all in one NVLink domain (one node, or a rack-scale NVLink
 // domain such as GB200 NVL72 through the fabric memory mode). Kernels keep a token's destination
@@ -100,7 +94,7 @@ struct BufferConfig {
   double first_op_timeout_s = kAuto;
 
   // Default SM budget of HT ops (kAuto: the library's tuned default) and of LL ops
-  // (kAuto: kDefaultLlSms, or every SM of a smaller GPU). Each call may override it. When
+  // (kAuto: every SM; measured fastest, docs/design.md §6). Each call may override it. When
   // several ranks of the buffer share one GPU (MPS), the kAuto budgets are divided among them
   // (at most SMs / ranks-on-that-GPU each): their kernels wait for each other and must all be
   // resident at once. An explicit budget is taken as given.

@@ -295,7 +295,7 @@ struct LlDispatchArgs {
   // cumulative_local_expert_recv_stats, for load balancing). Taken from the call that runs the
   // receive half (kRecv or kBoth); stream-ordered, atomic adds, never reset by the library.
   int32_t* cumulative_recv_counts = nullptr;
-  int num_sms = kAuto;  // SM budget; kAuto = BufferConfig::ll_num_sms, else kDefaultLlSms
+  int num_sms = kAuto;  // SM budget; kAuto = BufferConfig::ll_num_sms, else every SM
 };
 
 struct LlDispatchResult {

@@ -36,7 +36,7 @@ class EPCOMM_LOCAL LlEngine {
   // LlPhase and the call comes in sequence. False, with the reason in `problem`, if not.
   bool beginCall(LlPhase phase, const SequenceRule& rule, std::ostringstream& problem) const;
   kernels::LlParams baseParams() const;
-  // The SM budget when neither the call nor the config sets one: kDefaultLlSms, capped.
+  // The SM budget when neither the call nor the config sets one: every SM of the device.
   int defaultSms() const;
 
   BufferCore& core_;

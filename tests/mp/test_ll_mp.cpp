@@ -657,7 +657,7 @@ TEST(LlDispatchCombine, CumulativeRecvCounts) {
 }
 
 // Issue 11 item 6: any SM budget covers the work (the kernels loop), including budgets below
-// the rank count and the default (kAuto = kDefaultLlSms).
+// the rank count and the default (kAuto = every SM, shared among the ranks on a GPU).
 TEST(LlDispatchCombine, SmallSmBudgets) {
   EPCOMM_REQUIRE_GPU();
   // An explicit budget is taken as given, so it must let every rank on a GPU be resident at
