@@ -161,12 +161,12 @@ void validateOptions(const CLI::App& app, Options& o) {
     while (true) {
       const size_t plus = rest.find('+');
       const std::string name = rest.substr(0, plus);
-      require(name == "off" || name == "all" || name == "ll_fused_dispatch" ||
+      require(name == "off" || name == "default" || name == "all" || name == "ll_fused_dispatch" ||
                   name == "ll_fused_combine" || name == "ll_parallel_posts" ||
                   name == "ht_counts_once",
               "--perf-variants",
               "'" + variant +
-                  "': names are off, all, ll_fused_dispatch, ll_fused_combine, "
+                  "': names are off, default, all, ll_fused_dispatch, ll_fused_combine, "
                   "ll_parallel_posts, ht_counts_once, joined by '+'");
       if (plus == std::string::npos) break;
       rest = rest.substr(plus + 1);

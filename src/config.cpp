@@ -176,10 +176,11 @@ std::optional<std::string> hostIdOverride() {
 }  // namespace core
 
 PerfFlags perfFlagsFromEnv() {
-  PerfFlags flags;
   const char* env = envOrNull("EPCOMM_PERF");
-  if (env == nullptr) return flags;
-  std::string text = env;
+  const std::string text = env != nullptr ? env : "";
+  if (text.empty() || text == "default") return PerfFlags{};
+  PerfFlags flags{false, false, false, false};
+  if (text == "none") return flags;
   size_t begin = 0;
   while (begin <= text.size()) {
     size_t end = text.find(',', begin);
@@ -200,8 +201,8 @@ PerfFlags perfFlagsFromEnv() {
       flags.ht_counts_once = true;
     } else if (!name.empty()) {
       EPCOMM_ARG_CHECK(false, "EPCOMM_PERF", "'" << text << "'",
-                       "a comma-separated list of ll_fused_dispatch, ll_fused_combine, "
-                       "ll_parallel_posts, ht_counts_once, all");
+                       "default, none, all, or a comma-separated list of ll_fused_dispatch, "
+                       "ll_fused_combine, ll_parallel_posts, ht_counts_once");
     }
     begin = end + 1;
   }

@@ -647,17 +647,22 @@ TEST_F(ConfigTest, BytesForRejectsWhatTheConstructorRejects) {
   EXPECT_THROW(EpBuffer::bytesFor(BufferConfig{}, 0), InvalidArgument);
 }
 
-// EPCOMM_PERF (core/perf_flags.hpp): every fast path is off unless named; a typo is an error.
-TEST(PerfFlags, OffUnlessNamed) {
-  {
-    ScopedEnv env("EPCOMM_PERF", nullptr);
+// EPCOMM_PERF (core/perf_flags.hpp): unset/""/"default" give the measured defaults (the LL fast
+// paths on, ht_counts_once off), "none" turns every fast path off, a list names exactly the ones
+// on; a typo is an error.
+TEST(PerfFlags, DefaultsNoneAndNames) {
+  for (const char* value : {static_cast<const char*>(nullptr), "", "default"}) {
+    ScopedEnv env("EPCOMM_PERF", value);
     const PerfFlags f = perfFlagsFromEnv();
-    EXPECT_FALSE(f.ll_fused_dispatch);
-    EXPECT_FALSE(f.ll_fused_combine);
+    EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts)
+        << (value != nullptr ? value : "unset");
+    EXPECT_FALSE(f.ht_counts_once);
   }
   {
-    ScopedEnv env("EPCOMM_PERF", "");
-    EXPECT_FALSE(perfFlagsFromEnv().ll_fused_dispatch);
+    ScopedEnv env("EPCOMM_PERF", "none");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts ||
+                 f.ht_counts_once);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "ll_fused_dispatch");
@@ -683,6 +688,7 @@ TEST(PerfFlags, OffUnlessNamed) {
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ll_fused_dispatch);
     EXPECT_TRUE(f.ll_fused_combine);
+    EXPECT_FALSE(f.ll_parallel_posts);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "all");
@@ -690,7 +696,7 @@ TEST(PerfFlags, OffUnlessNamed) {
     EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts &&
                 f.ht_counts_once);
   }
-  for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch"}) {
+  for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch", "none,all", "default,ht_counts_once"}) {
     ScopedEnv env("EPCOMM_PERF", bad);
     try {
       (void)perfFlagsFromEnv();
