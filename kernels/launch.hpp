@@ -47,6 +47,7 @@ struct LayoutParams {
   int32_t* expert_counts;  // [E]
   int32_t* topk_copy;      // [N, K] int32 copy kept for weighted combine
   int32_t* tile_counts;    // [layoutTiles(N), R] scratch
+  int32_t* tile_expert_counts;  // [layoutTiles(N), E] scratch (two tiles or more)
   // Layout input (DispatchArgs::layout), or all nullptr to route from topk_idx alone. With
   // in_rank set, masks and slots come from it; topk_idx (may be nullptr then) only fills
   // topk_copy and is checked against it. The caller's counts are checked (FailKind::kLayout*)
@@ -245,7 +246,8 @@ cudaError_t kernelImageStatus();
 // The architectures the kernels were compiled for, as nvcc lists them ("900,1000").
 const char* compiledArchitectures();
 
-// layoutTiles(num_tokens) blocks of kLayoutThreads.
+// layoutTiles(num_tokens) blocks of kLayoutThreads; one kernel for one tile (<= 512 tokens), two
+// otherwise. Writes every output (no memset needed before it).
 void launchLayout(const LayoutParams& params, cudaStream_t stream);
 
 void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream);

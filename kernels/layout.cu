@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // HT layout: from topk_idx [N, K], each token's destination-rank mask, its slot among the tokens
 // sent to each rank, per-rank and per-expert counts, and an int32 copy of the routing for weighted
-// combine. Two passes over tiles of 512 tokens, one block each: a CUB block scan gives slots within
-// the tile and the tile's totals; the second pass adds the totals of the earlier tiles.
+// combine. Tiles of 512 tokens, one block each: a CUB block scan gives slots within the tile and
+// the tile's totals; with several tiles a second kernel adds the totals of the earlier tiles. One
+// tile (<= 512 tokens) is one kernel that writes the final layout. No memset: every count is
+// written, never accumulated into memory that would need zeroing first (each launch and each
+// memset costs the host ~4 us in this VM, docs/perf-notes.md).
 //
 // Routing policy (documented in include/epcomm/ops.hpp): an expert id repeated within one token's
 // top-k counts once; every repetition after the first is treated as -1 (not counted, not sent,
@@ -57,16 +60,52 @@ __device__ __forceinline__ RankMask routeToken(const LayoutParams& p, const IdxT
   return mask;
 }
 
+// The block that finishes the layout (pass 2's last, or the only tile's), with a caller's layout:
+// checks its counts against the routing just computed (`totals`, the column sums of
+// is_token_in_rank) and, without top-k, adopts its per-expert counts. Every value is bounded before it is kept: they are sent to the peers.
+__device__ void checkLayoutInput(const LayoutParams& p, const int32_t* totals) {
+  const int tid = threadIdx.x;
+  if (tid < p.num_ranks) {
+    const int32_t given = p.rank_counts_in[tid];
+    if (given != totals[tid]) {
+      recordFault(p.peers, FailKind::kLayoutRankCount, OpId::kLayout, WaitPhase::kNone, -1, tid,
+                  static_cast<uint64_t>(totals[tid]), static_cast<uint64_t>(int64_t{given}));
+    }
+  }
+  const int experts_per_rank = p.num_experts / p.num_ranks;
+  for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
+    const int32_t given = p.expert_counts_in[e];
+    if (p.topk_idx != nullptr) {
+      // expert_counts holds topk's histogram (pass 1): the layout must agree with it.
+      const int32_t counted = p.expert_counts[e];
+      if (given != counted) {
+        recordFault(p.peers, FailKind::kLayoutExpertVsTopk, OpId::kLayout, WaitPhase::kNone, -1, e,
+                    static_cast<uint64_t>(counted), static_cast<uint64_t>(int64_t{given}));
+      }
+    } else {
+      const int32_t limit = totals[e / experts_per_rank];
+      if (given < 0 || given > limit) {
+        recordFault(p.peers, FailKind::kLayoutExpertCount, OpId::kLayout, WaitPhase::kNone, -1, e,
+                    static_cast<uint64_t>(limit), static_cast<uint64_t>(int64_t{given}));
+      } else {
+        p.expert_counts[e] = given;
+      }
+    }
+  }
+}
+
 // Pass 1, one block per tile of kLayoutThreads tokens: masks, slots within the tile (block scans,
-// one per group of 8 ranks), the tile's per-rank totals, and the expert histogram (added into
-// expert_counts, zeroed first).
+// one per group of 8 ranks), the tile's per-rank totals and expert histogram. With one tile these
+// are final: the block writes the whole layout (and checks a caller's), and there is no pass 2.
 template <typename IdxT>
 __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams p) {
   using BlockScan = cub::BlockScan<RankCounts, kLayoutThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ int32_t expert_hist[kMaxExperts];
+  __shared__ int32_t rank_totals[kMaxRanks];  // this tile's per-rank totals
 
   const int tid = threadIdx.x;
+  const bool single_tile = gridDim.x == 1;
   for (int e = tid; e < p.num_experts; e += kLayoutThreads) expert_hist[e] = 0;
   __syncthreads();
 
@@ -110,52 +149,32 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
       }
     }
     if (tid >= first && tid < last) {
-      p.tile_counts[blockIdx.x * p.num_ranks + tid] =
-          static_cast<int32_t>(aggregate.get(tid - first));
+      const int32_t total = static_cast<int32_t>(aggregate.get(tid - first));
+      p.tile_counts[blockIdx.x * p.num_ranks + tid] = total;
+      rank_totals[tid] = total;
     }
   }
   __syncthreads();
-  for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
-    if (expert_hist[e] != 0) atomicAdd(&p.expert_counts[e], expert_hist[e]);
+  if (!single_tile) {
+    // Pass 2's last block sums the tiles' histograms.
+    int32_t* hist_out = p.tile_expert_counts + static_cast<int64_t>(blockIdx.x) * p.num_experts;
+    for (int e = tid; e < p.num_experts; e += kLayoutThreads) hist_out[e] = expert_hist[e];
+    return;
   }
+  // One tile: the slots above are final (no earlier tile), so write the rest of the layout.
+  if (t < p.num_tokens) {
+    for (int d = 0; d < p.num_ranks; ++d)
+      p.is_token_in_rank[static_cast<int64_t>(t) * p.num_ranks + d] = mask.test(d);
+  }
+  if (tid < p.num_ranks) p.rank_counts[tid] = rank_totals[tid];
+  for (int e = tid; e < p.num_experts; e += kLayoutThreads) p.expert_counts[e] = expert_hist[e];
+  __syncthreads();  // checkLayoutInput reads expert_counts
+  if (p.rank_counts_in != nullptr) checkLayoutInput(p, rank_totals);
 }
 
-// The last tile's block, with a caller's layout: checks its counts against the routing just
-// computed (`totals`, the column sums of is_token_in_rank) and, without top-k, adopts its
-// per-expert counts. Every value is bounded before it is kept: they are sent to the peers.
-__device__ void checkLayoutInput(const LayoutParams& p, const int32_t* totals) {
-  const int tid = threadIdx.x;
-  if (tid < p.num_ranks) {
-    const int32_t given = p.rank_counts_in[tid];
-    if (given != totals[tid]) {
-      recordFault(p.peers, FailKind::kLayoutRankCount, OpId::kLayout, WaitPhase::kNone, -1, tid,
-                  static_cast<uint64_t>(totals[tid]), static_cast<uint64_t>(int64_t{given}));
-    }
-  }
-  const int experts_per_rank = p.num_experts / p.num_ranks;
-  for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
-    const int32_t given = p.expert_counts_in[e];
-    if (p.topk_idx != nullptr) {
-      // expert_counts holds topk's histogram (pass 1): the layout must agree with it.
-      const int32_t counted = p.expert_counts[e];
-      if (given != counted) {
-        recordFault(p.peers, FailKind::kLayoutExpertVsTopk, OpId::kLayout, WaitPhase::kNone, -1, e,
-                    static_cast<uint64_t>(counted), static_cast<uint64_t>(int64_t{given}));
-      }
-    } else {
-      const int32_t limit = totals[e / experts_per_rank];
-      if (given < 0 || given > limit) {
-        recordFault(p.peers, FailKind::kLayoutExpertCount, OpId::kLayout, WaitPhase::kNone, -1, e,
-                    static_cast<uint64_t>(limit), static_cast<uint64_t>(int64_t{given}));
-      } else {
-        p.expert_counts[e] = given;
-      }
-    }
-  }
-}
-
-// Pass 2: adds the totals of the earlier tiles to every slot; the last tile's block also writes
-// the per-rank totals (and checks a caller's layout against them).
+// Pass 2 (two tiles or more): adds the totals of the earlier tiles to every slot; the last tile's
+// block also writes the per-rank totals and the expert histogram summed over the tiles (and checks
+// a caller's layout against them).
 __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutParams p) {
   __shared__ int32_t base[kMaxRanks];
   __shared__ int32_t totals[kMaxRanks];
@@ -172,7 +191,15 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutPar
       p.rank_counts[tid] = totals[tid];
     }
   }
-  __syncthreads();
+  if (last) {
+    for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
+      int32_t sum = 0;
+      for (int each = 0; each < static_cast<int>(gridDim.x); ++each)
+        sum += p.tile_expert_counts[static_cast<int64_t>(each) * p.num_experts + e];
+      p.expert_counts[e] = sum;
+    }
+  }
+  __syncthreads();  // totals, base, and expert_counts for checkLayoutInput
   if (last && p.rank_counts_in != nullptr) checkLayoutInput(p, totals);
   const int t = tile * kLayoutThreads + tid;
   if (t >= p.num_tokens) return;
@@ -188,14 +215,13 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutPar
 
 void launchLayout(const LayoutParams& params, cudaStream_t stream) {
   const int tiles = layoutTiles(params.num_tokens);
-  EPCOMM_KERNEL_CUDA_CHECK(cudaMemsetAsync(
-      params.expert_counts, 0, sizeof(int32_t) * static_cast<size_t>(params.num_experts), stream));
   if (params.idx_is_64) {
     layoutTileKernel<int64_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
   } else {
     layoutTileKernel<int32_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(layoutTileKernel);
+  if (tiles == 1) return;
   layoutFinalizeKernel<<<tiles, kLayoutThreads, 0, stream>>>(params);
   EPCOMM_KERNEL_LAUNCH_CHECK(layoutFinalizeKernel);
 }

@@ -176,10 +176,13 @@ void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is
   DeviceArray<int64_t> idx64(in.topk_idx);
   DeviceArray<int32_t> idx32(in.topk_idx32);
   DeviceArray<uint32_t> mask(n * words);
+  const size_t num_tiles = static_cast<size_t>(kernels::layoutTiles(tokens));
   DeviceArray<int32_t> slot(n * r), rank_counts(r), expert_counts(experts), copy(n * topk),
-      tiles(static_cast<size_t>(kernels::layoutTiles(tokens)) * r);
+      tiles(num_tiles * r), tile_experts(num_tiles * static_cast<size_t>(experts));
   DeviceArray<uint8_t> in_rank(n * r);
-  for (const auto* a : {&slot, &rank_counts, &copy}) a->poison();
+  // Every output and scratch poisoned: the layout writes its counts, it never adds to them.
+  for (const auto* a : {&slot, &rank_counts, &expert_counts, &copy, &tiles, &tile_experts})
+    a->poison();
   mask.poison();
   in_rank.poison();
 
@@ -198,6 +201,7 @@ void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is
   p.expert_counts = expert_counts.get();
   p.topk_copy = copy.get();
   p.tile_counts = tiles.get();
+  p.tile_expert_counts = tile_experts.get();
   // The caller's layout: the reference's, so no check of it can fault (a fault would need peers).
   std::vector<uint8_t> given_in_rank(ref.is_token_in_rank.begin(), ref.is_token_in_rank.end());
   DeviceArray<uint8_t> layout_in_rank(std::max<size_t>(given_in_rank.size(), 1));
@@ -249,11 +253,16 @@ TEST(GpuSingle, LayoutPastEightRanksMatchesReference) {
   checkLayoutAt(40, 960, 16, 1300, false);  // two words, five scans
   checkLayoutAt(72, 1008, 16, 1300, true);  // three words, nine scans
   checkLayoutAt(72, 576, 16, 513, false);   // a tile of one token after a full one
+  checkLayoutAt(8, 256, 8, 512, true);      // one full tile: one kernel
+  checkLayoutAt(40, 960, 16, 300, false);   // one partial tile, two words
+  checkLayoutAt(8, 256, 8, 1, true);        // one token
   // The layout-from-mask path (DispatchArgs::layout): masks from is_token_in_rank's bytes.
   checkLayoutAt(8, 256, 8, 700, true, LayoutSource::kMask);
   checkLayoutAt(40, 960, 16, 1300, false, LayoutSource::kMask);
   checkLayoutAt(72, 1008, 16, 1300, true, LayoutSource::kMask);
   checkLayoutAt(72, 576, 16, 513, false, LayoutSource::kBoth);
+  checkLayoutAt(16, 256, 8, 200, true, LayoutSource::kMask);  // one tile from the caller's layout
+  checkLayoutAt(16, 256, 8, 200, false, LayoutSource::kBoth);
 }
 
 }  // namespace
