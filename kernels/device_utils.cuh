@@ -69,6 +69,10 @@ __device__ __forceinline__ int4 ldNoAlloc(const int4* p) {
   return v;
 }
 
+// Vectors each lane loads before storing them in the row copies: enough in flight to hide the
+// load latency without spilling.
+constexpr int kCopyUnroll = 4;
+
 __device__ __forceinline__ void stNoAlloc(int4* p, const int4& v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x),
                "r"(v.y), "r"(v.z), "r"(v.w)

@@ -463,7 +463,6 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t. One
 // warp per row, kCopyUnroll loads in flight per lane before their stores: the old form (one vector
 // per thread and a 64-bit division per vector) staged a combine input at ~440 GB/s on 32 SMs.
-constexpr int kCopyUnroll = 4;
 template <typename Vec>
 __global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p) {
   const int64_t rows =

@@ -154,10 +154,18 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
     }
+    // Lane k reads entry k's row and weight, so the top-k loop below starts its row loads at
+    // once instead of after two dependent global loads per entry (max_topk <= kMaxTopk < 32).
+    int32_t lane_row = -1;
+    float lane_weight = 0.f;
+    if (lane < p.max_topk) {
+      lane_row = slot_of_row[lane];
+      if (lane_row >= 0) lane_weight = s_pushed[s] ? __ldcg(weights + lane) : weights[lane];
+    }
     for (int k = 0; k < p.max_topk; ++k) {
-      const int32_t out_row = slot_of_row[k];
+      const int32_t out_row = __shfl_sync(kFullMask, lane_row, k);
+      const float weight = __shfl_sync(kFullMask, lane_weight, k);
       if (out_row < 0) continue;
-      const float weight = s_pushed[s] ? __ldcg(weights + k) : weights[k];
       const uint16_t* y = p.expert_out + int64_t{out_row} * p.hidden;
 #pragma unroll
       for (int u = 0; u < kRoundsPerSegment; ++u) {

@@ -41,12 +41,19 @@ __device__ __forceinline__ RankMask tokenMask(const LlParams& p, int t) {
 __device__ __forceinline__ void stageSegment(const LlParams& p, const uint16_t* x_row,
                                              uint8_t* staged, int seg, int lane) {
   const int hidden = p.hidden;
+  // Every round's load first, then the stores: the segment's loads are in flight together.
+  int4 loaded[kRoundsPerSegment];
+#pragma unroll
+  for (int r = 0; r < kRoundsPerSegment; ++r) {
+    const int col = seg * kSegmentCols + r * kColsPerRound + lane * 8;
+    loaded[r] = col < hidden ? ldNcNoAlloc(reinterpret_cast<const int4*>(x_row + col))
+                             : make_int4(0, 0, 0, 0);
+  }
 #pragma unroll
   for (int r = 0; r < kRoundsPerSegment; ++r) {
     const int col = seg * kSegmentCols + r * kColsPerRound + lane * 8;
     const bool in_row = col < hidden;  // hidden is a multiple of 128: whole half-warps agree
-    int4 v = make_int4(0, 0, 0, 0);
-    if (in_row) v = ldNcNoAlloc(reinterpret_cast<const int4*>(x_row + col));
+    const int4 v = loaded[r];
     if (!p.use_fp8) {
       if (in_row) *reinterpret_cast<int4*>(staged + int64_t{col} * 2) = v;
       continue;
@@ -350,7 +357,17 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
       const int4* src = reinterpret_cast<const int4*>(staged);
       int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
       const int num_vecs = static_cast<int>(out_row_bytes / 16);
-      for (int i = lane; i < num_vecs; i += kWarpSize) dst[i] = ldNoAlloc(src + i);
+      // kCopyUnroll loads in flight per lane before their stores (ldNoAlloc's memory clobber
+      // keeps a load after the previous store, so load-store pairs would run one at a time).
+      int i = lane;
+      for (; i + (kCopyUnroll - 1) * kWarpSize < num_vecs; i += kCopyUnroll * kWarpSize) {
+        int4 v[kCopyUnroll];
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) v[u] = ldNoAlloc(src + i + u * kWarpSize);
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) dst[i + u * kWarpSize] = v[u];
+      }
+      for (; i < num_vecs; i += kWarpSize) dst[i] = ldNoAlloc(src + i);
       if (p.use_fp8) {
         const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
         float* out_scales =
