@@ -462,17 +462,32 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t.
 template <typename Vec>
+__device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows, int64_t first,
+                                int64_t step) {
+  const int64_t vecs_per_row = s.row_bytes / static_cast<int64_t>(sizeof(Vec));
+  const int64_t total = rows * vecs_per_row;
+  for (int64_t i = first; i < total; i += step) {
+    const int64_t row = i / vecs_per_row;
+    const int64_t vec = i % vecs_per_row;
+    reinterpret_cast<Vec*>(s.dst + row * s.dst_stride)[vec] =
+        reinterpret_cast<const Vec*>(s.src + row * s.src_stride)[vec];
+  }
+}
+
+// blockIdx.y picks the segment; the blocks of one segment stride over its rows.
 __global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p) {
   const int64_t rows =
       p.fixed_rows > 0 ? p.fixed_rows : min(static_cast<int64_t>(*p.count), p.max_rows);
-  const int64_t vecs_per_row = p.row_bytes / static_cast<int64_t>(sizeof(Vec));
-  const int64_t total = rows * vecs_per_row;
-  for (int64_t i = blockIdx.x * int64_t{kBlockThreads} + threadIdx.x; i < total;
-       i += int64_t{gridDim.x} * kBlockThreads) {
-    const int64_t row = i / vecs_per_row;
-    const int64_t vec = i % vecs_per_row;
-    reinterpret_cast<Vec*>(p.dst + row * p.dst_stride)[vec] =
-        reinterpret_cast<const Vec*>(p.src + row * p.src_stride)[vec];
+  const CopyRowsSegment& s = p.seg[blockIdx.y];
+  const int64_t first = blockIdx.x * int64_t{kBlockThreads} + threadIdx.x;
+  const int64_t step = int64_t{gridDim.x} * kBlockThreads;
+  const bool vec16 = ((s.row_bytes | s.dst_stride | s.src_stride |
+                       reinterpret_cast<uintptr_t>(s.dst) | reinterpret_cast<uintptr_t>(s.src)) %
+                      16) == 0;
+  if (vec16) {
+    copySegmentRows<int4>(s, rows, first, step);
+  } else {
+    copySegmentRows<int32_t>(s, rows, first, step);
   }
 }
 
@@ -495,17 +510,9 @@ void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t 
 }
 
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream) {
-  const int num_blocks = sm_budget;
-  const bool vec16 =
-      (params.row_bytes | params.dst_stride | params.src_stride |
-       reinterpret_cast<uintptr_t>(params.dst) | reinterpret_cast<uintptr_t>(params.src)) %
-          16 ==
-      0;
-  if (vec16) {
-    copyRowsKernel<int4><<<num_blocks, kBlockThreads, 0, stream>>>(params);
-  } else {
-    copyRowsKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
-  }
+  if (params.num_segments <= 0) return;
+  const dim3 grid(static_cast<unsigned>(sm_budget), static_cast<unsigned>(params.num_segments));
+  copyRowsKernel<<<grid, kBlockThreads, 0, stream>>>(params);
   EPCOMM_KERNEL_LAUNCH_CHECK(copyRowsKernel);
 }
 
