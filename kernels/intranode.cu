@@ -464,16 +464,14 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 // warp per row, kCopyUnroll loads in flight per lane before their stores: the old form (one vector
 // per thread and a 64-bit division per vector) staged a combine input at ~440 GB/s on 32 SMs.
 template <typename Vec>
-__global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p) {
-  const int64_t rows =
-      p.fixed_rows > 0 ? p.fixed_rows : min(static_cast<int64_t>(*p.count), p.max_rows);
-  const int vecs = static_cast<int>(p.row_bytes / static_cast<int64_t>(sizeof(Vec)));
+__device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows) {
+  const int vecs = static_cast<int>(s.row_bytes / static_cast<int64_t>(sizeof(Vec)));
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = int64_t{gridDim.x} * kWarpsPerBlock;
   for (int64_t row = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize; row < rows;
        row += warps) {
-    const Vec* src = reinterpret_cast<const Vec*>(p.src + row * p.src_stride);
-    Vec* dst = reinterpret_cast<Vec*>(p.dst + row * p.dst_stride);
+    const Vec* src = reinterpret_cast<const Vec*>(s.src + row * s.src_stride);
+    Vec* dst = reinterpret_cast<Vec*>(s.dst + row * s.dst_stride);
     int v = lane;
     for (; v + (kCopyUnroll - 1) * kWarpSize < vecs; v += kCopyUnroll * kWarpSize) {
       Vec chunk[kCopyUnroll];
@@ -483,6 +481,21 @@ __global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p
       for (int u = 0; u < kCopyUnroll; ++u) dst[v + u * kWarpSize] = chunk[u];
     }
     for (; v < vecs; v += kWarpSize) dst[v] = src[v];
+  }
+}
+
+// blockIdx.y picks the segment; the blocks of one segment stride over its rows.
+__global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p) {
+  const int64_t rows =
+      p.fixed_rows > 0 ? p.fixed_rows : min(static_cast<int64_t>(*p.count), p.max_rows);
+  const CopyRowsSegment& s = p.seg[blockIdx.y];
+  const bool vec16 = ((s.row_bytes | s.dst_stride | s.src_stride |
+                       reinterpret_cast<uintptr_t>(s.dst) | reinterpret_cast<uintptr_t>(s.src)) %
+                      16) == 0;
+  if (vec16) {
+    copySegmentRows<int4>(s, rows);
+  } else {
+    copySegmentRows<int32_t>(s, rows);
   }
 }
 
@@ -505,17 +518,9 @@ void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t 
 }
 
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream) {
-  const int num_blocks = sm_budget;
-  const bool vec16 =
-      (params.row_bytes | params.dst_stride | params.src_stride |
-       reinterpret_cast<uintptr_t>(params.dst) | reinterpret_cast<uintptr_t>(params.src)) %
-          16 ==
-      0;
-  if (vec16) {
-    copyRowsKernel<int4><<<num_blocks, kBlockThreads, 0, stream>>>(params);
-  } else {
-    copyRowsKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
-  }
+  if (params.num_segments <= 0) return;
+  const dim3 grid(static_cast<unsigned>(sm_budget), static_cast<unsigned>(params.num_segments));
+  copyRowsKernel<<<grid, kBlockThreads, 0, stream>>>(params);
   EPCOMM_KERNEL_LAUNCH_CHECK(copyRowsKernel);
 }
 

@@ -187,14 +187,22 @@ struct HtExpertMajorCombineParams {
   uint32_t signature;         // htCombineSignature() (the rank-major combine's tagged ready word)
 };
 
-// Copies `*count` rows (read on the device) of row_bytes each, count capped at max_rows; with
-// fixed_rows > 0 exactly fixed_rows rows (static shapes) and `count` is not read.
-struct CopyRowsParams {
+// Copies `*count` rows (read on the device) of each segment, count capped at max_rows; with
+// fixed_rows > 0 exactly fixed_rows rows (static shapes) and `count` is not read. One launch
+// copies up to kMaxCopySegments arrays with the same row count (a dispatch's received rows,
+// scales and top-k ids and weights): each launch costs microseconds of host time. Row bytes and
+// strides are multiples of 4.
+constexpr int kMaxCopySegments = 4;
+struct CopyRowsSegment {
   uint8_t* dst;
   const uint8_t* src;
   int64_t row_bytes;
   int64_t dst_stride;
   int64_t src_stride;
+};
+struct CopyRowsParams {
+  CopyRowsSegment seg[kMaxCopySegments];
+  int32_t num_segments;
   const int32_t* count;
   int64_t max_rows;
   int64_t fixed_rows = 0;

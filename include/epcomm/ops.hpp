@@ -165,6 +165,12 @@ struct DispatchArgs {
   // when that is set).
   void* recv_x_out = nullptr;
   float* recv_scales_out = nullptr;
+  // Optional, with topk.idx only: likewise for the received top-k rows, [rows, num_topk] in
+  // topk.idx's index type and float32, contiguous (what DispatchResult::recv_topk_idx /
+  // recv_topk_weights hold, padding rows included with num_worst_tokens). All the caller copies
+  // of one call are one kernel launch, queued after the dispatch on its stream.
+  void* recv_topk_idx_out = nullptr;
+  float* recv_topk_weights_out = nullptr;
 
   int num_sms = kAuto;  // SM budget of this call; kAuto = the buffer's default
 };

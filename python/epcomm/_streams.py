@@ -20,13 +20,21 @@ def _torch_raw(torch):
     return _raw_stream_of[1]
 
 
+_raw_current = None  # (raw current-stream function, current-device function) once CUDA is up
+
+
 def current_stream() -> int:
     """The stream a call with ``stream=None`` runs on: torch's current stream when torch has
     initialized CUDA in this process, else the legacy default stream (0)."""
+    global _raw_current
+    fns = _raw_current
+    if fns is not None:  # CUDA stays initialized once it is: two C calls from then on
+        return fns[0](fns[1]())
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         fns = _torch_raw(torch)
         if fns is not None:
+            _raw_current = fns
             return fns[0](fns[1]())
         return torch.cuda.current_stream().cuda_stream
     return 0

@@ -175,19 +175,25 @@ class _Handle:
 
 
 class _LlHandle:
-    """The handle ``low_latency_dispatch`` returns."""
+    """The handle ``low_latency_dispatch`` returns. ``recv_src_info`` (the [num_local_experts,
+    rows] int32 source of each received row) is read from the dispatch's result when asked for:
+    most callers never read it, and each view costs a binding call."""
 
     __slots__ = ("seq", "num_tokens", "num_topk", "num_max_dispatch_tokens_per_rank", "hidden",
-                 "num_experts", "recv_src_info")
+                 "num_experts", "_result")
 
-    def __init__(self, seq, num_tokens, num_topk, num_max, hidden, num_experts, recv_src_info):
+    def __init__(self, seq, num_tokens, num_topk, num_max, hidden, num_experts, result):
         self.seq = seq
         self.num_tokens = num_tokens
         self.num_topk = num_topk
         self.num_max_dispatch_tokens_per_rank = num_max
         self.hidden = hidden
         self.num_experts = num_experts
-        self.recv_src_info = recv_src_info
+        self._result = result
+
+    @property
+    def recv_src_info(self):
+        return self._result.recv_src_info
 
 
 # --- Buffer -----------------------------------------------------------------------------------
@@ -465,14 +471,6 @@ class Buffer:
         compute.wait_stream(run)
         return EventOverlap()
 
-    def _handle(self):
-        if self._pool:
-            return self._pool.pop()
-        return self._buf.create_handle()
-
-    def _wrap_handle(self, ep, *args):
-        return _Handle(self._pool, ep, *args)
-
     # --- HT -----------------------------------------------------------------------------------
 
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event=None,
@@ -524,11 +522,12 @@ class Buffer:
         """DeepEP's intranode dispatch. Returns (recv_x or (recv_x, recv_x_scales),
         recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event);
         with a handle (cached mode): (recv_x, None, None, None, None, event)."""
-        torch = _torch()
+        torch = _torch_module  # imported by __init__
         if num_tokens_per_rdma_rank is not None:
             raise NotImplementedError(f"num_tokens_per_rdma_rank: {_INTERNODE}")
         x, x_scales = x if isinstance(x, tuple) else (x, None)
-        num_sms = self._sms(config)
+        num_sms = self._sms(config) if config is not None or Buffer._num_sms_set else None
+        shape = x.shape
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("dispatch: a cached dispatch (handle given) takes no topk_idx or "
@@ -536,10 +535,12 @@ class Buffer:
             if not isinstance(handle, _Handle):
                 raise TypeError(f"handle: expected the handle of an epcomm.deep_ep dispatch, got "
                                 f"{type(handle)}")
-            if x.shape[0] != handle.num_tokens:
-                raise ValueError(f"dispatch: x has {x.shape[0]} tokens, the handle's dispatch had "
+            if shape[0] != handle.num_tokens:
+                raise ValueError(f"dispatch: x has {shape[0]} tokens, the handle's dispatch had "
                                  f"{handle.num_tokens}")
-            buf = self._ensure(x.shape[1], None)
+            buf = self._buf
+            if buf is None or shape[1] != self._hidden:
+                buf = self._ensure(shape[1], None)
         else:
             if num_tokens_per_expert is not None:
                 num_experts = num_tokens_per_expert.numel()
@@ -550,12 +551,19 @@ class Buffer:
                                  "num_tokens_per_rank and num_tokens_per_expert), or a handle")
             if topk_weights is not None and topk_idx is None:
                 raise ValueError("dispatch: topk_weights needs topk_idx")
-            buf = self._ensure(x.shape[1], num_experts)
+            buf = self._buf
+            if buf is None or shape[1] != self._hidden or (num_experts is not None and
+                                                           num_experts != self._num_experts):
+                buf = self._ensure(shape[1], num_experts)
         if num_worst_tokens < 0:
             raise ValueError(f"num_worst_tokens = {num_worst_tokens}, expected >= 0")
 
-        compute, run = self._enter(previous_event, async_finish, allocate_on_comm_stream)
-        s = _current_stream() if run is None else run.cuda_stream
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            compute = run = None  # the current stream (_enter)
+            s = _current_stream()
+        else:
+            compute, run = self._enter(previous_event, async_finish, allocate_on_comm_stream)
+            s = run.cuda_stream
         # DeepEP returns fresh tensors; epcomm's views live until the next HT dispatch.
         alloc_stream = run if allocate_on_comm_stream else compute
         if handle is not None:
@@ -564,7 +572,7 @@ class Buffer:
             # dispatch call: no result views, slices or torch copies on the host.
             n = handle.num_recv
             with _on(alloc_stream, compute):
-                recv_x = x.new_empty((n, x.shape[1]))
+                recv_x = x.new_empty((n, shape[1]))
                 recv_scales = None if x_scales is None else x_scales.new_empty(
                     (n, x_scales.shape[1]), dtype=torch.float32)
             if alloc_stream is not run:
@@ -577,22 +585,31 @@ class Buffer:
             buf.dispatch(x, handle.ep, x_scales=x_scales, expert_alignment=handle.expert_alignment,
                          num_worst_tokens=handle.num_worst_tokens, num_sms=num_sms, stream=s,
                          recv_x_out=out, recv_scales_out=recv_scales)
-            event = self._leave(compute, run, async_finish, (x, x_scales, recv_x, recv_scales))
+            event = EventOverlap() if run is None else self._leave(
+                compute, run, async_finish, (x, x_scales, recv_x, recv_scales))
             return ((recv_x, recv_scales) if x_scales is not None else recv_x), None, None, \
                 None, None, event
-        ep = self._handle()
+        pool = self._pool
+        ep = pool.pop() if pool else buf.create_handle()
+        if num_worst_tokens > 0:
+            return self._dispatch_static(buf, ep, x, x_scales, topk_idx, topk_weights,
+                                         num_tokens_per_rank, is_token_in_rank,
+                                         num_tokens_per_expert, expert_alignment,
+                                         num_worst_tokens, num_sms, s, compute, run,
+                                         alloc_stream, async_finish)
         try:
             res = buf.dispatch(x, ep, topk_idx=topk_idx, topk_weights=topk_weights,
                                x_scales=x_scales, expert_alignment=expert_alignment,
-                               exact_count=num_worst_tokens == 0,
-                               num_tokens_per_rank=num_tokens_per_rank,
+                               exact_count=True, num_tokens_per_rank=num_tokens_per_rank,
                                is_token_in_rank=is_token_in_rank,
-                               num_tokens_per_expert=num_tokens_per_expert,
-                               num_worst_tokens=num_worst_tokens, num_sms=num_sms, stream=s)
+                               num_tokens_per_expert=num_tokens_per_expert, num_sms=num_sms,
+                               stream=s)
         except BaseException:
-            self._pool.append(ep)
+            pool.append(ep)
             raise
-        n = res.num_recv_tokens_host if num_worst_tokens == 0 else num_worst_tokens
+        # Exact counts: the row count is known only after the call, so the rows are copied out
+        # of the result views here.
+        n = res.num_recv_tokens_host
         h = x.shape[1]
         with _on(alloc_stream, compute):
             recv_x = x.new_empty((n, h))
@@ -609,8 +626,8 @@ class Buffer:
                 for t in (recv_x, recv_scales, recv_idx, recv_w):
                     if t is not None:
                         t.record_stream(run)
-            # The binding's views have exactly n rows (exact_count / num_worst_tokens); other
-            # cores may give more. A slice costs a microsecond: only when needed.
+            # The binding's views have exactly n rows (exact_count); other cores may give more.
+            # A slice costs a microsecond: only when needed.
             view = _rows(res.recv_x, n)
             if recv_x.element_size() == 1:  # FP8: copy the bytes (a framework without DLPack
                 recv_x.view(torch.uint8).copy_(view.view(torch.uint8))  # float8 gives uint8)
@@ -628,19 +645,63 @@ class Buffer:
                             (x, x_scales, topk_idx, topk_weights, recv_x, recv_scales, recv_idx,
                              recv_w))
         out_x = (recv_x, recv_scales) if x_scales is not None else recv_x
-        if num_worst_tokens > 0:
-            counts = []  # DeepEP: no host counts in the static-shape mode
-        else:
-            counts = res.num_recv_tokens_per_expert_list  # a new list on every read
-            if counts is None:
-                counts = res.num_recv_tokens_per_expert.tolist()
-            elif type(counts) is not list:
-                counts = list(counts)
+        counts = res.num_recv_tokens_per_expert_list  # a new list on every read
+        if counts is None:
+            counts = res.num_recv_tokens_per_expert.tolist()
+        elif type(counts) is not list:
+            counts = list(counts)
         itr = is_token_in_rank if is_token_in_rank is not None else res.handle.is_token_in_rank
-        new_handle = self._wrap_handle(ep, x.shape[0], n,
-                                       topk_idx.shape[1] if topk_idx is not None else 0, itr,
-                                       expert_alignment, num_worst_tokens)
+        new_handle = _Handle(pool, ep, x.shape[0], n,
+                             topk_idx.shape[1] if topk_out else 0, itr, expert_alignment, 0)
         return out_x, recv_idx, recv_w if topk_out else None, counts, new_handle, event
+
+    def _dispatch_static(self, buf, ep, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                         is_token_in_rank, num_tokens_per_expert, expert_alignment, n, num_sms,
+                         s, compute, run, alloc_stream, async_finish):
+        """Top-k / layout dispatch with num_worst_tokens = n: the row count is known before the
+        call, so the fresh outputs are allocated first and the library copies the received rows
+        (and top-k ids and weights, padding rows included) into them inside the dispatch, in one
+        kernel launch (DispatchArgs::recv_*_out): no result views, slices or torch copies."""
+        torch = _torch_module
+        with _on(alloc_stream, compute):
+            recv_x = x.new_empty((n, x.shape[1]))
+            recv_scales = None if x_scales is None else x_scales.new_empty(
+                (n, x_scales.shape[1]), dtype=torch.float32)
+            recv_idx = recv_w = None
+            if topk_idx is not None:
+                k = topk_idx.shape[1]
+                recv_idx = topk_idx.new_empty((n, k))
+                # Without topk_weights epcomm's received weights are 0 (ops.hpp), DeepEP's too.
+                recv_w = x.new_empty((n, k), dtype=torch.float32)
+        if alloc_stream is not run:
+            for t in (recv_x, recv_scales, recv_idx, recv_w):
+                if t is not None:
+                    t.record_stream(run)
+        # FP8 rows as bytes: the binding takes any dtype here, and a torch without DLPack float8
+        # still exports uint8.
+        out = recv_x.view(torch.uint8) if recv_x.element_size() == 1 else recv_x
+        try:
+            res = buf.dispatch(x, ep, topk_idx=topk_idx, topk_weights=topk_weights,
+                               x_scales=x_scales, expert_alignment=expert_alignment,
+                               num_tokens_per_rank=num_tokens_per_rank,
+                               is_token_in_rank=is_token_in_rank,
+                               num_tokens_per_expert=num_tokens_per_expert, num_worst_tokens=n,
+                               num_sms=num_sms, stream=s, recv_x_out=out,
+                               recv_scales_out=recv_scales, recv_topk_idx_out=recv_idx,
+                               recv_topk_weights_out=recv_w)
+        except BaseException:
+            self._pool.append(ep)
+            raise
+        event = EventOverlap() if run is None else self._leave(
+            compute, run, async_finish,
+            (x, x_scales, topk_idx, topk_weights, recv_x, recv_scales, recv_idx, recv_w))
+        itr = is_token_in_rank if is_token_in_rank is not None else res.handle.is_token_in_rank
+        handle = _Handle(self._pool, ep, x.shape[0], n,
+                         topk_idx.shape[1] if topk_idx is not None else 0, itr, expert_alignment,
+                         n)
+        # DeepEP: no host counts in the static-shape mode.
+        return ((recv_x, recv_scales) if x_scales is not None else recv_x), recv_idx, recv_w, \
+            [], handle, event
 
     def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
@@ -648,22 +709,38 @@ class Buffer:
         from each token (plus bias). ``topk_weights`` [rows of x, num_topk] are the received
         weights, reduced to combined_topk_weights [num_tokens, num_topk]. Returns
         (combined_x, combined_topk_weights or None, event)."""
-        torch = _torch()
-        if not isinstance(handle, _Handle):
+        if type(handle) is not _Handle and not isinstance(handle, _Handle):
             raise TypeError(f"handle: expected the handle of an epcomm.deep_ep dispatch, got "
                             f"{type(handle)}")
-        if x.dim() != 2 or x.shape[0] != handle.num_recv:
+        shape = x.shape  # one torch.Size per call, not one per use
+        if len(shape) != 2 or shape[0] != handle.num_recv:
             raise ValueError(f"combine: x must be [{handle.num_recv}, hidden] (the rows the "
-                             f"handle's dispatch received), got {tuple(x.shape)}")
-        buf = self._ensure(x.shape[1], None)
-        num_sms = self._sms(config)
-        if isinstance(bias, tuple):  # DeepEP takes up to two bias tensors
+                             f"handle's dispatch received), got {tuple(shape)}")
+        hidden = shape[1]
+        buf = self._buf
+        if buf is None or hidden != self._hidden:
+            buf = self._ensure(hidden, None)
+        num_sms = self._sms(config) if config is not None or Buffer._num_sms_set else None
+        if bias is not None and isinstance(bias, tuple):  # DeepEP takes up to two bias tensors
             parts = [b for b in bias if b is not None]
             bias = None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            # The common case: everything on the current stream (see _enter).
+            out = x.new_empty((handle.num_tokens, hidden))
+            if topk_weights is None and bias is None:
+                buf.combine(x, handle.ep, out, num_sms=num_sms, stream=_current_stream())
+                return out, None, EventOverlap()
+            combined_w = None if topk_weights is None else x.new_empty(
+                (handle.num_tokens, topk_weights.shape[1]), dtype=_torch_module.float32)
+            buf.combine(x, handle.ep, out, bias=bias, recv_topk_weights=topk_weights,
+                        combined_topk_weights=combined_w, num_sms=num_sms,
+                        stream=_current_stream())
+            return out, combined_w, EventOverlap()
+        torch = _torch()
         compute, run = self._enter(previous_event, async_finish, allocate_on_comm_stream)
         alloc_stream = run if allocate_on_comm_stream else compute
         with _on(alloc_stream, compute):
-            out = x.new_empty((handle.num_tokens, x.shape[1]))
+            out = x.new_empty((handle.num_tokens, hidden))
             combined_w = None
             if topk_weights is not None:
                 combined_w = x.new_empty((handle.num_tokens, topk_weights.shape[1]),
@@ -672,7 +749,7 @@ class Buffer:
             for t in (out, combined_w):
                 if t is not None:
                     t.record_stream(run)
-        s = _current_stream() if run is None else run.cuda_stream
+        s = run.cuda_stream
         if topk_weights is None and bias is None:
             buf.combine(x, handle.ep, out, num_sms=num_sms, stream=s)
         else:
@@ -692,7 +769,6 @@ class Buffer:
         recv_x [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden]; the
         valid rows of expert e are the first recv_count[e]. Views, valid until the next
         low_latency_dispatch. With return_recv_hook the data has arrived only after hook()."""
-        torch = _torch()
         if round_scale or use_ue8m0:
             raise NotImplementedError("round_scale / use_ue8m0: epcomm's LL FP8 scales are "
                                       "float32 amax/448 per 128 columns, not rounded to powers "
@@ -705,18 +781,24 @@ class Buffer:
                              "low_latency_mode=False")
         if self._ll_pending is not None:
             raise ValueError("low_latency_dispatch: call the previous call's recv hook first")
-        buf = self._ensure(x.shape[1], num_experts, ll_tokens=num_max_dispatch_tokens_per_rank)
+        shape = x.shape
+        buf = self._buf
+        if buf is None or shape[1] != self._hidden or num_experts != self._num_experts:
+            buf = self._ensure(shape[1], num_experts, ll_tokens=num_max_dispatch_tokens_per_rank)
         cap = self._ll_cap
         if num_max_dispatch_tokens_per_rank > cap:
             raise ValueError(f"num_max_dispatch_tokens_per_rank = "
                              f"{num_max_dispatch_tokens_per_rank} > the buffer's LL capacity {cap} "
                              f"(fixed by the first LL call or num_rdma_bytes)")
-        if x.shape[0] > num_max_dispatch_tokens_per_rank:
-            raise ValueError(f"low_latency_dispatch: {x.shape[0]} tokens > "
+        if shape[0] > num_max_dispatch_tokens_per_rank:
+            raise ValueError(f"low_latency_dispatch: {shape[0]} tokens > "
                              f"num_max_dispatch_tokens_per_rank = "
                              f"{num_max_dispatch_tokens_per_rank}")
         # The stream object is needed only to copy the FP8 scales later, in the recv hook.
-        stream, compute = self._ll_stream(async_finish, use_fp8 and return_recv_hook)
+        if async_finish or (use_fp8 and return_recv_hook):
+            stream, compute = self._ll_stream(async_finish, True)
+        else:
+            stream, compute = _current_stream(), None
         phase = "send" if return_recv_hook else "both"
         r = buf.low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, stream=stream, phase=phase,
                                      cumulative_recv_counts=cumulative_local_expert_recv_stats)
@@ -726,24 +808,18 @@ class Buffer:
         # A new tensor object per call, as DeepEP's (the binding hands out the same cached view
         # object); detach() makes one for a fraction of a slice's cost.
         recv_x = recv_x[:, :rows] if recv_x.shape[1] != rows else recv_x.detach()
-        if use_fp8 and recv_x.dtype == torch.uint8:  # a torch without DLPack float8
-            recv_x = recv_x.view(torch.float8_e4m3fn)
         scales = None
         if use_fp8:
+            torch = _torch_module
+            if recv_x.dtype == torch.uint8:  # a torch without DLPack float8
+                recv_x = recv_x.view(torch.float8_e4m3fn)
             # DeepEP's scales are column-major in the last two dimensions (TMA-friendly).
             src = r.recv_x_scales[:, :rows]
             scales = x.new_empty((src.shape[0], src.shape[2], src.shape[1]),
                                  dtype=torch.float32).transpose(1, 2)
         self._ll_seq += 1
-        handle = _LlHandle(self._ll_seq, x.shape[0], topk_idx.shape[1],
-                           num_max_dispatch_tokens_per_rank, x.shape[1], num_experts,
-                           r.recv_src_info)
-
-        def finish():
-            if scales is not None:
-                with _on(self._comm if async_finish else compute, None):
-                    scales.copy_(r.recv_x_scales[:, :rows])
-
+        handle = _LlHandle(self._ll_seq, shape[0], topk_idx.shape[1],
+                           num_max_dispatch_tokens_per_rank, shape[1], num_experts, r)
         hook = None
         if return_recv_hook:
             def hook():
@@ -754,12 +830,16 @@ class Buffer:
                 buf.low_latency_dispatch(
                     None, None, use_fp8=use_fp8, stream=stream, phase="recv",
                     cumulative_recv_counts=cumulative_local_expert_recv_stats)
-                finish()
+                if scales is not None:
+                    with _on(self._comm if async_finish else compute, None):
+                        scales.copy_(src)
 
             self._ll_pending = hook
-        else:
-            finish()
-        event = self._ll_leave(compute, async_finish, (x, topk_idx))
+        elif scales is not None:
+            with _on(self._comm if async_finish else compute, None):
+                scales.copy_(src)
+        event = self._ll_leave(compute, async_finish, (x, topk_idx)) if async_finish else \
+            EventOverlap()
         out_x = (recv_x, scales) if use_fp8 else recv_x
         return out_x, r.num_recv_tokens_per_expert, handle, event, hook
 
@@ -770,13 +850,14 @@ class Buffer:
         """Returns (combined_x [num_tokens, hidden] BF16, event, hook): per token the sum of
         topk_weights[t, k] * the expert output of its k-th expert (zeros for a token routed
         nowhere). zero_copy is accepted: epcomm reads x from any device memory."""
-        torch = _torch()
+        torch = _torch_module
         if use_logfmt:
             raise NotImplementedError("use_logfmt: epcomm's LL combine sends BF16 partials")
         if combine_wait_recv_cost_stats is not None:
             raise NotImplementedError("combine_wait_recv_cost_stats: epcomm records no per-rank "
                                       "wait times")
-        _check_ll_handle(handle)
+        if type(handle) is not _LlHandle:
+            _check_ll_handle(handle)
         if handle.seq != self._ll_seq:
             raise ValueError("low_latency_combine: the handle is not the last "
                              "low_latency_dispatch's (epcomm alternates LL dispatch and combine)")
@@ -788,17 +869,20 @@ class Buffer:
                              f"({handle.num_tokens}, {handle.num_topk})")
         buf = self._buf
         full = self._ll_cap * self.group_size
-        if x.shape[1] != full:
+        xs = x.shape
+        if xs[1] != full:
             # epcomm reads rows with the buffer's per-expert stride: stage a narrower x.
-            key = ("stage", x.shape[0], x.shape[2])
+            key = ("stage", xs[0], xs[2])
             stage = self._ll_combine_buffers.get(key)
             if stage is None:
-                stage = torch.empty((x.shape[0], full, x.shape[2]), dtype=x.dtype,
-                                    device=x.device)
+                stage = torch.empty((xs[0], full, xs[2]), dtype=x.dtype, device=x.device)
                 self._ll_combine_buffers[key] = stage
-            stage[:, :x.shape[1]].copy_(x)
+            stage[:, :xs[1]].copy_(x)
             x = stage
-        stream, compute = self._ll_stream(async_finish)
+        if async_finish:
+            stream, compute = self._ll_stream(True)
+        else:
+            stream, compute = _current_stream(), None
         if out is None:
             out = x.new_empty((handle.num_tokens, handle.hidden), dtype=torch.bfloat16)
         phase = "send" if return_recv_hook else "both"
@@ -812,7 +896,8 @@ class Buffer:
                 buf.low_latency_combine(None, out, stream=stream, phase="recv")
 
             self._ll_pending = hook
-        event = self._ll_leave(compute, async_finish, (x, topk_idx, topk_weights, out))
+        event = self._ll_leave(compute, True, (x, topk_idx, topk_weights, out)) if async_finish \
+            else EventOverlap()
         return out, event, hook
 
     def _ll_stream(self, async_finish, want_compute=False):

@@ -815,6 +815,29 @@ void convertDispatchArgs(PyBuffer& self, const Array& x, const OptArray& topk_id
   }
 }
 
+// DispatchArgs::recv_topk_idx_out / recv_topk_weights_out: [rows, num_topk] caller buffers in
+// topk_idx's dtype / float32 (rows: the caller's, as recv_x_out's; the C++ docs say which).
+void convertTopkOut(PyBuffer& self, const OptArray& topk_idx, const OptArray& idx_out,
+                    const OptArray& weights_out, epcomm::DispatchArgs& args) {
+  if (!idx_out && !weights_out) return;
+  if (!topk_idx) throwInvalid("recv_topk_idx_out / recv_topk_weights_out: need topk_idx");
+  const int device = self.get().device();
+  if (idx_out) {
+    args.recv_topk_idx_out =
+        devicePtr(*idx_out, "recv_topk_idx_out", device, 2, {dt::kI64, dt::kI32});
+    if (!sameDtype(idx_out->dtype(), topk_idx->dtype())) {
+      throwInvalid("recv_topk_idx_out: dtype " + dtypeName(idx_out->dtype()) +
+                   ", expected topk_idx's " + dtypeName(topk_idx->dtype()));
+    }
+    checkDim(*idx_out, "recv_topk_idx_out", 1, args.topk.num_topk, "topk_idx's");
+  }
+  if (weights_out) {
+    args.recv_topk_weights_out = static_cast<float*>(
+        devicePtr(*weights_out, "recv_topk_weights_out", device, 2, {dt::kF32}));
+    checkDim(*weights_out, "recv_topk_weights_out", 1, args.topk.num_topk, "topk_idx's");
+  }
+}
+
 DispatchOutput dispatchOutput(PyBuffer& self, nb::handle x_obj, const Array& x,
                               const OptArray& topk_idx, nb::object handle_obj,
                               const epcomm::DispatchResult& r, const epcomm::DispatchArgs& args,
@@ -866,7 +889,8 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, nb::
                         std::optional<int> num_sms, nb::handle stream,
                         nb::handle num_tokens_per_rank_obj, nb::handle is_token_in_rank_obj,
                         nb::handle num_tokens_per_expert_obj, int num_worst_tokens,
-                        bool expert_major) {
+                        bool expert_major, nb::handle recv_topk_idx_out_obj,
+                        nb::handle recv_topk_weights_out_obj) {
   epcomm::EpBuffer& buf = self.get();
   cudaStream_t s = nullptr;
   nb::object handle_obj;
@@ -892,6 +916,8 @@ DispatchOutput dispatch(PyBuffer& self, nb::object x_obj, PyHandle* handle, nb::
                                optArray(is_token_in_rank_obj, "is_token_in_rank"),
                                optArray(num_tokens_per_expert_obj, "num_tokens_per_expert")},
                   args.num_tokens, args.layout);
+    convertTopkOut(self, topk_idx, optArray(recv_topk_idx_out_obj, "recv_topk_idx_out"),
+                   optArray(recv_topk_weights_out_obj, "recv_topk_weights_out"), args);
     if (num_worst_tokens < 0) {
       throwInvalid("num_worst_tokens: " + std::to_string(num_worst_tokens) +
                    ", expected >= 0 (0: off)");
@@ -1367,7 +1393,8 @@ NB_MODULE(_epcomm, m) {
            "recv_scales_out"_a = nb::none(), "num_sms"_a = nb::none(), "stream"_a = nb::none(),
            "num_tokens_per_rank"_a = nb::none(), "is_token_in_rank"_a = nb::none(),
            "num_tokens_per_expert"_a = nb::none(), "num_worst_tokens"_a = 0,
-           "expert_major"_a = false)
+           "expert_major"_a = false, "recv_topk_idx_out"_a = nb::none(),
+           "recv_topk_weights_out"_a = nb::none())
       .def(
           "combine",
           [](PyBuffer& self, nb::object x_obj, PyHandle& handle, nb::object out_obj,

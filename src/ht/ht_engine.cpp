@@ -217,6 +217,17 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                 "in [1, " + std::to_string(kMaxExpertAlignment) + "]");
   check.require(aligned16(args.recv_x_out), "DispatchArgs::recv_x_out",
                 pointerText(args.recv_x_out), "16-byte aligned");
+  check.require(args.recv_topk_idx_out == nullptr || has_topk, "DispatchArgs::recv_topk_idx_out",
+                pointerText(args.recv_topk_idx_out), "nullptr unless topk.idx is set");
+  check.require(args.recv_topk_weights_out == nullptr || has_topk,
+                "DispatchArgs::recv_topk_weights_out", pointerText(args.recv_topk_weights_out),
+                "nullptr unless topk.idx is set");
+  check.require(reinterpret_cast<uintptr_t>(args.recv_topk_idx_out) % 4 == 0,
+                "DispatchArgs::recv_topk_idx_out", pointerText(args.recv_topk_idx_out),
+                "4-byte aligned");
+  check.require(reinterpret_cast<uintptr_t>(args.recv_topk_weights_out) % 4 == 0,
+                "DispatchArgs::recv_topk_weights_out", pointerText(args.recv_topk_weights_out),
+                "4-byte aligned");
   check.require(args.num_worst_tokens >= 0 && args.num_worst_tokens <= regions_.capacity,
                 "DispatchArgs::num_worst_tokens", args.num_worst_tokens,
                 "in [0, " + std::to_string(regions_.capacity) +
@@ -331,30 +342,31 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
 void copyReceivedRows(const BufferCore& b, const kernels::HtRegions& ht, const DispatchArgs& args,
                       int64_t x_row_bytes, int num_scales, const int32_t* num_recv, int fixed_rows,
                       int sms, cudaStream_t stream) {
+  // One launch for every caller copy: they share the row count.
   uint8_t* base = b.localBase();
-  if (args.recv_x_out != nullptr) {
-    kernels::CopyRowsParams copy{static_cast<uint8_t*>(args.recv_x_out),
-                                 base + ht.recv_x,
-                                 x_row_bytes,
-                                 x_row_bytes,
-                                 x_row_bytes,
-                                 num_recv,
-                                 ht.capacity,
-                                 fixed_rows};
-    kernels::launchCopyRows(copy, sms, stream);
-  }
+  kernels::CopyRowsParams copy{};
+  auto add = [&](void* dst, uint64_t region, int64_t row_bytes) {
+    copy.seg[copy.num_segments++] = kernels::CopyRowsSegment{
+        static_cast<uint8_t*>(dst), base + region, row_bytes, row_bytes, row_bytes};
+  };
+  if (args.recv_x_out != nullptr) add(args.recv_x_out, ht.recv_x, x_row_bytes);
   if (num_scales > 0 && args.recv_scales_out != nullptr) {
-    const int64_t scale_row = int64_t{num_scales} * 4;
-    kernels::CopyRowsParams copy{reinterpret_cast<uint8_t*>(args.recv_scales_out),
-                                 base + ht.recv_scales,
-                                 scale_row,
-                                 scale_row,
-                                 scale_row,
-                                 num_recv,
-                                 ht.capacity,
-                                 fixed_rows};
-    kernels::launchCopyRows(copy, sms, stream);
+    add(args.recv_scales_out, ht.recv_scales, int64_t{num_scales} * 4);
   }
+  // Top-k rows are [rows, num_topk] in the input index type / float32 (receivedViews).
+  const int64_t num_topk = args.topk.num_topk;
+  if (args.recv_topk_idx_out != nullptr && num_topk > 0) {
+    const int64_t idx_bytes = args.topk.idx_type == IndexType::kInt64 ? 8 : 4;
+    add(args.recv_topk_idx_out, ht.recv_topk_idx, num_topk * idx_bytes);
+  }
+  if (args.recv_topk_weights_out != nullptr && num_topk > 0) {
+    add(args.recv_topk_weights_out, ht.recv_topk_weights, num_topk * 4);
+  }
+  if (copy.num_segments == 0) return;
+  copy.count = num_recv;
+  copy.max_rows = ht.capacity;
+  copy.fixed_rows = fixed_rows;
+  kernels::launchCopyRows(copy, sms, stream);
 }
 
 DispatchResult receivedViews(const BufferCore& b, const kernels::HtRegions& ht,
@@ -443,18 +455,17 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   uint8_t* base = b.localBase();
   const kernels::HtRegions& ht = regions_;
   const int64_t row_bytes = int64_t{c.hidden} * 2;
+  // The staging copies below share one launch (they have the same row count).
+  kernels::CopyRowsParams copy{};
+  copy.count = h->num_recv;
+  copy.max_rows = ht.capacity;
   if (args.x != base + ht.combine_in) {
     // Peers pull from the symmetric combine-input region; stage the rows there first.
-    kernels::CopyRowsParams copy{base + ht.combine_in,
-                                 static_cast<const uint8_t*>(args.x),
-                                 row_bytes,
-                                 row_bytes,
-                                 row_bytes,
-                                 h->num_recv,
-                                 ht.capacity};
-    kernels::launchCopyRows(copy, sms, stream);
+    copy.seg[copy.num_segments++] = kernels::CopyRowsSegment{
+        base + ht.combine_in, static_cast<const uint8_t*>(args.x), row_bytes, row_bytes, row_bytes};
   }
   if (h->expert_major) {
+    kernels::launchCopyRows(copy, sms, stream);
     combineExpertMajor(b, ht, args, *h, sms, stream);
     return;
   }
@@ -467,16 +478,12 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
     if (args.recv_topk_weights != in_place) {
       recv_weights_offset = ht.combine_weights;
       const int64_t weight_row = int64_t{h->num_topk} * 4;
-      kernels::CopyRowsParams copy{base + ht.combine_weights,
-                                   reinterpret_cast<const uint8_t*>(args.recv_topk_weights),
-                                   weight_row,
-                                   weight_row,
-                                   weight_row,
-                                   h->num_recv,
-                                   ht.capacity};
-      kernels::launchCopyRows(copy, sms, stream);
+      copy.seg[copy.num_segments++] = kernels::CopyRowsSegment{
+          base + ht.combine_weights, reinterpret_cast<const uint8_t*>(args.recv_topk_weights),
+          weight_row, weight_row, weight_row};
     }
   }
+  kernels::launchCopyRows(copy, sms, stream);  // nothing when there is nothing to stage
   kernels::HtCombineParams p{};
   p.peers = b.peers;
   p.regions = ht;

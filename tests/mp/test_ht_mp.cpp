@@ -990,14 +990,21 @@ TEST(HtStaticShapes, WorstTokensPadEveryViewEagerAndInGraphs) {
     const size_t elem = dtype == DType::kBF16 ? 2 : 1;
     DeviceArray<uint8_t> x_copy(size_t(capacity) * c.hidden * elem);
     DeviceArray<float> scales_copy(size_t(capacity) * (c.hidden / 128));
+    const size_t idx_elem = c.idx_type == IndexType::kInt64 ? 8 : 4;
+    DeviceArray<uint8_t> idx_copy(size_t(capacity) * c.topk * idx_elem);
+    DeviceArray<float> weights_copy(size_t(capacity) * c.topk);
 
-    // Eager, with the caller copies.
+    // Eager, with the caller copies (rows, scales, top-k ids and weights: one launch).
     x_copy.poison();
     scales_copy.poison();
+    idx_copy.poison();
+    weights_copy.poison();
     DispatchArgs args = dev.args(all[me], c, true);
     args.num_worst_tokens = worst;
     args.recv_x_out = x_copy.get();
     if (dtype == DType::kFP8E4M3) args.recv_scales_out = scales_copy.get();
+    args.recv_topk_idx_out = idx_copy.get();
+    args.recv_topk_weights_out = weights_copy.get();
     DispatchResult first = buffer.dispatch(args, handle, stream.get());
     buffer.sync(stream.get());
     poisonDispatchViews(first, c, stream.get());
@@ -1017,6 +1024,16 @@ TEST(HtStaticShapes, WorstTokensPadEveryViewEagerAndInGraphs) {
       EXPECT_TRUE(compareExact(scales_copy.download(size_t(worst) * (c.hidden / 128)),
                                ref.recv_scales, "recv_scales_out copy of num_worst_tokens rows"));
     }
+    std::vector<int64_t> idx(size_t(worst) * c.topk);
+    if (c.idx_type == IndexType::kInt64) {
+      idx = DeviceArray<int64_t>::downloadFrom(idx_copy.get(), idx.size());
+    } else {
+      std::vector<int32_t> idx32 = DeviceArray<int32_t>::downloadFrom(idx_copy.get(), idx.size());
+      idx.assign(idx32.begin(), idx32.end());
+    }
+    EXPECT_TRUE(compareExact(idx, ref.recv_topk_idx, "recv_topk_idx_out copy"));
+    EXPECT_TRUE(compareExact(weights_copy.download(size_t(worst) * c.topk), ref.recv_topk_weights,
+                             "recv_topk_weights_out copy"));
 
     // Captured: replays with new routing give padded views at the same pointers.
     cudaGraph_t graph = nullptr;
@@ -1412,6 +1429,20 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.num_worst_tokens = -1;
+         b.dispatch(a, h, s);
+       }},
+      {"recv_topk_idx_out without top-k", "DispatchArgs::recv_topk_idx_out",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, false);
+         a.recv_topk_idx_out = d.idx32.get();
+         b.dispatch(a, h, s);
+       }},
+      {"recv_topk_weights_out without top-k", "DispatchArgs::recv_topk_weights_out",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         DispatchArgs a = d.args(i, hc, false);
+         a.recv_topk_weights_out = reinterpret_cast<float*>(d.idx32.get());
          b.dispatch(a, h, s);
        }},
       {"combined_topk_weights without recv_topk_weights", "CombineArgs::combined_topk_weights",

@@ -143,6 +143,8 @@ def intranode(rank, size, dev):
     check(torch.equal(rx[:n].cpu(), ref_x.to(torch.bfloat16)), "num_worst_tokens recv_x")
     check(bool((ri[n:] == -1).all()) and bool((rw[n:] == 0).all()) and
           bool((rx[n:] == 0).all()), "num_worst_tokens padding")
+    check(torch.equal(ri[:n].cpu(), ref_idx), "num_worst_tokens recv_topk_idx")
+    close(rw[:n], ref_w, 1e-6, "num_worst_tokens recv_topk_weights")
     cw_, cww, _ = buf.combine(rx, hw, topk_weights=rw)
     close(cw_, x_all[rank].float() * ranks_of, 1e-2, "num_worst_tokens combine")
 
@@ -160,11 +162,36 @@ def intranode(rank, size, dev):
     check(torch.equal(rq.view(torch.uint8).cpu(), ref_q.to(torch.uint8)), "FP8 recv_x")
     check(torch.equal(rs.cpu(), ref_s), "FP8 recv_x_scales")
 
+    # Static shapes with the layout, FP8 and no weights (the library copies every output in the
+    # dispatch call): received weights are 0, padding rows 0 / -1; then a cached re-dispatch.
+    (rq6, rs6), ri6, rw6, c6, h6, _ = buf.dispatch(
+        (xq, scales), num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+        topk_idx=idx, num_worst_tokens=worst)
+    check(rq6.shape[0] == worst and rs6.shape[0] == worst and rw6.shape == (worst, K),
+          "FP8 num_worst_tokens rows")
+    check(c6 == [], "FP8 num_worst_tokens: empty count list")
+    check(torch.equal(rq6[:n].view(torch.uint8).cpu(), ref_q.to(torch.uint8)) and
+          torch.equal(rs6[:n].cpu(), ref_s), "FP8 num_worst_tokens recv_x / scales")
+    check(bool((rq6[n:].view(torch.uint8) == 0).all()) and bool((rs6[n:] == 0).all()),
+          "FP8 num_worst_tokens padding")
+    check(torch.equal(ri6[:n].cpu(), ref_idx) and bool((ri6[n:] == -1).all()),
+          "FP8 num_worst_tokens recv_topk_idx")
+    check(bool((rw6 == 0).all()), "num_worst_tokens without topk_weights: weights 0")
+    rq7, rs7 = buf.dispatch((xq, scales), handle=h6)[0]
+    check(rq7.shape[0] == worst and torch.equal(rq7.view(torch.uint8).cpu(),
+                                                rq6.view(torch.uint8).cpu()) and
+          torch.equal(rs7.cpu(), rs6.cpu()), "cached FP8 dispatch on a num_worst_tokens handle")
+
     # Dispatch from the layout alone (no top-k): DeepEP returns no top-k outputs then.
     rx5, ri5, rw5, _, h5, _ = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
                                            num_tokens_per_expert=nte)
     check(ri5 is None and rw5 is None, "layout-only dispatch: no top-k outputs")
     check(torch.equal(rx5.cpu(), ref_x.to(torch.bfloat16)), "layout-only recv_x")
+    rx8, ri8, rw8, c8, _, _ = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
+                                           num_tokens_per_expert=nte, num_worst_tokens=worst)
+    check(ri8 is None and rw8 is None and c8 == [], "layout-only static dispatch outputs")
+    check(torch.equal(rx8[:n].cpu(), ref_x.to(torch.bfloat16)) and bool((rx8[n:] == 0).all()),
+          "layout-only num_worst_tokens recv_x")
     buf.destroy()
 
 

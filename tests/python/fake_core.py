@@ -72,7 +72,8 @@ class FakeBuffer:
     def dispatch(self, x, handle, *, topk_idx=None, topk_weights=None, x_scales=None,
                  expert_alignment=1, exact_count=False, num_tokens_per_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, num_worst_tokens=0,
-                 num_sms=None, stream=None, recv_x_out=None, recv_scales_out=None, **_):
+                 num_sms=None, stream=None, recv_x_out=None, recv_scales_out=None,
+                 recv_topk_idx_out=None, recv_topk_weights_out=None, **_):
         R, L, me = self.num_ranks, self.num_local_experts, self.rank
         assert self.capacity > 0, "HT disabled (max_tokens_per_rank = 0)"
         assert x.shape[1] == self.hidden
@@ -155,6 +156,14 @@ class FakeBuffer:
             assert rs is not None, "recv_scales_out without FP8 x"
             assert recv_scales_out.dtype == torch.float32 and recv_scales_out.shape[0] >= copied
             recv_scales_out[:copied].copy_(rs[:copied])
+        # DispatchArgs::recv_topk_idx_out / recv_topk_weights_out: likewise, top-k dispatches only.
+        for name, out, src in (("recv_topk_idx_out", recv_topk_idx_out, ridx),
+                               ("recv_topk_weights_out", recv_topk_weights_out, rw)):
+            if out is not None:
+                assert not cached and src is not None, f"{name} without topk_idx"
+                assert out.dtype == src.dtype and out.shape[1] == src.shape[1], f"{name}: dtype/k"
+                assert out.shape[0] >= copied, f"{name} too small"
+                out[:copied].copy_(src[:copied])
         return _Obj(recv_x=rx, recv_x_scales=rs, recv_topk_idx=ridx, recv_topk_weights=rw,
                     num_recv_tokens_host=rows if exact_count else None,
                     num_recv_tokens_per_expert=counts.clone(),

@@ -194,6 +194,11 @@ def facade_paths(tokens=16, hidden=128, experts=64, topk=8):
         return fb.dispatch(x, topk_idx=topk_idx, topk_weights=topk_w, num_tokens_per_rank=ntr,
                            is_token_in_rank=itr, num_tokens_per_expert=nte)
 
+    def dispatch_worst():  # static shapes, as python -m epcomm.bench's facade row
+        return fb.dispatch(x, topk_idx=topk_idx, topk_weights=topk_w, num_tokens_per_rank=ntr,
+                           is_token_in_rank=itr, num_tokens_per_expert=nte,
+                           num_worst_tokens=tokens)
+
     def ll_pair():
         r, _, hd, _, _ = fb.low_latency_dispatch(x, topk_idx, tokens, experts, use_fp8=False)
         return fb.low_latency_combine(r, topk_idx, topk_w, hd)
@@ -208,6 +213,7 @@ def facade_paths(tokens=16, hidden=128, experts=64, topk=8):
 
     return {
         "deep_ep dispatch (top-k)": dispatch_topk,
+        "deep_ep dispatch (top-k, worst)": dispatch_worst,
         "deep_ep dispatch (cached)": lambda: fb.dispatch(x, handle=handle),
         "deep_ep combine": lambda: fb.combine(recv_x, handle),
         "deep_ep combine (weights)": lambda: fb.combine(recv_x, handle, topk_weights=recv_w),
@@ -230,7 +236,8 @@ def check_fresh_outputs(paths):
                 out.append(v.data_ptr())
         return out
 
-    for name in ("deep_ep dispatch (top-k)", "deep_ep dispatch (cached)", "deep_ep combine",
+    for name in ("deep_ep dispatch (top-k)", "deep_ep dispatch (top-k, worst)",
+                 "deep_ep dispatch (cached)", "deep_ep combine",
                  "deep_ep combine (weights)", "deep_ep LL dispatch+combine"):
         first = paths[name]()
         keep = ptrs(first)
