@@ -261,8 +261,8 @@ TEST(GpuSingle, LayoutPastEightRanksMatchesReference) {
   checkLayoutAt(40, 960, 16, 1300, false, LayoutSource::kMask);
   checkLayoutAt(72, 1008, 16, 1300, true, LayoutSource::kMask);
   checkLayoutAt(72, 576, 16, 513, false, LayoutSource::kBoth);
-  checkLayoutAt(16, 256, 8, 200, true, LayoutSource::kMask);  // one tile from the caller's layout
-  checkLayoutAt(16, 256, 8, 200, false, LayoutSource::kBoth);
+  checkLayoutAt(16, 256, 16, 200, true, LayoutSource::kMask);  // one tile, the caller's layout
+  checkLayoutAt(16, 256, 16, 200, false, LayoutSource::kBoth);
 }
 
 }  // namespace
