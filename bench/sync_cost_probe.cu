@@ -12,13 +12,13 @@
 
 namespace {
 
-#define PROBE_CHECK(call)                                                                 \
-  do {                                                                                    \
-    const cudaError_t probe_status = (call);                                              \
-    if (probe_status != cudaSuccess) {                                                    \
-      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(probe_status));         \
-      std::exit(1);                                                                       \
-    }                                                                                     \
+#define PROBE_CHECK(call)                                                        \
+  do {                                                                           \
+    const cudaError_t probe_status = (call);                                     \
+    if (probe_status != cudaSuccess) {                                           \
+      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(probe_status)); \
+      std::exit(1);                                                              \
+    }                                                                            \
   } while (0)
 
 constexpr int kThreads = 512;
@@ -26,17 +26,17 @@ constexpr int kMaxBlocks = 132;
 
 enum class Body {
   kEmpty,
-  kFenceSys,          // thread 0: `reps` x fence.acq_rel.sys
-  kStoresFenceSys,    // every thread stores 16 B, then thread 0: `reps` x fence.acq_rel.sys
-  kStoresFenceGpu,    // the same with fence.acq_rel.gpu
-  kReleaseSerial,     // thread 0: `reps` x st.release.sys to distinct words
-  kReleaseParallel,   // threads < reps: one st.release.sys each
-  kAcquireSerial,     // thread 0: `reps` x ld.acquire.sys
-  kHostLoad,          // thread 0: `reps` x volatile load of host-mapped memory
-  kArriveLastSys,     // every block: stores, fence.sys + atomicAdd; the last: fence + release
-  kArriveLastGpu,     // the same with gpu-scope fences and one system release at the end
-  kPeerStoresFence,   // every thread stores 16 B to the peer GPU, thread 0: `reps` x fence.sys
-  kPeerRelease,       // thread 0: `reps` x st.release.sys to the peer GPU
+  kFenceSys,         // thread 0: `reps` x fence.acq_rel.sys
+  kStoresFenceSys,   // every thread stores 16 B, then thread 0: `reps` x fence.acq_rel.sys
+  kStoresFenceGpu,   // the same with fence.acq_rel.gpu
+  kReleaseSerial,    // thread 0: `reps` x st.release.sys to distinct words
+  kReleaseParallel,  // threads < reps: one st.release.sys each
+  kAcquireSerial,    // thread 0: `reps` x ld.acquire.sys
+  kHostLoad,         // thread 0: `reps` x volatile load of host-mapped memory
+  kArriveLastSys,    // every block: stores, fence.sys + atomicAdd; the last: fence + release
+  kArriveLastGpu,    // the same with gpu-scope fences and one system release at the end
+  kPeerStoresFence,  // every thread stores 16 B to the peer GPU, thread 0: `reps` x fence.sys
+  kPeerRelease,      // thread 0: `reps` x st.release.sys to the peer GPU
 };
 
 struct ProbeParams {
@@ -50,8 +50,12 @@ struct ProbeParams {
   unsigned* arrivals;
 };
 
-__device__ __forceinline__ void fenceSys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
-__device__ __forceinline__ void fenceGpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+__device__ __forceinline__ void fenceSys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+__device__ __forceinline__ void fenceGpu() {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+}
 __device__ __forceinline__ void releaseSys(unsigned long long* p, unsigned long long v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }

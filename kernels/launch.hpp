@@ -40,13 +40,13 @@ struct LayoutParams {
   int32_t num_ranks;
   int32_t rank;
   // outputs (handle memory)
-  uint32_t* token_mask;    // [N, rankMaskWords(R)] RankMask: token goes to rank d
-  int32_t* token_slot;     // [N, R]
-  bool* is_token_in_rank;  // [N, R]
-  int32_t* rank_counts;    // [R]
-  int32_t* expert_counts;  // [E]
-  int32_t* topk_copy;      // [N, K] int32 copy kept for weighted combine
-  int32_t* tile_counts;    // [layoutTiles(N), R] scratch
+  uint32_t* token_mask;         // [N, rankMaskWords(R)] RankMask: token goes to rank d
+  int32_t* token_slot;          // [N, R]
+  bool* is_token_in_rank;       // [N, R]
+  int32_t* rank_counts;         // [R]
+  int32_t* expert_counts;       // [E]
+  int32_t* topk_copy;           // [N, K] int32 copy kept for weighted combine
+  int32_t* tile_counts;         // [layoutTiles(N), R] scratch
   int32_t* tile_expert_counts;  // [layoutTiles(N), E] scratch (two tiles or more)
   // Layout input (DispatchArgs::layout), or all nullptr to route from topk_idx alone. With
   // in_rank set, masks and slots come from it; topk_idx (may be nullptr then) only fills

@@ -62,7 +62,8 @@ __device__ __forceinline__ RankMask routeToken(const LayoutParams& p, const IdxT
 
 // The block that finishes the layout (pass 2's last, or the only tile's), with a caller's layout:
 // checks its counts against the routing just computed (`totals`, the column sums of
-// is_token_in_rank) and, without top-k, adopts its per-expert counts. Every value is bounded before it is kept: they are sent to the peers.
+// is_token_in_rank) and, without top-k, adopts its per-expert counts. Every value is bounded before
+// it is kept: they are sent to the peers.
 __device__ void checkLayoutInput(const LayoutParams& p, const int32_t* totals) {
   const int tid = threadIdx.x;
   if (tid < p.num_ranks) {

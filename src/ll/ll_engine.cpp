@@ -55,7 +55,9 @@ bool LlEngine::beginCall(LlPhase phase, const SequenceRule& rule,
 
 // Every SM: on 2x H200 at 128 tokens (ep_bench, docs/design.md §6) an LL op took half the time
 // with all 132 SMs that it took with 24 (dispatch 34.9 vs 70.4 us, combine 35.5 vs 82.9 us).
-int LlEngine::defaultSms() const { return core_.device_sms; }
+int LlEngine::defaultSms() const {
+  return core_.device_sms;
+}
 
 kernels::LlParams LlEngine::baseParams() const {
   kernels::LlParams p{};

@@ -696,7 +696,8 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
     EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts &&
                 f.ht_counts_once);
   }
-  for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch", "none,all", "default,ht_counts_once"}) {
+  for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch",
+                          "none,all", "default,ht_counts_once"}) {
     ScopedEnv env("EPCOMM_PERF", bad);
     try {
       (void)perfFlagsFromEnv();
