@@ -110,8 +110,8 @@ void printTargets(const std::vector<Target>& targets) {
 std::string writeJson(const std::string& path, const nlohmann::ordered_json& options,
                       const Setup& setup, const std::vector<LinkRow>& link,
                       const std::optional<double>& link_limit_gbps, const std::vector<Row>& rows,
-                      const std::vector<Target>& targets,
-                      const nlohmann::ordered_json& fixed_cost) {
+                      const std::vector<Target>& targets, const nlohmann::ordered_json& fixed_cost,
+                      const nlohmann::ordered_json& stage_times) {
   nlohmann::ordered_json doc;
   doc["options"] = options;
   doc["setup"] = setup.json;
@@ -125,6 +125,7 @@ std::string writeJson(const std::string& path, const nlohmann::ordered_json& opt
                          {"gbps_max", r.gbps_max}});
   }
   if (!fixed_cost.is_null()) doc["fixed_cost"] = fixed_cost;
+  if (!stage_times.is_null()) doc["stage_times"] = stage_times;
   doc["link"] = {{"limit_gbps", orNull(link_limit_gbps)},
                  {"limit_method", "SM store, all SMs, min over ranks"},
                  {"measurements", link_json}};

@@ -84,6 +84,7 @@ std::string writeJson(const std::string& path, const nlohmann::ordered_json& opt
                       const Setup& setup, const std::vector<LinkRow>& link,
                       const std::optional<double>& link_limit_gbps, const std::vector<Row>& rows,
                       const std::vector<Target>& targets,
-                      const nlohmann::ordered_json& fixed_cost = nlohmann::ordered_json());
+                      const nlohmann::ordered_json& fixed_cost = nlohmann::ordered_json(),
+                      const nlohmann::ordered_json& stage_times = nlohmann::ordered_json());
 
 }  // namespace epcomm::bench

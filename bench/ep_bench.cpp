@@ -34,6 +34,7 @@
 #include "options.hpp"
 #include "ranks.hpp"
 #include "results.hpp"
+#include "stage_times.hpp"
 #include "targets.hpp"
 
 namespace epcomm::bench {
@@ -94,6 +95,7 @@ struct Report {
   Setup setup;
   LinkResult link;
   std::vector<OpSweep> fixed_cost;
+  std::vector<StageTable> stage_times;  // --stage-times
 };
 
 // The values of `values` that are <= `max`, in order.
@@ -117,6 +119,7 @@ int finish(const Options& o, const Ranks& ranks, const Report& report, const Row
   printTable(rows.rows());
   printTargets(targets);
   printFixedCost(report.fixed_cost);
+  printStageTimes(report.stage_times);
   std::printf(
       "logical GB/s = received rows (self included) x row bytes / time; link GB/s = rows "
       "crossing to or from other ranks x row bytes / time; link %% = link GB/s / link limit; "
@@ -126,7 +129,8 @@ int finish(const Options& o, const Ranks& ranks, const Report& report, const Row
   if (o.json.empty()) return 0;
   const std::string error =
       writeJson(o.json, optionsJson(o), report.setup, report.link.rows, report.link.limit_gbps,
-                rows.rows(), targets, fixedCostJson(report.fixed_cost));
+                rows.rows(), targets, fixedCostJson(report.fixed_cost),
+                o.stage_times ? stageTimesJson(report.stage_times) : nlohmann::ordered_json());
   if (!error.empty()) {
     std::fprintf(stderr, "ep_bench: error: %s\n", error.c_str());
     return 1;
@@ -213,6 +217,20 @@ int run(const Options& o, const Ranks& ranks) {
       }
     }
     setenv("EPCOMM_PERF", saved.c_str(), 1);
+  }
+
+  // Stage times (EPCOMM_STAGE_TIMES, read when a buffer is created) on a buffer of their own, so
+  // that the stamps never slow the rows above.
+  if (o.stage_times) {
+    const char* previous = std::getenv("EPCOMM_STAGE_TIMES");
+    const std::string saved = previous != nullptr ? previous : "";
+    setenv("EPCOMM_STAGE_TIMES", "1", 1);
+    const BufferBuild b =
+        createBuffer(ranks, bootstrap, base,
+                     BufferShape{o.hidden, plan.max_tokens, o.ll ? o.ll_tokens : 0, kScratchBytes});
+    setenv("EPCOMM_STAGE_TIMES", saved.c_str(), 1);
+    report.stage_times = measureStageTimes(env, *b.buffer, o.hidden, plan.max_tokens,
+                                           o.ll ? o.ll_tokens : 0, o.sms.front());
   }
 
   for (int hidden : plan.other_hidden) {

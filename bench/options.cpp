@@ -131,6 +131,12 @@ void defineOptions(CLI::App& app, Options& o) {
                  "ll_fused_dispatch+ll_fused_combine), rows labelled [value]: old and new fast "
                  "paths in one run (docs/perf-notes.md)")
       ->delimiter(',');
+  app.add_flag("--stage-times", o.stage_times,
+               "Also time the stages inside the LL (1 and 128 tokens, default and 24 SMs) and HT "
+               "(0 and 4096 tokens) kernels on one extra EpBuffer created with "
+               "EPCOMM_STAGE_TIMES=1: a table per op, printed last (docs/benchmarks.md, "
+               "\"Stage times\"; default: " +
+                   onOff(o.stage_times) + ")");
   app.footer(
       "Run under mpirun with one rank per GPU (scripts/bench.sh). Definitions of every column: "
       "docs/benchmarks.md.");
@@ -209,7 +215,8 @@ nlohmann::ordered_json optionsJson(const Options& o) {
           {"fixed_cost", o.fixed_cost},
           {"fit_tokens", o.fit_tokens},
           {"fit_ll_tokens", o.fit_ll_tokens},
-          {"perf_variants", o.perf_variants}};
+          {"perf_variants", o.perf_variants},
+          {"stage_times", o.stage_times}};
 }
 
 }  // namespace epcomm::bench

@@ -37,6 +37,8 @@ struct Options {
   std::vector<int> fit_ll_tokens{1, 8, 32, 128};          // LL; capped at --ll-tokens
   // EPCOMM_PERF values to measure the sweep under, one extra buffer each ("off": none set).
   std::vector<std::string> perf_variants;
+  // Per-stage kernel times (EPCOMM_STAGE_TIMES) on one extra buffer: docs/benchmarks.md.
+  bool stage_times = false;
 };
 
 // Registers every option on `app`, bound to `o` (whose values are the defaults shown by --help).

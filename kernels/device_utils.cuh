@@ -14,6 +14,7 @@
 
 #include "kernels/launch.hpp"
 #include "kernels/protocol.hpp"
+#include "kernels/stage_times.hpp"
 
 namespace epcomm::kernels::device {
 
@@ -260,6 +261,45 @@ __device__ __forceinline__ bool waitEpoch(const uint64_t* word, uint64_t epoch,
                                           const WaitContext& w, WaitPhase phase, int peer) {
   return waitFor(
       word, [epoch](uint64_t v) { return v >= epoch; }, false, w, phase, peer, epoch);
+}
+
+// --- stage times (kernels/stage_times.hpp; EPCOMM_STAGE_TIMES) ---------------------------------
+// Off (ctx.stage_times == nullptr): one branch per call, nothing else.
+// Out of line: inlined at every stage boundary, the stamps raised the kernels' register counts
+// (HT dispatch 88 -> 99) even with the switch off; as a call on the cold path they leave them as
+// they were. A reduction (no return value) in inline PTX without a memory clobber: the compiler
+// need not treat it as a store that may alias the kernel's data.
+static __device__ __noinline__ void stampStage(uint64_t* stamps, StageKernel kernel, int stage,
+                                               uint64_t value) {
+  uint64_t* slot = stamps + static_cast<int>(kernel) * kMaxStages + stage;
+  asm volatile("red.relaxed.gpu.global.max.u64 [%0], %1;" ::"l"(slot), "l"(value));
+}
+// Thread 0 of every block, at kernel entry: the earliest entry (as ~t) and the latest.
+__device__ __forceinline__ void stageStart(const PeerContext& ctx, StageKernel kernel) {
+  if (ctx.stage_times != nullptr && threadIdx.x == 0) {
+    const uint64_t now = globalTimerNs();
+    stampStage(ctx.stage_times, kernel, kStageStart, ~now);
+    stampStage(ctx.stage_times, kernel, kStageAllStarted, now);
+  }
+}
+// The calling thread reached `stage`.
+__device__ __forceinline__ void stageThread(const PeerContext& ctx, StageKernel kernel, int stage) {
+  if (ctx.stage_times != nullptr) stampStage(ctx.stage_times, kernel, stage, globalTimerNs());
+}
+// Thread 0 of the block reached `stage`; right after a barrier, the whole block has.
+__device__ __forceinline__ void stageThread0(const PeerContext& ctx, StageKernel kernel,
+                                             int stage) {
+  if (ctx.stage_times != nullptr && threadIdx.x == 0) {
+    stampStage(ctx.stage_times, kernel, stage, globalTimerNs());
+  }
+}
+// The whole block reached `stage`: a barrier, then thread 0. Only where every thread of the
+// block gets to (the switch is the same for the whole grid, so the barrier is too).
+__device__ __forceinline__ void stageBlock(const PeerContext& ctx, StageKernel kernel, int stage) {
+  if (ctx.stage_times != nullptr) {
+    __syncthreads();
+    if (threadIdx.x == 0) stampStage(ctx.stage_times, kernel, stage, globalTimerNs());
+  }
 }
 
 // --- "last block" arrival

@@ -41,6 +41,12 @@ constexpr WaitPhase kPhaseExpertCounts = WaitPhase::kHtExpertCounts;
 constexpr WaitPhase kPhaseReady = WaitPhase::kHtCombineReady;
 constexpr WaitPhase kPhasePullDone = WaitPhase::kHtCombineDone;
 
+// Stage times (kernels/stage_times.hpp).
+constexpr StageKernel kDispatchStages = StageKernel::kHtDispatch;
+constexpr StageKernel kCombineStages = StageKernel::kHtCombine;
+namespace dstage = ht_dispatch_stage;
+namespace cstage = ht_combine_stage;
+
 // Copies one row of `num_vecs` 16-byte vectors from `src` to the `num_dst` destination rows in
 // `dst`, the warp's lanes striding over the row.
 __device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst, int num_dst,
@@ -65,6 +71,7 @@ __device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst
 template <typename IdxT>
 __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchParams p) {
   const PeerContext& ctx = p.peers;
+  stageStart(ctx, kDispatchStages);
   ControlRegion* own = controlOf(ctx.local_base);
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
@@ -117,6 +124,8 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
     }
   }
 
+  stageBlock(ctx, kDispatchStages, dstage::kCountsPosted);
+
   // 2. wait for the whole count matrix
   bool ok = true;
   for (int i = tid; i < num_ranks * row_words && ok; i += kBlockThreads) {
@@ -127,6 +136,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
     if (ok) s_matrix[s][j] = tagValue(v);
   }
   if (!__syncthreads_and(ok)) return;
+  stageThread0(ctx, kDispatchStages, dstage::kCountsWaited);
 
   // Everything in the matrix came from other ranks: check it before it becomes an address.
   // Every rank compares every signature with its own, so each rank finds a mismatch by itself.
@@ -169,6 +179,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
     s_offset[tid] = static_cast<int32_t>(offset);
   }
   if (__syncthreads_or(bad)) return;
+  stageThread0(ctx, kDispatchStages, dstage::kChecked);
 
   if (blockIdx.x == 0) {
     for (int i = tid; i < num_ranks * num_ranks; i += kBlockThreads) {
@@ -214,6 +225,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
           hostCount(static_cast<uint32_t>(s_num_recv));
       __threadfence_system();
     }
+    stageThread0(ctx, kDispatchStages, dstage::kExpertCounts);
   }
 
   // 3. move the rows: one warp per token, tokens strided over every warp of the grid
@@ -308,11 +320,18 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   }
 
   // 4. the last block signals every destination and collects every source's signal
-  if (!arriveLastBlock(&own->local.arrive[kArriveHtDispatch])) return;
+  stageBlock(ctx, kDispatchStages, dstage::kRowsCopied);
+  const bool last = arriveLastBlock(&own->local.arrive[kArriveHtDispatch]);
+  if (!last) {
+    stageThread0(ctx, kDispatchStages, dstage::kEnd);
+    return;
+  }
+  stageThread0(ctx, kDispatchStages, dstage::kArrived);
   if (tid == 0) {
     for (int d = 0; d < num_ranks; ++d) {
       stReleaseSys(&controlOf(s_peer[d])->ht_dispatch_done[me], epoch);
     }
+    stageThread(ctx, kDispatchStages, dstage::kDonePosted);
   }
   ok = true;
   if (tid < num_ranks) {
@@ -320,10 +339,13 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   }
   // (The per-expert counts were collected by block 0 in step 2.)
   if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtDispatch] = epoch;
+  stageThread0(ctx, kDispatchStages, dstage::kDoneWaited);
+  stageThread0(ctx, kDispatchStages, dstage::kEnd);
 }
 
 __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams p) {
   const PeerContext& ctx = p.peers;
+  stageStart(ctx, kCombineStages);
   ControlRegion* own = controlOf(ctx.local_base);
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
@@ -344,6 +366,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
     for (int d = 0; d < num_ranks; ++d) {
       stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
     }
+    stageThread(ctx, kCombineStages, cstage::kReadyPosted);
   }
   bool ok = true;
   if (tid < num_ranks) {
@@ -364,6 +387,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
         first_row * p.num_topk;
   }
   if (!__syncthreads_and(ok)) return;
+  stageThread0(ctx, kCombineStages, cstage::kReadyWaited);
 
   // 2. one warp per token: pull, weight, sum in float32, write BF16
   const int warp = tid / kWarpSize;
@@ -449,15 +473,24 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   }
 
   // 3. done pulling: tell every rank; leave once every rank is done pulling from me
-  if (!arriveLastBlock(&own->local.arrive[kArriveHtCombine])) return;
+  stageBlock(ctx, kCombineStages, cstage::kPulled);
+  const bool last = arriveLastBlock(&own->local.arrive[kArriveHtCombine]);
+  if (!last) {
+    stageThread0(ctx, kCombineStages, cstage::kEnd);
+    return;
+  }
+  stageThread0(ctx, kCombineStages, cstage::kArrived);
   if (tid == 0) {
     for (int d = 0; d < num_ranks; ++d) {
       stReleaseSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
     }
+    stageThread(ctx, kCombineStages, cstage::kDonePosted);
   }
   ok = true;
   if (tid < num_ranks) ok = waitEpoch(&own->ht_combine_done[tid], epoch, w, kPhasePullDone, tid);
   if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtCombine] = epoch;
+  stageThread0(ctx, kCombineStages, cstage::kDoneWaited);
+  stageThread0(ctx, kCombineStages, cstage::kEnd);
 }
 
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t. One

@@ -26,6 +26,9 @@ struct PeerContext {
   uint64_t* rejection_report;  // host-mapped, device pointer; "Rejected calls" in protocol.hpp
   uint64_t timeout_ns;
   uint64_t first_op_timeout_ns;  // the waits of the first call (epoch 1) of each family
+  // EPCOMM_STAGE_TIMES: device array [kStageSlots] of stage stamps (kernels/stage_times.hpp),
+  // owned by the buffer; nullptr when off (then each stage boundary costs one branch).
+  uint64_t* stage_times;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ namespace {
 
 using namespace device;
 
+// Stage times (kernels/stage_times.hpp).
+constexpr StageKernel kStages = StageKernel::kLayout;
+namespace stage = layout_stage;
+
 template <typename IdxT>
 __device__ __forceinline__ RankMask routeToken(const LayoutParams& p, const IdxT* topk, int t,
                                                int experts_per_rank, int32_t* expert_hist) {
@@ -105,10 +109,12 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
   __shared__ int32_t expert_hist[kMaxExperts];
   __shared__ int32_t rank_totals[kMaxRanks];  // this tile's per-rank totals
 
+  stageStart(p.peers, kStages);
   const int tid = threadIdx.x;
   const bool single_tile = gridDim.x == 1;
   for (int e = tid; e < p.num_experts; e += kLayoutThreads) expert_hist[e] = 0;
   __syncthreads();
+  stageThread0(p.peers, kStages, stage::kHistZeroed);
 
   const int t = blockIdx.x * kLayoutThreads + tid;
   RankMask mask = emptyRankMask();
@@ -135,6 +141,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
     }
     storeRankMask(p.token_mask, t, rankMaskWords(p.num_ranks), mask);
   }
+  stageBlock(p.peers, kStages, stage::kRouted);
   for (int g = 0; g < rankScanGroups(p.num_ranks); ++g) {
     const int first = g * kRanksPerScan;
     const int last = min(p.num_ranks, first + kRanksPerScan);
@@ -156,10 +163,12 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
     }
   }
   __syncthreads();
+  stageThread0(p.peers, kStages, stage::kScanned);
   if (!single_tile) {
     // Pass 2's last block sums the tiles' histograms.
     int32_t* hist_out = p.tile_expert_counts + static_cast<int64_t>(blockIdx.x) * p.num_experts;
     for (int e = tid; e < p.num_experts; e += kLayoutThreads) hist_out[e] = expert_hist[e];
+    stageBlock(p.peers, kStages, stage::kTileEnd);
     return;
   }
   // One tile: the slots above are final (no earlier tile), so write the rest of the layout.
@@ -171,6 +180,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
   for (int e = tid; e < p.num_experts; e += kLayoutThreads) p.expert_counts[e] = expert_hist[e];
   __syncthreads();  // checkLayoutInput reads expert_counts
   if (p.rank_counts_in != nullptr) checkLayoutInput(p, rank_totals);
+  stageBlock(p.peers, kStages, stage::kTileEnd);
 }
 
 // Pass 2 (two tiles or more): adds the totals of the earlier tiles to every slot; the last tile's
@@ -179,6 +189,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
 __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutParams p) {
   __shared__ int32_t base[kMaxRanks];
   __shared__ int32_t totals[kMaxRanks];
+  stageThread0(p.peers, kStages, stage::kFinalizeStart);
   const int tid = threadIdx.x;
   const int tile = blockIdx.x;
   const bool last = tile == gridDim.x - 1;
@@ -203,13 +214,15 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutPar
   __syncthreads();  // totals, base, and expert_counts for checkLayoutInput
   if (last && p.rank_counts_in != nullptr) checkLayoutInput(p, totals);
   const int t = tile * kLayoutThreads + tid;
-  if (t >= p.num_tokens) return;
-  for (int d = 0; d < p.num_ranks; ++d) {
-    const int64_t i = static_cast<int64_t>(t) * p.num_ranks + d;
-    const int32_t slot = p.token_slot[i];
-    p.token_slot[i] = slot >= 0 ? slot + base[d] : -1;
-    p.is_token_in_rank[i] = slot >= 0;
+  if (t < p.num_tokens) {
+    for (int d = 0; d < p.num_ranks; ++d) {
+      const int64_t i = static_cast<int64_t>(t) * p.num_ranks + d;
+      const int32_t slot = p.token_slot[i];
+      p.token_slot[i] = slot >= 0 ? slot + base[d] : -1;
+      p.is_token_in_rank[i] = slot >= 0;
+    }
   }
+  stageBlock(p.peers, kStages, stage::kFinalizeEnd);
 }
 
 }  // namespace

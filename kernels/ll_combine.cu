@@ -10,6 +10,9 @@ namespace {
 
 constexpr WaitPhase kPhaseCombinePost = WaitPhase::kLlCombinePost;
 constexpr WaitPhase kPhaseCombineWeights = WaitPhase::kLlWeightsPost;
+// Stage times (kernels/stage_times.hpp): recorded by the fused kernel's halves.
+constexpr StageKernel kStages = StageKernel::kLlCombine;
+namespace stage = ll_combine_stage;
 
 // Combine-time weights (LlCombineArgs::topk_weights). The expert side sums weighted rows before
 // sending one partial per (token, rank), so the owner's weights must reach it first: one warp
@@ -115,6 +118,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
       return;
     }
   }
+  stageThread0(ctx, kStages, stage::kWeights);
   if (tid == 0) {
     // Rows staged from each source in this call (the posts arrived before dispatch recv ended,
     // which checked them; bounded again since they are peer data).
@@ -128,6 +132,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   }
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
   __syncthreads();
+  stageThread0(ctx, kStages, stage::kItemTable);
 
   const int items = s_first_item[num_ranks];
   for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
@@ -187,13 +192,19 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
     }
   }
 
+  stageBlock(ctx, kStages, stage::kReduced);
   if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineSend])) return;
+  stageThread0(ctx, kStages, stage::kArrived);
   if (p.parallel_posts) {  // thread s posts to rank s (see llDispatchSend)
-    if (tid < num_ranks) stReleaseSys(&controlOf(s_peer[tid])->ll_combine_flag[parity][me], epoch);
+    if (tid < num_ranks) {
+      stReleaseSys(&controlOf(s_peer[tid])->ll_combine_flag[parity][me], epoch);
+      stageThread(ctx, kStages, stage::kPosted);
+    }
   } else if (tid == 0) {
     for (int s = 0; s < num_ranks; ++s) {
       stReleaseSys(&controlOf(s_peer[s])->ll_combine_flag[parity][me], epoch);
     }
+    stageThread(ctx, kStages, stage::kPosted);
   }
 }
 
@@ -223,6 +234,7 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
     ok = waitEpoch(&own->ll_combine_flag[parity][tid], epoch, w, kPhaseCombinePost, tid);
   }
   if (!__syncthreads_and(ok)) return;
+  stageThread0(ctx, kStages, stage::kRecvWaited);
 
   const int n = *reinterpret_cast<const int32_t*>(ctx.local_base + r.num_tokens);
   const uint32_t* token_masks = reinterpret_cast<const uint32_t*>(ctx.local_base + r.token_mask);
@@ -261,8 +273,10 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
     }
   }
 
+  stageBlock(ctx, kStages, stage::kSummed);
   if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineRecv])) return;
   if (tid == 0) own->local.epoch[kEpochLl] = epoch;
+  stageThread0(ctx, kStages, stage::kRecvArrived);
 }
 
 __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
@@ -278,9 +292,11 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
 // grid (the SM budget, one block per SM) must be resident at once, as the two-kernel path
 // already needs across ranks.
 __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p) {
+  stageStart(p.peers, kStages);
   if (__syncthreads_or(rankFailed(p.peers))) return;
   llCombineSend(p, true);
   llCombineRecv(p, true);
+  stageThread0(p.peers, kStages, stage::kEnd);
 }
 
 }  // namespace

@@ -18,6 +18,9 @@ static_assert(kMaxLlTokensPerRank <= 0xffff && kMaxRanks <= 0xff && kMaxTopk <= 
               "LL destination lists: slot in 16 bits, rank and count in 8 bits");
 
 constexpr WaitPhase kPhaseDispatchPost = WaitPhase::kLlDispatchPost;
+// Stage times (kernels/stage_times.hpp): recorded by the fused kernel's halves.
+constexpr StageKernel kStages = StageKernel::kLlDispatch;
+namespace stage = ll_dispatch_stage;
 
 // The ranks token t goes to. An id outside [-1, num_experts) is bad input: recorded, announced
 // to every peer (the op then fails on every rank), and never used as an address.
@@ -136,10 +139,12 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
   const int t_end = min(n, t_begin + chunk);
   if (tid < kMaxRanks) s_base[tid] = 0;
   __syncthreads();
+  stageThread0(ctx, kStages, stage::kSetup);
   for (int t = tid; t < t_begin; t += kBlockThreads) {
     forEachRank(tokenMask<IdxT>(p, t), [&](int d) { atomicAdd(&s_base[d], 1); });
   }
   __syncthreads();
+  stageThread0(ctx, kStages, stage::kPrefix);
 
   const int mask_words = rankMaskWords(num_ranks);
   const int max_dest = min(p.num_topk, num_ranks);
@@ -186,6 +191,7 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
     }
     if (tid < tile_len) s_num_dest[tid] = static_cast<uint8_t>(num_dest);
     __syncthreads();
+    stageThread0(ctx, kStages, stage::kScanned);
 
     // Work items: (token of the tile, destination of the token, row segment).
     const int items = tile_len * max_dest * num_segments;
@@ -221,10 +227,12 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       }
     }
     __syncthreads();  // the next tile rewrites the destination lists
+    stageThread0(ctx, kStages, stage::kCopied);
   }
 
   // The last block posts (epoch, rows) to every rank, rows counted from every block's masks.
   if (!arriveLastBlock(&own->local.arrive[kArriveLlSend])) return;
+  stageThread0(ctx, kStages, stage::kArrived);
   __shared__ int32_t s_total[kMaxRanks];
   if (tid < kMaxRanks) s_total[tid] = 0;
   __syncthreads();
@@ -233,6 +241,7 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
                 [&](int d) { atomicAdd(&s_total[d], 1); });
   }
   __syncthreads();
+  stageThread0(ctx, kStages, stage::kRecounted);
   // A bad id found by any block: post nothing (every peer already got the fault notice).
   if (p.parallel_posts) {
     // Thread d posts to rank d: the R release stores (each a system fence) overlap instead of
@@ -244,6 +253,7 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
     if (!failed && tid < num_ranks) {
       stReleaseSys(&controlOf(s_peer[tid])->ll_dispatch_flag[parity][me],
                    tag(epoch, llPost(static_cast<uint32_t>(s_total[tid]), p.signature)));
+      stageThread(ctx, kStages, stage::kPosted);
     }
   } else if (tid == 0 && !rankFailed(ctx)) {
     fenceAcqRelSys();
@@ -251,6 +261,7 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       stReleaseSys(&controlOf(s_peer[d])->ll_dispatch_flag[parity][me],
                    tag(epoch, llPost(static_cast<uint32_t>(s_total[d]), p.signature)));
     }
+    stageThread(ctx, kStages, stage::kPosted);
   }
 }
 
@@ -288,6 +299,7 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
                       ctx.rank);
     }
     if (!__syncthreads_and(ok)) return;
+    stageThread0(ctx, kStages, stage::kSelfWait);
   }
   for (int s = blockIdx.x % num_ranks; s < num_ranks;
        s += min(num_ranks, static_cast<int>(gridDim.x))) {
@@ -310,6 +322,7 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
       s_count = static_cast<int32_t>(rows);
     }
     if (!__syncthreads_and(ok)) return;
+    stageThread0(ctx, kStages, stage::kSourceWait);
     const int count = s_count;
     int32_t* counters = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
     const int items = count * p.max_topk;
@@ -384,6 +397,7 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
       }
     }
     __syncthreads();  // s_count is rewritten for the next source
+    stageThread0(ctx, kStages, stage::kPlaced);
   }
   // A fault found in the rows (bad peer data, an overfull slab) ends the op for everyone; the
   // counters already hold the capped counts, and the host reports the error at its next check.
@@ -411,10 +425,12 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
 // to arrive makes: so no block can read it after a skip of this call.
 template <typename IdxT>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchFusedKernel(LlParams p) {
+  stageStart(p.peers, kStages);
   const uint64_t epoch = callEpoch(controlOf(p.peers.local_base), kEpochLl);
   if (__syncthreads_or(rankFailed(p.peers))) return;
   llDispatchSend<IdxT>(p, epoch, true);
   llDispatchRecv(p, epoch, true);
+  stageThread0(p.peers, kStages, stage::kEnd);
 }
 
 }  // namespace

@@ -20,70 +20,23 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/perf-out}
-mkdir -p "$OUT"
-if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export PATH=/usr/local/cuda/bin:$PATH
-fi
-export NCCL_NVLS_ENABLE=0
-# A fast path that hangs fails in seconds (as in gpu-check.sh), not after 30 s per wait.
-export EPCOMM_TIMEOUT_S=${EPCOMM_TIMEOUT_S:-8}
-export EPCOMM_FIRST_OP_TIMEOUT_S=${EPCOMM_FIRST_OP_TIMEOUT_S:-60}
-export CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90}
-if [ "$(id -u)" = 0 ]; then
-  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-fi
+# shellcheck source=scripts/perf-lib.sh
+source scripts/perf-lib.sh
+perf_setup
 variants=${PERF_VARIANTS:-off,ll_fused_dispatch,ll_fused_combine,ll_parallel_posts,ht_counts_once,all}
 limit=${PERF_RUN_SECONDS:-150}
 runs=${PERF_RUNS:-1rank 2gpu mps2}
-num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+log_prefix=bench
 # NCCL is not what this measures, and it cannot run with 2 ranks on one GPU.
 args=(--no-nccl --perf-variants "$variants" "$@")
-done_runs=()
-
-# Build first, unbounded (a fresh machine needs minutes), with the arguments scripts/bench.sh
-# uses, so that its own build step in each run below finds nothing to do.
-build_dir=${BUILD_DIR:-$PWD/build}
-start=$(date +%s)
-(
-  # shellcheck source=scripts/deps.sh
-  source scripts/deps.sh
-  deps_main core mpi bench
-  # shellcheck disable=SC2086
-  cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DEPCOMM_BUILD_TESTS=OFF \
-    -DEPCOMM_BUILD_BENCH=ON "-DCMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES}" \
-    ${EPCOMM_CMAKE_ARGS:-} &&
-    cmake --build "$build_dir" --target ep_bench -j"$(nproc)"
-) > "$OUT/build.log" 2>&1
-build_rc=$?
-echo "build: rc=$build_rc ($(( $(date +%s) - start ))s; log build.log)"
-if [ "$build_rc" != 0 ]; then
-  tail -30 "$OUT/build.log"
-  exit 1
-fi
+perf_build
 
 # run NAME RANKS: ep_bench through scripts/bench.sh, bounded.
-run() {
-  local name=$1 np=$2 start rc
-  start=$(date +%s)
-  echo "== $name: $np rank(s), CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all}" |
-    tee "$OUT/bench-$name.log"
-  EPCOMM_BENCH_NP=$np timeout "$limit" scripts/bench.sh --json "$OUT/bench-$name.json" \
-    "${args[@]}" >> "$OUT/bench-$name.log" 2>&1
-  rc=$?
-  echo "$name: rc=$rc ($(( $(date +%s) - start ))s)" | tee -a "$OUT/bench-$name.log"
-  done_runs+=("$name")
-}
+run() { perf_run "$1" "$2" "${args[@]}"; }
 
 for r in $runs; do
   case $r in
-    1rank) CUDA_VISIBLE_DEVICES=0 run 1rank 1 ;;
-    2gpu)
-      if [ "${num_gpus:-0}" -ge 2 ]; then
-        CUDA_VISIBLE_DEVICES=0,1 run 2gpu 2
-      else
-        echo "== 2gpu: skipped (${num_gpus:-0} GPU visible)"
-      fi
-      ;;
+    1rank | 2gpu) perf_gpu_run "$r" "${args[@]}" ;;
     mps2)
       if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
         echo "== mps2: skipped (nvidia-cuda-mps-control not found)"

@@ -5,9 +5,11 @@
 #include "epcomm/buffer.hpp"
 
 #include <memory>
+#include <vector>
 
 #include "check.hpp"
 #include "core/buffer_core.hpp"
+#include "diagnostics.hpp"
 #include "ht/ht_engine.hpp"
 #include "ll/ll_engine.hpp"
 
@@ -117,5 +119,39 @@ LlDispatchResult EpBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaSt
 void EpBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase) {
   impl_->ll.combine(args, stream, phase);
 }
+
+// --- Stage times (src/diagnostics.hpp) --------------------------------------------------------
+
+namespace detail {
+
+struct BufferAccess {
+  static BufferCore& core(const EpBuffer& buffer) { return buffer.impl_->core; }
+};
+
+}  // namespace detail
+
+namespace diagnostics {
+
+bool stageTimesEnabled(const EpBuffer& buffer) {
+  return detail::BufferAccess::core(buffer).stage_times_on;
+}
+
+std::vector<uint64_t> takeStageTimes(EpBuffer& buffer, cudaStream_t stream) {
+  BufferCore& core = detail::BufferAccess::core(buffer);
+  if (!core.stage_times_on) return {};
+  DeviceGuard guard(core.device);
+  core.waitStream(stream, "the stream (stage times)");
+  std::vector<uint64_t> stamps(kernels::kStageSlots);
+  EPCOMM_CUDA_CHECK(cudaMemcpy(stamps.data(), core.stage_times.get(),
+                               sizeof(uint64_t) * stamps.size(), cudaMemcpyDeviceToHost));
+  EPCOMM_CUDA_CHECK(cudaMemset(core.stage_times.get(), 0, core.stage_times.bytes()));
+  for (int k = 0; k < kernels::kNumStageKernels; ++k) {
+    uint64_t& start = stamps[static_cast<size_t>(k) * kernels::kMaxStages + kernels::kStageStart];
+    start = start != 0 ? ~start : 0;  // stored as ~t so that atomicMax keeps the earliest
+  }
+  return stamps;
+}
+
+}  // namespace diagnostics
 
 }  // namespace epcomm

@@ -209,4 +209,13 @@ PerfFlags perfFlagsFromEnv() {
   return flags;
 }
 
+bool stageTimesFromEnv() {
+  const char* env = envOrNull("EPCOMM_STAGE_TIMES");
+  if (env == nullptr) return false;
+  const std::string text = env;
+  EPCOMM_ARG_CHECK(text == "0" || text == "1", "EPCOMM_STAGE_TIMES", "'" << text << "'",
+                   "0 or 1 (per-stage kernel timing, docs/perf-notes.md)");
+  return text == "1";
+}
+
 }  // namespace epcomm

@@ -35,6 +35,9 @@
 namespace epcomm {
 
 class EpBuffer;
+namespace detail {
+struct BufferAccess;  // internal diagnostics (src/diagnostics.hpp); not part of the API
+}  // namespace detail
 
 // What one rank's symmetric buffer takes, by region (EpBuffer::bytesFor). Every field is in
 // bytes and includes the alignment padding of its regions (each region starts on a 4 KiB
@@ -179,6 +182,7 @@ class EPCOMM_API EpBuffer {
   struct Impl;
 
  private:
+  friend struct detail::BufferAccess;
   std::unique_ptr<Impl> impl_;
 };
 

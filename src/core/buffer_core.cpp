@@ -40,6 +40,7 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
       agreeOn<ConfigDigest>(bootstrap, "checking its BufferConfig", [&]() {
         resolved = resolveConfig(config, num_ranks);
         perf = perfFlagsFromEnv();
+        stage_times_on = stageTimesFromEnv();
         layout = computeBufferLayout(resolved);
         return core::digestOf(resolved, layout);
       });
@@ -128,6 +129,11 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
                                       sizeof(uint8_t*) * num_ranks, cudaMemcpyHostToDevice,
                                       control_stream.get()));
     clearControlRegion(memory->local(), control_stream.get());
+    if (stage_times_on) {
+      stage_times = DeviceMemory(sizeof(uint64_t) * kernels::kStageSlots);
+      EPCOMM_CUDA_CHECK(
+          cudaMemsetAsync(stage_times.get(), 0, stage_times.bytes(), control_stream.get()));
+    }
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(control_stream.get()));
     return NoPayload{};
   });
@@ -140,6 +146,7 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
   peers.rejection_report = &hostStateOnDevice()->rejection;
   peers.timeout_ns = resolved.timeout_ns;
   peers.first_op_timeout_ns = resolved.first_op_timeout_ns;
+  peers.stage_times = stage_times.as<uint64_t>();
 
   // 6. A device barrier proves every peer mapping works in both directions; the last agreement
   //    makes creation succeed on every rank or on none.
@@ -174,6 +181,7 @@ BufferCore::~BufferCore() {
       (void)memory.release();
       (void)new MappedHostMemory(std::move(host_mapped));
       (void)new DeviceMemory(std::move(peer_table));
+      (void)new DeviceMemory(std::move(stage_times));
     }
     bootstrap.barrier();
   } catch (const std::exception& e) {

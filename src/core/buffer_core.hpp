@@ -17,6 +17,7 @@
 #include "epcomm/config.hpp"
 #include "epcomm/export.hpp"
 #include "kernels/launch.hpp"
+#include "kernels/stage_times.hpp"
 #include "memory/symmetric_memory.hpp"
 
 namespace epcomm {
@@ -75,7 +76,8 @@ struct EPCOMM_LOCAL BufferCore {
 
   Bootstrap& bootstrap;
   ResolvedConfig resolved;
-  PerfFlags perf;  // EPCOMM_PERF, read with the config (core/perf_flags.hpp)
+  PerfFlags perf;               // EPCOMM_PERF, read with the config (core/perf_flags.hpp)
+  bool stage_times_on = false;  // EPCOMM_STAGE_TIMES, read with the config
   int rank = 0;
   int num_ranks = 1;
   int device = 0;
@@ -91,6 +93,9 @@ struct EPCOMM_LOCAL BufferCore {
   MappedHostMemory host_mapped;
   OwnedStream control_stream;  // for the rejection notice, independent of user streams
   kernels::PeerContext peers{};
+  // EPCOMM_STAGE_TIMES: uint64_t[kernels::kStageSlots] (kernels/stage_times.hpp), zeroed; empty
+  // when off. peers.stage_times points at it.
+  DeviceMemory stage_times;
   mutable bool broken = false;
   mutable std::string broken_reason;
   uint64_t generation = 0;  // process-wide creation counter: tells handles of old buffers apart

@@ -34,4 +34,12 @@ struct PerfFlags {
 // never measures the wrong path by accident.
 PerfFlags perfFlagsFromEnv();
 
+// EPCOMM_STAGE_TIMES (docs/perf-notes.md, "Stage times"), read once when a buffer is created:
+// "1" makes the buffer allocate a device array of per-stage %globaltimer stamps
+// (kernels/stage_times.hpp) that the default kernels fill; unset, "" or "0": off (the kernels get
+// nullptr and skip every stamp). Anything else throws InvalidArgument naming EPCOMM_STAGE_TIMES.
+// A diagnostic: the stamps add a barrier and an atomic per block and stage, so stage times are
+// for attribution, never for the numbers of record.
+bool stageTimesFromEnv();
+
 }  // namespace epcomm

@@ -8,12 +8,14 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
 #include "common/reference.hpp"
+#include "common/stage_times_check.hpp"
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
@@ -40,6 +42,7 @@ struct HtCase {
   int all_one_expert = -1;            // >= 0: every top-k entry of every token is this expert
   int nowhere_every = 0;              // > 0: every token t with t % nowhere_every == 1 has only -1
   bool equal_tokens = false;          // every rank has `tokens` tokens
+  bool stage_times = false;           // EPCOMM_STAGE_TIMES on for the buffer; checks the stamps
 };
 
 // Applies the case's routing edits to the generated problem.
@@ -395,7 +398,10 @@ void runCase(const HtCase& c) {
   const int me = bs.rank();
   if (c.experts % num_ranks != 0)
     GTEST_SKIP() << c.experts << " experts on " << num_ranks << " ranks";
+  std::optional<StageTimesOn> stage_times;
+  if (c.stage_times) stage_times.emplace();
   EpBuffer buffer(bs, configOf(c));
+  stage_times.reset();
   EpHandle handle = buffer.createHandle();
   TestStream stream;
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
@@ -488,10 +494,43 @@ void runCase(const HtCase& c) {
       buffer.dispatch(dev.args(same_routing[me], c, false), handle, stream.get());
   buffer.sync(stream.get());
   checkDispatch(cached, same_routing, c, false, "cached dispatch");
+
+  if (c.stage_times && !anyRankFailed()) {
+    namespace l = kernels::layout_stage;
+    namespace d = kernels::ht_dispatch_stage;
+    namespace cb = kernels::ht_combine_stage;
+    expectStagesStamped(
+        buffer, stream.get(),
+        {{kernels::StageKernel::kLayout,
+          {l::kAllStarted, l::kHistZeroed, l::kRouted, l::kScanned, l::kTileEnd}},
+         {kernels::StageKernel::kHtDispatch,
+          {d::kAllStarted, d::kCountsPosted, d::kCountsWaited, d::kChecked, d::kExpertCounts,
+           d::kRowsCopied, d::kArrived, d::kDonePosted, d::kDoneWaited, d::kEnd}},
+         {kernels::StageKernel::kHtCombine,
+          {cb::kAllStarted, cb::kReadyPosted, cb::kReadyWaited, cb::kPulled, cb::kArrived,
+           cb::kDonePosted, cb::kDoneWaited, cb::kEnd}}});
+  }
 }
 
 TEST(HtDispatchCombine, UniformBf16) {
   runCase(HtCase{});
+}
+
+// EPCOMM_STAGE_TIMES=1 (docs/perf-notes.md, "Stage times"): the layout, dispatch and combine
+// kernels stamp every stage and every result is still exact (with a rank of 0 tokens too, and
+// with 600 tokens, whose layout takes two tiles and the finalize kernel).
+TEST(HtStageTimes, StampsEveryStageResultsUnchanged) {
+  for (int zero_rank : {-1, 0}) {
+    HtCase c;
+    c.stage_times = true;
+    c.zero_rank = zero_rank;
+    c.tokens = zero_rank < 0 ? 600 : 192;
+    c.max_tokens = 640;
+    c.seed = 800 + zero_rank;
+    SCOPED_TRACE("zero_rank " + std::to_string(zero_rank));
+    runCase(c);
+    if (anyRankFailed()) return;
+  }
 }
 
 TEST(HtDispatchCombine, SkewedRouting) {

@@ -10,14 +10,17 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
 #include "common/reference.hpp"
+#include "common/stage_times_check.hpp"
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
+#include "core/perf_flags.hpp"
 #include "epcomm/epcomm.hpp"
 #include "test_hooks.hpp"
 
@@ -43,6 +46,8 @@ struct LlCase {
   WeightsAt weights = WeightsAt::kDispatch;
   int num_sms = kAuto;      // LlDispatchArgs / LlCombineArgs::num_sms
   bool cumulative = false;  // pass LlDispatchArgs::cumulative_recv_counts and check it
+  bool stage_times =
+      false;  // EPCOMM_STAGE_TIMES on for the buffer; checks the fused kernels' stamps
 };
 
 // Combine-time weights of a rank's tokens: [N*K] in [1/16, 1), unlike the dispatch's weights
@@ -359,7 +364,10 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_
     GTEST_SKIP() << c.experts << " experts on " << bs.size() << " ranks";
   BufferConfig config = configOf(c);
   if (start_calls > 0) config.timeout_s = 10;
+  std::optional<StageTimesOn> stage_times;
+  if (c.stage_times) stage_times.emplace();
   EpBuffer buffer(bs, config);
+  stage_times.reset();
   if (start_calls > 0) testing::setCallCounterForTesting(buffer, bs, start_calls);
   TestStream stream;
   DeviceInputs dev(c);
@@ -372,6 +380,18 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_
     runPair(buffer, dev, all, c, split, stream.get(), &last, "pair " + std::to_string(pair),
             cumulative.get());
     if (anyRankFailed()) break;
+  }
+  if (c.stage_times && !anyRankFailed()) {
+    namespace d = kernels::ll_dispatch_stage;
+    namespace cb = kernels::ll_combine_stage;
+    expectStagesStamped(
+        buffer, stream.get(),
+        {{kernels::StageKernel::kLlDispatch,
+          {d::kAllStarted, d::kSetup, d::kPrefix, d::kScanned, d::kCopied, d::kArrived,
+           d::kRecounted, d::kPosted, d::kSelfWait, d::kSourceWait, d::kPlaced, d::kEnd}},
+         {kernels::StageKernel::kLlCombine,
+          {cb::kAllStarted, cb::kWeights, cb::kItemTable, cb::kReduced, cb::kArrived, cb::kPosted,
+           cb::kRecvWaited, cb::kSummed, cb::kRecvArrived, cb::kEnd}}});
   }
 }
 
@@ -676,6 +696,37 @@ TEST(LlDispatchCombine, SmallSmBudgets) {
     SCOPED_TRACE("num_sms " + std::to_string(sms));
     runCase(c, 2, sms == 16);
     if (anyRankFailed()) return;
+  }
+}
+
+// EPCOMM_STAGE_TIMES=1 (docs/perf-notes.md, "Stage times"): the fused kernels stamp every stage
+// and every result is still exact, at the default budget and at 24 SMs, with dispatch and with
+// combine-time weights.
+TEST(LlStageTimes, StampsEveryStageResultsUnchanged) {
+  EPCOMM_REQUIRE_GPU();
+  const PerfFlags flags = perfFlagsFromEnv();
+  if (!flags.ll_fused_dispatch || !flags.ll_fused_combine) {
+    GTEST_SKIP() << "EPCOMM_PERF turns the fused LL kernels off; they record the stage times";
+  }
+  // 24 SMs, or fewer when ranks share a GPU (every rank's grid must be resident at once; see
+  // SmallSmBudgets).
+  int devices = 1, device_sms = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&devices), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  const int ranks_per_gpu = (worldSize() + devices - 1) / devices;
+  const int budget = std::min(24, std::max(1, device_sms / ranks_per_gpu));
+  for (int sms : {static_cast<int>(kAuto), budget}) {
+    for (int tokens : {1, 128}) {
+      LlCase c;
+      c.tokens = tokens;
+      c.num_sms = sms;
+      c.stage_times = true;
+      c.weights = tokens == 1 ? WeightsAt::kCombine : WeightsAt::kDispatch;
+      c.seed = 700 + tokens + sms;
+      SCOPED_TRACE(std::to_string(tokens) + " tokens, num_sms " + std::to_string(sms));
+      runCase(c);
+      if (anyRankFailed()) return;
+    }
   }
 }
 

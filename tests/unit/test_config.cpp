@@ -19,6 +19,7 @@
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
+#include "kernels/stage_times.hpp"
 
 namespace epcomm {
 namespace {
@@ -706,6 +707,47 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
       EXPECT_NE(std::string(e.what()).find("EPCOMM_PERF"), std::string::npos) << e.what();
     }
   }
+}
+
+// EPCOMM_STAGE_TIMES (core/perf_flags.hpp): unset, "" and "0" are off, "1" on; anything else is
+// an error naming the variable, so a typo never runs without the stamps by accident.
+TEST(StageTimes, OffByDefaultOnWithOneTypoRejected) {
+  for (const char* value : {static_cast<const char*>(nullptr), "", "0"}) {
+    ScopedEnv env("EPCOMM_STAGE_TIMES", value);
+    EXPECT_FALSE(stageTimesFromEnv()) << (value != nullptr ? value : "unset");
+  }
+  {
+    ScopedEnv env("EPCOMM_STAGE_TIMES", "1");
+    EXPECT_TRUE(stageTimesFromEnv());
+  }
+  for (const char* bad : {"2", "on", "yes", "true", " 1", "1 ", "01"}) {
+    ScopedEnv env("EPCOMM_STAGE_TIMES", bad);
+    try {
+      (void)stageTimesFromEnv();
+      ADD_FAILURE() << "EPCOMM_STAGE_TIMES='" << bad << "' was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("EPCOMM_STAGE_TIMES"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// The stage tables the kernels and ep_bench share (kernels/stage_times.hpp): every kernel has its
+// name and one name per stage, and the slots of different kernels never overlap.
+TEST(StageTimes, EveryStageNamedAndSlotsDisjoint) {
+  std::vector<int> seen(kernels::kStageSlots, 0);
+  for (int k = 0; k < kernels::kNumStageKernels; ++k) {
+    const kernels::StageKernelInfo& info = kernels::kStageKernelInfo[k];
+    ASSERT_NE(info.name, nullptr);
+    EXPECT_GE(info.num_stages, 3) << info.name;
+    EXPECT_LE(info.num_stages, kernels::kMaxStages) << info.name;
+    EXPECT_STREQ(info.stages[kernels::kStageStart], "start") << info.name;
+    for (int s = 0; s < info.num_stages; ++s) {
+      ASSERT_NE(info.stages[s], nullptr) << info.name << " stage " << s;
+      EXPECT_GT(std::string(info.stages[s]).size(), 0u) << info.name << " stage " << s;
+      ++seen[kernels::stageSlot(static_cast<kernels::StageKernel>(k), s)];
+    }
+  }
+  for (int slot = 0; slot < kernels::kStageSlots; ++slot) EXPECT_LE(seen[slot], 1) << slot;
 }
 
 }  // namespace
