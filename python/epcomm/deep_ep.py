@@ -125,6 +125,8 @@ class EventOverlap:
     """DeepEP's EventOverlap: a CUDA event recorded after a call made with ``async_finish``
     (None otherwise), plus the tensors that must stay alive until it completes."""
 
+    __slots__ = ("event", "extra_tensors")
+
     def __init__(self, event=None, extra_tensors=None):
         self.event = event
         self.extra_tensors = extra_tensors
@@ -151,7 +153,7 @@ class _Handle:
     this object is garbage-collected, so holding handles (one per layer for the backward) costs
     no allocation per call once the pool is warm."""
 
-    __slots__ = ("ep", "num_tokens", "num_recv", "num_topk", "is_token_in_rank",
+    __slots__ = ("ep", "num_tokens", "num_recv", "num_topk", "_is_token_in_rank",
                  "expert_alignment", "num_worst_tokens", "_pool", "__weakref__")
 
     def __init__(self, pool, ep, num_tokens, num_recv, num_topk, is_token_in_rank,
@@ -161,9 +163,16 @@ class _Handle:
         self.num_tokens = num_tokens
         self.num_recv = num_recv  # host row count of recv_x (num_worst_tokens when static)
         self.num_topk = num_topk
-        self.is_token_in_rank = is_token_in_rank
+        self._is_token_in_rank = is_token_in_rank  # None: the epcomm Handle's, read when asked
         self.expert_alignment = expert_alignment
         self.num_worst_tokens = num_worst_tokens
+
+    @property
+    def is_token_in_rank(self):
+        """[num_tokens, num_ranks] bool: the layout passed to dispatch, or the epcomm Handle's
+        (a result view, made when asked: reading it per call cost two binding calls)."""
+        itr = self._is_token_in_rank
+        return itr if itr is not None else self.ep.is_token_in_rank
 
     def __del__(self):
         # Cheaper than weakref.finalize (no registry entry per handle): the epcomm Handle goes
@@ -542,19 +551,17 @@ class Buffer:
             if buf is None or shape[1] != self._hidden:
                 buf = self._ensure(shape[1], None)
         else:
-            if num_tokens_per_expert is not None:
-                num_experts = num_tokens_per_expert.numel()
-            else:
-                num_experts = None
             if topk_idx is None and is_token_in_rank is None:
                 raise ValueError("dispatch: needs topk_idx or is_token_in_rank (with "
                                  "num_tokens_per_rank and num_tokens_per_expert), or a handle")
             if topk_weights is not None and topk_idx is None:
                 raise ValueError("dispatch: topk_weights needs topk_idx")
             buf = self._buf
-            if buf is None or shape[1] != self._hidden or (num_experts is not None and
-                                                           num_experts != self._num_experts):
-                buf = self._ensure(shape[1], num_experts)
+            if buf is None or shape[1] != self._hidden:
+                # A num_tokens_per_expert of another expert count than the buffer's: the core
+                # says so (InvalidArgument naming the buffer's num_experts).
+                buf = self._ensure(shape[1], None if num_tokens_per_expert is None else
+                                   num_tokens_per_expert.numel())
         if num_worst_tokens < 0:
             raise ValueError(f"num_worst_tokens = {num_worst_tokens}, expected >= 0")
 
@@ -571,14 +578,13 @@ class Buffer:
             # into the fresh tensors itself (DispatchArgs::recv_x_out / recv_scales_out), in the
             # dispatch call: no result views, slices or torch copies on the host.
             n = handle.num_recv
-            with _on(alloc_stream, compute):
+            if alloc_stream is None:  # the current stream: no stream context (about 0.4 us)
                 recv_x = x.new_empty((n, shape[1]))
                 recv_scales = None if x_scales is None else x_scales.new_empty(
                     (n, x_scales.shape[1]), dtype=torch.float32)
-            if alloc_stream is not run:
-                recv_x.record_stream(run)
-                if recv_scales is not None:
-                    recv_scales.record_stream(run)
+            else:
+                recv_x, recv_scales, _, _ = _outputs(x, x_scales, None, n, alloc_stream, compute,
+                                                     run)
             # FP8 rows as bytes: the binding takes any dtype here, and a torch without DLPack
             # float8 still exports uint8.
             out = recv_x.view(torch.uint8) if recv_x.element_size() == 1 else recv_x
@@ -592,11 +598,38 @@ class Buffer:
         pool = self._pool
         ep = pool.pop() if pool else buf.create_handle()
         if num_worst_tokens > 0:
-            return self._dispatch_static(buf, ep, x, x_scales, topk_idx, topk_weights,
-                                         num_tokens_per_rank, is_token_in_rank,
-                                         num_tokens_per_expert, expert_alignment,
-                                         num_worst_tokens, num_sms, s, compute, run,
-                                         alloc_stream, async_finish)
+            # Static shapes: the row count is known before the call, so the fresh outputs are
+            # allocated first and the library copies the received rows (and top-k ids and
+            # weights, padding rows included) into them inside the dispatch, in one kernel launch
+            # (DispatchArgs::recv_*_out): no result views, slices or torch copies. Without
+            # topk_weights epcomm's received weights are 0 (ops.hpp), DeepEP's too.
+            n = num_worst_tokens
+            recv_x, recv_scales, recv_idx, recv_w = _outputs(x, x_scales, topk_idx, n,
+                                                             alloc_stream, compute, run)
+            # FP8 rows as bytes: the binding takes any dtype here, and a torch without DLPack
+            # float8 still exports uint8.
+            out = recv_x.view(torch.uint8) if recv_x.element_size() == 1 else recv_x
+            try:
+                buf.dispatch(x, ep, topk_idx=topk_idx, topk_weights=topk_weights,
+                             x_scales=x_scales, expert_alignment=expert_alignment,
+                             num_tokens_per_rank=num_tokens_per_rank,
+                             is_token_in_rank=is_token_in_rank,
+                             num_tokens_per_expert=num_tokens_per_expert, num_worst_tokens=n,
+                             num_sms=num_sms, stream=s, recv_x_out=out,
+                             recv_scales_out=recv_scales, recv_topk_idx_out=recv_idx,
+                             recv_topk_weights_out=recv_w)
+            except BaseException:
+                pool.append(ep)
+                raise
+            event = EventOverlap() if run is None else self._leave(
+                compute, run, async_finish,
+                (x, x_scales, topk_idx, topk_weights, recv_x, recv_scales, recv_idx, recv_w))
+            new_handle = _Handle(pool, ep, shape[0], n,
+                                 topk_idx.shape[1] if topk_idx is not None else 0,
+                                 is_token_in_rank, expert_alignment, n)
+            # DeepEP: no host counts in the static-shape mode.
+            return ((recv_x, recv_scales) if x_scales is not None else recv_x), recv_idx, \
+                recv_w, [], new_handle, event
         try:
             res = buf.dispatch(x, ep, topk_idx=topk_idx, topk_weights=topk_weights,
                                x_scales=x_scales, expert_alignment=expert_alignment,
@@ -610,22 +643,10 @@ class Buffer:
         # Exact counts: the row count is known only after the call, so the rows are copied out
         # of the result views here.
         n = res.num_recv_tokens_host
-        h = x.shape[1]
-        with _on(alloc_stream, compute):
-            recv_x = x.new_empty((n, h))
-            recv_scales = None if x_scales is None else x_scales.new_empty(
-                (n, x_scales.shape[1]), dtype=torch.float32)
-            topk_out = topk_idx is not None
-            recv_idx = recv_w = None
-            if topk_out:
-                k = topk_idx.shape[1]
-                recv_idx = topk_idx.new_empty((n, k))
-                recv_w = x.new_empty((n, k), dtype=torch.float32)
+        recv_x, recv_scales, recv_idx, recv_w = _outputs(x, x_scales, topk_idx, n, alloc_stream,
+                                                         compute, run)
+        topk_out = topk_idx is not None
         with _on(run, compute):
-            if alloc_stream is not run:
-                for t in (recv_x, recv_scales, recv_idx, recv_w):
-                    if t is not None:
-                        t.record_stream(run)
             # The binding's views have exactly n rows (exact_count); other cores may give more.
             # A slice costs a microsecond: only when needed.
             view = _rows(res.recv_x, n)
@@ -650,58 +671,9 @@ class Buffer:
             counts = res.num_recv_tokens_per_expert.tolist()
         elif type(counts) is not list:
             counts = list(counts)
-        itr = is_token_in_rank if is_token_in_rank is not None else res.handle.is_token_in_rank
-        new_handle = _Handle(pool, ep, x.shape[0], n,
-                             topk_idx.shape[1] if topk_out else 0, itr, expert_alignment, 0)
+        new_handle = _Handle(pool, ep, x.shape[0], n, topk_idx.shape[1] if topk_out else 0,
+                             is_token_in_rank, expert_alignment, 0)
         return out_x, recv_idx, recv_w if topk_out else None, counts, new_handle, event
-
-    def _dispatch_static(self, buf, ep, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                         is_token_in_rank, num_tokens_per_expert, expert_alignment, n, num_sms,
-                         s, compute, run, alloc_stream, async_finish):
-        """Top-k / layout dispatch with num_worst_tokens = n: the row count is known before the
-        call, so the fresh outputs are allocated first and the library copies the received rows
-        (and top-k ids and weights, padding rows included) into them inside the dispatch, in one
-        kernel launch (DispatchArgs::recv_*_out): no result views, slices or torch copies."""
-        torch = _torch_module
-        with _on(alloc_stream, compute):
-            recv_x = x.new_empty((n, x.shape[1]))
-            recv_scales = None if x_scales is None else x_scales.new_empty(
-                (n, x_scales.shape[1]), dtype=torch.float32)
-            recv_idx = recv_w = None
-            if topk_idx is not None:
-                k = topk_idx.shape[1]
-                recv_idx = topk_idx.new_empty((n, k))
-                # Without topk_weights epcomm's received weights are 0 (ops.hpp), DeepEP's too.
-                recv_w = x.new_empty((n, k), dtype=torch.float32)
-        if alloc_stream is not run:
-            for t in (recv_x, recv_scales, recv_idx, recv_w):
-                if t is not None:
-                    t.record_stream(run)
-        # FP8 rows as bytes: the binding takes any dtype here, and a torch without DLPack float8
-        # still exports uint8.
-        out = recv_x.view(torch.uint8) if recv_x.element_size() == 1 else recv_x
-        try:
-            res = buf.dispatch(x, ep, topk_idx=topk_idx, topk_weights=topk_weights,
-                               x_scales=x_scales, expert_alignment=expert_alignment,
-                               num_tokens_per_rank=num_tokens_per_rank,
-                               is_token_in_rank=is_token_in_rank,
-                               num_tokens_per_expert=num_tokens_per_expert, num_worst_tokens=n,
-                               num_sms=num_sms, stream=s, recv_x_out=out,
-                               recv_scales_out=recv_scales, recv_topk_idx_out=recv_idx,
-                               recv_topk_weights_out=recv_w)
-        except BaseException:
-            self._pool.append(ep)
-            raise
-        event = EventOverlap() if run is None else self._leave(
-            compute, run, async_finish,
-            (x, x_scales, topk_idx, topk_weights, recv_x, recv_scales, recv_idx, recv_w))
-        itr = is_token_in_rank if is_token_in_rank is not None else res.handle.is_token_in_rank
-        handle = _Handle(self._pool, ep, x.shape[0], n,
-                         topk_idx.shape[1] if topk_idx is not None else 0, itr, expert_alignment,
-                         n)
-        # DeepEP: no host counts in the static-shape mode.
-        return ((recv_x, recv_scales) if x_scales is not None else recv_x), recv_idx, recv_w, \
-            [], handle, event
 
     def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
@@ -934,6 +906,36 @@ def _on(stream, current):
     """torch.cuda.stream(stream), or nothing when it is the current stream already (the context
     manager costs microseconds per call). None stands for the current stream."""
     return _NOTHING if stream is current or stream is None else _torch().cuda.stream(stream)
+
+
+def _new_outputs(x, x_scales, topk_idx, n):
+    """Fresh dispatch outputs for n received rows, on the current stream: (recv_x,
+    recv_scales, recv_topk_idx, recv_topk_weights), None where the call has none. One
+    allocation each: carving one allocation into typed tensors was measured slower on the CPU
+    and shares one storage among outputs (docs/perf-notes.md "Python overhead", third round)."""
+    torch = _torch_module
+    recv_x = x.new_empty((n, x.shape[1]))
+    recv_scales = None if x_scales is None else x_scales.new_empty((n, x_scales.shape[1]),
+                                                                   dtype=torch.float32)
+    if topk_idx is None:
+        return recv_x, recv_scales, None, None
+    k = topk_idx.shape[1]
+    return recv_x, recv_scales, topk_idx.new_empty((n, k)), x.new_empty((n, k),
+                                                                        dtype=torch.float32)
+
+
+def _outputs(x, x_scales, topk_idx, n, alloc_stream, compute, run):
+    """_new_outputs on alloc_stream (None: the current stream, with no stream context, which
+    costs about 0.4 us), recorded on run when that is another stream."""
+    if alloc_stream is None:
+        return _new_outputs(x, x_scales, topk_idx, n)
+    with _on(alloc_stream, compute):
+        outs = _new_outputs(x, x_scales, topk_idx, n)
+    if alloc_stream is not run:
+        for t in outs:
+            if t is not None:
+                t.record_stream(run)
+    return outs
 
 
 def _rows(t, n):

@@ -62,7 +62,9 @@ class NullBuffer:
         self.destroyed = True
 
     def create_handle(self):
-        return NullHandle()
+        h = NullHandle()
+        h.is_token_in_rank = self._itr  # what the facade's handle reads when asked
+        return h
 
     def _ht_result(self, x, topk_idx, exact_count, num_tokens):
         key = (x.dtype, None if topk_idx is None else (topk_idx.dtype, topk_idx.shape[1]))
@@ -243,6 +245,35 @@ def check_fresh_outputs(paths):
         keep = ptrs(first)
         second = ptrs(paths[name]())
         assert keep and not set(keep) & set(second), f"{name}: a result's memory was reused"
+        # Each output is a plain tensor of its own (not a view: in-place ops on the output of
+        # a user's autograd.Function must work, as on DeepEP's), 16-byte aligned.
+        for v in (first if isinstance(first, tuple) else (first,)):
+            for t in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(t, torch.Tensor) and t.numel() and name != \
+                        "deep_ep LL dispatch+combine":
+                    assert not t._is_view() and t.is_contiguous(), f"{name}: {t.shape} a view"
+                    assert t.data_ptr() % 16 == 0, f"{name}: {t.shape} not 16-byte aligned"
+
+
+def check_result_types(paths, tokens=16, hidden=128, topk=8):
+    """dtypes and shapes of the HT results (DeepEP's), the EventOverlap and the handle."""
+    import epcomm.deep_ep as deep_ep
+
+    recv_x, recv_idx, recv_w, counts, handle, event = paths["deep_ep dispatch (top-k, worst)"]()
+    assert (recv_x.dtype, tuple(recv_x.shape)) == (torch.bfloat16, (tokens, hidden))
+    assert (recv_idx.dtype, tuple(recv_idx.shape)) == (torch.int64, (tokens, topk))
+    assert (recv_w.dtype, tuple(recv_w.shape)) == (torch.float32, (tokens, topk))
+    assert counts == [] and type(event) is deep_ep.EventOverlap and event.event is None
+    assert event.extra_tensors is None and not hasattr(event, "__dict__")
+    # The layout the call was given; a top-k-only call reads the epcomm Handle's when asked.
+    assert handle.is_token_in_rank is not None and handle.num_recv == tokens
+    handle._is_token_in_rank = None
+    assert handle.is_token_in_rank is handle.ep.is_token_in_rank is not None
+    recv_x, _, _, counts, handle, _ = paths["deep_ep dispatch (top-k)"]()
+    assert type(counts) is list and tuple(recv_x.shape) == (handle.num_recv, hidden)
+    out, combined_w, event = paths["deep_ep combine (weights)"]()
+    assert (out.dtype, tuple(out.shape)) == (torch.bfloat16, (tokens, hidden))
+    assert (combined_w.dtype, tuple(combined_w.shape)) == (torch.float32, (tokens, topk))
 
 
 def binding_paths():
@@ -261,6 +292,41 @@ def binding_paths():
     }
 
 
+def alloc_paths(device, tokens=128, hidden=7168, topk=8):
+    """{name: callable}: ways to make the fresh outputs of a num_worst_tokens dispatch (recv_x,
+    top-k ids, weights), at the GPU benchmark's shape. On a GPU (--alloc-costs --device cuda,
+    no epcomm build needed) they give the caching allocator's host cost per allocation, which
+    decides whether one allocation carved into typed tensors pays (docs/perf-notes.md "Python
+    overhead"); on the CPU the CPU allocator stands in."""
+    u8, f32, i64 = torch.uint8, torch.float32, torch.int64
+    x = torch.zeros((tokens, hidden), dtype=torch.bfloat16, device=device)
+    idx = torch.zeros((tokens, topk), dtype=i64, device=device)
+    n, h, k = tokens, hidden, topk
+    off_i, off_w = n * h * 2, n * h * 2 + n * k * 8
+    total = off_w + n * k * 4
+
+    def per_output():
+        return x.new_empty((n, h)), idx.new_empty((n, k)), x.new_empty((n, k), dtype=f32)
+
+    def carved():  # plain tensors over one storage (Tensor.set_)
+        st = x.new_empty(total, dtype=u8).untyped_storage()
+        return (x.new_empty(0).set_(st, 0, (n, h)), idx.new_empty(0).set_(st, off_i // 8, (n, k)),
+                x.new_empty(0, dtype=f32).set_(st, off_w // 4, (n, k)))
+
+    def carved_views():  # views (an autograd.Function's view outputs refuse in-place ops)
+        b = x.new_empty(total, dtype=u8)
+        return (b.view(torch.bfloat16).as_strided((n, h), (h, 1), 0),
+                b.view(i64).as_strided((n, k), (k, 1), off_i // 8),
+                b.view(f32).as_strided((n, k), (k, 1), off_w // 4))
+
+    return {
+        "alloc: 1 new_empty": lambda: x.new_empty((n, h)),
+        "alloc: 3 outputs, one allocation each": per_output,
+        "alloc: 3 outputs carved from one (set_)": carved,
+        "alloc: 3 outputs carved from one (views)": carved_views,
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Python host time of epcomm.deep_ep over a no-op "
                                 "core (CPU, no GPU)")
@@ -271,14 +337,26 @@ def main(argv=None):
                    "with NAME; print the top calls")
     p.add_argument("--check", action="store_true", help="also check that HT and LL-combine "
                    "results are fresh tensors (what the pytest smoke test runs)")
+    p.add_argument("--alloc-costs", action="store_true", help="time only the ways to allocate "
+                   "a dispatch's outputs (alloc_paths), on --device")
+    p.add_argument("--device", default="cpu", help="for --alloc-costs: cpu or cuda")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
+    if args.alloc_costs:
+        clock = time.perf_counter_ns if args.device != "cpu" else time.thread_time_ns
+        for name, fn in alloc_paths(torch.device(args.device)).items():
+            rows.append({"op": name, "python_us": best_per_call_us(fn, args.iters, args.repeat,
+                                                                   clock)})
+        print(json.dumps({"torch": torch.__version__, "device": args.device, "results": rows},
+                         indent=1))
+        return 0
     paths = dict(binding_paths())  # before install(): the real binding
     install()
     paths.update(facade_paths())
     if args.check:
         check_fresh_outputs(paths)
+        check_result_types(paths)
     for name, fn in paths.items():
         if args.profile and name.startswith(args.profile):
             import cProfile

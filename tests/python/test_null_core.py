@@ -23,3 +23,12 @@ def test_null_core_benchmark_runs_every_path():
     for name in ("dispatch (top-k)", "dispatch (cached)", "combine", "LL dispatch+combine"):
         assert rows[f"deep_ep {name}"] > 0
     assert any(k.startswith("binding:") for k in rows)
+
+
+def test_alloc_costs_runs():
+    script = Path(__file__).with_name("null_core.py")
+    out = subprocess.run([sys.executable, str(script), "--alloc-costs", "--iters", "3",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["op"]: r["python_us"] for r in json.loads(out.stdout)["results"]}
+    assert len(rows) == 4 and all(v > 0 for v in rows.values())
