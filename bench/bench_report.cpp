@@ -57,6 +57,26 @@ void printSetup(const Setup& setup) {
   std::printf("\n");
 }
 
+std::string LinkRow::label() const {
+  return chunk_bytes > 0 ? method + " " + std::to_string(chunk_bytes / 1024) + "K" : method;
+}
+
+std::vector<LinkRow> bestBulkRows(const std::vector<LinkRow>& rows) {
+  std::vector<LinkRow> best;
+  for (const LinkRow& r : rows) {
+    if (r.chunk_bytes == 0 || r.check != "ok") continue;
+    auto same = std::find_if(best.begin(), best.end(), [&](const LinkRow& b) {
+      return b.method == r.method && b.sms == r.sms;
+    });
+    if (same == best.end()) {
+      best.push_back(r);
+    } else if (r.gbps_min > same->gbps_min) {
+      *same = r;
+    }
+  }
+  return best;
+}
+
 void printLinkTable(const std::vector<LinkRow>& rows, const std::string& note) {
   std::printf(
       "Link limit (GB/s per rank, every rank moving data to/from every peer at once; "
@@ -65,14 +85,34 @@ void printLinkTable(const std::vector<LinkRow>& rows, const std::string& note) {
     std::printf("  %s\n\n", note.c_str());
     return;
   }
-  std::printf("  %-12s %5s %10s %10s %9s %9s\n", "method", "SMs", "MiB/rank", "med us", "GB/s",
-              "max GB/s");
+  int width = 12;
+  for (const LinkRow& r : rows) width = std::max(width, static_cast<int>(r.label().size()));
+  std::printf("  %-*s %5s %10s %10s %9s %9s\n", width, "method", "SMs", "MiB/rank", "med us",
+              "GB/s", "max GB/s");
   for (const LinkRow& r : rows) {
     const std::string sms = r.sms > 0 ? std::to_string(r.sms) : "CE";
-    std::printf("  %-12s %5s %10.1f %10.1f %9.1f %9.1f\n", r.method.c_str(), sms.c_str(),
-                r.bytes_per_rank / (1024.0 * 1024.0), r.med_us_max, r.gbps_min, r.gbps_max);
+    const double mib = r.bytes_per_rank / (1024.0 * 1024.0);
+    if (r.failed()) {
+      // A copy that failed its check (or could not run) shows no time and no bandwidth.
+      std::printf("  %-*s %5s %10.1f %10s %9s %9s\n", width, r.label().c_str(), sms.c_str(), mib,
+                  r.check.c_str(), r.check.c_str(), r.check.c_str());
+    } else {
+      std::printf("  %-*s %5s %10.1f %10.1f %9.1f %9.1f\n", width, r.label().c_str(), sms.c_str(),
+                  mib, r.med_us_max, r.gbps_min, r.gbps_max);
+    }
   }
   if (!note.empty()) std::printf("  %s\n", note.c_str());
+  for (const LinkRow& b : bestBulkRows(rows)) {
+    // Next to the 16-byte-vector kernel of the same direction and SM count.
+    const std::string plain = b.method == "SM bulk store" ? "SM store" : "SM load";
+    std::string versus;
+    for (const LinkRow& r : rows) {
+      if (r.method == plain && r.sms == b.sms) versus = format("%.1f GB/s", r.gbps_min);
+    }
+    std::printf("  best %s with %d SMs: %d KiB x %d stages, %.1f GB/s (%s: %s)\n", b.method.c_str(),
+                b.sms, b.chunk_bytes / 1024, b.stages, b.gbps_min, plain.c_str(),
+                versus.empty() ? "n/a" : versus.c_str());
+  }
   std::printf("\n");
 }
 
@@ -117,18 +157,39 @@ std::string writeJson(const std::string& path, const nlohmann::ordered_json& opt
   doc["setup"] = setup.json;
   nlohmann::ordered_json link_json = nlohmann::ordered_json::array();
   for (const LinkRow& r : link) {
-    link_json.push_back({{"method", r.method},
-                         {"sms", r.sms},
-                         {"bytes_per_rank", r.bytes_per_rank},
-                         {"med_us_max", r.med_us_max},
-                         {"gbps_min", r.gbps_min},
-                         {"gbps_max", r.gbps_max}});
+    nlohmann::ordered_json m = {{"method", r.method},
+                                {"sms", r.sms},
+                                {"bytes_per_rank", r.bytes_per_rank},
+                                {"med_us_max", r.med_us_max},
+                                {"gbps_min", r.gbps_min},
+                                {"gbps_max", r.gbps_max}};
+    if (r.chunk_bytes > 0) {
+      // Bulk rows: a failed check leaves no time and no bandwidth (null), only its verdict.
+      if (r.failed()) {
+        m["med_us_max"] = nullptr;
+        m["gbps_min"] = nullptr;
+        m["gbps_max"] = nullptr;
+      }
+      m["chunk_bytes"] = r.chunk_bytes;
+      m["stages"] = r.stages;
+      m["check"] = r.check;
+    }
+    link_json.push_back(m);
+  }
+  nlohmann::ordered_json bulk_best = nlohmann::ordered_json::array();
+  for (const LinkRow& b : bestBulkRows(link)) {
+    bulk_best.push_back({{"method", b.method},
+                         {"sms", b.sms},
+                         {"chunk_bytes", b.chunk_bytes},
+                         {"stages", b.stages},
+                         {"gbps_min", b.gbps_min}});
   }
   if (!fixed_cost.is_null()) doc["fixed_cost"] = fixed_cost;
   if (!stage_times.is_null()) doc["stage_times"] = stage_times;
   doc["link"] = {{"limit_gbps", orNull(link_limit_gbps)},
                  {"limit_method", "SM store, all SMs, min over ranks"},
-                 {"measurements", link_json}};
+                 {"measurements", link_json},
+                 {"bulk_best", bulk_best}};
   nlohmann::ordered_json rows_json = nlohmann::ordered_json::array();
   for (const Row& r : rows) {
     rows_json.push_back({{"op", r.op},

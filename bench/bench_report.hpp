@@ -41,13 +41,25 @@ struct Row {
 
 // One line of the link-limit table.
 struct LinkRow {
-  std::string method;  // "SM store", "SM load", "copy engine"
+  std::string method;  // "SM store", "SM load", "copy engine", "SM bulk store", "SM bulk load"
   int sms = 0;         // 0 = copy engine
   double bytes_per_rank = 0;
   double med_us_max = 0;  // slowest rank's median
   double gbps_min = 0;    // min over ranks of bytes / median
   double gbps_max = 0;
+  // Bulk rows only (0 / "" otherwise): bytes per pipeline stage, stages per block, and the
+  // check over all ranks: "ok", or "bad" / "timeout" / "n/a", printed instead of the numbers.
+  int chunk_bytes = 0;
+  int stages = 0;
+  std::string check;
+
+  bool failed() const { return !check.empty() && check != "ok"; }
+  // "SM bulk store 16K" for a bulk row, the method otherwise.
+  std::string label() const;
 };
+
+// The fastest checked bulk row per (method, SM count), in table order.
+std::vector<LinkRow> bestBulkRows(const std::vector<LinkRow>& rows);
 
 struct Target {
   std::string name;

@@ -179,7 +179,7 @@ int run(const Options& o, const Ranks& ranks) {
     // Printed before the measurements so a hang later still shows the machine.
     report.setup = describeSetup(o, ranks, machine, buffer, main, shape, nccl.status());
     if (ranks.root()) printSetup(report.setup);
-    report.link = measureLink(ranks, machine, buffer, o.sms, o.quick, stream.get());
+    report.link = measureLink(ranks, machine, buffer, o.sms, o.quick, o.link_bulk, stream.get());
     rows.setLinkLimit(report.link.limit_gbps);
     if (ranks.root()) printLinkTable(report.link.rows, report.link.note);
     std::fflush(stdout);

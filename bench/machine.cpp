@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <sstream>
 
@@ -196,7 +197,7 @@ BufferBuild createBuffer(const Ranks& ranks, Bootstrap& bootstrap, const BufferC
 }
 
 LinkResult measureLink(const Ranks& ranks, const Machine& machine, EpBuffer& buffer,
-                       const std::vector<int>& sms, bool quick, cudaStream_t stream) {
+                       const std::vector<int>& sms, bool quick, bool bulk, cudaStream_t stream) {
   LinkResult result;
   if (ranks.size <= 1) {
     result.note = "n/a: one rank, no peer to measure";
@@ -210,7 +211,10 @@ LinkResult measureLink(const Ranks& ranks, const Machine& machine, EpBuffer& buf
   cfg.bytes_per_rank = quick ? kQuickLinkBytesPerRank : kLinkBytesPerRank;
   cfg.warmup = kLinkWarmup;
   cfg.reps = quick ? kQuickLinkReps : kLinkReps;
-  progress(ranks, "measuring the link limit");
+  cfg.bulk = bulk;
+  progress(ranks, std::string("measuring the link limit") +
+                      (bulk ? " (then the TMA bulk-copy rows; --no-link-bulk skips them)" : ""));
+  std::string last_na;  // the n/a reason is printed once, not once per row
   for (const LinkSample& s : runLinkBench(buffer, cfg, stream)) {
     LinkRow r;
     r.method = s.method;
@@ -220,6 +224,20 @@ LinkResult measureLink(const Ranks& ranks, const Machine& machine, EpBuffer& buf
     const double gbps = static_cast<double>(s.bytes) / std::max<double>(s.median_us, 1e-3) / 1e3;
     r.gbps_min = allMin(ranks, gbps);
     r.gbps_max = allMax(ranks, gbps);
+    if (s.check != LinkCheck::kUnchecked) {
+      // The worst verdict of any rank: a row is ok only if every rank's destination was right.
+      r.chunk_bytes = s.chunk_bytes;
+      r.stages = s.stages;
+      r.check = linkCheckName(
+          static_cast<LinkCheck>(static_cast<int>(allMax(ranks, static_cast<int>(s.check)))));
+      if (s.check != LinkCheck::kOk && s.check != LinkCheck::kUnsupported) {
+        std::fprintf(stderr, "ep_bench: rank %d: link check failed: %s\n", ranks.rank,
+                     s.detail.c_str());
+      } else if (s.check == LinkCheck::kUnsupported && ranks.root() && s.detail != last_na) {
+        std::fprintf(stderr, "ep_bench: bulk-copy rows n/a: %s\n", s.detail.c_str());
+        last_na = s.detail;
+      }
+    }
     result.rows.push_back(r);
     if (r.method == "SM store" && r.sms == machine.device_sms) result.limit_gbps = r.gbps_min;
   }

@@ -74,9 +74,9 @@ struct LinkResult {
 };
 
 // Collective: measures the link limit through `buffer` with all SMs and each of `sms` (nothing
-// with one rank).
+// with one rank); with `bulk`, also the TMA bulk-copy rows (which never set the limit).
 LinkResult measureLink(const Ranks& ranks, const Machine& machine, EpBuffer& buffer,
-                       const std::vector<int>& sms, bool quick, cudaStream_t stream);
+                       const std::vector<int>& sms, bool quick, bool bulk, cudaStream_t stream);
 
 // Collective (gathers the GPU names): the setup block printed before the measurements.
 Setup describeSetup(const Options& o, const Ranks& ranks, const Machine& machine,

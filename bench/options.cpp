@@ -113,6 +113,10 @@ void defineOptions(CLI::App& app, Options& o) {
   addSwitch(app, "nccl", o.nccl, "NCCL baseline", "Skip the NCCL baseline",
             onOff(o.nccl) +
                 (EPCOMM_BENCH_HAVE_NCCL ? "" : "; this build has no NCCL, so its column is n/a"));
+  addSwitch(app, "link-bulk", o.link_bulk,
+            "TMA bulk-copy rows in the link test (SM bulk store / SM bulk load, 4/8/16 KiB "
+            "stages; checked, never the link limit)",
+            "Skip the bulk-copy rows of the link test", onOff(o.link_bulk));
   addSwitch(app, "fixed-cost", o.fixed_cost,
             "Fixed cost per call: a token sweep per op with a least-squares fit (fixed us, "
             "streaming GB/s) and the host time to enqueue each op",
@@ -212,6 +216,7 @@ nlohmann::ordered_json optionsJson(const Options& o) {
           {"sweep_hidden", o.sweep_hidden},
           {"quick", o.quick},
           {"nccl", o.nccl},
+          {"link_bulk", o.link_bulk},
           {"fixed_cost", o.fixed_cost},
           {"fit_tokens", o.fit_tokens},
           {"fit_ll_tokens", o.fit_ll_tokens},

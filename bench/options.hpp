@@ -31,6 +31,7 @@ struct Options {
   std::vector<int> sweep_hidden;
   bool quick = false;
   bool nccl = true;
+  bool link_bulk = true;  // the TMA bulk-copy rows of the link test
   // Fixed cost per call (issue 13): token sweeps with a fit per op, and host enqueue times.
   bool fixed_cost = true;
   std::vector<int> fit_tokens{1, 8, 32, 128, 512, 4096};  // HT; capped at the HT buffer's max
