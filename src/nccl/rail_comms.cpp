@@ -21,24 +21,15 @@ static_assert(sizeof(ncclUniqueId) <= core::kRailIdBytes, "an ncclUniqueId fits 
 
 using Clock = std::chrono::steady_clock;
 
-[[noreturn]] void throwNccl(ncclResult_t result, ncclComm_t comm, const std::string& what,
-                            const char* file, int line) {
-  detail::throwError(ErrorCode::kSystem, what + " failed: " + describeResult(result, comm), file,
-                     line);
-}
-
-#define EPCOMM_NCCL_CHECK(call, comm)                                                \
-  do {                                                                               \
-    ncclResult_t epcomm_nccl_result_ = (call);                                       \
-    if (epcomm_nccl_result_ != ncclSuccess && epcomm_nccl_result_ != ncclInProgress) \
-      throwNccl(epcomm_nccl_result_, (comm), #call, __FILE__, __LINE__);             \
-  } while (0)
+}  // namespace
 
 std::string rankList(const std::vector<int>& ranks) {
   std::ostringstream os;
   for (size_t i = 0; i < ranks.size(); ++i) os << (i ? "," : "") << ranks[i];
   return os.str();
 }
+
+namespace {
 
 std::string versionText(int code) {
   // NCCL_VERSION(X, Y, Z) = X * 10000 + Y * 100 + Z since 2.9.
@@ -48,6 +39,12 @@ std::string versionText(int code) {
 }
 
 }  // namespace
+
+void throwNccl(ncclResult_t result, ncclComm_t comm, const std::string& what, const char* file,
+               int line) {
+  detail::throwError(ErrorCode::kSystem, what + " failed: " + describeResult(result, comm), file,
+                     line);
+}
 
 std::string describeResult(ncclResult_t result, ncclComm_t comm) {
   std::string text = std::string(ncclGetErrorString(result));

@@ -26,6 +26,22 @@ namespace epcomm::nccl {
 // "ncclSystemError: <ncclGetErrorString> (<ncclGetLastError>)" for messages.
 std::string describeResult(ncclResult_t result, ncclComm_t comm);
 
+// Throws Error(kSystem): "<what> failed: <describeResult>".
+[[noreturn]] void throwNccl(ncclResult_t result, ncclComm_t comm, const std::string& what,
+                            const char* file, int line);
+
+// Checks an NCCL call; ncclInProgress (a non-blocking communicator) is not an error here: the
+// caller polls it to completion with waitReady.
+#define EPCOMM_NCCL_CHECK(call, comm)                                                    \
+  do {                                                                                   \
+    ncclResult_t epcomm_nccl_result_ = (call);                                           \
+    if (epcomm_nccl_result_ != ncclSuccess && epcomm_nccl_result_ != ncclInProgress)     \
+      ::epcomm::nccl::throwNccl(epcomm_nccl_result_, (comm), #call, __FILE__, __LINE__); \
+  } while (0)
+
+// "0,2,4".
+std::string rankList(const std::vector<int>& ranks);
+
 // Owner of one ncclComm_t. Move-only. The destructor never throws and never waits for peers:
 // a communicator that was finalized is destroyed, any other is aborted.
 class NcclComm {
