@@ -3,23 +3,17 @@
 // "Where the LL fixed cost is not"). Each kernel body below runs 2000 times back to back (eager:
 // paced by the host's launch cost) and as a 20-kernel CUDA graph (the device cost alone); it
 // prints microseconds per kernel. Uses GPU 0, and GPU 1 as the peer when there is one. No MPI.
+// A failing CUDA call ends it with the error (EPCOMM_CUDA_CHECK).
 //
 //   build/bench/sync_cost_probe
 #include <cuda_runtime.h>
 
 #include <cstdio>
-#include <cstdlib>
+#include <exception>
+
+#include "util/check.hpp"
 
 namespace {
-
-#define PROBE_CHECK(call)                                                        \
-  do {                                                                           \
-    const cudaError_t probe_status = (call);                                     \
-    if (probe_status != cudaSuccess) {                                           \
-      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(probe_status)); \
-      std::exit(1);                                                              \
-    }                                                                            \
-  } while (0)
 
 constexpr int kThreads = 512;
 constexpr int kMaxBlocks = 132;
@@ -142,69 +136,69 @@ void measure(const Variant& v, const ProbeParams& base, cudaStream_t stream) {
   p.body = v.body;
   p.reps = v.reps;
   cudaEvent_t begin, end;
-  PROBE_CHECK(cudaEventCreate(&begin));
-  PROBE_CHECK(cudaEventCreate(&end));
+  EPCOMM_CUDA_CHECK(cudaEventCreate(&begin));
+  EPCOMM_CUDA_CHECK(cudaEventCreate(&end));
   constexpr int kEager = 2000, kPerGraph = 20, kReplays = 100;
   for (int i = 0; i < 50; ++i) probeKernel<<<v.blocks, kThreads, 0, stream>>>(p);
-  PROBE_CHECK(cudaEventRecord(begin, stream));
+  EPCOMM_CUDA_CHECK(cudaEventRecord(begin, stream));
   for (int i = 0; i < kEager; ++i) probeKernel<<<v.blocks, kThreads, 0, stream>>>(p);
-  PROBE_CHECK(cudaEventRecord(end, stream));
-  PROBE_CHECK(cudaEventSynchronize(end));
+  EPCOMM_CUDA_CHECK(cudaEventRecord(end, stream));
+  EPCOMM_CUDA_CHECK(cudaEventSynchronize(end));
   float eager_ms = 0;
-  PROBE_CHECK(cudaEventElapsedTime(&eager_ms, begin, end));
+  EPCOMM_CUDA_CHECK(cudaEventElapsedTime(&eager_ms, begin, end));
 
   cudaGraph_t graph;
   cudaGraphExec_t exec;
-  PROBE_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  EPCOMM_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   for (int i = 0; i < kPerGraph; ++i) probeKernel<<<v.blocks, kThreads, 0, stream>>>(p);
-  PROBE_CHECK(cudaStreamEndCapture(stream, &graph));
-  PROBE_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  PROBE_CHECK(cudaGraphLaunch(exec, stream));
-  PROBE_CHECK(cudaStreamSynchronize(stream));
-  PROBE_CHECK(cudaEventRecord(begin, stream));
-  for (int i = 0; i < kReplays; ++i) PROBE_CHECK(cudaGraphLaunch(exec, stream));
-  PROBE_CHECK(cudaEventRecord(end, stream));
-  PROBE_CHECK(cudaEventSynchronize(end));
+  EPCOMM_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  EPCOMM_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  EPCOMM_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  EPCOMM_CUDA_CHECK(cudaEventRecord(begin, stream));
+  for (int i = 0; i < kReplays; ++i) EPCOMM_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  EPCOMM_CUDA_CHECK(cudaEventRecord(end, stream));
+  EPCOMM_CUDA_CHECK(cudaEventSynchronize(end));
   float graph_ms = 0;
-  PROBE_CHECK(cudaEventElapsedTime(&graph_ms, begin, end));
-  PROBE_CHECK(cudaGetLastError());
+  EPCOMM_CUDA_CHECK(cudaEventElapsedTime(&graph_ms, begin, end));
+  EPCOMM_CUDA_CHECK(cudaGetLastError());
   std::printf("%-44s %8.2f %8.2f\n", v.name, eager_ms * 1000 / kEager,
               graph_ms * 1000 / (kReplays * kPerGraph));
-  PROBE_CHECK(cudaGraphExecDestroy(exec));
-  PROBE_CHECK(cudaGraphDestroy(graph));
-  PROBE_CHECK(cudaEventDestroy(begin));
-  PROBE_CHECK(cudaEventDestroy(end));
+  EPCOMM_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  EPCOMM_CUDA_CHECK(cudaGraphDestroy(graph));
+  EPCOMM_CUDA_CHECK(cudaEventDestroy(begin));
+  EPCOMM_CUDA_CHECK(cudaEventDestroy(end));
 }
 
 }  // namespace
 
-int main() {
+static int runProbe() {
   int devices = 0;
-  PROBE_CHECK(cudaGetDeviceCount(&devices));
-  PROBE_CHECK(cudaSetDevice(0));
+  EPCOMM_CUDA_CHECK(cudaGetDeviceCount(&devices));
+  EPCOMM_CUDA_CHECK(cudaSetDevice(0));
   ProbeParams p{};
-  PROBE_CHECK(cudaMalloc(&p.local, size_t{kMaxBlocks} * kThreads * sizeof(int4)));
-  PROBE_CHECK(cudaMalloc(&p.words, 4096));
-  PROBE_CHECK(cudaMemset(p.words, 0, 4096));
-  PROBE_CHECK(cudaMalloc(&p.arrivals, sizeof(unsigned)));
-  PROBE_CHECK(cudaMemset(p.arrivals, 0, sizeof(unsigned)));
+  EPCOMM_CUDA_CHECK(cudaMalloc(&p.local, size_t{kMaxBlocks} * kThreads * sizeof(int4)));
+  EPCOMM_CUDA_CHECK(cudaMalloc(&p.words, 4096));
+  EPCOMM_CUDA_CHECK(cudaMemset(p.words, 0, 4096));
+  EPCOMM_CUDA_CHECK(cudaMalloc(&p.arrivals, sizeof(unsigned)));
+  EPCOMM_CUDA_CHECK(cudaMemset(p.arrivals, 0, sizeof(unsigned)));
   unsigned* host = nullptr;
-  PROBE_CHECK(cudaHostAlloc(&host, 4096, cudaHostAllocMapped));
+  EPCOMM_CUDA_CHECK(cudaHostAlloc(&host, 4096, cudaHostAllocMapped));
   host[0] = 0;
   unsigned* host_on_device = nullptr;
-  PROBE_CHECK(cudaHostGetDevicePointer(&host_on_device, host, 0));
+  EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(&host_on_device, host, 0));
   p.host = host_on_device;
   int peer_ok = 0;
-  if (devices >= 2) PROBE_CHECK(cudaDeviceCanAccessPeer(&peer_ok, 0, 1));
+  if (devices >= 2) EPCOMM_CUDA_CHECK(cudaDeviceCanAccessPeer(&peer_ok, 0, 1));
   if (peer_ok) {
-    PROBE_CHECK(cudaDeviceEnablePeerAccess(1, 0));
-    PROBE_CHECK(cudaSetDevice(1));
-    PROBE_CHECK(cudaMalloc(&p.peer, size_t{kMaxBlocks} * kThreads * sizeof(int4)));
-    PROBE_CHECK(cudaMalloc(&p.peer_words, 4096));
-    PROBE_CHECK(cudaSetDevice(0));
+    EPCOMM_CUDA_CHECK(cudaDeviceEnablePeerAccess(1, 0));
+    EPCOMM_CUDA_CHECK(cudaSetDevice(1));
+    EPCOMM_CUDA_CHECK(cudaMalloc(&p.peer, size_t{kMaxBlocks} * kThreads * sizeof(int4)));
+    EPCOMM_CUDA_CHECK(cudaMalloc(&p.peer_words, 4096));
+    EPCOMM_CUDA_CHECK(cudaSetDevice(0));
   }
   cudaStream_t stream;
-  PROBE_CHECK(cudaStreamCreate(&stream));
+  EPCOMM_CUDA_CHECK(cudaStreamCreate(&stream));
 
   const Variant variants[] = {
       {"empty, 1 block", Body::kEmpty, 0, 1},
@@ -239,6 +233,15 @@ int main() {
     if (needs_peer && !peer_ok) continue;
     measure(v, p, stream);
   }
-  PROBE_CHECK(cudaDeviceSynchronize());
+  EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
   return 0;
+}
+
+int main() {
+  try {
+    return runProbe();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "sync_cost_probe: %s\n", e.what());
+    return 1;
+  }
 }

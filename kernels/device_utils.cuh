@@ -70,9 +70,28 @@ __device__ __forceinline__ int4 ldNoAlloc(const int4* p) {
   return v;
 }
 
-// Vectors each lane loads before storing them in the row copies: enough in flight to hide the
-// load latency without spilling.
-constexpr int kCopyUnroll = 4;
+// 16-byte vectors each lane has in flight in the row copies and the combine reductions: enough
+// to hide the load latency without spilling. The HT dispatch copy keeps only the loaded vectors
+// live (no accumulators), so it goes deeper.
+constexpr int kUnroll = 4;
+constexpr int kDispatchUnroll = 8;
+
+// One warp copies a row of `vecs` vectors, kUnroll loads in flight per lane before their stores.
+// `load` reads one vector: a plain load, or ldNoAlloc for data a peer wrote (whose memory clobber
+// would otherwise keep each load behind the previous store).
+template <typename Vec, typename Load>
+__device__ __forceinline__ void warpCopyRow(Vec* dst, const Vec* src, int vecs, int lane,
+                                            Load load) {
+  int v = lane;
+  for (; v + (kUnroll - 1) * kWarpSize < vecs; v += kUnroll * kWarpSize) {
+    Vec chunk[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) chunk[u] = load(src + v + u * kWarpSize);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) dst[v + u * kWarpSize] = chunk[u];
+  }
+  for (; v < vecs; v += kWarpSize) dst[v] = load(src + v);
+}
 
 __device__ __forceinline__ void stNoAlloc(int4* p, const int4& v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x),

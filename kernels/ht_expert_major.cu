@@ -41,8 +41,6 @@ namespace {
 
 using namespace device;
 
-constexpr int kUnroll = 4;          // 16-byte vectors in flight per lane (combine)
-constexpr int kDispatchUnroll = 8;  // dispatch keeps only the loaded vectors live: go deeper
 // Experts scanned per thread: the block scan covers every expert of the call in one pass.
 constexpr int kExpertsPerThread = (kMaxExperts + kBlockThreads - 1) / kBlockThreads;
 static_assert(kMaxTopk <= kWarpSize, "one lane per top-k entry");

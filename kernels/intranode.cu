@@ -32,9 +32,6 @@ namespace {
 
 using namespace device;
 
-constexpr int kUnroll = 4;          // 16-byte vectors in flight per lane (combine)
-constexpr int kDispatchUnroll = 8;  // dispatch keeps only the loaded vectors live: go deeper
-
 constexpr WaitPhase kPhaseCounts = WaitPhase::kHtCounts;
 constexpr WaitPhase kPhaseDone = WaitPhase::kHtRowsWritten;
 constexpr WaitPhase kPhaseExpertCounts = WaitPhase::kHtExpertCounts;
@@ -494,8 +491,8 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 }
 
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t. One
-// warp per row, kCopyUnroll loads in flight per lane before their stores: the old form (one vector
-// per thread and a 64-bit division per vector) staged a combine input at ~440 GB/s on 32 SMs.
+// warp per row (warpCopyRow): the old form (one vector per thread and a 64-bit division per
+// vector) staged a combine input at ~440 GB/s on 32 SMs.
 template <typename Vec>
 __device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows) {
   const int vecs = static_cast<int>(s.row_bytes / static_cast<int64_t>(sizeof(Vec)));
@@ -503,17 +500,9 @@ __device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows) {
   const int64_t warps = int64_t{gridDim.x} * kWarpsPerBlock;
   for (int64_t row = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize; row < rows;
        row += warps) {
-    const Vec* src = reinterpret_cast<const Vec*>(s.src + row * s.src_stride);
-    Vec* dst = reinterpret_cast<Vec*>(s.dst + row * s.dst_stride);
-    int v = lane;
-    for (; v + (kCopyUnroll - 1) * kWarpSize < vecs; v += kCopyUnroll * kWarpSize) {
-      Vec chunk[kCopyUnroll];
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) chunk[u] = src[v + u * kWarpSize];
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) dst[v + u * kWarpSize] = chunk[u];
-    }
-    for (; v < vecs; v += kWarpSize) dst[v] = src[v];
+    warpCopyRow(reinterpret_cast<Vec*>(s.dst + row * s.dst_stride),
+                reinterpret_cast<const Vec*>(s.src + row * s.src_stride), vecs, lane,
+                [](const Vec* p) { return *p; });
   }
 }
 

@@ -369,18 +369,8 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
           ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
       const int4* src = reinterpret_cast<const int4*>(staged);
       int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
-      const int num_vecs = static_cast<int>(out_row_bytes / 16);
-      // kCopyUnroll loads in flight per lane before their stores (ldNoAlloc's memory clobber
-      // keeps a load after the previous store, so load-store pairs would run one at a time).
-      int i = lane;
-      for (; i + (kCopyUnroll - 1) * kWarpSize < num_vecs; i += kCopyUnroll * kWarpSize) {
-        int4 v[kCopyUnroll];
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) v[u] = ldNoAlloc(src + i + u * kWarpSize);
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) dst[i + u * kWarpSize] = v[u];
-      }
-      for (; i < num_vecs; i += kWarpSize) dst[i] = ldNoAlloc(src + i);
+      warpCopyRow(dst, src, static_cast<int>(out_row_bytes / 16), lane,
+                  [](const int4* v) { return ldNoAlloc(v); });
       if (p.use_fp8) {
         const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
         float* out_scales =
