@@ -37,6 +37,14 @@ __device__ __forceinline__ void stReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// A strong store with no ordering of its own: for a tagged word that carries its own epoch and
+// publishes nothing else, or after this thread's fenceAcqRelSys() (fence then strong store is a
+// release pattern in the PTX memory model, so a thread that fenced once can post to R ranks
+// without R more fences).
+__device__ __forceinline__ void stRelaxedSys(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ void fenceAcqRelSys() {
   asm volatile("fence.acq_rel.sys;" ::: "memory");
 }
@@ -341,6 +349,30 @@ __device__ __forceinline__ bool arriveLastBlock(uint32_t* counter) {
   }
   __syncthreads();
   return s_last;
+}
+
+// --- top-k rows ----------------------------------------------------------------------------------
+// A token's top-k ids in registers, every load issued before any is used: a loop that uses each id
+// before loading the next (or stores between the loads, which may alias) is a chain of num_topk
+// memory latencies, the largest part of a small layout or LL dispatch. Entries past num_topk: -1.
+template <typename IdxT>
+__device__ __forceinline__ void loadTopkRow(const IdxT* row, int num_topk,
+                                            int64_t (&ids)[kMaxTopk]) {
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k) ids[k] = k < num_topk ? static_cast<int64_t>(row[k]) : -1;
+}
+
+// The routing policy (ops.hpp) on registers: entry k kept iff a valid id not equal to an earlier
+// kept entry, else -1.
+__device__ __forceinline__ void dedupTopkRow(const int64_t (&ids)[kMaxTopk], int num_experts,
+                                             int32_t (&kept)[kMaxTopk]) {
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k) {
+    bool keep = ids[k] >= 0 && ids[k] < num_experts;
+#pragma unroll
+    for (int j = 0; j < k; ++j) keep = keep && kept[j] != static_cast<int32_t>(ids[k]);
+    kept[k] = keep ? static_cast<int32_t>(ids[k]) : -1;
+  }
 }
 
 // --- destination-rank masks ----------------------------------------------------------------------

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kBlockThreads) emDispatchKernel(HtExpertMajorP
     const uint32_t value = j < num_ranks    ? static_cast<uint32_t>(p.rank_counts[j])
                            : j == num_ranks ? static_cast<uint32_t>(p.signature)
                                             : static_cast<uint32_t>(p.signature >> 32);
-    stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_counts[parity][me][j], tag(epoch, value));
+    stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_counts[parity][me][j], tag(epoch, value));
   }
   // Each tagged word carries its own epoch and orders no other data: plain 64-bit stores do.
   for (int i = tid; i < num_ranks * num_experts; i += kBlockThreads) {
@@ -313,8 +313,9 @@ __global__ void __launch_bounds__(kBlockThreads) emDispatchKernel(HtExpertMajorP
   // 4. the last block signals every destination and collects every source's signal
   if (!arriveLastBlock(&own->local.arrive[kArriveHtDispatch])) return;
   if (tid == 0) {
+    // Thread 0 fenced in arriveLastBlock after every block's arrival: these are release patterns.
     for (int dd = 0; dd < num_ranks; ++dd) {
-      stReleaseSys(&controlOf(s_peer[dd])->ht_dispatch_done[me], epoch);
+      stRelaxedSys(&controlOf(s_peer[dd])->ht_dispatch_done[me], epoch);
     }
   }
   ok = true;
@@ -344,7 +345,7 @@ __global__ void __launch_bounds__(kBlockThreads) emCombineKernel(HtExpertMajorCo
     for (int d = 0; d < num_ranks; ++d) {
       // Tagged as the rank-major combine's (the word and the epoch family are shared): a plain
       // epoch here would read as long reached to a later tagged wait, and vice versa never.
-      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
+      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
     }
   }
   bool ok = true;
@@ -419,8 +420,9 @@ __global__ void __launch_bounds__(kBlockThreads) emCombineKernel(HtExpertMajorCo
   // 3. done pulling: tell every rank; leave once every rank is done pulling from me
   if (!arriveLastBlock(&own->local.arrive[kArriveHtCombine])) return;
   if (tid == 0) {
+    // Thread 0 fenced in arriveLastBlock after every block's arrival: these are release patterns.
     for (int d = 0; d < num_ranks; ++d) {
-      stReleaseSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
+      stRelaxedSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
     }
   }
   ok = true;

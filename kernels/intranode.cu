@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
     const uint32_t value = j < num_ranks    ? static_cast<uint32_t>(p.rank_counts[j])
                            : j == num_ranks ? static_cast<uint32_t>(p.signature)
                                             : static_cast<uint32_t>(p.signature >> 32);
-    stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_counts[parity][me][j], tag(epoch, value));
+    // Tagged words that publish no other data (the rows follow under the "done" post): no fence.
+    stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_counts[parity][me][j], tag(epoch, value));
   }
   // Every dispatch sends the per-expert counts of its routing, cached ones too (the handle keeps
   // them): the receivers' counts always belong to this call, aligned with this call's alignment.
@@ -116,7 +117,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
     for (int i = tid; i < num_ranks * local_experts; i += kBlockThreads) {
       const int d = i / local_experts;
       const int e = i % local_experts;
-      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_expert_counts[parity][me][e],
+      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_expert_counts[parity][me][e],
                    tag(epoch, static_cast<uint32_t>(p.expert_counts[i])));
     }
   }
@@ -325,8 +326,9 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   }
   stageThread0(ctx, kDispatchStages, dstage::kArrived);
   if (tid == 0) {
+    // Thread 0 fenced in arriveLastBlock after every block's arrival: these are release patterns.
     for (int d = 0; d < num_ranks; ++d) {
-      stReleaseSys(&controlOf(s_peer[d])->ht_dispatch_done[me], epoch);
+      stRelaxedSys(&controlOf(s_peer[d])->ht_dispatch_done[me], epoch);
     }
     stageThread(ctx, kDispatchStages, dstage::kDonePosted);
   }
@@ -359,9 +361,9 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 
   // 1. my combine input is in place (stream order): tell everyone, then wait for everyone.
   if (tid == 0) {
-    fenceAcqRelSys();
+    fenceAcqRelSys();  // one fence, then release patterns (stRelaxedSys)
     for (int d = 0; d < num_ranks; ++d) {
-      stReleaseSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
+      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
     }
     stageThread(ctx, kCombineStages, cstage::kReadyPosted);
   }
@@ -478,8 +480,9 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   }
   stageThread0(ctx, kCombineStages, cstage::kArrived);
   if (tid == 0) {
+    // Thread 0 fenced in arriveLastBlock after every block's arrival: these are release patterns.
     for (int d = 0; d < num_ranks; ++d) {
-      stReleaseSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
+      stRelaxedSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
     }
     stageThread(ctx, kCombineStages, cstage::kDonePosted);
   }

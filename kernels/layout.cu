@@ -37,29 +37,23 @@ template <typename IdxT>
 __device__ __forceinline__ RankMask routeToken(const LayoutParams& p, const IdxT* topk, int t,
                                                int experts_per_rank, int32_t* expert_hist) {
   RankMask mask = emptyRankMask();
+  int64_t ids[kMaxTopk];
+  int32_t kept[kMaxTopk];
+  loadTopkRow(topk + static_cast<int64_t>(t) * p.num_topk, p.num_topk, ids);
+  // A repetition of an earlier entry of this token counts as -1.
+  dedupTopkRow(ids, p.num_experts, kept);
   int32_t* copy = p.topk_copy + static_cast<int64_t>(t) * p.num_topk;
-  for (int k = 0; k < p.num_topk; ++k) {
-    const int64_t e = static_cast<int64_t>(topk[static_cast<int64_t>(t) * p.num_topk + k]);
-    int32_t kept = -1;
-    if (e >= 0 && e < p.num_experts) {
-      kept = static_cast<int32_t>(e);
-      // A repetition of an earlier entry of this token counts as -1 (K <= 16: a short scan of
-      // what this thread just wrote).
-      for (int j = 0; j < k; ++j) {
-        if (copy[j] == kept) {
-          kept = -1;
-          break;
-        }
-      }
-      if (kept >= 0) {
-        mask.set(kept / experts_per_rank);
-        atomicAdd(&expert_hist[kept], 1);
-      }
-    } else if (e != -1) {
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k) {
+    if (k >= p.num_topk) break;
+    if (kept[k] >= 0) {
+      mask.set(kept[k] / experts_per_rank);
+      atomicAdd(&expert_hist[kept[k]], 1);
+    } else if (ids[k] != -1 && (ids[k] < 0 || ids[k] >= p.num_experts)) {
       recordFault(p.peers, FailKind::kBadExpertId, OpId::kLayout, WaitPhase::kNone, -1, t,
-                  static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
+                  static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(ids[k]));
     }
-    copy[k] = kept;
+    copy[k] = kept[k];
   }
   return mask;
 }

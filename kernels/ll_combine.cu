@@ -12,6 +12,10 @@ constexpr WaitPhase kPhaseCombinePost = WaitPhase::kLlCombinePost;
 constexpr WaitPhase kPhaseCombineWeights = WaitPhase::kLlWeightsPost;
 // Stage times (kernels/stage_times.hpp): recorded by the fused kernel's halves.
 constexpr StageKernel kStages = StageKernel::kLlCombine;
+// Top-k entries whose expert rows one warp loads together in the combine send (registers:
+// kTopkBatch * kRoundsPerSegment 16-byte vectors per lane).
+constexpr int kTopkBatch = 4;
+static_assert(kMaxTopk + kTopkBatch - 1 < kWarpSize, "a batch's entries are lanes of one warp");
 namespace stage = ll_combine_stage;
 
 // Combine-time weights (LlCombineArgs::topk_weights). The expert side sums weighted rows before
@@ -53,8 +57,9 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams
                    tag(epoch, llWeightsPost(kLlWeightsPushed)));
     }
   } else if (tid == 0 && !rankFailed(ctx)) {
+    // Thread 0 fenced in arriveLastBlock: release patterns.
     for (int d = 0; d < ctx.num_ranks; ++d) {
-      stReleaseSys(&controlOf(ctx.peer_bases[d])->ll_weights_flag[parity][me],
+      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ll_weights_flag[parity][me],
                    tag(epoch, llWeightsPost(kLlWeightsPushed)));
     }
   }
@@ -167,19 +172,36 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
       lane_row = slot_of_row[lane];
       if (lane_row >= 0) lane_weight = s_pushed[s] ? __ldcg(weights + lane) : weights[lane];
     }
-    for (int k = 0; k < p.max_topk; ++k) {
-      const int32_t out_row = __shfl_sync(kFullMask, lane_row, k);
-      const float weight = __shfl_sync(kFullMask, lane_weight, k);
-      if (out_row < 0) continue;
-      const uint16_t* y = p.expert_out + int64_t{out_row} * p.hidden;
+    // kTopkBatch entries' rows are loaded before any is summed: one memory latency per batch,
+    // not per entry (the sum was a chain of max_topk dependent loads). Same order of additions.
+    for (int k0 = 0; k0 < p.max_topk; k0 += kTopkBatch) {
+      int4 loaded[kTopkBatch][kRoundsPerSegment];
+      int32_t out_row[kTopkBatch];
+      float weight[kTopkBatch];
 #pragma unroll
-      for (int u = 0; u < kRoundsPerSegment; ++u) {
-        const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-        if (col < p.hidden) {
+      for (int b = 0; b < kTopkBatch; ++b) {
+        const int k = k0 + b;  // warp-uniform; k < max_topk + kTopkBatch - 1 < 32 + 3
+        out_row[b] = __shfl_sync(kFullMask, lane_row, k % kWarpSize);
+        weight[b] = __shfl_sync(kFullMask, lane_weight, k % kWarpSize);
+        if (k >= p.max_topk) out_row[b] = -1;
+        const uint16_t* y = p.expert_out + int64_t{max(out_row[b], 0)} * p.hidden;
+#pragma unroll
+        for (int u = 0; u < kRoundsPerSegment; ++u) {
+          const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+          loaded[b][u] = out_row[b] >= 0 && col < p.hidden
+                             ? ldNcNoAlloc(reinterpret_cast<const int4*>(y + col))
+                             : make_int4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kTopkBatch; ++b) {
+        if (out_row[b] < 0) continue;
+#pragma unroll
+        for (int u = 0; u < kRoundsPerSegment; ++u) {
+          const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
           // Unfused: the partial is rounded to BF16 for transport, and a reproducible partial
           // keeps that rounding identical to the reference model's.
-          accumulateBf16x8Unfused(acc[u], ldNcNoAlloc(reinterpret_cast<const int4*>(y + col)),
-                                  weight);
+          if (col < p.hidden) accumulateBf16x8Unfused(acc[u], loaded[b][u], weight[b]);
         }
       }
     }
@@ -201,8 +223,9 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
       stageThread(ctx, kStages, stage::kPosted);
     }
   } else if (tid == 0) {
+    // Thread 0 fenced in arriveLastBlock: release patterns.
     for (int s = 0; s < num_ranks; ++s) {
-      stReleaseSys(&controlOf(s_peer[s])->ll_combine_flag[parity][me], epoch);
+      stRelaxedSys(&controlOf(s_peer[s])->ll_combine_flag[parity][me], epoch);
     }
     stageThread(ctx, kStages, stage::kPosted);
   }
@@ -254,16 +277,40 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
     }
+    // The token's ranks (at most num_topk <= kMaxTopk < 32), lane i holding the i-th; their
+    // partials are then loaded kTopkBatch at a time before any is summed (as in the send half).
+    int lane_rank = -1, num_dest = 0;
     forEachRank(mask, [&](int d) {
-      const uint16_t* row = partials + (int64_t{d} * r.max_tokens + token) * p.hidden;
+      if (lane == num_dest) lane_rank = d;
+      ++num_dest;
+    });
+    for (int i0 = 0; i0 < num_dest; i0 += kTopkBatch) {
+      int4 loaded[kTopkBatch][kRoundsPerSegment];
+      int src[kTopkBatch];
 #pragma unroll
-      for (int u = 0; u < kRoundsPerSegment; ++u) {
-        const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-        if (col < p.hidden) {
-          accumulateBf16x8Unfused(acc[u], ldNoAlloc(reinterpret_cast<const int4*>(row + col)), 1.f);
+      for (int b = 0; b < kTopkBatch; ++b) {
+        src[b] = __shfl_sync(kFullMask, lane_rank, (i0 + b) % kWarpSize);
+        if (i0 + b >= num_dest) src[b] = -1;
+        const uint16_t* row =
+            partials + (int64_t{max(src[b], 0)} * r.max_tokens + token) * p.hidden;
+#pragma unroll
+        for (int u = 0; u < kRoundsPerSegment; ++u) {
+          const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+          loaded[b][u] = src[b] >= 0 && col < p.hidden
+                             ? ldNoAlloc(reinterpret_cast<const int4*>(row + col))
+                             : make_int4(0, 0, 0, 0);
         }
       }
-    });
+#pragma unroll
+      for (int b = 0; b < kTopkBatch; ++b) {
+        if (src[b] < 0) continue;
+#pragma unroll
+        for (int u = 0; u < kRoundsPerSegment; ++u) {
+          const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+          if (col < p.hidden) accumulateBf16x8Unfused(acc[u], loaded[b][u], 1.f);
+        }
+      }
+    }
 #pragma unroll
     for (int u = 0; u < kRoundsPerSegment; ++u) {
       const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;

@@ -24,12 +24,15 @@ namespace stage = ll_dispatch_stage;
 
 // The ranks token t goes to. An id outside [-1, num_experts) is bad input: recorded, announced
 // to every peer (the op then fails on every rank), and never used as an address.
+// `ids`: the token's top-k ids (loadTopkRow).
 template <typename IdxT>
-__device__ __forceinline__ RankMask tokenMask(const LlParams& p, int t) {
-  const IdxT* topk = static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk;
+__device__ __forceinline__ RankMask tokenMask(const LlParams& p, int t, int64_t (&ids)[kMaxTopk]) {
+  loadTopkRow(static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk, p.num_topk, ids);
   RankMask mask = emptyRankMask();
-  for (int k = 0; k < p.num_topk; ++k) {
-    const int64_t e = static_cast<int64_t>(topk[k]);
+#pragma unroll
+  for (int k = 0; k < kMaxTopk; ++k) {
+    if (k >= p.num_topk) break;
+    const int64_t e = ids[k];
     if (e >= 0 && e < p.num_experts) {
       mask.set(static_cast<int>(e / p.num_local_experts));
     } else if (e != -1) {
@@ -141,7 +144,8 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
   __syncthreads();
   stageThread0(ctx, kStages, stage::kSetup);
   for (int t = tid; t < t_begin; t += kBlockThreads) {
-    forEachRank(tokenMask<IdxT>(p, t), [&](int d) { atomicAdd(&s_base[d], 1); });
+    int64_t ids[kMaxTopk];
+    forEachRank(tokenMask<IdxT>(p, t, ids), [&](int d) { atomicAdd(&s_base[d], 1); });
   }
   __syncthreads();
   stageThread0(ctx, kStages, stage::kPrefix);
@@ -152,19 +156,19 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
   for (int tile = t_begin; tile < t_end; tile += kTile) {
     const int tile_len = min(kTile, t_end - tile);
     const int t = tile + tid;
-    const RankMask mask = tid < tile_len ? tokenMask<IdxT>(p, t) : emptyRankMask();
+    int64_t ids[kMaxTopk];
+    const RankMask mask = tid < tile_len ? tokenMask<IdxT>(p, t, ids) : emptyRankMask();
     if (tid < tile_len) {
       storeRankMask(token_masks, t, mask_words, mask);
       // The token's valid, deduplicated ids, for the combine-weights push (which must not rely
       // on a rank bitmask: it iterates over these).
-      const IdxT* ids = static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk;
+      int32_t kept[kMaxTopk];
+      dedupTopkRow(ids, p.num_experts, kept);
       int32_t* copy =
           reinterpret_cast<int32_t*>(ctx.local_base + r.topk_copy) + int64_t{t} * p.max_topk;
-      for (int k = 0; k < p.num_topk; ++k) {
-        const int64_t e = static_cast<int64_t>(ids[k]);
-        bool keep = e >= 0 && e < p.num_experts;
-        for (int j = 0; j < k && keep; ++j) keep = static_cast<int64_t>(ids[j]) != e;
-        copy[k] = keep ? static_cast<int32_t>(e) : -1;
+#pragma unroll
+      for (int k = 0; k < kMaxTopk; ++k) {
+        if (k < p.num_topk) copy[k] = kept[k];
       }
     }
     // Slots per group of 8 ranks (one block scan each; one scan at R <= 8).
@@ -256,9 +260,9 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       stageThread(ctx, kStages, stage::kPosted);
     }
   } else if (tid == 0 && !rankFailed(ctx)) {
-    fenceAcqRelSys();
+    fenceAcqRelSys();  // then release patterns
     for (int d = 0; d < num_ranks; ++d) {
-      stReleaseSys(&controlOf(s_peer[d])->ll_dispatch_flag[parity][me],
+      stRelaxedSys(&controlOf(s_peer[d])->ll_dispatch_flag[parity][me],
                    tag(epoch, llPost(static_cast<uint32_t>(s_total[d]), p.signature)));
     }
     stageThread(ctx, kStages, stage::kPosted);
