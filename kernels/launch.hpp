@@ -43,14 +43,18 @@ struct LayoutParams {
   int32_t num_ranks;
   int32_t rank;
   // outputs (handle memory)
-  uint32_t* token_mask;         // [N, rankMaskWords(R)] RankMask: token goes to rank d
-  int32_t* token_slot;          // [N, R]
-  bool* is_token_in_rank;       // [N, R]
-  int32_t* rank_counts;         // [R]
-  int32_t* expert_counts;       // [E]
-  int32_t* topk_copy;           // [N, K] int32 copy kept for weighted combine
-  int32_t* tile_counts;         // [layoutTiles(N), R] scratch
-  int32_t* tile_expert_counts;  // [layoutTiles(N), E] scratch (two tiles or more)
+  uint32_t* token_mask;    // [N, rankMaskWords(R)] RankMask: token goes to rank d
+  int32_t* token_slot;     // [N, R]
+  bool* is_token_in_rank;  // [N, R]
+  int32_t* rank_counts;    // [R]
+  int32_t* expert_counts;  // [E]
+  int32_t* topk_copy;      // [N, K] int32 copy kept for weighted combine
+  // Scratch of two tiles or more, zero between calls (handle memory is zeroed when made, and the
+  // last block of each call zeroes what it used): each tile's per-rank totals + 1 (0: not yet
+  // published), each tile's expert histogram, and the count of tiles that finished.
+  int32_t* tile_counts;         // [layoutTiles(N), R]
+  int32_t* tile_expert_counts;  // [layoutTiles(N), E]
+  uint32_t* tiles_done;         // [1]
   // Layout input (DispatchArgs::layout), or all nullptr to route from topk_idx alone. With
   // in_rank set, masks and slots come from it; topk_idx (may be nullptr then) only fills
   // topk_copy and is checked against it. The caller's counts are checked (FailKind::kLayout*)
@@ -257,8 +261,9 @@ cudaError_t kernelImageStatus();
 // The architectures the kernels were compiled for, as nvcc lists them ("900,1000").
 const char* compiledArchitectures();
 
-// layoutTiles(num_tokens) blocks of kLayoutThreads; one kernel for one tile (<= 512 tokens), two
-// otherwise. Writes every output (no memset needed before it).
+// One kernel of layoutTiles(num_tokens) blocks of kLayoutThreads (each tile reads the totals of
+// the earlier ones, the last block to finish sums the counts). Writes every output (no memset
+// needed before it).
 void launchLayout(const LayoutParams& params, cudaStream_t stream);
 
 void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream);

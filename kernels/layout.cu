@@ -2,10 +2,10 @@
 // HT layout: from topk_idx [N, K], each token's destination-rank mask, its slot among the tokens
 // sent to each rank, per-rank and per-expert counts, and an int32 copy of the routing for weighted
 // combine. Tiles of 512 tokens, one block each: a CUB block scan gives slots within the tile and
-// the tile's totals; with several tiles a second kernel adds the totals of the earlier tiles. One
-// tile (<= 512 tokens) is one kernel that writes the final layout. No memset: every count is
-// written, never accumulated into memory that would need zeroing first (each launch and each
-// memset costs the host ~4 us in this VM, docs/perf-notes.md).
+// the tile's totals; with several tiles each adds the totals of the earlier tiles (finishTiles),
+// in the same kernel. No memset: every count is written, never accumulated into memory that would
+// need zeroing first (each launch and each memset costs the host ~4 us in this VM,
+// docs/perf-notes.md); the scratch of several tiles is zeroed by the kernel after use.
 //
 // Routing policy (documented in include/epcomm/ops.hpp): an expert id repeated within one token's
 // top-k counts once; every repetition after the first is treated as -1 (not counted, not sent,
@@ -58,10 +58,10 @@ __device__ __forceinline__ RankMask routeToken(const LayoutParams& p, const IdxT
   return mask;
 }
 
-// The block that finishes the layout (pass 2's last, or the only tile's), with a caller's layout:
-// checks its counts against the routing just computed (`totals`, the column sums of
-// is_token_in_rank) and, without top-k, adopts its per-expert counts. Every value is bounded before
-// it is kept: they are sent to the peers.
+// The block that finishes the layout (the last tile's to finish, or the only tile's), with a
+// caller's layout: checks its counts against the routing just computed (`totals`, the column sums
+// of is_token_in_rank) and, without top-k, adopts its per-expert counts. Every value is bounded
+// before it is kept: they are sent to the peers.
 __device__ void checkLayoutInput(const LayoutParams& p, const int32_t* totals) {
   const int tid = threadIdx.x;
   if (tid < p.num_ranks) {
@@ -75,7 +75,7 @@ __device__ void checkLayoutInput(const LayoutParams& p, const int32_t* totals) {
   for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
     const int32_t given = p.expert_counts_in[e];
     if (p.topk_idx != nullptr) {
-      // expert_counts holds topk's histogram (pass 1): the layout must agree with it.
+      // expert_counts holds topk's histogram (summed over the tiles): the layout must agree.
       const int32_t counted = p.expert_counts[e];
       if (given != counted) {
         recordFault(p.peers, FailKind::kLayoutExpertVsTopk, OpId::kLayout, WaitPhase::kNone, -1, e,
@@ -93,9 +93,85 @@ __device__ void checkLayoutInput(const LayoutParams& p, const int32_t* totals) {
   }
 }
 
-// Pass 1, one block per tile of kLayoutThreads tokens: masks, slots within the tile (block scans,
+// Two tiles or more, in the same kernel (a second kernel cost a launch gap of ~2 us): every tile
+// publishes its per-rank totals, adds those of the earlier tiles to its slots (blocks start in
+// index order, so an earlier tile is running or done: the wait is short and bounded), publishes
+// its histogram and arrives; the last block to arrive writes the totals and the summed histogram
+// (and checks a caller's layout), then zeroes the scratch for the next call.
+__device__ void finishTiles(const LayoutParams& p, const int32_t* rank_totals,
+                            const int32_t* expert_hist, const RankMask& mask, int t) {
+  __shared__ int32_t base[kMaxRanks];
+  __shared__ int32_t totals[kMaxRanks];
+  __shared__ bool s_last;
+  const int tid = threadIdx.x;
+  const int tile = blockIdx.x;
+  const int num_ranks = p.num_ranks;
+  int32_t* hist_out = p.tile_expert_counts + static_cast<int64_t>(tile) * p.num_experts;
+  for (int e = tid; e < p.num_experts; e += kLayoutThreads) hist_out[e] = expert_hist[e];
+  if (tid < num_ranks) {
+    base[tid] = 0;
+    // + 1: zero means "not yet published".
+    atomicExch(&p.tile_counts[tile * num_ranks + tid], rank_totals[tid] + 1);
+  }
+  __syncthreads();
+  const uint64_t start_ns = globalTimerNs();
+  for (int i = tid; i < tile * num_ranks; i += kLayoutThreads) {
+    int32_t v;
+    while ((v = ldVolatileI32(&p.tile_counts[i])) == 0) {
+      if (globalTimerNs() - start_ns > p.peers.timeout_ns) {
+        recordOpFailure(p.peers, FailKind::kTimeout, OpId::kLayout, WaitPhase::kLayoutTiles,
+                        p.peers.rank, 1, 0);
+        v = 1;
+        break;
+      }
+    }
+    atomicAdd(&base[i % num_ranks], v - 1);
+  }
+  __syncthreads();
+  stageThread0(p.peers, kStages, stage::kLookBack);
+  if (t < p.num_tokens) {
+    for (int d = 0; d < num_ranks; ++d) {
+      const int64_t i = static_cast<int64_t>(t) * num_ranks + d;
+      if (mask.test(d)) p.token_slot[i] += base[d];
+      p.is_token_in_rank[i] = mask.test(d);
+    }
+  }
+  // Arrive: this block's histogram and look-back are done.
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    s_last = atomicAdd(p.tiles_done, 1u) == gridDim.x - 1;
+    if (s_last) __threadfence();
+  }
+  __syncthreads();
+  if (!s_last) {
+    stageBlock(p.peers, kStages, stage::kTileEnd);
+    return;
+  }
+  const int tiles = static_cast<int>(gridDim.x);
+  if (tid < num_ranks) {
+    int32_t sum = 0;
+    for (int each = 0; each < tiles; ++each)
+      sum += __ldcg(&p.tile_counts[each * num_ranks + tid]) - 1;
+    totals[tid] = sum;
+    p.rank_counts[tid] = sum;
+  }
+  for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
+    int32_t sum = 0;
+    for (int each = 0; each < tiles; ++each)
+      sum += __ldcg(&p.tile_expert_counts[static_cast<int64_t>(each) * p.num_experts + e]);
+    p.expert_counts[e] = sum;
+  }
+  __syncthreads();  // totals and expert_counts for checkLayoutInput; every tile_counts read
+  if (p.rank_counts_in != nullptr) checkLayoutInput(p, totals);
+  for (int i = tid; i < tiles * num_ranks; i += kLayoutThreads) p.tile_counts[i] = 0;
+  if (tid == 0) *p.tiles_done = 0;
+  stageBlock(p.peers, kStages, stage::kLastBlockEnd);
+}
+
+// One block per tile of kLayoutThreads tokens: masks, slots within the tile (block scans,
 // one per group of 8 ranks), the tile's per-rank totals and expert histogram. With one tile these
-// are final: the block writes the whole layout (and checks a caller's), and there is no pass 2.
+// are final: the block writes the whole layout (and checks a caller's); with more, finishTiles.
 template <typename IdxT>
 __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams p) {
   using BlockScan = cub::BlockScan<RankCounts, kLayoutThreads>;
@@ -151,18 +227,13 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
       }
     }
     if (tid >= first && tid < last) {
-      const int32_t total = static_cast<int32_t>(aggregate.get(tid - first));
-      p.tile_counts[blockIdx.x * p.num_ranks + tid] = total;
-      rank_totals[tid] = total;
+      rank_totals[tid] = static_cast<int32_t>(aggregate.get(tid - first));
     }
   }
   __syncthreads();
   stageThread0(p.peers, kStages, stage::kScanned);
   if (!single_tile) {
-    // Pass 2's last block sums the tiles' histograms.
-    int32_t* hist_out = p.tile_expert_counts + static_cast<int64_t>(blockIdx.x) * p.num_experts;
-    for (int e = tid; e < p.num_experts; e += kLayoutThreads) hist_out[e] = expert_hist[e];
-    stageBlock(p.peers, kStages, stage::kTileEnd);
+    finishTiles(p, rank_totals, expert_hist, mask, t);
     return;
   }
   // One tile: the slots above are final (no earlier tile), so write the rest of the layout.
@@ -177,48 +248,6 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
   stageBlock(p.peers, kStages, stage::kTileEnd);
 }
 
-// Pass 2 (two tiles or more): adds the totals of the earlier tiles to every slot; the last tile's
-// block also writes the per-rank totals and the expert histogram summed over the tiles (and checks
-// a caller's layout against them).
-__global__ void __launch_bounds__(kLayoutThreads) layoutFinalizeKernel(LayoutParams p) {
-  __shared__ int32_t base[kMaxRanks];
-  __shared__ int32_t totals[kMaxRanks];
-  stageThread0(p.peers, kStages, stage::kFinalizeStart);
-  const int tid = threadIdx.x;
-  const int tile = blockIdx.x;
-  const bool last = tile == gridDim.x - 1;
-  if (tid < p.num_ranks) {
-    int32_t sum = 0;
-    for (int earlier = 0; earlier < tile; ++earlier)
-      sum += p.tile_counts[earlier * p.num_ranks + tid];
-    base[tid] = sum;
-    if (last) {
-      totals[tid] = sum + p.tile_counts[tile * p.num_ranks + tid];
-      p.rank_counts[tid] = totals[tid];
-    }
-  }
-  if (last) {
-    for (int e = tid; e < p.num_experts; e += kLayoutThreads) {
-      int32_t sum = 0;
-      for (int each = 0; each < static_cast<int>(gridDim.x); ++each)
-        sum += p.tile_expert_counts[static_cast<int64_t>(each) * p.num_experts + e];
-      p.expert_counts[e] = sum;
-    }
-  }
-  __syncthreads();  // totals, base, and expert_counts for checkLayoutInput
-  if (last && p.rank_counts_in != nullptr) checkLayoutInput(p, totals);
-  const int t = tile * kLayoutThreads + tid;
-  if (t < p.num_tokens) {
-    for (int d = 0; d < p.num_ranks; ++d) {
-      const int64_t i = static_cast<int64_t>(t) * p.num_ranks + d;
-      const int32_t slot = p.token_slot[i];
-      p.token_slot[i] = slot >= 0 ? slot + base[d] : -1;
-      p.is_token_in_rank[i] = slot >= 0;
-    }
-  }
-  stageBlock(p.peers, kStages, stage::kFinalizeEnd);
-}
-
 }  // namespace
 
 void launchLayout(const LayoutParams& params, cudaStream_t stream) {
@@ -229,9 +258,6 @@ void launchLayout(const LayoutParams& params, cudaStream_t stream) {
     layoutTileKernel<int32_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(layoutTileKernel);
-  if (tiles == 1) return;
-  layoutFinalizeKernel<<<tiles, kLayoutThreads, 0, stream>>>(params);
-  EPCOMM_KERNEL_LAUNCH_CHECK(layoutFinalizeKernel);
 }
 
 }  // namespace epcomm::kernels

@@ -103,6 +103,7 @@ enum class WaitPhase : int32_t {
   kLlDispatchPost,  // LL dispatch receive: a source's rows-sent post
   kLlCombinePost,   // LL combine receive: a rank's partials-sent post
   kLlWeightsPost,   // LL combine send: a rank's combine-weights post (weights pushed or not)
+  kLayoutTiles,     // layout: an earlier tile's per-rank totals (this rank's own kernel)
   kCount
 };
 inline constexpr const char* kWaitPhaseNames[] = {"wait",
@@ -114,7 +115,8 @@ inline constexpr const char* kWaitPhaseNames[] = {"wait",
                                                   "done-pulling signal",
                                                   "rows-sent post",
                                                   "partials-sent post",
-                                                  "combine-weights post"};
+                                                  "combine-weights post",
+                                                  "earlier layout tiles"};
 static_assert(std::size(kWaitPhaseNames) == static_cast<size_t>(WaitPhase::kCount),
               "one name per WaitPhase");
 inline const char* waitPhaseName(int phase) {

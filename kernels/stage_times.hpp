@@ -25,7 +25,7 @@ namespace epcomm::kernels {
 
 // The kernels that record stages, one row of kMaxStages slots each.
 enum class StageKernel : int {
-  kLayout = 0,  // layoutTileKernel (+ layoutFinalizeKernel with two tiles or more)
+  kLayout = 0,  // layoutTileKernel
   kHtDispatch,  // htDispatchKernel (rank-major)
   kHtCombine,   // htCombineKernel (rank-major)
   kLlDispatch,  // llDispatchFusedKernel (PerfFlags::ll_fused_dispatch, the default)
@@ -48,12 +48,12 @@ namespace layout_stage {
 enum : int {
   kStart = kStageStart,
   kAllStarted = kStageAllStarted,
-  kHistZeroed,     // block: the shared expert histogram zeroed
-  kRouted,         // block: masks (and the top-k copy) of the tile's tokens
-  kScanned,        // block: the block scans (slots, the tile's totals)
-  kTileEnd,        // block: the tile kernel's last store
-  kFinalizeStart,  // block (two tiles or more): layoutFinalizeKernel entered
-  kFinalizeEnd,    // block: layoutFinalizeKernel's last store
+  kHistZeroed,    // block: the shared expert histogram zeroed
+  kRouted,        // block: masks (and the top-k copy) of the tile's tokens
+  kScanned,       // block: the block scans (slots, the tile's totals)
+  kLookBack,      // block (two tiles or more): the earlier tiles' totals added to the slots
+  kTileEnd,       // block: its last store (with two tiles or more, every block but the last)
+  kLastBlockEnd,  // last block (two tiles or more): totals and histogram summed, scratch zeroed
   kCount
 };
 }  // namespace layout_stage
@@ -139,9 +139,9 @@ struct StageKernelInfo {
 };
 
 namespace stage_names {
-constexpr const char* kLayout[] = {"start",          "all blocks started", "histogram zeroed",
-                                   "masks routed",   "block scans",        "tile kernel end",
-                                   "finalize start", "finalize end"};
+constexpr const char* kLayout[] = {"start",        "all blocks started", "histogram zeroed",
+                                   "masks routed", "block scans",        "earlier tiles added",
+                                   "tile end",     "last block end"};
 constexpr const char* kHtDispatch[] = {"start",
                                        "all blocks started",
                                        "count rows posted",

@@ -98,6 +98,7 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
   const size_t o_tile_experts =
       carve(static_cast<size_t>(kernels::layoutTiles(c.max_tokens_per_rank)) *
             static_cast<size_t>(c.num_experts) * sizeof(int32_t));
+  const size_t o_tiles_done = carve(sizeof(uint32_t));
   const size_t o_matrix = carve(ranks * ranks * sizeof(int32_t));
   const size_t o_num_recv = carve(sizeof(int32_t));
   const size_t o_prefix = carve((ranks + 1) * sizeof(int32_t));
@@ -112,6 +113,7 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
   h->topk_copy = h->memory.as<int32_t>(o_topk);
   h->tile_counts = h->memory.as<int32_t>(o_tiles);
   h->tile_expert_counts = h->memory.as<int32_t>(o_tile_experts);
+  h->tiles_done = h->memory.as<uint32_t>(o_tiles_done);
   h->count_matrix = h->memory.as<int32_t>(o_matrix);
   h->num_recv = h->memory.as<int32_t>(o_num_recv);
   h->recv_rank_prefix = h->memory.as<int32_t>(o_prefix);
@@ -152,6 +154,7 @@ void launchLayoutInto(const BufferCore& b, const TopkView& topk, const DispatchL
   p.topk_copy = h.topk_copy;
   p.tile_counts = h.tile_counts;
   p.tile_expert_counts = h.tile_expert_counts;
+  p.tiles_done = h.tiles_done;
   p.peers = b.peers;
   kernels::launchLayout(p, stream);
   h.num_tokens = num_tokens;

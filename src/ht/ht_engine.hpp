@@ -49,6 +49,7 @@ struct EPCOMM_LOCAL EpHandle::Impl {
   int32_t* topk_copy = nullptr;           // [max_tokens, max_topk]
   int32_t* tile_counts = nullptr;         // layout scratch [layoutTiles(max_tokens), R]
   int32_t* tile_expert_counts = nullptr;  // layout scratch [layoutTiles(max_tokens), E]
+  uint32_t* tiles_done = nullptr;         // layout scratch [1]
   int32_t* count_matrix = nullptr;        // [R, R]
   int32_t* num_recv = nullptr;            // [1]
   int32_t* recv_rank_prefix = nullptr;    // [R + 1]

@@ -180,11 +180,11 @@ void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is
   DeviceArray<int32_t> slot(n * r), rank_counts(r), expert_counts(experts), copy(n * topk),
       tiles(num_tiles * r), tile_experts(num_tiles * static_cast<size_t>(experts));
   DeviceArray<uint8_t> in_rank(n * r);
-  // Every output and scratch poisoned: the layout writes its counts, it never adds to them.
-  for (const auto* a : {&slot, &rank_counts, &expert_counts, &copy, &tiles, &tile_experts})
-    a->poison();
-  mask.poison();
-  in_rank.poison();
+  // The scratch's contract: tile totals and the tile count zero before a call, and again after it
+  // (the kernel zeroes them), so that the next call can use them.
+  DeviceArray<uint32_t> tiles_done(std::vector<uint32_t>(1, 0u));
+  const std::vector<int32_t> zero_tiles(num_tiles * r, 0);
+  tiles.upload(zero_tiles);
 
   kernels::LayoutParams p{};
   p.topk_idx = idx_is_64 ? static_cast<const void*>(idx64.get()) : idx32.get();
@@ -202,6 +202,8 @@ void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is
   p.topk_copy = copy.get();
   p.tile_counts = tiles.get();
   p.tile_expert_counts = tile_experts.get();
+  p.tiles_done = tiles_done.get();
+  p.peers.timeout_ns = uint64_t{10} * 1000 * 1000 * 1000;  // the look-back's deadline
   // The caller's layout: the reference's, so no check of it can fault (a fault would need peers).
   std::vector<uint8_t> given_in_rank(ref.is_token_in_rank.begin(), ref.is_token_in_rank.end());
   DeviceArray<uint8_t> layout_in_rank(std::max<size_t>(given_in_rank.size(), 1));
@@ -213,8 +215,17 @@ void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is
     p.expert_counts_in = layout_experts.get();
   }
   if (source == LayoutSource::kMask) p.topk_idx = nullptr;
-  kernels::launchLayout(p, nullptr);
-  EPCOMM_TEST_CUDA(cudaDeviceSynchronize());
+  // Twice: the second call finds the scratch as the first left it. Every output (and the
+  // per-tile histograms) poisoned before each: the layout writes its counts, never adds to them.
+  for (int call = 0; call < 2; ++call) {
+    for (const auto* a : {&slot, &rank_counts, &expert_counts, &copy, &tile_experts}) a->poison();
+    mask.poison();
+    in_rank.poison();
+    kernels::launchLayout(p, nullptr);
+    EPCOMM_TEST_CUDA(cudaDeviceSynchronize());
+    ASSERT_EQ(tiles.download(num_tiles * r), zero_tiles) << "call " << call;
+    ASSERT_EQ(tiles_done.download(1), std::vector<uint32_t>(1, 0u)) << "call " << call;
+  }
 
   EXPECT_EQ(rank_counts.download(r), ref.tokens_per_rank);
   EXPECT_EQ(expert_counts.download(experts), ref.tokens_per_expert);

@@ -19,6 +19,7 @@
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
 #include "epcomm/epcomm.hpp"
+#include "kernels/protocol.hpp"
 #include "test_hooks.hpp"
 
 namespace epcomm::test {
@@ -499,10 +500,15 @@ void runCase(const HtCase& c) {
     namespace l = kernels::layout_stage;
     namespace d = kernels::ht_dispatch_stage;
     namespace cb = kernels::ht_combine_stage;
+    std::vector<int> layout_stages = {l::kAllStarted, l::kHistZeroed, l::kRouted, l::kScanned,
+                                      l::kTileEnd};
+    // Two tiles or more: the look-back and the last block (the layout of all[me]).
+    if (all[me].num_tokens > kernels::kLayoutThreads) {
+      layout_stages.insert(layout_stages.end(), {l::kLookBack, l::kLastBlockEnd});
+    }
     expectStagesStamped(
         buffer, stream.get(),
-        {{kernels::StageKernel::kLayout,
-          {l::kAllStarted, l::kHistZeroed, l::kRouted, l::kScanned, l::kTileEnd}},
+        {{kernels::StageKernel::kLayout, layout_stages},
          {kernels::StageKernel::kHtDispatch,
           {d::kAllStarted, d::kCountsPosted, d::kCountsWaited, d::kChecked, d::kExpertCounts,
            d::kRowsCopied, d::kArrived, d::kDonePosted, d::kDoneWaited, d::kEnd}},
@@ -518,7 +524,7 @@ TEST(HtDispatchCombine, UniformBf16) {
 
 // EPCOMM_STAGE_TIMES=1 (docs/perf-notes.md, "Stage times"): the layout, dispatch and combine
 // kernels stamp every stage and every result is still exact (with a rank of 0 tokens too, and
-// with 600 tokens, whose layout takes two tiles and the finalize kernel).
+// with 600 tokens, whose layout takes two tiles: the look-back and the last block).
 TEST(HtStageTimes, StampsEveryStageResultsUnchanged) {
   for (int zero_rank : {-1, 0}) {
     HtCase c;
