@@ -147,30 +147,34 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
     const int row = (item - s_first_item[s]) / num_segments;
     const int seg = (item - s_first_item[s]) % num_segments;
     const int32_t* meta = metaOf(p, parity, s, row);
-    const int token = meta[0] & 0xffffff;
-    if (token >= r.max_tokens) continue;  // rejected by dispatch recv already
     const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base + r.slot_of_row) +
                                  (int64_t{s} * r.max_tokens + row) * p.max_topk;
+    // Lane k reads entry k's row and weight (max_topk <= kMaxTopk < 32), and the header, the
+    // slots and the dispatch's weights are independent loads: one memory latency for the three,
+    // before the row loads below (they were a chain of three).
+    const int32_t header = meta[0];
+    int32_t lane_row = lane < p.max_topk ? slot_of_row[lane] : -1;
+    const float dispatch_weight = !s_pushed[s] && lane < p.max_topk
+                                      ? reinterpret_cast<const float*>(meta + 1 + p.max_topk)[lane]
+                                      : 0.f;
+    const int token = header & 0xffffff;
+    if (token >= r.max_tokens) continue;  // rejected by dispatch recv already
     // Combine-time weights (pushed by rank s before its post, which this block acquired), else
     // the dispatch's from the metadata. Pushed ones were written during this kernel: read them
     // through L2 (__ldcg), never from a stale L1 line.
-    const float* weights =
-        s_pushed[s] ? reinterpret_cast<const float*>(ctx.local_base + r.combine_weights[parity]) +
-                          (int64_t{s} * r.max_tokens + token) * p.max_topk
-                    : reinterpret_cast<const float*>(meta + 1 + p.max_topk);
+    float lane_weight = 0.f;
+    if (lane_row >= 0) {
+      lane_weight =
+          s_pushed[s]
+              ? __ldcg(reinterpret_cast<const float*>(ctx.local_base + r.combine_weights[parity]) +
+                       (int64_t{s} * r.max_tokens + token) * p.max_topk + lane)
+              : dispatch_weight;
+    }
     float acc[kRoundsPerSegment][8];
 #pragma unroll
     for (int u = 0; u < kRoundsPerSegment; ++u) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-    }
-    // Lane k reads entry k's row and weight, so the top-k loop below starts its row loads at
-    // once instead of after two dependent global loads per entry (max_topk <= kMaxTopk < 32).
-    int32_t lane_row = -1;
-    float lane_weight = 0.f;
-    if (lane < p.max_topk) {
-      lane_row = slot_of_row[lane];
-      if (lane_row >= 0) lane_weight = s_pushed[s] ? __ldcg(weights + lane) : weights[lane];
     }
     // kTopkBatch entries' rows are loaded before any is summed: one memory latency per batch,
     // not per entry (the sum was a chain of max_topk dependent loads). Same order of additions.
