@@ -14,6 +14,7 @@
 #include "check.hpp"
 #include "core/agreement.hpp"
 #include "core/control_region.hpp"
+#include "core/topology.hpp"
 #include "log_internal.hpp"
 
 namespace epcomm {
@@ -47,6 +48,25 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
   core::requireSameConfig(digests);
   const BufferConfig& c = resolved.config;
   num_local_experts = c.num_experts / num_ranks;
+
+  // 1b. One node (docs/scale-out.md): the buffer is shared over NVLink inside one node. Ranks that
+  //     name different nodes (EPCOMM_HOSTID, or different hosts with a one-host memory mode) fail
+  //     here, every rank alike (one all-gather, the same pure function over the same records),
+  //     saying what to use across nodes. Different hosts with kAuto or kFabric go on: a fabric
+  //     (multi-node NVLink) domain spans hosts. Creation only; no op is affected.
+  {
+    const core::Topology topo = core::discoverTopology(bootstrap, core::localNodeKey());
+    const bool one_host_mode = c.mem_mode == MemMode::kPosixFd || c.mem_mode == MemMode::kCudaIpc;
+    if (topo.num_nodes > 1 && (topo.source == core::NodeKeySource::kEnvHostId || one_host_mode)) {
+      detail::throwError(
+          ErrorCode::kInvalidArgument,
+          "EpBuffer: the ranks span " + topo.describe() +
+              "; an EpBuffer works inside one node (one NVLink domain). Across nodes use "
+              "epcomm::nccl::ScaleOutBuffer (include epcomm/nccl.hpp, link "
+              "epcomm::epcomm_nccl, built when NCCL >= 2.28 is found; docs/scale-out.md)",
+          __FILE__, __LINE__);
+    }
+  }
 
   // 2. This rank's GPU: selectable, able to run our kernels.
   const std::vector<DeviceDigest> devices =
