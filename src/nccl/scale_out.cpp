@@ -48,6 +48,7 @@ struct CallVote {
   int32_t code;
   int32_t flag;        // a per-call boolean the ranks compare (e.g. weights given)
   int32_t has_tokens;  //
+  int32_t shape;       // what must be the same on every rank (a dtype, a top-k)
   char reason[kReasonBytes];
 };
 
@@ -58,11 +59,13 @@ struct CallVote {
 // Collective over the job: runs `check` here, all-gathers every rank's verdict and throws on every
 // rank if any rank rejected (its own error there, kRemote naming it elsewhere). Returns the votes.
 std::vector<CallVote> voteCall(Bootstrap& bootstrap, const std::string& op, int32_t flag,
-                               int32_t has_tokens, const std::function<void()>& check) {
+                               int32_t has_tokens, int32_t shape,
+                               const std::function<void()>& check) {
   CallVote mine;
   std::memset(&mine, 0, sizeof(mine));
   mine.flag = flag;
   mine.has_tokens = has_tokens;
+  mine.shape = shape;
   std::exception_ptr failure;
   try {
     check();
@@ -107,6 +110,17 @@ int jobRanksOnDevice(Bootstrap& bootstrap, int device) {
 
 std::string onRank(int rank) {
   return " (rank " + std::to_string(rank) + ")";
+}
+
+// The votes' shape must be the same on every rank (it sizes the rail rows or the node op's
+// signature): InvalidArgument on every rank otherwise, naming the first rank that differs.
+void requireSameShape(const std::vector<CallVote>& votes, const std::string& what, int me) {
+  for (size_t r = 1; r < votes.size(); ++r) {
+    if (votes[r].shape != votes[0].shape) {
+      reject(what + " differs between ranks: " + std::to_string(votes[0].shape) + " on rank 0, " +
+             std::to_string(votes[r].shape) + " on rank " + std::to_string(r) + onRank(me));
+    }
+  }
 }
 
 // The votes' flag (topk_weights given) among the ranks with tokens: all set (true) or none
@@ -189,7 +203,10 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   s.M = s.topo.num_nodes;
   s.G = s.topo.ranks_per_node;
   const ResolvedConfig resolved = resolveConfig(config, s.R);  // throws alike on every rank
-  s.timeout_s = static_cast<double>(resolved.first_op_timeout_ns) * 1e-9;
+  // Rail creation may wait for slow peers (first op deadline); every exchange has the op deadline
+  // (each call starts with a host vote, so the ranks arrive together).
+  const double create_timeout_s = static_cast<double>(resolved.first_op_timeout_ns) * 1e-9;
+  s.timeout_s = static_cast<double>(resolved.timeout_ns) * 1e-9;
   s.E = config.num_experts;
   s.L = s.E / s.R;
   s.H = config.hidden;
@@ -237,6 +254,7 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   // leave two SMs for NCCL. Explicit budgets are kept.
   int device = config.device;
   if (device == kAuto) EPCOMM_CUDA_CHECK(cudaGetDevice(&device));
+  DeviceGuard guard(device);  // the rails, the staging and the node buffer live on it
   const int sharing = jobRanksOnDevice(bootstrap, device);
   if (sharing > s.G) {
     int sms = 0;
@@ -250,7 +268,7 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   node_config.ll_max_tokens_per_rank = s.M * s.N_ll;
   s.node = std::make_unique<EpBuffer>(*s.node_bootstrap, node_config);
 
-  s.rail = createRailComm(bootstrap, s.topo, s.timeout_s);
+  s.rail = createRailComm(bootstrap, s.topo, create_timeout_s);
   s.exchange = std::make_unique<RailExchange>(s.rail, s.timeout_s);
 
   s.bf16_row = node::rowLayout(s.H, 2, s.max_topk);
@@ -425,35 +443,40 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
   Impl& s = *impl_;
   ScaleOutHandle::Impl& h = *handle.impl_;
   const bool fp8 = args.dtype == DType::kFP8E4M3;
-  voteCall(*s.bootstrap, "dispatch", 0, args.num_tokens > 0, [&] {
-    const std::string me = onRank(s.topo.rank);
-    if (h.owner != this) reject("dispatch: the handle belongs to another ScaleOutBuffer" + me);
-    if (args.num_tokens < 0 || args.num_tokens > s.N) {
-      reject("dispatch: num_tokens " + std::to_string(args.num_tokens) +
-             " outside [0, max_tokens_per_rank " + std::to_string(s.N) + "]" + me);
-    }
-    if (args.layout.num_tokens_per_rank != nullptr || args.layout.is_token_in_rank != nullptr ||
-        args.layout.num_tokens_per_expert != nullptr) {
-      reject("dispatch: DispatchArgs::layout is not supported across nodes yet (route with topk)" +
-             me);
-    }
-    if (args.topk.num_topk < 1 || args.topk.num_topk > s.max_topk) {
-      reject("dispatch: topk.num_topk " + std::to_string(args.topk.num_topk) +
-             " outside [1, max_topk " + std::to_string(s.max_topk) +
-             "] (cached dispatches without top-k are not supported across nodes yet)" + me);
-    }
-    if (args.topk.num_tokens != args.num_tokens) {
-      reject("dispatch: topk.num_tokens " + std::to_string(args.topk.num_tokens) +
-             " != num_tokens " + std::to_string(args.num_tokens) + me);
-    }
-    if (args.num_tokens > 0 && (args.topk.idx == nullptr || args.x == nullptr)) {
-      reject(std::string("dispatch: ") + (args.x == nullptr ? "x" : "topk.idx") +
-             " is null with num_tokens " + std::to_string(args.num_tokens) + me);
-    }
-    if (fp8 && args.num_tokens > 0 && args.x_scales == nullptr) {
-      reject("dispatch: x_scales is null with dtype FP8" + me);
-    }
-  });
+  // dtype and num_topk size the rail rows: the same on every rank (as EpBuffer's signature).
+  const int32_t shape = (fp8 ? 1000 : 0) + args.topk.num_topk;
+  const std::vector<CallVote> votes =
+      voteCall(*s.bootstrap, "dispatch", 0, args.num_tokens > 0, shape, [&] {
+        const std::string me = onRank(s.topo.rank);
+        if (h.owner != this) reject("dispatch: the handle belongs to another ScaleOutBuffer" + me);
+        if (args.num_tokens < 0 || args.num_tokens > s.N) {
+          reject("dispatch: num_tokens " + std::to_string(args.num_tokens) +
+                 " outside [0, max_tokens_per_rank " + std::to_string(s.N) + "]" + me);
+        }
+        if (args.layout.num_tokens_per_rank != nullptr || args.layout.is_token_in_rank != nullptr ||
+            args.layout.num_tokens_per_expert != nullptr) {
+          reject(
+              "dispatch: DispatchArgs::layout is not supported across nodes yet (route with topk)" +
+              me);
+        }
+        if (args.topk.num_topk < 1 || args.topk.num_topk > s.max_topk) {
+          reject("dispatch: topk.num_topk " + std::to_string(args.topk.num_topk) +
+                 " outside [1, max_topk " + std::to_string(s.max_topk) +
+                 "] (cached dispatches without top-k are not supported across nodes yet)" + me);
+        }
+        if (args.topk.num_tokens != args.num_tokens) {
+          reject("dispatch: topk.num_tokens " + std::to_string(args.topk.num_tokens) +
+                 " != num_tokens " + std::to_string(args.num_tokens) + me);
+        }
+        if (args.num_tokens > 0 && (args.topk.idx == nullptr || args.x == nullptr)) {
+          reject(std::string("dispatch: ") + (args.x == nullptr ? "x" : "topk.idx") +
+                 " is null with num_tokens " + std::to_string(args.num_tokens) + me);
+        }
+        if (fp8 && args.num_tokens > 0 && args.x_scales == nullptr) {
+          reject("dispatch: x_scales is null with dtype FP8" + me);
+        }
+      });
+  requireSameShape(votes, "dispatch: dtype * 1000 + topk.num_topk", s.topo.rank);
   h.num_tokens = args.num_tokens;
   h.num_topk = args.topk.num_topk;
   const node::RowLayout row = node::rowLayout(s.H, fp8 ? 1 : 2, s.max_topk);
@@ -485,20 +508,24 @@ void ScaleOutBuffer::combine(const CombineArgs& args, const ScaleOutHandle& hand
                              cudaStream_t stream) {
   Impl& s = *impl_;
   const ScaleOutHandle::Impl& h = *handle.impl_;
-  voteCall(*s.bootstrap, "combine", 0, h.num_tokens > 0, [&] {
-    const std::string me = onRank(s.topo.rank);
-    if (h.owner != this) reject("combine: the handle belongs to another ScaleOutBuffer" + me);
-    if (h.num_tokens < 0) reject("combine: the handle holds no dispatch yet" + me);
-    if (args.recv_topk_weights != nullptr || args.combined_topk_weights != nullptr) {
-      reject(
-          "combine: recv_topk_weights / combined_topk_weights are not supported across nodes "
-          "yet" +
-          me);
-    }
-    if (h.num_tokens > 0 && args.out == nullptr) reject("combine: out is null" + me);
-  });
+  const std::vector<CallVote> votes =
+      voteCall(*s.bootstrap, "combine", args.scale_weights != nullptr, h.num_tokens > 0, 0, [&] {
+        const std::string me = onRank(s.topo.rank);
+        if (h.owner != this) reject("combine: the handle belongs to another ScaleOutBuffer" + me);
+        if (h.num_tokens < 0) reject("combine: the handle holds no dispatch yet" + me);
+        if (args.recv_topk_weights != nullptr || args.combined_topk_weights != nullptr) {
+          reject(
+              "combine: recv_topk_weights / combined_topk_weights are not supported across nodes "
+              "yet" +
+              me);
+        }
+        if (h.num_tokens > 0 && args.out == nullptr) reject("combine: out is null" + me);
+      });
+  // One node-local combine weighs every source's rows alike: scale_weights on every rank with
+  // tokens or on none.
+  const bool ship = weightsOnEveryRankOrNone(votes, "combine (scale_weights)", s.topo.rank);
   const float* node_weights = nullptr;
-  if (args.scale_weights != nullptr) {
+  if (ship) {
     shipWeights(s, args.scale_weights, h.num_tokens, h.num_topk, h.slot.as<int32_t>(),
                 h.send_counts.as<int32_t>(), 0, stream);
     node_weights = s.recv.as<float>();
@@ -539,7 +566,7 @@ LlDispatchResult ScaleOutBuffer::lowLatencyDispatch(const LlDispatchArgs& args, 
   Impl& s = *impl_;
   const bool weights = args.topk_weights != nullptr;
   const std::vector<CallVote> votes =
-      voteCall(*s.bootstrap, "LL dispatch", weights, args.num_tokens > 0, [&] {
+      voteCall(*s.bootstrap, "LL dispatch", weights, args.num_tokens > 0, args.use_fp8, [&] {
         const std::string me = onRank(s.topo.rank);
         if (phase != LlPhase::kBoth) reject("LL dispatch: only LlPhase::kBoth across nodes" + me);
         if (s.N_ll == 0) reject("LL dispatch: ll_max_tokens_per_rank is 0" + me);
@@ -562,6 +589,7 @@ LlDispatchResult ScaleOutBuffer::lowLatencyDispatch(const LlDispatchArgs& args, 
       });
   // Weights at dispatch: every rank with tokens or none (the forwarders' batches mix sources).
   const bool any_weights = weightsOnEveryRankOrNone(votes, "LL dispatch", s.topo.rank);
+  requireSameShape(votes, "LL dispatch: use_fp8", s.topo.rank);
   s.ll_tokens = args.num_tokens;
   s.ll_topk = args.num_tokens > 0 ? args.topk.num_topk : 0;
   const node::RowLayout row = node::rowLayout(s.H, 2, s.max_topk);
@@ -592,7 +620,7 @@ void ScaleOutBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t s
   Impl& s = *impl_;
   const bool weights = args.topk_weights != nullptr;
   const std::vector<CallVote> votes =
-      voteCall(*s.bootstrap, "LL combine", weights, s.ll_tokens > 0, [&] {
+      voteCall(*s.bootstrap, "LL combine", weights, s.ll_tokens > 0, 0, [&] {
         const std::string me = onRank(s.topo.rank);
         if (phase != LlPhase::kBoth) reject("LL combine: only LlPhase::kBoth across nodes" + me);
         if (s.ll_tokens < 0) reject("LL combine: no LL dispatch before it" + me);
