@@ -10,10 +10,15 @@
 // inside the node first (the node-local combine, weighted there), sends one BF16 row per
 // (token, node) back over the rail, and the source sums the node partials in float32.
 //
-// First step of the integration: a separate class, not (yet) EpBuffer itself. Its methods take
-// the same DispatchArgs / CombineArgs / LlDispatchArgs / LlCombineArgs; the differences from
-// EpBuffer are listed per method below. Single-node jobs keep using EpBuffer (a ScaleOutBuffer on
-// one node works too, with one extra NCCL self-copy per op).
+// Two ways to use it, the same code underneath:
+//  - epcomm::nccl::enableScaleOut() once per process, then plain EpBuffer: an EpBuffer whose ranks
+//    span several nodes runs hierarchically (EpBuffer's constructor says when), one node stays
+//    the intranode EpBuffer, unchanged. The same calls and argument structs; EpHandle as usual.
+//  - ScaleOutBuffer directly (any node count; on one node it adds an NCCL self-copy per op).
+// The differences from one node are listed per method of ScaleOutBuffer below; across nodes
+// EpBuffer::barrier / synchronizingBarrier / layout are Unsupported, and device(), memMode(),
+// bytesPerRank(), the peer bases and the scratch are the node-local buffer's. EpHandle's layout
+// views (numTokensPerRank, ...) are null across nodes.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -26,6 +31,12 @@
 #include "epcomm/ops.hpp"
 
 namespace epcomm::nccl {
+
+// Makes every EpBuffer created afterwards in this process whose ranks span several nodes
+// hierarchical (a ScaleOutBuffer underneath). Not collective; call it on every rank before
+// creating the buffers (a rank that did not would fail creation with InvalidArgument while the
+// others go on: the same call on every rank).
+void enableScaleOut();
 
 class ScaleOutBuffer;
 

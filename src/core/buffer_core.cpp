@@ -14,6 +14,7 @@
 #include "check.hpp"
 #include "core/agreement.hpp"
 #include "core/control_region.hpp"
+#include "core/scale_out.hpp"
 #include "core/topology.hpp"
 #include "log_internal.hpp"
 
@@ -49,21 +50,51 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
   const BufferConfig& c = resolved.config;
   num_local_experts = c.num_experts / num_ranks;
 
-  // 1b. One node (docs/scale-out.md): the buffer is shared over NVLink inside one node. Ranks that
-  //     name different nodes (EPCOMM_HOSTID, or different hosts with a one-host memory mode) fail
-  //     here, every rank alike (one all-gather, the same pure function over the same records),
-  //     saying what to use across nodes. Different hosts with kAuto or kFabric go on: a fabric
-  //     (multi-node NVLink) domain spans hosts. Creation only; no op is affected.
+  // 1b. One node, or the scale-out path (core/scale_out.hpp says how it is decided): the buffer
+  //     is shared over NVLink inside one node. Ranks that span several nodes make every rank
+  //     throw alike here (one all-gather, the same pure function over the same records), before
+  //     anything is allocated: SeveralNodes when epcomm_nccl registered its implementation (the
+  //     EpBuffer constructor then creates it), else InvalidArgument saying what to use.
   {
     const core::Topology topo = core::discoverTopology(bootstrap, core::localNodeKey());
     const bool one_host_mode = c.mem_mode == MemMode::kPosixFd || c.mem_mode == MemMode::kCudaIpc;
-    if (topo.num_nodes > 1 && (topo.source == core::NodeKeySource::kEnvHostId || one_host_mode)) {
+    // Whether epcomm_nccl's implementation is registered, on every rank (only with several
+    // nodes, so one node pays no extra all-gather): a mix would split the ranks between two
+    // creation paths, so it fails every rank, naming a rank without.
+    bool scale_out = false;
+    if (topo.num_nodes > 1) {
+      struct Registered {
+        int32_t yes;
+      };
+      const std::vector<Registered> all = agreeOn<Registered>(
+          bootstrap, "checking scale-out", [] { return Registered{core::hasScaleOutFactory()}; });
+      bool any = false;
+      int without = -1;
+      for (size_t r = 0; r < all.size(); ++r) {
+        any = any || all[r].yes != 0;
+        if (!all[r].yes && without < 0) without = static_cast<int>(r);
+      }
+      if (any && without >= 0) {
+        detail::throwError(ErrorCode::kInvalidArgument,
+                           "EpBuffer across nodes: epcomm::nccl::enableScaleOut() was called on "
+                           "some ranks but not on rank " +
+                               std::to_string(without) + "; call it on every rank",
+                           __FILE__, __LINE__);
+      }
+      scale_out = any;
+    }
+    const bool several =
+        topo.num_nodes > 1 && (topo.source == core::NodeKeySource::kEnvHostId || one_host_mode ||
+                               (scale_out && c.mem_mode == MemMode::kAuto));
+    if (several && scale_out) throw core::SeveralNodes(topo.describe());
+    if (several) {
       detail::throwError(
           ErrorCode::kInvalidArgument,
           "EpBuffer: the ranks span " + topo.describe() +
-              "; an EpBuffer works inside one node (one NVLink domain). Across nodes use "
-              "epcomm::nccl::ScaleOutBuffer (include epcomm/nccl.hpp, link "
-              "epcomm::epcomm_nccl, built when NCCL >= 2.28 is found; docs/scale-out.md)",
+              "; this EpBuffer works inside one node (one NVLink domain). Across nodes, link "
+              "epcomm::epcomm_nccl (built when NCCL >= 2.28 is found) and call "
+              "epcomm::nccl::enableScaleOut() before creating the EpBuffer, or use "
+              "epcomm::nccl::ScaleOutBuffer (include epcomm/nccl.hpp; docs/scale-out.md)",
           __FILE__, __LINE__);
     }
   }

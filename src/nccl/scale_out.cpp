@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "core/scale_out.hpp"
 #include "core/topology.hpp"
 #include "cuda_resources.hpp"
 #include "epcomm/error.hpp"
@@ -659,6 +660,52 @@ void ScaleOutBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t s
 void ScaleOutBuffer::sync(cudaStream_t stream) {
   impl_->node->sync(stream);
   impl_->exchange->wait(stream);
+}
+
+// --- EpBuffer across nodes (core/scale_out.hpp) --------------------------------------------------
+
+namespace {
+
+// What EpBuffer delegates to when its ranks span several nodes: a ScaleOutBuffer.
+class ScaleOutAdapter final : public core::ScaleOutOps {
+ public:
+  ScaleOutAdapter(Bootstrap& bootstrap, const BufferConfig& config)
+      : buffer_(bootstrap, config), resolved_(resolveConfig(config, buffer_.numRanks())) {}
+
+  int rank() const override { return buffer_.rank(); }
+  int numRanks() const override { return buffer_.numRanks(); }
+  int numLocalExperts() const override { return buffer_.numLocalExperts(); }
+  const ResolvedConfig& config() const override { return resolved_; }
+  EpBuffer& nodeBuffer() override { return buffer_.nodeBuffer(); }
+  std::shared_ptr<void> createHandle() const override {
+    return std::make_shared<ScaleOutHandle>(buffer_.createHandle());
+  }
+  DispatchResult dispatch(const DispatchArgs& args, void* handle, cudaStream_t stream) override {
+    return buffer_.dispatch(args, *static_cast<ScaleOutHandle*>(handle), stream);
+  }
+  void combine(const CombineArgs& args, const void* handle, cudaStream_t stream) override {
+    buffer_.combine(args, *static_cast<const ScaleOutHandle*>(handle), stream);
+  }
+  LlDispatchResult lowLatencyDispatch(const LlDispatchArgs& args, cudaStream_t stream,
+                                      LlPhase phase) override {
+    return buffer_.lowLatencyDispatch(args, stream, phase);
+  }
+  void lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase) override {
+    buffer_.lowLatencyCombine(args, stream, phase);
+  }
+  void sync(cudaStream_t stream) override { buffer_.sync(stream); }
+
+ private:
+  ScaleOutBuffer buffer_;
+  ResolvedConfig resolved_;
+};
+
+}  // namespace
+
+void enableScaleOut() {
+  core::setScaleOutFactory([](Bootstrap& bootstrap, const BufferConfig& config) {
+    return std::unique_ptr<core::ScaleOutOps>(new ScaleOutAdapter(bootstrap, config));
+  });
 }
 
 }  // namespace epcomm::nccl

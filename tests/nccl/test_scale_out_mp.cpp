@@ -110,8 +110,10 @@ struct HtOptions {
 
 // HT: dispatch (poisoned views), check every row against referenceHtDispatch by origin, then
 // combine weighted and unweighted (with bias) into poisoned outputs.
-void runHt(int me, int R, nccl::ScaleOutBuffer& buffer, const std::vector<RankInputs>& all,
-           const HtOptions& o, cudaStream_t stream) {
+// Buffer: nccl::ScaleOutBuffer, or EpBuffer (hierarchical across nodes after enableScaleOut()).
+template <typename Buffer>
+void runHt(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, const HtOptions& o,
+           cudaStream_t stream) {
   const int L = kExperts / R;
   const RankInputs& in = all[me];
   const size_t N = size_t(in.num_tokens);
@@ -142,7 +144,7 @@ void runHt(int me, int R, nccl::ScaleOutBuffer& buffer, const std::vector<RankIn
     a.topk_weights = weights.get();
     return a;
   };
-  nccl::ScaleOutHandle handle = buffer.createHandle();
+  auto handle = buffer.createHandle();
 
   // BF16 first: its rows name their origin. The views are fixed, so poison them and dispatch again.
   DispatchResult r = buffer.dispatch(argsOf(DType::kBF16), handle, stream);
@@ -283,8 +285,9 @@ void runHt(int me, int R, nccl::ScaleOutBuffer& buffer, const std::vector<RankIn
 // LL: dispatch (BF16 rows checked per local expert against referenceLlDispatch by origin, FP8
 // rows as a multiset against referenceFp8Cast of the source rows), then combine with the
 // dispatch's weights and with combine-time weights, into poisoned outputs.
-void runLl(int me, int R, nccl::ScaleOutBuffer& buffer, const std::vector<RankInputs>& all,
-           bool fp8, cudaStream_t stream) {
+template <typename Buffer>
+void runLl(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, bool fp8,
+           cudaStream_t stream) {
   const int L = kExperts / R;
   const RankInputs& in = all[me];
   const size_t N = size_t(in.num_tokens);
@@ -435,6 +438,21 @@ TEST_F(ScaleOut, LlBf16) {
 TEST_F(ScaleOut, LlFp8ZeroTokenRank) {
   nccl::ScaleOutBuffer buffer(bootstrap(), config());
   runLl(rank(), size(), buffer, problem(kLlMaxTokens, 14, 0), true, stream());
+}
+
+// The same through plain EpBuffer after enableScaleOut(): hierarchical across nodes, the
+// intranode EpBuffer on one node (np2), with the same checks.
+TEST_F(ScaleOut, EpBufferHtAndLl) {
+  nccl::enableScaleOut();
+  EpBuffer buffer(bootstrap(), config());
+  EXPECT_EQ(buffer.numRanks(), size());
+  EXPECT_EQ(buffer.rank(), rank());
+  EXPECT_EQ(buffer.numLocalExperts(), kExperts / size());
+  HtOptions o;
+  o.dtype = DType::kFP8E4M3;
+  runHt(rank(), size(), buffer, problem(kMaxTokens, 21), o, stream());
+  runLl(rank(), size(), buffer, problem(kLlMaxTokens, 22), false, stream());
+  runLl(rank(), size(), buffer, problem(kLlMaxTokens, 23), true, stream());
 }
 
 // Bad input is rejected on every rank: the rank that passed it with InvalidArgument naming the
