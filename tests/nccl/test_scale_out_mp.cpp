@@ -27,6 +27,7 @@
 #include "common/test_data.hpp"
 #include "epcomm/error.hpp"
 #include "epcomm/nccl.hpp"
+#include "util/cuda_resources.hpp"
 
 namespace epcomm {
 namespace {
@@ -438,6 +439,75 @@ TEST_F(ScaleOut, LlBf16) {
 TEST_F(ScaleOut, LlFp8ZeroTokenRank) {
   nccl::ScaleOutBuffer buffer(bootstrap(), config());
   runLl(rank(), size(), buffer, problem(kLlMaxTokens, 14, 0), true, stream());
+}
+
+// LL dispatch + combine captured once in a CUDA graph (worst-case rail exchanges: no host sync)
+// and replayed with new tokens, routing and weights of the same counts; the expert is the
+// identity (combine reads the dispatch's recv_x), so out = sum over the token's experts of
+// weight * x, with the partial roundings of referenceLlCombine and one more per node.
+TEST_F(ScaleOut, LlCudaGraphReplays) {
+  nccl::ScaleOutBuffer buffer(bootstrap(), config());
+  util::OwnedStream graph_stream = util::OwnedStream::create(cudaStreamNonBlocking);
+  cudaStream_t gs = graph_stream.get();
+  const std::vector<std::vector<RankInputs>> problems = {
+      problem(kLlMaxTokens, 41), problem(kLlMaxTokens, 42), problem(kLlMaxTokens, 43)};
+  const RankInputs& first = problems[0][size_t(rank())];
+  const size_t N = size_t(first.num_tokens);
+  DeviceArray<uint16_t> x(std::max<size_t>(N * kHidden, 8));
+  DeviceArray<int64_t> idx(std::max<size_t>(N * kTopk, 1));
+  DeviceArray<float> weights(std::max<size_t>(N * kTopk, 1));
+  DeviceArray<uint16_t> out(std::max<size_t>(N * kHidden, 8));
+  auto upload = [&](const RankInputs& in) {
+    ASSERT_EQ(size_t(in.num_tokens), N);
+    x.upload(in.x_bf16);
+    idx.upload(in.topk_idx);
+    weights.upload(in.topk_weights);
+    out.poison();
+    EPCOMM_TEST_CUDA(cudaDeviceSynchronize());  // gs is non-blocking: order it after the copies
+  };
+  LlDispatchArgs a;
+  a.x = x.get();
+  a.num_tokens = int(N);
+  a.topk.idx = idx.get();
+  a.topk.idx_type = IndexType::kInt64;
+  a.topk.num_tokens = int(N);
+  a.topk.num_topk = kTopk;
+  a.topk_weights = weights.get();
+  auto body = [&] {
+    const LlDispatchResult r = buffer.lowLatencyDispatch(a, gs);
+    LlCombineArgs c;
+    c.x = r.recv_x;
+    c.out = out.get();
+    buffer.lowLatencyCombine(c, gs);
+  };
+  upload(first);
+  body();  // eager first: the rails connect outside the capture
+  buffer.sync(gs);
+  util::GraphExec graph = util::captureGraph(gs, body);
+  for (size_t p = 0; p < problems.size() && !HasFailure(); ++p) {
+    const std::vector<RankInputs>& all = problems[(p + 1) % problems.size()];
+    upload(all[size_t(rank())]);
+    graph.launch(gs);
+    buffer.sync(gs);
+    const test::ExpertOutputFn identity = [&all](int, int s, int tok, int c) {
+      return test::bf16ToFloat(all[size_t(s)].x_bf16[size_t(tok) * kHidden + c]);
+    };
+    const std::vector<float> ref =
+        test::referenceLlCombine(all, rank(), kExperts, kTopk, identity, kHidden);
+    const RankInputs& in = all[size_t(rank())];
+    std::vector<double> expected(ref.begin(), ref.end()), bound(N * kHidden, 0.0);
+    for (size_t tok = 0; tok < N; ++tok) {
+      for (int k = 0; k < kTopk; ++k) {
+        if (test::effectiveExpert(&in.topk_idx[tok * kTopk], k) < 0) continue;
+        for (int col = 0; col < kHidden; ++col) {
+          bound[tok * kHidden + col] +=
+              std::fabs(in.topk_weights[tok * kTopk + k] * identity(0, rank(), int(tok), col));
+        }
+      }
+    }
+    EXPECT_TRUE(compareWithBound(out.download(N * kHidden), expected, bound, kHidden))
+        << "rank " << rank() << " replay " << p;
+  }
 }
 
 // The same through plain EpBuffer after enableScaleOut(): hierarchical across nodes, the
