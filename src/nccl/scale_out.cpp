@@ -189,6 +189,7 @@ struct ScaleOutBuffer::Impl {
   DeviceMemory ll_slot, ll_send_counts, ll_batch_counts;
   int ll_tokens = -1;
   int ll_topk = 0;
+  bool ll_dispatched = false;  // an LL dispatch waits for its combine (they alternate)
 
   const int32_t* nodeOf() const { return maps.as<int32_t>(); }
   const int32_t* localOf() const { return maps.as<int32_t>(sizeof(int32_t) * R); }
@@ -570,6 +571,12 @@ LlDispatchResult ScaleOutBuffer::lowLatencyDispatch(const LlDispatchArgs& args, 
       voteCall(*s.bootstrap, "LL dispatch", weights, args.num_tokens > 0, args.use_fp8, [&] {
         const std::string me = onRank(s.topo.rank);
         if (phase != LlPhase::kBoth) reject("LL dispatch: only LlPhase::kBoth across nodes" + me);
+        if (s.ll_dispatched) {
+          reject(
+              "LL dispatch: the previous LL dispatch has no combine yet (dispatch and combine "
+              "must alternate)" +
+              me);
+        }
         if (s.N_ll == 0) reject("LL dispatch: ll_max_tokens_per_rank is 0" + me);
         if (args.num_tokens < 0 || args.num_tokens > s.N_ll) {
           reject("LL dispatch: num_tokens " + std::to_string(args.num_tokens) +
@@ -591,6 +598,7 @@ LlDispatchResult ScaleOutBuffer::lowLatencyDispatch(const LlDispatchArgs& args, 
   // Weights at dispatch: every rank with tokens or none (the forwarders' batches mix sources).
   const bool any_weights = weightsOnEveryRankOrNone(votes, "LL dispatch", s.topo.rank);
   requireSameShape(votes, "LL dispatch: use_fp8", s.topo.rank);
+  s.ll_dispatched = true;
   s.ll_tokens = args.num_tokens;
   s.ll_topk = args.num_tokens > 0 ? args.topk.num_topk : 0;
   const node::RowLayout row = node::rowLayout(s.H, 2, s.max_topk);
@@ -624,10 +632,13 @@ void ScaleOutBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t s
       voteCall(*s.bootstrap, "LL combine", weights, s.ll_tokens > 0, 0, [&] {
         const std::string me = onRank(s.topo.rank);
         if (phase != LlPhase::kBoth) reject("LL combine: only LlPhase::kBoth across nodes" + me);
-        if (s.ll_tokens < 0) reject("LL combine: no LL dispatch before it" + me);
+        if (!s.ll_dispatched) {
+          reject("LL combine: no LL dispatch before it (dispatch and combine must alternate)" + me);
+        }
         if (s.ll_tokens > 0 && args.out == nullptr) reject("LL combine: out is null" + me);
       });
   const bool ship = weightsOnEveryRankOrNone(votes, "LL combine", s.topo.rank);
+  s.ll_dispatched = false;
   const float* node_weights = nullptr;
   if (ship) {
     // A rank without tokens ships nothing; its rows are all empty (slots -1).

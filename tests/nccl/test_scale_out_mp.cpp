@@ -310,6 +310,18 @@ void runLl(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, bo
   LlDispatchResult r = buffer.lowLatencyDispatch(a, stream);
   buffer.sync(stream);
   const size_t per = size_t(r.rows_per_expert);
+  // Dispatch and combine alternate: a round that is not checked ends with a combine of zeros.
+  DeviceArray<uint16_t> zeros(size_t(L) * per * kHidden);
+  EPCOMM_TEST_CUDA(cudaMemset(zeros.get(), 0, zeros.size() * 2));
+  DeviceArray<uint16_t> unchecked_out(std::max<size_t>(N * kHidden, 8));
+  auto closeRound = [&] {
+    LlCombineArgs c;
+    c.x = zeros.get();
+    c.out = unchecked_out.get();
+    buffer.lowLatencyCombine(c, stream);
+    buffer.sync(stream);
+  };
+  closeRound();
   test::poisonDevice(const_cast<void*>(r.recv_x), size_t(L) * per * kHidden * (fp8 ? 1 : 2),
                      stream);
   r = buffer.lowLatencyDispatch(a, stream);
@@ -318,7 +330,6 @@ void runLl(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, bo
   const test::LlDispatchRef ref = test::referenceLlDispatch(all, me, kExperts, kTopk);
   const std::vector<int32_t> counts =
       DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, size_t(L));
-  std::vector<uint16_t> y(size_t(L) * per * kHidden, 0);
   for (int e = 0; e < L; ++e) {
     const test::LlExpertRows& want = ref.per_local_expert[size_t(e)];
     ASSERT_EQ(counts[size_t(e)], int(want.src_rank.size())) << "rank " << me << " expert " << e;
@@ -339,10 +350,6 @@ void runLl(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, bo
         EXPECT_TRUE(test::compareBf16Exact(row, &all[s].x_bf16[size_t(tok) * kHidden], 1, kHidden))
             << "rank " << me << " expert " << e << " row " << i;
         got.push_back({s, tok});
-        for (int c = 0; c < kHidden; ++c) {
-          y[(size_t(e) * per + i) * kHidden + c] =
-              test::expertOutputValue(kSeed, me * L + e, s, tok, c);
-        }
       }
       std::sort(got.begin(), got.end());
       EXPECT_EQ(got, expected) << "rank " << me << " expert " << e << ": the rows' origins";
@@ -373,10 +380,34 @@ void runLl(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, bo
           << "rank " << me << " expert " << e << ": FP8 rows differ from the cast source rows";
     }
   }
-  if (fp8) return;  // combine takes BF16 outputs; the BF16 run checks it
+  if (fp8) {  // combine takes BF16 outputs; the BF16 run checks it
+    closeRound();
+    return;
+  }
 
+  // Expert outputs in the layout of `rr` (its row order is its own): local expert e's output for
+  // the row from (s, tok) is expertOutputValue(seed, global expert, s, tok, col).
+  std::vector<uint16_t> y(size_t(L) * per * kHidden, 0);
+  auto fillOutputs = [&](const LlDispatchResult& rr) {
+    std::fill(y.begin(), y.end(), uint16_t{0});
+    const std::vector<int32_t> n =
+        DeviceArray<int32_t>::downloadFrom(rr.num_recv_tokens_per_expert, size_t(L));
+    for (int e = 0; e < L; ++e) {
+      const std::vector<uint16_t> gx = DeviceArray<uint16_t>::downloadFrom(
+          static_cast<const uint16_t*>(rr.recv_x) + size_t(e) * per * kHidden,
+          size_t(n[size_t(e)]) * kHidden);
+      for (int i = 0; i < n[size_t(e)]; ++i) {
+        int s = -1, tok = -1;
+        ASSERT_TRUE(test::decodeRowOrigin(&gx[size_t(i) * kHidden], &s, &tok));
+        for (int c = 0; c < kHidden; ++c) {
+          y[(size_t(e) * per + i) * kHidden + c] =
+              test::expertOutputValue(kSeed, me * L + e, s, tok, c);
+        }
+      }
+    }
+  };
+  fillOutputs(r);
   DeviceArray<uint16_t> yd(y.size());
-  yd.upload(y);
   const test::ExpertOutputFn expert_output = [](int e, int s, int tok, int c) {
     return test::bf16ToFloat(test::expertOutputValue(kSeed, e, s, tok, c));
   };
@@ -385,6 +416,12 @@ void runLl(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, bo
   DeviceArray<float> combine_wd(std::max<size_t>(combine_w.size(), 1));
   combine_wd.upload(combine_w);
   for (int at_combine = 0; at_combine < 2; ++at_combine) {
+    if (at_combine) {  // a new round: dispatch again (rows may come in another order)
+      r = buffer.lowLatencyDispatch(a, stream);
+      buffer.sync(stream);
+      fillOutputs(r);
+    }
+    yd.upload(y);
     DeviceArray<uint16_t> out(std::max<size_t>(N * kHidden, 8));
     out.poison();
     LlCombineArgs c;
