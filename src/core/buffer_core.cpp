@@ -38,8 +38,10 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
 
   // 1. The configuration, checked locally and then across ranks before anything else happens,
   //    so a bad field on one rank fails every rank at once (not at the bootstrap deadline).
+  core::NodeKey node_key;  // step 1b; read here so that a bad EPCOMM_HOSTID fails every rank
   const std::vector<ConfigDigest> digests =
       agreeOn<ConfigDigest>(bootstrap, "checking its BufferConfig", [&]() {
+        node_key = core::localNodeKey();
         resolved = resolveConfig(config, num_ranks);
         perf = perfFlagsFromEnv();
         stage_times_on = stageTimesFromEnv();
@@ -56,8 +58,17 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
   //     anything is allocated: SeveralNodes when epcomm_nccl registered its implementation (the
   //     EpBuffer constructor then creates it), else InvalidArgument saying what to use.
   {
-    const core::Topology topo = core::discoverTopology(bootstrap, core::localNodeKey());
     const bool one_host_mode = c.mem_mode == MemMode::kPosixFd || c.mem_mode == MemMode::kCudaIpc;
+    // The topology is the same on every rank, or the same InvalidArgument (uneven nodes, mixed key
+    // sources). Such a job cannot be hierarchical; with a one-host memory mode it is an error, with
+    // auto or fabric it goes on as one buffer, as before (e.g. an uneven multi-node NVLink domain).
+    core::Topology topo;
+    try {
+      topo = core::discoverTopology(bootstrap, node_key);
+    } catch (const InvalidArgument&) {
+      if (one_host_mode) throw;
+      topo.num_nodes = 1;
+    }
     // Whether epcomm_nccl's implementation is registered, on every rank (only with several
     // nodes, so one node pays no extra all-gather): a mix would split the ranks between two
     // creation paths, so it fails every rank, naming a rank without.
