@@ -174,6 +174,7 @@ struct ScaleOutBuffer::Impl {
   Bootstrap* bootstrap = nullptr;
   BufferConfig config;
   double timeout_s = 0;
+  int device = 0;  // every op runs with it current (as EpBuffer's ops do)
   core::Topology topo;
   int R = 1, M = 1, G = 1, E = 1, L = 1, H = 0, max_topk = 0, N = 0, N_ll = 0;
   int64_t stage_rows = 0;
@@ -257,6 +258,7 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   int device = config.device;
   if (device == kAuto) EPCOMM_CUDA_CHECK(cudaGetDevice(&device));
   DeviceGuard guard(device);  // the rails, the staging and the node buffer live on it
+  s.device = device;
   const int sharing = jobRanksOnDevice(bootstrap, device);
   if (sharing > s.G) {
     int sms = 0;
@@ -443,6 +445,7 @@ void shipWeights(ScaleOutBuffer::Impl& s, const float* weights, int num_tokens, 
 DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle& handle,
                                         cudaStream_t stream) {
   Impl& s = *impl_;
+  DeviceGuard guard(s.device);
   ScaleOutHandle::Impl& h = *handle.impl_;
   const bool fp8 = args.dtype == DType::kFP8E4M3;
   // dtype and num_topk size the rail rows: the same on every rank (as EpBuffer's signature).
@@ -509,6 +512,7 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
 void ScaleOutBuffer::combine(const CombineArgs& args, const ScaleOutHandle& handle,
                              cudaStream_t stream) {
   Impl& s = *impl_;
+  DeviceGuard guard(s.device);
   const ScaleOutHandle::Impl& h = *handle.impl_;
   const std::vector<CallVote> votes =
       voteCall(*s.bootstrap, "combine", args.scale_weights != nullptr, h.num_tokens > 0, 0, [&] {
@@ -566,6 +570,7 @@ void ScaleOutBuffer::combine(const CombineArgs& args, const ScaleOutHandle& hand
 LlDispatchResult ScaleOutBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaStream_t stream,
                                                     LlPhase phase) {
   Impl& s = *impl_;
+  DeviceGuard guard(s.device);
   const bool weights = args.topk_weights != nullptr;
   const std::vector<CallVote> votes =
       voteCall(*s.bootstrap, "LL dispatch", weights, args.num_tokens > 0, args.use_fp8, [&] {
@@ -627,6 +632,7 @@ LlDispatchResult ScaleOutBuffer::lowLatencyDispatch(const LlDispatchArgs& args, 
 void ScaleOutBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream,
                                        LlPhase phase) {
   Impl& s = *impl_;
+  DeviceGuard guard(s.device);
   const bool weights = args.topk_weights != nullptr;
   const std::vector<CallVote> votes =
       voteCall(*s.bootstrap, "LL combine", weights, s.ll_tokens > 0, 0, [&] {
@@ -669,6 +675,7 @@ void ScaleOutBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t s
 }
 
 void ScaleOutBuffer::sync(cudaStream_t stream) {
+  DeviceGuard guard(impl_->device);
   impl_->node->sync(stream);
   impl_->exchange->wait(stream);
 }
