@@ -24,6 +24,7 @@
 #endif
 
 namespace epcomm::bench {
+#if EPCOMM_BENCH_HAVE_SCALE_OUT
 namespace {
 
 // (token, node other than this rank's) pairs of one routing.
@@ -44,6 +45,30 @@ int64_t remoteNodeRows(const Routing& r, int topk, int experts_per_rank, const c
   }
   return rows;
 }
+
+// One case's inputs on this rank: routing, BF16 rows (random), top-k ids and weights, and an
+// output buffer; `salt` keeps the HT and LL draws apart.
+struct CaseInputs {
+  Routing routing;
+  DeviceMemory x, out, idx, weights;
+  TopkView topk;
+
+  CaseInputs(const Options& o, const Ranks& ranks, int tokens, uint64_t salt, cudaStream_t stream) {
+    const Workload work{o.topk, o.experts, o.skew, o.seed};
+    const uint64_t me = static_cast<uint64_t>(ranks.rank);
+    routing = makeRouting(work, ranks.size, tokens, seedFor(o.seed, {me, 16, salt}));
+    const size_t elements = static_cast<size_t>(tokens) * static_cast<size_t>(o.hidden);
+    x = DeviceMemory(std::max<size_t>(elements * 2, 16));
+    out = DeviceMemory(std::max<size_t>(elements * 2, 16));
+    fillRandomBf16(x.get(), elements, seedFor(o.seed, {me, 16, salt + 1}), stream);
+    idx = upload(routing.idx);
+    weights = upload(routing.weights);
+    topk.idx = idx.get();
+    topk.idx_type = IndexType::kInt64;
+    topk.num_tokens = tokens;
+    topk.num_topk = o.topk;
+  }
+};
 
 struct ScaleOutRow {
   std::string op;
@@ -72,6 +97,7 @@ void printRows(const std::vector<ScaleOutRow>& rows, const core::Topology& t, co
 }
 
 }  // namespace
+#endif
 
 int runScaleOutRows(const Options& o, const Ranks& ranks, Bootstrap& bootstrap,
                     const Machine& machine, const core::Topology& topology) {
@@ -101,7 +127,6 @@ int runScaleOutRows(const Options& o, const Ranks& ranks, Bootstrap& bootstrap,
   const OwnedStream stream = OwnedStream::create();
   const cudaStream_t s = stream.get();
   const Iterations loop{o.warmup, o.iters};
-  const Workload work{o.topk, o.experts, o.skew, o.seed};
   const int experts_per_rank = o.experts / ranks.size;
   const node::RowLayout row = node::rowLayout(o.hidden, 2, o.topk);
   std::vector<ScaleOutRow> rows;
@@ -117,28 +142,17 @@ int runScaleOutRows(const Options& o, const Ranks& ranks, Bootstrap& bootstrap,
 
   {  // HT
     progress(ranks, "HT across nodes, tokens=" + std::to_string(o.tokens));
-    const Routing r = makeRouting(work, ranks.size, o.tokens,
-                                  seedFor(o.seed, {static_cast<uint64_t>(ranks.rank), 16, 1}));
-    const size_t elements = static_cast<size_t>(o.tokens) * static_cast<size_t>(o.hidden);
-    DeviceMemory x(std::max<size_t>(elements * 2, 16));
-    DeviceMemory out(std::max<size_t>(elements * 2, 16));
-    fillRandomBf16(x.get(), elements, seedFor(o.seed, {static_cast<uint64_t>(ranks.rank), 16, 2}),
-                   s);
-    const DeviceMemory idx = upload(r.idx);
-    const DeviceMemory weights = upload(r.weights);
+    const CaseInputs in(o, ranks, o.tokens, 1, s);
     DispatchArgs a;
-    a.x = x.get();
+    a.x = in.x.get();
     a.num_tokens = o.tokens;
-    a.topk.idx = idx.get();
-    a.topk.idx_type = IndexType::kInt64;
-    a.topk.num_tokens = o.tokens;
-    a.topk.num_topk = o.topk;
-    a.topk_weights = weights.as<float>();
+    a.topk = in.topk;
+    a.topk_weights = in.weights.as<float>();
     EpHandle handle = buffer.createHandle();
     const DispatchResult res = buffer.dispatch(a, handle, s);
     CombineArgs c;
     c.x = res.combine_input;  // the received rows as expert outputs: zero-copy
-    c.out = out.get();
+    c.out = in.out.get();
     TimedLoop timed(loop, s, 2);
     timed.run(buffer, [&](int) {
       timed.start(0);
@@ -148,28 +162,17 @@ int runScaleOutRows(const Options& o, const Ranks& ranks, Bootstrap& bootstrap,
       buffer.combine(c, handle, s);
       timed.stop(1);
     });
-    addPair("HT", o.tokens, timed, remoteNodeRows(r, o.topk, experts_per_rank, topology),
+    addPair("HT", o.tokens, timed, remoteNodeRows(in.routing, o.topk, experts_per_rank, topology),
             static_cast<double>(row.row_bytes));
   }
   if (o.ll) {
     progress(ranks, "LL across nodes, tokens=" + std::to_string(o.ll_tokens));
-    const Routing r = makeRouting(work, ranks.size, o.ll_tokens,
-                                  seedFor(o.seed, {static_cast<uint64_t>(ranks.rank), 16, 3}));
-    const size_t elements = static_cast<size_t>(o.ll_tokens) * static_cast<size_t>(o.hidden);
-    DeviceMemory x(std::max<size_t>(elements * 2, 16));
-    DeviceMemory out(std::max<size_t>(elements * 2, 16));
-    fillRandomBf16(x.get(), elements, seedFor(o.seed, {static_cast<uint64_t>(ranks.rank), 16, 4}),
-                   s);
-    const DeviceMemory idx = upload(r.idx);
-    const DeviceMemory weights = upload(r.weights);
+    const CaseInputs in(o, ranks, o.ll_tokens, 3, s);
     LlDispatchArgs a;
-    a.x = x.get();
+    a.x = in.x.get();
     a.num_tokens = o.ll_tokens;
-    a.topk.idx = idx.get();
-    a.topk.idx_type = IndexType::kInt64;
-    a.topk.num_tokens = o.ll_tokens;
-    a.topk.num_topk = o.topk;
-    a.topk_weights = weights.as<float>();
+    a.topk = in.topk;
+    a.topk_weights = in.weights.as<float>();
     TimedLoop timed(loop, s, 2);
     timed.run(buffer, [&](int) {
       timed.start(0);
@@ -177,13 +180,14 @@ int runScaleOutRows(const Options& o, const Ranks& ranks, Bootstrap& bootstrap,
       timed.stop(0);
       LlCombineArgs c;
       c.x = res.recv_x;  // the received rows as expert outputs
-      c.out = out.get();
+      c.out = in.out.get();
       timed.start(1);
       buffer.lowLatencyCombine(c, s);
       timed.stop(1);
     });
     // LL rows carry the same bucket row (top-k padded to max_topk == --topk here).
-    addPair("LL", o.ll_tokens, timed, remoteNodeRows(r, o.topk, experts_per_rank, topology),
+    addPair("LL", o.ll_tokens, timed,
+            remoteNodeRows(in.routing, o.topk, experts_per_rank, topology),
             static_cast<double>(row.row_bytes));
   }
   if (ranks.root()) printRows(rows, topology, o);
