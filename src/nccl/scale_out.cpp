@@ -205,7 +205,33 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   s.R = s.topo.size;
   s.M = s.topo.num_nodes;
   s.G = s.topo.ranks_per_node;
-  const ResolvedConfig resolved = resolveConfig(config, s.R);  // throws alike on every rank
+  // The config, checked on every rank and compared across the job (the node buffers compare it
+  // inside each node only; the rail rows are sized by it): bad or different values fail every
+  // rank, naming the field and the ranks.
+  ResolvedConfig resolved;
+  voteCall(bootstrap, "creation (BufferConfig)", 0, 0, 0,
+           [&] { resolved = resolveConfig(config, s.R); });
+  {
+    constexpr int kFields = 5;
+    constexpr const char* kNames[kFields] = {"hidden", "num_experts", "max_topk",
+                                             "max_tokens_per_rank", "ll_max_tokens_per_rank"};
+    struct Shape {
+      int32_t v[kFields];
+    };
+    const Shape mine{{config.hidden, config.num_experts, config.max_topk,
+                      config.max_tokens_per_rank, config.ll_max_tokens_per_rank}};
+    std::vector<Shape> all(static_cast<size_t>(s.R));
+    bootstrap.allGather(&mine, all.data(), sizeof(mine));
+    for (size_t r = 1; r < all.size(); ++r) {
+      for (int f = 0; f < kFields; ++f) {
+        if (all[r].v[f] == all[0].v[f]) continue;
+        reject("ScaleOutBuffer: BufferConfig::" + std::string(kNames[f]) + " is " +
+               std::to_string(all[0].v[f]) + " on rank 0 but " + std::to_string(all[r].v[f]) +
+               " on rank " + std::to_string(r) + " (it must be the same on every rank)" +
+               onRank(s.topo.rank));
+      }
+    }
+  }
   // Rail creation may wait for slow peers (first op deadline); every exchange has the op deadline
   // (each call starts with a host vote, so the ranks arrive together).
   const double create_timeout_s = static_cast<double>(resolved.first_op_timeout_ns) * 1e-9;

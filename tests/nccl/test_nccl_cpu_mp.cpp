@@ -70,5 +70,41 @@ TEST_F(NcclCpu, ScaleOutEnabledOnSomeRanksOnlyFailsEveryRank) {
   }
 }
 
+// ScaleOutBuffer's creation checks, before any GPU work (so these run without a GPU): a config
+// that differs between ranks, and an LL capacity the node-local batch cannot hold, fail every rank.
+TEST_F(NcclCpu, ScaleOutBufferConfigMismatchFailsEveryRank) {
+  if (size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  BufferConfig config;
+  config.hidden = 256;
+  config.num_experts = 8;
+  config.max_tokens_per_rank = rank() == 1 ? 32 : 16;
+  const test::RankOutcomes all =
+      outcomesOf([&] { nccl::ScaleOutBuffer buffer(bootstrap(), config); });
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (const auto& outcome : all.ranks) {
+    EXPECT_EQ(outcome.code, ErrorCode::kInvalidArgument) << all.describe();
+    EXPECT_NE(outcome.what.find("max_tokens_per_rank is 16 on rank 0 but 32 on rank 1"),
+              std::string::npos)
+        << all.describe();
+  }
+}
+
+TEST_F(NcclCpu, ScaleOutBufferLlBatchTooLargeFailsEveryRank) {
+  const core::Topology t = core::discoverTopology(bootstrap(), core::localNodeKey());
+  if (t.num_nodes < 2) GTEST_SKIP() << "needs several nodes (EPCOMM_HOSTID per rank)";
+  BufferConfig config;
+  config.hidden = 256;
+  config.num_experts = 8;
+  config.max_tokens_per_rank = 16;
+  config.ll_max_tokens_per_rank = kMaxLlTokensPerRank;  // x nodes > kMaxLlTokensPerRank
+  const test::RankOutcomes all =
+      outcomesOf([&] { nccl::ScaleOutBuffer buffer(bootstrap(), config); });
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (const auto& outcome : all.ranks) {
+    EXPECT_EQ(outcome.code, ErrorCode::kInvalidArgument) << all.describe();
+    EXPECT_NE(outcome.what.find("over kMaxLlTokensPerRank"), std::string::npos) << all.describe();
+  }
+}
+
 }  // namespace
 }  // namespace epcomm
