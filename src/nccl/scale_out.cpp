@@ -89,8 +89,13 @@ std::vector<CallVote> voteCall(Bootstrap& bootstrap, const std::string& op, int3
   return all;
 }
 
-// Ranks of the whole job on this rank's GPU (same host name and PCI bus id), collective.
-int jobRanksOnDevice(Bootstrap& bootstrap, int device) {
+// Ranks on this rank's GPU (same host name and PCI bus id): of the whole job, and of `node` (the
+// node's global ranks). Collective.
+struct DeviceSharing {
+  int job = 0;
+  int node = 0;
+};
+DeviceSharing ranksOnDevice(Bootstrap& bootstrap, int device, const std::vector<int>& node) {
   struct Where {
     char host[128];
     char bus[32];
@@ -101,10 +106,13 @@ int jobRanksOnDevice(Bootstrap& bootstrap, int device) {
   EPCOMM_CUDA_CHECK(cudaDeviceGetPCIBusId(mine.bus, sizeof(mine.bus) - 1, device));
   std::vector<Where> all(static_cast<size_t>(bootstrap.size()));
   bootstrap.allGather(&mine, all.data(), sizeof(mine));
-  int n = 0;
-  for (const Where& w : all) {
-    n += std::strncmp(w.host, mine.host, sizeof(w.host)) == 0 &&
-         std::strncmp(w.bus, mine.bus, sizeof(w.bus)) == 0;
+  DeviceSharing n;
+  for (size_t r = 0; r < all.size(); ++r) {
+    const bool same = std::strncmp(all[r].host, mine.host, sizeof(mine.host)) == 0 &&
+                      std::strncmp(all[r].bus, mine.bus, sizeof(mine.bus)) == 0;
+    if (!same) continue;
+    ++n.job;
+    if (std::find(node.begin(), node.end(), static_cast<int>(r)) != node.end()) ++n.node;
   }
   return n;
 }
@@ -285,11 +293,11 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   if (device == kAuto) EPCOMM_CUDA_CHECK(cudaGetDevice(&device));
   DeviceGuard guard(device);  // the rails, the staging and the node buffer live on it
   s.device = device;
-  const int sharing = jobRanksOnDevice(bootstrap, device);
-  if (sharing > s.G) {
+  const DeviceSharing sharing = ranksOnDevice(bootstrap, device, members);
+  if (sharing.job > sharing.node) {
     int sms = 0;
     EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    const int budget = std::max(1, (sms - 2) / sharing);
+    const int budget = std::max(1, (sms - 2) / sharing.job);
     if (node_config.num_sms == kAuto) node_config.num_sms = budget;
     if (node_config.ll_num_sms == kAuto) node_config.ll_num_sms = budget;
   }
