@@ -34,6 +34,7 @@
 #include "options.hpp"
 #include "ranks.hpp"
 #include "results.hpp"
+#include "scale_out_rows.hpp"
 #include "stage_times.hpp"
 #include "targets.hpp"
 
@@ -147,6 +148,9 @@ int run(const Options& o, const Ranks& ranks) {
     if (ranks.root()) std::fprintf(stderr, "ep_bench: error: %s\n", problem.c_str());
     return 1;
   }
+  // Several nodes (EPCOMM_HOSTID per rank, or hosts): the hierarchical rows of their own.
+  const core::Topology topology = core::discoverTopology(bootstrap, core::localNodeKey());
+  if (topology.num_nodes > 1) return runScaleOutRows(o, ranks, bootstrap, machine, topology);
   countRanksPerGpu(ranks, machine);
 
   const OwnedStream stream = OwnedStream::create();

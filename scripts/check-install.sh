@@ -144,7 +144,8 @@ if ls "$libdir"/libepcomm.so* > /dev/null 2>&1; then
     # Defined dynamic symbols, demangled. Everything of epcomm must be public API: no internal
     # namespaces, no anonymous namespaces, of epcomm::detail only the helpers that
     # libepcomm_mpi needs (src/check.hpp, src/log_internal.hpp), and of epcomm::core only the
-    # cross-node topology that libepcomm_nccl needs (src/core/topology.hpp).
+    # cross-node topology and the scale-out factory that libepcomm_nccl needs
+    # (src/core/topology.hpp, src/core/scale_out.hpp).
     nm -D --defined-only -C "$so" | awk '{ $1 = ""; $2 = ""; sub(/^  /, ""); print }' > "$work/$lib.syms"
     bad=$(grep -E 'epcomm::' "$work/$lib.syms" |
           grep -E 'epcomm::(memory|kernels|bench|test)::|anonymous namespace|::Impl::|DriverApi|SymmetricMemory|computeBufferLayout|launch[A-Z]' |
@@ -152,7 +153,7 @@ if ls "$libdir"/libepcomm.so* > /dev/null 2>&1; then
     detail=$(grep -E '(^|[ :])epcomm::detail::' "$work/$lib.syms" |
              grep -vE 'epcomm::detail::(setProcessRank|processRank|formatMessage|throwCuda|throwDriver|throwSystem|throwError|logWarning|logEnabled|logMessage)\(' || true)
     detail+=$(grep -E '(^|[ :])epcomm::core::' "$work/$lib.syms" |
-              grep -vE 'epcomm::core::(Topology::|nodeKeySourceName|hostIdOverride|fabricDomainKeyText|localNodeKey|buildTopology|discoverTopology|pickRailId)' || true)
+              grep -vE 'epcomm::core::(Topology::|nodeKeySourceName|hostIdOverride|fabricDomainKeyText|localNodeKey|buildTopology|discoverTopology|pickRailId|setScaleOutFactory|hasScaleOutFactory|createScaleOut)' || true)
     if [ -n "$bad$detail" ]; then
       echo "check-install: lib$lib.so exports internal symbols:" >&2
       printf '%s\n%s\n' "$bad" "$detail" | sed '/^$/d' | head -20 >&2

@@ -38,6 +38,9 @@ class EpBuffer;
 namespace detail {
 struct BufferAccess;  // internal diagnostics (src/diagnostics.hpp); not part of the API
 }  // namespace detail
+namespace core {
+class ScaleOutOps;  // across nodes (src/core/scale_out.hpp); not part of the API
+}  // namespace core
 
 // What one rank's symmetric buffer takes, by region (EpBuffer::bytesFor). Every field is in
 // bytes and includes the alignment padding of its regions (each region starts on a 4 KiB
@@ -101,6 +104,11 @@ class EPCOMM_API EpBuffer {
   // configuration is checked and compared across ranks first (shape, capacities, memory mode,
   // deadlines; see BufferConfig), then the GPU (its architecture against the compiled ones, P2P
   // access to every other rank's GPU on this host), then the memory is allocated and mapped.
+  // Across nodes (docs/scale-out.md): ranks that name several nodes (EPCOMM_HOSTID, or several
+  // hosts with mem_mode posix_fd / cuda_ipc, or auto once scale-out is enabled) get the
+  // hierarchical implementation of epcomm_nccl when epcomm::nccl::enableScaleOut() was called
+  // (epcomm/nccl.hpp: the differences from one node are listed there), and InvalidArgument on
+  // every rank otherwise. Several hosts with mem_mode fabric stay one buffer (one NVLink domain).
   EpBuffer(Bootstrap& bootstrap, const BufferConfig& config);
   // Collective: waits for this buffer's last op (the stream position recorded after it; work
   // replayed from CUDA graphs is not tracked, synchronize it first), up to timeout_s; if it has
@@ -183,7 +191,8 @@ class EPCOMM_API EpBuffer {
 
  private:
   friend struct detail::BufferAccess;
-  std::unique_ptr<Impl> impl_;
+  std::unique_ptr<Impl> impl_;             // one node
+  std::unique_ptr<core::ScaleOutOps> so_;  // several nodes (then impl_ is null)
 };
 
 }  // namespace epcomm

@@ -14,6 +14,8 @@
 #include "check.hpp"
 #include "core/agreement.hpp"
 #include "core/control_region.hpp"
+#include "core/scale_out.hpp"
+#include "core/topology.hpp"
 #include "log_internal.hpp"
 
 namespace epcomm {
@@ -36,8 +38,10 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
 
   // 1. The configuration, checked locally and then across ranks before anything else happens,
   //    so a bad field on one rank fails every rank at once (not at the bootstrap deadline).
+  core::NodeKey node_key;  // step 1b; read here so that a bad EPCOMM_HOSTID fails every rank
   const std::vector<ConfigDigest> digests =
       agreeOn<ConfigDigest>(bootstrap, "checking its BufferConfig", [&]() {
+        node_key = core::localNodeKey();
         resolved = resolveConfig(config, num_ranks);
         perf = perfFlagsFromEnv();
         stage_times_on = stageTimesFromEnv();
@@ -47,6 +51,64 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
   core::requireSameConfig(digests);
   const BufferConfig& c = resolved.config;
   num_local_experts = c.num_experts / num_ranks;
+
+  // 1b. One node, or the scale-out path (core/scale_out.hpp says how it is decided): the buffer
+  //     is shared over NVLink inside one node. Ranks that span several nodes make every rank
+  //     throw alike here (one all-gather, the same pure function over the same records), before
+  //     anything is allocated: SeveralNodes when epcomm_nccl registered its implementation (the
+  //     EpBuffer constructor then creates it), else InvalidArgument saying what to use.
+  {
+    const bool one_host_mode = c.mem_mode == MemMode::kPosixFd || c.mem_mode == MemMode::kCudaIpc;
+    // The topology is the same on every rank, or the same InvalidArgument (uneven nodes, mixed key
+    // sources). Such a job cannot be hierarchical; with a one-host memory mode it is an error, with
+    // auto or fabric it goes on as one buffer, as before (e.g. an uneven multi-node NVLink domain).
+    core::Topology topo;
+    try {
+      topo = core::discoverTopology(bootstrap, node_key);
+    } catch (const InvalidArgument&) {
+      if (one_host_mode) throw;
+      topo.num_nodes = 1;
+    }
+    // Whether epcomm_nccl's implementation is registered, on every rank (only with several
+    // nodes, so one node pays no extra all-gather): a mix would split the ranks between two
+    // creation paths, so it fails every rank, naming a rank without.
+    bool scale_out = false;
+    if (topo.num_nodes > 1) {
+      struct Registered {
+        int32_t yes;
+      };
+      const std::vector<Registered> all = agreeOn<Registered>(
+          bootstrap, "checking scale-out", [] { return Registered{core::hasScaleOutFactory()}; });
+      bool any = false;
+      int without = -1;
+      for (size_t r = 0; r < all.size(); ++r) {
+        any = any || all[r].yes != 0;
+        if (!all[r].yes && without < 0) without = static_cast<int>(r);
+      }
+      if (any && without >= 0) {
+        detail::throwError(ErrorCode::kInvalidArgument,
+                           "EpBuffer across nodes: epcomm::nccl::enableScaleOut() was called on "
+                           "some ranks but not on rank " +
+                               std::to_string(without) + "; call it on every rank",
+                           __FILE__, __LINE__);
+      }
+      scale_out = any;
+    }
+    const bool several =
+        topo.num_nodes > 1 && (topo.source == core::NodeKeySource::kEnvHostId || one_host_mode ||
+                               (scale_out && c.mem_mode == MemMode::kAuto));
+    if (several && scale_out) throw core::SeveralNodes(topo.describe());
+    if (several) {
+      detail::throwError(
+          ErrorCode::kInvalidArgument,
+          "EpBuffer: the ranks span " + topo.describe() +
+              "; this EpBuffer works inside one node (one NVLink domain). Across nodes, link "
+              "epcomm::epcomm_nccl (built when NCCL >= 2.28 is found) and call "
+              "epcomm::nccl::enableScaleOut() before creating the EpBuffer, or use "
+              "epcomm::nccl::ScaleOutBuffer (include epcomm/nccl.hpp; docs/scale-out.md)",
+          __FILE__, __LINE__);
+    }
+  }
 
   // 2. This rank's GPU: selectable, able to run our kernels.
   const std::vector<DeviceDigest> devices =

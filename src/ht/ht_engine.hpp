@@ -68,6 +68,9 @@ struct EPCOMM_LOCAL EpHandle::Impl {
   int num_tokens = -1;  // -1: no layout yet
   int num_topk = 0;
   bool dispatched = false;
+  // Across nodes (core/scale_out.hpp): the hierarchical implementation's handle; everything
+  // above then stays empty but num_tokens / num_topk.
+  std::shared_ptr<void> scale_out;
 };
 
 // Shared by the rank-major and the expert-major dispatch (src/ht/ht_expert_major.cpp), after the

@@ -14,6 +14,7 @@
 
 #include "common/mp_fixture.hpp"
 #include "core/topology.hpp"
+#include "epcomm/buffer.hpp"
 #include "epcomm/error.hpp"
 
 namespace epcomm {
@@ -155,6 +156,24 @@ TEST_F(TopologyMp, MixedSourcesFailOnEveryRank) {
   EXPECT_TRUE(all.allThrew()) << all.describe();
   for (const auto& outcome : all.ranks) {
     EXPECT_NE(outcome.what.find("disagree on what a node is"), std::string::npos) << all.describe();
+  }
+}
+
+// EpBuffer works inside one node: ranks that name two nodes (EPCOMM_HOSTID) fail its creation on
+// every rank, before any GPU work (so this runs without a GPU), pointing at ScaleOutBuffer.
+TEST_F(TopologyMp, EpBufferAcrossNodesFailsOnEveryRank) {
+  if (size() < 2 || size() % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
+  ScopedHostId env("ep-node-" + std::to_string(rank() % 2));
+  BufferConfig config;
+  config.hidden = 256;
+  config.num_experts = 8;
+  config.max_tokens_per_rank = 16;
+  const test::RankOutcomes all = outcomesOf([&] { EpBuffer buffer(bootstrap(), config); });
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (const auto& outcome : all.ranks) {
+    EXPECT_EQ(outcome.code, ErrorCode::kInvalidArgument) << all.describe();
+    EXPECT_NE(outcome.what.find("2 nodes"), std::string::npos) << all.describe();
+    EXPECT_NE(outcome.what.find("ScaleOutBuffer"), std::string::npos) << all.describe();
   }
 }
 

@@ -10,7 +10,11 @@
 #include <vector>
 
 #include "common/mp_fixture.hpp"
+#include "core/scale_out.hpp"
 #include "core/topology.hpp"
+#include "epcomm/buffer.hpp"
+#include "epcomm/error.hpp"
+#include "epcomm/nccl.hpp"
 #include "nccl/rail_comms.hpp"
 
 namespace epcomm {
@@ -42,6 +46,63 @@ TEST_F(NcclCpu, OneUniqueIdPerRail) {
       EXPECT_EQ(same_id, same_rail) << "ranks " << a << " and " << b << " (rails " << t.local_of[a]
                                     << " and " << t.local_of[b] << ")";
     }
+  }
+}
+
+// EpBuffer across nodes with epcomm::nccl::enableScaleOut() on some ranks only: creation fails on
+// every rank, naming a rank without, before any GPU work (so this runs without a GPU).
+TEST_F(NcclCpu, ScaleOutEnabledOnSomeRanksOnlyFailsEveryRank) {
+  const core::Topology t = core::discoverTopology(bootstrap(), core::localNodeKey());
+  if (t.num_nodes < 2) GTEST_SKIP() << "needs several nodes (EPCOMM_HOSTID per rank)";
+  if (rank() == 0) nccl::enableScaleOut();
+  BufferConfig config;
+  config.hidden = 256;
+  config.num_experts = 8;
+  config.max_tokens_per_rank = 16;
+  const test::RankOutcomes all = outcomesOf([&] { EpBuffer buffer(bootstrap(), config); });
+  core::setScaleOutFactory({});
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (const auto& outcome : all.ranks) {
+    EXPECT_EQ(outcome.code, ErrorCode::kInvalidArgument) << all.describe();
+    EXPECT_NE(outcome.what.find("enableScaleOut() was called on some ranks but not on rank 1"),
+              std::string::npos)
+        << all.describe();
+  }
+}
+
+// ScaleOutBuffer's creation checks, before any GPU work (so these run without a GPU): a config
+// that differs between ranks, and an LL capacity the node-local batch cannot hold, fail every rank.
+TEST_F(NcclCpu, ScaleOutBufferConfigMismatchFailsEveryRank) {
+  if (size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  BufferConfig config;
+  config.hidden = 256;
+  config.num_experts = 8;
+  config.max_tokens_per_rank = rank() == 1 ? 32 : 16;
+  const test::RankOutcomes all =
+      outcomesOf([&] { nccl::ScaleOutBuffer buffer(bootstrap(), config); });
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (const auto& outcome : all.ranks) {
+    EXPECT_EQ(outcome.code, ErrorCode::kInvalidArgument) << all.describe();
+    EXPECT_NE(outcome.what.find("max_tokens_per_rank is 16 on rank 0 but 32 on rank 1"),
+              std::string::npos)
+        << all.describe();
+  }
+}
+
+TEST_F(NcclCpu, ScaleOutBufferLlBatchTooLargeFailsEveryRank) {
+  const core::Topology t = core::discoverTopology(bootstrap(), core::localNodeKey());
+  if (t.num_nodes < 2) GTEST_SKIP() << "needs several nodes (EPCOMM_HOSTID per rank)";
+  BufferConfig config;
+  config.hidden = 256;
+  config.num_experts = 8;
+  config.max_tokens_per_rank = 16;
+  config.ll_max_tokens_per_rank = kMaxLlTokensPerRank;  // x nodes > kMaxLlTokensPerRank
+  const test::RankOutcomes all =
+      outcomesOf([&] { nccl::ScaleOutBuffer buffer(bootstrap(), config); });
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (const auto& outcome : all.ranks) {
+    EXPECT_EQ(outcome.code, ErrorCode::kInvalidArgument) << all.describe();
+    EXPECT_NE(outcome.what.find("over kMaxLlTokensPerRank"), std::string::npos) << all.describe();
   }
 }
 
