@@ -84,21 +84,26 @@ __device__ __forceinline__ int4 ldNoAlloc(const int4* p) {
 constexpr int kUnroll = 4;
 constexpr int kDispatchUnroll = 8;
 
-// One warp copies a row of `vecs` vectors, kUnroll loads in flight per lane before their stores.
-// `load` reads one vector: a plain load, or ldNoAlloc for data a peer wrote (whose memory clobber
-// would otherwise keep each load behind the previous store).
-template <typename Vec, typename Load>
+// One warp copies a row of `vecs` vectors, `InFlight` loads per lane before their stores (what a
+// small SM budget needs to keep its share of bandwidth: bytes in flight per SM = warps x 32 x
+// InFlight x 16). `load` reads one vector: a plain load, or ldNoAlloc for data a peer wrote (whose
+// memory clobber would otherwise keep each load behind the previous store).
+template <int InFlight = kUnroll, typename Vec, typename Load>
 __device__ __forceinline__ void warpCopyRow(Vec* dst, const Vec* src, int vecs, int lane,
                                             Load load) {
-  int v = lane;
-  for (; v + (kUnroll - 1) * kWarpSize < vecs; v += kUnroll * kWarpSize) {
-    Vec chunk[kUnroll];
+  // The last batch is predicated, not copied one vector at a time: its loads are in flight
+  // together too (a 14 KB row is 28 vectors per lane: 4 batches of 8, not 3 and 4 single ones).
+  for (int v = lane; v < vecs; v += InFlight * kWarpSize) {
+    Vec chunk[InFlight];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) chunk[u] = load(src + v + u * kWarpSize);
+    for (int u = 0; u < InFlight; ++u) {
+      if (v + u * kWarpSize < vecs) chunk[u] = load(src + v + u * kWarpSize);
+    }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) dst[v + u * kWarpSize] = chunk[u];
+    for (int u = 0; u < InFlight; ++u) {
+      if (v + u * kWarpSize < vecs) dst[v + u * kWarpSize] = chunk[u];
+    }
   }
-  for (; v < vecs; v += kWarpSize) dst[v] = load(src + v);
 }
 
 __device__ __forceinline__ void stNoAlloc(int4* p, const int4& v) {
