@@ -26,6 +26,7 @@
 #include "kernels/device_utils.cuh"
 #include "kernels/kernel_check.hpp"
 #include "kernels/launch.hpp"
+#include "kernels/layout_tile.cuh"
 
 namespace epcomm::kernels {
 namespace {
@@ -65,7 +66,7 @@ __device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst
   }
 }
 
-template <typename IdxT>
+template <typename IdxT, bool kFusedLayout>
 __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchParams p) {
   const PeerContext& ctx = p.peers;
   stageStart(ctx, kDispatchStages);
@@ -83,7 +84,12 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   // its peers stop on the fault notice it broadcast.
   if (rankFailed(ctx)) return;
 
-  __shared__ uint32_t s_matrix[kMaxRanks][kMaxRanks + kHtSignatureWords];
+  // The layout's shared memory (ht_fused_layout) is used before the count matrix: one union.
+  __shared__ union {
+    layout_tile::LayoutShared layout;
+    uint32_t matrix[kMaxRanks][kMaxRanks + kHtSignatureWords];
+  } s_union;
+  auto& s_matrix = s_union.matrix;
   __shared__ int32_t s_offset[kMaxRanks];  // first row of this rank's rows in each destination
   __shared__ uint8_t* s_peer[kMaxRanks];
   // The current token's destinations, per warp, as a compact list: j-th rank, row and row address.
@@ -93,6 +99,24 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   static_assert(kMaxRanks <= 0xff, "s_dst_rank holds a rank in 8 bits");
 
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
+
+  // 0. PerfFlags::ht_fused_layout: the layout first, tiles spread over the blocks (all resident,
+  //    as the waits below already need); the block that finishes it stores this call's epoch in
+  //    layout_done after every output, and every block waits for that before it reads any of them
+  //    (counts, masks, slots). A bad expert id found there stops the op before anything is sent.
+  //    A template parameter: the default kernel's code (and register count) stays as it was.
+  if constexpr (kFusedLayout) {
+    stageStart(p.layout.peers, StageKernel::kLayout);
+    const int tiles = layoutTiles(p.layout.num_tokens);
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      // IdxT is the top-k ids' type here too (one TopkView gives both).
+      layout_tile::layoutTile<IdxT>(p.layout, tile, tiles, s_union.layout, p.layout_done, epoch);
+    }
+    bool ok = true;
+    if (tid == 0) ok = waitEpoch(p.layout_done, epoch, w, WaitPhase::kLayoutTiles, -1);
+    if (!__syncthreads_and(ok)) return;
+    if (__syncthreads_or(rankFailed(ctx))) return;
+  }
 
   // 1. notify: my count row and the call signature, into every peer
   // (R * (R + 2) words: more than the block's threads beyond 21 ranks)
@@ -528,10 +552,17 @@ __global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p
 
 void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = sm_budget;
+  const bool fused = params.fused_layout != 0;
   if (params.idx_is_64) {
-    htDispatchKernel<int64_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    if (fused) {
+      htDispatchKernel<int64_t, true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    } else {
+      htDispatchKernel<int64_t, false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    }
+  } else if (fused) {
+    htDispatchKernel<int32_t, true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   } else {
-    htDispatchKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    htDispatchKernel<int32_t, false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(htDispatchKernel);
 }

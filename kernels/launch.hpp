@@ -104,6 +104,12 @@ struct HtDispatchParams {
   // PerfFlags::ht_counts_once: only block 0 posts this rank's count row and signature (every
   // block still waits for the whole matrix) instead of every block posting the same words.
   uint32_t counts_once;
+  // PerfFlags::ht_fused_layout: the kernel first runs the top-k layout described by `layout`
+  // (every block takes tiles; the block that finishes it stores the call's epoch in
+  // `layout_done`, which every block waits for before reading the layout's outputs).
+  uint32_t fused_layout;
+  uint64_t* layout_done;  // handle memory, zero when made
+  LayoutParams layout;
 };
 
 struct HtCombineParams {

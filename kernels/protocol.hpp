@@ -30,7 +30,7 @@ constexpr int kBlockThreads = 512;
 constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
 // Tokens are laid out in tiles of this many, one block each (scratch: layoutTiles(N) * R ints).
 constexpr int kLayoutThreads = 512;
-inline int layoutTiles(int num_tokens) {
+EPCOMM_HOST_DEVICE int layoutTiles(int num_tokens) {
   return num_tokens <= 0 ? 1 : (num_tokens + kLayoutThreads - 1) / kLayoutThreads;
 }
 // LL kernels move rows in segments of this many columns, one warp per (token, segment).

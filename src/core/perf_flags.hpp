@@ -26,6 +26,10 @@ struct PerfFlags {
   // signature to every peer, instead of every block posting the same words. Off: measured no
   // faster (2x H200, EP=2, and 1 H200 with 1 and 2 ranks).
   bool ht_counts_once = false;
+  // "ht_fused_layout": an HT dispatch with top-k (rank-major, no caller layout) runs the layout as
+  // the first phase of the dispatch kernel instead of a kernel of its own (one launch fewer: ~4
+  // us of host time in this VM, and the kernel boundary on the GPU).
+  bool ht_fused_layout = false;
 };
 
 // EPCOMM_PERF, parsed (src/config.cpp, where every environment override is read). Unset, "" or

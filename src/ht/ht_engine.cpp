@@ -99,6 +99,7 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
       carve(static_cast<size_t>(kernels::layoutTiles(c.max_tokens_per_rank)) *
             static_cast<size_t>(c.num_experts) * sizeof(int32_t));
   const size_t o_tiles_done = carve(sizeof(uint32_t));
+  const size_t o_layout_done = carve(sizeof(uint64_t));
   const size_t o_matrix = carve(ranks * ranks * sizeof(int32_t));
   const size_t o_num_recv = carve(sizeof(int32_t));
   const size_t o_prefix = carve((ranks + 1) * sizeof(int32_t));
@@ -114,6 +115,7 @@ std::unique_ptr<EpHandle::Impl> HtEngine::createHandle() const {
   h->tile_counts = h->memory.as<int32_t>(o_tiles);
   h->tile_expert_counts = h->memory.as<int32_t>(o_tile_experts);
   h->tiles_done = h->memory.as<uint32_t>(o_tiles_done);
+  h->layout_done = h->memory.as<uint64_t>(o_layout_done);
   h->count_matrix = h->memory.as<int32_t>(o_matrix);
   h->num_recv = h->memory.as<int32_t>(o_num_recv);
   h->recv_rank_prefix = h->memory.as<int32_t>(o_prefix);
@@ -131,8 +133,10 @@ namespace {
 // Lays a routing out into the handle: from `topk` alone (layout == nullptr), or from a caller's
 // layout (masks and slots from layout->is_token_in_rank; topk, when set, is checked against it and
 // kept for the top-k data and weighted combine). `topk.num_topk` == 0: no top-k at all.
-void launchLayoutInto(const BufferCore& b, const TopkView& topk, const DispatchLayout* layout,
-                      int num_tokens, EpHandle::Impl& h, cudaStream_t stream) {
+// layoutInto: the parameters, and the handle's state as after the layout (a dispatch kernel that
+// runs the layout itself takes them, PerfFlags::ht_fused_layout); launchLayoutInto launches it.
+kernels::LayoutParams layoutInto(const BufferCore& b, const TopkView& topk,
+                                 const DispatchLayout* layout, int num_tokens, EpHandle::Impl& h) {
   kernels::LayoutParams p{};
   p.topk_idx = topk.num_topk > 0 ? topk.idx : nullptr;
   p.idx_is_64 = topk.idx_type == IndexType::kInt64;
@@ -156,10 +160,15 @@ void launchLayoutInto(const BufferCore& b, const TopkView& topk, const DispatchL
   p.tile_expert_counts = h.tile_expert_counts;
   p.tiles_done = h.tiles_done;
   p.peers = b.peers;
-  kernels::launchLayout(p, stream);
   h.num_tokens = num_tokens;
   h.num_topk = topk.num_topk;
   h.dispatched = false;
+  return p;
+}
+
+void launchLayoutInto(const BufferCore& b, const TopkView& topk, const DispatchLayout* layout,
+                      int num_tokens, EpHandle::Impl& h, cudaStream_t stream) {
+  kernels::launchLayout(layoutInto(b, topk, layout, num_tokens, h), stream);
 }
 
 }  // namespace
@@ -274,10 +283,16 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
 
   DeviceGuard guard(b.device);
   EpHandle::Impl& h = *handle;
+  // PerfFlags::ht_fused_layout: the rank-major dispatch kernel runs a top-k layout as its first
+  // phase (one launch instead of two).
+  const bool fused_layout = b.perf.ht_fused_layout && has_topk && !has_layout && !args.expert_major;
+  kernels::LayoutParams fused_layout_params{};
   if (has_layout) {
     TopkView topk = args.topk;
     if (!has_topk) topk.num_topk = 0;
     launchLayoutInto(b, topk, &layout, args.num_tokens, h, stream);
+  } else if (fused_layout) {
+    fused_layout_params = layoutInto(b, args.topk, nullptr, args.num_tokens, h);
   } else if (has_topk) {
     launchLayoutInto(b, args.topk, nullptr, args.num_tokens, h, stream);
   }
@@ -286,6 +301,11 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
 
   kernels::HtDispatchParams p{};
   p.counts_once = b.perf.ht_counts_once ? 1 : 0;
+  if (fused_layout) {
+    p.fused_layout = 1;
+    p.layout = fused_layout_params;
+    p.layout_done = h.layout_done;
+  }
   p.peers = b.peers;
   p.regions = regions_;
   p.x = static_cast<const uint8_t*>(args.x);

@@ -50,8 +50,9 @@ struct EPCOMM_LOCAL EpHandle::Impl {
   int32_t* tile_counts = nullptr;         // layout scratch [layoutTiles(max_tokens), R]
   int32_t* tile_expert_counts = nullptr;  // layout scratch [layoutTiles(max_tokens), E]
   uint32_t* tiles_done = nullptr;         // layout scratch [1]
-  int32_t* count_matrix = nullptr;        // [R, R]
-  int32_t* num_recv = nullptr;            // [1]
+  uint64_t* layout_done = nullptr;  // [1] the epoch of the last dispatch that ran the layout itself
+  int32_t* count_matrix = nullptr;  // [R, R]
+  int32_t* num_recv = nullptr;      // [1]
   int32_t* recv_rank_prefix = nullptr;    // [R + 1]
   int32_t* recv_expert_counts = nullptr;  // [L]
   // Exact mode: the device writes the aligned per-expert counts here ([L], host-mapped) before

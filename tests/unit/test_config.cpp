@@ -658,6 +658,14 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
     EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts)
         << (value != nullptr ? value : "unset");
     EXPECT_FALSE(f.ht_counts_once);
+    EXPECT_FALSE(f.ht_fused_layout);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "ht_fused_layout");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_TRUE(f.ht_fused_layout);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts ||
+                 f.ht_counts_once);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "none");
@@ -695,7 +703,7 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
     ScopedEnv env("EPCOMM_PERF", "all");
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts &&
-                f.ht_counts_once);
+                f.ht_counts_once && f.ht_fused_layout);
   }
   for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch",
                           "none,all", "default,ht_counts_once"}) {
