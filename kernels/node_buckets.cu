@@ -153,11 +153,12 @@ __global__ void __launch_bounds__(kRowThreads) nodeGatherKernel(GatherParams p) 
 // One block per token, two columns per thread per step.
 __global__ void __launch_bounds__(kReduceThreads) nodeReduceKernel(ReduceParams p) {
   const int t = blockIdx.x;
+  const TokenRows& tr = p.tokens;
   __shared__ int64_t rows[kMaxNodes];
   if (threadIdx.x == 0) {
-    for (int m = 0; m < p.num_nodes; ++m) {
-      const int s = p.slot[static_cast<int64_t>(t) * p.num_nodes + m];
-      rows[m] = s < 0 ? -1 : bucketBase(p.counts, m, p.max_rows) + s;
+    for (int m = 0; m < tr.num_nodes; ++m) {
+      const int s = tr.slot[static_cast<int64_t>(t) * tr.num_nodes + m];
+      rows[m] = s < 0 ? -1 : bucketBase(tr.counts, m, tr.max_rows) + s;
     }
   }
   __syncthreads();
@@ -168,7 +169,7 @@ __global__ void __launch_bounds__(kReduceThreads) nodeReduceKernel(ReduceParams 
   for (int c = threadIdx.x; c < pairs; c += kReduceThreads) {
     float2 acc = make_float2(0.0f, 0.0f);
     if (bias != nullptr) acc = __bfloat1622float2(bias[static_cast<int64_t>(t) * pairs + c]);
-    for (int m = 0; m < p.num_nodes; ++m) {
+    for (int m = 0; m < tr.num_nodes; ++m) {
       if (rows[m] < 0) continue;
       const float2 v = __bfloat1622float2(partials[rows[m] * pairs + c]);
       acc.x += v.x;
@@ -176,6 +177,22 @@ __global__ void __launch_bounds__(kReduceThreads) nodeReduceKernel(ReduceParams 
     }
     out[static_cast<int64_t>(t) * pairs + c] = __float22bfloat162_rn(acc);
   }
+}
+
+// One thread per (token, top-k column).
+__global__ void __launch_bounds__(kRowThreads) nodeReduceWeightsKernel(ReduceWeightsParams p) {
+  const TokenRows& tr = p.tokens;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
+  if (i >= static_cast<int64_t>(tr.num_tokens) * p.num_topk) return;
+  const int64_t t = i / p.num_topk;
+  const int k = static_cast<int>(i % p.num_topk);
+  float acc = 0.0f;
+  for (int m = 0; m < tr.num_nodes; ++m) {
+    const int s = tr.slot[t * tr.num_nodes + m];
+    if (s < 0) continue;
+    acc += p.partials[(bucketBase(tr.counts, m, tr.max_rows) + s) * p.num_topk + k];
+  }
+  p.out[i] = acc;
 }
 
 int rowBlocks(int64_t rows) {
@@ -210,9 +227,17 @@ void launchNodeGather(const GatherParams& p, cudaStream_t stream) {
 }
 
 void launchNodeReduce(const ReduceParams& p, cudaStream_t stream) {
-  if (p.num_tokens == 0) return;
-  nodeReduceKernel<<<p.num_tokens, kReduceThreads, 0, stream>>>(p);
+  if (p.tokens.num_tokens == 0) return;
+  nodeReduceKernel<<<p.tokens.num_tokens, kReduceThreads, 0, stream>>>(p);
   EPCOMM_KERNEL_LAUNCH_CHECK(nodeReduceKernel);
+}
+
+void launchNodeReduceWeights(const ReduceWeightsParams& p, cudaStream_t stream) {
+  const int64_t entries = static_cast<int64_t>(p.tokens.num_tokens) * p.num_topk;
+  if (entries == 0) return;
+  nodeReduceWeightsKernel<<<static_cast<int>((entries + kRowThreads - 1) / kRowThreads),
+                            kRowThreads, 0, stream>>>(p);
+  EPCOMM_KERNEL_LAUNCH_CHECK(nodeReduceWeightsKernel);
 }
 
 }  // namespace epcomm::node

@@ -90,14 +90,19 @@ struct GatherParams {
 // Bucket rows of float32 weights, in the buckets' order (for combine-time weights).
 void launchNodeGather(const GatherParams& p, cudaStream_t stream);
 
-struct ReduceParams {
-  const uint16_t* partials;  // BF16 [rows, hidden]: node m's partial of its bucket row j at
-                             // (first row of node m) + j, in the bucket layout
-  const int32_t* slot;       // [num_tokens, num_nodes]
-  const int32_t* counts;     // [num_nodes] bucket counts (exact layout offsets)
+// Where the tokens of one dispatch sit in its bucket layout (what combine reads back).
+struct TokenRows {
+  const int32_t* slot;    // [num_tokens, num_nodes]
+  const int32_t* counts;  // [num_nodes] bucket counts (exact layout offsets)
   int32_t num_nodes;
   int32_t max_rows;  // as PackParams
   int32_t num_tokens;
+};
+
+struct ReduceParams {
+  const uint16_t* partials;  // BF16 [rows, hidden]: node m's partial of its bucket row j at
+                             // (first row of node m) + j, in the bucket layout
+  TokenRows tokens;
   int32_t hidden;
   const uint16_t* bias;  // BF16 [num_tokens, hidden] or nullptr
   uint16_t* out;         // BF16 [num_tokens, hidden]
@@ -105,5 +110,16 @@ struct ReduceParams {
 // out[t] = bias[t] + sum over the nodes t went to (in node order) of its node partial, in
 // float32, rounded to BF16 once. A token that went nowhere gets its bias, or zeros.
 void launchNodeReduce(const ReduceParams& p, cudaStream_t stream);
+
+struct ReduceWeightsParams {
+  const float* partials;  // float32 [rows, num_topk]: node m's sum for its bucket row j at
+                          // (first row of node m) + j, in the bucket layout
+  TokenRows tokens;
+  int32_t num_topk;
+  float* out;  // float32 [num_tokens, num_topk]
+};
+// out[t][k] = sum over the nodes t went to (in node order, float32) of its node's entry k; 0 for
+// a token that went nowhere (combine's combined_topk_weights across nodes).
+void launchNodeReduceWeights(const ReduceWeightsParams& p, cudaStream_t stream);
 
 }  // namespace epcomm::node

@@ -51,6 +51,7 @@ class ScaleOutOps {
   virtual LlDispatchResult lowLatencyDispatch(const LlDispatchArgs& args, cudaStream_t stream,
                                               LlPhase phase) = 0;
   virtual void lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase) = 0;
+  virtual void barrier(cudaStream_t stream) = 0;
   virtual void sync(cudaStream_t stream) = 0;
 };
 

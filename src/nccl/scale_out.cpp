@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "core/arg_check.hpp"
 #include "core/scale_out.hpp"
 #include "core/topology.hpp"
 #include "cuda_resources.hpp"
@@ -50,6 +51,7 @@ struct CallVote {
   int32_t flag;        // a per-call boolean the ranks compare (e.g. weights given)
   int32_t has_tokens;  //
   int32_t shape;       // what must be the same on every rank (a dtype, a top-k)
+  int64_t routing;     // cached HT dispatch: the handle's routing (ScaleOutHandle::Impl::routing)
   char reason[kReasonBytes];
 };
 
@@ -60,13 +62,14 @@ struct CallVote {
 // Collective over the job: runs `check` here, all-gathers every rank's verdict and throws on every
 // rank if any rank rejected (its own error there, kRemote naming it elsewhere). Returns the votes.
 std::vector<CallVote> voteCall(Bootstrap& bootstrap, const std::string& op, int32_t flag,
-                               int32_t has_tokens, int32_t shape,
+                               int32_t has_tokens, int32_t shape, int64_t routing,
                                const std::function<void()>& check) {
   CallVote mine;
   std::memset(&mine, 0, sizeof(mine));
   mine.flag = flag;
   mine.has_tokens = has_tokens;
   mine.shape = shape;
+  mine.routing = routing;
   std::exception_ptr failure;
   try {
     check();
@@ -121,6 +124,20 @@ std::string onRank(int rank) {
   return " (rank " + std::to_string(rank) + ")";
 }
 
+std::string pointerOrNull(const void* p) {
+  return p == nullptr ? "nullptr" : pointerText(p);
+}
+
+// "0,2,3": the ranks whose vote satisfies `pred`.
+std::string ranksWhere(const std::vector<CallVote>& votes,
+                       const std::function<bool(const CallVote&)>& pred) {
+  std::string list;
+  for (size_t r = 0; r < votes.size(); ++r) {
+    if (pred(votes[r])) list += (list.empty() ? "" : ",") + std::to_string(r);
+  }
+  return list;
+}
+
 // The votes' shape must be the same on every rank (it sizes the rail rows or the node op's
 // signature): InvalidArgument on every rank otherwise, naming the first rank that differs.
 void requireSameShape(const std::vector<CallVote>& votes, const std::string& what, int me) {
@@ -153,15 +170,23 @@ bool weightsOnEveryRankOrNone(const std::vector<CallVote>& votes, const std::str
 
 // --- handle -----------------------------------------------------------------------------------
 
+// The routing of the last top-k dispatch with this handle, which combine and cached dispatches
+// reuse: which bucket row each token took per node (slot, send_counts), what this rank forwarded
+// (batch_counts per source node, rows in all; the node-local handle `node` holds the batch's
+// routing inside the node). `routing` numbers that dispatch among the buffer's top-k dispatches
+// (the same number on every rank, since every rank issues the same sequence of collective ops): a
+// cached dispatch checks that every rank passes the handle of the same dispatch.
 struct ScaleOutHandle::Impl {
   const void* owner = nullptr;
   EpHandle node;
   DeviceMemory slot;          // int32 [max_tokens, nodes]
   DeviceMemory send_counts;   // int32 [nodes]: bucket rows per node
   DeviceMemory batch_counts;  // int32 [nodes]: forwarded rows per source node
-  int num_tokens = -1;
+  std::vector<int32_t> batch_counts_host;
+  int num_tokens = -1;  // -1: no routing (none yet, or the last top-k dispatch failed)
   int rows = 0;
   int num_topk = 0;
+  int64_t routing = 0;
   Impl(const void* o, EpHandle&& h) : owner(o), node(std::move(h)) {}
 };
 
@@ -194,6 +219,10 @@ struct ScaleOutBuffer::Impl {
   DeviceMemory maps;  // int32 node_of [R], local_of [R]
   DeviceMemory send, recv;
   DeviceMemory batch_x, batch_scales, batch_ids, batch_weights;
+  DeviceMemory batch_combined;  // float [stage_rows, max_topk]: the node's combined_topk_weights
+  int64_t ht_routings = 0;      // top-k HT dispatches voted so far (ScaleOutHandle::Impl::routing)
+  // barrier(): zero counts [nodes], then send and receive slots of one 16-byte row per node.
+  DeviceMemory barrier_scratch;
   // LL routing kept from dispatch for combine.
   DeviceMemory ll_slot, ll_send_counts, ll_batch_counts;
   int ll_tokens = -1;
@@ -217,7 +246,7 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   // inside each node only; the rail rows are sized by it): bad or different values fail every
   // rank, naming the field and the ranks.
   ResolvedConfig resolved;
-  voteCall(bootstrap, "creation (BufferConfig)", 0, 0, 0,
+  voteCall(bootstrap, "creation (BufferConfig)", 0, 0, 0, 0,
            [&] { resolved = resolveConfig(config, s.R); });
   {
     constexpr int kFields = 5;
@@ -318,6 +347,7 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   s.batch_scales = DeviceMemory(static_cast<size_t>(rows * (s.H / 128) * 4));
   s.batch_ids = DeviceMemory(static_cast<size_t>(rows * s.max_topk * 8));
   s.batch_weights = DeviceMemory(static_cast<size_t>(rows * s.max_topk * 4));
+  s.batch_combined = DeviceMemory(static_cast<size_t>(rows * s.max_topk * 4));
   std::vector<int32_t> maps(static_cast<size_t>(2 * s.R));
   for (int r = 0; r < s.R; ++r) {
     maps[static_cast<size_t>(r)] = s.topo.node_of[static_cast<size_t>(r)];
@@ -330,6 +360,8 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   s.ll_slot = DeviceMemory(static_cast<size_t>(ll_tokens * s.M * 4));
   s.ll_send_counts = DeviceMemory(static_cast<size_t>(s.M * 4));
   s.ll_batch_counts = DeviceMemory(static_cast<size_t>(s.M * 4));
+  s.barrier_scratch = DeviceMemory(static_cast<size_t>(s.M) * (4 + 2 * 16));
+  EPCOMM_CUDA_CHECK(cudaMemset(s.barrier_scratch.get(), 0, s.barrier_scratch.bytes()));
 }
 
 ScaleOutBuffer::~ScaleOutBuffer() {
@@ -395,6 +427,33 @@ RailExchangeResult moveRows(ScaleOutBuffer::Impl& s, int64_t row_bytes, const in
   return s.exchange->exchange(a, stream);
 }
 
+// Packs the rows of `num_tokens` tokens into `send` by the buckets `slot` / `counts` (with their
+// top-k ids and weights when topk.num_topk > 0 and the row has room for them).
+void packRows(const ScaleOutBuffer::Impl& s, const void* x, int element_bytes, const float* scales,
+              int64_t scales_token_stride, int64_t scales_col_stride, const TopkView& topk,
+              const float* weights, int num_tokens, const int32_t* slot, const int32_t* counts,
+              int max_rows, const node::RowLayout& row, cudaStream_t stream) {
+  node::PackParams p{};
+  p.x = static_cast<const uint8_t*>(x);
+  p.x_scales = scales;
+  p.scales_token_stride = scales_token_stride;
+  p.scales_col_stride = scales_col_stride;
+  p.num_scales = element_bytes == 1 ? s.H / 128 : 0;
+  p.topk_idx = topk.idx;
+  p.idx_is_64 = topk.idx_type == IndexType::kInt64;
+  p.topk_weights = weights;
+  p.num_tokens = num_tokens;
+  p.num_topk = topk.num_topk;
+  p.max_topk = static_cast<int32_t>((row.weights_off - row.ids_off) / 4);
+  p.row = row;
+  p.slot = slot;
+  p.counts = counts;
+  p.num_nodes = s.M;
+  p.max_rows = max_rows;
+  p.send = s.send.as<uint8_t>();
+  node::launchNodePack(p, stream);
+}
+
 // Buckets `topk` into `slot` / `counts` and packs the rows into `send`.
 void bucketAndPack(const ScaleOutBuffer::Impl& s, const void* x, int element_bytes,
                    const float* scales, int64_t scales_token_stride, int64_t scales_col_stride,
@@ -412,26 +471,8 @@ void bucketAndPack(const ScaleOutBuffer::Impl& s, const void* x, int element_byt
   b.slot = slot;
   b.counts = counts;
   node::launchNodeBuckets(b, stream);
-
-  node::PackParams p{};
-  p.x = static_cast<const uint8_t*>(x);
-  p.x_scales = scales;
-  p.scales_token_stride = scales_token_stride;
-  p.scales_col_stride = scales_col_stride;
-  p.num_scales = element_bytes == 1 ? s.H / 128 : 0;
-  p.topk_idx = topk.idx;
-  p.idx_is_64 = b.idx_is_64;
-  p.topk_weights = weights;
-  p.num_tokens = topk.num_tokens;
-  p.num_topk = topk.num_topk;
-  p.max_topk = s.max_topk;
-  p.row = row;
-  p.slot = slot;
-  p.counts = counts;
-  p.num_nodes = s.M;
-  p.max_rows = max_rows;
-  p.send = s.send.as<uint8_t>();
-  node::launchNodePack(p, stream);
+  packRows(s, x, element_bytes, scales, scales_token_stride, scales_col_stride, topk, weights,
+           topk.num_tokens, slot, counts, max_rows, row, stream);
 }
 
 void unpack(const ScaleOutBuffer::Impl& s, const node::RowLayout& row, int rows, int max_rows,
@@ -482,12 +523,19 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
   DeviceGuard guard(s.device);
   ScaleOutHandle::Impl& h = *handle.impl_;
   const bool fp8 = args.dtype == DType::kFP8E4M3;
+  // Routing: top-k (topk.idx set or topk.num_topk > 0, as on one node), else a cached dispatch
+  // that reuses the handle's routing.
+  const bool cached = args.topk.idx == nullptr && args.topk.num_topk == 0;
   // dtype and num_topk size the rail rows: the same on every rank (as EpBuffer's signature).
   const int32_t shape = (fp8 ? 1000 : 0) + args.topk.num_topk;
-  const std::vector<CallVote> votes =
-      voteCall(*s.bootstrap, "dispatch", 0, args.num_tokens > 0, shape, [&] {
+  const std::vector<CallVote> votes = voteCall(
+      *s.bootstrap, "dispatch", cached, args.num_tokens > 0, shape, cached ? h.routing : 0, [&] {
         const std::string me = onRank(s.topo.rank);
         if (h.owner != this) reject("dispatch: the handle belongs to another ScaleOutBuffer" + me);
+        if (args.dtype != DType::kBF16 && !fp8) {
+          reject("dispatch: dtype " + std::to_string(static_cast<int>(args.dtype)) +
+                 " is neither kBF16 nor kFP8E4M3" + me);
+        }
         if (args.num_tokens < 0 || args.num_tokens > s.N) {
           reject("dispatch: num_tokens " + std::to_string(args.num_tokens) +
                  " outside [0, max_tokens_per_rank " + std::to_string(s.N) + "]" + me);
@@ -495,52 +543,131 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
         if (args.layout.num_tokens_per_rank != nullptr || args.layout.is_token_in_rank != nullptr ||
             args.layout.num_tokens_per_expert != nullptr) {
           reject(
-              "dispatch: DispatchArgs::layout is not supported across nodes yet (route with topk)" +
+              "dispatch: DispatchArgs::layout is not supported across nodes yet (route with topk, "
+              "or reuse a handle's routing with a cached dispatch)" +
               me);
         }
-        if (args.topk.num_topk < 1 || args.topk.num_topk > s.max_topk) {
-          reject("dispatch: topk.num_topk " + std::to_string(args.topk.num_topk) +
-                 " outside [1, max_topk " + std::to_string(s.max_topk) +
-                 "] (cached dispatches without top-k are not supported across nodes yet)" + me);
+        if (cached) {
+          // One node's rules for a cached dispatch (ops.hpp DispatchArgs::topk).
+          if (h.num_tokens < 0) {
+            reject(
+                "dispatch: cached dispatch (topk.idx null, topk.num_topk 0) with a handle that "
+                "holds no routing: dispatch with topk first" +
+                me);
+          }
+          if (args.num_tokens != h.num_tokens) {
+            reject("dispatch: num_tokens " + std::to_string(args.num_tokens) +
+                   " differs from the handle's num_tokens " + std::to_string(h.num_tokens) +
+                   " (a cached dispatch reuses the routing of that many tokens)" + me);
+          }
+          if (args.recv_topk_idx_out != nullptr || args.recv_topk_weights_out != nullptr) {
+            reject(std::string("dispatch: ") +
+                   (args.recv_topk_idx_out != nullptr
+                        ? "recv_topk_idx_out " + pointerOrNull(args.recv_topk_idx_out)
+                        : "recv_topk_weights_out " + pointerOrNull(args.recv_topk_weights_out)) +
+                   " must be nullptr for a cached dispatch (no top-k is sent)" + me);
+          }
+        } else {
+          if (args.topk.num_topk < 1 || args.topk.num_topk > s.max_topk) {
+            reject("dispatch: topk.num_topk " + std::to_string(args.topk.num_topk) +
+                   " outside [1, max_topk " + std::to_string(s.max_topk) + "]" + me);
+          }
+          if (args.topk.num_tokens != args.num_tokens) {
+            reject("dispatch: topk.num_tokens " + std::to_string(args.topk.num_tokens) +
+                   " != num_tokens " + std::to_string(args.num_tokens) + me);
+          }
+          if (args.num_tokens > 0 && args.topk.idx == nullptr) {
+            reject("dispatch: topk.idx is null with num_tokens " + std::to_string(args.num_tokens) +
+                   me);
+          }
         }
-        if (args.topk.num_tokens != args.num_tokens) {
-          reject("dispatch: topk.num_tokens " + std::to_string(args.topk.num_tokens) +
-                 " != num_tokens " + std::to_string(args.num_tokens) + me);
-        }
-        if (args.num_tokens > 0 && (args.topk.idx == nullptr || args.x == nullptr)) {
-          reject(std::string("dispatch: ") + (args.x == nullptr ? "x" : "topk.idx") +
-                 " is null with num_tokens " + std::to_string(args.num_tokens) + me);
+        if (args.num_tokens > 0 && args.x == nullptr) {
+          reject("dispatch: x is null with num_tokens " + std::to_string(args.num_tokens) + me);
         }
         if (fp8 && args.num_tokens > 0 && args.x_scales == nullptr) {
           reject("dispatch: x_scales is null with dtype FP8" + me);
         }
       });
-  requireSameShape(votes, "dispatch: dtype * 1000 + topk.num_topk", s.topo.rank);
-  h.num_tokens = args.num_tokens;
-  h.num_topk = args.topk.num_topk;
-  const node::RowLayout row = node::rowLayout(s.H, fp8 ? 1 : 2, s.max_topk);
+  const int me = s.topo.rank;
+  // The forwarder's node-local dispatch takes its routing from the batch it received, which mixes
+  // every source node's rows: every rank routes alike (all cached, or all with top-k).
+  const std::string cached_on = ranksWhere(votes, [](const CallVote& v) { return v.flag != 0; });
+  const std::string topk_on = ranksWhere(votes, [](const CallVote& v) { return v.flag == 0; });
+  if (!cached_on.empty() && !topk_on.empty()) {
+    reject("dispatch: cached (no topk) on ranks " + cached_on + " but with topk on ranks " +
+           topk_on + " (across nodes every rank routes alike: all cached or none)" + onRank(me));
+  }
+  if (cached) {
+    // Every rank's handle must hold the routing of the same dispatch: the forwarders route the
+    // rows they receive with their own handles.
+    for (size_t r = 1; r < votes.size(); ++r) {
+      if (votes[r].routing == votes[0].routing) continue;
+      reject(
+          "dispatch: cached dispatch with handles of different dispatches: the routing of the "
+          "buffer's top-k HT dispatch #" +
+          std::to_string(votes[0].routing) + " on rank 0, #" + std::to_string(votes[r].routing) +
+          " on rank " + std::to_string(r) +
+          " (every rank passes the handle of the same earlier dispatch)" + onRank(me));
+    }
+  }
+  requireSameShape(votes, "dispatch: dtype * 1000 + topk.num_topk", me);
   const int64_t token_stride = args.scales_token_stride != 0 ? args.scales_token_stride : s.H / 128;
+  DispatchArgs n = args;
+  n.scales_token_stride = s.H / 128;
+  n.scales_col_stride = 1;
+  n.x_scales = fp8 ? s.batch_scales.as<float>() : nullptr;
+  n.x = s.batch_x.get();
+
+  if (cached) {
+    // Only the rows move: bucketed by the stored slots, the same rail exchange (the exact counts
+    // are the handle's), then the node-local cached dispatch of the forwarded batch.
+    const node::RowLayout row = node::rowLayout(s.H, fp8 ? 1 : 2, 0);
+    packRows(s, args.x, fp8 ? 1 : 2, args.x_scales, token_stride, args.scales_col_stride,
+             TopkView{}, nullptr, h.num_tokens, h.slot.as<int32_t>(), h.send_counts.as<int32_t>(),
+             0, row, stream);
+    const RailExchangeResult got =
+        moveRows(s, row.row_bytes, h.send_counts.as<int32_t>(), 0, stream);
+    // Every rank passed the handle of the same dispatch (voted), so its rail peers send what they
+    // sent then.
+    EPCOMM_CHECK_CODE(got.recv_counts == h.batch_counts_host, ErrorCode::kInternal,
+                      "cached dispatch: the rail delivered other row counts than the handle's "
+                      "dispatch (rank "
+                          << me << ")");
+    unpack(s, row, h.rows, 0, nullptr, 0, false, fp8, stream);
+    n.num_tokens = h.rows;
+    n.topk = TopkView{};
+    n.topk_weights = nullptr;
+    return s.node->dispatch(n, h.node, stream);
+  }
+
+  // A new routing. The handle holds none until this one is in place (a failure below leaves it
+  // empty, so a cached dispatch on it is rejected); the number is taken now, while every rank
+  // agrees.
+  const int64_t routing = ++s.ht_routings;
+  h.num_tokens = -1;
+  h.routing = 0;
+  const node::RowLayout row = node::rowLayout(s.H, fp8 ? 1 : 2, s.max_topk);
   bucketAndPack(s, args.x, fp8 ? 1 : 2, args.x_scales, token_stride, args.scales_col_stride,
                 args.topk, args.topk_weights, h.slot.as<int32_t>(), h.send_counts.as<int32_t>(), 0,
                 row, stream);
   const RailExchangeResult got = moveRows(s, row.row_bytes, h.send_counts.as<int32_t>(), 0, stream);
   h.rows = static_cast<int>(got.recv_rows);
+  h.batch_counts_host = got.recv_counts;
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(h.batch_counts.get(), s.exchange->recvCountsDevice(),
                                     static_cast<size_t>(s.M) * 4, cudaMemcpyDeviceToDevice,
                                     stream));
   const bool idx64 = args.topk.idx_type == IndexType::kInt64;
   unpack(s, row, h.rows, 0, nullptr, args.topk.num_topk, idx64, fp8, stream);
 
-  DispatchArgs n = args;
-  n.x = s.batch_x.get();
   n.num_tokens = h.rows;
-  n.x_scales = fp8 ? s.batch_scales.as<float>() : nullptr;
-  n.scales_token_stride = s.H / 128;
-  n.scales_col_stride = 1;
   n.topk.idx = s.batch_ids.get();
   n.topk.num_tokens = h.rows;
   n.topk_weights = s.batch_weights.as<float>();
-  return s.node->dispatch(n, h.node, stream);
+  DispatchResult result = s.node->dispatch(n, h.node, stream);
+  h.num_tokens = args.num_tokens;
+  h.num_topk = args.topk.num_topk;
+  h.routing = routing;
+  return result;
 }
 
 void ScaleOutBuffer::combine(const CombineArgs& args, const ScaleOutHandle& handle,
@@ -548,22 +675,38 @@ void ScaleOutBuffer::combine(const CombineArgs& args, const ScaleOutHandle& hand
   Impl& s = *impl_;
   DeviceGuard guard(s.device);
   const ScaleOutHandle::Impl& h = *handle.impl_;
-  const std::vector<CallVote> votes =
-      voteCall(*s.bootstrap, "combine", args.scale_weights != nullptr, h.num_tokens > 0, 0, [&] {
+  const bool combined = args.recv_topk_weights != nullptr;
+  const std::vector<CallVote> votes = voteCall(
+      *s.bootstrap, "combine", args.scale_weights != nullptr, h.num_tokens > 0, combined, 0, [&] {
         const std::string me = onRank(s.topo.rank);
         if (h.owner != this) reject("combine: the handle belongs to another ScaleOutBuffer" + me);
         if (h.num_tokens < 0) reject("combine: the handle holds no dispatch yet" + me);
-        if (args.recv_topk_weights != nullptr || args.combined_topk_weights != nullptr) {
-          reject(
-              "combine: recv_topk_weights / combined_topk_weights are not supported across nodes "
-              "yet" +
-              me);
+        if (combined != (args.combined_topk_weights != nullptr)) {
+          reject("combine: combined_topk_weights is " + pointerOrNull(args.combined_topk_weights) +
+                 " but recv_topk_weights is " + pointerOrNull(args.recv_topk_weights) +
+                 " (both or neither)" + me);
+        }
+        if (reinterpret_cast<uintptr_t>(args.recv_topk_weights) % 4 != 0 ||
+            reinterpret_cast<uintptr_t>(args.combined_topk_weights) % 4 != 0) {
+          reject("combine: recv_topk_weights " + pointerOrNull(args.recv_topk_weights) +
+                 " / combined_topk_weights " + pointerOrNull(args.combined_topk_weights) +
+                 " must be 4-byte aligned (float32)" + me);
         }
         if (h.num_tokens > 0 && args.out == nullptr) reject("combine: out is null" + me);
       });
   // One node-local combine weighs every source's rows alike: scale_weights on every rank with
   // tokens or on none.
   const bool ship = weightsOnEveryRankOrNone(votes, "combine (scale_weights)", s.topo.rank);
+  // Every rank reads the others' recv_topk_weights (inside its node, then across the rail): set on
+  // every rank or on none, as on one node.
+  {
+    const std::string with = ranksWhere(votes, [](const CallVote& v) { return v.shape != 0; });
+    const std::string without = ranksWhere(votes, [](const CallVote& v) { return v.shape == 0; });
+    if (!with.empty() && !without.empty()) {
+      reject("combine: recv_topk_weights / combined_topk_weights set on ranks " + with +
+             " but not on ranks " + without + " (every rank or none)" + onRank(s.topo.rank));
+    }
+  }
   const float* node_weights = nullptr;
   if (ship) {
     shipWeights(s, args.scale_weights, h.num_tokens, h.num_topk, h.slot.as<int32_t>(),
@@ -584,21 +727,42 @@ void ScaleOutBuffer::combine(const CombineArgs& args, const ScaleOutHandle& hand
   n.scale_weights = node_weights;
   n.out = s.send.get();
   n.num_sms = args.num_sms;
+  // combined_topk_weights: the node-local combine sums, per batch row, the entries of the node's
+  // ranks the row went to (its recv_topk_weights rows are this rank's received rows, as the
+  // node-local dispatch delivered them); the node sums travel back like the partials.
+  n.recv_topk_weights = args.recv_topk_weights;
+  n.combined_topk_weights = combined ? s.batch_combined.as<float>() : nullptr;
   s.node->combine(n, h.node, stream);
 
   moveRows(s, static_cast<int64_t>(s.H) * 2, h.batch_counts.as<int32_t>(), 0, stream);
 
+  const node::TokenRows tokens{h.slot.as<int32_t>(), h.send_counts.as<int32_t>(), s.M, 0,
+                               h.num_tokens};
   node::ReduceParams r{};
   r.partials = s.recv.as<uint16_t>();
-  r.slot = h.slot.as<int32_t>();
-  r.counts = h.send_counts.as<int32_t>();
-  r.num_nodes = s.M;
-  r.max_rows = 0;
-  r.num_tokens = h.num_tokens;
+  r.tokens = tokens;
   r.hidden = s.H;
   r.bias = static_cast<const uint16_t*>(args.bias);
   r.out = static_cast<uint16_t*>(args.out);
   node::launchNodeReduce(r, stream);
+  if (!combined) return;
+
+  // The node sums of the weights, [rows, num_topk] float32, back over the rail in the same order
+  // (the reduce above has read the partials: the receive staging is free again), then summed per
+  // token over its nodes in node order.
+  const int64_t weight_row = static_cast<int64_t>(h.num_topk) * 4;
+  if (h.rows > 0) {
+    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(s.send.get(), s.batch_combined.get(),
+                                      static_cast<size_t>(h.rows * weight_row),
+                                      cudaMemcpyDeviceToDevice, stream));
+  }
+  moveRows(s, weight_row, h.batch_counts.as<int32_t>(), 0, stream);
+  node::ReduceWeightsParams w{};
+  w.partials = s.recv.as<float>();
+  w.tokens = tokens;
+  w.num_topk = h.num_topk;
+  w.out = args.combined_topk_weights;
+  node::launchNodeReduceWeights(w, stream);
 }
 
 LlDispatchResult ScaleOutBuffer::lowLatencyDispatch(const LlDispatchArgs& args, cudaStream_t stream,
@@ -607,7 +771,7 @@ LlDispatchResult ScaleOutBuffer::lowLatencyDispatch(const LlDispatchArgs& args, 
   DeviceGuard guard(s.device);
   const bool weights = args.topk_weights != nullptr;
   const std::vector<CallVote> votes =
-      voteCall(*s.bootstrap, "LL dispatch", weights, args.num_tokens > 0, args.use_fp8, [&] {
+      voteCall(*s.bootstrap, "LL dispatch", weights, args.num_tokens > 0, args.use_fp8, 0, [&] {
         const std::string me = onRank(s.topo.rank);
         if (phase != LlPhase::kBoth) reject("LL dispatch: only LlPhase::kBoth across nodes" + me);
         if (s.ll_dispatched) {
@@ -669,7 +833,7 @@ void ScaleOutBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t s
   DeviceGuard guard(s.device);
   const bool weights = args.topk_weights != nullptr;
   const std::vector<CallVote> votes =
-      voteCall(*s.bootstrap, "LL combine", weights, s.ll_tokens > 0, 0, [&] {
+      voteCall(*s.bootstrap, "LL combine", weights, s.ll_tokens > 0, 0, 0, [&] {
         const std::string me = onRank(s.topo.rank);
         if (phase != LlPhase::kBoth) reject("LL combine: only LlPhase::kBoth across nodes" + me);
         if (!s.ll_dispatched) {
@@ -697,15 +861,32 @@ void ScaleOutBuffer::lowLatencyCombine(const LlCombineArgs& args, cudaStream_t s
 
   node::ReduceParams r{};
   r.partials = s.recv.as<uint16_t>();
-  r.slot = s.ll_slot.as<int32_t>();
-  r.counts = s.ll_send_counts.as<int32_t>();
-  r.num_nodes = s.M;
-  r.max_rows = s.N_ll;
-  r.num_tokens = s.ll_tokens;
+  r.tokens = node::TokenRows{s.ll_slot.as<int32_t>(), s.ll_send_counts.as<int32_t>(), s.M, s.N_ll,
+                             s.ll_tokens};
   r.hidden = s.H;
   r.bias = nullptr;
   r.out = static_cast<uint16_t*>(args.out);
   node::launchNodeReduce(r, stream);
+}
+
+void ScaleOutBuffer::barrier(cudaStream_t stream) {
+  Impl& s = *impl_;
+  DeviceGuard guard(s.device);
+  s.node->barrier(stream);
+  // Rank (n, l) passes its node's barrier once every rank of node n has reached it; the rail
+  // exchange after it completes once the rank (m, l) of every node m has passed its own node's
+  // barrier: then every rank of the job has reached this barrier. Worst-case mode: no rows, fixed
+  // sizes, no host sync (graph-capturable); a fault is reported by sync().
+  const size_t counts_bytes = static_cast<size_t>(s.M) * 4;
+  RailExchangeArgs a;
+  a.mode = RailExchangeMode::kWorstCase;
+  a.row_bytes = 16;
+  a.send_counts = s.barrier_scratch.as<int32_t>();
+  a.send = s.barrier_scratch.as<uint8_t>(counts_bytes);
+  a.recv = s.barrier_scratch.as<uint8_t>(counts_bytes + static_cast<size_t>(s.M) * 16);
+  a.recv_capacity_rows = s.M;
+  a.max_rows = 1;
+  s.exchange->exchange(a, stream);
 }
 
 void ScaleOutBuffer::sync(cudaStream_t stream) {
@@ -745,6 +926,7 @@ class ScaleOutAdapter final : public core::ScaleOutOps {
   void lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase) override {
     buffer_.lowLatencyCombine(args, stream, phase);
   }
+  void barrier(cudaStream_t stream) override { buffer_.barrier(stream); }
   void sync(cudaStream_t stream) override { buffer_.sync(stream); }
 
  private:
