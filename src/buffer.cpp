@@ -142,9 +142,12 @@ void* scaleOutHandle(const EpHandle::Impl* handle) {
 }  // namespace
 
 void EpBuffer::layout(const TopkView& topk, EpHandle& handle, cudaStream_t stream) {
-  EPCOMM_CHECK_CODE(!so_, ErrorCode::kUnsupported,
-                    "EpBuffer::layout across nodes is not supported yet (dispatch lays out "
-                    "itself; docs/scale-out.md)");
+  if (so_) {
+    so_->layout(topk, scaleOutHandle(handle.impl_.get()), stream);
+    handle.impl_->num_tokens = topk.num_tokens;
+    handle.impl_->num_topk = topk.num_topk;
+    return;
+  }
   impl_->ht.layout(topk, handle.impl_.get(), stream);
 }
 

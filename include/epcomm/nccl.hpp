@@ -16,8 +16,7 @@
 //    the intranode EpBuffer, unchanged. The same calls and argument structs; EpHandle as usual.
 //  - ScaleOutBuffer directly (any node count; on one node it adds an NCCL self-copy per op).
 // The differences from one node are listed per method of ScaleOutBuffer below; across nodes
-// EpBuffer::layout is Unsupported (dispatch with top-k lays out itself), EpBuffer::barrier is
-// ScaleOutBuffer::barrier, and device(), memMode(),
+// EpBuffer::layout and EpBuffer::barrier are ScaleOutBuffer's, and device(), memMode(),
 // bytesPerRank(), the peer bases and the scratch are the node-local buffer's. EpHandle's layout
 // views (numTokensPerRank, ...) are null across nodes.
 #pragma once
@@ -93,6 +92,15 @@ class ScaleOutBuffer {
 
   ScaleOutHandle createHandle() const;
 
+  // As EpBuffer::layout: local, not collective; bad input throws InvalidArgument here only. The
+  // buckets need the forwarders, so it only checks `topk` and keeps a copy of its ids (stream-
+  // ordered on `stream`) in the handle; the next cached dispatch with the handle (no topk) routes
+  // by them, as a top-k dispatch without weights whose result holds no top-k (recv_topk_idx /
+  // recv_topk_weights null), and lays the routing out for combine and later cached dispatches.
+  // Until that dispatch the handle holds no dispatched routing: combine with it is
+  // InvalidArgument. EpHandle's layout views stay null across nodes.
+  void layout(const TopkView& topk, ScaleOutHandle& handle, cudaStream_t stream);
+
   // --- HT ---------------------------------------------------------------------------------------
   // Collective over the job. As EpBuffer::dispatch, with these differences:
   //  - routing from topk, or a cached dispatch (topk.idx null and topk.num_topk 0, as on one
@@ -101,7 +109,9 @@ class ScaleOutBuffer {
   //    node-local cached dispatch); no top-k ids or weights travel, recv_topk_idx /
   //    recv_topk_weights are null. Across nodes every rank routes alike (all cached or none) and
   //    passes the handle of the same earlier dispatch, whose num_tokens it passes again (each
-  //    checked on every rank: InvalidArgument everywhere, naming the ranks);
+  //    checked on every rank: InvalidArgument everywhere, naming the ranks). A cached dispatch
+  //    on a handle laid out by layout() routes by the ids layout() kept (a new routing, like a
+  //    top-k dispatch; it may be mixed with other ranks' top-k dispatches);
   //  - DispatchArgs::layout is InvalidArgument (not supported across nodes yet);
   //  - the host waits for the network leg (the rail exchange's exact mode): not graph-capturable;
   //  - the result is the node-local buffer's: rows are grouped by forwarder (the rank of this

@@ -187,6 +187,12 @@ struct ScaleOutHandle::Impl {
   int rows = 0;
   int num_topk = 0;
   int64_t routing = 0;
+  // ScaleOutBuffer::layout: a copy of its top-k ids ([num_tokens, num_topk] in `laid_idx_type`),
+  // which the next cached dispatch with this handle routes by (as a top-k dispatch without
+  // weights). Cleared by every dispatch.
+  DeviceMemory laid_idx;
+  IndexType laid_idx_type = IndexType::kInt64;
+  bool laid_out = false;
   Impl(const void* o, EpHandle&& h) : owner(o), node(std::move(h)) {}
 };
 
@@ -407,7 +413,45 @@ ScaleOutHandle ScaleOutBuffer::createHandle() const {
   h->slot = DeviceMemory(static_cast<size_t>(std::max(s.N, 1)) * s.M * 4);
   h->send_counts = DeviceMemory(static_cast<size_t>(s.M) * 4);
   h->batch_counts = DeviceMemory(static_cast<size_t>(s.M) * 4);
+  h->laid_idx = DeviceMemory(static_cast<size_t>(std::max(s.N, 1)) * s.max_topk * 8);
   return ScaleOutHandle(std::move(h));
+}
+
+void ScaleOutBuffer::layout(const TopkView& topk, ScaleOutHandle& handle, cudaStream_t stream) {
+  Impl& s = *impl_;
+  DeviceGuard guard(s.device);
+  ScaleOutHandle::Impl& h = *handle.impl_;
+  const std::string me = onRank(s.topo.rank);
+  // Local, as on one node: bad input throws here only.
+  if (h.owner != this) reject("layout: the handle belongs to another ScaleOutBuffer" + me);
+  if (topk.num_tokens < 0 || topk.num_tokens > s.N) {
+    reject("layout: topk.num_tokens " + std::to_string(topk.num_tokens) +
+           " outside [0, max_tokens_per_rank " + std::to_string(s.N) + "]" + me);
+  }
+  if (topk.num_topk < 1 || topk.num_topk > s.max_topk) {
+    reject("layout: topk.num_topk " + std::to_string(topk.num_topk) + " outside [1, max_topk " +
+           std::to_string(s.max_topk) + "]" + me);
+  }
+  if (topk.num_tokens > 0 && topk.idx == nullptr) {
+    reject("layout: topk.idx is null with topk.num_tokens " + std::to_string(topk.num_tokens) + me);
+  }
+  if (topk.idx_type != IndexType::kInt32 && topk.idx_type != IndexType::kInt64) {
+    reject("layout: topk.idx_type " + std::to_string(static_cast<int>(topk.idx_type)) +
+           " is neither kInt32 nor kInt64" + me);
+  }
+  // The buckets need the forwarders (a collective step), so the routing is laid out by the next
+  // dispatch; the ids are kept until then (the caller's array may change meanwhile).
+  const size_t bytes = static_cast<size_t>(topk.num_tokens) * static_cast<size_t>(topk.num_topk) *
+                       (topk.idx_type == IndexType::kInt64 ? 8 : 4);
+  if (bytes > 0) {
+    EPCOMM_CUDA_CHECK(
+        cudaMemcpyAsync(h.laid_idx.get(), topk.idx, bytes, cudaMemcpyDeviceToDevice, stream));
+  }
+  h.laid_idx_type = topk.idx_type;
+  h.laid_out = true;
+  h.num_tokens = topk.num_tokens;
+  h.num_topk = topk.num_topk;
+  h.routing = 0;
 }
 
 namespace {
@@ -523,13 +567,22 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
   DeviceGuard guard(s.device);
   ScaleOutHandle::Impl& h = *handle.impl_;
   const bool fp8 = args.dtype == DType::kFP8E4M3;
-  // Routing: top-k (topk.idx set or topk.num_topk > 0, as on one node), else a cached dispatch
-  // that reuses the handle's routing.
+  // Routing: top-k (topk.idx set or topk.num_topk > 0, as on one node), else a cached dispatch:
+  // after layout() (h.laid_out) by the ids it kept, as a top-k dispatch without weights whose
+  // result holds no top-k; otherwise the row movement of the handle's dispatched routing.
   const bool cached = args.topk.idx == nullptr && args.topk.num_topk == 0;
+  const bool from_layout = cached && h.owner == this && h.laid_out;
+  const bool reuse = cached && !from_layout;
+  TopkView topk = args.topk;
+  const float* topk_weights = args.topk_weights;
+  if (from_layout) {
+    topk = TopkView{h.laid_idx.get(), h.laid_idx_type, h.num_tokens, h.num_topk};
+    topk_weights = nullptr;
+  }
   // dtype and num_topk size the rail rows: the same on every rank (as EpBuffer's signature).
-  const int32_t shape = (fp8 ? 1000 : 0) + args.topk.num_topk;
+  const int32_t shape = (fp8 ? 1000 : 0) + topk.num_topk;
   const std::vector<CallVote> votes = voteCall(
-      *s.bootstrap, "dispatch", cached, args.num_tokens > 0, shape, cached ? h.routing : 0, [&] {
+      *s.bootstrap, "dispatch", reuse, args.num_tokens > 0, shape, reuse ? h.routing : 0, [&] {
         const std::string me = onRank(s.topo.rank);
         if (h.owner != this) reject("dispatch: the handle belongs to another ScaleOutBuffer" + me);
         if (args.dtype != DType::kBF16 && !fp8) {
@@ -590,14 +643,15 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
       });
   const int me = s.topo.rank;
   // The forwarder's node-local dispatch takes its routing from the batch it received, which mixes
-  // every source node's rows: every rank routes alike (all cached, or all with top-k).
+  // every source node's rows: every rank routes alike (all reuse a dispatched routing, or none).
   const std::string cached_on = ranksWhere(votes, [](const CallVote& v) { return v.flag != 0; });
   const std::string topk_on = ranksWhere(votes, [](const CallVote& v) { return v.flag == 0; });
   if (!cached_on.empty() && !topk_on.empty()) {
-    reject("dispatch: cached (no topk) on ranks " + cached_on + " but with topk on ranks " +
-           topk_on + " (across nodes every rank routes alike: all cached or none)" + onRank(me));
+    reject("dispatch: cached (no topk, the handle's dispatched routing) on ranks " + cached_on +
+           " but a new routing (topk, or a handle laid out by layout()) on ranks " + topk_on +
+           " (across nodes every rank routes alike: all cached or none)" + onRank(me));
   }
-  if (cached) {
+  if (reuse) {
     // Every rank's handle must hold the routing of the same dispatch: the forwarders route the
     // rows they receive with their own handles.
     for (size_t r = 1; r < votes.size(); ++r) {
@@ -618,7 +672,7 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
   n.x_scales = fp8 ? s.batch_scales.as<float>() : nullptr;
   n.x = s.batch_x.get();
 
-  if (cached) {
+  if (reuse) {
     // Only the rows move: bucketed by the stored slots, the same rail exchange (the exact counts
     // are the handle's), then the node-local cached dispatch of the forwarded batch.
     const node::RowLayout row = node::rowLayout(s.H, fp8 ? 1 : 2, 0);
@@ -646,27 +700,33 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
   const int64_t routing = ++s.ht_routings;
   h.num_tokens = -1;
   h.routing = 0;
+  h.laid_out = false;  // `topk` may point at its ids: they are read by the kernels queued below
   const node::RowLayout row = node::rowLayout(s.H, fp8 ? 1 : 2, s.max_topk);
-  bucketAndPack(s, args.x, fp8 ? 1 : 2, args.x_scales, token_stride, args.scales_col_stride,
-                args.topk, args.topk_weights, h.slot.as<int32_t>(), h.send_counts.as<int32_t>(), 0,
-                row, stream);
+  bucketAndPack(s, args.x, fp8 ? 1 : 2, args.x_scales, token_stride, args.scales_col_stride, topk,
+                topk_weights, h.slot.as<int32_t>(), h.send_counts.as<int32_t>(), 0, row, stream);
   const RailExchangeResult got = moveRows(s, row.row_bytes, h.send_counts.as<int32_t>(), 0, stream);
   h.rows = static_cast<int>(got.recv_rows);
   h.batch_counts_host = got.recv_counts;
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(h.batch_counts.get(), s.exchange->recvCountsDevice(),
                                     static_cast<size_t>(s.M) * 4, cudaMemcpyDeviceToDevice,
                                     stream));
-  const bool idx64 = args.topk.idx_type == IndexType::kInt64;
-  unpack(s, row, h.rows, 0, nullptr, args.topk.num_topk, idx64, fp8, stream);
+  const bool idx64 = topk.idx_type == IndexType::kInt64;
+  unpack(s, row, h.rows, 0, nullptr, topk.num_topk, idx64, fp8, stream);
 
   n.num_tokens = h.rows;
+  n.topk = topk;
   n.topk.idx = s.batch_ids.get();
   n.topk.num_tokens = h.rows;
   n.topk_weights = s.batch_weights.as<float>();
   DispatchResult result = s.node->dispatch(n, h.node, stream);
   h.num_tokens = args.num_tokens;
-  h.num_topk = args.topk.num_topk;
+  h.num_topk = topk.num_topk;
   h.routing = routing;
+  if (from_layout) {
+    // A cached dispatch sends no top-k (ops.hpp): its result has none, as on one node.
+    result.recv_topk_idx = nullptr;
+    result.recv_topk_weights = nullptr;
+  }
   return result;
 }
 
@@ -680,7 +740,12 @@ void ScaleOutBuffer::combine(const CombineArgs& args, const ScaleOutHandle& hand
       *s.bootstrap, "combine", args.scale_weights != nullptr, h.num_tokens > 0, combined, 0, [&] {
         const std::string me = onRank(s.topo.rank);
         if (h.owner != this) reject("combine: the handle belongs to another ScaleOutBuffer" + me);
-        if (h.num_tokens < 0) reject("combine: the handle holds no dispatch yet" + me);
+        if (h.num_tokens < 0 || h.laid_out) {
+          reject(std::string("combine: the handle ") +
+                 (h.laid_out ? "was laid out by layout() and not dispatched since"
+                             : "holds no dispatch yet") +
+                 me);
+        }
         if (combined != (args.combined_topk_weights != nullptr)) {
           reject("combine: combined_topk_weights is " + pointerOrNull(args.combined_topk_weights) +
                  " but recv_topk_weights is " + pointerOrNull(args.recv_topk_weights) +
@@ -912,6 +977,9 @@ class ScaleOutAdapter final : public core::ScaleOutOps {
   EpBuffer& nodeBuffer() override { return buffer_.nodeBuffer(); }
   std::shared_ptr<void> createHandle() const override {
     return std::make_shared<ScaleOutHandle>(buffer_.createHandle());
+  }
+  void layout(const TopkView& topk, void* handle, cudaStream_t stream) override {
+    buffer_.layout(topk, *static_cast<ScaleOutHandle*>(handle), stream);
   }
   DispatchResult dispatch(const DispatchArgs& args, void* handle, cudaStream_t stream) override {
     return buffer_.dispatch(args, *static_cast<ScaleOutHandle*>(handle), stream);

@@ -282,6 +282,22 @@ void runHt(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all,
   ASSERT_FALSE(origin.empty() && ref.num_recv > 0);
   const int rows = ref.num_recv;
 
+  {
+    // layout() into another handle, then a cached dispatch of the same rows on it: routed by the
+    // laid-out ids, no top-k in the result.
+    auto laid = buffer.createHandle();
+    TopkView topk = argsOf(DType::kBF16).topk;
+    buffer.layout(topk, laid, stream);
+    DispatchArgs a = argsOf(DType::kBF16);
+    a.topk = TopkView{};
+    a.topk_weights = nullptr;
+    test::poisonDevice(const_cast<void*>(r.recv_x), cap * kHidden * 2, stream);
+    const DispatchResult rl = buffer.dispatch(a, laid, stream);
+    buffer.sync(stream);
+    EXPECT_FALSE(checkRows(rl, ref, false, "cached dispatch after layout()").empty() &&
+                 ref.num_recv > 0);
+  }
+
   const float* fp8_scales_view = nullptr;  // fixed, like every view
   if (o.dtype == DType::kFP8E4M3) {
     // Same routing, same (deterministic) row order: the BF16 origins name the FP8 rows.
@@ -834,7 +850,9 @@ TEST_F(ScaleOut, CachedDispatchBadInputRejectedOnEveryRank) {
                  -1, {"#1 on rank 0", "#2 on rank 1"},
                  "cached dispatch, handles of different dispatches");
   expectRejected(outcomesOf([&] { buffer.dispatch(me == 0 ? cached : routed, second, stream()); }),
-                 -1, {"cached (no topk) on ranks 0 but with topk on ranks 1"},
+                 -1,
+                 {"cached (no topk, the handle's dispatched routing) on ranks 0 but a new routing",
+                  "on ranks 1"},
                  "cached on rank 0, top-k elsewhere");
   {
     DispatchArgs a = cached;
@@ -862,6 +880,14 @@ TEST_F(ScaleOut, CachedDispatchBadInputRejectedOnEveryRank) {
     }
     expectRejected(outcomesOf([&] { buffer.combine(a, second, stream()); }), -1,
                    {"set on ranks 0 but not on ranks 1"}, "combined weights on rank 0 only");
+  }
+  {  // combine with a handle laid out but not dispatched since, on the last rank
+    nccl::ScaleOutHandle laid = buffer.createHandle();
+    TopkView topk = routed.topk;
+    buffer.layout(topk, laid, stream());
+    expectRejected(outcomesOf([&] { buffer.combine(c, me == last ? laid : second, stream()); }),
+                   last, {"laid out by layout() and not dispatched since"},
+                   "combine with a laid-out handle on the last rank");
   }
   // Still usable: a cached dispatch on the handles of the same dispatch, then everything again.
   EXPECT_NO_THROW(buffer.dispatch(cached, second, stream()));
