@@ -14,6 +14,9 @@
 // forwarder one row per batch row: the node's partial; the batch goes back over the rail in the
 // same order (its row counts per source node are the dispatch's), and the source sums, per token,
 // the partials of the nodes it went to (slots say where) in float32.
+// A cached HT dispatch (no top-k) moves only the rows: packed by the handle's slots, the same exact
+// rail exchange, the forwarder's node-local cached dispatch. combined_topk_weights: the node-local
+// combine sums them per forwarded row, they travel back like the partials and are summed per token.
 // LL is the same with worst-case rail exchanges (fixed slots of ll_max_tokens_per_rank rows per
 // node) and a fixed batch of nodes * ll_max_tokens_per_rank rows; unused rows route nowhere.
 //
