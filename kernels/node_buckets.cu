@@ -195,6 +195,57 @@ __global__ void __launch_bounds__(kRowThreads) nodeReduceWeightsKernel(ReduceWei
   p.out[i] = acc;
 }
 
+// Records the first fault found (any thread may be first; the others' are dropped).
+__device__ void recordLayoutFault(int32_t* verdict, int32_t kind, int64_t index, int32_t given,
+                                  int32_t expected) {
+  if (atomicCAS(&verdict[0], kLayoutOk, -1) != kLayoutOk) return;
+  verdict[1] = static_cast<int32_t>(index);
+  verdict[2] = given;
+  verdict[3] = expected;
+  __threadfence();
+  atomicExch(&verdict[0], kind);
+}
+
+// One thread per (token, rank): whether topk sends the token there, against is_token_in_rank;
+// counts the rank's tokens and the (token, expert) pairs of its experts.
+__global__ void __launch_bounds__(kRowThreads) nodeCheckLayoutPairsKernel(LayoutCheckParams p) {
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
+  if (pair >= static_cast<int64_t>(p.num_tokens) * p.num_ranks) return;
+  const int64_t t = pair / p.num_ranks;
+  const int r = static_cast<int>(pair % p.num_ranks);
+  const int64_t row = t * p.num_topk;
+  bool goes = false;
+  for (int k = 0; k < p.num_topk; ++k) {
+    const int64_t e = loadId(p.topk_idx, p.idx_is_64, row + k);
+    if (!validExpert(e, p.num_experts) || e / p.experts_per_rank != r) continue;
+    bool repeated = false;
+    for (int j = 0; j < k && !repeated; ++j)
+      repeated = loadId(p.topk_idx, p.idx_is_64, row + j) == e;
+    if (repeated) continue;
+    goes = true;
+    atomicAdd(&p.scratch[p.num_ranks + e], 1);
+  }
+  if (goes) atomicAdd(&p.scratch[r], 1);
+  // Read as bytes: any non-zero byte is true (ops.hpp DispatchLayout).
+  const bool given = reinterpret_cast<const uint8_t*>(p.in_rank)[pair] != 0;
+  if (given != goes) recordLayoutFault(p.verdict, kLayoutInRank, pair, given, goes);
+}
+
+// One thread per rank count, then per expert count.
+__global__ void __launch_bounds__(kRowThreads) nodeCheckLayoutCountsKernel(LayoutCheckParams p) {
+  const int i = blockIdx.x * kRowThreads + static_cast<int>(threadIdx.x);
+  if (i < p.num_ranks) {
+    if (p.rank_counts[i] != p.scratch[i]) {
+      recordLayoutFault(p.verdict, kLayoutRankCount, i, p.rank_counts[i], p.scratch[i]);
+    }
+  } else if (i < p.num_ranks + p.num_experts) {
+    const int e = i - p.num_ranks;
+    if (p.expert_counts[e] != p.scratch[i]) {
+      recordLayoutFault(p.verdict, kLayoutExpertCount, e, p.expert_counts[e], p.scratch[i]);
+    }
+  }
+}
+
 int rowBlocks(int64_t rows) {
   return static_cast<int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
@@ -230,6 +281,23 @@ void launchNodeReduce(const ReduceParams& p, cudaStream_t stream) {
   if (p.tokens.num_tokens == 0) return;
   nodeReduceKernel<<<p.tokens.num_tokens, kReduceThreads, 0, stream>>>(p);
   EPCOMM_KERNEL_LAUNCH_CHECK(nodeReduceKernel);
+}
+
+void launchNodeCheckLayout(const LayoutCheckParams& p, cudaStream_t stream) {
+  EPCOMM_KERNEL_CUDA_CHECK(cudaMemsetAsync(
+      p.scratch, 0, sizeof(int32_t) * static_cast<size_t>(p.num_ranks + p.num_experts), stream));
+  EPCOMM_KERNEL_CUDA_CHECK(
+      cudaMemsetAsync(p.verdict, 0, sizeof(int32_t) * kLayoutVerdictWords, stream));
+  const int64_t pairs = static_cast<int64_t>(p.num_tokens) * p.num_ranks;
+  if (pairs > 0) {
+    nodeCheckLayoutPairsKernel<<<static_cast<int>((pairs + kRowThreads - 1) / kRowThreads),
+                                 kRowThreads, 0, stream>>>(p);
+    EPCOMM_KERNEL_LAUNCH_CHECK(nodeCheckLayoutPairsKernel);
+  }
+  const int counts = p.num_ranks + p.num_experts;
+  nodeCheckLayoutCountsKernel<<<(counts + kRowThreads - 1) / kRowThreads, kRowThreads, 0, stream>>>(
+      p);
+  EPCOMM_KERNEL_LAUNCH_CHECK(nodeCheckLayoutCountsKernel);
 }
 
 void launchNodeReduceWeights(const ReduceWeightsParams& p, cudaStream_t stream) {

@@ -112,7 +112,11 @@ class ScaleOutBuffer {
   //    checked on every rank: InvalidArgument everywhere, naming the ranks). A cached dispatch
   //    on a handle laid out by layout() routes by the ids layout() kept (a new routing, like a
   //    top-k dispatch; it may be mixed with other ranks' top-k dispatches);
-  //  - DispatchArgs::layout is InvalidArgument (not supported across nodes yet);
+  //  - DispatchArgs::layout only with topk, and only the routing topk gives (what
+  //    EpBuffer::layout / DeepEP's get_dispatch_layout compute): rows go by topk, so the layout is
+  //    checked against it on the device before the vote (a host sync) and any difference fails
+  //    every rank (InvalidArgument naming the entry, its value and topk's); a layout without topk
+  //    is InvalidArgument (not supported across nodes yet);
   //  - the host waits for the network leg (the rail exchange's exact mode): not graph-capturable;
   //  - the result is the node-local buffer's: rows are grouped by forwarder (the rank of this
   //    node on the source's rail), recv_rank_prefix has G + 1 entries (by node-local rank), and

@@ -27,9 +27,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "check.hpp"
@@ -232,6 +234,8 @@ struct ScaleOutBuffer::Impl {
   int64_t ht_routings = 0;      // top-k HT dispatches voted so far (ScaleOutHandle::Impl::routing)
   // barrier(): zero counts [nodes], then send and receive slots of one 16-byte row per node.
   DeviceMemory barrier_scratch;
+  // dispatch with DispatchArgs::layout: the check's counts [R + E] and verdict.
+  DeviceMemory layout_check;
   // LL routing kept from dispatch for combine.
   DeviceMemory ll_slot, ll_send_counts, ll_batch_counts;
   int ll_tokens = -1;
@@ -369,6 +373,8 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   s.ll_slot = DeviceMemory(static_cast<size_t>(ll_tokens * s.M * 4));
   s.ll_send_counts = DeviceMemory(static_cast<size_t>(s.M * 4));
   s.ll_batch_counts = DeviceMemory(static_cast<size_t>(s.M * 4));
+  s.layout_check =
+      DeviceMemory(sizeof(int32_t) * static_cast<size_t>(s.R + s.E + node::kLayoutVerdictWords));
   s.barrier_scratch = DeviceMemory(static_cast<size_t>(s.M) * (4 + 2 * 16));
   EPCOMM_CUDA_CHECK(cudaMemset(s.barrier_scratch.get(), 0, s.barrier_scratch.bytes()));
 }
@@ -562,6 +568,60 @@ void shipWeights(ScaleOutBuffer::Impl& s, const float* weights, int num_tokens, 
   moveRows(s, static_cast<int64_t>(s.max_topk) * 4, counts, max_rows, stream);
 }
 
+// Across nodes rows go by topk, so a caller's DispatchLayout must be the routing topk gives (what
+// EpBuffer::layout and DeepEP's get_dispatch_layout compute). Checks it on the device and waits
+// for the verdict (bounded by the op deadline); kLayoutOk, or the first difference found. Called
+// with arguments that passed the host checks of the layout's shape only.
+std::vector<int32_t> checkLayout(ScaleOutBuffer::Impl& s, const DispatchArgs& args,
+                                 cudaStream_t stream) {
+  node::LayoutCheckParams p{};
+  p.topk_idx = args.topk.idx;
+  p.idx_is_64 = args.topk.idx_type == IndexType::kInt64;
+  p.num_tokens = args.num_tokens;
+  p.num_topk = args.topk.num_topk;
+  p.num_experts = s.E;
+  p.experts_per_rank = s.L;
+  p.num_ranks = s.R;
+  p.in_rank = args.layout.is_token_in_rank;
+  p.rank_counts = args.layout.num_tokens_per_rank;
+  p.expert_counts = args.layout.num_tokens_per_expert;
+  p.scratch = s.layout_check.as<int32_t>();
+  p.verdict = s.layout_check.as<int32_t>(sizeof(int32_t) * static_cast<size_t>(s.R + s.E));
+  node::launchNodeCheckLayout(p, stream);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::duration<double>(s.timeout_s);
+  while (true) {
+    const cudaError_t status = cudaStreamQuery(stream);
+    if (status == cudaSuccess) break;
+    if (status != cudaErrorNotReady) EPCOMM_CUDA_CHECK(status);
+    EPCOMM_CHECK_CODE(std::chrono::steady_clock::now() < deadline, ErrorCode::kTimeout,
+                      "dispatch: the check of DispatchArgs::layout did not finish within "
+                          << s.timeout_s << " s (rank " << s.topo.rank << ")");
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  std::vector<int32_t> verdict(node::kLayoutVerdictWords);
+  EPCOMM_CUDA_CHECK(cudaMemcpy(verdict.data(), p.verdict, sizeof(int32_t) * verdict.size(),
+                               cudaMemcpyDeviceToHost));
+  return verdict;
+}
+
+// The message of a layout fault (checkLayout's verdict).
+std::string layoutFaultText(const std::vector<int32_t>& v, int num_ranks) {
+  std::string entry;
+  if (v[0] == node::kLayoutInRank) {
+    entry = "is_token_in_rank[" + std::to_string(v[1] / num_ranks) + "][" +
+            std::to_string(v[1] % num_ranks) + "]";
+  } else if (v[0] == node::kLayoutRankCount) {
+    entry = "num_tokens_per_rank[" + std::to_string(v[1]) + "]";
+  } else {
+    entry = "num_tokens_per_expert[" + std::to_string(v[1]) + "]";
+  }
+  return "dispatch: DispatchArgs::layout." + entry + " = " + std::to_string(v[2]) +
+         ", but topk.idx gives " + std::to_string(v[3]) +
+         " (across nodes rows go by topk: a layout must be the routing topk gives, as "
+         "EpBuffer::layout computes it)";
+}
+
 }  // namespace
 
 DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle& handle,
@@ -573,7 +633,12 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
   // Routing: top-k (topk.idx set or topk.num_topk > 0, as on one node), else a cached dispatch:
   // after layout() (h.laid_out) by the ids it kept, as a top-k dispatch without weights whose
   // result holds no top-k; otherwise the row movement of the handle's dispatched routing.
-  const bool cached = args.topk.idx == nullptr && args.topk.num_topk == 0;
+  const DispatchLayout& layout = args.layout;
+  const bool has_layout = layout.num_tokens_per_rank != nullptr ||
+                          layout.is_token_in_rank != nullptr ||
+                          layout.num_tokens_per_expert != nullptr;
+  const bool has_topk = args.topk.idx != nullptr || args.topk.num_topk > 0;
+  const bool cached = !has_topk && !has_layout;
   const bool from_layout = cached && h.owner == this && h.laid_out;
   const bool reuse = cached && !from_layout;
   TopkView topk = args.topk;
@@ -584,6 +649,16 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
   }
   // dtype and num_topk size the rail rows: the same on every rank (as EpBuffer's signature).
   const int32_t shape = (fp8 ? 1000 : 0) + topk.num_topk;
+  // A caller's layout (with topk, of a usable shape) is checked on the device before the vote, so
+  // that a fault fails every rank before anything else is enqueued.
+  std::vector<int32_t> layout_fault(node::kLayoutVerdictWords, node::kLayoutOk);
+  if (has_layout && has_topk && args.num_tokens >= 0 && args.num_tokens <= s.N &&
+      args.topk.num_tokens == args.num_tokens && args.topk.num_topk >= 1 &&
+      args.topk.num_topk <= s.max_topk && layout.num_tokens_per_rank != nullptr &&
+      layout.num_tokens_per_expert != nullptr &&
+      (args.num_tokens == 0 || (args.topk.idx != nullptr && layout.is_token_in_rank != nullptr))) {
+    layout_fault = checkLayout(s, args, stream);
+  }
   const std::vector<CallVote> votes = voteCall(
       *s.bootstrap, "dispatch", reuse, args.num_tokens > 0, shape, reuse ? h.routing : 0, [&] {
         const std::string me = onRank(s.topo.rank);
@@ -595,13 +670,6 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
         if (args.num_tokens < 0 || args.num_tokens > s.N) {
           reject("dispatch: num_tokens " + std::to_string(args.num_tokens) +
                  " outside [0, max_tokens_per_rank " + std::to_string(s.N) + "]" + me);
-        }
-        if (args.layout.num_tokens_per_rank != nullptr || args.layout.is_token_in_rank != nullptr ||
-            args.layout.num_tokens_per_expert != nullptr) {
-          reject(
-              "dispatch: DispatchArgs::layout is not supported across nodes yet (route with topk, "
-              "or reuse a handle's routing with a cached dispatch)" +
-              me);
         }
         if (cached) {
           // One node's rules for a cached dispatch (ops.hpp DispatchArgs::topk).
@@ -636,6 +704,25 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
             reject("dispatch: topk.idx is null with num_tokens " + std::to_string(args.num_tokens) +
                    me);
           }
+        }
+        if (has_layout) {
+          if (!has_topk) {
+            reject(
+                "dispatch: DispatchArgs::layout without topk is not supported across nodes yet "
+                "(pass topk.idx with it: rows go by topk, and the layout must be its routing)" +
+                me);
+          }
+          const char* missing = layout.num_tokens_per_rank == nullptr     ? "num_tokens_per_rank"
+                                : layout.num_tokens_per_expert == nullptr ? "num_tokens_per_expert"
+                                                                          : "is_token_in_rank";
+          if (layout.num_tokens_per_rank == nullptr || layout.num_tokens_per_expert == nullptr ||
+              (args.num_tokens > 0 && layout.is_token_in_rank == nullptr)) {
+            reject(std::string("dispatch: DispatchArgs::layout.") + missing +
+                   " is nullptr: must be non-null when any DispatchArgs::layout pointer is set "
+                   "(is_token_in_rank may be null only with num_tokens 0)" +
+                   me);
+          }
+          if (layout_fault[0] != node::kLayoutOk) reject(layoutFaultText(layout_fault, s.R) + me);
         }
         if (args.num_tokens > 0 && args.x == nullptr) {
           reject("dispatch: x is null with num_tokens " + std::to_string(args.num_tokens) + me);

@@ -130,6 +130,25 @@ std::vector<RankInputs> withRowsOf(std::vector<RankInputs> all,
   return all;
 }
 
+// A host layout (test::LayoutRef) on the device, as DispatchArgs::layout takes it.
+struct DeviceLayout {
+  DeviceArray<int32_t> rank_counts, expert_counts;
+  DeviceArray<uint8_t> in_rank;
+  explicit DeviceLayout(const test::LayoutRef& l)
+      : rank_counts(std::vector<int32_t>(l.tokens_per_rank.begin(), l.tokens_per_rank.end())),
+        expert_counts(std::vector<int32_t>(l.tokens_per_expert.begin(), l.tokens_per_expert.end())),
+        in_rank(std::max<size_t>(l.is_token_in_rank.size(), 1)) {
+    in_rank.upload(l.is_token_in_rank);
+  }
+  DispatchLayout view() const {
+    DispatchLayout v;
+    v.num_tokens_per_rank = rank_counts.get();
+    v.num_tokens_per_expert = expert_counts.get();
+    v.is_token_in_rank = reinterpret_cast<const bool*>(in_rank.get());
+    return v;
+  }
+};
+
 // HT: dispatch (poisoned views), check every row against referenceHtDispatch by origin; FP8 of the
 // same routing; a cached dispatch (no top-k, the handle's routing) of the rows of `fresh` (the
 // same token counts) in BF16 (and FP8), checked the same way against the reference of that
@@ -295,6 +314,19 @@ void runHt(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all,
     const DispatchResult rl = buffer.dispatch(a, laid, stream);
     buffer.sync(stream);
     EXPECT_FALSE(checkRows(rl, ref, false, "cached dispatch after layout()").empty() &&
+                 ref.num_recv > 0);
+  }
+
+  // A caller's layout with the top-k (DeepEP's get_dispatch_layout outputs): the same rows.
+  const DeviceLayout layout(
+      test::referenceLayout(in.topk_idx.data(), in.num_tokens, kTopk, kExperts, R));
+  {
+    DispatchArgs a = argsOf(DType::kBF16);
+    a.layout = layout.view();
+    test::poisonDevice(const_cast<void*>(r.recv_x), cap * kHidden * 2, stream);
+    const DispatchResult rl = buffer.dispatch(a, handle, stream);
+    buffer.sync(stream);
+    EXPECT_FALSE(checkRows(rl, ref, true, "dispatch with a DispatchArgs::layout").empty() &&
                  ref.num_recv > 0);
   }
 
@@ -880,6 +912,21 @@ TEST_F(ScaleOut, CachedDispatchBadInputRejectedOnEveryRank) {
     }
     expectRejected(outcomesOf([&] { buffer.combine(a, second, stream()); }), -1,
                    {"set on ranks 0 but not on ranks 1"}, "combined weights on rank 0 only");
+  }
+  {  // a layout that is not topk's routing on rank 0: one is_token_in_rank entry flipped
+    test::LayoutRef l = test::referenceLayout(in.topk_idx.data(), n, kTopk, kExperts, size());
+    if (me == 0) l.is_token_in_rank[1] ^= 1;  // token 0, rank 1
+    const DeviceLayout bad(l);
+    DispatchArgs a = routed;
+    a.layout = bad.view();
+    expectRejected(
+        outcomesOf([&] { buffer.dispatch(a, second, stream()); }), 0,
+        {"DispatchArgs::layout.is_token_in_rank[0][1] = " + std::to_string(l.is_token_in_rank[1]),
+         "topk.idx gives " + std::to_string(l.is_token_in_rank[1] ^ 1)},
+        "a layout that differs from topk on rank 0");
+    a.topk = TopkView{};  // a layout without topk on the last rank
+    expectRejected(outcomesOf([&] { buffer.dispatch(me == last ? a : cached, second, stream()); }),
+                   last, {"DispatchArgs::layout without topk"}, "a layout without topk");
   }
   {  // combine with a handle laid out but not dispatched since, on the last rank
     nccl::ScaleOutHandle laid = buffer.createHandle();
