@@ -153,11 +153,12 @@ __global__ void __launch_bounds__(kRowThreads) nodeGatherKernel(GatherParams p) 
 // One block per token, two columns per thread per step.
 __global__ void __launch_bounds__(kReduceThreads) nodeReduceKernel(ReduceParams p) {
   const int t = blockIdx.x;
+  const TokenRows& tr = p.tokens;
   __shared__ int64_t rows[kMaxNodes];
   if (threadIdx.x == 0) {
-    for (int m = 0; m < p.num_nodes; ++m) {
-      const int s = p.slot[static_cast<int64_t>(t) * p.num_nodes + m];
-      rows[m] = s < 0 ? -1 : bucketBase(p.counts, m, p.max_rows) + s;
+    for (int m = 0; m < tr.num_nodes; ++m) {
+      const int s = tr.slot[static_cast<int64_t>(t) * tr.num_nodes + m];
+      rows[m] = s < 0 ? -1 : bucketBase(tr.counts, m, tr.max_rows) + s;
     }
   }
   __syncthreads();
@@ -168,13 +169,80 @@ __global__ void __launch_bounds__(kReduceThreads) nodeReduceKernel(ReduceParams 
   for (int c = threadIdx.x; c < pairs; c += kReduceThreads) {
     float2 acc = make_float2(0.0f, 0.0f);
     if (bias != nullptr) acc = __bfloat1622float2(bias[static_cast<int64_t>(t) * pairs + c]);
-    for (int m = 0; m < p.num_nodes; ++m) {
+    for (int m = 0; m < tr.num_nodes; ++m) {
       if (rows[m] < 0) continue;
       const float2 v = __bfloat1622float2(partials[rows[m] * pairs + c]);
       acc.x += v.x;
       acc.y += v.y;
     }
     out[static_cast<int64_t>(t) * pairs + c] = __float22bfloat162_rn(acc);
+  }
+}
+
+// One thread per (token, top-k column).
+__global__ void __launch_bounds__(kRowThreads) nodeReduceWeightsKernel(ReduceWeightsParams p) {
+  const TokenRows& tr = p.tokens;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
+  if (i >= static_cast<int64_t>(tr.num_tokens) * p.num_topk) return;
+  const int64_t t = i / p.num_topk;
+  const int k = static_cast<int>(i % p.num_topk);
+  float acc = 0.0f;
+  for (int m = 0; m < tr.num_nodes; ++m) {
+    const int s = tr.slot[t * tr.num_nodes + m];
+    if (s < 0) continue;
+    acc += p.partials[(bucketBase(tr.counts, m, tr.max_rows) + s) * p.num_topk + k];
+  }
+  p.out[i] = acc;
+}
+
+// Records the first fault found (any thread may be first; the others' are dropped).
+__device__ void recordLayoutFault(int32_t* verdict, int32_t kind, int64_t index, int32_t given,
+                                  int32_t expected) {
+  if (atomicCAS(&verdict[0], kLayoutOk, -1) != kLayoutOk) return;
+  verdict[1] = static_cast<int32_t>(index);
+  verdict[2] = given;
+  verdict[3] = expected;
+  __threadfence();
+  atomicExch(&verdict[0], kind);
+}
+
+// One thread per (token, rank): whether topk sends the token there, against is_token_in_rank;
+// counts the rank's tokens and the (token, expert) pairs of its experts.
+__global__ void __launch_bounds__(kRowThreads) nodeCheckLayoutPairsKernel(LayoutCheckParams p) {
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
+  if (pair >= static_cast<int64_t>(p.num_tokens) * p.num_ranks) return;
+  const int64_t t = pair / p.num_ranks;
+  const int r = static_cast<int>(pair % p.num_ranks);
+  const int64_t row = t * p.num_topk;
+  bool goes = false;
+  for (int k = 0; k < p.num_topk; ++k) {
+    const int64_t e = loadId(p.topk_idx, p.idx_is_64, row + k);
+    if (!validExpert(e, p.num_experts) || e / p.experts_per_rank != r) continue;
+    bool repeated = false;
+    for (int j = 0; j < k && !repeated; ++j)
+      repeated = loadId(p.topk_idx, p.idx_is_64, row + j) == e;
+    if (repeated) continue;
+    goes = true;
+    atomicAdd(&p.scratch[p.num_ranks + e], 1);
+  }
+  if (goes) atomicAdd(&p.scratch[r], 1);
+  // Read as bytes: any non-zero byte is true (ops.hpp DispatchLayout).
+  const bool given = reinterpret_cast<const uint8_t*>(p.in_rank)[pair] != 0;
+  if (given != goes) recordLayoutFault(p.verdict, kLayoutInRank, pair, given, goes);
+}
+
+// One thread per rank count, then per expert count.
+__global__ void __launch_bounds__(kRowThreads) nodeCheckLayoutCountsKernel(LayoutCheckParams p) {
+  const int i = blockIdx.x * kRowThreads + static_cast<int>(threadIdx.x);
+  if (i < p.num_ranks) {
+    if (p.rank_counts[i] != p.scratch[i]) {
+      recordLayoutFault(p.verdict, kLayoutRankCount, i, p.rank_counts[i], p.scratch[i]);
+    }
+  } else if (i < p.num_ranks + p.num_experts) {
+    const int e = i - p.num_ranks;
+    if (p.expert_counts[e] != p.scratch[i]) {
+      recordLayoutFault(p.verdict, kLayoutExpertCount, e, p.expert_counts[e], p.scratch[i]);
+    }
   }
 }
 
@@ -210,9 +278,34 @@ void launchNodeGather(const GatherParams& p, cudaStream_t stream) {
 }
 
 void launchNodeReduce(const ReduceParams& p, cudaStream_t stream) {
-  if (p.num_tokens == 0) return;
-  nodeReduceKernel<<<p.num_tokens, kReduceThreads, 0, stream>>>(p);
+  if (p.tokens.num_tokens == 0) return;
+  nodeReduceKernel<<<p.tokens.num_tokens, kReduceThreads, 0, stream>>>(p);
   EPCOMM_KERNEL_LAUNCH_CHECK(nodeReduceKernel);
+}
+
+void launchNodeCheckLayout(const LayoutCheckParams& p, cudaStream_t stream) {
+  EPCOMM_KERNEL_CUDA_CHECK(cudaMemsetAsync(
+      p.scratch, 0, sizeof(int32_t) * static_cast<size_t>(p.num_ranks + p.num_experts), stream));
+  EPCOMM_KERNEL_CUDA_CHECK(
+      cudaMemsetAsync(p.verdict, 0, sizeof(int32_t) * kLayoutVerdictWords, stream));
+  const int64_t pairs = static_cast<int64_t>(p.num_tokens) * p.num_ranks;
+  if (pairs > 0) {
+    nodeCheckLayoutPairsKernel<<<static_cast<int>((pairs + kRowThreads - 1) / kRowThreads),
+                                 kRowThreads, 0, stream>>>(p);
+    EPCOMM_KERNEL_LAUNCH_CHECK(nodeCheckLayoutPairsKernel);
+  }
+  const int counts = p.num_ranks + p.num_experts;
+  nodeCheckLayoutCountsKernel<<<(counts + kRowThreads - 1) / kRowThreads, kRowThreads, 0, stream>>>(
+      p);
+  EPCOMM_KERNEL_LAUNCH_CHECK(nodeCheckLayoutCountsKernel);
+}
+
+void launchNodeReduceWeights(const ReduceWeightsParams& p, cudaStream_t stream) {
+  const int64_t entries = static_cast<int64_t>(p.tokens.num_tokens) * p.num_topk;
+  if (entries == 0) return;
+  nodeReduceWeightsKernel<<<static_cast<int>((entries + kRowThreads - 1) / kRowThreads),
+                            kRowThreads, 0, stream>>>(p);
+  EPCOMM_KERNEL_LAUNCH_CHECK(nodeReduceWeightsKernel);
 }
 
 }  // namespace epcomm::node

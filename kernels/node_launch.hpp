@@ -90,14 +90,19 @@ struct GatherParams {
 // Bucket rows of float32 weights, in the buckets' order (for combine-time weights).
 void launchNodeGather(const GatherParams& p, cudaStream_t stream);
 
-struct ReduceParams {
-  const uint16_t* partials;  // BF16 [rows, hidden]: node m's partial of its bucket row j at
-                             // (first row of node m) + j, in the bucket layout
-  const int32_t* slot;       // [num_tokens, num_nodes]
-  const int32_t* counts;     // [num_nodes] bucket counts (exact layout offsets)
+// Where the tokens of one dispatch sit in its bucket layout (what combine reads back).
+struct TokenRows {
+  const int32_t* slot;    // [num_tokens, num_nodes]
+  const int32_t* counts;  // [num_nodes] bucket counts (exact layout offsets)
   int32_t num_nodes;
   int32_t max_rows;  // as PackParams
   int32_t num_tokens;
+};
+
+struct ReduceParams {
+  const uint16_t* partials;  // BF16 [rows, hidden]: node m's partial of its bucket row j at
+                             // (first row of node m) + j, in the bucket layout
+  TokenRows tokens;
   int32_t hidden;
   const uint16_t* bias;  // BF16 [num_tokens, hidden] or nullptr
   uint16_t* out;         // BF16 [num_tokens, hidden]
@@ -105,5 +110,44 @@ struct ReduceParams {
 // out[t] = bias[t] + sum over the nodes t went to (in node order) of its node partial, in
 // float32, rounded to BF16 once. A token that went nowhere gets its bias, or zeros.
 void launchNodeReduce(const ReduceParams& p, cudaStream_t stream);
+
+struct LayoutCheckParams {
+  const void* topk_idx;  // [num_tokens, num_topk] int32 or int64
+  int32_t idx_is_64;
+  int32_t num_tokens;
+  int32_t num_topk;
+  int32_t num_experts;
+  int32_t experts_per_rank;
+  int32_t num_ranks;
+  const bool* in_rank;           // DispatchLayout::is_token_in_rank [num_tokens, num_ranks]
+  const int32_t* rank_counts;    // DispatchLayout::num_tokens_per_rank [num_ranks]
+  const int32_t* expert_counts;  // DispatchLayout::num_tokens_per_expert [num_experts]
+  int32_t* scratch;              // [num_ranks + num_experts], zeroed by the launcher
+  int32_t* verdict;              // [kLayoutVerdictWords], zeroed by the launcher
+};
+// The verdict of launchNodeCheckLayout: kind (0 = the layout is the routing topk gives), the index
+// of the first differing entry found, its value in the layout and the value topk gives.
+enum LayoutFault : int32_t {
+  kLayoutOk = 0,
+  kLayoutInRank = 1,       // index = token * num_ranks + rank
+  kLayoutRankCount = 2,    // index = rank
+  kLayoutExpertCount = 3,  // index = expert
+};
+constexpr int kLayoutVerdictWords = 4;
+// Checks a caller's DispatchLayout against the routing of `topk_idx` (a token goes to the ranks of
+// its effective experts: -1 and repeated ids do not count; invalid ids are left to the dispatch,
+// which rejects them). Two launches on `stream`; the verdict is valid after them.
+void launchNodeCheckLayout(const LayoutCheckParams& p, cudaStream_t stream);
+
+struct ReduceWeightsParams {
+  const float* partials;  // float32 [rows, num_topk]: node m's sum for its bucket row j at
+                          // (first row of node m) + j, in the bucket layout
+  TokenRows tokens;
+  int32_t num_topk;
+  float* out;  // float32 [num_tokens, num_topk]
+};
+// out[t][k] = sum over the nodes t went to (in node order, float32) of its node's entry k; 0 for
+// a token that went nowhere (combine's combined_topk_weights across nodes).
+void launchNodeReduceWeights(const ReduceWeightsParams& p, cudaStream_t stream);
 
 }  // namespace epcomm::node

@@ -65,8 +65,10 @@ BufferSizes EpBuffer::bytesFor(const BufferConfig& config, int num_ranks) {
 }
 
 void EpBuffer::barrier(cudaStream_t stream) {
-  EPCOMM_CHECK_CODE(!so_, ErrorCode::kUnsupported,
-                    "EpBuffer::barrier across nodes is not supported yet (docs/scale-out.md)");
+  if (so_) {
+    so_->barrier(stream);
+    return;
+  }
   impl_->core.barrier(stream);
 }
 
@@ -140,9 +142,12 @@ void* scaleOutHandle(const EpHandle::Impl* handle) {
 }  // namespace
 
 void EpBuffer::layout(const TopkView& topk, EpHandle& handle, cudaStream_t stream) {
-  EPCOMM_CHECK_CODE(!so_, ErrorCode::kUnsupported,
-                    "EpBuffer::layout across nodes is not supported yet (dispatch lays out "
-                    "itself; docs/scale-out.md)");
+  if (so_) {
+    so_->layout(topk, scaleOutHandle(handle.impl_.get()), stream);
+    handle.impl_->num_tokens = topk.num_tokens;
+    handle.impl_->num_topk = topk.num_topk;
+    return;
+  }
   impl_->ht.layout(topk, handle.impl_.get(), stream);
 }
 
@@ -150,7 +155,10 @@ DispatchResult EpBuffer::dispatch(const DispatchArgs& args, EpHandle& handle, cu
   if (so_) {
     DispatchResult r = so_->dispatch(args, scaleOutHandle(handle.impl_.get()), stream);
     handle.impl_->num_tokens = args.num_tokens;
-    handle.impl_->num_topk = args.topk.num_topk;
+    // A cached dispatch (no top-k) keeps the routing's num_topk, as on one node.
+    if (args.topk.idx != nullptr || args.topk.num_topk > 0) {
+      handle.impl_->num_topk = args.topk.num_topk;
+    }
     return r;
   }
   return impl_->ht.dispatch(args, handle.impl_.get(), stream);

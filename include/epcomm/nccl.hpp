@@ -16,7 +16,7 @@
 //    the intranode EpBuffer, unchanged. The same calls and argument structs; EpHandle as usual.
 //  - ScaleOutBuffer directly (any node count; on one node it adds an NCCL self-copy per op).
 // The differences from one node are listed per method of ScaleOutBuffer below; across nodes
-// EpBuffer::barrier / synchronizingBarrier / layout are Unsupported, and device(), memMode(),
+// EpBuffer::layout and EpBuffer::barrier are ScaleOutBuffer's, and device(), memMode(),
 // bytesPerRank(), the peer bases and the scratch are the node-local buffer's. EpHandle's layout
 // views (numTokensPerRank, ...) are null across nodes.
 #pragma once
@@ -40,8 +40,9 @@ void enableScaleOut();
 
 class ScaleOutBuffer;
 
-// The routing of one HT dispatch (the bucket of each token per node, the node-local EpHandle),
-// for the combine with it. Allocated by ScaleOutBuffer::createHandle for the buffer's capacity.
+// The routing of one HT dispatch (the bucket of each token per node, the rows this rank forwarded,
+// the node-local EpHandle), for the combine with it and for cached dispatches. Allocated by
+// ScaleOutBuffer::createHandle for the buffer's capacity.
 class ScaleOutHandle {
  public:
   ScaleOutHandle(ScaleOutHandle&&) noexcept;
@@ -91,10 +92,31 @@ class ScaleOutBuffer {
 
   ScaleOutHandle createHandle() const;
 
+  // As EpBuffer::layout: local, not collective; bad input throws InvalidArgument here only. The
+  // buckets need the forwarders, so it only checks `topk` and keeps a copy of its ids (stream-
+  // ordered on `stream`) in the handle; the next cached dispatch with the handle (no topk) routes
+  // by them, as a top-k dispatch without weights whose result holds no top-k (recv_topk_idx /
+  // recv_topk_weights null), and lays the routing out for combine and later cached dispatches.
+  // Until that dispatch the handle holds no dispatched routing: combine with it is
+  // InvalidArgument. EpHandle's layout views stay null across nodes.
+  void layout(const TopkView& topk, ScaleOutHandle& handle, cudaStream_t stream);
+
   // --- HT ---------------------------------------------------------------------------------------
   // Collective over the job. As EpBuffer::dispatch, with these differences:
-  //  - routing from topk only (topk.idx, or num_tokens 0): DispatchArgs::layout and cached
-  //    dispatches (no topk) are InvalidArgument;
+  //  - routing from topk, or a cached dispatch (topk.idx null and topk.num_topk 0, as on one
+  //    node) that reuses the handle's routing: the rows go where that dispatch sent them, in the
+  //    same order (the bucket slots, the rail exchange of the same exact counts, the forwarder's
+  //    node-local cached dispatch); no top-k ids or weights travel, recv_topk_idx /
+  //    recv_topk_weights are null. Across nodes every rank routes alike (all cached or none) and
+  //    passes the handle of the same earlier dispatch, whose num_tokens it passes again (each
+  //    checked on every rank: InvalidArgument everywhere, naming the ranks). A cached dispatch
+  //    on a handle laid out by layout() routes by the ids layout() kept (a new routing, like a
+  //    top-k dispatch; it may be mixed with other ranks' top-k dispatches);
+  //  - DispatchArgs::layout only with topk, and only the routing topk gives (what
+  //    EpBuffer::layout / DeepEP's get_dispatch_layout compute): rows go by topk, so the layout is
+  //    checked against it on the device before the vote (a host sync) and any difference fails
+  //    every rank (InvalidArgument naming the entry, its value and topk's); a layout without topk
+  //    is InvalidArgument (not supported across nodes yet);
   //  - the host waits for the network leg (the rail exchange's exact mode): not graph-capturable;
   //  - the result is the node-local buffer's: rows are grouped by forwarder (the rank of this
   //    node on the source's rail), recv_rank_prefix has G + 1 entries (by node-local rank), and
@@ -107,10 +129,15 @@ class ScaleOutBuffer {
   DispatchResult dispatch(const DispatchArgs& args, ScaleOutHandle& handle, cudaStream_t stream);
 
   // Collective over the job. As EpBuffer::combine: BF16 out in token order, scale_weights and
-  // bias as there. combined_topk_weights / recv_topk_weights are not supported yet
-  // (InvalidArgument). With scale_weights they first travel to the forwarders (one float row of
+  // bias as there. With scale_weights they first travel to the forwarders (one float row of
   // max_topk per (token, node)). Each node's partial crosses the network in BF16: one rounding
-  // more per node than EpBuffer. Not graph-capturable (exact rail exchanges).
+  // more per node than EpBuffer. recv_topk_weights / combined_topk_weights as on one node (both
+  // or neither, on every rank or on none; this rank's recv_topk_weights are the rows its
+  // dispatch result holds): the node-local combine sums each forwarded row's entries over the
+  // node's ranks it went to, those float32 rows travel back (one more exact rail exchange of
+  // num_topk floats per (token, node)) and the source sums them per token in node order, so
+  // the float32 sum is grouped by node (it can differ from one node's rank-order sum in the last
+  // bit). Not graph-capturable (exact rail exchanges).
   void combine(const CombineArgs& args, const ScaleOutHandle& handle, cudaStream_t stream);
 
   // --- LL ---------------------------------------------------------------------------------------
@@ -126,6 +153,12 @@ class ScaleOutBuffer {
   // dispatch must have had them).
   void lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream,
                          LlPhase phase = LlPhase::kBoth);
+
+  // Collective, stream-ordered barrier across the job (EpBuffer::barrier): the node-local barrier,
+  // then a rail exchange of no rows (fixed sizes, no host sync: graph-capturable). Once it has
+  // run on `stream`, every rank of the job has reached it. Its deadlines are the node buffer's
+  // and the rail's; a fault is reported by sync().
+  void barrier(cudaStream_t stream);
 
   // Waits for `stream` (the node buffer's sync) and reports a fault of the last graph-capturable
   // rail exchange (a bad count) on every rail rank.

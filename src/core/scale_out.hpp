@@ -46,11 +46,13 @@ class ScaleOutOps {
   virtual EpBuffer& nodeBuffer() = 0;                // the node-local buffer (NVLink leg)
   // A handle's state, owned by the EpHandle (EpHandle::Impl::scale_out).
   virtual std::shared_ptr<void> createHandle() const = 0;
+  virtual void layout(const TopkView& topk, void* handle, cudaStream_t stream) = 0;
   virtual DispatchResult dispatch(const DispatchArgs& args, void* handle, cudaStream_t stream) = 0;
   virtual void combine(const CombineArgs& args, const void* handle, cudaStream_t stream) = 0;
   virtual LlDispatchResult lowLatencyDispatch(const LlDispatchArgs& args, cudaStream_t stream,
                                               LlPhase phase) = 0;
   virtual void lowLatencyCombine(const LlCombineArgs& args, cudaStream_t stream, LlPhase phase) = 0;
+  virtual void barrier(cudaStream_t stream) = 0;
   virtual void sync(cudaStream_t stream) = 0;
 };
 

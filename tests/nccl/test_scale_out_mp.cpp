@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -109,12 +111,55 @@ struct HtOptions {
   int zero_rank = -1;
 };
 
-// HT: dispatch (poisoned views), check every row against referenceHtDispatch by origin, then
-// combine weighted and unweighted (with bias) into poisoned outputs.
+// The recv_topk_weights entry rank `d` gives its row from (src, token), column k, in the
+// combined-weights check: multiples of 1/4 in [-2, 2], so every sum of a few is exact in float32
+// whatever the order.
+float recvWeightValue(int d, int src, int token, int k) {
+  return 0.25f * float((d * 7 + src * 3 + token + k * 5) % 17) - 2.0f;
+}
+
+// `all` with the rows (BF16, FP8 and scales) of `fresh`: the same routing, new data. The rows of
+// both encode the same origins (columns 0..2); the rest differs.
+std::vector<RankInputs> withRowsOf(std::vector<RankInputs> all,
+                                   const std::vector<RankInputs>& fresh) {
+  for (size_t q = 0; q < all.size(); ++q) {
+    all[q].x_bf16 = fresh[q].x_bf16;
+    all[q].x_fp8 = fresh[q].x_fp8;
+    all[q].x_scales = fresh[q].x_scales;
+  }
+  return all;
+}
+
+// A host layout (test::LayoutRef) on the device, as DispatchArgs::layout takes it.
+struct DeviceLayout {
+  DeviceArray<int32_t> rank_counts, expert_counts;
+  DeviceArray<uint8_t> in_rank;
+  explicit DeviceLayout(const test::LayoutRef& l)
+      : rank_counts(std::vector<int32_t>(l.tokens_per_rank.begin(), l.tokens_per_rank.end())),
+        expert_counts(std::vector<int32_t>(l.tokens_per_expert.begin(), l.tokens_per_expert.end())),
+        in_rank(std::max<size_t>(l.is_token_in_rank.size(), 1)) {
+    in_rank.upload(l.is_token_in_rank);
+  }
+  DispatchLayout view() const {
+    DispatchLayout v;
+    v.num_tokens_per_rank = rank_counts.get();
+    v.num_tokens_per_expert = expert_counts.get();
+    v.is_token_in_rank = reinterpret_cast<const bool*>(in_rank.get());
+    return v;
+  }
+};
+
+// HT: dispatch (poisoned views), check every row against referenceHtDispatch by origin; FP8 of the
+// same routing; a cached dispatch (no top-k, the handle's routing) of the rows of `fresh` (the
+// same token counts) in BF16 (and FP8), checked the same way against the reference of that
+// routing with those rows; then combine: unweighted with bias after the cached dispatch, with
+// combined_topk_weights from a caller's recv_topk_weights, and weighted after a new top-k
+// dispatch, with combined_topk_weights from the dispatch's recv_topk_weights in place, all into
+// poisoned outputs.
 // Buffer: nccl::ScaleOutBuffer, or EpBuffer (hierarchical across nodes after enableScaleOut()).
 template <typename Buffer>
-void runHt(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, const HtOptions& o,
-           cudaStream_t stream) {
+void runHt(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all,
+           const std::vector<RankInputs>& fresh, const HtOptions& o, cudaStream_t stream) {
   const int L = kExperts / R;
   const RankInputs& in = all[me];
   const size_t N = size_t(in.num_tokens);
@@ -158,110 +203,235 @@ void runHt(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, co
   r = buffer.dispatch(argsOf(DType::kBF16), handle, stream);
   buffer.sync(stream);
 
-  const test::HtDispatchRef ref = test::referenceHtDispatch(all, me, kHidden, kExperts, kTopk, 1);
-  const int rows = DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens, 1)[0];
-  ASSERT_EQ(rows, ref.num_recv) << "rank " << me << ": received rows";
-  EXPECT_TRUE(test::compareExact(
-      DeviceArray<int32_t>::downloadFrom(r.num_recv_tokens_per_expert, size_t(L)),
-      std::vector<int32_t>(ref.tokens_per_local_expert.begin(), ref.tokens_per_local_expert.end()),
-      "num_recv_tokens_per_expert"));
-  const std::vector<uint16_t> gx = DeviceArray<uint16_t>::downloadFrom(r.recv_x, cap * kHidden);
-  const std::vector<uint8_t> gidx_raw =
-      DeviceArray<uint8_t>::downloadFrom(r.recv_topk_idx, size_t(rows) * kTopk * idx_bytes);
-  const std::vector<float> gw =
-      DeviceArray<float>::downloadFrom(r.recv_topk_weights, size_t(rows) * kTopk);
-  std::map<std::pair<int, int>, int> ref_row;
-  for (int j = 0; j < ref.num_recv; ++j) ref_row[{ref.src_rank[j], ref.src_token[j]}] = j;
-  std::vector<int> origin(size_t(rows), -1);  // reference row of each GPU row
-  std::vector<char> seen(size_t(ref.num_recv), 0);
-  for (int i = 0; i < rows; ++i) {
-    int s = -1, tok = -1;
-    const uint16_t* row = &gx[size_t(i) * kHidden];
-    ASSERT_TRUE(test::decodeRowOrigin(row, &s, &tok))
-        << "rank " << me << " row " << i << ": " << test::describeRowOrigin(row);
-    auto it = ref_row.find({s, tok});
-    ASSERT_TRUE(it != ref_row.end()) << "rank " << me << " row " << i << " from rank " << s
-                                     << " token " << tok << " should not be here";
-    const int j = it->second;
-    ASSERT_FALSE(seen[size_t(j)]) << "rank " << me << ": rank " << s << " token " << tok
-                                  << " arrived twice";
-    seen[size_t(j)] = 1;
-    origin[size_t(i)] = j;
-    EXPECT_TRUE(test::compareBf16Exact(row, &ref.recv_x_bf16[size_t(j) * kHidden], 1, kHidden))
-        << "rank " << me << " row " << i;
-    for (int k = 0; k < kTopk; ++k) {
-      int64_t id = 0;
-      if (idx_bytes == 8) {
-        std::memcpy(&id, &gidx_raw[(size_t(i) * kTopk + k) * 8], 8);
-      } else {
-        int32_t id32 = 0;
-        std::memcpy(&id32, &gidx_raw[(size_t(i) * kTopk + k) * 4], 4);
-        id = id32;
-      }
-      EXPECT_EQ(id, ref.recv_topk_idx[size_t(j) * kTopk + k])
-          << "rank " << me << " row " << i << " (rank " << s << " token " << tok << ") k " << k;
-      EXPECT_EQ(gw[size_t(i) * kTopk + k], ref.recv_topk_weights[size_t(j) * kTopk + k])
-          << "rank " << me << " row " << i << " (rank " << s << " token " << tok << ") k " << k;
+  // Checks the BF16 rows of `res` (and with top-k their ids and weights) against `want` by the
+  // origin each row encodes; returns the reference row of every received row (empty on failure).
+  auto checkRows = [&](const DispatchResult& res, const test::HtDispatchRef& want, bool with_topk,
+                       const std::string& what) {
+    std::vector<int> found;
+    const int rows = DeviceArray<int32_t>::downloadFrom(res.num_recv_tokens, 1)[0];
+    EXPECT_EQ(rows, want.num_recv) << "rank " << me << " " << what << ": received rows";
+    if (rows != want.num_recv) return found;
+    EXPECT_TRUE(test::compareExact(
+        DeviceArray<int32_t>::downloadFrom(res.num_recv_tokens_per_expert, size_t(L)),
+        std::vector<int32_t>(want.tokens_per_local_expert.begin(),
+                             want.tokens_per_local_expert.end()),
+        what + ": num_recv_tokens_per_expert"));
+    EXPECT_EQ(res.recv_topk_idx != nullptr, with_topk) << "rank " << me << " " << what;
+    const std::vector<uint16_t> gx = DeviceArray<uint16_t>::downloadFrom(res.recv_x, cap * kHidden);
+    std::vector<uint8_t> gidx_raw;
+    std::vector<float> gw;
+    if (with_topk) {
+      gidx_raw =
+          DeviceArray<uint8_t>::downloadFrom(res.recv_topk_idx, size_t(rows) * kTopk * idx_bytes);
+      gw = DeviceArray<float>::downloadFrom(res.recv_topk_weights, size_t(rows) * kTopk);
     }
-  }
-  if (cap > size_t(rows)) {  // the row past the last one stays poisoned
-    const std::vector<uint8_t> past = DeviceArray<uint8_t>::downloadFrom(
-        static_cast<const uint8_t*>(r.recv_x) + size_t(rows) * kHidden * 2, kHidden * 2);
-    EXPECT_TRUE(
-        std::all_of(past.begin(), past.end(), [](uint8_t b) { return b == test::kPoisonByte; }))
-        << "rank " << me << ": a row past num_recv_tokens was written";
+    std::map<std::pair<int, int>, int> ref_row;
+    for (int j = 0; j < want.num_recv; ++j) ref_row[{want.src_rank[j], want.src_token[j]}] = j;
+    std::vector<int> origin(size_t(rows), -1);  // reference row of each GPU row
+    std::vector<char> seen(size_t(want.num_recv), 0);
+    for (int i = 0; i < rows; ++i) {
+      int s = -1, tok = -1;
+      const uint16_t* row = &gx[size_t(i) * kHidden];
+      if (!test::decodeRowOrigin(row, &s, &tok)) {
+        ADD_FAILURE() << "rank " << me << " " << what << " row " << i << ": "
+                      << test::describeRowOrigin(row);
+        return found;
+      }
+      auto it = ref_row.find({s, tok});
+      if (it == ref_row.end()) {
+        ADD_FAILURE() << "rank " << me << " " << what << " row " << i << " from rank " << s
+                      << " token " << tok << " should not be here";
+        return found;
+      }
+      const int j = it->second;
+      if (seen[size_t(j)]) {
+        ADD_FAILURE() << "rank " << me << " " << what << ": rank " << s << " token " << tok
+                      << " arrived twice";
+        return found;
+      }
+      seen[size_t(j)] = 1;
+      origin[size_t(i)] = j;
+      EXPECT_TRUE(test::compareBf16Exact(row, &want.recv_x_bf16[size_t(j) * kHidden], 1, kHidden))
+          << "rank " << me << " " << what << " row " << i;
+      for (int k = 0; k < kTopk && with_topk; ++k) {
+        int64_t id = 0;
+        if (idx_bytes == 8) {
+          std::memcpy(&id, &gidx_raw[(size_t(i) * kTopk + k) * 8], 8);
+        } else {
+          int32_t id32 = 0;
+          std::memcpy(&id32, &gidx_raw[(size_t(i) * kTopk + k) * 4], 4);
+          id = id32;
+        }
+        EXPECT_EQ(id, want.recv_topk_idx[size_t(j) * kTopk + k])
+            << "rank " << me << " row " << i << " (rank " << s << " token " << tok << ") k " << k;
+        EXPECT_EQ(gw[size_t(i) * kTopk + k], want.recv_topk_weights[size_t(j) * kTopk + k])
+            << "rank " << me << " row " << i << " (rank " << s << " token " << tok << ") k " << k;
+      }
+    }
+    if (cap > size_t(rows)) {  // the row past the last one stays poisoned
+      const std::vector<uint8_t> past = DeviceArray<uint8_t>::downloadFrom(
+          static_cast<const uint8_t*>(res.recv_x) + size_t(rows) * kHidden * 2, kHidden * 2);
+      EXPECT_TRUE(
+          std::all_of(past.begin(), past.end(), [](uint8_t b) { return b == test::kPoisonByte; }))
+          << "rank " << me << " " << what << ": a row past num_recv_tokens was written";
+    }
+    found = origin;
+    return found;
+  };
+  // FP8 rows of `res` against `want`, named by the BF16 origins of the same routing.
+  auto checkFp8Rows = [&](const DispatchResult& res, const test::HtDispatchRef& want,
+                          const std::vector<int>& origins, const std::string& what) {
+    const size_t rows = origins.size();
+    EXPECT_EQ(DeviceArray<int32_t>::downloadFrom(res.num_recv_tokens, 1)[0], int(rows)) << what;
+    const std::vector<uint8_t> fx = DeviceArray<uint8_t>::downloadFrom(res.recv_x, rows * kHidden);
+    const std::vector<float> fs =
+        DeviceArray<float>::downloadFrom(res.recv_x_scales, rows * (kHidden / 128));
+    for (size_t i = 0; i < rows; ++i) {
+      const size_t j = size_t(origins[i]);
+      EXPECT_TRUE(test::compareExact(&fx[i * kHidden], &want.recv_x_fp8[j * kHidden], 1, kHidden,
+                                     what + " fp8 row " + std::to_string(i)));
+      EXPECT_TRUE(test::compareExact(&fs[i * (kHidden / 128)],
+                                     &want.recv_scales[j * (kHidden / 128)], 1, kHidden / 128,
+                                     what + " scales of row " + std::to_string(i)));
+    }
+  };
+
+  const test::HtDispatchRef ref = test::referenceHtDispatch(all, me, kHidden, kExperts, kTopk, 1);
+  std::vector<int> origin = checkRows(r, ref, true, "dispatch");
+  ASSERT_FALSE(origin.empty() && ref.num_recv > 0);
+  const int rows = ref.num_recv;
+
+  {
+    // layout() into another handle, then a cached dispatch of the same rows on it: routed by the
+    // laid-out ids, no top-k in the result.
+    auto laid = buffer.createHandle();
+    TopkView topk = argsOf(DType::kBF16).topk;
+    buffer.layout(topk, laid, stream);
+    DispatchArgs a = argsOf(DType::kBF16);
+    a.topk = TopkView{};
+    a.topk_weights = nullptr;
+    test::poisonDevice(const_cast<void*>(r.recv_x), cap * kHidden * 2, stream);
+    const DispatchResult rl = buffer.dispatch(a, laid, stream);
+    buffer.sync(stream);
+    EXPECT_FALSE(checkRows(rl, ref, false, "cached dispatch after layout()").empty() &&
+                 ref.num_recv > 0);
   }
 
+  // A caller's layout with the top-k (DeepEP's get_dispatch_layout outputs): the same rows.
+  const DeviceLayout layout(
+      test::referenceLayout(in.topk_idx.data(), in.num_tokens, kTopk, kExperts, R));
+  {
+    DispatchArgs a = argsOf(DType::kBF16);
+    a.layout = layout.view();
+    test::poisonDevice(const_cast<void*>(r.recv_x), cap * kHidden * 2, stream);
+    const DispatchResult rl = buffer.dispatch(a, handle, stream);
+    buffer.sync(stream);
+    EXPECT_FALSE(checkRows(rl, ref, true, "dispatch with a DispatchArgs::layout").empty() &&
+                 ref.num_recv > 0);
+  }
+
+  const float* fp8_scales_view = nullptr;  // fixed, like every view
   if (o.dtype == DType::kFP8E4M3) {
     // Same routing, same (deterministic) row order: the BF16 origins name the FP8 rows.
     test::poisonDevice(const_cast<void*>(r.recv_x), cap * kHidden, stream);
     DispatchResult f = buffer.dispatch(argsOf(DType::kFP8E4M3), handle, stream);
     buffer.sync(stream);
-    EXPECT_EQ(DeviceArray<int32_t>::downloadFrom(f.num_recv_tokens, 1)[0], rows);
-    const std::vector<uint8_t> fx =
-        DeviceArray<uint8_t>::downloadFrom(f.recv_x, size_t(rows) * kHidden);
-    const std::vector<float> fs =
-        DeviceArray<float>::downloadFrom(f.recv_x_scales, size_t(rows) * (kHidden / 128));
-    for (int i = 0; i < rows; ++i) {
-      const int j = origin[size_t(i)];
-      EXPECT_TRUE(test::compareExact(&fx[size_t(i) * kHidden], &ref.recv_x_fp8[size_t(j) * kHidden],
-                                     1, kHidden, "fp8 row " + std::to_string(i)));
-      EXPECT_TRUE(test::compareExact(&fs[size_t(i) * (kHidden / 128)],
-                                     &ref.recv_scales[size_t(j) * (kHidden / 128)], 1,
-                                     kHidden / 128, "scales of row " + std::to_string(i)));
-    }
-    r = buffer.dispatch(argsOf(DType::kBF16), handle, stream);  // back to the BF16 rows
-    buffer.sync(stream);
+    checkFp8Rows(f, ref, origin, "fp8 dispatch");
+    fp8_scales_view = f.recv_x_scales;
   }
+
+  // Cached dispatch (no top-k: what a trainer's combine backward calls): the rows of `fresh`
+  // with the routing the handle holds, into poisoned views; the reference is that routing with
+  // those rows.
+  const std::vector<RankInputs> again = withRowsOf(all, fresh);
+  const test::HtDispatchRef ref_again =
+      test::referenceHtDispatch(again, me, kHidden, kExperts, kTopk, 1);
+  DeviceArray<uint16_t> fresh16(std::max<size_t>(N * kHidden, 8));
+  DeviceArray<uint8_t> fresh8(std::max<size_t>(N * kHidden, 16));
+  DeviceArray<float> fresh_scales(std::max<size_t>(again[me].x_scales.size(), 1));
+  fresh16.upload(again[me].x_bf16);
+  fresh8.upload(again[me].x_fp8);
+  fresh_scales.upload(again[me].x_scales);
+  auto cachedArgs = [&](DType dtype) {  // the new rows, no top-k: the handle's routing
+    DispatchArgs a = argsOf(dtype);
+    if (dtype == DType::kBF16) a.x = fresh16.get();
+    if (dtype != DType::kBF16) a.x = fresh8.get();
+    if (dtype != DType::kBF16) a.x_scales = fresh_scales.get();
+    a.topk = TopkView{};
+    a.topk_weights = nullptr;
+    return a;
+  };
+  if (o.dtype == DType::kFP8E4M3) {
+    test::poisonDevice(const_cast<void*>(r.recv_x), cap * kHidden, stream);
+    test::poisonDevice(const_cast<float*>(fp8_scales_view), cap * (kHidden / 128) * 4, stream);
+    DispatchResult f = buffer.dispatch(cachedArgs(DType::kFP8E4M3), handle, stream);
+    buffer.sync(stream);
+    checkFp8Rows(f, ref_again, origin, "cached fp8 dispatch");
+  }
+  test::poisonDevice(const_cast<void*>(r.recv_x), cap * kHidden * 2, stream);
+  r = buffer.dispatch(cachedArgs(DType::kBF16), handle, stream);
+  buffer.sync(stream);
+  origin = checkRows(r, ref_again, false, "cached dispatch");
+  ASSERT_FALSE(origin.empty() && ref.num_recv > 0);
+  EXPECT_EQ(handle.numTokens(), in.num_tokens);
 
   // Combine: rank d's expert output for (s, tok) is expertOutputValue(seed, d, s, tok, col).
   std::vector<uint16_t> y(size_t(rows) * kHidden);
-  for (int i = 0; i < rows; ++i) {
-    const int j = origin[size_t(i)];
-    for (int c = 0; c < kHidden; ++c) {
-      y[size_t(i) * kHidden + c] =
-          test::expertOutputValue(kSeed, me, ref.src_rank[j], ref.src_token[j], c);
+  auto fillOutputs = [&] {
+    for (int i = 0; i < rows; ++i) {
+      const int j = origin[size_t(i)];
+      for (int c = 0; c < kHidden; ++c) {
+        y[size_t(i) * kHidden + c] =
+            test::expertOutputValue(kSeed, me, ref.src_rank[j], ref.src_token[j], c);
+      }
     }
-  }
+  };
+  fillOutputs();
   DeviceArray<uint16_t> bias(std::max<size_t>(N * kHidden, 8));
   std::vector<uint16_t> bias_host(N * kHidden);
   for (size_t i = 0; i < bias_host.size(); ++i)
     bias_host[i] = test::floatToBf16(0.25f * float(int(i % 7) - 3));
   bias.upload(bias_host);
   for (int weighted = 0; weighted < 2; ++weighted) {
+    if (weighted) {
+      // A new top-k dispatch, whose recv_topk_weights the combine reads in place.
+      test::poisonDevice(const_cast<void*>(r.recv_x), cap * kHidden * 2, stream);
+      r = buffer.dispatch(argsOf(DType::kBF16), handle, stream);
+      buffer.sync(stream);
+      origin = checkRows(r, ref, true, "dispatch after the cached one");
+      ASSERT_FALSE(origin.empty() && ref.num_recv > 0);
+      fillOutputs();
+    }
     EPCOMM_TEST_CUDA(cudaMemcpy(r.combine_input, y.data(), y.size() * 2, cudaMemcpyHostToDevice));
     DeviceArray<uint16_t> out(std::max<size_t>(N * kHidden, 8));
     out.poison();
+    // combined_topk_weights: unweighted round from a caller's recv_topk_weights (row i of rank me
+    // from (s, tok): recvWeightValue(me, s, tok, k)); weighted round from the dispatch's
+    // recv_topk_weights in place, which sum back to the token's weights of its effective entries.
+    std::vector<float> recv_w(std::max<size_t>(size_t(rows) * kTopk, 1), 0.0f);
+    for (int i = 0; i < rows; ++i) {
+      const int j = origin[size_t(i)];
+      for (int k = 0; k < kTopk; ++k) {
+        recv_w[size_t(i) * kTopk + k] = recvWeightValue(me, ref.src_rank[j], ref.src_token[j], k);
+      }
+    }
+    DeviceArray<float> recv_wd(recv_w.size());
+    recv_wd.upload(recv_w);
+    DeviceArray<float> combined_w(std::max<size_t>(N * kTopk, 1));
+    combined_w.poison();
     CombineArgs c;
     c.x = r.combine_input;
     c.out = out.get();
     c.scale_weights = weighted ? weights.get() : nullptr;
     c.bias = weighted ? nullptr : bias.get();
+    c.recv_topk_weights = weighted ? r.recv_topk_weights : recv_wd.get();
+    c.combined_topk_weights = combined_w.get();
     buffer.combine(c, handle, stream);
     buffer.sync(stream);
     // expected = bias + sum over nodes of (sum over its ranks d of w_d * y_d); the node partial
     // is rounded to BF16 once more than on one node, hence a bound over the terms' magnitudes.
     std::vector<double> expected(N * kHidden), bound(N * kHidden);
+    std::vector<float> expected_w(N * kTopk, 0.0f);
     for (size_t tok = 0; tok < N; ++tok) {
       for (int col = 0; col < kHidden; ++col) {
         const size_t i = tok * kHidden + col;
@@ -277,9 +447,26 @@ void runHt(int me, int R, Buffer& buffer, const std::vector<RankInputs>& all, co
         expected[i] = sum;
         bound[i] = mag;
       }
+      for (int k = 0; k < kTopk; ++k) {
+        float& e = expected_w[tok * kTopk + k];
+        if (weighted) {
+          if (test::effectiveExpert(&in.topk_idx[tok * kTopk], k) >= 0) {
+            e = in.topk_weights[tok * kTopk + k];
+          }
+          continue;
+        }
+        for (int d = 0; d < R; ++d) {
+          if (rankWeight(in, int(tok), d, L, false) >= 0) e += recvWeightValue(d, me, int(tok), k);
+        }
+      }
     }
     EXPECT_TRUE(compareWithBound(out.download(N * kHidden), expected, bound, kHidden))
         << "rank " << me << (weighted ? " weighted" : " unweighted, with bias") << " combine";
+    EXPECT_TRUE(
+        test::compareExact(combined_w.download(N * kTopk), expected_w, "combined_topk_weights"))
+        << "rank " << me
+        << (weighted ? " (dispatch's recv_topk_weights in place)"
+                     : " (caller's recv_topk_weights, after a cached dispatch)");
   }
 }
 
@@ -456,7 +643,8 @@ TEST_F(ScaleOut, HtBf16) {
   if (const char* nodes = std::getenv("EPCOMM_TEST_NODES")) {
     EXPECT_EQ(buffer.numNodes(), std::atoi(nodes));
   }
-  runHt(rank(), size(), buffer, problem(kMaxTokens, 11), HtOptions{}, stream());
+  runHt(rank(), size(), buffer, problem(kMaxTokens, 11), problem(kMaxTokens, 111), HtOptions{},
+        stream());
 }
 
 TEST_F(ScaleOut, HtFp8Int32ZeroTokenRank) {
@@ -465,7 +653,8 @@ TEST_F(ScaleOut, HtFp8Int32ZeroTokenRank) {
   o.dtype = DType::kFP8E4M3;
   o.idx_type = IndexType::kInt32;
   o.zero_rank = size() - 1;
-  runHt(rank(), size(), buffer, problem(kMaxTokens, 12, o.zero_rank), o, stream());
+  runHt(rank(), size(), buffer, problem(kMaxTokens, 12, o.zero_rank),
+        problem(kMaxTokens, 112, o.zero_rank), o, stream());
 }
 
 TEST_F(ScaleOut, LlBf16) {
@@ -557,7 +746,7 @@ TEST_F(ScaleOut, EpBufferHtAndLl) {
   EXPECT_EQ(buffer.numLocalExperts(), kExperts / size());
   HtOptions o;
   o.dtype = DType::kFP8E4M3;
-  runHt(rank(), size(), buffer, problem(kMaxTokens, 21), o, stream());
+  runHt(rank(), size(), buffer, problem(kMaxTokens, 21), problem(kMaxTokens, 121), o, stream());
   runLl(rank(), size(), buffer, problem(kLlMaxTokens, 22), false, stream());
   runLl(rank(), size(), buffer, problem(kLlMaxTokens, 23), true, stream());
 }
@@ -601,7 +790,157 @@ TEST_F(ScaleOut, TooManyTokensRejectedOnEveryRank) {
     }
   }
   // Still usable.
-  runHt(rank(), size(), buffer, problem(kMaxTokens, 15), HtOptions{}, stream());
+  runHt(rank(), size(), buffer, problem(kMaxTokens, 15), problem(kMaxTokens, 115), HtOptions{},
+        stream());
+}
+
+// EpBuffer::barrier across nodes (ScaleOutBuffer::barrier after enableScaleOut(); the intranode
+// barrier at np2): rank 0 reaches it 1.5 s after the others, so on every other rank the barrier
+// and sync take about that long; then the buffer still works, and synchronizingBarrier too.
+TEST_F(ScaleOut, EpBufferBarrierWaitsForEveryRank) {
+  nccl::enableScaleOut();
+  EpBuffer buffer(bootstrap(), config());
+  buffer.synchronizingBarrier(stream());  // connects everything outside the timed part
+  constexpr double kDelayS = 1.5;
+  bootstrap().barrier();
+  const auto start = std::chrono::steady_clock::now();
+  if (rank() == 0) std::this_thread::sleep_for(std::chrono::duration<double>(kDelayS));
+  buffer.barrier(stream());
+  buffer.sync(stream());
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_GE(waited, kDelayS * 0.8) << "rank " << rank() << ": the barrier did not wait for rank 0";
+  buffer.synchronizingBarrier(stream());
+  runLl(rank(), size(), buffer, problem(kLlMaxTokens, 24), false, stream());
+}
+
+// Cached dispatch and combined weights: bad input fails on every rank, before anything is
+// enqueued: the rank that passed it with InvalidArgument naming the argument, the value, the
+// limit and the rank, the others with kRemote naming that rank; a disagreement between ranks
+// with InvalidArgument on every rank naming the ranks. The buffer then still works.
+TEST_F(ScaleOut, CachedDispatchBadInputRejectedOnEveryRank) {
+  nccl::ScaleOutBuffer buffer(bootstrap(), config());
+  const int me = rank();
+  const int last = size() - 1;
+  const std::vector<RankInputs> all = problem(kMaxTokens, 16);
+  const RankInputs& in = all[size_t(me)];
+  const int n = in.num_tokens;  // kMaxTokens on rank 0
+  DeviceArray<uint16_t> x(std::max<size_t>(size_t(n) * kHidden, 8));
+  DeviceArray<int64_t> idx(std::max<size_t>(in.topk_idx.size(), 1));
+  DeviceArray<float> w(std::max<size_t>(size_t(n) * kTopk, 1));
+  DeviceArray<uint16_t> out(std::max<size_t>(size_t(n) * kHidden, 8));
+  x.upload(in.x_bf16);
+  idx.upload(in.topk_idx);
+  DispatchArgs routed;
+  routed.x = x.get();
+  routed.num_tokens = n;
+  routed.topk.idx = idx.get();
+  routed.topk.num_tokens = n;
+  routed.topk.num_topk = kTopk;
+  DispatchArgs cached;
+  cached.x = x.get();
+  cached.num_tokens = n;
+  nccl::ScaleOutHandle empty = buffer.createHandle();
+  nccl::ScaleOutHandle first = buffer.createHandle();
+  nccl::ScaleOutHandle second = buffer.createHandle();
+  buffer.dispatch(routed, first, stream());                      // top-k dispatch #1
+  DispatchResult r = buffer.dispatch(routed, second, stream());  // #2
+  buffer.sync(stream());
+
+  // culprit -1: every rank InvalidArgument with the needles.
+  auto expectRejected = [&](const test::RankOutcomes& got, int culprit,
+                            const std::vector<std::string>& needles, const std::string& what) {
+    ASSERT_TRUE(got.allThrew()) << what << "\n" << got.describe();
+    const test::CallOutcome& mine = got.ranks[size_t(me)];
+    if (culprit < 0 || culprit == me) {
+      EXPECT_EQ(mine.code, ErrorCode::kInvalidArgument) << what << ": " << mine.what;
+      for (const std::string& needle : needles) {
+        EXPECT_NE(mine.what.find(needle), std::string::npos)
+            << what << ": no \"" << needle << "\" in: " << mine.what;
+      }
+      EXPECT_NE(mine.what.find("(rank " + std::to_string(me) + ")"), std::string::npos)
+          << what << ": " << mine.what;
+    } else {
+      EXPECT_EQ(mine.code, ErrorCode::kRemote) << what << ": " << mine.what;
+      EXPECT_NE(mine.what.find("rank " + std::to_string(culprit)), std::string::npos)
+          << what << ": " << mine.what;
+    }
+  };
+
+  {  // a token count other than the handle's
+    DispatchArgs a = cached;
+    if (me == 0) a.num_tokens = n - 1;
+    expectRejected(
+        outcomesOf([&] { buffer.dispatch(a, second, stream()); }), 0,
+        {"num_tokens " + std::to_string(n - 1), "handle's num_tokens " + std::to_string(n)},
+        "cached dispatch, num_tokens off by one on rank 0");
+  }
+  expectRejected(
+      outcomesOf([&] { buffer.dispatch(cached, me == last ? empty : second, stream()); }), last,
+      {"holds no routing"}, "cached dispatch, a handle without routing on the last rank");
+  expectRejected(outcomesOf([&] { buffer.dispatch(cached, me == 0 ? first : second, stream()); }),
+                 -1, {"#1 on rank 0", "#2 on rank 1"},
+                 "cached dispatch, handles of different dispatches");
+  expectRejected(outcomesOf([&] { buffer.dispatch(me == 0 ? cached : routed, second, stream()); }),
+                 -1,
+                 {"cached (no topk, the handle's dispatched routing) on ranks 0 but a new routing",
+                  "on ranks 1"},
+                 "cached on rank 0, top-k elsewhere");
+  {
+    DispatchArgs a = cached;
+    if (me == 0) a.recv_topk_idx_out = idx.get();
+    expectRejected(outcomesOf([&] { buffer.dispatch(a, second, stream()); }), 0,
+                   {"recv_topk_idx_out", "must be nullptr for a cached dispatch"},
+                   "cached dispatch with recv_topk_idx_out on rank 0");
+  }
+  CombineArgs c;
+  c.x = r.combine_input;
+  c.out = out.get();
+  {
+    CombineArgs a = c;
+    if (me == 0) a.combined_topk_weights = w.get();
+    expectRejected(
+        outcomesOf([&] { buffer.combine(a, second, stream()); }), 0,
+        {"combined_topk_weights is 0x", "recv_topk_weights is nullptr", "both or neither"},
+        "combined_topk_weights without recv_topk_weights on rank 0");
+  }
+  {
+    CombineArgs a = c;
+    if (me == 0) {
+      a.recv_topk_weights = r.recv_topk_weights;
+      a.combined_topk_weights = w.get();
+    }
+    expectRejected(outcomesOf([&] { buffer.combine(a, second, stream()); }), -1,
+                   {"set on ranks 0 but not on ranks 1"}, "combined weights on rank 0 only");
+  }
+  {  // a layout that is not topk's routing on rank 0: one is_token_in_rank entry flipped
+    test::LayoutRef l = test::referenceLayout(in.topk_idx.data(), n, kTopk, kExperts, size());
+    if (me == 0) l.is_token_in_rank[1] ^= 1;  // token 0, rank 1
+    const DeviceLayout bad(l);
+    DispatchArgs a = routed;
+    a.layout = bad.view();
+    expectRejected(
+        outcomesOf([&] { buffer.dispatch(a, second, stream()); }), 0,
+        {"DispatchArgs::layout.is_token_in_rank[0][1] = " + std::to_string(l.is_token_in_rank[1]),
+         "topk.idx gives " + std::to_string(l.is_token_in_rank[1] ^ 1)},
+        "a layout that differs from topk on rank 0");
+    a.topk = TopkView{};  // a layout without topk on the last rank
+    expectRejected(outcomesOf([&] { buffer.dispatch(me == last ? a : cached, second, stream()); }),
+                   last, {"DispatchArgs::layout without topk"}, "a layout without topk");
+  }
+  {  // combine with a handle laid out but not dispatched since, on the last rank
+    nccl::ScaleOutHandle laid = buffer.createHandle();
+    TopkView topk = routed.topk;
+    buffer.layout(topk, laid, stream());
+    expectRejected(outcomesOf([&] { buffer.combine(c, me == last ? laid : second, stream()); }),
+                   last, {"laid out by layout() and not dispatched since"},
+                   "combine with a laid-out handle on the last rank");
+  }
+  // Still usable: a cached dispatch on the handles of the same dispatch, then everything again.
+  EXPECT_NO_THROW(buffer.dispatch(cached, second, stream()));
+  buffer.sync(stream());
+  runHt(me, size(), buffer, problem(kMaxTokens, 17), problem(kMaxTokens, 117), HtOptions{},
+        stream());
 }
 
 }  // namespace epcomm
