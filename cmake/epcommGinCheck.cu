@@ -7,8 +7,8 @@
 __global__ void probe(ncclDevComm comm, ncclWindow_t window, int peer) {
   ncclGin gin(comm, 0);
   const ncclTeam team = ncclTeamWorld(comm);
-  gin.put(team, peer, window, 0, window, 64, 64, ncclGin_StrongSignalInc{0});
-  gin.signal(team, peer, ncclGin_StrongSignalInc{1});
+  gin.put(team, peer, window, 0, window, 64, 64, ncclGin_WeakSignalInc{0});
+  gin.signal(team, peer, ncclGin_WeakSignalInc{1});
   if (gin.readSignal(0, 64, cuda::memory_order_acquire) == 0) {
     (void)gin.flush(ncclCoopCta(), cuda::memory_order_acquire, ncclGin_None{}, 1000);
   }
@@ -18,6 +18,8 @@ int main() {
   ncclDevCommRequirements_t reqs = NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER;
   reqs.ginSignalCount = 2;
   reqs.ginConnectionType = NCCL_GIN_CONNECTION_FULL;
+  reqs.ginStrongSignalsRequired = false;
+  reqs.ginVaSignalsRequired = false;
   ncclCommProperties_t props = NCCL_COMM_PROPERTIES_INITIALIZER;
   ncclDevComm dev{};
   void* ptr = nullptr;

@@ -63,11 +63,11 @@ __global__ void __launch_bounds__(kExchangeThreads) ginExchangeKernel(GinExchang
 
   // 1. credit: this rank's slots of the previous call are consumed (its unpack ran before).
   for (int d = threadIdx.x; d < m; d += blockDim.x) {
-    gin.signal(rail, d, ncclGin_StrongSignalInc{creditSignal(m, p.me)});
+    gin.signal(rail, d, ncclGin_WeakSignalInc{creditSignal(m, p.me)});
   }
   __syncthreads();
 
-  // 2. send: rows, then the record with a strong signal (its arrival implies the rows').
+  // 2. send: one put per destination, [record | rows], its arrival signal bundled with it.
   for (int d = threadIdx.x; d < m; d += blockDim.x) {
     uint64_t observed = 0;
     if (!waitSignal(gin, creditSignal(m, d), epoch, deadline, &observed)) {
@@ -75,24 +75,27 @@ __global__ void __launch_bounds__(kExchangeThreads) ginExchangeKernel(GinExchang
       atomicExch(&s_failed, 1);
       continue;
     }
-    const int64_t bytes = ginPutBytes(p.send_counts[d], p.max_rows, p.row_bytes);
-    if (bytes > 0) {
-      gin.put(rail, d, p.recv_window, static_cast<size_t>(l.slots_off + p.me * l.slot_bytes),
-              p.send_window, static_cast<size_t>(sendSlotsOff(l) + d * l.slot_bytes),
-              static_cast<size_t>(bytes));
-    }
-    gin.put(rail, d, p.recv_window, static_cast<size_t>(l.records_off + p.me * l.record_bytes),
-            p.send_window, 0, static_cast<size_t>(l.record_bytes),
-            ncclGin_StrongSignalInc{arrivedSignal(p.me)});
+    const int64_t bytes = ginPutBytes(l, p.send_counts[d], p.max_rows, p.row_bytes);
+    gin.put(rail, d, p.recv_window, static_cast<size_t>(l.slots_off + p.me * l.stride),
+            p.send_window, static_cast<size_t>(d * l.stride), static_cast<size_t>(bytes),
+            ncclGin_WeakSignalInc{arrivedSignal(p.me)});
   }
 
-  // 3. receive: every source's record (and rows) of this call.
+  // 3. receive: every source's slot of this call; its record into the records matrix.
+  auto* records = reinterpret_cast<int32_t*>(p.recv_base + l.records_off);
+  const int record_ints = railRecordInts(m);
   for (int s = threadIdx.x; s < m; s += blockDim.x) {
     uint64_t observed = 0;
     if (!waitSignal(gin, arrivedSignal(s), epoch, deadline, &observed)) {
       recordTimeout(p.status, GinPhase::kArrival, s, epoch, epoch, observed);
       atomicExch(&s_failed, 1);
+      continue;
     }
+    // Read after the acquiring signal load; volatile, so nothing is read before it.
+    const auto* slot =
+        reinterpret_cast<const volatile int32_t*>(p.recv_base + l.slots_off + s * l.stride);
+    int32_t* mine = records + static_cast<int64_t>(s) * record_ints;
+    for (int i = 0; i < record_ints; ++i) mine[i] = slot[i];
   }
   __syncthreads();
 
@@ -108,7 +111,7 @@ __global__ void __launch_bounds__(kExchangeThreads) ginExchangeKernel(GinExchang
   // follows reports a fault and zeroes every receive count (nothing reads a row never sent).
   if (s_failed != 0) {
     for (int s = threadIdx.x; s < m; s += blockDim.x) {
-      p.recv_records[static_cast<int64_t>(s) * railRecordInts(m) + kRailMagic] = 0;
+      records[static_cast<int64_t>(s) * record_ints + kRailMagic] = 0;
     }
   }
 }
@@ -125,6 +128,12 @@ __global__ void __launch_bounds__(kCopyThreads) ginCopySlotsKernel(GinCopyParams
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const bool vec =
       ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15) == 0;
+  if (p.header != nullptr && blockIdx.x == 0) {
+    uint8_t* head = p.header_dst + n * p.dst_stride;
+    if (head != p.header) {
+      for (int64_t i = threadIdx.x; i < p.header_bytes; i += blockDim.x) head[i] = p.header[i];
+    }
+  }
   int64_t done = 0;
   if (vec) {
     const int64_t words = bytes / 16;

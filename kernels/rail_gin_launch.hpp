@@ -18,8 +18,7 @@ struct GinExchangeParams {
   ncclDevComm dev_comm;      // the rail's device communicator (ncclDevCommCreate), by value
   ncclWindow_t recv_window;  // registered: records and receive slots (GinLayout)
   ncclWindow_t send_window;  // registered: this rank's record and send slots
-  int32_t* recv_records;     // local pointer to the receive window's records (invalidated on a
-                             // timeout, so the judge that follows zeroes every count)
+  uint8_t* recv_base;        // local pointer to the receive window (records matrix, slots)
   GinLayout layout;
   int32_t num_nodes;
   int32_t me;
@@ -36,18 +35,23 @@ struct GinExchangeParams {
 void launchGinExchange(const GinExchangeParams& params, cudaStream_t stream);
 
 struct GinCopyParams {
-  const uint8_t* src;
-  uint8_t* dst;
+  const uint8_t* src;     // rows of slot 0
+  uint8_t* dst;           //
   int64_t src_stride;     // bytes between node slots
   int64_t dst_stride;     //
   const int32_t* counts;  // device [num_nodes]: rows of each slot, clamped to [0, max_rows]
   int32_t num_nodes;
   int64_t row_bytes;
   int64_t max_rows;
+  // Optional (pack): `header_bytes` from `header` to header_dst + n * dst_stride for every slot n
+  // (this rank's record at the head of every send slot); null: none.
+  const uint8_t* header;
+  uint8_t* header_dst;
+  int64_t header_bytes;
 };
 
 // Copies the first min(counts[n], max_rows) rows of every slot n (pack into the send window,
-// unpack out of the receive window).
+// unpack out of the receive window), and the header when given.
 void launchGinCopySlots(const GinCopyParams& params, cudaStream_t stream);
 
 }  // namespace epcomm::rail::gin

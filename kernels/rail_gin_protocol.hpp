@@ -11,26 +11,28 @@
 //   1. credit:  signal credit(me) on every rail rank d: "my slots of call k-1 are consumed"
 //               (the unpack of call k-1 ran before on this stream);
 //   2. send:    per destination d: wait until credit(d) >= k here (d entered call k, so its
-//               receive slot for me is free), then put min(count[d], max_rows) rows from my send
-//               window slot d into d's receive window slot `me`, then my count record into d's
-//               record `me` with a strong signal increment of arrived(me) on d: when d sees the
-//               signal, the rows and the record are in its memory;
-//   3. receive: per source s: wait until arrived(s) >= k; then judge all M records with
-//               judgeRailRecords (the same function, the same records on every rail rank: the
-//               same verdict everywhere, no vote) and publish the receive counts (0 after a fault);
+//               receive slot for me is free), then ONE put of my send slot d, [my count record |
+//               min(count[d], max_rows) rows], into d's receive slot `me`, with a signal
+//               increment of arrived(me) on d bundled with it. A weak signal suffices (it
+//               guarantees its own put has landed), so backends without strong signals work too;
+//   3. receive: per source s: wait until arrived(s) >= k, copy its record out of the slot into
+//               the records matrix; then judge all M records with judgeRailRecords (the same
+//               function, the same records on every rail rank: the same verdict everywhere, no
+//               vote) and publish the receive counts (0 after a fault);
 //   4. flush:   the puts' sources are reusable (the next call repacks the send window).
 //
 // Every wait has a deadline (%globaltimer); a wait that expires records GinStatus (phase, peer,
-// expected and observed signal) and the kernel returns without touching the receive counts
-// (they read 0): nothing hangs, and wait() on the host throws TimeoutError naming the peer.
+// expected and observed signal), breaks every record's magic (the judge then zeroes every count:
+// nothing reads a row that was not sent) and the kernel returns: nothing hangs, and wait() on the
+// host throws TimeoutError naming the peer.
 //
-// Receive window (same size on every rail rank, sized at creation):
-//   | M count records (railRecordInts(M) int32 each), padded to 4096 | M slots of slot_bytes |
-// Send window:
-//   | this rank's record, padded to 4096                              | M slots of slot_bytes |
-// A sender writes at most max_rows * row_bytes <= slot_bytes bytes into a slot (checked on its own
-// host against the creation-time slot_bytes, the same on every rank), so no argument of a peer can
-// make it write past a slot, whatever that peer passed.
+// Windows (the same sizes on every rail rank, fixed at creation), a slot = [record, padded to 16
+// bytes | slot_bytes of rows], slots `stride` apart:
+//   receive   | records matrix: M x railRecordInts(M) int32, padded to 4096 | M slots |
+//   send      | M slots (slot d for destination d: this rank's record, then its rows for d) |
+// A sender puts at most header_bytes + max_rows * row_bytes <= stride bytes into a slot
+// (max_rows * row_bytes checked on its own host against the creation-time slot_bytes, the same on
+// every rank), so no argument of a peer can make it write past a slot, whatever that peer passed.
 #pragma once
 
 #include <cstdint>
@@ -45,32 +47,31 @@ EPCOMM_RAIL_HD inline int64_t alignWindow(int64_t bytes) {
   return (bytes + kWindowAlign - 1) / kWindowAlign * kWindowAlign;
 }
 
-// Byte offsets and sizes of both windows for M nodes and `slot_bytes` per (source, destination).
+// Byte offsets and sizes of both windows for M nodes and `slot_bytes` of rows per slot.
 struct GinLayout {
   int64_t record_bytes = 0;  // one count record
-  int64_t records_off = 0;   // receive window: record of source s at records_off + s * record_bytes
-  int64_t slots_off = 0;     // both windows: slot n at slots_off + n * slot_bytes
-  int64_t slot_bytes = 0;    //
+  int64_t header_bytes = 0;  // the record at the head of a slot, padded to 16 bytes
+  int64_t records_off = 0;   // receive window: source s's record at records_off + s * record_bytes
+  int64_t slots_off = 0;     // receive window: source s's slot at slots_off + s * stride
+  int64_t slot_bytes = 0;    // rows per slot (bytes)
+  int64_t stride = 0;        // header_bytes + slot_bytes, padded to kWindowAlign
   int64_t recv_window_bytes = 0;
-  int64_t send_window_bytes = 0;
+  int64_t send_window_bytes = 0;  // send window: destination d's slot at d * stride
 };
 
-// slot_bytes > 0, 1 <= num_nodes <= kMaxRailNodes (the caller checks); every size a multiple of
-// kWindowAlign.
+// slot_bytes > 0, 1 <= num_nodes <= kMaxRailNodes (the caller checks); window sizes and slot
+// offsets are multiples of kWindowAlign.
 EPCOMM_RAIL_HD inline GinLayout ginLayout(int num_nodes, int64_t slot_bytes) {
   GinLayout l;
   l.record_bytes = static_cast<int64_t>(railRecordInts(num_nodes)) * 4;
+  l.header_bytes = (l.record_bytes + 15) / 16 * 16;
   l.records_off = 0;
   l.slots_off = alignWindow(l.record_bytes * num_nodes);
-  l.slot_bytes = alignWindow(slot_bytes);
-  l.recv_window_bytes = l.slots_off + l.slot_bytes * num_nodes;
-  l.send_window_bytes = alignWindow(l.record_bytes) + l.slot_bytes * num_nodes;
-  // The send window's slots start after its own record, at the same offset rule.
+  l.slot_bytes = slot_bytes;
+  l.stride = alignWindow(l.header_bytes + slot_bytes);
+  l.recv_window_bytes = l.slots_off + l.stride * num_nodes;
+  l.send_window_bytes = l.stride * num_nodes;
   return l;
-}
-
-EPCOMM_RAIL_HD inline int64_t sendSlotsOff(const GinLayout& l) {
-  return alignWindow(l.record_bytes);
 }
 
 // GIN signal ids (ncclDevCommRequirements::ginSignalCount = 2 * M, ids from 0):
@@ -86,11 +87,12 @@ EPCOMM_RAIL_HD inline int ginSignalCount(int num_nodes) {
   return 2 * num_nodes;
 }
 
-// Bytes a sender puts into destination d's slot: its own count clamped to [0, max_rows] (a bad
-// count is still judged from the record; the clamp only bounds the write).
-EPCOMM_RAIL_HD inline int64_t ginPutBytes(int32_t count, int64_t max_rows, int64_t row_bytes) {
+// Bytes a sender puts into destination d's slot: its record and its own count of rows clamped to
+// [0, max_rows] (a bad count is still judged from the record; the clamp only bounds the write).
+EPCOMM_RAIL_HD inline int64_t ginPutBytes(const GinLayout& l, int32_t count, int64_t max_rows,
+                                          int64_t row_bytes) {
   const int64_t rows = count < 0 ? 0 : (count > max_rows ? max_rows : count);
-  return rows * row_bytes;
+  return l.header_bytes + rows * row_bytes;
 }
 
 // Host-side argument check against the creation-time slot size: empty string when fine.

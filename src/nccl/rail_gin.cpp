@@ -200,21 +200,25 @@ GinRailTransport::GinRailTransport(RailComm& rail, double timeout_s,
                                << buildVersion() << "); unset EPCOMM_RAIL_TRANSPORT");
   ncclCommProperties_t props = NCCL_COMM_PROPERTIES_INITIALIZER;
   const ncclResult_t queried = ncclCommQueryProperties(comm, &props);
-  if (queried != ncclSuccess) throwGinSetup(queried, comm, "ncclCommQueryProperties");
-  if (!props.deviceApiSupport || props.ginType == NCCL_GIN_TYPE_NONE) {
+  if (queried == ncclInProgress) {
+    waitReady(rail.comm, timeout_s, -1, "ncclCommQueryProperties on " + describe());
+  } else if (queried != ncclSuccess) {
+    throwGinSetup(queried, comm, "ncclCommQueryProperties");
+  }
+  // Lenient on purpose (never run against a GIN network): a GIN type in use or any listed as
+  // supported lets ncclDevCommCreate decide, and report what it says if it cannot.
+  bool any_supported = false;
+  for (int t = 0; t < NCCL_GIN_MAX_TYPES; ++t) any_supported = any_supported || props.ginSupport[t];
+  if (!props.deviceApiSupport || (props.ginType == NCCL_GIN_TYPE_NONE && !any_supported)) {
     std::ostringstream os;
     os << describe() << ": NCCL " << runtimeVersion()
        << " reports no GIN for this communicator (ncclCommQueryProperties: deviceApiSupport = "
        << props.deviceApiSupport << ", ginType = " << ginTypeName(props.ginType)
        << ", railedGinType = " << ginTypeName(props.railedGinType) << ", supported GIN types:";
-    bool any = false;
     for (int t = 0; t < NCCL_GIN_MAX_TYPES; ++t) {
-      if (props.ginSupport[t]) {
-        os << " " << ginTypeName(t);
-        any = true;
-      }
+      if (props.ginSupport[t]) os << " " << ginTypeName(t);
     }
-    if (!any) os << " none";
+    if (!any_supported) os << " none";
     os << "). GIN needs an RDMA NIC NCCL can drive from the GPU (GDAKI or the proxy); sockets "
           "(and one host) have none. Unset EPCOMM_RAIL_TRANSPORT to use the host-API transport";
     throw Error(ErrorCode::kUnsupported, os.str());
@@ -232,7 +236,8 @@ GinRailTransport::GinRailTransport(RailComm& rail, double timeout_s,
   reqs.ginContextCount = 1;
   reqs.ginSignalCount = rail::gin::ginSignalCount(num_nodes_);
   reqs.ginConnectionType = NCCL_GIN_CONNECTION_FULL;
-  reqs.ginVaSignalsRequired = false;  // indexed signals only
+  reqs.ginVaSignalsRequired = false;      // indexed signals only
+  reqs.ginStrongSignalsRequired = false;  // weak signals bundled with their put
   const ncclResult_t created = ncclDevCommCreate(comm, &reqs, &dev_comm_);
   if (created != ncclSuccess && created != ncclInProgress) {
     throwGinSetup(created, comm, "ncclDevCommCreate");
@@ -301,20 +306,24 @@ RailExchangeResult GinRailTransport::exchange(const RailExchangeArgs& a, cudaStr
   const int64_t caller_slot = a.max_rows * a.row_bytes;
   rail::gin::GinCopyParams pack{};
   pack.src = static_cast<const uint8_t*>(a.send);
-  pack.dst = send_base + rail::gin::sendSlotsOff(layout_);
+  // Send slot d: [this rank's record (packed into slot 0's head above) | its rows for d].
+  pack.dst = send_base + layout_.header_bytes;
   pack.src_stride = caller_slot;
-  pack.dst_stride = layout_.slot_bytes;
+  pack.dst_stride = layout_.stride;
   pack.counts = a.send_counts;
   pack.num_nodes = num_nodes_;
   pack.row_bytes = a.row_bytes;
   pack.max_rows = a.max_rows;
+  pack.header = send_base;
+  pack.header_dst = send_base;
+  pack.header_bytes = layout_.record_bytes;
   rail::gin::launchGinCopySlots(pack, stream);
 
   rail::gin::GinExchangeParams x{};
   x.dev_comm = dev_comm_;
   x.recv_window = recv_window_.window();
   x.send_window = send_window_.window();
-  x.recv_records = reinterpret_cast<int32_t*>(recv_base + layout_.records_off);
+  x.recv_base = recv_base;
   x.layout = layout_;
   x.num_nodes = num_nodes_;
   x.me = me_;
@@ -330,8 +339,8 @@ RailExchangeResult GinRailTransport::exchange(const RailExchangeArgs& a, cudaStr
   x.flush_timeout_cycles = static_cast<uint64_t>(timeout_s_ * 0.9 * 2e9);
   rail::gin::launchGinExchange(x, stream);
 
-  // The host-API transport's judge over the records that arrived in the receive window.
-  const rail::JudgeParams judge{x.recv_records,
+  // The host-API transport's judge over the records the GIN kernel collected.
+  const rail::JudgeParams judge{reinterpret_cast<const int32_t*>(recv_base + layout_.records_off),
                                 num_nodes_,
                                 me_,
                                 scratch_.as<RailVerdict>(verdict_off_),
@@ -340,9 +349,9 @@ RailExchangeResult GinRailTransport::exchange(const RailExchangeArgs& a, cudaStr
   rail::launchJudgeRailRecords(judge, stream);
 
   rail::gin::GinCopyParams unpack{};
-  unpack.src = recv_base + layout_.slots_off;
+  unpack.src = recv_base + layout_.slots_off + layout_.header_bytes;
   unpack.dst = static_cast<uint8_t*>(a.recv);
-  unpack.src_stride = layout_.slot_bytes;
+  unpack.src_stride = layout_.stride;
   unpack.dst_stride = caller_slot;
   unpack.counts = judge.recv_counts;
   unpack.num_nodes = num_nodes_;

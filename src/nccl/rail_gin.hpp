@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The GIN rail transport (docs/scale-out.md "Rail transport", protocol in
 // kernels/rail_gin_protocol.hpp): worst-case calls as device-initiated puts of NCCL's device API
-// (ncclGin::put with strong signal increments into the rail peers' registered windows), exact
+// (one ncclGin::put per peer, [count record | rows], with a signal increment bundled with it, into
+// the rail peers' registered windows; credits so a slot is rewritten only once consumed), exact
 // calls on the host API (RailExchange). Compiled only when EPCOMM_NCCL_GIN (NCCL >= 2.30 headers
 // with GIN); compile-tested against NCCL 2.32.3, never run: no RDMA NIC here.
 //

@@ -21,18 +21,21 @@ TEST(RailGinProtocol, LayoutIsAlignedAndDisjoint) {
       const GinLayout l = ginLayout(m, slot);
       SCOPED_TRACE("nodes " + std::to_string(m) + " slot " + std::to_string(slot));
       EXPECT_EQ(l.record_bytes, int64_t{4} * (kRailRecordHeader + m));
-      EXPECT_GE(l.slot_bytes, slot);
-      EXPECT_EQ(l.slot_bytes % kWindowAlign, 0);
+      EXPECT_GE(l.header_bytes, l.record_bytes);
+      EXPECT_EQ(l.header_bytes % 16, 0);  // rows start 16-byte aligned (vector copies)
+      EXPECT_EQ(l.slot_bytes, slot);
+      // A slot holds the record and a full slot of rows; slots are window-aligned.
+      EXPECT_GE(l.stride, l.header_bytes + l.slot_bytes);
+      EXPECT_EQ(l.stride % kWindowAlign, 0);
       EXPECT_EQ(l.slots_off % kWindowAlign, 0);
-      EXPECT_EQ(sendSlotsOff(l) % kWindowAlign, 0);
-      // Receive window: the records end before the first slot; the last slot ends at the end.
+      // Receive window: the records matrix ends before the first slot; the last slot ends at the
+      // end. Send window: M slots.
       EXPECT_LE(l.records_off + m * l.record_bytes, l.slots_off);
-      EXPECT_EQ(l.slots_off + m * l.slot_bytes, l.recv_window_bytes);
-      // Send window: this rank's record before its slots.
-      EXPECT_LE(l.record_bytes, sendSlotsOff(l));
-      EXPECT_EQ(sendSlotsOff(l) + m * l.slot_bytes, l.send_window_bytes);
+      EXPECT_EQ(l.slots_off + m * l.stride, l.recv_window_bytes);
+      EXPECT_EQ(m * l.stride, l.send_window_bytes);
       EXPECT_EQ(l.recv_window_bytes % kWindowAlign, 0);
-      EXPECT_EQ(l.send_window_bytes % kWindowAlign, 0);
+      // The largest put fits its slot.
+      EXPECT_LE(ginPutBytes(l, INT32_MAX, slot, 1), l.stride);
     }
   }
 }
@@ -50,11 +53,13 @@ TEST(RailGinProtocol, SignalIdsAreDistinctAndCounted) {
 }
 
 TEST(RailGinProtocol, PutBytesAreClampedToTheSlot) {
-  EXPECT_EQ(ginPutBytes(3, 5, 100), 300);
-  EXPECT_EQ(ginPutBytes(0, 5, 100), 0);
-  EXPECT_EQ(ginPutBytes(-7, 5, 100), 0);         // a negative count puts nothing
-  EXPECT_EQ(ginPutBytes(1000000, 5, 100), 500);  // an over-slot count puts max_rows rows
-  EXPECT_EQ(ginPutBytes(INT32_MAX, INT32_MAX, 311), int64_t{INT32_MAX} * 311);  // no overflow
+  const GinLayout l = ginLayout(4, 500);
+  const int64_t h = l.header_bytes;  // the record travels in every put
+  EXPECT_EQ(ginPutBytes(l, 3, 5, 100), h + 300);
+  EXPECT_EQ(ginPutBytes(l, 0, 5, 100), h);
+  EXPECT_EQ(ginPutBytes(l, -7, 5, 100), h);             // a negative count puts no rows
+  EXPECT_EQ(ginPutBytes(l, 1000000, 5, 100), h + 500);  // an over-slot count puts max_rows rows
+  EXPECT_EQ(ginPutBytes(l, INT32_MAX, INT32_MAX, 311), h + int64_t{INT32_MAX} * 311);  // 64 bits
 }
 
 TEST(RailGinProtocol, HostArgumentCheck) {
