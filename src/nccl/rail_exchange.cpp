@@ -36,6 +36,11 @@ namespace testing {
 void corruptNextRailCount(int node, int32_t value) {
   g_corrupt.store((static_cast<int64_t>(node) << 32) | static_cast<uint32_t>(value));
 }
+void takeRailCountCorruption(int32_t* node, int32_t* value) {
+  const int64_t corrupt = g_corrupt.exchange(-1);
+  *node = corrupt < 0 ? -1 : static_cast<int32_t>(corrupt >> 32);
+  *value = static_cast<int32_t>(static_cast<uint32_t>(corrupt & 0xffffffff));
+}
 }  // namespace testing
 
 RailExchange::RailExchange(RailComm& rail, double timeout_s)
@@ -176,9 +181,7 @@ void RailExchange::launchRecordExchange(const RailExchangeArgs& a, cudaStream_t 
   pack.capacity_rows = static_cast<int32_t>(
       worst ? a.max_rows
             : (a.recv == nullptr ? 0 : std::min<int64_t>(a.recv_capacity_rows, INT32_MAX)));
-  const int64_t corrupt = g_corrupt.exchange(-1);
-  pack.corrupt_node = corrupt < 0 ? -1 : static_cast<int32_t>(corrupt >> 32);
-  pack.corrupt_value = static_cast<int32_t>(static_cast<uint32_t>(corrupt & 0xffffffff));
+  testing::takeRailCountCorruption(&pack.corrupt_node, &pack.corrupt_value);
   rail::launchPackRailRecord(pack, stream);
   EPCOMM_NCCL_CHECK(
       ncclAllGather(scratch_.as<int32_t>(record_off_), scratch_.as<int32_t>(records_off_),

@@ -115,6 +115,12 @@ class RailExchange {
   int numNodes() const { return num_nodes_; }
   int node() const { return me_; }
 
+  // Throws what a worst-case call with this verdict throws from wait() (payload_moved) or an exact
+  // call before its payload (not): for a backend that judges the same records elsewhere (GIN).
+  [[noreturn]] void raiseVerdict(const rail::RailVerdict& verdict, bool payload_moved) const {
+    throwVerdict(verdict, payload_moved);
+  }
+
  private:
   void launchRecordExchange(const RailExchangeArgs& args, cudaStream_t stream,
                             const std::vector<int>& others);
@@ -145,6 +151,9 @@ namespace testing {
 // (exact mode then also sizes its own sends by it), so a test can make one rank lie; use values
 // the judge rejects. One-shot.
 void corruptNextRailCount(int node, int32_t value);
+// Takes the pending corruption (one-shot): node -1 when there is none. Every backend's record
+// packing calls it, so the hook works whichever transport runs.
+void takeRailCountCorruption(int32_t* node, int32_t* value);
 }  // namespace testing
 
 }  // namespace epcomm::nccl

@@ -43,6 +43,7 @@
 #include "kernels/node_launch.hpp"
 #include "nccl/rail_comms.hpp"
 #include "nccl/rail_exchange.hpp"
+#include "nccl/rail_transport.hpp"
 
 namespace epcomm::nccl {
 namespace {
@@ -226,8 +227,8 @@ struct ScaleOutBuffer::Impl {
   std::unique_ptr<CallbackBootstrap> node_bootstrap;
   std::unique_ptr<EpBuffer> node;
   RailComm rail;
-  std::unique_ptr<RailExchange> exchange;
-  DeviceMemory maps;  // int32 node_of [R], local_of [R]
+  std::unique_ptr<RailTransport> exchange;  // EPCOMM_RAIL_TRANSPORT: host API (default) or GIN
+  DeviceMemory maps;                        // int32 node_of [R], local_of [R]
   DeviceMemory send, recv;
   DeviceMemory batch_x, batch_scales, batch_ids, batch_weights;
   DeviceMemory batch_combined;  // float [stage_rows, max_topk]: the node's combined_topk_weights
@@ -310,6 +311,18 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
            std::to_string(kMaxTokensPerRank) + " (the node-local HT batch)" + onRank(s.topo.rank));
   }
 
+  // The rail transport: EPCOMM_RAIL_TRANSPORT, the same on every rank (a bad value, a mix, or a
+  // backend this build lacks fails every rank before any GPU work, never falls back; a network
+  // without GIN fails at the transport's creation below).
+  RailTransportKind transport = RailTransportKind::kHostApi;
+  voteCall(bootstrap, "creation (EPCOMM_RAIL_TRANSPORT)", 0, 0, 0, [&] {
+    transport = railTransportFromEnv();
+    checkRailTransportBuilt(transport);
+  });
+  requireSameShape(voteCall(bootstrap, "creation (EPCOMM_RAIL_TRANSPORT)", 0, 0,
+                            static_cast<int32_t>(transport), [] {}),
+                   "creation: EPCOMM_RAIL_TRANSPORT (0 nccl, 1 gin)", s.topo.rank);
+
   // The node's ranks as a bootstrap of their own: its all-gathers run over the job's bootstrap
   // (every rank of the job calls them, since every node creates its buffer at the same time) and
   // keep this node's rows.
@@ -349,9 +362,14 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   s.node = std::make_unique<EpBuffer>(*s.node_bootstrap, node_config);
 
   s.rail = createRailComm(bootstrap, s.topo, create_timeout_s);
-  s.exchange = std::make_unique<RailExchange>(s.rail, s.timeout_s);
-
   s.bf16_row = node::rowLayout(s.H, 2, s.max_topk);
+  RailTransportLimits limits;
+  // The largest worst-case call: LL rows (the bucket row; combine partials and weights are
+  // smaller) in slots of ll_max_tokens_per_rank.
+  limits.worst_case_slot_bytes = static_cast<int64_t>(std::max(s.N_ll, 1)) * s.bf16_row.row_bytes;
+  voteCall(bootstrap, "creation (rail transport)", 0, 0, 0,
+           [&] { s.exchange = createRailTransport(transport, s.rail, s.timeout_s, limits); });
+
   s.stage_rows = static_cast<int64_t>(s.M) * std::max(s.N, s.N_ll);
   const int64_t rows = std::max<int64_t>(s.stage_rows, 1);
   s.send = DeviceMemory(static_cast<size_t>(rows * s.bf16_row.row_bytes));

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "epcomm/error.hpp"
 #include "epcomm/nccl.hpp"
 #include "nccl/rail_comms.hpp"
+#include "nccl/rail_transport.hpp"
 
 namespace epcomm {
 namespace {
@@ -103,6 +105,68 @@ TEST_F(NcclCpu, ScaleOutBufferLlBatchTooLargeFailsEveryRank) {
   for (const auto& outcome : all.ranks) {
     EXPECT_EQ(outcome.code, ErrorCode::kInvalidArgument) << all.describe();
     EXPECT_NE(outcome.what.find("over kMaxLlTokensPerRank"), std::string::npos) << all.describe();
+  }
+}
+
+// EPCOMM_RAIL_TRANSPORT (docs/scale-out.md "Rail transport"), checked at ScaleOutBuffer creation
+// before any GPU work: a bad value on one rank, GIN asked of a build without it, and a mix of
+// backends fail every rank; nothing falls back silently.
+class RailTransportEnv : public NcclCpu {
+ protected:
+  void TearDown() override {
+    unsetenv("EPCOMM_RAIL_TRANSPORT");
+    NcclCpu::TearDown();
+  }
+  static BufferConfig config() {
+    BufferConfig c;
+    c.hidden = 256;
+    c.num_experts = 8;
+    c.max_tokens_per_rank = 16;
+    return c;
+  }
+};
+
+TEST_F(RailTransportEnv, BadValueFailsEveryRank) {
+  const int bad = size() - 1;
+  if (rank() == bad) setenv("EPCOMM_RAIL_TRANSPORT", "rdma", 1);
+  const test::RankOutcomes all =
+      outcomesOf([&] { nccl::ScaleOutBuffer buffer(bootstrap(), config()); });
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (int r = 0; r < size(); ++r) {
+    const auto& o = all.ranks[r];
+    EXPECT_EQ(o.code, r == bad ? ErrorCode::kInvalidArgument : ErrorCode::kRemote)
+        << all.describe();
+    EXPECT_NE(o.what.find("EPCOMM_RAIL_TRANSPORT = 'rdma'"), std::string::npos) << o.what;
+    EXPECT_NE(o.what.find("gin"), std::string::npos) << o.what;  // names the accepted values
+  }
+}
+
+TEST_F(RailTransportEnv, GinWithoutTheBackendFailsEveryRank) {
+  if (nccl::ginBackendBuilt()) {
+    GTEST_SKIP() << "this epcomm_nccl has the GIN backend (its creation needs a GPU: nccl_gin)";
+  }
+  setenv("EPCOMM_RAIL_TRANSPORT", "gin", 1);
+  const test::RankOutcomes all =
+      outcomesOf([&] { nccl::ScaleOutBuffer buffer(bootstrap(), config()); });
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (const auto& o : all.ranks) {
+    EXPECT_EQ(o.code, ErrorCode::kUnsupported) << all.describe();
+    EXPECT_NE(o.what.find("built without the GIN backend"), std::string::npos) << o.what;
+    EXPECT_NE(o.what.find(nccl::buildVersion()), std::string::npos) << o.what;
+  }
+}
+
+TEST_F(RailTransportEnv, MixedBackendsFailEveryRank) {
+  if (!nccl::ginBackendBuilt()) GTEST_SKIP() << "needs the GIN backend in this build";
+  if (size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  setenv("EPCOMM_RAIL_TRANSPORT", rank() == 0 ? "gin" : "nccl", 1);
+  const test::RankOutcomes all =
+      outcomesOf([&] { nccl::ScaleOutBuffer buffer(bootstrap(), config()); });
+  EXPECT_TRUE(all.allThrew()) << all.describe();
+  for (const auto& o : all.ranks) {
+    EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << all.describe();
+    EXPECT_NE(o.what.find("EPCOMM_RAIL_TRANSPORT"), std::string::npos) << o.what;
+    EXPECT_NE(o.what.find("differs between ranks"), std::string::npos) << o.what;
   }
 }
 

@@ -8,12 +8,19 @@
 // counts from one seed, so each rank knows what it must receive; rows encode (source rank,
 // destination node, row); receive buffers are poisoned with guard rows past their end; both modes
 // (and a CUDA graph of the worst-case one), bad counts and a rail peer that never comes.
+//
+// Built twice: nccl_gpu runs the rail transport tests on the host-API backend; nccl_gin (only when
+// epcomm_nccl has the GIN backend, EPCOMM_TEST_RAIL_GIN) runs the same tests through the GIN
+// backend (worst-case calls as GIN puts, exact calls on the host API) plus a device-side timeout.
+// Where NCCL reports no GIN (no RDMA NIC: every machine we have), nccl_gin prints
+// EPCOMM_SKIPPED_NO_GIN, which CTest reports as Skipped.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 #include <nccl.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -26,6 +33,7 @@
 #include "cuda_resources.hpp"
 #include "nccl/rail_comms.hpp"
 #include "nccl/rail_exchange.hpp"
+#include "nccl/rail_transport.hpp"
 
 namespace epcomm {
 namespace {
@@ -33,6 +41,11 @@ namespace {
 constexpr double kTimeoutS = 120.0;
 
 class NcclGpu : public test::MultiRankGpuTest {};
+
+#if defined(EPCOMM_TEST_RAIL_GIN)
+constexpr nccl::RailTransportKind kTransport = nccl::RailTransportKind::kGin;
+#else
+constexpr nccl::RailTransportKind kTransport = nccl::RailTransportKind::kHostApi;
 
 // Each rail sums (global rank + 1) over its members: every rank gets its own rail's sum.
 TEST_F(NcclGpu, RailAllReduce) {
@@ -61,6 +74,7 @@ TEST_F(NcclGpu, RailAllReduce) {
   cudaFree(value);
   rail.comm.finalize(kTimeoutS, "rail " + std::to_string(t.local));
 }
+#endif
 
 // --- the rail transport ----------------------------------------------------------------------
 
@@ -118,11 +132,23 @@ RailPlan makePlan(int num_nodes, int rail, int iteration) {
 
 class RailExchangeGpu : public NcclGpu {
  protected:
-  void setUpRail(double timeout_s = kTimeoutS) {
+  // Creates the rail and the transport under test; false (the test skipped, saying why) when
+  // the transport is GIN and NCCL reports none here.
+  bool setUpRail(double timeout_s = kTimeoutS) {
     device();
     topology_ = core::discoverTopology(bootstrap(), core::localNodeKey());
     rail_ = nccl::createRailComm(bootstrap(), topology_, kTimeoutS);
-    exchange_ = std::make_unique<nccl::RailExchange>(rail_, timeout_s);
+    nccl::RailTransportLimits limits;
+    limits.worst_case_slot_bytes = 312 * 24;  // makePlan: row_bytes <= 311, max_rows <= 24
+    try {
+      exchange_ = nccl::createRailTransport(kTransport, rail_, timeout_s, limits);
+    } catch (const Error& e) {
+      if (kTransport != nccl::RailTransportKind::kGin || e.code() != ErrorCode::kUnsupported) throw;
+      std::printf("EPCOMM_SKIPPED_NO_GIN: rank %d: %s\n", rank(), e.what());
+      std::fflush(stdout);
+      return false;
+    }
+    return true;
   }
   void TearDown() override {
     exchange_.reset();
@@ -263,25 +289,25 @@ class RailExchangeGpu : public NcclGpu {
 
   core::Topology topology_;
   nccl::RailComm rail_;
-  std::unique_ptr<nccl::RailExchange> exchange_;
+  std::unique_ptr<nccl::RailTransport> exchange_;
 };
 
 TEST_F(RailExchangeGpu, ExactRandomCounts) {
-  setUpRail();
+  if (!setUpRail()) GTEST_SKIP() << "no GIN here (EPCOMM_SKIPPED_NO_GIN)";
   for (int it = 0; it < 6 && !HasFailure(); ++it) {
     runAndCheck(makePlan(nodes(), topology_.local, it), false, it);
   }
 }
 
 TEST_F(RailExchangeGpu, WorstCaseRandomCounts) {
-  setUpRail();
+  if (!setUpRail()) GTEST_SKIP() << "no GIN here (EPCOMM_SKIPPED_NO_GIN)";
   for (int it = 0; it < 6 && !HasFailure(); ++it) {
     runAndCheck(makePlan(nodes(), topology_.local, it), true, it);
   }
 }
 
 TEST_F(RailExchangeGpu, ModesInterleaved) {
-  setUpRail();
+  if (!setUpRail()) GTEST_SKIP() << "no GIN here (EPCOMM_SKIPPED_NO_GIN)";
   for (int it = 0; it < 6 && !HasFailure(); ++it) {
     runAndCheck(makePlan(nodes(), topology_.local, 100 + it), it % 2 == 1, it);
   }
@@ -290,7 +316,7 @@ TEST_F(RailExchangeGpu, ModesInterleaved) {
 // Worst-case mode captured once in a CUDA graph and replayed with new counts and rows: nothing
 // the graph does depends on the host seeing the counts.
 TEST_F(RailExchangeGpu, WorstCaseGraphReplays) {
-  setUpRail();
+  if (!setUpRail()) GTEST_SKIP() << "no GIN here (EPCOMM_SKIPPED_NO_GIN)";
   util::OwnedStream capture_stream = util::OwnedStream::create(cudaStreamNonBlocking);
   const int m = nodes();
   // The shape (row bytes, max_rows) is fixed by the first plan; later plans keep it.
@@ -344,7 +370,7 @@ void expectBadCountEverywhere(const test::RankOutcomes& all, int32_t value, doub
 }
 
 TEST_F(RailExchangeGpu, BadCountFailsEveryRank) {
-  setUpRail(kFaultTimeoutS);
+  if (!setUpRail(kFaultTimeoutS)) GTEST_SKIP() << "no GIN here (EPCOMM_SKIPPED_NO_GIN)";
   if (nodes() < 2) GTEST_SKIP() << "needs at least 2 nodes (EPCOMM_HOSTID per rank)";
   const int m = nodes();
   for (const bool worst : {false, true}) {
@@ -380,7 +406,7 @@ TEST_F(RailExchangeGpu, BadCountFailsEveryRank) {
 // communicator aborted and a TimeoutError naming a rank of node 1.
 TEST_F(RailExchangeGpu, MissingPeerTimesOut) {
   constexpr double kShortS = 3.0;
-  setUpRail(kShortS);
+  if (!setUpRail(kShortS)) GTEST_SKIP() << "no GIN here (EPCOMM_SKIPPED_NO_GIN)";
   if (nodes() < 2) GTEST_SKIP() << "needs at least 2 nodes (EPCOMM_HOSTID per rank)";
   const RailPlan plan = makePlan(nodes(), topology_.local, 600);
   const auto buffers = buffersFor(plan, false);
@@ -404,6 +430,35 @@ TEST_F(RailExchangeGpu, MissingPeerTimesOut) {
   exchange_.reset();
   rail_.comm.abort();
 }
+
+#if defined(EPCOMM_TEST_RAIL_GIN)
+// GIN, worst-case: the ranks of node 1 never call. The others' kernels must give up at their
+// device deadline (no hang), and wait() must throw TimeoutError naming a rank of node 1, with the
+// communicator aborted.
+TEST_F(RailExchangeGpu, GinMissingPeerTimesOutOnTheDevice) {
+  constexpr double kShortS = 3.0;
+  if (!setUpRail(kShortS)) GTEST_SKIP() << "no GIN here (EPCOMM_SKIPPED_NO_GIN)";
+  if (nodes() < 2) GTEST_SKIP() << "needs at least 2 nodes (EPCOMM_HOSTID per rank)";
+  const RailPlan plan = makePlan(nodes(), topology_.local, 700);
+  const auto buffers = buffersFor(plan, true);
+  const test::RankOutcomes all = outcomesOf([&] {
+    if (me() == 1) return;
+    exchange_->exchange(buffers->args, stream());
+    exchange_->wait(stream());
+  });
+  if (me() != 1) {
+    const auto& o = all.ranks[rank()];
+    EXPECT_TRUE(o.threw) << all.describe();
+    EXPECT_EQ(o.code, ErrorCode::kTimeout) << o.what;
+    EXPECT_NE(o.what.find("rank " + std::to_string(globalRank(1))), std::string::npos) << o.what;
+    EXPECT_LT(o.seconds, kShortS + 10) << o.what;
+    EXPECT_FALSE(static_cast<bool>(rail_.comm)) << "the communicator must be aborted";
+  }
+  EPCOMM_TEST_CUDA(cudaStreamSynchronize(stream()));
+  exchange_.reset();
+  rail_.comm.abort();
+}
+#endif
 
 }  // namespace
 }  // namespace epcomm
