@@ -315,12 +315,12 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   // backend this build lacks fails every rank before any GPU work, never falls back; a network
   // without GIN fails at the transport's creation below).
   RailTransportKind transport = RailTransportKind::kHostApi;
-  voteCall(bootstrap, "creation (EPCOMM_RAIL_TRANSPORT)", 0, 0, 0, [&] {
+  voteCall(bootstrap, "creation (EPCOMM_RAIL_TRANSPORT)", 0, 0, 0, 0, [&] {
     transport = railTransportFromEnv();
     checkRailTransportBuilt(transport);
   });
   requireSameShape(voteCall(bootstrap, "creation (EPCOMM_RAIL_TRANSPORT)", 0, 0,
-                            static_cast<int32_t>(transport), [] {}),
+                            static_cast<int32_t>(transport), 0, [] {}),
                    "creation: EPCOMM_RAIL_TRANSPORT (0 nccl, 1 gin)", s.topo.rank);
 
   // The node's ranks as a bootstrap of their own: its all-gathers run over the job's bootstrap
@@ -367,7 +367,7 @@ ScaleOutBuffer::ScaleOutBuffer(Bootstrap& bootstrap, const BufferConfig& config)
   // The largest worst-case call: LL rows (the bucket row; combine partials and weights are
   // smaller) in slots of ll_max_tokens_per_rank.
   limits.worst_case_slot_bytes = static_cast<int64_t>(std::max(s.N_ll, 1)) * s.bf16_row.row_bytes;
-  voteCall(bootstrap, "creation (rail transport)", 0, 0, 0,
+  voteCall(bootstrap, "creation (rail transport)", 0, 0, 0, 0,
            [&] { s.exchange = createRailTransport(transport, s.rail, s.timeout_s, limits); });
 
   s.stage_rows = static_cast<int64_t>(s.M) * std::max(s.N, s.N_ll);
