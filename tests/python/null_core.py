@@ -24,6 +24,9 @@ import time
 
 import torch
 
+# The same no-op streams and events, and the same buffer sizes, as the CPU stand-in core.
+from fake_core import _FakeEvent, _FakeStream, fake_bytes_for
+
 
 class _Obj:
     def __init__(self, **kw):
@@ -120,28 +123,6 @@ class NullBuffer:
         return out
 
 
-def null_bytes_for(num_ranks, hidden=7168, num_experts=256, max_topk=8, max_tokens_per_rank=4096,
-                   ll_max_tokens_per_rank=0, **_):
-    ht = num_ranks * max_tokens_per_rank * (hidden * 4 + max_topk * 12 + 16)
-    ll = num_ranks * ll_max_tokens_per_rank * (num_experts // num_ranks) * (hidden * 2 + 80)
-    return dict(total=4096 + ht + ll, control=4096, ht=ht, ll=ll, scratch=0)
-
-
-class _NullStream:
-    cuda_stream = 0
-
-    def wait_stream(self, other):
-        pass
-
-    def wait_event(self, event):
-        pass
-
-
-class _NullEvent:
-    def record(self, stream=None):
-        pass
-
-
 def install():
     """Replaces the core Buffer, bytes_for, the torch bootstrap and the torch.cuda calls the
     facade makes with no-ops (this process only; for benchmarks and tests)."""
@@ -150,14 +131,14 @@ def install():
     from epcomm import _epcomm
 
     _epcomm.Buffer = NullBuffer
-    _epcomm.bytes_for = null_bytes_for
-    epcomm.bytes_for = null_bytes_for
+    _epcomm.bytes_for = fake_bytes_for
+    epcomm.bytes_for = fake_bytes_for
     epcomm._bootstrap.bootstrap_from_torch = \
         lambda group=None, device=None: _Obj(rank=0, size=1, num_nodes=1)
-    stream = _NullStream()
+    stream = _FakeStream()
     torch.cuda.current_stream = lambda device=None: stream
-    torch.cuda.Stream = lambda device=None, **kw: _NullStream()
-    torch.cuda.Event = lambda *a, **kw: _NullEvent()
+    torch.cuda.Stream = lambda device=None, **kw: _FakeStream()
+    torch.cuda.Event = lambda *a, **kw: _FakeEvent()
     torch.cuda.stream = lambda s: contextlib.nullcontext()
     torch.cuda.current_device = lambda: 0
     torch.Tensor.record_stream = lambda self, s: None
@@ -319,16 +300,8 @@ def alloc_paths(device, tokens=128, hidden=7168, topk=8):
                 b.view(i64).as_strided((n, k), (k, 1), off_i // 8),
                 b.view(f32).as_strided((n, k), (k, 1), off_w // 4))
 
-    dev = x.device
-    bf16 = torch.bfloat16
     return {
         "alloc: 1 new_empty": lambda: x.new_empty((n, h)),
-        # Other spellings of one allocation: which front end of the caching allocator is cheapest
-        # on the host (the facade may use any of them).
-        "alloc: 1 torch.empty(device=torch.device)": lambda: torch.empty((n, h), dtype=bf16,
-                                                                         device=dev),
-        "alloc: 1 torch.empty_strided": lambda: torch.empty_strided((n, h), (h, 1), dtype=bf16,
-                                                                   device=dev),
         "alloc: 3 outputs, one allocation each": per_output,
         "alloc: 3 outputs carved from one (set_)": carved,
         "alloc: 3 outputs carved from one (views)": carved_views,
