@@ -17,6 +17,7 @@
 #include "core/scale_out.hpp"
 #include "core/topology.hpp"
 #include "log_internal.hpp"
+#include "memory/nvlink_domain.hpp"
 
 namespace epcomm {
 
@@ -28,6 +29,24 @@ using core::NoPayload;
 namespace {
 
 std::atomic<uint64_t> g_next_generation{1};
+
+// The NVLink domain that makes this rank's node (core/topology.hpp) when its buffer may use fabric
+// handles (mem_mode auto or fabric) and EPCOMM_HOSTID does not name the node; nullopt makes the
+// node the host. The device is the one step 2 selects; any failure here means "no domain" and
+// step 2 reports a bad device.
+std::optional<std::string> nvlinkDomainOf(const BufferConfig& c) {
+  if (c.mem_mode != MemMode::kAuto && c.mem_mode != MemMode::kFabric) return std::nullopt;
+  if (core::hostIdOverride()) return std::nullopt;
+  int device = c.device;
+  if (device == kAuto && cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return std::nullopt;
+  }
+  std::string why;
+  std::optional<std::string> key = memory::nvlinkDomainKey(device, &why);
+  EPCOMM_LOG_TRACE("node key: " << (key ? "NVLink domain " + *key : "the host (" + why + ")"));
+  return key;
+}
 
 }  // namespace
 
@@ -41,8 +60,8 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
   core::NodeKey node_key;  // step 1b; read here so that a bad EPCOMM_HOSTID fails every rank
   const std::vector<ConfigDigest> digests =
       agreeOn<ConfigDigest>(bootstrap, "checking its BufferConfig", [&]() {
-        node_key = core::localNodeKey();
         resolved = resolveConfig(config, num_ranks);
+        node_key = core::localNodeKey(nvlinkDomainOf(resolved.config));
         perf = perfFlagsFromEnv();
         stage_times_on = stageTimesFromEnv();
         layout = computeBufferLayout(resolved);

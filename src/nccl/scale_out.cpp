@@ -689,6 +689,13 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
           reject("dispatch: num_tokens " + std::to_string(args.num_tokens) +
                  " outside [0, max_tokens_per_rank " + std::to_string(s.N) + "]" + me);
         }
+        if (has_layout && !has_topk) {
+          // Named before the top-k checks: a layout without topk is what the caller did.
+          reject(
+              "dispatch: DispatchArgs::layout without topk is not supported across nodes yet "
+              "(pass topk.idx with it: rows go by topk, and the layout must be its routing)" +
+              me);
+        }
         if (cached) {
           // One node's rules for a cached dispatch (ops.hpp DispatchArgs::topk).
           if (h.num_tokens < 0) {
@@ -724,12 +731,6 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
           }
         }
         if (has_layout) {
-          if (!has_topk) {
-            reject(
-                "dispatch: DispatchArgs::layout without topk is not supported across nodes yet "
-                "(pass topk.idx with it: rows go by topk, and the layout must be its routing)" +
-                me);
-          }
           const char* missing = layout.num_tokens_per_rank == nullptr     ? "num_tokens_per_rank"
                                 : layout.num_tokens_per_expert == nullptr ? "num_tokens_per_expert"
                                                                           : "is_token_in_rank";
@@ -775,6 +776,9 @@ DispatchResult ScaleOutBuffer::dispatch(const DispatchArgs& args, ScaleOutHandle
   requireSameShape(votes, "dispatch: dtype * 1000 + topk.num_topk", me);
   const int64_t token_stride = args.scales_token_stride != 0 ? args.scales_token_stride : s.H / 128;
   DispatchArgs n = args;
+  // The caller's layout describes its own tokens; the node-local dispatch routes the forwarded
+  // batch, whose layout it computes itself.
+  n.layout = DispatchLayout{};
   n.scales_token_stride = s.H / 128;
   n.scales_col_stride = 1;
   n.x_scales = fp8 ? s.batch_scales.as<float>() : nullptr;

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,6 +19,7 @@
 #include "epcomm/epcomm.hpp"
 #include "kernels/launch.hpp"
 #include "memory/driver_api.hpp"
+#include "memory/nvlink_domain.hpp"
 
 namespace epcomm::test {
 namespace {
@@ -47,6 +50,28 @@ TEST(GpuSingle, DriverEntryPointsResolve) {
   EXPECT_NE(api.memImportFromShareableHandle, nullptr);
   EXPECT_NE(driverErrorName(800).find("CUDA_ERROR_NOT_PERMITTED"), std::string::npos)
       << driverErrorName(800);
+}
+
+// The NVLink-domain query answers without throwing: a "fabric:<32 hex>/<clique>" key on a
+// multi-node NVLink system, else a reason (an HGX H200 reports fabric state "not supported").
+// Printed, so that the run records what this machine said.
+TEST(GpuSingle, NvlinkDomainQueryAnswers) {
+  EPCOMM_REQUIRE_GPU();
+  std::string why;
+  const std::optional<std::string> key = memory::nvlinkDomainKey(0, &why);
+  std::printf("NVLink domain of device 0: %s\n", key ? key->c_str() : ("none: " + why).c_str());
+  if (key) {
+    EXPECT_EQ(key->rfind("fabric:", 0), 0u) << *key;
+    EXPECT_EQ(key->find('/'), 7u + 32u) << *key;
+    EXPECT_TRUE(why.empty()) << why;
+  } else {
+    EXPECT_FALSE(why.empty());
+  }
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  std::string bad_why;
+  EXPECT_FALSE(memory::nvlinkDomainKey(1 << 20, &bad_why).has_value());
+  EXPECT_NE(bad_why.find("no PCI bus id for device 1048576"), std::string::npos) << bad_why;
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
 TEST(GpuSingle, BufferBarrierAndPattern) {
