@@ -59,6 +59,16 @@ __device__ __forceinline__ uint64_t ldVolatileU64(const uint64_t* p) {
   return *reinterpret_cast<const volatile uint64_t*>(p);
 }
 
+// Local read-only input written before this kernel (expert outputs, a token's x): a plain load,
+// which the compiler may schedule freely (the volatile asm of ldNcNoAlloc keeps every load in
+// program order). Measured on one H200 (a probe with the LL combine's access pattern, 24 SMs, rows
+// in L2): 11.0 us plain against 15.8 us ldNcNoAlloc; equal when the rows come from HBM. In the LL
+// combine's weighted sums (with ldPeer for the partials), 2x H200: 128 tokens at 24 SMs 61.8 ->
+// 46.3 us, 1 token 20.6 -> 18.3 us.
+__device__ __forceinline__ int4 ldInput(const int4* p) {
+  return *p;
+}
+
 // Read-only input that no other agent writes during the kernel: skip L1.
 __device__ __forceinline__ int4 ldNcNoAlloc(const int4* p) {
   int4 v;
@@ -68,7 +78,19 @@ __device__ __forceinline__ int4 ldNcNoAlloc(const int4* p) {
   return v;
 }
 
-// Peer-written data after an acquire: a plain (weak) load that does not allocate in L1.
+// Peer-written data after this thread's acquire, or after a __syncthreads behind another thread's
+// acquire of the same block: a plain (weak) load, which the PTX memory model orders after the
+// acquire, and which the compiler keeps after it (the acquire's asm clobbers memory) but may
+// otherwise batch and hoist. It replaced a volatile ld.global.L1::no_allocate with a memory
+// clobber, which kept each load in program order behind the previous store (measured in
+// docs/perf-notes.md, session 6).
+__device__ __forceinline__ int4 ldPeer(const int4* p) {
+  return *p;
+}
+
+// The same data through a volatile ld.global.L1::no_allocate with a memory clobber: every load in
+// program order. Kept for the HT combine's pull over NVLink, where ldPeer measured 0.45 % slower
+// (2x H200, 4096 tokens, 32 SMs: 201.9 -> 202.9 us).
 __device__ __forceinline__ int4 ldNoAlloc(const int4* p) {
   int4 v;
   asm volatile("ld.global.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
@@ -86,8 +108,7 @@ constexpr int kDispatchUnroll = 8;
 
 // One warp copies a row of `vecs` vectors, `InFlight` loads per lane before their stores (what a
 // small SM budget needs to keep its share of bandwidth: bytes in flight per SM = warps x 32 x
-// InFlight x 16). `load` reads one vector: a plain load, or ldNoAlloc for data a peer wrote (whose
-// memory clobber would otherwise keep each load behind the previous store).
+// InFlight x 16). `load` reads one vector (ldPeer, ldNoAlloc, or a plain load).
 template <int InFlight = kUnroll, typename Vec, typename Load>
 __device__ __forceinline__ void warpCopyRow(Vec* dst, const Vec* src, int vecs, int lane,
                                             Load load) {

@@ -193,7 +193,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
         for (int u = 0; u < kRoundsPerSegment; ++u) {
           const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
           loaded[b][u] = out_row[b] >= 0 && col < p.hidden
-                             ? ldNcNoAlloc(reinterpret_cast<const int4*>(y + col))
+                             ? ldInput(reinterpret_cast<const int4*>(y + col))
                              : make_int4(0, 0, 0, 0);
         }
       }
@@ -301,7 +301,7 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
         for (int u = 0; u < kRoundsPerSegment; ++u) {
           const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
           loaded[b][u] = src[b] >= 0 && col < p.hidden
-                             ? ldNoAlloc(reinterpret_cast<const int4*>(row + col))
+                             ? ldPeer(reinterpret_cast<const int4*>(row + col))
                              : make_int4(0, 0, 0, 0);
         }
       }

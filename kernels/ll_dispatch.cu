@@ -52,8 +52,8 @@ __device__ __forceinline__ void stageSegment(const LlParams& p, const uint16_t* 
 #pragma unroll
   for (int r = 0; r < kRoundsPerSegment; ++r) {
     const int col = seg * kSegmentCols + r * kColsPerRound + lane * 8;
-    loaded[r] = col < hidden ? ldNcNoAlloc(reinterpret_cast<const int4*>(x_row + col))
-                             : make_int4(0, 0, 0, 0);
+    loaded[r] =
+        col < hidden ? ldInput(reinterpret_cast<const int4*>(x_row + col)) : make_int4(0, 0, 0, 0);
   }
 #pragma unroll
   for (int r = 0; r < kRoundsPerSegment; ++r) {
@@ -376,7 +376,7 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
       // 8 loads in flight per lane: at a small SM budget this copy is bound by the bytes each SM
       // keeps in flight (24 SMs: 15.8 us of a 128-token receive at 1 rank with 4).
       warpCopyRow<kDispatchUnroll>(dst, src, static_cast<int>(out_row_bytes / 16), lane,
-                                   [](const int4* v) { return ldNoAlloc(v); });
+                                   [](const int4* v) { return ldPeer(v); });
       if (p.use_fp8) {
         const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
         float* out_scales =
