@@ -128,6 +128,42 @@ void printRowLive(const Row& row, bool first) {
   std::fflush(stderr);
 }
 
+void printSmBudgets(const std::vector<Row>& rows) {
+  // Rows of one op and shape, in measurement order (the first --sms value first).
+  auto sameCase = [](const Row& a, const Row& b) {
+    return a.op == b.op && a.dtype == b.dtype && a.tokens == b.tokens && a.hidden == b.hidden;
+  };
+  std::vector<std::vector<const Row*>> groups;
+  for (const Row& r : rows) {
+    if (r.sms <= 0 || r.op.rfind("ll ", 0) == 0) continue;  // LL rows have their own sweep
+    auto group = std::find_if(groups.begin(), groups.end(),
+                              [&](const auto& g) { return sameCase(*g.front(), r); });
+    if (group == groups.end()) {
+      groups.push_back({&r});
+    } else {
+      group->push_back(&r);
+    }
+  }
+  bool header = false;
+  for (const auto& group : groups) {
+    if (group.size() < 2) continue;
+    if (!header) {
+      std::printf(
+          "SM budgets (HT; SM x us = SMs x median us, the SM time taken from other work)\n");
+      std::printf("%-18s %-5s %6s %4s %9s %10s %6s %9s\n", "op", "dtype", "tokens", "SMs", "med us",
+                  "SM x us", "link %", "vs first");
+      header = true;
+    }
+    const double first_us = group.front()->time.med_us;
+    for (const Row* r : group) {
+      std::printf("%-18s %-5s %6d %4d %9.1f %10.0f %6s %8.2fx\n", r->op.c_str(), r->dtype.c_str(),
+                  r->tokens, r->sms, r->time.med_us, r->sms * r->time.med_us,
+                  orNa(r->link_pct, "%.1f").c_str(), r->time.med_us / first_us);
+    }
+  }
+  if (header) std::printf("\n");
+}
+
 void printTargets(const std::vector<Target>& targets) {
   std::printf("Targets\n");
   size_t width = 0;
@@ -192,29 +228,31 @@ std::string writeJson(const std::string& path, const nlohmann::ordered_json& opt
                  {"bulk_best", bulk_best}};
   nlohmann::ordered_json rows_json = nlohmann::ordered_json::array();
   for (const Row& r : rows) {
-    rows_json.push_back({{"op", r.op},
-                         {"dtype", r.dtype},
-                         {"tokens", r.tokens},
-                         {"hidden", r.hidden},
-                         {"topk", r.topk},
-                         {"experts", r.experts},
-                         {"ranks", r.ranks},
-                         {"sms", r.sms > 0 ? nlohmann::ordered_json(r.sms) : nullptr},
-                         {"input_sets", r.input_sets},
-                         {"med_us", r.time.med_us},
-                         {"min_us", r.time.min_us},
-                         {"max_us", r.time.max_us},
-                         {"logical_bytes_per_rank_min", orNull(r.logical_bytes_min)},
-                         {"logical_bytes_per_rank_max", orNull(r.logical_bytes_max)},
-                         {"link_bytes_per_rank_min", orNull(r.link_bytes_min)},
-                         {"link_bytes_per_rank_max", orNull(r.link_bytes_max)},
-                         {"logical_gbps", orNull(r.logical_gbps)},
-                         {"link_gbps", orNull(r.link_gbps)},
-                         {"logical_gbps_max", orNull(r.logical_gbps_max)},
-                         {"link_gbps_max", orNull(r.link_gbps_max)},
-                         {"link_pct", orNull(r.link_pct)},
-                         {"nccl_med_us", orNull(r.nccl_med_us)},
-                         {"vs_nccl", orNull(r.vs_nccl)}});
+    rows_json.push_back(
+        {{"op", r.op},
+         {"dtype", r.dtype},
+         {"tokens", r.tokens},
+         {"hidden", r.hidden},
+         {"topk", r.topk},
+         {"experts", r.experts},
+         {"ranks", r.ranks},
+         {"sms", r.sms > 0 ? nlohmann::ordered_json(r.sms) : nullptr},
+         {"sm_x_us", r.sms > 0 ? nlohmann::ordered_json(r.sms * r.time.med_us) : nullptr},
+         {"input_sets", r.input_sets},
+         {"med_us", r.time.med_us},
+         {"min_us", r.time.min_us},
+         {"max_us", r.time.max_us},
+         {"logical_bytes_per_rank_min", orNull(r.logical_bytes_min)},
+         {"logical_bytes_per_rank_max", orNull(r.logical_bytes_max)},
+         {"link_bytes_per_rank_min", orNull(r.link_bytes_min)},
+         {"link_bytes_per_rank_max", orNull(r.link_bytes_max)},
+         {"logical_gbps", orNull(r.logical_gbps)},
+         {"link_gbps", orNull(r.link_gbps)},
+         {"logical_gbps_max", orNull(r.logical_gbps_max)},
+         {"link_gbps_max", orNull(r.link_gbps_max)},
+         {"link_pct", orNull(r.link_pct)},
+         {"nccl_med_us", orNull(r.nccl_med_us)},
+         {"vs_nccl", orNull(r.vs_nccl)}});
   }
   doc["rows"] = rows_json;
   nlohmann::ordered_json targets_json = nlohmann::ordered_json::array();

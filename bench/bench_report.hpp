@@ -90,6 +90,10 @@ void printTable(const std::vector<Row>& rows);
 // (scripts look for the line starting with "op ").
 void printRowLive(const Row& row, bool first);
 void printTargets(const std::vector<Target>& targets);
+// The HT rows measured at more than one SM budget (--sms), grouped by op: SMs, median, SM x us
+// (the SM time the op takes from other work: SMs x median us), link % and the time against the
+// first budget's. Prints nothing when every op ran at one budget.
+void printSmBudgets(const std::vector<Row>& rows);
 
 // Writes everything as one JSON document. Returns an error message, or "" on success.
 std::string writeJson(const std::string& path, const nlohmann::ordered_json& options,

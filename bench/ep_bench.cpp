@@ -118,6 +118,7 @@ int finish(const Options& o, const Ranks& ranks, const Report& report, const Row
   }
   if (!ranks.root()) return 0;
   printTable(rows.rows());
+  printSmBudgets(rows.rows());
   printTargets(targets);
   printFixedCost(report.fixed_cost);
   printStageTimes(report.stage_times);
@@ -188,8 +189,11 @@ int run(const Options& o, const Ranks& ranks) {
     if (ranks.root()) printLinkTable(report.link.rows, report.link.note);
     std::fflush(stdout);
     for (int tokens : plan.tokens) {
+      // The SM-budget sweep on the main case only (--sweep-tokens rows use the first budget).
+      const bool main_case = tokens == o.tokens;
       runHtCase(env, buffer,
-                HtCaseSpec{tokens, o.hidden, o.sms, tokens == o.tokens, case_id++, o.expert_major});
+                HtCaseSpec{tokens, o.hidden, main_case ? o.sms : std::vector<int>{o.sms.front()},
+                           main_case, case_id++, o.expert_major});
     }
     if (o.ll) runLlCases(env, buffer, o, machine, case_id);
     if (o.fixed_cost) {
@@ -240,7 +244,7 @@ int run(const Options& o, const Ranks& ranks) {
   for (int hidden : plan.other_hidden) {
     const BufferBuild b = createBuffer(ranks, bootstrap, base, BufferShape{hidden, o.tokens, 0, 0});
     runHtCase(env, *b.buffer,
-              HtCaseSpec{o.tokens, hidden, o.sms, false, case_id++, o.expert_major});
+              HtCaseSpec{o.tokens, hidden, {o.sms.front()}, false, case_id++, o.expert_major});
   }
   return finish(o, ranks, report, rows);
 }

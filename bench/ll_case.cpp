@@ -94,26 +94,35 @@ void LlCase::makeInputs() {
 
 // LL dispatch and combine must alternate: each op gets its own events inside one loop. The
 // combine row comes from the BF16 loop (its work does not depend on the dispatch dtype).
+// The combine after the BF16 dispatch weighs by the dispatch's weights; the one after the FP8
+// dispatch takes LlCombineArgs::topk_weights (DeepEP's low_latency_combine form, which pushes the
+// weights to the expert ranks first): "ll combine (weights)". The combine moves BF16 either way.
 void LlCase::timeDispatchCombine(const CaseRows& rows) {
-  std::vector<float> combine_samples;
+  std::vector<float> combine_samples[2];
   for (bool fp8 : {false, true}) {
     TimedLoop loop(env_.loop, env_.stream, 2);
     loop.run(buffer_, [&](int it) {
-      const LlDispatchArgs a = dispatchArgs(in_[setOf(it)], fp8);
+      const LlSet& set = in_[setOf(it)];
+      const LlDispatchArgs a = dispatchArgs(set, fp8);
+      LlCombineArgs c = combine_args_;
+      if (fp8) c.topk_weights = set.weights.as<float>();
       loop.start(0);
       buffer_.lowLatencyDispatch(a, env_.stream);
       loop.stop(0);
       loop.start(1);
-      buffer_.lowLatencyCombine(combine_args_, env_.stream);
+      buffer_.lowLatencyCombine(c, env_.stream);
       loop.stop(1);
     });
     env_.rows.add(row("ll dispatch", fp8 ? "fp8" : "bf16"), loop.samples(0),
                   rows.bytes(fp8 ? fp8RowBytes(spec_.hidden) : bf16RowBytes(spec_.hidden)),
                   fp8 ? nccl_.fp8 : nccl_.bf16);
-    if (!fp8) combine_samples = loop.samples(1);
+    combine_samples[fp8 ? 1 : 0] = loop.samples(1);
   }
-  env_.rows.add(row("ll combine", "bf16"), combine_samples, rows.bytes(bf16RowBytes(spec_.hidden)),
-                nccl_.combine);
+  for (bool weights : {false, true}) {
+    env_.rows.add(row(weights ? "ll combine (weights)" : "ll combine", "bf16"),
+                  combine_samples[weights ? 1 : 0], rows.bytes(bf16RowBytes(spec_.hidden)),
+                  nccl_.combine);
+  }
 }
 
 void LlCase::timeGraph(const CaseRows& rows) {

@@ -80,7 +80,11 @@ void defineOptions(CLI::App& app, Options& o) {
                  "Routing skew: probability that a top-k pick is forced onto rank 0's experts "
                  "(0 = uniform)")
       ->capture_default_str();
-  app.add_option("--sms", o.sms, "SM budget of the HT ops: one value or a comma-separated sweep")
+  app.add_option(
+         "--sms", o.sms,
+         "SM budgets of the HT ops, the first the main case (targets, expert-major and graph "
+         "rows, --sweep-tokens, --sweep-hidden); the others add dispatch and combine rows "
+         "and the SM-budget table")
       ->delimiter(',')
       ->capture_default_str();
   app.add_option("--iters", o.iters, "Timed iterations per row (>= 50 unless --quick)")

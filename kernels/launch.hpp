@@ -292,7 +292,8 @@ void launchLlDispatchRecv(const LlParams& params, int sm_budget, cudaStream_t st
 void launchLlDispatchFused(const LlParams& params, int sm_budget, cudaStream_t stream);
 // Pushes this rank's combine-time weights (params.combine_weights, [num_tokens, num_topk]) to
 // every rank its tokens went to, then posts the combine-weights flag; launched before
-// launchLlCombineSend when LlCombineArgs::topk_weights is given. One warp per token.
+// launchLlCombineSend when LlCombineArgs::topk_weights is given (the fused kernel does it itself).
+// One warp per token.
 void launchLlCombineWeights(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlCombineSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 // Reduces num_tokens x (hidden / kLlSegmentCols) segments, one warp each; `num_tokens` is this
@@ -300,7 +301,8 @@ void launchLlCombineSend(const LlParams& params, int sm_budget, cudaStream_t str
 void launchLlCombineRecv(const LlParams& params, int num_tokens, int sm_budget,
                          cudaStream_t stream);
 // Send and receive halves in one kernel of `sm_budget` blocks (PerfFlags::ll_fused_combine): the
-// same signals and regions as launchLlCombineSend followed by launchLlCombineRecv.
+// same signals and regions as launchLlCombineSend followed by launchLlCombineRecv, preceded by
+// launchLlCombineWeights's push when params.weights_mode is kLlWeightsPushed (not launched then).
 void launchLlCombineFused(const LlParams& params, int sm_budget, cudaStream_t stream);
 
 }  // namespace epcomm::kernels

@@ -23,8 +23,10 @@ namespace stage = ll_combine_stage;
 // per token of this rank writes the token's whole weight row [num_topk] into the
 // combine_weights[parity][me][token] slot of every rank one of its experts lives on (found from
 // topk_copy, the ids dispatch send kept, not from a rank bitmask); the last block then posts
-// llWeightsPost(kLlWeightsPushed) to every rank, which llCombineSendKernel waits for.
-__global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams p) {
+// llWeightsPost(kLlWeightsPushed) to every rank, which llCombineSend waits for.
+// `fused`: the first part of llCombineFusedKernel, which checked rankFailed for the whole block;
+// every return below is block-uniform, so all threads of a block go on to the send half together.
+__device__ __forceinline__ void llCombineWeightsPush(const LlParams& p, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
@@ -34,7 +36,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams
   const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
-  if (rankFailed(ctx)) return;
+  if (!fused && rankFailed(ctx)) return;
   const int32_t* topk_copy = reinterpret_cast<const int32_t*>(ctx.local_base + r.topk_copy);
   for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
        t += gridDim.x * kWarpsPerBlock) {
@@ -63,6 +65,10 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams
                    tag(epoch, llWeightsPost(kLlWeightsPushed)));
     }
   }
+}
+
+__global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams p) {
+  llCombineWeightsPush(p, false);
 }
 
 // The send half. `fused`: called by llCombineFusedKernel, which checked rankFailed for the whole
@@ -338,13 +344,16 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
   llCombineRecv(p, false);
 }
 
-// Both halves in one grid (PerfFlags::ll_fused_combine). The receive half waits for every rank's
-// combine post, this rank's included, which the last block of each rank's send half makes: the
-// grid (the SM budget, one block per SM) must be resident at once, as the two-kernel path
-// already needs across ranks.
+// Both halves in one grid (PerfFlags::ll_fused_combine), after the combine-time weights push when
+// there is one (one launch instead of two: the host enqueue and the GPU gap of a kernel). The
+// receive half waits for every rank's combine post, this rank's included, which the last block
+// of each rank's send half makes, and the send half for every rank's weights post, which the
+// last block of the push makes: the grid (the SM budget, one block per SM) must be resident at
+// once, as the two-kernel path already needs across ranks.
 __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p) {
   stageStart(p.peers, kStages);
   if (__syncthreads_or(rankFailed(p.peers))) return;
+  if (p.weights_mode == kLlWeightsPushed) llCombineWeightsPush(p, true);
   llCombineSend(p, true);
   llCombineRecv(p, true);
   stageThread0(p.peers, kStages, stage::kEnd);

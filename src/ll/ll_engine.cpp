@@ -206,10 +206,12 @@ void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase p
     p.weights_mode = num_tokens_ == 0               ? kernels::kLlWeightsNoTokens
                      : args.topk_weights != nullptr ? kernels::kLlWeightsPushed
                                                     : kernels::kLlWeightsNone;
-    if (p.weights_mode == kernels::kLlWeightsPushed) {
+    const bool fused = recv && b.perf.ll_fused_combine;
+    // The fused kernel pushes the combine-time weights itself.
+    if (p.weights_mode == kernels::kLlWeightsPushed && !fused) {
       kernels::launchLlCombineWeights(p, sms, stream);
     }
-    if (recv && b.perf.ll_fused_combine) {
+    if (fused) {
       kernels::launchLlCombineFused(p, sms, stream);
     } else {
       kernels::launchLlCombineSend(p, sms, stream);
