@@ -170,7 +170,7 @@ std::vector<UniqueFd> exchangeFds(Bootstrap& bootstrap, int my_fd, double timeou
     if (options.before_exchange) options.before_exchange(directory);
     if (has_peers) {
       uds::runSocketPhase(rank, local, directory, listener.get(), my_fd, timeout_s, &report.refused,
-                          &result);
+                          options.before_send, &result);
     }
   } catch (...) {
     error = std::current_exception();

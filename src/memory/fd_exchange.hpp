@@ -90,6 +90,9 @@ struct FdExchangeOptions {
   // Called on every rank (also ranks without local peers) once the directory is agreed and
   // before this rank connects or accepts anything. Exceptions count as this rank's failure.
   std::function<void(const FdExchangeDirectory&)> before_exchange;
+  // Called when this rank's connection to local rank `peer` is up, just before its fd goes out.
+  // Lets a test hold a send until that peer has left the exchange.
+  std::function<void(int peer)> before_send;
   // Filled when non-null (refusals: the first 64).
   FdExchangeReport* report = nullptr;
 };

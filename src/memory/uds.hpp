@@ -39,9 +39,10 @@ bool peerCredentials(int fd, ucred* cred);
 // The socket phase of one rank (step 3 of exchangeFds): sends `my_fd` to every other rank of
 // `local` and receives one fd from each into (*result)[rank], all connections served by one
 // poll() loop until `timeout_s` passes. Refused connections are listed in `refusals` (the
-// first 64) when it is non-null.
+// first 64) when it is non-null. `before_send` (may be empty) is FdExchangeOptions::before_send.
 void runSocketPhase(int rank, const std::vector<int>& local, const FdExchangeDirectory& directory,
                     int listener, int my_fd, double timeout_s, std::vector<std::string>* refusals,
+                    const std::function<void(int peer)>& before_send,
                     std::vector<UniqueFd>* result);
 
 }  // namespace epcomm::memory::uds

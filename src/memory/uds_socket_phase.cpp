@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -52,7 +53,8 @@ int pollMs(Clock::time_point until) {
 class SocketPhase {
  public:
   SocketPhase(int rank, const std::vector<int>& local, const FdExchangeDirectory& directory,
-              int listener, int my_fd, double timeout_s, std::vector<std::string>* refusals)
+              int listener, int my_fd, double timeout_s, std::vector<std::string>* refusals,
+              const std::function<void(int)>& before_send)
       : rank_(rank),
         directory_(directory),
         listener_(listener),
@@ -60,7 +62,8 @@ class SocketPhase {
         timeout_s_(timeout_s),
         deadline_(timeout_s),
         uid_(::getuid()),
-        refusals_(refusals) {
+        refusals_(refusals),
+        before_send_(before_send) {
     for (int peer : local) {
       if (peer == rank) continue;
       peers_.push_back(peer);
@@ -68,6 +71,7 @@ class SocketPhase {
       outgoing_.back().peer = peer;
     }
     received_.assign(directory.pid.size(), false);
+    gone_.assign(directory.pid.size(), false);
     // Only processes of our own job ever occupy a slot (others are refused at accept), so a
     // generous bound suffices; beyond it the oldest pending connection gives way.
     max_pending_ = 4 * peers_.size() + 16;
@@ -79,11 +83,18 @@ class SocketPhase {
       for (Outgoing& out : outgoing_) {
         if (!out.done && out.socket.get() < 0 && Clock::now() >= out.retry_at) startConnect(&out);
       }
-      const bool all_received = std::all_of(
-          peers_.begin(), peers_.end(), [&](int p) { return received_[static_cast<size_t>(p)]; });
+      // A peer that closed its socket has left the exchange: nothing more comes from it, but the
+      // others still get this rank's fd before it fails, so every rank names the one that left
+      // (failing at once would make this rank look absent to the ranks it had not served yet).
+      const bool all_received = std::all_of(peers_.begin(), peers_.end(), [&](int p) {
+        return received_[static_cast<size_t>(p)] || gone_[static_cast<size_t>(p)];
+      });
       const bool all_sent =
           std::all_of(outgoing_.begin(), outgoing_.end(), [](const Outgoing& o) { return o.done; });
-      if (all_received && all_sent) return;
+      if (all_received && all_sent) {
+        if (first_gone_error_ != 0) throwPeerGone();
+        return;
+      }
       if (Clock::now() >= deadline_.end()) throwTimeout();
 
       // Listener, then accepted connections, then outgoing ones in progress.
@@ -156,8 +167,7 @@ class SocketPhase {
     const sockaddr_un address = abstractAddress(name, &length);
     out->socket = makeSocket();
     if (::connect(out->socket.get(), reinterpret_cast<const sockaddr*>(&address), length) == 0) {
-      out->connected = true;
-      verifyListener(*out);
+      onConnected(out);
       sendHello(out);
       return;
     }
@@ -182,10 +192,15 @@ class SocketPhase {
         retryLater(out, err);
         return;
       }
-      out->connected = true;
-      verifyListener(*out);
+      onConnected(out);
     }
     sendHello(out);
+  }
+
+  void onConnected(Outgoing* out) {
+    out->connected = true;
+    verifyListener(*out);
+    if (before_send_) before_send_(out->peer);
   }
 
   // The secret goes out only to the process that published the name: our uid and its pid.
@@ -240,20 +255,38 @@ class SocketPhase {
       }
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return;  // poll POLLOUT, then go on
-      const bool peer_gone = errno == EPIPE || errno == ECONNRESET;
-      detail::throwSystem(
-          errno,
-          ("sendmsg(SCM_RIGHTS) to rank " + std::to_string(out->peer) +
-           (peer_gone ? " (rank " + std::to_string(out->peer) +
-                            " closed its socket before taking the fd: it failed or left the "
-                            "exchange; its own error says why)"
-                      : std::string()))
-              .c_str(),
-          __FILE__, __LINE__);
+      if (errno == EPIPE || errno == ECONNRESET) {
+        markGone(out, errno);
+        return;
+      }
+      detail::throwSystem(errno,
+                          ("sendmsg(SCM_RIGHTS) to rank " + std::to_string(out->peer)).c_str(),
+                          __FILE__, __LINE__);
     }
     // Queued data (and the fd) stay readable by the peer after we close our end.
     out->socket.reset();
     out->done = true;
+  }
+
+  // The peer closed its socket before taking our fd: it failed or left the exchange.
+  void markGone(Outgoing* out, int err) {
+    out->socket.reset();
+    out->done = true;
+    gone_[static_cast<size_t>(out->peer)] = true;
+    if (first_gone_error_ == 0) {
+      first_gone_error_ = err;
+      first_gone_peer_ = out->peer;
+    }
+  }
+
+  [[noreturn]] void throwPeerGone() const {
+    const std::string peer = std::to_string(first_gone_peer_);
+    detail::throwSystem(first_gone_error_,
+                        ("sendmsg(SCM_RIGHTS) to rank " + peer + " (rank " + peer +
+                         " closed its socket before taking the fd: it failed or left the "
+                         "exchange; its own error says why)")
+                            .c_str(),
+                        __FILE__, __LINE__);
   }
 
   void refuse(const ucred& cred, const std::string& why) {
@@ -425,10 +458,14 @@ class SocketPhase {
   const Deadline deadline_;
   const uid_t uid_;
   std::vector<std::string>* refusals_;
+  const std::function<void(int)>& before_send_;
   std::vector<int> peers_;
   std::vector<Outgoing> outgoing_;
   std::deque<Incoming> incoming_;
   std::vector<bool> received_;
+  std::vector<bool> gone_;
+  int first_gone_error_ = 0;
+  int first_gone_peer_ = -1;
   size_t max_pending_ = 0;
   size_t refused_count_ = 0;
   std::vector<std::string> first_refusals_;
@@ -438,8 +475,8 @@ class SocketPhase {
 
 void runSocketPhase(int rank, const std::vector<int>& local, const FdExchangeDirectory& directory,
                     int listener, int my_fd, double timeout_s, std::vector<std::string>* refusals,
-                    std::vector<UniqueFd>* result) {
-  SocketPhase phase(rank, local, directory, listener, my_fd, timeout_s, refusals);
+                    const std::function<void(int)>& before_send, std::vector<UniqueFd>* result) {
+  SocketPhase phase(rank, local, directory, listener, my_fd, timeout_s, refusals, before_send);
   phase.run(result);
 }
 

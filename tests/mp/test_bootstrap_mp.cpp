@@ -646,8 +646,10 @@ TEST(FdExchange, AbsentPeerTimesOutNamingItAndNobodyHangs) {
         // The absent rank rethrows its own failure after the final bootstrap step.
         EXPECT_TRUE(contains(e.what(), "stays away")) << e.what();
       } else {
-        // A rank that reached rank 1's socket before rank 1 closed it fails at once instead,
-        // naming rank 1 as the one that went away (timing: rank 1 closes when its hook throws).
+        // A rank that reached rank 1's socket before rank 1 closed it (timing: rank 1 closes
+        // when its hook throws) fails as soon as it has served every other rank, naming rank 1
+        // as the one that went away. It must serve the others first: failing at once made it
+        // look absent to them, and they named it instead of rank 1 (seen under ASan in CI).
         peer_closed = true;
         EXPECT_TRUE(contains(e.what(), "to rank 1")) << e.what();
         EXPECT_TRUE(contains(e.what(), "closed its socket")) << e.what();
@@ -693,6 +695,94 @@ UniqueFd connectTo(const std::string& name) {
   if (fd.get() < 0) return fd;
   if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), length) != 0) fd.reset();
   return fd;
+}
+
+// True once nobody listens on the abstract `name` any more (connect is refused), polled for at
+// most `seconds`.
+bool waitUntilNobodyListens(const std::string& name, double seconds) {
+  const auto give_up = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                          std::chrono::duration<double>(seconds));
+  socklen_t length = 0;
+  const sockaddr_un address = abstractAddress(name, &length);
+  while (Clock::now() < give_up) {
+    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (probe.get() >= 0 &&
+        ::connect(probe.get(), reinterpret_cast<const sockaddr*>(&address), length) != 0 &&
+        errno == ECONNREFUSED) {
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return false;
+}
+
+// Rank 1 fails before the socket phase, but only once rank 0 is connected to its listener (rank
+// 0 tells it over MPI); rank 0 holds its send (before_send) until rank 1 has closed that
+// listener, so its send fails: rank 1 left mid-exchange. Rank 0 must still hand its fd to every
+// other rank before it fails naming rank 1, so that no rank names rank 0. (Failing at once, rank 0
+// looked absent to ranks 2 and up, which named it instead of rank 1: seen under ASan in CI, where
+// the timing made it happen.)
+TEST(FdExchange, APeerThatLeavesMidSendIsNamedByEveryRank) {
+  if (world().size() < 3) GTEST_SKIP() << "needs 3 ranks (one to leave, one to hold, one to serve)";
+  constexpr int kLeaver = 1;
+  constexpr int kHolder = 0;
+  constexpr double kShortTimeoutS = 3.0;
+  const int rank = world().rank();
+  std::string leaver_name;
+  bool leaver_left = false;
+  FdExchangeOptions options;
+  constexpr int kConnectedTag = 7101;
+  options.before_exchange = [&](const FdExchangeDirectory& directory) {
+    leaver_name = directory.name[kLeaver];
+    if (rank != kLeaver) return;
+    int connected = 0;
+    MPI_Request request;
+    MPI_Irecv(&connected, 1, MPI_INT, kHolder, kConnectedTag, MPI_COMM_WORLD, &request);
+    int done = 0;
+    const auto give_up = Clock::now() + std::chrono::seconds(20);
+    while (!done && Clock::now() < give_up) {
+      MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+      if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (!done) {
+      MPI_Cancel(&request);
+      MPI_Wait(&request, MPI_STATUS_IGNORE);
+      ADD_FAILURE() << "rank 0 never connected to rank 1";
+    }
+    throw std::runtime_error("rank 1 leaves");
+  };
+  options.before_send = [&](int peer) {
+    if (rank != kHolder || peer != kLeaver) return;
+    const int connected = 1;
+    MPI_Send(&connected, 1, MPI_INT, kLeaver, kConnectedTag, MPI_COMM_WORLD);
+    leaver_left = waitUntilNobodyListens(leaver_name, 20.0);
+  };
+  const int start = countOpenFds();
+  {
+    UniqueFd mine = makeMemfd(rankText(rank, 98));
+    try {
+      exchangeFds(world(), mine.get(), kShortTimeoutS, options);
+      ADD_FAILURE() << "rank " << rank << ": exchange succeeded although rank 1 left";
+    } catch (const TimeoutError& e) {
+      EXPECT_NE(rank, kHolder) << "rank 0 met a closed socket, not a deadline: " << e.what();
+      EXPECT_NE(rank, kLeaver) << e.what();
+      EXPECT_EQ(e.peer(), kLeaver) << e.what();
+      EXPECT_TRUE(contains(e.what(), "rank 1 never delivered its fd")) << e.what();
+    } catch (const std::runtime_error& e) {
+      if (rank == kLeaver) {
+        EXPECT_TRUE(contains(e.what(), "leaves")) << e.what();
+      } else {
+        // rank 0 always, another rank only if it too reached rank 1 just before it closed.
+        EXPECT_TRUE(contains(e.what(), "to rank 1")) << e.what();
+        EXPECT_TRUE(contains(e.what(), "closed its socket")) << e.what();
+      }
+    }
+  }
+  if (rank == kHolder) {
+    EXPECT_TRUE(leaver_left) << "rank 1's listener never closed";
+  }
+  EXPECT_EQ(countOpenFds(), start) << "a failed exchange must close every socket and fd";
+  exchangeAndCheck(world(), 6);
 }
 
 // Sends `bytes` bytes of `hello` with `fd` attached (fd < 0: none). Async-signal-safe, so a
