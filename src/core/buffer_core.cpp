@@ -43,8 +43,13 @@ std::optional<std::string> nvlinkDomainOf(const BufferConfig& c) {
     return std::nullopt;
   }
   std::string why;
-  std::optional<std::string> key = memory::nvlinkDomainKey(device, &why);
-  EPCOMM_LOG_TRACE("node key: " << (key ? "NVLink domain " + *key : "the host (" + why + ")"));
+  const std::optional<memory::NvlinkDomain> domain = memory::nvlinkDomainOf(device, &why);
+  if (!domain) {
+    EPCOMM_LOG_TRACE("node key: the host (" + why + ")");
+    return std::nullopt;
+  }
+  std::string key = core::fabricDomainKeyText(domain->cluster_uuid, domain->clique_id);
+  EPCOMM_LOG_TRACE("node key: NVLink domain " + key);
   return key;
 }
 

@@ -9,9 +9,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 
-#include "core/topology.hpp"
 #include "memory/sharing_mode.hpp"
 
 namespace epcomm::memory {
@@ -35,7 +35,7 @@ Fn symbol(void* library, const char* name) {
 
 }  // namespace
 
-std::optional<std::string> nvlinkDomainKey(int device, std::string* why) {
+std::optional<NvlinkDomain> nvlinkDomainOf(int device, std::string* why) {
   char bus_id[32] = {};
   if (cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id) - 1, device) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky; leave no trace for the caller's next check
@@ -90,7 +90,10 @@ std::optional<std::string> nvlinkDomainKey(int device, std::string* why) {
     *why = "fabric handles do not work here: " + probe_why;
     return std::nullopt;
   }
-  return core::fabricDomainKeyText(info.cluster_uuid, info.clique_id);
+  NvlinkDomain domain;
+  std::memcpy(domain.cluster_uuid, info.cluster_uuid, sizeof(domain.cluster_uuid));
+  domain.clique_id = info.clique_id;
+  return domain;
 }
 
 }  // namespace epcomm::memory

@@ -16,6 +16,7 @@
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
+#include "core/topology.hpp"
 #include "epcomm/epcomm.hpp"
 #include "kernels/launch.hpp"
 #include "memory/driver_api.hpp"
@@ -58,18 +59,19 @@ TEST(GpuSingle, DriverEntryPointsResolve) {
 TEST(GpuSingle, NvlinkDomainQueryAnswers) {
   EPCOMM_REQUIRE_GPU();
   std::string why;
-  const std::optional<std::string> key = memory::nvlinkDomainKey(0, &why);
-  std::printf("NVLink domain of device 0: %s\n", key ? key->c_str() : ("none: " + why).c_str());
-  if (key) {
-    EXPECT_EQ(key->rfind("fabric:", 0), 0u) << *key;
-    EXPECT_EQ(key->find('/'), 7u + 32u) << *key;
+  const std::optional<memory::NvlinkDomain> domain = memory::nvlinkDomainOf(0, &why);
+  if (domain) {
+    const std::string key = core::fabricDomainKeyText(domain->cluster_uuid, domain->clique_id);
+    std::printf("NVLink domain of device 0: %s\n", key.c_str());
+    EXPECT_NE(key, "fabric:00000000000000000000000000000000/" + std::to_string(domain->clique_id));
     EXPECT_TRUE(why.empty()) << why;
   } else {
+    std::printf("NVLink domain of device 0: none: %s\n", why.c_str());
     EXPECT_FALSE(why.empty());
   }
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   std::string bad_why;
-  EXPECT_FALSE(memory::nvlinkDomainKey(1 << 20, &bad_why).has_value());
+  EXPECT_FALSE(memory::nvlinkDomainOf(1 << 20, &bad_why).has_value());
   EXPECT_NE(bad_why.find("no PCI bus id for device 1048576"), std::string::npos) << bad_why;
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
