@@ -244,10 +244,14 @@ constexpr uint64_t kHostAbortPollNs = 200 * 1000;
 // `peer`: the rank that writes the word. `expected`: the call's epoch (every wait waits for its
 // call's epoch); the first call of a family (epoch 1) waits up to first_op_timeout_ns.
 // `tagged`: the word is (epoch << 32) | value and the error record shows its epoch part.
+// `backoff_ns`: a sleep after every read that finds the word not ready, for waits that many warps
+// make at once (the push combine's reducers: hundreds of warps spinning on their flags slowed the
+// pushes landing beside them up to 10x); 0 (every other wait) spins.
 template <typename Ready>
 __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
                                         const WaitContext& w, WaitPhase phase, int peer,
-                                        uint64_t expected, uint64_t* value = nullptr) {
+                                        uint64_t expected, uint64_t* value = nullptr,
+                                        uint32_t backoff_ns = 0) {
   const PeerContext& ctx = *w.ctx;
   ControlRegion* own = controlOf(ctx.local_base);
   const uint64_t timeout_ns = expected <= 1 ? ctx.first_op_timeout_ns : ctx.timeout_ns;
@@ -261,6 +265,7 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
       if (value != nullptr) *value = v;
       return true;
     }
+    if (backoff_ns != 0) __nanosleep(backoff_ns);
     if (++spins % kSlowCheckEvery != 0) continue;
     if (ldVolatileI32(&own->local.failed) != 0) return false;
     const uint64_t faulted = ldVolatileU64(&own->peer_faulted);
@@ -311,9 +316,11 @@ __device__ __forceinline__ bool waitTagged(const uint64_t* word, uint64_t epoch,
       value);
 }
 __device__ __forceinline__ bool waitEpoch(const uint64_t* word, uint64_t epoch,
-                                          const WaitContext& w, WaitPhase phase, int peer) {
+                                          const WaitContext& w, WaitPhase phase, int peer,
+                                          uint32_t backoff_ns = 0) {
   return waitFor(
-      word, [epoch](uint64_t v) { return v >= epoch; }, false, w, phase, peer, epoch);
+      word, [epoch](uint64_t v) { return v >= epoch; }, false, w, phase, peer, epoch, nullptr,
+      backoff_ns);
 }
 
 // --- stage times (kernels/stage_times.hpp; EPCOMM_STAGE_TIMES) ---------------------------------

@@ -366,6 +366,70 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   stageThread0(ctx, kDispatchStages, dstage::kEnd);
 }
 
+// One token of a combine, by one warp: out = bias + sum over the mask's ranks d (increasing) of
+// weight[d] * src[d], in float32. Two ranks' rows are loaded before either is summed, kUnroll
+// vectors per lane each: with one rank at a time the loads of a 24- or 16-SM grid were too few to
+// fill NVLink (2x H200, 4096 tokens: 246.6 -> 214.0 us at 24 SMs, 336.4 -> 284.8 at 16, 203.2 ->
+// 193.8 at 32). The sums keep rank order, so the result is the one-at-a-time result bit for bit.
+template <typename Load>
+__device__ __forceinline__ void sumTokenRows(int4* out, const int4* bias, const int4* const* src,
+                                             const float* weight, const RankMask& mask,
+                                             int num_vecs, int lane, Load load) {
+  for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
+    float acc[kUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
+    }
+    int pending = -1;  // a rank whose loads wait for a partner
+    forEachRank(mask, [&](int d) {
+      if (pending < 0) {
+        pending = d;
+        return;
+      }
+      int4 a[kUnroll];
+      int4 b[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i < num_vecs) {
+          a[u] = load(src[pending] + i);
+          b[u] = load(src[d] + i);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (base + u * kWarpSize + lane < num_vecs) {
+          accumulateBf16x8(acc[u], a[u], weight[pending]);
+          accumulateBf16x8(acc[u], b[u], weight[d]);
+        }
+      }
+      pending = -1;
+    });
+    if (pending >= 0) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i < num_vecs) v[u] = load(src[pending] + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (base + u * kWarpSize + lane < num_vecs) accumulateBf16x8(acc[u], v[u], weight[pending]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kWarpSize + lane;
+      if (i < num_vecs) {
+        if (bias != nullptr) accumulateBf16x8(acc[u], ldNcNoAlloc(bias + i), 1.f);
+        out[i] = packBf16x8(acc[u]);
+      }
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams p) {
   const PeerContext& ctx = p.peers;
   stageStart(ctx, kCombineStages);
@@ -464,34 +528,8 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
     int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
     const int4* bias =
         p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;
-    for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
-      float acc[kUnroll][8];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-      }
-      forEachRank(mask, [&](int d) {
-        int4 v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int i = base + u * kWarpSize + lane;
-          if (i < num_vecs) v[u] = ldNoAlloc(src[d] + i);
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (base + u * kWarpSize + lane < num_vecs) accumulateBf16x8(acc[u], v[u], weight[d]);
-        }
-      });
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = base + u * kWarpSize + lane;
-        if (i < num_vecs) {
-          if (bias != nullptr) accumulateBf16x8(acc[u], ldNcNoAlloc(bias + i), 1.f);
-          out[i] = packBf16x8(acc[u]);
-        }
-      }
-    }
+    sumTokenRows(out, bias, src, weight, mask, num_vecs, lane,
+                 [](const int4* q) { return ldNoAlloc(q); });
     __syncwarp();  // the next token rewrites this warp's tables
   }
 
@@ -517,9 +555,221 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   stageThread0(ctx, kCombineStages, cstage::kEnd);
 }
 
+// The reducers' flag waits sleep this long after each read that finds a chunk missing: spinning,
+// they slowed the pushes landing beside them (2x H200, 4096 tokens, 32 SMs, 8 pushing blocks:
+// 555 -> 237 us with the sleep; 16 SMs, 5 pushing blocks: 390 -> 348).
+constexpr uint32_t kPushWaitBackoffNs = 100;
+
+// The push combine (EPCOMM_PERF ht_push_combine): blocks [0, pushers) store the rows this rank
+// holds for each token owner s (its block of s's rows, in s's token order) into s's
+// combine_gather region, kPushChunkRows at a time, each chunk released by an epoch flag in s's
+// combine_flags; blocks [pushers, grid) reduce this rank's tokens, a warp per token, each row
+// read locally once its chunk's flag is in (own rows straight from the caller's x). Stores cross
+// NVLink at the link's two-way rate where pulls stop at ~91 % of it ("Probes (session 6)"), and
+// the caller's x needs no staging copy, which is why the host uses it for copy-in combines only
+// (2x H200, 4096 tokens, copy-in at 32/24/16 SMs: 279/324/441 us pulled, 221/242/348 pushed;
+// with x already in the buffer the pull is faster: 194/212/281 against 221/240/348).
+// The ready and done handshakes are the pull kernel's:
+// a rank pushes only into an owner that posted "ready" for this call (its previous combine is
+// over), and leaves only when every rank is done (they pull its received top-k weights).
+__global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombineParams p) {
+  const PeerContext& ctx = p.peers;
+  stageStart(ctx, kCombineStages);
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int num_ranks = ctx.num_ranks;
+  const int me = ctx.rank;
+  const int tid = threadIdx.x;
+  const uint64_t epoch = callEpoch(own, kEpochHtCombine);
+  const WaitContext w{&ctx, OpId::kHtCombine, globalTimerNs()};
+  if (rankFailed(ctx)) return;
+
+  __shared__ uint8_t* s_peer[kMaxRanks];
+  __shared__ int64_t s_first_row[kMaxRanks];   // first row of source s's block in my x
+  __shared__ int32_t s_held[kMaxRanks];        // rows I hold of source s (I push them back to s)
+  __shared__ const uint8_t* s_src[kMaxRanks];  // my tokens' rows from rank d, by d's slot
+  __shared__ const int4* s_row[kWarpsPerBlock][kMaxRanks];
+  __shared__ float s_weight[kWarpsPerBlock][kMaxRanks];
+  __shared__ const float* s_recv_weights[kMaxRanks];
+
+  // 1. ready: this rank's gather region is free (its previous combine is over) and its x is in
+  //    place; wait for every rank's.
+  if (tid == 0) {
+    fenceAcqRelSys();
+    for (int d = 0; d < num_ranks; ++d) {
+      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
+    }
+    stageThread(ctx, kCombineStages, cstage::kReadyPosted);
+  }
+  bool ok = true;
+  const int64_t row_bytes = p.row_bytes;
+  const uint8_t* gather = ctx.local_base + p.regions.combine_gather;
+  if (tid < num_ranks) {
+    uint64_t v = 0;
+    ok = waitTagged(&own->ht_combine_ready[tid], epoch, w, kPhaseReady, tid, &v);
+    if (ok && tagValue(v) != p.signature) {
+      recordOpFailure(ctx, FailKind::kSignatureMismatch, OpId::kHtCombine, kPhaseReady, tid,
+                      p.signature, tagValue(v));
+      ok = false;
+    }
+    s_peer[tid] = ctx.peer_bases[tid];
+    int64_t first = 0;
+    for (int s = 0; s < tid; ++s) first += p.count_matrix[s * num_ranks + me];
+    s_first_row[tid] = first;
+    s_held[tid] = p.count_matrix[tid * num_ranks + me];
+    int64_t first_at_tid = 0;  // my rows within rank tid's block (for its received weights)
+    for (int s = 0; s < me; ++s) first_at_tid += p.count_matrix[s * num_ranks + tid];
+    s_recv_weights[tid] =
+        reinterpret_cast<const float*>(ctx.peer_bases[tid] + p.recv_weights_offset) +
+        first_at_tid * p.num_topk;
+  }
+  __syncthreads();
+  if (tid < num_ranks) {
+    // Rank tid's rows of my tokens: my own from x, the others from my gather region.
+    const int64_t own_first = s_first_row[me];
+    const int gather_index = tid < me ? tid : tid - 1;
+    s_src[tid] = tid == me ? p.x + own_first * row_bytes
+                           : gather + int64_t{gather_index} * p.regions.max_tokens * row_bytes;
+  }
+  if (!__syncthreads_and(ok)) return;
+  stageThread0(ctx, kCombineStages, cstage::kReadyWaited);
+
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int num_vecs = static_cast<int>(row_bytes / 16);
+  if (static_cast<int>(blockIdx.x) < p.pushers) {
+    // 2a. push: work items (owner s != me, chunk c), dealt round-robin over the pushing blocks.
+    int item = 0;
+    for (int s = 0; s < num_ranks; ++s) {
+      if (s == me) continue;
+      // The owner's block holds max_tokens rows: a count beyond it (a peer's corrupt count row)
+      // is cut there, never written past.
+      const int rows = min(s_held[s], p.regions.max_tokens);
+      const int chunks = (rows + kPushChunkRows - 1) / kPushChunkRows;
+      const int index_at_s = me < s ? me : me - 1;
+      uint8_t* dst_block = s_peer[s] + p.regions.combine_gather +
+                           int64_t{index_at_s} * p.regions.max_tokens * row_bytes;
+      const uint8_t* src_block = p.x + s_first_row[s] * row_bytes;
+      for (int c = 0; c < chunks; ++c, ++item) {
+        if (item % p.pushers != static_cast<int>(blockIdx.x)) continue;
+        const int end = min(rows, (c + 1) * kPushChunkRows);
+        for (int r = c * kPushChunkRows + warp; r < end; r += kWarpsPerBlock) {
+          warpCopyRow<8>(reinterpret_cast<int4*>(dst_block + int64_t{r} * row_bytes),
+                         reinterpret_cast<const int4*>(src_block + int64_t{r} * row_bytes),
+                         num_vecs, lane, [](const int4* q) { return ldNcNoAlloc(q); });
+        }
+        __syncthreads();  // every warp's rows of the chunk are written
+        if (tid == 0) {
+          fenceAcqRelSys();  // then a release pattern: the chunk's rows before its flag
+          stRelaxedSys(reinterpret_cast<uint64_t*>(s_peer[s] + p.regions.combine_flags) +
+                           int64_t{me} * p.regions.push_chunks + c,
+                       epoch);
+        }
+      }
+    }
+  } else {
+    // 2b. reduce: one warp per token, rows of other ranks read once their chunk is flagged.
+    const int reducers = static_cast<int>(gridDim.x) - p.pushers;
+    const int local_experts = p.num_local_experts;
+    const int mask_words = rankMaskWords(num_ranks);
+    const uint64_t* flags =
+        reinterpret_cast<const uint64_t*>(ctx.local_base + p.regions.combine_flags);
+    bool warp_ok = true;
+    for (int t = (static_cast<int>(blockIdx.x) - p.pushers) * kWarpsPerBlock + warp;
+         warp_ok && t < p.num_tokens; t += reducers * kWarpsPerBlock) {
+      const RankMask mask = loadRankMask(p.token_mask, t, mask_words);
+      float* weight = s_weight[warp];
+      const int4** src = s_row[warp];
+      if (p.scale_weights == nullptr) {
+        for (int d = lane; d < num_ranks; d += kWarpSize) weight[d] = 1.f;
+      } else {
+        int my_rank_of_k = -1;
+        float my_weight = 0.f;
+        if (lane < p.num_topk) {
+          const int32_t e = p.topk_copy[int64_t{t} * p.num_topk + lane];
+          if (e >= 0) {
+            my_rank_of_k = e / local_experts;
+            my_weight = p.scale_weights[int64_t{t} * p.num_topk + lane];
+          }
+        }
+        forEachRank(mask, [&](int d) {
+          float v = my_rank_of_k == d ? my_weight : 0.f;
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+          if (lane == 0) weight[d] = v;
+        });
+      }
+      bool arrived = true;
+      for (int d = lane; d < num_ranks; d += kWarpSize) {
+        if (!mask.test(d)) continue;
+        const int32_t slot = p.token_slot[int64_t{t} * num_ranks + d];
+        src[d] = reinterpret_cast<const int4*>(s_src[d] + int64_t{slot} * row_bytes);
+        if (d != me) {
+          const uint64_t* flag = flags + int64_t{d} * p.regions.push_chunks + slot / kPushChunkRows;
+          arrived = arrived &&
+                    waitEpoch(flag, epoch, w, WaitPhase::kHtCombinePushed, d, kPushWaitBackoffNs);
+        }
+      }
+      // The lanes that waited acquired their rank's rows; the warp barrier orders the other
+      // lanes' loads after those acquires.
+      warp_ok = __all_sync(kFullMask, arrived);
+      __syncwarp();
+      if (!warp_ok) break;
+      if (p.combined_weights != nullptr && lane < p.num_topk) {
+        float sum = 0.f;
+        forEachRank(mask, [&](int d) {
+          const int32_t slot = p.token_slot[int64_t{t} * num_ranks + d];
+          if (slot >= 0) sum += __ldcg(s_recv_weights[d] + int64_t{slot} * p.num_topk + lane);
+        });
+        p.combined_weights[int64_t{t} * p.num_topk + lane] = sum;
+      }
+      int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
+      const int4* bias =
+          p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;
+      // L2 loads (__ldcg): rows another rank stored, never a stale L1 line.
+      sumTokenRows(out, bias, src, weight, mask, num_vecs, lane,
+                   [](const int4* q) { return __ldcg(q); });
+      __syncwarp();  // the next token rewrites this warp's tables
+    }
+    // A warp that timed out recorded the failure; the op fails on the host (the done handshake
+    // below still runs so the peers are not left waiting for this rank).
+  }
+
+  // 3. done: tell every rank; leave once every rank is done (they pull my received weights).
+  //    Without combined weights no rank reads this rank's memory, so nobody waits: a peer's next
+  //    push into my gather region waits for my next "ready", and its next dispatch into my
+  //    receive regions for my next count row, both posted only after this kernel (stream order).
+  //    The signature makes every rank agree on combined weights, so all skip or none does.
+  stageBlock(ctx, kCombineStages, cstage::kPulled);
+  const bool last = arriveLastBlock(&own->local.arrive[kArriveHtCombine]);
+  if (!last) {
+    stageThread0(ctx, kCombineStages, cstage::kEnd);
+    return;
+  }
+  stageThread0(ctx, kCombineStages, cstage::kArrived);
+  if (p.combined_weights == nullptr) {
+    if (tid == 0 && !rankFailed(ctx)) own->local.epoch[kEpochHtCombine] = epoch;
+    stageThread0(ctx, kCombineStages, cstage::kEnd);
+    return;
+  }
+  if (tid == 0) {
+    for (int d = 0; d < num_ranks; ++d) {
+      stRelaxedSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
+    }
+    stageThread(ctx, kCombineStages, cstage::kDonePosted);
+  }
+  ok = true;
+  if (tid < num_ranks) ok = waitEpoch(&own->ht_combine_done[tid], epoch, w, kPhasePullDone, tid);
+  if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtCombine] = epoch;
+  stageThread0(ctx, kCombineStages, cstage::kDoneWaited);
+  stageThread0(ctx, kCombineStages, cstage::kEnd);
+}
+
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t. One
 // warp per row (warpCopyRow): the old form (one vector per thread and a 64-bit division per
-// vector) staged a combine input at ~440 GB/s on 32 SMs.
+// vector) staged a combine input at ~440 GB/s on 32 SMs. Eight vectors per lane in flight, not
+// kUnroll's four: copy-in combine 4096 tokens on 2x H200 at 32 SMs 293 -> 280 us (session 8).
+constexpr int kCopyRowsInFlight = 8;
+
 template <typename Vec>
 __device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows) {
   const int vecs = static_cast<int>(s.row_bytes / static_cast<int64_t>(sizeof(Vec)));
@@ -527,9 +777,9 @@ __device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows) {
   const int64_t warps = int64_t{gridDim.x} * kWarpsPerBlock;
   for (int64_t row = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize; row < rows;
        row += warps) {
-    warpCopyRow(reinterpret_cast<Vec*>(s.dst + row * s.dst_stride),
-                reinterpret_cast<const Vec*>(s.src + row * s.src_stride), vecs, lane,
-                [](const Vec* p) { return *p; });
+    warpCopyRow<kCopyRowsInFlight>(reinterpret_cast<Vec*>(s.dst + row * s.dst_stride),
+                                   reinterpret_cast<const Vec*>(s.src + row * s.src_stride), vecs,
+                                   lane, [](const Vec* p) { return *p; });
   }
 }
 
@@ -568,9 +818,13 @@ void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_
 }
 
 void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream) {
-  const int num_blocks = sm_budget;
-  htCombineKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  htCombineKernel<<<sm_budget, kBlockThreads, 0, stream>>>(params);
   EPCOMM_KERNEL_LAUNCH_CHECK(htCombineKernel);
+}
+
+void launchHtPushCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream) {
+  htPushCombineKernel<<<sm_budget, kBlockThreads, 0, stream>>>(params);
+  EPCOMM_KERNEL_LAUNCH_CHECK(htPushCombineKernel);
 }
 
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream) {

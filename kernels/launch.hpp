@@ -133,6 +133,11 @@ struct HtCombineParams {
   uint64_t recv_weights_offset;
   float* combined_weights;
   uint32_t signature;  // htCombineSignature(): every rank must pass the same
+  // Push combine only (launchHtPushCombine): the caller's combine input rows [num_recv, hidden]
+  // (pushed and read straight from there, no staging) and the blocks that push (the rest
+  // reduce).
+  const uint8_t* x;
+  int32_t pushers;
 };
 
 // Expert-major HT dispatch (kernels/ht_expert_major.cu; DispatchArgs::expert_major).
@@ -274,6 +279,10 @@ void launchLayout(const LayoutParams& params, cudaStream_t stream);
 
 void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream);
 void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream);
+// The push combine (EPCOMM_PERF ht_push_combine): every rank stores the rows it holds for each
+// token owner into the owner's combine_gather region, a flag per chunk, while the owner's
+// reducing blocks sum each token as soon as its rows are in. sm_budget >= 2.
+void launchHtPushCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream);
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream);
 
 // Expert-major HT (kernels/ht_expert_major.cu). Pairs: zeroes the cursor, then one thread per

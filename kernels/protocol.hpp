@@ -93,17 +93,18 @@ enum class FailKind : int32_t {
 
 // The point of an op at which a device thread waited (or found bad data), for the error record.
 enum class WaitPhase : int32_t {
-  kNone = 0,        // input checks outside any wait
-  kBarrierArrival,  // barrier: a peer's arrival
-  kHtCounts,        // HT dispatch: the count matrix (and call signatures) from every peer
-  kHtRowsWritten,   // HT dispatch: "my rows are written" from every source
-  kHtExpertCounts,  // HT dispatch: the per-expert counts from every source
-  kHtCombineReady,  // HT combine: a peer's combine input is ready to pull
-  kHtCombineDone,   // HT combine: a peer finished pulling from this rank
-  kLlDispatchPost,  // LL dispatch receive: a source's rows-sent post
-  kLlCombinePost,   // LL combine receive: a rank's partials-sent post
-  kLlWeightsPost,   // LL combine send: a rank's combine-weights post (weights pushed or not)
-  kLayoutTiles,     // layout: an earlier tile's per-rank totals (this rank's own kernel)
+  kNone = 0,         // input checks outside any wait
+  kBarrierArrival,   // barrier: a peer's arrival
+  kHtCounts,         // HT dispatch: the count matrix (and call signatures) from every peer
+  kHtRowsWritten,    // HT dispatch: "my rows are written" from every source
+  kHtExpertCounts,   // HT dispatch: the per-expert counts from every source
+  kHtCombineReady,   // HT combine: a peer's combine input is ready to pull
+  kHtCombineDone,    // HT combine: a peer finished pulling from this rank
+  kHtCombinePushed,  // HT push combine: a peer's flag for a chunk of rows it pushed here
+  kLlDispatchPost,   // LL dispatch receive: a source's rows-sent post
+  kLlCombinePost,    // LL combine receive: a rank's partials-sent post
+  kLlWeightsPost,    // LL combine send: a rank's combine-weights post (weights pushed or not)
+  kLayoutTiles,      // layout: an earlier tile's per-rank totals (this rank's own kernel)
   kCount
 };
 inline constexpr const char* kWaitPhaseNames[] = {"wait",
@@ -113,6 +114,7 @@ inline constexpr const char* kWaitPhaseNames[] = {"wait",
                                                   "expert counts",
                                                   "combine-input-ready signal",
                                                   "done-pulling signal",
+                                                  "pushed-rows flag",
                                                   "rows-sent post",
                                                   "partials-sent post",
                                                   "combine-weights post",
@@ -229,6 +231,7 @@ inline constexpr SignatureField kLlSignatureFields[] = {
 inline constexpr SignatureField kHtCombineSignatureFields[] = {
     {"CombineArgs::recv_topk_weights set", 0, 1, 1},
     {"the handle's num_topk (the recv_topk_weights row width)", 1, 5, 1},
+    {"pushed: copy-in with EPCOMM_PERF ht_push_combine (x outside the buffer)", 6, 1, 1},
 };
 inline constexpr uint64_t signatureBits(const SignatureField& f, int64_t value) {
   return (static_cast<uint64_t>(value / f.scale) & ((uint64_t{1} << f.bits) - 1)) << f.shift;
@@ -243,10 +246,11 @@ inline uint64_t htSignature(int hidden, bool fp8, bool has_topk, int num_topk, b
          signatureBits(f[3], has_topk ? num_topk : 0) | signatureBits(f[4], has_topk && idx_is_64) |
          signatureBits(f[5], num_experts) | signatureBits(f[6], expert_alignment);
 }
-inline uint32_t htCombineSignature(bool combined_weights, int num_topk) {
+inline uint32_t htCombineSignature(bool combined_weights, int num_topk, bool push = false) {
   const SignatureField* f = kHtCombineSignatureFields;
   return static_cast<uint32_t>(signatureBits(f[0], combined_weights) |
-                               signatureBits(f[1], combined_weights ? num_topk : 0));
+                               signatureBits(f[1], combined_weights ? num_topk : 0) |
+                               signatureBits(f[2], push));
 }
 // The expert-major bit of the HT dispatch signature (kept apart from htSignature() so the field
 // list can grow without touching its callers).
@@ -420,7 +424,17 @@ struct HtRegions {
   uint64_t combine_weights = 0;    // [capacity, max_topk] float (packed by num_topk): combine's
                                    // recv_topk_weights when they are not recv_topk_weights
   int64_t capacity = 0;            // rows = num_ranks * max_tokens_per_rank
+  // Push combine (EPCOMM_PERF ht_push_combine; 0 otherwise): the rows every other rank pushes
+  // back for this rank's tokens, [num_ranks - 1][max_tokens][hidden] BF16 (rank r's block at
+  // index r < me ? r : r - 1), and one epoch flag per pushed chunk, [num_ranks][push_chunks]
+  // uint64 (indexed by the pushing rank).
+  uint64_t combine_gather = 0;
+  uint64_t combine_flags = 0;
+  int32_t max_tokens = 0;
+  int32_t push_chunks = 0;
 };
+// Rows per pushed chunk (one flag each) in the push combine.
+constexpr int kPushChunkRows = 32;
 
 // What peers write (staging rows, their metadata, combine partials) has two copies, indexed by
 // the call's parity; what only this rank writes and reads in stream order (outputs, bookkeeping)

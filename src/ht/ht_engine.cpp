@@ -19,14 +19,19 @@ namespace epcomm {
 namespace {
 
 constexpr int kDefaultHtSms = 32;
+
+// Blocks of a push combine that push (the rest reduce): 35 % (2x H200, 4096 tokens, copy-in at
+// 32/24/16 SMs: 25 % 237/300/414 us, 35 % 221/242/348, 50 % 274/331/451). At least one of each.
+int pushingBlocks(int sms) {
+  return std::min(sms - 1, std::max(1, sms * 35 / 100));
+}
 constexpr int kMaxExpertAlignment = 1 << 16;
 
 void checkTopk(ArgChecker& check, const TopkView& topk, int max_topk, int max_tokens) {
   check.require(topk.num_tokens >= 0 && topk.num_tokens <= max_tokens, "topk.num_tokens",
-                topk.num_tokens,
-                "in [0, " + std::to_string(max_tokens) + "] (max_tokens_per_rank)");
+                topk.num_tokens, "in [0, ", max_tokens, "] (max_tokens_per_rank)");
   check.require(topk.num_topk >= 1 && topk.num_topk <= max_topk, "topk.num_topk", topk.num_topk,
-                "in [1, " + std::to_string(max_topk) + "] (BufferConfig::max_topk)");
+                "in [1, ", max_topk, "] (BufferConfig::max_topk)");
   check.require(topk.num_tokens == 0 || topk.idx != nullptr, "topk.idx", pointerText(topk.idx),
                 "non-null when topk.num_tokens > 0");
   check.require(topk.idx_type == IndexType::kInt32 || topk.idx_type == IndexType::kInt64,
@@ -211,8 +216,8 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   check.require(args.dtype == DType::kBF16 || fp8, "DispatchArgs::dtype",
                 static_cast<int>(args.dtype), "kBF16 or kFP8E4M3");
   check.require(args.num_tokens >= 0 && args.num_tokens <= c.max_tokens_per_rank,
-                "DispatchArgs::num_tokens", args.num_tokens,
-                "in [0, " + std::to_string(c.max_tokens_per_rank) + "] (max_tokens_per_rank)");
+                "DispatchArgs::num_tokens", args.num_tokens, "in [0, ", c.max_tokens_per_rank,
+                "] (max_tokens_per_rank)");
   check.require(args.num_tokens == 0 || args.x != nullptr, "DispatchArgs::x", pointerText(args.x),
                 "non-null when num_tokens > 0");
   check.require(aligned16(args.x), "DispatchArgs::x", pointerText(args.x), "16-byte aligned");
@@ -225,8 +230,8 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                   args.scales_col_stride, ">= 1");
   }
   check.require(args.expert_alignment >= 1 && args.expert_alignment <= kMaxExpertAlignment,
-                "DispatchArgs::expert_alignment", args.expert_alignment,
-                "in [1, " + std::to_string(kMaxExpertAlignment) + "]");
+                "DispatchArgs::expert_alignment", args.expert_alignment, "in [1, ",
+                kMaxExpertAlignment, "]");
   check.require(aligned16(args.recv_x_out), "DispatchArgs::recv_x_out",
                 pointerText(args.recv_x_out), "16-byte aligned");
   check.require(args.recv_topk_idx_out == nullptr || has_topk, "DispatchArgs::recv_topk_idx_out",
@@ -241,13 +246,12 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                 "DispatchArgs::recv_topk_weights_out", pointerText(args.recv_topk_weights_out),
                 "4-byte aligned");
   check.require(args.num_worst_tokens >= 0 && args.num_worst_tokens <= regions_.capacity,
-                "DispatchArgs::num_worst_tokens", args.num_worst_tokens,
-                "in [0, " + std::to_string(regions_.capacity) +
-                    "] (the capacity, num_ranks * max_tokens_per_rank)");
+                "DispatchArgs::num_worst_tokens", args.num_worst_tokens, "in [0, ",
+                regions_.capacity, "] (the capacity, num_ranks * max_tokens_per_rank)");
   if (has_layout) {
     // All or none: a layout is the three arrays together (is_token_in_rank may be null only
     // when there are no tokens: [0, R]).
-    const std::string why = "non-null when any DispatchArgs::layout pointer is set";
+    const char* why = "non-null when any DispatchArgs::layout pointer is set";
     check.require(layout.num_tokens_per_rank != nullptr, "DispatchArgs::layout.num_tokens_per_rank",
                   pointerText(layout.num_tokens_per_rank), why);
     check.require(layout.num_tokens_per_expert != nullptr,
@@ -255,7 +259,7 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
                   pointerText(layout.num_tokens_per_expert), why);
     check.require(args.num_tokens == 0 || layout.is_token_in_rank != nullptr,
                   "DispatchArgs::layout.is_token_in_rank", pointerText(layout.is_token_in_rank),
-                  why + " and num_tokens > 0");
+                  why, " and num_tokens > 0");
     check.require(reinterpret_cast<uintptr_t>(layout.num_tokens_per_rank) % 4 == 0,
                   "DispatchArgs::layout.num_tokens_per_rank",
                   pointerText(layout.num_tokens_per_rank), "4-byte aligned (int32)");
@@ -266,15 +270,14 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
   if (has_topk) {
     checkTopk(check, args.topk, c.max_topk, c.max_tokens_per_rank);
     check.require(args.topk.num_tokens == args.num_tokens, "topk.num_tokens", args.topk.num_tokens,
-                  "equal to DispatchArgs::num_tokens (" + std::to_string(args.num_tokens) + ")");
+                  "equal to DispatchArgs::num_tokens (", args.num_tokens, ")");
   } else if (handle != nullptr && !has_layout) {
     check.require(handle->num_tokens >= 0, "DispatchArgs::topk.idx", "nullptr",
                   "set (or DispatchArgs::layout), or a handle that holds a layout (cached "
                   "dispatch)");
     check.require(handle->num_tokens < 0 || handle->num_tokens == args.num_tokens,
-                  "DispatchArgs::num_tokens", args.num_tokens,
-                  "the handle's num_tokens (" + std::to_string(handle->num_tokens) +
-                      ") for a cached dispatch");
+                  "DispatchArgs::num_tokens", args.num_tokens, "the handle's num_tokens (",
+                  handle->num_tokens, ") for a cached dispatch");
   }
   if (args.expert_major) checkExpertMajorDispatch(check, args, handle);
   if (check.failed()) b.rejectInput(stream, kernels::OpId::kHtDispatch, check.message());
@@ -457,8 +460,8 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   }
   check.require((args.recv_topk_weights == nullptr) == (args.combined_topk_weights == nullptr),
                 "CombineArgs::combined_topk_weights", pointerText(args.combined_topk_weights),
-                std::string(args.recv_topk_weights == nullptr ? "null" : "non-null") +
-                    " like CombineArgs::recv_topk_weights (both or neither)");
+                args.recv_topk_weights == nullptr ? "null" : "non-null",
+                " like CombineArgs::recv_topk_weights (both or neither)");
   check.require(reinterpret_cast<uintptr_t>(args.recv_topk_weights) % 4 == 0,
                 "CombineArgs::recv_topk_weights", pointerText(args.recv_topk_weights),
                 "4-byte aligned (float32)");
@@ -482,7 +485,12 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   kernels::CopyRowsParams copy{};
   copy.count = h->num_recv;
   copy.max_rows = ht.capacity;
-  if (args.x != base + ht.combine_in) {
+  // The push combine reads the caller's x where it is (nobody pulls it), so it replaces the
+  // staging copy of a copy-in combine; with x already in the buffer the pull is faster
+  // (kernels/intranode.cu, htPushCombineKernel). It needs a reducing block beside the pushing ones.
+  const bool copy_in = args.x != base + ht.combine_in;
+  const bool push = b.perf.ht_push_combine && copy_in && !h->expert_major && sms >= 2;
+  if (copy_in && !push) {
     // Peers pull from the symmetric combine-input region; stage the rows there first.
     copy.seg[copy.num_segments++] = kernels::CopyRowsSegment{
         base + ht.combine_in, static_cast<const uint8_t*>(args.x), row_bytes, row_bytes, row_bytes};
@@ -522,10 +530,17 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   p.scale_weights = args.scale_weights;
   p.recv_weights_offset = recv_weights_offset;
   p.combined_weights = args.combined_topk_weights;
-  p.signature = kernels::htCombineSignature(args.combined_topk_weights != nullptr, h->num_topk);
+  p.signature =
+      kernels::htCombineSignature(args.combined_topk_weights != nullptr, h->num_topk, push);
   p.bias = static_cast<const uint16_t*>(args.bias);
   p.out = static_cast<uint16_t*>(args.out);
-  kernels::launchHtCombine(p, sms, stream);
+  if (push) {
+    p.x = static_cast<const uint8_t*>(args.x);
+    p.pushers = pushingBlocks(sms);
+    kernels::launchHtPushCombine(p, sms, stream);
+  } else {
+    kernels::launchHtCombine(p, sms, stream);
+  }
   b.trackWork(stream);
 }
 

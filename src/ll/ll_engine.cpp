@@ -37,20 +37,20 @@ LlEngine::LlEngine(BufferCore& core)
   };
 }
 
-bool LlEngine::beginCall(LlPhase phase, const SequenceRule& rule,
-                         std::ostringstream& problem) const {
+bool LlEngine::beginCall(LlPhase phase, const SequenceRule& rule, Problem& problem) const {
   core_.checkUsable();
   const bool send = phase == LlPhase::kSend || phase == LlPhase::kBoth;
   if (!enabled_) {
-    problem << "invalid argument BufferConfig::ll_max_tokens_per_rank = 0: must be > 0 for LL ops";
+    problem.set(
+        "invalid argument BufferConfig::ll_max_tokens_per_rank = 0: must be > 0 for LL ops");
   } else if (phase != LlPhase::kSend && phase != LlPhase::kRecv && phase != LlPhase::kBoth) {
-    problem << "invalid argument phase = " << static_cast<int>(phase) << ": must be an LlPhase";
+    problem.set("invalid argument phase = ", static_cast<int>(phase), ": must be an LlPhase");
   } else if (send && stage_ != rule.send_from) {
-    problem << rule.op << " called in LL stage '" << stageName(stage_) << "': " << rule.order;
+    problem.set(rule.op, " called in LL stage '", stageName(stage_), "': ", rule.order);
   } else if (!send && stage_ != rule.recv_from) {
-    problem << rule.op << "(kRecv) called in LL stage '" << stageName(stage_) << "'";
+    problem.set(rule.op, "(kRecv) called in LL stage '", stageName(stage_), "'");
   }
-  return problem.tellp() == 0;
+  return problem.empty();
 }
 
 // Every SM: on 2x H200 at 128 tokens (ep_bench, docs/design.md §6) an LL op took half the time
@@ -78,38 +78,38 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
   const BufferConfig& c = b.resolved.config;
   const bool send = phase == LlPhase::kSend || phase == LlPhase::kBoth;
   const bool recv = phase == LlPhase::kRecv || phase == LlPhase::kBoth;
-  std::ostringstream problem;
+  Problem problem;
   const SequenceRule rule{Stage::kIdle, Stage::kDispatchSent, "lowLatencyDispatch",
                           "dispatch and combine must alternate"};
   if (beginCall(phase, rule, problem) && send) {
     if (args.num_tokens < 0 || args.num_tokens > c.ll_max_tokens_per_rank) {
-      problem << "invalid argument LlDispatchArgs::num_tokens = " << args.num_tokens
-              << ": must be in [0, " << c.ll_max_tokens_per_rank << "] (ll_max_tokens_per_rank)";
+      problem.set("invalid argument LlDispatchArgs::num_tokens = ", args.num_tokens,
+                  ": must be in [0, ", c.ll_max_tokens_per_rank, "] (ll_max_tokens_per_rank)");
     } else if (args.topk.num_tokens != args.num_tokens) {
-      problem << "invalid argument topk.num_tokens = " << args.topk.num_tokens
-              << ": must equal LlDispatchArgs::num_tokens (" << args.num_tokens << ")";
+      problem.set("invalid argument topk.num_tokens = ", args.topk.num_tokens,
+                  ": must equal LlDispatchArgs::num_tokens (", args.num_tokens, ")");
     } else if (args.topk.num_topk < 1 || args.topk.num_topk > c.max_topk) {
-      problem << "invalid argument topk.num_topk = " << args.topk.num_topk << ": must be in [1, "
-              << c.max_topk << "] (BufferConfig::max_topk)";
+      problem.set("invalid argument topk.num_topk = ", args.topk.num_topk, ": must be in [1, ",
+                  c.max_topk, "] (BufferConfig::max_topk)");
     } else if (args.num_tokens > 0 && (args.x == nullptr || args.topk.idx == nullptr)) {
-      problem << "invalid argument LlDispatchArgs: x = " << args.x
-              << ", topk.idx = " << args.topk.idx << ": both must be non-null when num_tokens > 0";
+      problem.set("invalid argument LlDispatchArgs: x = ", args.x, ", topk.idx = ", args.topk.idx,
+                  ": both must be non-null when num_tokens > 0");
     } else if (!aligned16(args.x)) {
-      problem << "invalid argument LlDispatchArgs::x = " << args.x << ": must be 16-byte aligned";
+      problem.set("invalid argument LlDispatchArgs::x = ", args.x, ": must be 16-byte aligned");
     }
   }
-  if (!problem.str().empty()) {
+  if (!problem.empty()) {
     b.rejectInput(stream,
                   recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
-                  problem.str());
+                  problem.text());
   }
-  if (problem.str().empty() && recv && args.cumulative_recv_counts != nullptr &&
+  if (problem.empty() && recv && args.cumulative_recv_counts != nullptr &&
       reinterpret_cast<uintptr_t>(args.cumulative_recv_counts) % alignof(int32_t) != 0) {
-    problem << "invalid argument LlDispatchArgs::cumulative_recv_counts = "
-            << args.cumulative_recv_counts << ": must be 4-byte aligned";
+    problem.set("invalid argument LlDispatchArgs::cumulative_recv_counts = ",
+                args.cumulative_recv_counts, ": must be 4-byte aligned");
     b.rejectInput(stream,
                   recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
-                  problem.str());
+                  problem.text());
   }
   const int sms = b.resolveSms(stream, kernels::OpId::kLlDispatchSend, args.num_sms, c.ll_num_sms,
                                defaultSms(), "LlDispatchArgs::num_sms");
@@ -165,31 +165,32 @@ void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase p
   const BufferConfig& c = b.resolved.config;
   const bool send = phase == LlPhase::kSend || phase == LlPhase::kBoth;
   const bool recv = phase == LlPhase::kRecv || phase == LlPhase::kBoth;
-  std::ostringstream problem;
+  Problem problem;
   const SequenceRule rule{Stage::kDispatched, Stage::kCombineSent, "lowLatencyCombine",
                           "it must follow a completed lowLatencyDispatch"};
   if (!beginCall(phase, rule, problem)) {
     // reported as is
   } else if (send && (args.x == nullptr || !aligned16(args.x))) {
-    problem << "invalid argument LlCombineArgs::x = " << args.x
-            << ": must be non-null and 16-byte aligned";
+    problem.set("invalid argument LlCombineArgs::x = ", args.x,
+                ": must be non-null and 16-byte aligned");
   } else if (send && reinterpret_cast<uintptr_t>(args.topk_weights) % alignof(float) != 0) {
-    problem << "invalid argument LlCombineArgs::topk_weights = " << args.topk_weights
-            << ": must be 4-byte aligned";
+    problem.set("invalid argument LlCombineArgs::topk_weights = ", args.topk_weights,
+                ": must be 4-byte aligned");
   } else if (send && num_tokens_ > 0 && args.topk_weights == nullptr && !dispatch_weights_) {
     // DeepEP's low_latency_combine always takes the weights; a silent unweighted sum would hide
     // a forgotten argument, so it is an error (ops.hpp, LlCombineArgs::topk_weights).
-    problem << "invalid argument LlCombineArgs::topk_weights = nullptr: required when the "
-               "matching lowLatencyDispatch had no topk_weights (this rank dispatched "
-            << num_tokens_ << " tokens)";
+    problem.set(
+        "invalid argument LlCombineArgs::topk_weights = nullptr: required when the "
+        "matching lowLatencyDispatch had no topk_weights (this rank dispatched ",
+        num_tokens_, " tokens)");
   } else if (recv && num_tokens_ > 0 && (args.out == nullptr || !aligned16(args.out))) {
-    problem << "invalid argument LlCombineArgs::out = " << args.out
-            << ": must be non-null and 16-byte aligned when the dispatch had tokens";
+    problem.set("invalid argument LlCombineArgs::out = ", args.out,
+                ": must be non-null and 16-byte aligned when the dispatch had tokens");
   }
-  if (!problem.str().empty()) {
+  if (!problem.empty()) {
     b.rejectInput(stream,
                   recv && !send ? kernels::OpId::kLlCombineRecv : kernels::OpId::kLlCombineSend,
-                  problem.str());
+                  problem.text());
   }
   const int sms = b.resolveSms(stream, kernels::OpId::kLlCombineSend, args.num_sms, c.ll_num_sms,
                                defaultSms(), "LlCombineArgs::num_sms");

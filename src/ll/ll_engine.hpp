@@ -5,8 +5,7 @@
 // the halves (kernels/ll_dispatch.cu, kernels/ll_combine.cu). Internal.
 #pragma once
 
-#include <sstream>
-
+#include "core/arg_check.hpp"
 #include "core/buffer_core.hpp"
 #include "epcomm/buffer.hpp"
 #include "kernels/launch.hpp"
@@ -34,7 +33,7 @@ class EPCOMM_LOCAL LlEngine {
   };
   // Every call's first checks: the buffer is usable (throws if not), LL is enabled, `phase` is an
   // LlPhase and the call comes in sequence. False, with the reason in `problem`, if not.
-  bool beginCall(LlPhase phase, const SequenceRule& rule, std::ostringstream& problem) const;
+  bool beginCall(LlPhase phase, const SequenceRule& rule, Problem& problem) const;
   kernels::LlParams baseParams() const;
   // The SM budget when neither the call nor the config sets one: every SM of the device.
   int defaultSms() const;

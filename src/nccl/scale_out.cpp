@@ -30,6 +30,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -131,7 +132,10 @@ std::string onRank(int rank) {
 }
 
 std::string pointerOrNull(const void* p) {
-  return p == nullptr ? "nullptr" : pointerText(p);
+  if (p == nullptr) return "nullptr";
+  std::ostringstream os;
+  os << p;
+  return os.str();
 }
 
 // "0,2,3": the ranks whose vote satisfies `pred`.

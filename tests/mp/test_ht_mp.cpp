@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -1827,6 +1828,49 @@ TEST(HtBadInput, CombinedWeightsMustBeSetOnEveryRankOrNone) {
   if (me != 0) {
     EXPECT_NE(o.what.find("rank 0"), std::string::npos) << o.what;
   }
+  EXPECT_LT(o.seconds, 3.0) << o.what;
+}
+
+// With EPCOMM_PERF ht_push_combine a copy-in combine pushes and a zero-copy one pulls, so every
+// rank must pass x alike: rank 0 copying in while the others pass the buffer's combine input fails
+// the combine on every rank naming the signature field, without waiting. Skipped unless the flag
+// is on (GPU_CHECK_PERF=all in scripts/gpu-check.sh runs the HT tests with it).
+TEST(HtBadInput, PushCombineNeedsEveryRankToPassXAlike) {
+  EPCOMM_REQUIRE_GPU();
+  const char* perf = std::getenv("EPCOMM_PERF");
+  const std::string flags = perf != nullptr ? perf : "";
+  if (flags != "all" && flags.find("ht_push_combine") == std::string::npos) {
+    GTEST_SKIP() << "needs EPCOMM_PERF with ht_push_combine";
+  }
+  Bootstrap& bs = *mpiBootstrap();
+  if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  selectDevice(bs);
+  const int me = bs.rank();
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 32;
+  c.max_tokens = 64;
+  const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 48));
+  DeviceInputs dev(all[me], c);
+  BufferConfig config = configOf(c);
+  config.timeout_s = 30;
+  EpBuffer buffer(bs, config);
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  const DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+  buffer.sync(stream.get());
+  DeviceArray<uint16_t> x_separate(size_t(r.capacity) * c.hidden + 8);
+  DeviceArray<uint16_t> out(size_t(all[me].num_tokens) * c.hidden + 8);
+  const CallOutcome o = runTimed([&] {
+    CombineArgs a;
+    a.x = me == 0 ? static_cast<const void*>(x_separate.get()) : r.combine_input;
+    a.out = out.get();
+    buffer.combine(a, handle, stream.get());
+    buffer.sync(stream.get());
+  });
+  EXPECT_TRUE(o.threw) << "rank " << me << " finished a combine whose ranks disagree";
+  EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
+  EXPECT_NE(o.what.find("pushed: copy-in"), std::string::npos) << o.what;
   EXPECT_LT(o.seconds, 3.0) << o.what;
 }
 

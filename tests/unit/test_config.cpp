@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/buffer_layout.hpp"
 #include "core/perf_flags.hpp"
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
@@ -573,6 +574,37 @@ void expectBreakdownSums(const BufferSizes& s, const std::string& what) {
   EXPECT_EQ(s.control % 4096, 0u);
 }
 
+// PerfFlags::ht_push_combine adds the gather region ((R - 1) x max_tokens BF16 rows) and one
+// flag per 32-row chunk per rank to the HT combine regions, in bytesFor too.
+TEST_F(ConfigTest, PushCombineAddsItsGatherAndFlagRegions) {
+  const BufferConfig config = with([](BufferConfig& c) {
+    c.hidden = 2048;
+    c.num_experts = 64;
+    c.max_tokens_per_rank = 500;
+  });
+  for (int ranks : {1, 2, 8}) {
+    const BufferLayout plain = computeBufferLayout(resolveConfig(config, ranks));
+    EXPECT_EQ(plain.ht.combine_gather, 0u);
+    EXPECT_EQ(plain.ht.combine_flags, 0u);
+    PerfFlags perf;
+    perf.ht_push_combine = true;
+    const BufferLayout push = computeBufferLayout(resolveConfig(config, ranks), perf);
+    const size_t gather = size_t(ranks - 1) * 500 * 2048 * 2;
+    const size_t flags = size_t(ranks) * 16 * sizeof(uint64_t);  // ceil(500 / 32) chunks
+    EXPECT_EQ(push.ht.max_tokens, 500);
+    EXPECT_EQ(push.ht.push_chunks, 16);
+    EXPECT_GE(push.ht.combine_gather, plain.ht.combine_weights);
+    EXPECT_GE(push.ht.combine_flags, push.ht.combine_gather + gather);
+    EXPECT_EQ(push.sizes.ht_combine,
+              plain.sizes.ht_combine + alignTo(gather, 4096) + alignTo(flags, 4096));
+    // Everything before the new regions stays where it was.
+    EXPECT_EQ(push.ht.combine_in, plain.ht.combine_in);
+    EXPECT_EQ(push.ht.recv_x, plain.ht.recv_x);
+    ScopedEnv env("EPCOMM_PERF", "ht_push_combine");
+    EXPECT_EQ(EpBuffer::bytesFor(config, ranks).ht_combine, push.sizes.ht_combine);
+  }
+}
+
 TEST_F(ConfigTest, BytesForBreakdownSumsAndScales) {
   const BufferConfig both = with([](BufferConfig& c) {
     c.hidden = 2048;
@@ -659,6 +691,14 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
         << (value != nullptr ? value : "unset");
     EXPECT_FALSE(f.ht_counts_once);
     EXPECT_FALSE(f.ht_fused_layout);
+    EXPECT_FALSE(f.ht_push_combine);
+  }
+  {
+    ScopedEnv env("EPCOMM_PERF", "ht_push_combine");
+    const PerfFlags f = perfFlagsFromEnv();
+    EXPECT_TRUE(f.ht_push_combine);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts ||
+                 f.ht_counts_once || f.ht_fused_layout);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "ht_fused_layout");
@@ -703,7 +743,7 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
     ScopedEnv env("EPCOMM_PERF", "all");
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts &&
-                f.ht_counts_once && f.ht_fused_layout);
+                f.ht_counts_once && f.ht_fused_layout && f.ht_push_combine);
   }
   for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch",
                           "none,all", "default,ht_counts_once"}) {
