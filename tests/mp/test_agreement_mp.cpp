@@ -28,8 +28,14 @@ BufferConfig smallConfig() {
   return config;
 }
 
-// Creates an EpBuffer with `config` on this rank and reports how creation ended.
+// "At once": well under the configs' 20 s deadline. Not 1 s: 16 ranks on the 2 cores of CI,
+// beside other tests, may be descheduled for longer than the failure path takes.
+constexpr double kAtOnceSeconds = 3.0;
+
+// Creates an EpBuffer with `config` on this rank and reports how creation ended. The barrier
+// first, so that the time is the creation's own and not how late another rank reached it.
 CallOutcome create(const BufferConfig& config) {
+  mpiBootstrap()->barrier();
   return runTimed([&] { EpBuffer buffer(*mpiBootstrap(), config); });
 }
 
@@ -38,7 +44,7 @@ CallOutcome create(const BufferConfig& config) {
   return ::testing::AssertionFailure() << "\"" << text << "\" does not mention \"" << part << "\"";
 }
 
-// Rank `culprit` edits its config; every rank must throw InvalidArgument within a second, the
+// Rank `culprit` edits its config; every rank must throw InvalidArgument at once, the
 // culprit naming `field`, the others naming the culprit and `field`.
 void expectEveryRankFails(int culprit, const std::function<void(BufferConfig&)>& edit,
                           const std::string& field) {
@@ -53,7 +59,8 @@ void expectEveryRankFails(int culprit, const std::function<void(BufferConfig&)>&
   if (me != culprit) {
     EXPECT_TRUE(mentions(o.what, "rank " + std::to_string(culprit)));
   }
-  EXPECT_LT(o.seconds, 1.0) << "rank " << me << " waited instead of failing at once: " << o.what;
+  EXPECT_LT(o.seconds, kAtOnceSeconds)
+      << "rank " << me << " waited instead of failing at once: " << o.what;
 }
 
 TEST(CreationAgreement, BadFieldOnOneRankFailsEveryRankAtOnce) {
@@ -96,7 +103,7 @@ TEST(CreationAgreement, EnvironmentValueThatDiffersIsNamedWithItsSource) {
   ASSERT_TRUE(o.threw);
   EXPECT_EQ(o.code, ErrorCode::kInvalidArgument) << o.what;
   EXPECT_TRUE(mentions(o.what, "EPCOMM_TIMEOUT_S"));
-  EXPECT_LT(o.seconds, 1.0) << o.what;
+  EXPECT_LT(o.seconds, kAtOnceSeconds) << o.what;
 }
 
 TEST(CreationAgreement, BadEnvironmentValueOnOneRankNamesTheVariable) {
@@ -115,7 +122,7 @@ TEST(CreationAgreement, BadEnvironmentValueOnOneRankNamesTheVariable) {
   if (bs.rank() != culprit) {
     EXPECT_TRUE(mentions(o.what, "rank 1"));
   }
-  EXPECT_LT(o.seconds, 1.0) << o.what;
+  EXPECT_LT(o.seconds, kAtOnceSeconds) << o.what;
 }
 
 // Without a GPU a valid configuration gets past the agreement and fails at the device step, on
