@@ -15,4 +15,9 @@ namespace epcomm::testing {
 // own control region, between two host barriers.
 void setCallCounterForTesting(EpBuffer& buffer, Bootstrap& bootstrap, uint64_t calls);
 
+// While on, every buffer this process creates starts with every byte of its symmetric memory set
+// to 0xFF before its signals are zeroed: what reused memory may hold, so a test can show that no
+// op reads a word the creation did not initialize.
+void setPoisonNewBuffersForTesting(bool on);
+
 }  // namespace epcomm::testing

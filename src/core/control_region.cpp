@@ -2,6 +2,7 @@
 #include "core/control_region.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -12,8 +13,18 @@
 
 namespace epcomm {
 
-void clearControlRegion(void* region, cudaStream_t stream) {
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(region, 0, sizeof(kernels::ControlRegion), stream));
+namespace {
+std::atomic<bool> g_poison_new_buffers{false};
+}  // namespace
+
+void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht, int num_ranks,
+                  cudaStream_t stream) {
+  if (g_poison_new_buffers.load()) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base, 0xFF, bytes, stream));
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(base, 0, sizeof(kernels::ControlRegion), stream));
+  if (ht.combine_flags != 0) {
+    const size_t flag_bytes = sizeof(uint64_t) * static_cast<size_t>(num_ranks) * ht.push_chunks;
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + ht.combine_flags, 0, flag_bytes, stream));
+  }
 }
 
 uint64_t readCallsPassed(const void* region, kernels::EpochSlot family, cudaStream_t stream) {
@@ -43,6 +54,10 @@ void setCallCounters(kernels::ControlRegion& region, uint64_t calls) {
 }
 
 namespace testing {
+
+void setPoisonNewBuffersForTesting(bool on) {
+  g_poison_new_buffers.store(on);
+}
 
 void setCallCounterForTesting(EpBuffer& buffer, Bootstrap& bootstrap, uint64_t calls) {
   DeviceGuard guard(buffer.device());

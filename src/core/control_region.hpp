@@ -5,15 +5,21 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kernels/protocol.hpp"
 
 namespace epcomm {
 
-// Zeroes the control region at `region` (device memory) on `stream`; the caller synchronizes.
-// Signals start from zero on every rank before any peer may write into it.
-void clearControlRegion(void* region, cudaStream_t stream);
+// Zeroes every signal word of a new buffer whose memory starts at `base` (device memory, `bytes`
+// long) on `stream`; the caller synchronizes. Signals start from zero on every rank before any
+// peer may write into them. They are the control region and, with the push combine, its chunk
+// flags (`ht.combine_flags`, the only epoch words outside the control region: reused memory may
+// hold an earlier buffer's). With setPoisonNewBuffersForTesting on, every byte is first set to
+// 0xFF, as such memory could be.
+void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht, int num_ranks,
+                  cudaStream_t stream);
 
 // The last call of `family` that the rank owning `region` (device memory, possibly a peer's
 // through its mapping) completed or skipped: max(LocalState::epoch, ::skipped), read with one

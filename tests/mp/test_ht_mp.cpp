@@ -657,14 +657,37 @@ TEST(HtDispatchCombine, ZeroTokenRankWithNullTopk) {
   }
 }
 
+// `iters` dispatch/combine pairs on `buffer`, each checked against the CPU model: seeds
+// first_seed + i, routing with -1 entries on even iterations, the combine zero-copy on even
+// iterations and with copied-in combined weights on every third.
+void runCheckedPairs(EpBuffer& buffer, HtCase c, uint64_t first_seed, int iters) {
+  Bootstrap& bs = *mpiBootstrap();
+  const int me = bs.rank();
+  EpHandle handle = buffer.createHandle();
+  TestStream stream;
+  for (int iter = 0; iter < iters; ++iter) {
+    c.seed = first_seed + iter;
+    c.routing = iter % 2 == 0 ? Routing::kWithNegatives : Routing::kUniform;
+    const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), c.seed));
+    DeviceInputs dev(all[me], c);
+    DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
+    const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed);
+    buffer.sync(stream.get());
+    const std::string where = "iteration " + std::to_string(iter);
+    checkDispatch(r, all, c, true, where);
+    runAndCheckCombine(buffer, handle, r, all, c, inputs, iter % 2 == 0, true, false, stream.get(),
+                       where, iter % 3 == 1 ? CombinedWeights::kCopyIn : CombinedWeights::kNone);
+    buffer.synchronizingBarrier(stream.get());
+    if (anyRankFailed()) break;
+  }
+}
+
 // Issue 9 item 9 (item 7 of the brief): the call counters cross 2^32 (the 32-bit epoch part of
 // the tagged signal words wraps) with every call still correct.
 TEST(HtDispatchCombine, CallCounterWrapsPast2To32) {
   EPCOMM_REQUIRE_GPU();
   Bootstrap& bs = *mpiBootstrap();
   selectDevice(bs);
-  const int num_ranks = bs.size();
-  const int me = bs.rank();
   HtCase c;
   c.hidden = 512;
   c.tokens = 64;
@@ -672,23 +695,35 @@ TEST(HtDispatchCombine, CallCounterWrapsPast2To32) {
   BufferConfig config = configOf(c);
   config.timeout_s = 10;
   EpBuffer buffer(bs, config);
-  EpHandle handle = buffer.createHandle();
-  TestStream stream;
   testing::setCallCounterForTesting(buffer, bs, (uint64_t{1} << 32) - 3);
-  for (int iter = 0; iter < 7; ++iter) {
-    c.seed = 7000 + iter;
-    c.routing = iter % 2 == 0 ? Routing::kWithNegatives : Routing::kUniform;
-    const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
-    DeviceInputs dev(all[me], c);
-    DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
-    const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed);
-    buffer.sync(stream.get());
-    checkDispatch(r, all, c, true, "iteration " + std::to_string(iter));
-    runAndCheckCombine(buffer, handle, r, all, c, inputs, iter % 2 == 0, true, false, stream.get(),
-                       "iteration " + std::to_string(iter));
-    buffer.synchronizingBarrier(stream.get());
-    if (anyRankFailed()) break;
+  runCheckedPairs(buffer, c, 7000, 7);
+}
+
+// A buffer whose memory starts as garbage (every byte 0xFF, as an earlier buffer's signals could
+// leave reused memory) works from its first call: nothing reads a word that creation did not
+// initialize. With EPCOMM_PERF ht_push_combine this covers the push combine's chunk flags, the
+// only epoch words outside the control region (left as they were, the first combine would sum
+// rows nobody pushed).
+TEST(HtDispatchCombine, FirstCallsAreCorrectOnPoisonedMemory) {
+  EPCOMM_REQUIRE_GPU();
+  Bootstrap& bs = *mpiBootstrap();
+  selectDevice(bs);
+  HtCase c;
+  c.hidden = 512;
+  c.tokens = 64;
+  c.max_tokens = 64;
+  BufferConfig config = configOf(c);
+  config.timeout_s = 10;
+  testing::setPoisonNewBuffersForTesting(true);
+  std::optional<EpBuffer> buffer;
+  try {
+    buffer.emplace(bs, config);
+  } catch (...) {
+    testing::setPoisonNewBuffersForTesting(false);
+    throw;
   }
+  testing::setPoisonNewBuffersForTesting(false);
+  runCheckedPairs(*buffer, c, 7100, 3);
 }
 
 // 100 back-to-back dispatch/combine pairs with new routing every time, checked every time.
