@@ -139,12 +139,36 @@ __device__ __forceinline__ ControlRegion* controlOf(const uint8_t* base) {
   return reinterpret_cast<ControlRegion*>(const_cast<uint8_t*>(base));
 }
 
+// This launch, as 32 bits that are never 0: PTX %gridid is unique to each launch in the context.
+__device__ __forceinline__ uint32_t launchId() {
+  uint64_t id;
+  asm volatile("mov.u64 %0, %%gridid;" : "=l"(id));
+  return static_cast<uint32_t>(id % 0xffffffffu) + 1u;
+}
+
 // The epoch of the call a kernel of op family `family` runs: one past the last call that completed
-// here or that a peer's rejection stopped here (see "Rejected calls" in protocol.hpp).
+// here or that a peer's rejection stopped here (see "Rejected calls" in protocol.hpp), except in
+// the launch that recorded the skip: its blocks that start late still compute the skipped call,
+// so that none of them works on (and writes into peers for) the next one. The skip is read from
+// its one-word marker (call relative to the completed one), so no ordering between words is
+// needed: two independent loads, as before the marker.
 __device__ __forceinline__ uint64_t callEpoch(const ControlRegion* own, int family) {
   const uint64_t done = own->local.epoch[family];
-  const uint64_t skipped = own->local.skipped[family];
-  return (done > skipped ? done : skipped) + 1;
+  const uint64_t marker = own->local.skip_marker[family];
+  const uint32_t ahead = static_cast<uint32_t>(marker) - static_cast<uint32_t>(done);
+  if (ahead != 0 && ahead < (1u << 31)) {  // a call after the completed one was skipped
+    const uint64_t skipped = done + ahead;
+    return static_cast<uint32_t>(marker >> 32) == launchId() ? skipped : skipped + 1;
+  }
+  return done + 1;
+}
+
+// Records call `epoch` of `family` as over here because a peer skipped it (callEpoch; `skipped`
+// is what the host reads).
+__device__ __forceinline__ void markSkipped(ControlRegion* own, int family, uint64_t epoch) {
+  *reinterpret_cast<volatile uint64_t*>(&own->local.skip_marker[family]) =
+      skipMarker(launchId(), epoch);
+  own->local.skipped[family] = epoch;
 }
 
 // --- failure recording ------------------------------------------------------------------------
@@ -284,7 +308,7 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
         if (value != nullptr) *value = v;
         return true;
       }
-      own->local.skipped[family] = expected;  // the call is over here too (see callEpoch)
+      markSkipped(own, family, expected);  // the call is over here too (see callEpoch)
       *reinterpret_cast<volatile uint64_t*>(ctx.rejection_report) =
           rejectionReport(peer, w.op, expected);
       __threadfence_system();

@@ -131,8 +131,8 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   }
   stageThread0(ctx, kStages, stage::kWeights);
   if (tid == 0) {
-    // Rows staged from each source in this call (the posts arrived before dispatch recv ended,
-    // which checked them; bounded again since they are peer data).
+    // Slots each source may have staged a row in this call: its token count (the posts arrived
+    // before dispatch recv ended, which checked them; bounded again since they are peer data).
     int32_t total = 0;
     for (int s = 0; s < num_ranks; ++s) {
       s_first_item[s] = total;
@@ -152,19 +152,20 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
     while (item >= s_first_item[s + 1]) ++s;
     const int row = (item - s_first_item[s]) / num_segments;
     const int seg = (item - s_first_item[s]) % num_segments;
+    // Slot `row` holds a row only if its tag says so (the dispatch receive acquired it).
+    const uint64_t row_tag = reinterpret_cast<const uint64_t*>(
+        ctx.local_base + r.row_tags[parity])[int64_t{s} * r.max_tokens + row];
     const int32_t* meta = metaOf(p, parity, s, row);
     const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base + r.slot_of_row) +
                                  (int64_t{s} * r.max_tokens + row) * p.max_topk;
-    // Lane k reads entry k's row and weight (max_topk <= kMaxTopk < 32), and the header, the
-    // slots and the dispatch's weights are independent loads: one memory latency for the three,
-    // before the row loads below (they were a chain of three).
-    const int32_t header = meta[0];
+    // Lane k reads entry k's slot and weight (max_topk <= kMaxTopk < 32); the tag, the slots and
+    // the dispatch's weights are independent loads: one memory latency for the three.
     int32_t lane_row = lane < p.max_topk ? slot_of_row[lane] : -1;
     const float dispatch_weight = !s_pushed[s] && lane < p.max_topk
-                                      ? reinterpret_cast<const float*>(meta + 1 + p.max_topk)[lane]
+                                      ? reinterpret_cast<const float*>(meta + p.max_topk)[lane]
                                       : 0.f;
-    const int token = header & 0xffffff;
-    if (token >= r.max_tokens) continue;  // rejected by dispatch recv already
+    const int token = row;  // slot t holds token t (dispatch send)
+    if (!llRowTagReady(row_tag, epoch) || !llRowIsPresent(tagValue(row_tag))) continue;
     // Combine-time weights (pushed by rank s before its post, which this block acquired), else
     // the dispatch's from the metadata. Pushed ones were written during this kernel: read them
     // through L2 (__ldcg), never from a stale L1 line.

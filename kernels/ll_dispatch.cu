@@ -4,31 +4,31 @@
 
 #include <algorithm>
 
-#include <cub/block/block_scan.cuh>
-
 #include "kernels/kernel_check.hpp"
 #include "kernels/low_latency.cuh"
 
 namespace epcomm::kernels {
 namespace {
 
-constexpr int kTile = kBlockThreads;  // tokens scanned per block-scan pass
-// The send kernel's destination lists: slots in 16 bits, ranks and counts in 8.
-static_assert(kMaxLlTokensPerRank <= 0xffff && kMaxRanks <= 0xff && kMaxTopk <= 0xff,
-              "LL destination lists: slot in 16 bits, rank and count in 8 bits");
+constexpr int kTile = kBlockThreads;  // tokens routed per pass of the send half (a thread each)
+// The send half's destination lists: ranks in 8 bits, counts (or -1) in a signed 8 bits.
+static_assert(kMaxRanks <= 0xff && kMaxTopk <= 0x7f, "LL destination lists: 8-bit entries");
 
 constexpr WaitPhase kPhaseDispatchPost = WaitPhase::kLlDispatchPost;
+constexpr WaitPhase kPhaseDispatchRow = WaitPhase::kLlDispatchRow;
 // Stage times (kernels/stage_times.hpp): recorded by the fused kernel's halves.
 constexpr StageKernel kStages = StageKernel::kLlDispatch;
 namespace stage = ll_dispatch_stage;
 
 // The ranks token t goes to. An id outside [-1, num_experts) is bad input: recorded, announced
-// to every peer (the op then fails on every rank), and never used as an address.
+// to every peer (the op then fails on every rank), and never used as an address; `bad` says so.
 // `ids`: the token's top-k ids (loadTopkRow).
 template <typename IdxT>
-__device__ __forceinline__ RankMask tokenMask(const LlParams& p, int t, int64_t (&ids)[kMaxTopk]) {
+__device__ __forceinline__ RankMask tokenMask(const LlParams& p, int t, int64_t (&ids)[kMaxTopk],
+                                              bool& bad) {
   loadTopkRow(static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk, p.num_topk, ids);
   RankMask mask = emptyRankMask();
+  bad = false;
 #pragma unroll
   for (int k = 0; k < kMaxTopk; ++k) {
     if (k >= p.num_topk) break;
@@ -36,6 +36,7 @@ __device__ __forceinline__ RankMask tokenMask(const LlParams& p, int t, int64_t 
     if (e >= 0 && e < p.num_experts) {
       mask.set(static_cast<int>(e / p.num_local_experts));
     } else if (e != -1) {
+      bad = true;
       recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, WaitPhase::kNone, -1, t,
                   static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
     }
@@ -95,23 +96,25 @@ __device__ __forceinline__ void stageSegment(const LlParams& p, const uint16_t* 
 }
 
 // The send half. `fused`: called by llDispatchFusedKernel, whose caller checked rankFailed for
-// the whole block; every return below is then block-uniform, so all threads of the block go on
-// to the receive half together (a thread leaving early would meet that half's barriers).
+// the whole block; every return below is block-uniform, so all threads of the block go on to the
+// receive half together (a thread leaving early would meet that half's barriers).
+//
+// No count round trip and no grid-wide arrival: token t of this rank is staged in slot t of every
+// destination (slots are per source and max_tokens long), the last block posts the token count to
+// every rank at once (the tokens fill the blocks from the first, so at small batches it has
+// none), and each block tags its tile's rows (present, with the top-k entries that are the
+// destination's, or absent) after one fence, so a receiver copies a row as soon as its tag is in.
 template <typename IdxT>
 __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch, bool fused) {
-  using BlockScan = cub::BlockScan<RankCounts, kBlockThreads>;
-  __shared__ typename BlockScan::TempStorage scan_storage;
-  __shared__ int32_t s_base[kMaxRanks];  // rows sent to each rank before this tile
-  // A tile token's destinations (slot < max_tokens <= 4096, rank): a token reaches at most
-  // num_topk ranks, so the list is kMaxTopk long whatever the rank count (a [kTile][R] table of
-  // slots would not fit in shared memory at 72 ranks).
-  __shared__ uint16_t s_dest_slot[kTile][kMaxTopk];
+  // A tile token's destination ranks: a token reaches at most num_topk ranks, so the list is
+  // kMaxTopk long whatever the rank count. s_num_dest: -1 for a token with a bad id (sent and
+  // tagged nowhere, so every rank's receive waits on it until the fault notice stops it).
   __shared__ uint8_t s_dest_rank[kTile][kMaxTopk];
-  __shared__ uint8_t s_num_dest[kTile];
+  __shared__ uint16_t s_dest_topk[kTile][kMaxTopk];  // the token's top-k entries at that rank
+  __shared__ int8_t s_num_dest[kTile];
   __shared__ uint8_t* s_peer[kMaxRanks];
 
   const PeerContext& ctx = p.peers;
-  ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
@@ -125,40 +128,40 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
   // A rank that failed sends nothing: its peers stop on its fault notice (or their own failure).
   if (!fused && rankFailed(ctx)) return;
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
-  if (blockIdx.x == 0) {
+  if (blockIdx.x == gridDim.x - 1) {
     // This rank's receive side of the call starts from empty expert lists.
     int32_t* counts = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
     for (int e = tid; e < p.num_local_experts; e += kBlockThreads) counts[e] = 0;
     if (tid == 0) {
       *reinterpret_cast<int32_t*>(ctx.local_base + r.num_tokens) = n;
-      own->ll_round_epoch = epoch;  // read by this round's combine receive (stream-ordered)
+      controlOf(ctx.local_base)->ll_round_epoch = epoch;  // read by this round's combine
+    }
+    __syncthreads();
+    stageThread0(ctx, kStages, stage::kSetup);
+    // The token count (and the call's signature) to every rank, at once: receivers learn how many
+    // slots to watch. Release: the fused receive half waits for its own post before it counts
+    // into the zeroed counters.
+    if (tid < num_ranks) {
+      stReleaseSys(&controlOf(ctx.peer_bases[tid])->ll_dispatch_flag[parity][me],
+                   tag(epoch, llPost(static_cast<uint32_t>(n), p.signature)));
+      stageThread(ctx, kStages, stage::kPosted);
     }
   }
 
-  // This block's tokens: a contiguous chunk. Rows to each rank before the chunk = count of
-  // earlier tokens going there.
+  // This block's tokens: a contiguous chunk.
   const int chunk = (n + gridDim.x - 1) / gridDim.x;
   const int t_begin = min(n, blockIdx.x * chunk);
   const int t_end = min(n, t_begin + chunk);
-  if (tid < kMaxRanks) s_base[tid] = 0;
-  __syncthreads();
-  stageThread0(ctx, kStages, stage::kSetup);
-  for (int t = tid; t < t_begin; t += kBlockThreads) {
-    int64_t ids[kMaxTopk];
-    forEachRank(tokenMask<IdxT>(p, t, ids), [&](int d) { atomicAdd(&s_base[d], 1); });
-  }
-  __syncthreads();
-  stageThread0(ctx, kStages, stage::kPrefix);
-
   const int mask_words = rankMaskWords(num_ranks);
   const int max_dest = min(p.num_topk, num_ranks);
   uint32_t* token_masks = reinterpret_cast<uint32_t*>(ctx.local_base + r.token_mask);
   for (int tile = t_begin; tile < t_end; tile += kTile) {
     const int tile_len = min(kTile, t_end - tile);
-    const int t = tile + tid;
-    int64_t ids[kMaxTopk];
-    const RankMask mask = tid < tile_len ? tokenMask<IdxT>(p, t, ids) : emptyRankMask();
     if (tid < tile_len) {
+      const int t = tile + tid;
+      int64_t ids[kMaxTopk];
+      bool bad = false;
+      const RankMask mask = tokenMask<IdxT>(p, t, ids, bad);
       storeRankMask(token_masks, t, mask_words, mask);
       // The token's valid, deduplicated ids, for the combine-weights push (which must not rely
       // on a rank bitmask: it iterates over these).
@@ -170,32 +173,20 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       for (int k = 0; k < kMaxTopk; ++k) {
         if (k < p.num_topk) copy[k] = kept[k];
       }
-    }
-    // Slots per group of 8 ranks (one block scan each; one scan at R <= 8).
-    int num_dest = 0;
-    for (int g = 0; g < rankScanGroups(num_ranks); ++g) {
-      const int first = g * kRanksPerScan;
-      const int last = min(num_ranks, first + kRanksPerScan);
-      RankCounts prefix, aggregate;
-      BlockScan(scan_storage)
-          .ExclusiveScan(countsOfGroup(mask, g), prefix, RankCounts{0, 0}, AddRankCounts(),
-                         aggregate);
-      if (tid < tile_len) {
-        for (int d = first; d < last; ++d) {
-          if (!mask.test(d)) continue;
-          const int32_t slot = s_base[d] + static_cast<int32_t>(prefix.get(d - first));
-          s_dest_slot[tid][num_dest] = static_cast<uint16_t>(slot);
-          s_dest_rank[tid][num_dest++] = static_cast<uint8_t>(d);
+      int num_dest = 0;
+      forEachRank(mask, [&](int d) {
+        uint32_t at_d = 0;
+#pragma unroll
+        for (int k = 0; k < kMaxTopk; ++k) {
+          if (k < p.num_topk && kept[k] >= 0 && kept[k] / p.num_local_experts == d) at_d |= 1u << k;
         }
-      }
-      // Every thread read s_base[first, last) and the scan storage: both may change now.
-      __syncthreads();
-      if (tid >= first && tid < last)
-        s_base[tid] += static_cast<int32_t>(aggregate.get(tid - first));
+        s_dest_topk[tid][num_dest] = static_cast<uint16_t>(at_d);
+        s_dest_rank[tid][num_dest++] = static_cast<uint8_t>(d);
+      });
+      s_num_dest[tid] = static_cast<int8_t>(bad ? -1 : num_dest);
     }
-    if (tid < tile_len) s_num_dest[tid] = static_cast<uint8_t>(num_dest);
     __syncthreads();
-    stageThread0(ctx, kStages, stage::kScanned);
+    stageThread0(ctx, kStages, stage::kRouted);
 
     // Work items: (token of the tile, destination of the token, row segment).
     const int items = tile_len * max_dest * num_segments;
@@ -206,14 +197,12 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       if (j >= s_num_dest[local_t]) continue;
       const int token = tile + local_t;
       const int d = s_dest_rank[local_t][j];
-      const int slot = s_dest_slot[local_t][j];
       uint8_t* peer = s_peer[d];
-      uint8_t* staged = peer + r.rows[parity] + (int64_t{me} * r.max_tokens + slot) * r.row_bytes;
+      const int64_t slot = int64_t{me} * r.max_tokens + token;
+      uint8_t* staged = peer + r.rows[parity] + slot * r.row_bytes;
       stageSegment(p, p.x + int64_t{token} * p.hidden, staged, seg, lane);
       if (seg == 0) {
-        int32_t* meta = reinterpret_cast<int32_t*>(
-            peer + r.meta[parity] + (int64_t{me} * r.max_tokens + slot) * r.meta_bytes);
-        if (lane == 0) meta[0] = token | (p.num_topk << 24);
+        int32_t* meta = reinterpret_cast<int32_t*>(peer + r.meta[parity] + slot * r.meta_bytes);
         if (lane < p.num_topk) {
           const int64_t e = static_cast<int64_t>(
               static_cast<const IdxT*>(p.topk_idx)[int64_t{token} * p.num_topk + lane]);
@@ -222,50 +211,37 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
           const unsigned lanes = (1u << p.num_topk) - 1u;  // num_topk <= kMaxTopk < 32
           const unsigned same = __match_any_sync(lanes, static_cast<unsigned long long>(e));
           const bool first = (same & ((1u << lane) - 1u)) == 0;
-          meta[1 + lane] = (first && e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
+          meta[lane] = (first && e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
           // Without dispatch weights combine must get them (LlCombineArgs::topk_weights; the
           // host checks), so these zeros are never used.
-          reinterpret_cast<float*>(meta + 1 + p.max_topk)[lane] =
+          reinterpret_cast<float*>(meta + p.max_topk)[lane] =
               p.topk_weights != nullptr ? p.topk_weights[int64_t{token} * p.num_topk + lane] : 0.0f;
         }
       }
     }
-    __syncthreads();  // the next tile rewrites the destination lists
+    __syncthreads();  // the tile's rows are issued by every warp of the block
     stageThread0(ctx, kStages, stage::kCopied);
-  }
 
-  // The last block posts (epoch, rows) to every rank, rows counted from every block's masks.
-  if (!arriveLastBlock(&own->local.arrive[kArriveLlSend])) return;
-  stageThread0(ctx, kStages, stage::kArrived);
-  __shared__ int32_t s_total[kMaxRanks];
-  if (tid < kMaxRanks) s_total[tid] = 0;
-  __syncthreads();
-  for (int t = tid; t < n; t += kBlockThreads) {
-    forEachRank(loadRankMask(token_masks, t, mask_words),
-                [&](int d) { atomicAdd(&s_total[d], 1); });
-  }
-  __syncthreads();
-  stageThread0(ctx, kStages, stage::kRecounted);
-  // A bad id found by any block: post nothing (every peer already got the fault notice).
-  if (p.parallel_posts) {
-    // Thread d posts to rank d: the R release stores (each a system fence) overlap instead of
-    // following each other. Each is cumulative: it releases what this block's thread 0 acquired
-    // through the arrivals (every block's rows), ordered before it by thread 0's fence and the
-    // barrier, as the serial path's stores do. The block agrees on whether to post at all.
-    if (tid == 0) fenceAcqRelSys();
-    const bool failed = __syncthreads_or(rankFailed(ctx));
-    if (!failed && tid < num_ranks) {
-      stReleaseSys(&controlOf(s_peer[tid])->ll_dispatch_flag[parity][me],
-                   tag(epoch, llPost(static_cast<uint32_t>(s_total[tid]), p.signature)));
-      stageThread(ctx, kStages, stage::kPosted);
+    // The tile's tags, (token, rank) pairs over the threads. Each tagging warp fences first: a
+    // fence then a strong store is a release pattern, cumulative over the rows the block's warps
+    // stored before the barrier.
+    const int pairs = tile_len * num_ranks;
+    if (tid < pairs) fenceAcqRelSys();
+    for (int i = tid; i < pairs; i += kBlockThreads) {
+      const int local_t = i / num_ranks;
+      const int d = i % num_ranks;
+      const int num_dest = s_num_dest[local_t];
+      if (num_dest < 0) continue;
+      uint32_t value = kLlRowAbsent;
+      for (int j = 0; j < num_dest; ++j) {
+        if (s_dest_rank[local_t][j] == d) value = llRowPresent(s_dest_topk[local_t][j]);
+      }
+      uint64_t* row_tag = reinterpret_cast<uint64_t*>(s_peer[d] + r.row_tags[parity]) +
+                          int64_t{me} * r.max_tokens + tile + local_t;
+      stRelaxedSys(row_tag, tag(epoch, value));
     }
-  } else if (tid == 0 && !rankFailed(ctx)) {
-    fenceAcqRelSys();  // then release patterns
-    for (int d = 0; d < num_ranks; ++d) {
-      stRelaxedSys(&controlOf(s_peer[d])->ll_dispatch_flag[parity][me],
-                   tag(epoch, llPost(static_cast<uint32_t>(s_total[d]), p.signature)));
-    }
-    stageThread(ctx, kStages, stage::kPosted);
+    __syncthreads();  // the next tile rewrites the destination lists
+    stageThread0(ctx, kStages, stage::kTagged);
   }
 }
 
@@ -286,25 +262,15 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
   const int num_scales = p.hidden / kFp8BlockSize;
 
   __shared__ int32_t s_count;
+  __shared__ bool s_stopped;  // a row wait of the block ended unready: the op is over here
 
   if (fused ? __syncthreads_or(rankFailed(ctx)) : rankFailed(ctx)) return;
+  if (tid == 0) s_stopped = false;
   // Blocks are split evenly over the sources; with fewer blocks than ranks a block takes several.
   const int blocks_per_source = max(1, static_cast<int>(gridDim.x) / num_ranks);
   const int sub = blockIdx.x / num_ranks;
   if (sub >= blocks_per_source) return;
-  if (fused) {
-    // Two kernels get this from stream order: the send half is over on this rank (block 0 has
-    // zeroed the expert counters this half increments) before any row is placed. This rank's
-    // own post comes from the send half's last block, after every block arrived (each arrival
-    // is fenced, arriveLastBlock): acquiring it orders the zeroing before the atomics below.
-    bool ok = true;
-    if (tid == 0) {
-      ok = waitTagged(&own->ll_dispatch_flag[parity][ctx.rank], epoch, w, kPhaseDispatchPost,
-                      ctx.rank);
-    }
-    if (!__syncthreads_and(ok)) return;
-    stageThread0(ctx, kStages, stage::kSelfWait);
-  }
+  bool first_source = true;
   for (int s = blockIdx.x % num_ranks; s < num_ranks;
        s += min(num_ranks, static_cast<int>(gridDim.x))) {
     bool ok = true;
@@ -324,7 +290,16 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
         ok = false;
       }
       s_count = static_cast<int32_t>(rows);
+    } else if (fused && first_source && s != ctx.rank && tid == kWarpSize) {
+      // Two kernels get this from stream order: the send half's last block has zeroed the
+      // expert counters this half increments before any row is placed. Here that block posts
+      // to this rank after the zeroing (a release), and acquiring the post orders the zeroing
+      // before the atomics; another warp waits for it beside the source's post (the same word
+      // when the source is this rank).
+      ok = waitTagged(&own->ll_dispatch_flag[parity][ctx.rank], epoch, w, kPhaseDispatchPost,
+                      ctx.rank);
     }
+    first_source = false;
     if (!__syncthreads_and(ok)) return;
     stageThread0(ctx, kStages, stage::kSourceWait);
     const int count = s_count;
@@ -334,24 +309,44 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
          item += blocks_per_source * kWarpsPerBlock) {
       const int row = item / p.max_topk;
       const int k = item % p.max_topk;
-      const int32_t* meta = metaOf(p, parity, s, row);
-      const int32_t header = meta[0];
-      const int token = header & 0xffffff;
-      const int row_topk = header >> 24;
       int32_t* slot_of_row = reinterpret_cast<int32_t*>(ctx.local_base + r.slot_of_row) +
                              (int64_t{s} * r.max_tokens + row) * p.max_topk;
-      const int32_t e = k < row_topk ? meta[1 + k] : -1;
-      const int local = e - first_local;
-      if (e < 0 || local < 0 || local >= p.num_local_experts) {
+      // The row's tag: present (the row and its metadata are in, released by the tag) or absent
+      // (token `row` of rank s does not come here).
+      bool ready = true;
+      uint64_t row_tag = 0;
+      if (lane == 0) {
+        ready = !*static_cast<volatile bool*>(&s_stopped) &&
+                waitFor(
+                    reinterpret_cast<const uint64_t*>(ctx.local_base + r.row_tags[parity]) +
+                        int64_t{s} * r.max_tokens + row,
+                    [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
+                    kPhaseDispatchRow, s, epoch, &row_tag);
+        if (!ready) s_stopped = true;
+      }
+      __syncwarp();  // lane 0's acquire orders the row before every lane's reads
+      if (!__shfl_sync(kFullMask, ready, 0)) break;
+      const uint32_t tag_value = tagValue(__shfl_sync(kFullMask, row_tag, 0));
+      // Entry k is one of this rank's experts (the tag says so; absent rows have none).
+      if (!llRowIsPresent(tag_value) || ((llRowTopkMask(tag_value) >> k) & 1u) == 0) {
         if (lane == 0) slot_of_row[k] = -1;
         continue;
       }
-      if (token >= r.max_tokens) {  // peer data: combine would address rank s's row `token`
-        if (lane == 0) {
-          slot_of_row[k] = -1;
-          recordFault(ctx, FailKind::kBadPeerData, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
-                      row, static_cast<uint64_t>(r.max_tokens), static_cast<uint64_t>(token));
-        }
+      const uint8_t* staged =
+          ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
+      const int4* src = reinterpret_cast<const int4*>(staged);
+      const int vecs = static_cast<int>(out_row_bytes / 16);
+      // The row's first vectors are loaded before the expert id and the slab position are known:
+      // their round trips overlap the copy's first one.
+      int4 head[kDispatchUnroll];
+#pragma unroll
+      for (int u = 0; u < kDispatchUnroll; ++u) {
+        if (lane + u * kWarpSize < vecs) head[u] = ldPeer(src + lane + u * kWarpSize);
+      }
+      const int32_t e = metaOf(p, parity, s, row)[k];
+      const int local = e - first_local;
+      if (e < 0 || local < 0 || local >= p.num_local_experts) {  // peer data against its tag
+        if (lane == 0) slot_of_row[k] = -1;
         continue;
       }
       int32_t pos = 0;
@@ -369,14 +364,18 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
         continue;
       }
       const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
-      const uint8_t* staged =
-          ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
-      const int4* src = reinterpret_cast<const int4*>(staged);
       int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
-      // 8 loads in flight per lane: at a small SM budget this copy is bound by the bytes each SM
-      // keeps in flight (24 SMs: 15.8 us of a 128-token receive at 1 rank with 4).
-      warpCopyRow<kDispatchUnroll>(dst, src, static_cast<int>(out_row_bytes / 16), lane,
-                                   [](const int4* v) { return ldPeer(v); });
+#pragma unroll
+      for (int u = 0; u < kDispatchUnroll; ++u) {
+        if (lane + u * kWarpSize < vecs) dst[lane + u * kWarpSize] = head[u];
+      }
+      // The rest with 8 loads in flight per lane: at a small SM budget this copy is bound by the
+      // bytes each SM keeps in flight (24 SMs: 15.8 us of a 128-token receive at 1 rank with 4).
+      constexpr int kHead = kDispatchUnroll * kWarpSize;
+      if (vecs > kHead) {
+        warpCopyRow<kDispatchUnroll>(dst + kHead, src + kHead, vecs - kHead, lane,
+                                     [](const int4* v) { return ldPeer(v); });
+      }
       if (p.use_fp8) {
         const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
         float* out_scales =
@@ -385,14 +384,15 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
       }
       if (lane == 0) {
         reinterpret_cast<int32_t*>(ctx.local_base + r.src_info)[out_row] =
-            s * static_cast<int32_t>(r.max_tokens) + token;
+            s * static_cast<int32_t>(r.max_tokens) + row;
         slot_of_row[k] = static_cast<int32_t>(out_row);
         // One more row for this expert (load-balancing statistics, DeepEP's
         // cumulative_local_expert_recv_stats): counted where the row is placed.
         if (p.cumulative_recv_counts != nullptr) atomicAdd(&p.cumulative_recv_counts[local], 1);
       }
     }
-    __syncthreads();  // s_count is rewritten for the next source
+    __syncthreads();        // s_count is rewritten for the next source
+    if (s_stopped) return;  // block-uniform after the barrier; the wait recorded why
     stageThread0(ctx, kStages, stage::kPlaced);
   }
   // A fault found in the rows (bad peer data, an overfull slab) ends the op for everyone; the
@@ -409,16 +409,14 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
 }
 
 // Both halves in one grid (PerfFlags::ll_fused_dispatch). Every block runs the send half, then
-// the receive half; a block waits in the receive half only for posts, which the last block of
-// each rank's send half makes, so the grid must be resident at once: it is at most the SM
-// budget, one block per SM, as for the receive kernel of the two-kernel path (whose blocks also
-// wait for other ranks' send kernels).
+// the receive half; a block waits in the receive half for posts and row tags that other blocks'
+// send halves write (this rank's and its peers'), so the grid must be resident at once: it is at
+// most the SM budget, one block per SM, as for the receive kernel of the two-kernel path (whose
+// blocks also wait for other ranks' send kernels).
 //
-// One epoch for both halves, read at the start: a wait of the receive half that finds a peer's
-// rejection marks the call skipped (callEpoch() then gives the next call), and a block reading
-// callEpoch() after that would work on the wrong call. Every block reads it before it arrives in
-// the send half, and every receive wait comes after this rank's own post, which the last block
-// to arrive makes: so no block can read it after a skip of this call.
+// One epoch for both halves, read at the start. A wait of the receive half that finds a peer's
+// rejection marks the call skipped; a block of this grid that starts after that still computes
+// this call (callEpoch() knows the launch that marked it), so none works on the next call.
 template <typename IdxT>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchFusedKernel(LlParams p) {
   stageStart(p.peers, kStages);

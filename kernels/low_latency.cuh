@@ -3,15 +3,19 @@
 // region has a fixed worst-case size, so a sender knows where to write before hearing from
 // anyone, and each op is a send kernel plus a receive kernel the caller may split.
 //
-//   dispatch send  (rank s): for every token and every rank d holding one of its experts, write
-//                  the row once (BF16, or cast to FP8 + scales) into d's staging area
-//                  [parity][s][slot] with its top-k ids (a repeated id sent as -1) and weights;
-//                  the last block then posts (epoch, rows sent | call signature << 16) to every d.
-//                  An id outside [-1, num_experts) stops the op on every rank (fault notice).
+//   dispatch send  (rank s): the last block first posts (epoch, token count | call signature << 16)
+//   to
+//                  every rank d. Token t's row goes once (BF16, or cast to FP8 + scales) into
+//                  slot t of d's staging area [parity][s][t] for every rank d holding one of its
+//                  experts, with its top-k ids (a repeated id sent as -1) and weights; each
+//                  block then fences once and tags its tokens' slots in every rank, present or
+//                  absent (no grid-wide arrival, no prefix over the tokens). An id outside
+//                  [-1, num_experts) stops the op on every rank (fault notice; the token is
+//                  tagged nowhere, so every receiver waits on it until the notice stops it).
 //   dispatch recv  (rank d): per source, wait for its post, check its signature and bound its
-//                  row count, then copy each staged row into the expert-major output of every
-//                  local expert it selected (positions taken with atomics and bounded by the
-//                  slab), remembering where each copy went.
+//                  token count; then per slot, wait for its tag and copy a present row into the
+//                  expert-major output of every local expert it selected (positions taken with
+//                  atomics and bounded by the slab), remembering where each copy went.
 //   combine weights (rank s, only with LlCombineArgs::topk_weights): the weights live with the
 //                  token owner but the expert side needs them (it sends one weighted partial per
 //                  (token, rank), not one row per expert), so s first writes each token's weight
@@ -25,9 +29,9 @@
 //                  (a rank with no tokens and no weights kLlWeightsNoTokens) and does not wait;
 //                  a rank that pushed, or has no tokens, waits for every rank's post and takes
 //                  rank s's weights from combine_weights iff s pushed (a pusher hearing "none"
-//                  fails the op on every rank: the choice must match). Then, for each staged
-//                  row, sum weight * expert output over the row's local experts in float32 and
-//                  store that BF16 partial row into the token owner's combine staging
+//                  fails the op on every rank: the choice must match). Then, for each slot
+//                  tagged present, sum weight * expert output over the row's local experts in
+//                  float32 and store that BF16 partial row into the token owner's combine staging
 //                  [parity][d][token]; the last block posts the epoch.
 //   combine recv   (rank s): wait for every rank's post, then sum the partial rows of each token
 //                  over the ranks it went to (float32) and write BF16; every token's row is
@@ -53,8 +57,8 @@ constexpr int kSegmentCols = kLlSegmentCols;  // columns one warp moves per work
 constexpr int kColsPerRound = kWarpSize * 8;  // 8 BF16 (one 16-byte vector) per lane
 constexpr int kRoundsPerSegment = kSegmentCols / kColsPerRound;
 
-// Staged row metadata: word 0 = token | (num_topk << 24), then max_topk ids, then max_topk
-// weights.
+// Staged row metadata: max_topk ids (this token's, deduplicated), then max_topk weights. The
+// row's token is its slot; which entries are the receiver's, its tag says (protocol.hpp).
 __device__ __forceinline__ int32_t* metaOf(const LlParams& p, int parity, int src, int row) {
   return reinterpret_cast<int32_t*>(p.peers.local_base + p.regions.meta[parity] +
                                     (int64_t{src} * p.regions.max_tokens + row) *

@@ -105,6 +105,7 @@ enum class WaitPhase : int32_t {
   kLlCombinePost,    // LL combine receive: a rank's partials-sent post
   kLlWeightsPost,    // LL combine send: a rank's combine-weights post (weights pushed or not)
   kLayoutTiles,      // layout: an earlier tile's per-rank totals (this rank's own kernel)
+  kLlDispatchRow,    // LL dispatch receive: a source's tags of one staged row (present or absent)
   kCount
 };
 inline constexpr const char* kWaitPhaseNames[] = {"wait",
@@ -118,7 +119,8 @@ inline constexpr const char* kWaitPhaseNames[] = {"wait",
                                                   "rows-sent post",
                                                   "partials-sent post",
                                                   "combine-weights post",
-                                                  "earlier layout tiles"};
+                                                  "earlier layout tiles",
+                                                  "staged-row tags"};
 static_assert(std::size(kWaitPhaseNames) == static_cast<size_t>(WaitPhase::kCount),
               "one name per WaitPhase");
 inline const char* waitPhaseName(int phase) {
@@ -174,11 +176,16 @@ EPCOMM_HOST_DEVICE constexpr bool tagReached(uint64_t word, uint64_t epoch) {
          0;
 }
 
+// LocalState::skip_marker: the launch that recorded the skip (32 bits of its %gridid, never 0)
+// and the low 32 bits of the skipped call, in one word so that a reader sees both or neither.
+EPCOMM_HOST_DEVICE constexpr uint64_t skipMarker(uint32_t launch, uint64_t call) {
+  return static_cast<uint64_t>(launch) << 32 | static_cast<uint32_t>(call);
+}
+
 // LocalState::arrive: one "last block" counter per kernel.
 enum ArriveSlot : int {
   kArriveHtDispatch = 0,
   kArriveHtCombine = 1,
-  kArriveLlSend = 4,
   kArriveLlCombineSend = 5,
   kArriveLlCombineRecv = 6,
   kArriveLlCombineWeights = 9,
@@ -190,6 +197,8 @@ struct LocalState {
   uint64_t epoch[kNumEpochs];        // last completed call of each op family (64-bit: never wraps)
   uint64_t skipped[kNumEpochs];      // last call of each family a peer's rejection stopped here;
                                      // a kernel's call is callEpoch(): max(epoch, skipped) + 1
+  uint64_t skip_marker[kNumEpochs];  // the last skip as one word, skipMarker(launch, call): the
+                                     // device reads this, not skipped (callEpoch)
   uint32_t arrive[kNumArriveSlots];  // "last block" counters (ArriveSlot), reset by the last block
   int32_t failed;                    // set by a failure that stops every wait of this rank; sticky:
                                      // every kernel of a rank that failed returns before its first
@@ -305,6 +314,31 @@ EPCOMM_HOST_DEVICE constexpr uint32_t llPostRows(uint32_t post) {
 }
 EPCOMM_HOST_DEVICE constexpr uint32_t llPostSignature(uint32_t post) {
   return post >> 16;
+}
+
+// LL dispatch row tags (LlRegions::row_tags): for each of its tokens, the sender writes
+// tag(epoch, llRowPresent(k_mask)) into the token's slot of every rank d it staged the row in,
+// after the row (the block that staged a tile's rows fences once, then tags them), k_mask having
+// bit k set when the token's (deduplicated) top-k entry k is one of d's experts, and
+// tag(epoch, kLlRowAbsent) into the slot of every other rank; the receiver reads a slot once its
+// tag is this call's. Readiness is the exact epoch (a slot holds this call's tag or one from two
+// calls back, its parity) with a non-zero value, so neither the zeroed words of a new buffer nor
+// a counter near the 32-bit wrap can pass for one.
+constexpr uint32_t kLlRowAbsent = 1;
+constexpr uint32_t kLlRowPresentBit = 2;
+static_assert(kMaxTopk <= 30, "LL row tags: a top-k entry mask above two flag bits");
+EPCOMM_HOST_DEVICE constexpr uint32_t llRowPresent(uint32_t k_mask) {
+  return kLlRowPresentBit | k_mask << 2;
+}
+EPCOMM_HOST_DEVICE constexpr bool llRowIsPresent(uint32_t value) {
+  return (value & kLlRowPresentBit) != 0;
+}
+EPCOMM_HOST_DEVICE constexpr uint32_t llRowTopkMask(uint32_t value) {
+  return value >> 2;
+}
+EPCOMM_HOST_DEVICE constexpr bool llRowTagReady(uint64_t word, uint64_t epoch) {
+  return static_cast<uint32_t>(word >> 32) == static_cast<uint32_t>(epoch) &&
+         static_cast<uint32_t>(word) != 0;
 }
 
 // ControlRegion::peer_faulted: a kernel of rank r found bad input (an expert id out of range) or
@@ -442,6 +476,7 @@ constexpr int kPushChunkRows = 32;
 struct LlRegions {
   uint64_t rows[2] = {};          // [num_ranks][max_tokens][row_bytes] staged rows, by source
   uint64_t meta[2] = {};          // [num_ranks][max_tokens][meta_bytes] their metadata
+  uint64_t row_tags[2] = {};      // [num_ranks][max_tokens] uint64 row tags, by source
   uint64_t combine_rows[2] = {};  // [num_ranks][max_tokens][hidden] BF16 partial sums, by rank
   uint64_t slot_of_row = 0;       // [num_ranks][max_tokens][max_topk] int32 output row or -1
   uint64_t out_x = 0;             // [local_experts][rows_per_expert][hidden * 2 bytes]

@@ -94,14 +94,11 @@ namespace ll_dispatch_stage {
 enum : int {
   kStart = kStageStart,
   kAllStarted = kStageAllStarted,
-  kSetup,       // block: peer table, (block 0) expert counters zeroed, epoch written
-  kPrefix,      // block: masks of the tokens before the block's chunk counted
-  kScanned,     // block: the tile's masks, top-k copy and block scans (last tile)
+  kSetup,       // last block: expert counters zeroed, epoch written
+  kPosted,      // last block, posting threads: the token-count posts stored
+  kRouted,      // block: the tile's masks, top-k copy and destination lists (last tile)
   kCopied,      // block: the tile's rows and metadata staged into the peers (last tile)
-  kArrived,     // last block: arriveLastBlock returned
-  kRecounted,   // last block: every token's mask recounted (rows per rank)
-  kPosted,      // last block, posting threads: the dispatch posts stored
-  kSelfWait,    // block: this rank's own post acquired (fused: the send half is over)
+  kTagged,      // block: the tile's row tags stored after the fence (last tile)
   kSourceWait,  // waiting thread: a source's post arrived (the latest over blocks and sources)
   kPlaced,      // block: the received rows placed (last source of the block)
   kEnd,         // thread 0 of each block leaves
@@ -160,13 +157,10 @@ constexpr const char* kHtCombine[] = {
 constexpr const char* kLlDispatch[] = {"start",
                                        "all blocks started",
                                        "setup (zeroing)",
-                                       "prefix masks",
-                                       "masks + scans",
+                                       "count posted (last block)",
+                                       "masks + destinations",
                                        "rows staged",
-                                       "arrived (last block)",
-                                       "recount",
-                                       "posted",
-                                       "own post waited",
+                                       "rows tagged",
                                        "source posts waited",
                                        "rows placed",
                                        "end"};

@@ -214,7 +214,8 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
     EPCOMM_CUDA_CHECK(cudaMemcpyAsync(peer_table.get(), memory->peers().data(),
                                       sizeof(uint8_t*) * num_ranks, cudaMemcpyHostToDevice,
                                       control_stream.get()));
-    clearSignals(localBase(), memory->bytes(), layout.ht, num_ranks, control_stream.get());
+    clearSignals(localBase(), memory->bytes(), layout.ht, layout.ll, num_ranks,
+                 control_stream.get());
     if (stage_times_on) {
       stage_times = DeviceMemory(sizeof(uint64_t) * kernels::kStageSlots);
       EPCOMM_CUDA_CHECK(

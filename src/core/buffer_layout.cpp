@@ -90,12 +90,13 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved, const PerfFlags
     ll.rows_per_expert = static_cast<int64_t>(ranks * max_tokens);
     // One stride fits a BF16 row (2 * hidden) and an FP8 row with its scales (hidden * 33 / 32).
     ll.row_bytes = static_cast<int64_t>(hidden * 2);
-    ll.meta_bytes = static_cast<int64_t>(align16(sizeof(int32_t) * (1 + 2 * max_topk)));
+    ll.meta_bytes = static_cast<int64_t>(align16(sizeof(int32_t) * 2 * max_topk));
     const uint64_t staged = ranks * max_tokens;
     uint64_t mark = carver.end();
     for (int parity = 0; parity < 2; ++parity) {
       ll.rows[parity] = carver.take(staged * static_cast<uint64_t>(ll.row_bytes));
       ll.meta[parity] = carver.take(staged * static_cast<uint64_t>(ll.meta_bytes));
+      ll.row_tags[parity] = carver.take(staged * sizeof(uint64_t));
     }
     sizes.ll_dispatch_staging = carver.since(mark);
     mark = carver.end();

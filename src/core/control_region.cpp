@@ -17,13 +17,18 @@ namespace {
 std::atomic<bool> g_poison_new_buffers{false};
 }  // namespace
 
-void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht, int num_ranks,
-                  cudaStream_t stream) {
+void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht,
+                  const kernels::LlRegions& ll, int num_ranks, cudaStream_t stream) {
   if (g_poison_new_buffers.load()) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base, 0xFF, bytes, stream));
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(base, 0, sizeof(kernels::ControlRegion), stream));
   if (ht.combine_flags != 0) {
     const size_t flag_bytes = sizeof(uint64_t) * static_cast<size_t>(num_ranks) * ht.push_chunks;
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + ht.combine_flags, 0, flag_bytes, stream));
+  }
+  const size_t tag_bytes =
+      sizeof(uint64_t) * static_cast<size_t>(num_ranks) * static_cast<size_t>(ll.max_tokens);
+  for (const uint64_t offset : ll.row_tags) {
+    if (tag_bytes != 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + offset, 0, tag_bytes, stream));
   }
 }
 
@@ -39,6 +44,8 @@ uint64_t readCallsPassed(const void* region, kernels::EpochSlot family, cudaStre
 void setCallCounters(kernels::ControlRegion& region, uint64_t calls) {
   const uint64_t tagged = kernels::tag(calls, 0);
   for (uint64_t& e : region.local.epoch) e = calls;
+  // No skip pending: the marker's call is the completed one (callEpoch).
+  for (uint64_t& m : region.local.skip_marker) m = kernels::skipMarker(0, calls);
   for (int s = 0; s < kMaxRanks; ++s) {
     region.barrier[s] = calls;
     region.ht_dispatch_done[s] = calls;

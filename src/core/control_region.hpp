@@ -14,12 +14,12 @@ namespace epcomm {
 
 // Zeroes every signal word of a new buffer whose memory starts at `base` (device memory, `bytes`
 // long) on `stream`; the caller synchronizes. Signals start from zero on every rank before any
-// peer may write into them. They are the control region and, with the push combine, its chunk
-// flags (`ht.combine_flags`, the only epoch words outside the control region: reused memory may
-// hold an earlier buffer's). With setPoisonNewBuffersForTesting on, every byte is first set to
-// 0xFF, as such memory could be.
-void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht, int num_ranks,
-                  cudaStream_t stream);
+// peer may write into them. They are the control region and the epoch words outside it (reused
+// memory may hold an earlier buffer's): the push combine's chunk flags (`ht.combine_flags`) and
+// the LL dispatch's row tags (`ll.row_tags`).
+// With setPoisonNewBuffersForTesting on, every byte is first set to 0xFF, as such memory could be.
+void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht,
+                  const kernels::LlRegions& ll, int num_ranks, cudaStream_t stream);
 
 // The last call of `family` that the rank owning `region` (device memory, possibly a peer's
 // through its mapping) completed or skipped: max(LocalState::epoch, ::skipped), read with one

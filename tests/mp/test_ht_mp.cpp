@@ -15,6 +15,7 @@
 
 #include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
+#include "common/poison_new_buffers.hpp"
 #include "common/reference.hpp"
 #include "common/stage_times_check.hpp"
 #include "common/test_data.hpp"
@@ -714,15 +715,11 @@ TEST(HtDispatchCombine, FirstCallsAreCorrectOnPoisonedMemory) {
   c.max_tokens = 64;
   BufferConfig config = configOf(c);
   config.timeout_s = 10;
-  testing::setPoisonNewBuffersForTesting(true);
   std::optional<EpBuffer> buffer;
-  try {
+  {
+    const PoisonNewBuffers poison;
     buffer.emplace(bs, config);
-  } catch (...) {
-    testing::setPoisonNewBuffersForTesting(false);
-    throw;
   }
-  testing::setPoisonNewBuffersForTesting(false);
   runCheckedPairs(*buffer, c, 7100, 3);
 }
 

@@ -16,6 +16,7 @@
 
 #include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
+#include "common/poison_new_buffers.hpp"
 #include "common/reference.hpp"
 #include "common/stage_times_check.hpp"
 #include "common/test_data.hpp"
@@ -48,6 +49,9 @@ struct LlCase {
   bool cumulative = false;  // pass LlDispatchArgs::cumulative_recv_counts and check it
   bool stage_times =
       false;  // EPCOMM_STAGE_TIMES on for the buffer; checks the fused kernels' stamps
+  // The buffer's memory is set to 0xFF before it is initialized (testing hook), as reused
+  // memory could be: the LL dispatch's row tags lie outside the control region.
+  bool poisoned_memory = false;
 };
 
 // Combine-time weights of a rank's tokens: [N*K] in [1/16, 1), unlike the dispatch's weights
@@ -366,7 +370,12 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_
   if (start_calls > 0) config.timeout_s = 10;
   std::optional<StageTimesOn> stage_times;
   if (c.stage_times) stage_times.emplace();
-  EpBuffer buffer(bs, config);
+  std::optional<EpBuffer> made;
+  {
+    const PoisonNewBuffers poison(c.poisoned_memory);
+    made.emplace(bs, config);
+  }
+  EpBuffer& buffer = *made;
   stage_times.reset();
   if (start_calls > 0) testing::setCallCounterForTesting(buffer, bs, start_calls);
   TestStream stream;
@@ -386,12 +395,13 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_
   if (c.stage_times && !anyRankFailed()) {
     namespace d = kernels::ll_dispatch_stage;
     namespace cb = kernels::ll_combine_stage;
-    // The per-tile stages (scanned, copied) run once per tile of this rank's tokens: a rank with
-    // none (odd ranks at 1 token) never reaches them.
-    std::vector<int> dispatch_stages = {d::kAllStarted, d::kSetup,  d::kPrefix,   d::kArrived,
-                                        d::kRecounted,  d::kPosted, d::kSelfWait, d::kSourceWait,
-                                        d::kPlaced,     d::kEnd};
-    if (my_tokens > 0) dispatch_stages.insert(dispatch_stages.end(), {d::kScanned, d::kCopied});
+    // The per-tile stages (routed, copied, tagged) run once per tile of this rank's tokens: a
+    // rank with none (odd ranks at 1 token) never reaches them.
+    std::vector<int> dispatch_stages = {d::kAllStarted, d::kSetup,  d::kPosted,
+                                        d::kSourceWait, d::kPlaced, d::kEnd};
+    if (my_tokens > 0) {
+      dispatch_stages.insert(dispatch_stages.end(), {d::kRouted, d::kCopied, d::kTagged});
+    }
     expectStagesStamped(
         buffer, stream.get(),
         {{kernels::StageKernel::kLlDispatch, dispatch_stages},
@@ -521,6 +531,22 @@ TEST(LlDispatchCombine, CallCounterWrapsPast2To32) {
   runCase(c, 6, false, (uint64_t{1} << 32) - 3);
   if (anyRankFailed()) return;
   runCase(c, 6, true, (uint64_t{1} << 32) - 2);
+}
+
+// A buffer made in memory whose every byte was 0xFF: the first pairs, plain and split, are correct
+// (the dispatch's row tags, outside the control region, start zeroed: clearSignals).
+TEST(LlDispatchCombine, FirstCallsAreCorrectOnPoisonedMemory) {
+  LlCase c;
+  c.hidden = 2048;
+  c.experts = 16;
+  c.topk = 4;
+  c.max_topk = 4;
+  c.max_tokens = 16;
+  c.tokens = 16;
+  c.poisoned_memory = true;
+  runCase(c, 3, false);
+  if (anyRankFailed()) return;
+  runCase(c, 3, true);
 }
 
 // 1000 back-to-back pairs with new routing every time, through both halves of the double
