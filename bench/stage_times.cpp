@@ -87,6 +87,7 @@ class StageSamples {
       mean = std::accumulate(samples.begin(), samples.end(), 0.0) / samples.size();
     }
     row.median_us = allMax(ranks, median);
+    row.min_rank_us = allMin(ranks, median);
     row.mean_us = allMax(ranks, mean);
     row.reached = row.median_us >= 0;
   }
@@ -231,20 +232,24 @@ void printStageTimes(const std::vector<StageTable>& tables) {
   std::printf(
       "\nStage times (EPCOMM_STAGE_TIMES=1, eager calls; us since the kernel's start: median and "
       "mean over the calls, each the max over ranks; delta = median minus the previous stage's; "
-      "a kernel's own row: its start after the op's first kernel's start)\n");
+      "a kernel's own row: its start after the op's first kernel's start; min rank = the "
+      "median of the rank with the smallest)\n");
   for (const StageTable& t : tables) {
     std::printf("\n%s (%d calls)\n", t.op.c_str(), t.iterations);
-    std::printf("  %-34s %10s %10s %10s\n", "kernel / stage", "median", "mean", "delta");
+    std::printf("  %-34s %10s %10s %10s %10s\n", "kernel / stage", "median", "mean", "delta",
+                "min rank");
     for (const StageRow& r : t.rows) {
+      const std::string min_rank = r.reached && r.min_rank_us >= 0 ? us(r.min_rank_us) : "-";
       if (r.kernel_row) {
-        std::printf("  %-34s %10s %10s %10s\n", r.kernel.c_str(),
+        std::printf("  %-34s %10s %10s %10s %10s\n", r.kernel.c_str(),
                     r.reached ? us(r.median_us).c_str() : "-",
-                    r.reached ? us(r.mean_us).c_str() : "-", "");
+                    r.reached ? us(r.mean_us).c_str() : "-", "", min_rank.c_str());
         continue;
       }
-      std::printf(
-          "    %-32s %10s %10s %10s\n", r.stage.c_str(), r.reached ? us(r.median_us).c_str() : "-",
-          r.reached ? us(r.mean_us).c_str() : "-", r.reached ? us(r.delta_us).c_str() : "-");
+      std::printf("    %-32s %10s %10s %10s %10s\n", r.stage.c_str(),
+                  r.reached ? us(r.median_us).c_str() : "-",
+                  r.reached ? us(r.mean_us).c_str() : "-", r.reached ? us(r.delta_us).c_str() : "-",
+                  min_rank.c_str());
     }
   }
   std::fflush(stdout);
@@ -259,6 +264,7 @@ nlohmann::ordered_json stageTimesJson(const std::vector<StageTable>& tables) {
       row["reached"] = r.reached;
       if (r.reached) {
         row["median_us"] = r.median_us;
+        if (r.min_rank_us >= 0) row["median_us_min_rank"] = r.min_rank_us;
         row["mean_us"] = r.mean_us;
         if (!r.kernel_row) row["delta_us"] = r.delta_us;
       }

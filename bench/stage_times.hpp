@@ -21,6 +21,8 @@ struct StageRow {
   std::string stage;
   bool reached = false;     // some rank reached it in some timed iteration
   double median_us = 0;     // median over iterations of (stamp - kernel start), max over ranks
+  double min_rank_us = 0;   // the same median, min over ranks (-1: a rank never reached it): the
+                            // spread between ranks says which stage is rank-asymmetric
   double mean_us = 0;       // mean of the same samples, max over ranks (%globaltimer may tick in
                             // steps of ~1 us: the mean of many calls resolves finer)
   double delta_us = 0;      // median_us minus the previous reached stage's median_us
