@@ -268,8 +268,11 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
   if (tid == 0) s_stopped = false;
   // Blocks are split evenly over the sources; with fewer blocks than ranks a block takes several.
   const int blocks_per_source = max(1, static_cast<int>(gridDim.x) / num_ranks);
-  const int sub = blockIdx.x / num_ranks;
-  if (sub >= blocks_per_source) return;
+  if (static_cast<int>(blockIdx.x) / num_ranks >= blocks_per_source) return;
+  // A source's first slots go to the last blocks: the send half gave the first tokens to the
+  // first blocks, so at small batches the rows are placed by blocks that reached this half early
+  // instead of by the blocks still staging them.
+  const int sub = blocks_per_source - 1 - static_cast<int>(blockIdx.x) / num_ranks;
   bool first_source = true;
   for (int s = blockIdx.x % num_ranks; s < num_ranks;
        s += min(num_ranks, static_cast<int>(gridDim.x))) {
