@@ -173,13 +173,17 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       for (int k = 0; k < kMaxTopk; ++k) {
         if (k < p.num_topk) copy[k] = kept[k];
       }
+      // The rank of each kept entry, divided once (this thread's work is on the 1-token path).
+      int32_t rank_of[kMaxTopk];
+#pragma unroll
+      for (int k = 0; k < kMaxTopk; ++k) {
+        rank_of[k] = k < p.num_topk && kept[k] >= 0 ? kept[k] / p.num_local_experts : -1;
+      }
       int num_dest = 0;
       forEachRank(mask, [&](int d) {
         uint32_t at_d = 0;
 #pragma unroll
-        for (int k = 0; k < kMaxTopk; ++k) {
-          if (k < p.num_topk && kept[k] >= 0 && kept[k] / p.num_local_experts == d) at_d |= 1u << k;
-        }
+        for (int k = 0; k < kMaxTopk; ++k) at_d |= rank_of[k] == d ? 1u << k : 0u;
         s_dest_topk[tid][num_dest] = static_cast<uint16_t>(at_d);
         s_dest_rank[tid][num_dest++] = static_cast<uint8_t>(d);
       });
