@@ -430,6 +430,29 @@ __device__ __forceinline__ void sumTokenRows(int4* out, const int4* bias, const 
   }
 }
 
+// The end of a combine, run by its last block: tells every rank that this one is done pulling
+// from it, waits until every rank is done pulling from this one (only then may the next call
+// overwrite the rows they read here), and records the call as completed. Thread 0 fenced in
+// arriveLastBlock after every block's arrival: the relaxed stores are release patterns.
+__device__ __forceinline__ void finishCombine(const PeerContext& ctx, uint8_t* const* s_peer,
+                                              uint64_t epoch, const WaitContext& w) {
+  ControlRegion* own = controlOf(ctx.local_base);
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int d = 0; d < ctx.num_ranks; ++d) {
+      stRelaxedSys(&controlOf(s_peer[d])->ht_combine_done[ctx.rank], epoch);
+    }
+    stageThread(ctx, kCombineStages, cstage::kDonePosted);
+  }
+  bool ok = true;
+  if (tid < ctx.num_ranks) {
+    ok = waitEpoch(&own->ht_combine_done[tid], epoch, w, kPhasePullDone, tid);
+  }
+  if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtCombine] = epoch;
+  stageThread0(ctx, kCombineStages, cstage::kDoneWaited);
+  stageThread0(ctx, kCombineStages, cstage::kEnd);
+}
+
 __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams p) {
   const PeerContext& ctx = p.peers;
   stageStart(ctx, kCombineStages);
@@ -541,18 +564,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
     return;
   }
   stageThread0(ctx, kCombineStages, cstage::kArrived);
-  if (tid == 0) {
-    // Thread 0 fenced in arriveLastBlock after every block's arrival: these are release patterns.
-    for (int d = 0; d < num_ranks; ++d) {
-      stRelaxedSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
-    }
-    stageThread(ctx, kCombineStages, cstage::kDonePosted);
-  }
-  ok = true;
-  if (tid < num_ranks) ok = waitEpoch(&own->ht_combine_done[tid], epoch, w, kPhasePullDone, tid);
-  if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtCombine] = epoch;
-  stageThread0(ctx, kCombineStages, cstage::kDoneWaited);
-  stageThread0(ctx, kCombineStages, cstage::kEnd);
+  finishCombine(ctx, s_peer, epoch, w);
 }
 
 // The reducers' flag waits sleep this long after each read that finds a chunk missing: spinning,
@@ -751,17 +763,7 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
     stageThread0(ctx, kCombineStages, cstage::kEnd);
     return;
   }
-  if (tid == 0) {
-    for (int d = 0; d < num_ranks; ++d) {
-      stRelaxedSys(&controlOf(s_peer[d])->ht_combine_done[me], epoch);
-    }
-    stageThread(ctx, kCombineStages, cstage::kDonePosted);
-  }
-  ok = true;
-  if (tid < num_ranks) ok = waitEpoch(&own->ht_combine_done[tid], epoch, w, kPhasePullDone, tid);
-  if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtCombine] = epoch;
-  stageThread0(ctx, kCombineStages, cstage::kDoneWaited);
-  stageThread0(ctx, kCombineStages, cstage::kEnd);
+  finishCombine(ctx, s_peer, epoch, w);
 }
 
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t. One
