@@ -159,6 +159,15 @@ void llCases(const CaseEnv& env, EpBuffer& buffer, int hidden, int max_tokens,
         (void)diagnostics::takeStageTimes(buffer, env.stream);
         buffer.lowLatencyCombine(c, env.stream);
       }));
+      // DeepEP's form: combine-time weights, pushed to the expert ranks first.
+      LlCombineArgs cw = c;
+      cw.topk_weights = weights.as<float>();
+      out.push_back(
+          runOp(env, buffer, "LL combine (weights), " + what, {StageKernel::kLlCombine}, [&] {
+            buffer.lowLatencyDispatch(d, env.stream);
+            (void)diagnostics::takeStageTimes(buffer, env.stream);
+            buffer.lowLatencyCombine(cw, env.stream);
+          }));
     }
   }
 }
