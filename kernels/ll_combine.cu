@@ -40,16 +40,24 @@ __device__ __forceinline__ void llCombineWeightsPush(const LlParams& p, bool fus
   const int32_t* topk_copy = reinterpret_cast<const int32_t*>(ctx.local_base + r.topk_copy);
   for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
        t += gridDim.x * kWarpsPerBlock) {
-    // Lane k < num_topk looks at entry k; the first lane naming a rank writes the row there.
-    const int32_t e = lane < p.num_topk ? topk_copy[int64_t{t} * p.max_topk + lane] : -1;
+    // Lane k < num_topk holds entry k and its weight (one load each, issued together); the first
+    // lane naming a rank marks it, and the whole warp then stores the weight row there, lane k
+    // entry k. (One thread copying the row was a chain of num_topk load-store pairs: the compiler
+    // may not hoist a load of the caller's weights above a store that could alias them.)
+    const bool entry = lane < p.num_topk;
+    const int32_t e = entry ? topk_copy[int64_t{t} * p.max_topk + lane] : -1;
+    const float weight = entry ? p.combine_weights[int64_t{t} * p.num_topk + lane] : 0.f;
     const int d = e >= 0 ? e / p.num_local_experts : -1;
+    // Each lane's rank base, loaded by all lanes at once (not one dependent load per rank).
+    const uint64_t base = d >= 0 ? reinterpret_cast<uint64_t>(ctx.peer_bases[d]) : 0;
     const unsigned same = __match_any_sync(kFullMask, d);
-    const bool leader = d >= 0 && (same & ((1u << lane) - 1u)) == 0;
-    if (!leader) continue;
-    float* dst = reinterpret_cast<float*>(ctx.peer_bases[d] + r.combine_weights[parity]) +
-                 (int64_t{me} * r.max_tokens + t) * p.max_topk;
-    const float* src = p.combine_weights + int64_t{t} * p.num_topk;
-    for (int k = 0; k < p.num_topk; ++k) dst[k] = src[k];
+    for (unsigned leaders = __ballot_sync(kFullMask, d >= 0 && (same & ((1u << lane) - 1u)) == 0);
+         leaders != 0; leaders &= leaders - 1) {
+      float* dst = reinterpret_cast<float*>(__shfl_sync(kFullMask, base, __ffs(leaders) - 1) +
+                                            r.combine_weights[parity]) +
+                   (int64_t{me} * r.max_tokens + t) * p.max_topk;
+      if (entry) dst[lane] = weight;
+    }
   }
   if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineWeights])) return;
   if (p.parallel_posts) {  // thread d posts to rank d (see llDispatchSend)
