@@ -577,4 +577,83 @@ __device__ __forceinline__ int4 packBf16x8(const float (&acc)[8]) {
   return out;
 }
 
+// An HT combine's "ready" post (its combine input is in place and its region free), tag(epoch,
+// signature) into every rank's ht_combine_ready[rank], from threads [0, num_ranks) of the block at
+// once: each fences, then stores (a release pattern). From one thread the posts were a chain of
+// a peer-table load and a store per rank, ~0.6 us each. Returns whether this thread posted.
+__device__ __forceinline__ bool postCombineReady(const PeerContext& ctx, uint64_t epoch,
+                                                 uint32_t signature) {
+  const int d = threadIdx.x;
+  if (d >= ctx.num_ranks) return false;
+  fenceAcqRelSys();
+  stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[ctx.rank], tag(epoch, signature));
+  return true;
+}
+
+// One token of a combine, by one warp: out = bias + sum, over the rows r that forEachRow(f) names
+// (f(r) once per row, in the order of the sum), of weight[r] * src[r], in float32 (the rows are
+// ranks in the rank-major combine, top-k entries in the expert-major one). Two rows are loaded
+// before either is summed, kUnroll vectors per lane each: with one row at a time the loads of a
+// 24- or 16-SM grid were too few to fill NVLink (2x H200, 4096 tokens, rank-major: 246.6 -> 214.0
+// us at 24 SMs, 336.4 -> 284.8 at 16, 203.2 -> 193.8 at 32). The sums keep the order, so the
+// result is the one-at-a-time result bit for bit.
+template <typename ForEachRow, typename Load>
+__device__ __forceinline__ void sumTokenRows(int4* out, const int4* bias, const int4* const* src,
+                                             const float* weight, ForEachRow forEachRow,
+                                             int num_vecs, int lane, Load load) {
+  for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
+    float acc[kUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
+    }
+    int pending = -1;  // a row whose loads wait for a partner
+    forEachRow([&](int r) {
+      if (pending < 0) {
+        pending = r;
+        return;
+      }
+      int4 a[kUnroll];
+      int4 b[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i < num_vecs) {
+          a[u] = load(src[pending] + i);
+          b[u] = load(src[r] + i);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (base + u * kWarpSize + lane < num_vecs) {
+          accumulateBf16x8(acc[u], a[u], weight[pending]);
+          accumulateBf16x8(acc[u], b[u], weight[r]);
+        }
+      }
+      pending = -1;
+    });
+    if (pending >= 0) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i < num_vecs) v[u] = load(src[pending] + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (base + u * kWarpSize + lane < num_vecs) accumulateBf16x8(acc[u], v[u], weight[pending]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kWarpSize + lane;
+      if (i < num_vecs) {
+        if (bias != nullptr) accumulateBf16x8(acc[u], ldNcNoAlloc(bias + i), 1.f);
+        out[i] = packBf16x8(acc[u]);
+      }
+    }
+  }
+}
+
 }  // namespace epcomm::kernels::device

@@ -340,14 +340,9 @@ __global__ void __launch_bounds__(kBlockThreads) emCombineKernel(HtExpertMajorCo
   __shared__ float s_weight[kWarpsPerBlock][kMaxTopk];
 
   // 1. my combine input is in place (stream order): tell everyone, then wait for everyone.
-  if (tid == 0) {
-    fenceAcqRelSys();
-    for (int d = 0; d < num_ranks; ++d) {
-      // Tagged as the rank-major combine's (the word and the epoch family are shared): a plain
-      // epoch here would read as long reached to a later tagged wait, and vice versa never.
-      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
-    }
-  }
+  // Tagged as the rank-major combine's (the word and the epoch family are shared): a plain epoch
+  // here would read as long reached to a later tagged wait, and vice versa never.
+  (void)postCombineReady(ctx, epoch, p.signature);
   bool ok = true;
   if (tid < num_ranks) {
     uint64_t v = 0;
@@ -385,35 +380,13 @@ __global__ void __launch_bounds__(kBlockThreads) emCombineKernel(HtExpertMajorCo
     int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
     const int4* bias =
         p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;
-    for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
-      float acc[kUnroll][8];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-      }
-      for (uint32_t m = valid; m != 0; m &= m - 1) {
-        const int k = __ffs(m) - 1;
-        int4 v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int i = base + u * kWarpSize + lane;
-          if (i < num_vecs) v[u] = ldNoAlloc(src[k] + i);
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (base + u * kWarpSize + lane < num_vecs) accumulateBf16x8(acc[u], v[u], weight[k]);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = base + u * kWarpSize + lane;
-        if (i < num_vecs) {
-          if (bias != nullptr) accumulateBf16x8(acc[u], ldNcNoAlloc(bias + i), 1.f);
-          out[i] = packBf16x8(acc[u]);
-        }
-      }
-    }
+    // The entries' rows in top-k order, two in flight at a time.
+    sumTokenRows(
+        out, bias, src, weight,
+        [&](auto&& f) {
+          for (uint32_t m = valid; m != 0; m &= m - 1) f(__ffs(m) - 1);
+        },
+        num_vecs, lane, [](const int4* q) { return ldNoAlloc(q); });
     __syncwarp();  // the next token rewrites this warp's tables
   }
 

@@ -366,70 +366,6 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   stageThread0(ctx, kDispatchStages, dstage::kEnd);
 }
 
-// One token of a combine, by one warp: out = bias + sum over the mask's ranks d (increasing) of
-// weight[d] * src[d], in float32. Two ranks' rows are loaded before either is summed, kUnroll
-// vectors per lane each: with one rank at a time the loads of a 24- or 16-SM grid were too few to
-// fill NVLink (2x H200, 4096 tokens: 246.6 -> 214.0 us at 24 SMs, 336.4 -> 284.8 at 16, 203.2 ->
-// 193.8 at 32). The sums keep rank order, so the result is the one-at-a-time result bit for bit.
-template <typename Load>
-__device__ __forceinline__ void sumTokenRows(int4* out, const int4* bias, const int4* const* src,
-                                             const float* weight, const RankMask& mask,
-                                             int num_vecs, int lane, Load load) {
-  for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
-    float acc[kUnroll][8];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-    }
-    int pending = -1;  // a rank whose loads wait for a partner
-    forEachRank(mask, [&](int d) {
-      if (pending < 0) {
-        pending = d;
-        return;
-      }
-      int4 a[kUnroll];
-      int4 b[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = base + u * kWarpSize + lane;
-        if (i < num_vecs) {
-          a[u] = load(src[pending] + i);
-          b[u] = load(src[d] + i);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (base + u * kWarpSize + lane < num_vecs) {
-          accumulateBf16x8(acc[u], a[u], weight[pending]);
-          accumulateBf16x8(acc[u], b[u], weight[d]);
-        }
-      }
-      pending = -1;
-    });
-    if (pending >= 0) {
-      int4 v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = base + u * kWarpSize + lane;
-        if (i < num_vecs) v[u] = load(src[pending] + i);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (base + u * kWarpSize + lane < num_vecs) accumulateBf16x8(acc[u], v[u], weight[pending]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kWarpSize + lane;
-      if (i < num_vecs) {
-        if (bias != nullptr) accumulateBf16x8(acc[u], ldNcNoAlloc(bias + i), 1.f);
-        out[i] = packBf16x8(acc[u]);
-      }
-    }
-  }
-}
-
 // The end of a combine, run by its last block: tells every rank that this one is done pulling
 // from it, waits until every rank is done pulling from this one (only then may the next call
 // overwrite the rows they read here), and records the call as completed. Thread 0 fenced in
@@ -471,11 +407,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   __shared__ const float* s_recv_weights[kMaxRanks];  // my rows of each rank's received weights
 
   // 1. my combine input is in place (stream order): tell everyone, then wait for everyone.
-  if (tid == 0) {
-    fenceAcqRelSys();  // one fence, then release patterns (stRelaxedSys)
-    for (int d = 0; d < num_ranks; ++d) {
-      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
-    }
+  if (postCombineReady(ctx, epoch, p.signature)) {
     stageThread(ctx, kCombineStages, cstage::kReadyPosted);
   }
   bool ok = true;
@@ -551,8 +483,9 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
     int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
     const int4* bias =
         p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;
-    sumTokenRows(out, bias, src, weight, mask, num_vecs, lane,
-                 [](const int4* q) { return ldNoAlloc(q); });
+    sumTokenRows(
+        out, bias, src, weight, [&](auto&& f) { forEachRank(mask, f); }, num_vecs, lane,
+        [](const int4* q) { return ldNoAlloc(q); });
     __syncwarp();  // the next token rewrites this warp's tables
   }
 
@@ -605,11 +538,7 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
 
   // 1. ready: this rank's gather region is free (its previous combine is over) and its x is in
   //    place; wait for every rank's.
-  if (tid == 0) {
-    fenceAcqRelSys();
-    for (int d = 0; d < num_ranks; ++d) {
-      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ht_combine_ready[me], tag(epoch, p.signature));
-    }
+  if (postCombineReady(ctx, epoch, p.signature)) {
     stageThread(ctx, kCombineStages, cstage::kReadyPosted);
   }
   bool ok = true;
@@ -738,8 +667,9 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
       const int4* bias =
           p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;
       // L2 loads (__ldcg): rows another rank stored, never a stale L1 line.
-      sumTokenRows(out, bias, src, weight, mask, num_vecs, lane,
-                   [](const int4* q) { return __ldcg(q); });
+      sumTokenRows(
+          out, bias, src, weight, [&](auto&& f) { forEachRank(mask, f); }, num_vecs, lane,
+          [](const int4* q) { return __ldcg(q); });
       __syncwarp();  // the next token rewrites this warp's tables
     }
     // A warp that timed out recorded the failure; the op fails on the host (the done handshake

@@ -79,7 +79,7 @@ namespace ht_combine_stage {
 enum : int {
   kStart = kStageStart,
   kAllStarted = kStageAllStarted,
-  kReadyPosted,  // thread 0 of each block: "ready" posted to every rank
+  kReadyPosted,  // each block's posting threads: "ready" posted to every rank (one each)
   kReadyWaited,  // block: every rank's "ready" arrived (signatures checked)
   kPulled,       // block: every token pulled, summed and written
   kArrived,      // last block: arriveLastBlock returned
