@@ -366,6 +366,49 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   stageThread0(ctx, kDispatchStages, dstage::kEnd);
 }
 
+// Token t's weight per rank d of its mask, in weight[d] (lane 0 stores it): the sum of the
+// token's top-k weights whose expert lives on d, or 1 without scale weights. Only the mask's
+// ranks (the mask is the same in every lane: no divergence).
+__device__ __forceinline__ void tokenRankWeights(const HtCombineParams& p, int t,
+                                                 const RankMask& mask, int lane, float* weight) {
+  if (p.scale_weights == nullptr) {
+    for (int d = lane; d < p.peers.num_ranks; d += kWarpSize) weight[d] = 1.f;
+    return;
+  }
+  int my_rank_of_k = -1;
+  float my_weight = 0.f;
+  if (lane < p.num_topk) {
+    const int32_t e = p.topk_copy[int64_t{t} * p.num_topk + lane];
+    if (e >= 0) {
+      my_rank_of_k = e / p.num_local_experts;
+      my_weight = p.scale_weights[int64_t{t} * p.num_topk + lane];
+    }
+  }
+  forEachRank(mask, [&](int d) {
+    float v = my_rank_of_k == d ? my_weight : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+    if (lane == 0) weight[d] = v;
+  });
+}
+
+// Token t's row of combined_weights, if asked for: lane k pulls entry k of the token's row from
+// every rank it went to (the backward of dispatch's recv_topk_weights), summed in rank order in
+// float32, 0 if it went nowhere. Only the mask's ranks: no slot loads for the others at 72 ranks.
+// recv_weights[d]: this rank's rows of rank d's received weights (written before this kernel or
+// acquired: read through L2).
+__device__ __forceinline__ void tokenCombinedWeights(const HtCombineParams& p, int t,
+                                                     const RankMask& mask, int lane,
+                                                     const float* const* recv_weights) {
+  if (p.combined_weights == nullptr || lane >= p.num_topk) return;
+  float sum = 0.f;
+  forEachRank(mask, [&](int d) {
+    const int32_t slot = p.token_slot[int64_t{t} * p.peers.num_ranks + d];
+    if (slot >= 0) sum += __ldcg(recv_weights[d] + int64_t{slot} * p.num_topk + lane);
+  });
+  p.combined_weights[int64_t{t} * p.num_topk + lane] = sum;
+}
+
 // The end of a combine, run by its last block: tells every rank that this one is done pulling
 // from it, waits until every rank is done pulling from this one (only then may the next call
 // overwrite the rows they read here), and records the call as completed. Thread 0 fenced in
@@ -435,51 +478,20 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int num_vecs = static_cast<int>(p.row_bytes / 16);
-  const int local_experts = p.num_local_experts;
   const int mask_words = rankMaskWords(num_ranks);
   for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
        t += gridDim.x * kWarpsPerBlock) {
     const RankMask mask = loadRankMask(p.token_mask, t, mask_words);
     float* weight = s_weight[warp];
     const int4** src = s_row[warp];
-    if (p.scale_weights == nullptr) {
-      for (int d = lane; d < num_ranks; d += kWarpSize) weight[d] = 1.f;
-    } else {
-      // weight of rank d = sum of the token's top-k weights whose expert lives on d
-      int my_rank_of_k = -1;
-      float my_weight = 0.f;
-      if (lane < p.num_topk) {
-        const int32_t e = p.topk_copy[int64_t{t} * p.num_topk + lane];
-        if (e >= 0) {
-          my_rank_of_k = e / local_experts;
-          my_weight = p.scale_weights[int64_t{t} * p.num_topk + lane];
-        }
-      }
-      // Only the ranks the token went to (the mask is the same in every lane: no divergence).
-      forEachRank(mask, [&](int d) {
-        float v = my_rank_of_k == d ? my_weight : 0.f;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-        if (lane == 0) weight[d] = v;
-      });
-    }
+    tokenRankWeights(p, t, mask, lane, weight);
     for (int d = lane; d < num_ranks; d += kWarpSize) {
       if (!mask.test(d)) continue;
       src[d] = reinterpret_cast<const int4*>(
           s_src[d] + int64_t{p.token_slot[int64_t{t} * num_ranks + d]} * p.row_bytes);
     }
     __syncwarp();
-    if (p.combined_weights != nullptr && lane < p.num_topk) {
-      // Lane k pulls entry k of the token's row from every rank it went to (the backward of
-      // dispatch's recv_topk_weights): summed in rank order in float32, 0 if it went nowhere.
-      // Only the mask's ranks (increasing order): no slot loads for the others at 72 ranks.
-      float sum = 0.f;
-      forEachRank(mask, [&](int d) {
-        const int32_t slot = p.token_slot[int64_t{t} * num_ranks + d];
-        if (slot >= 0) sum += __ldcg(s_recv_weights[d] + int64_t{slot} * p.num_topk + lane);
-      });
-      p.combined_weights[int64_t{t} * p.num_topk + lane] = sum;
-    }
+    tokenCombinedWeights(p, t, mask, lane, s_recv_weights);
     int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
     const int4* bias =
         p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;
@@ -610,7 +622,6 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
   } else {
     // 2b. reduce: one warp per token, rows of other ranks read once their chunk is flagged.
     const int reducers = static_cast<int>(gridDim.x) - p.pushers;
-    const int local_experts = p.num_local_experts;
     const int mask_words = rankMaskWords(num_ranks);
     const uint64_t* flags =
         reinterpret_cast<const uint64_t*>(ctx.local_base + p.regions.combine_flags);
@@ -620,25 +631,7 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
       const RankMask mask = loadRankMask(p.token_mask, t, mask_words);
       float* weight = s_weight[warp];
       const int4** src = s_row[warp];
-      if (p.scale_weights == nullptr) {
-        for (int d = lane; d < num_ranks; d += kWarpSize) weight[d] = 1.f;
-      } else {
-        int my_rank_of_k = -1;
-        float my_weight = 0.f;
-        if (lane < p.num_topk) {
-          const int32_t e = p.topk_copy[int64_t{t} * p.num_topk + lane];
-          if (e >= 0) {
-            my_rank_of_k = e / local_experts;
-            my_weight = p.scale_weights[int64_t{t} * p.num_topk + lane];
-          }
-        }
-        forEachRank(mask, [&](int d) {
-          float v = my_rank_of_k == d ? my_weight : 0.f;
-#pragma unroll
-          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-          if (lane == 0) weight[d] = v;
-        });
-      }
+      tokenRankWeights(p, t, mask, lane, weight);
       bool arrived = true;
       for (int d = lane; d < num_ranks; d += kWarpSize) {
         if (!mask.test(d)) continue;
@@ -655,14 +648,7 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
       warp_ok = __all_sync(kFullMask, arrived);
       __syncwarp();
       if (!warp_ok) break;
-      if (p.combined_weights != nullptr && lane < p.num_topk) {
-        float sum = 0.f;
-        forEachRank(mask, [&](int d) {
-          const int32_t slot = p.token_slot[int64_t{t} * num_ranks + d];
-          if (slot >= 0) sum += __ldcg(s_recv_weights[d] + int64_t{slot} * p.num_topk + lane);
-        });
-        p.combined_weights[int64_t{t} * p.num_topk + lane] = sum;
-      }
+      tokenCombinedWeights(p, t, mask, lane, s_recv_weights);
       int4* out = reinterpret_cast<int4*>(p.out + int64_t{t} * p.hidden);
       const int4* bias =
           p.bias ? reinterpret_cast<const int4*>(p.bias + int64_t{t} * p.hidden) : nullptr;

@@ -15,6 +15,7 @@
 
 #include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
+#include "common/ht_device_inputs.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
 #include "common/test_env.hpp"
@@ -25,18 +26,15 @@ namespace {
 
 constexpr uint16_t kBf16Nan = 0x7fc0;
 
-struct EmCase {
+// The dispatch input form (dtype, ids, top-k, alignment) is HtInputForm's, expert-major.
+struct EmCase : HtInputForm {
+  EmCase() { expert_major = true; }
   int hidden = 1024;
   int experts = 64;
-  int topk = 8;
   int max_topk = 8;
   int tokens = 160;
   Routing routing = Routing::kUniform;
-  DType dtype = DType::kBF16;
-  IndexType idx_type = IndexType::kInt64;
   int zero_rank = -1;  // this rank sends 0 tokens
-  bool null_topk_when_empty = false;
-  int alignment = 1;
   uint64_t seed = 11;
   int max_tokens = 192;
 };
@@ -84,60 +82,6 @@ BufferConfig configOf(const EmCase& c, int num_ranks, int64_t rows_needed) {
   config.timeout_s = kAuto;
   return config;
 }
-
-struct DeviceInputs {
-  DeviceArray<uint16_t> x_bf16;
-  DeviceArray<uint8_t> x_fp8;
-  DeviceArray<float> scales;
-  DeviceArray<int64_t> idx64;
-  DeviceArray<int32_t> idx32;
-  DeviceArray<float> weights;
-
-  explicit DeviceInputs(const RankInputs& in)
-      : x_bf16(std::max<size_t>(in.x_bf16.size(), 8)),
-        x_fp8(std::max<size_t>(in.x_fp8.size(), 16)),
-        scales(std::max<size_t>(in.x_scales.size(), 1)),
-        idx64(std::max<size_t>(in.topk_idx.size(), 1)),
-        idx32(std::max<size_t>(in.topk_idx32.size(), 1)),
-        weights(std::max<size_t>(in.topk_weights.size(), 1)) {
-    upload(in);
-  }
-  void upload(const RankInputs& in) {
-    x_bf16.upload(in.x_bf16);
-    x_fp8.upload(in.x_fp8);
-    scales.upload(in.x_scales);
-    idx64.upload(in.topk_idx);
-    idx32.upload(in.topk_idx32);
-    weights.upload(in.topk_weights);
-  }
-
-  DispatchArgs args(const RankInputs& in, const EmCase& c, bool with_topk) const {
-    DispatchArgs a;
-    a.dtype = c.dtype;
-    a.num_tokens = in.num_tokens;
-    if (c.dtype == DType::kBF16) {
-      a.x = x_bf16.get();
-    } else {
-      a.x = x_fp8.get();
-      a.x_scales = scales.get();
-    }
-    if (with_topk) {
-      a.topk.idx = c.idx_type == IndexType::kInt64 ? static_cast<const void*>(idx64.get())
-                                                   : static_cast<const void*>(idx32.get());
-      a.topk.idx_type = c.idx_type;
-      a.topk.num_tokens = in.num_tokens;
-      a.topk.num_topk = c.topk;
-      a.topk_weights = weights.get();
-      if (c.null_topk_when_empty && in.num_tokens == 0) {
-        a.topk.idx = nullptr;
-        a.topk_weights = nullptr;
-      }
-    }
-    a.expert_alignment = c.alignment;
-    a.expert_major = true;
-    return a;
-  }
-};
 
 void poisonDispatchViews(const DispatchResult& r, const EmCase& c, cudaStream_t stream) {
   const size_t rows = static_cast<size_t>(r.capacity);
@@ -328,7 +272,7 @@ void runCase(const EmCase& c) {
   EpBuffer buffer(bs, configOf(c, num_ranks, needed));
   EpHandle handle = buffer.createHandle();
   TestStream stream;
-  DeviceInputs dev(in);
+  HtDeviceInputs dev(in, c);
   const HtExpertMajorRef ref =
       referenceHtDispatchExpertMajor(all, me, c.experts, c.topk, c.alignment);
 
@@ -398,7 +342,7 @@ void runCase(const EmCase& c) {
     same_routing[rank].x_fp8 = fresh[rank].x_fp8;
     same_routing[rank].x_scales = fresh[rank].x_scales;
   }
-  dev.upload(same_routing[me]);
+  dev.upload(same_routing[me], c);
   poisonDispatchViews(first, c, stream.get());
   DispatchResult cached =
       buffer.dispatch(dev.args(same_routing[me], c, false), handle, stream.get());
@@ -510,7 +454,7 @@ TEST(HtExpertMajor, GraphReplayEqualsEager) {
   EpHandle handle = buffer.createHandle();
   TestStream stream;
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 40));
-  DeviceInputs dev(all[me]);
+  HtDeviceInputs dev(all[me], c);
   DeviceArray<uint16_t> out(std::max<size_t>(size_t(c.tokens) * c.hidden, 8));
 
   cudaGraph_t graph = nullptr;
@@ -528,7 +472,7 @@ TEST(HtExpertMajor, GraphReplayEqualsEager) {
   for (int replay = 0; replay < 4; ++replay) {
     SCOPED_TRACE("replay " + std::to_string(replay) + " rank " + std::to_string(me));
     all = generateProblem(specOf(c, num_ranks, 41 + replay));
-    dev.upload(all[me]);
+    dev.upload(all[me], c);
     out.poison();
     poisonDispatchViews(r, c, stream.get());
     EPCOMM_TEST_CUDA(cudaStreamSynchronize(stream.get()));
@@ -567,7 +511,7 @@ TEST(HtExpertMajor, OverCapacityFailsEverywhere) {
   c.max_tokens = 64;
   c.alignment = 1024;  // 64 / R local experts of 1024 rows each: far over R * 64 rows
   const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 30));
-  DeviceInputs dev(all[me]);
+  HtDeviceInputs dev(all[me], c);
   BufferConfig config = configOf(c, bs.size(), 0);  // kAuto-sized: R * max_tokens rows
   config.timeout_s = 30;
   EpBuffer buffer(bs, config);
@@ -598,7 +542,7 @@ TEST(HtExpertMajor, ModeMustMatchAcrossRanks) {
   c.tokens = 32;
   c.max_tokens = 64;
   const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 31));
-  DeviceInputs dev(all[me]);
+  HtDeviceInputs dev(all[me], c);
   BufferConfig config = configOf(c, bs.size(), rowsNeeded(all, c));
   config.timeout_s = 30;
   EpBuffer buffer(bs, config);

@@ -15,6 +15,7 @@
 
 #include "common/call_outcome.hpp"
 #include "common/gpu_helpers.hpp"
+#include "common/ht_device_inputs.hpp"
 #include "common/poison_new_buffers.hpp"
 #include "common/reference.hpp"
 #include "common/stage_times_check.hpp"
@@ -27,25 +28,20 @@
 namespace epcomm::test {
 namespace {
 
-struct HtCase {
+// The dispatch input form (dtype, ids, top-k, alignment, scales layout) is HtInputForm's.
+struct HtCase : HtInputForm {
   int hidden = 2048;
   int experts = 64;
-  int topk = 8;
   int max_topk = 8;
   int tokens = 192;
   Routing routing = Routing::kUniform;
-  DType dtype = DType::kBF16;
-  IndexType idx_type = IndexType::kInt64;
   int zero_rank = -1;  // this rank sends 0 tokens
-  int alignment = 1;
-  bool column_major_scales = false;
   uint64_t seed = 7;
   int max_tokens = 256;
-  bool null_topk_when_empty = false;  // a rank with 0 tokens passes topk.idx = nullptr
-  int all_one_expert = -1;            // >= 0: every top-k entry of every token is this expert
-  int nowhere_every = 0;              // > 0: every token t with t % nowhere_every == 1 has only -1
-  bool equal_tokens = false;          // every rank has `tokens` tokens
-  bool stage_times = false;           // EPCOMM_STAGE_TIMES on for the buffer; checks the stamps
+  int all_one_expert = -1;    // >= 0: every top-k entry of every token is this expert
+  int nowhere_every = 0;      // > 0: every token t with t % nowhere_every == 1 has only -1
+  bool equal_tokens = false;  // every rank has `tokens` tokens
+  bool stage_times = false;   // EPCOMM_STAGE_TIMES on for the buffer; checks the stamps
 };
 
 // Applies the case's routing edits to the generated problem.
@@ -95,75 +91,6 @@ BufferConfig configOf(const HtCase& c) {
   config.timeout_s = kAuto;  // EPCOMM_TIMEOUT_S, else 30 s
   return config;
 }
-
-// This rank's inputs on the device.
-struct DeviceInputs {
-  DeviceArray<uint16_t> x_bf16;
-  DeviceArray<uint8_t> x_fp8;
-  DeviceArray<float> scales;
-  DeviceArray<int64_t> idx64;
-  DeviceArray<int32_t> idx32;
-  DeviceArray<float> weights;
-
-  DeviceInputs(const RankInputs& in, const HtCase& c)
-      : x_bf16(std::max<size_t>(in.x_bf16.size(), 8)),
-        x_fp8(std::max<size_t>(in.x_fp8.size(), 16)),
-        scales(std::max<size_t>(in.x_scales.size(), 1)),
-        idx64(std::max<size_t>(in.topk_idx.size(), 1)),
-        idx32(std::max<size_t>(in.topk_idx32.size(), 1)),
-        weights(std::max<size_t>(in.topk_weights.size(), 1)) {
-    upload(in, c);
-  }
-  void upload(const RankInputs& in, const HtCase& c) {
-    x_bf16.upload(in.x_bf16);
-    x_fp8.upload(in.x_fp8);
-    if (c.column_major_scales) {
-      const int blocks = c.hidden / kFp8BlockSize;
-      std::vector<float> transposed(in.x_scales.size());
-      for (int t = 0; t < in.num_tokens; ++t) {
-        for (int b = 0; b < blocks; ++b) {
-          transposed[size_t(b) * in.num_tokens + t] = in.x_scales[size_t(t) * blocks + b];
-        }
-      }
-      scales.upload(transposed);
-    } else {
-      scales.upload(in.x_scales);
-    }
-    idx64.upload(in.topk_idx);
-    idx32.upload(in.topk_idx32);
-    weights.upload(in.topk_weights);
-  }
-
-  DispatchArgs args(const RankInputs& in, const HtCase& c, bool with_topk) const {
-    DispatchArgs a;
-    a.dtype = c.dtype;
-    a.num_tokens = in.num_tokens;
-    if (c.dtype == DType::kBF16) {
-      a.x = x_bf16.get();
-    } else {
-      a.x = x_fp8.get();
-      a.x_scales = scales.get();
-      if (c.column_major_scales) {
-        a.scales_token_stride = 1;
-        a.scales_col_stride = std::max(in.num_tokens, 1);
-      }
-    }
-    if (with_topk) {
-      a.topk.idx = c.idx_type == IndexType::kInt64 ? static_cast<const void*>(idx64.get())
-                                                   : static_cast<const void*>(idx32.get());
-      a.topk.idx_type = c.idx_type;
-      a.topk.num_tokens = in.num_tokens;
-      a.topk.num_topk = c.topk;
-      a.topk_weights = weights.get();
-      if (c.null_topk_when_empty && in.num_tokens == 0) {
-        a.topk.idx = nullptr;
-        a.topk_weights = nullptr;
-      }
-    }
-    a.expert_alignment = c.alignment;
-    return a;
-  }
-};
 
 int rankNow() {
   return mpiBootstrap()->rank();
@@ -410,7 +337,7 @@ void runCase(const HtCase& c) {
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
   editRouting(all, c);
   const RankInputs& in = all[me];
-  DeviceInputs dev(in, c);
+  HtDeviceInputs dev(in, c);
 
   // 1. dispatch with copies to poisoned caller buffers (exact mode)
   const size_t capacity = size_t(num_ranks) * c.max_tokens;
@@ -670,7 +597,7 @@ void runCheckedPairs(EpBuffer& buffer, HtCase c, uint64_t first_seed, int iters)
     c.seed = first_seed + iter;
     c.routing = iter % 2 == 0 ? Routing::kWithNegatives : Routing::kUniform;
     const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), c.seed));
-    DeviceInputs dev(all[me], c);
+    HtDeviceInputs dev(all[me], c);
     DispatchResult r = buffer.dispatch(dev.args(all[me], c, true), handle, stream.get());
     const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, c.seed);
     buffer.sync(stream.get());
@@ -738,7 +665,7 @@ TEST(HtDispatchCombine, BackToBackChangingRouting) {
   EpHandle handle = buffer.createHandle();
   TestStream stream;
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 1));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   for (int iter = 0; iter < 100; ++iter) {
     c.seed = 5000 + iter;
     c.routing = iter % 3 == 0   ? Routing::kSkewed
@@ -772,7 +699,7 @@ TEST(HtDispatchCombine, GraphReplayEqualsEager) {
   EpHandle handle = buffer.createHandle();
   TestStream stream;
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 11));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   const size_t out_elems = std::max<size_t>(size_t(c.tokens) * c.hidden, 8);
   DeviceArray<uint16_t> combine_x(size_t(num_ranks) * c.max_tokens * c.hidden);
   DeviceArray<uint16_t> out(out_elems);
@@ -889,7 +816,7 @@ TEST(HtLayoutInput, DispatchFromLayoutWithAndWithoutTopk) {
       for (int s = 1; s < num_ranks; s += 2) layouts[s] = plain[s];
     }
     const RankInputs& in = all[me];
-    DeviceInputs dev(in, c);
+    HtDeviceInputs dev(in, c);
     const DeviceLayout dev_layout(layouts[me]);
 
     DispatchArgs args = dev.args(in, c, with_topk);
@@ -963,7 +890,7 @@ TEST(HtLayoutInput, LayoutOfAnotherHandleIsAValidLayout) {
   EpHandle handle = buffer.createHandle();
   TestStream stream;
   const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   buffer.layout(dev.args(all[me], c, true).topk, source, stream.get());
   const DispatchLayout layout{source.numTokensPerRank(), source.isTokenInRank(),
                               source.numTokensPerExpert()};
@@ -1004,8 +931,8 @@ TEST(HtDispatchCombine, CachedDispatchAfterLayoutCountsNewRoutingAtItsAlignment)
   TestStream stream;
   const std::vector<RankInputs> all_a = generateProblem(specOf(a, num_ranks, a.seed));
   const std::vector<RankInputs> all_b = generateProblem(specOf(b, num_ranks, b.seed));
-  DeviceInputs dev_a(all_a[me], a);
-  DeviceInputs dev_b(all_b[me], b);
+  HtDeviceInputs dev_a(all_a[me], a);
+  HtDeviceInputs dev_b(all_b[me], b);
 
   DispatchResult r = buffer.dispatch(dev_a.args(all_a[me], a, true), handle, stream.get());
   buffer.sync(stream.get());
@@ -1064,7 +991,7 @@ TEST(HtStaticShapes, WorstTokensPadEveryViewEagerAndInGraphs) {
     // Every rank receives at most num_ranks * tokens rows; rank-dependent worst sizes.
     const int worst = me % 2 == 0 ? capacity : num_ranks * c.tokens + 3;
     std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
-    DeviceInputs dev(all[me], c);
+    HtDeviceInputs dev(all[me], c);
     const size_t elem = dtype == DType::kBF16 ? 2 : 1;
     DeviceArray<uint8_t> x_copy(size_t(capacity) * c.hidden * elem);
     DeviceArray<float> scales_copy(size_t(capacity) * (c.hidden / 128));
@@ -1163,7 +1090,7 @@ TEST(HtStaticShapes, ExactCapacityFits) {
   TestStream stream;
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 41));
   editRouting(all, c);
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   DispatchArgs args = dev.args(all[me], c, true);
   args.num_worst_tokens = num_ranks * c.max_tokens;
   args.exact_count = true;
@@ -1190,7 +1117,7 @@ TEST(HtStaticShapes, MoreRowsThanWorstTokensFailsEveryRank) {
   const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 42));
   const HtDispatchRef ref0 = referenceHtDispatch(all, 0, c.hidden, c.experts, c.topk, 1);
   ASSERT_GT(ref0.num_recv, 1);
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   EpBuffer buffer(bs, config);
   EpHandle handle = buffer.createHandle();
   TestStream stream;
@@ -1225,7 +1152,7 @@ TEST(HtLayoutInput, InconsistentLayoutFailsEveryRank) {
   c.tokens = 32;
   c.max_tokens = 64;
   const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 43));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   BufferConfig config = configOf(c);
   config.timeout_s = 30;
   struct Bad {
@@ -1307,7 +1234,7 @@ TEST(HtDispatchCombine, TokenRoutedNowhereIsAlwaysWritten) {
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
   editRouting(all, c);
   const RankInputs& in = all[me];
-  DeviceInputs dev(in, c);
+  HtDeviceInputs dev(in, c);
   DispatchResult r = buffer.dispatch(dev.args(in, c, true), handle, stream.get());
   const std::vector<std::vector<uint16_t>> inputs = combineInputsOfAll(all, c, 45);
   buffer.sync(stream.get());
@@ -1364,7 +1291,7 @@ TEST(HtDispatchCombine, NoDispatchWeightsGiveZeroRecvWeights) {
   EpHandle handle = buffer.createHandle();
   TestStream stream;
   std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, c.seed));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   DispatchArgs args = dev.args(all[me], c, true);
   DispatchResult first = buffer.dispatch(args, handle, stream.get());
   buffer.sync(stream.get());
@@ -1381,7 +1308,7 @@ TEST(HtDispatchCombine, NoDispatchWeightsGiveZeroRecvWeights) {
 struct BadInput {
   const char* name;
   const char* expected_text;  // must appear in the message
-  std::function<void(EpBuffer&, EpHandle&, const RankInputs&, const DeviceInputs&, const HtCase&,
+  std::function<void(EpBuffer&, EpHandle&, const RankInputs&, const HtDeviceInputs&, const HtCase&,
                      cudaStream_t)>
       call;
 };
@@ -1398,11 +1325,11 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
   c.max_tokens = 64;
   const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 3));
   const RankInputs& in = all[me];
-  DeviceInputs dev(in, c);
+  HtDeviceInputs dev(in, c);
 
   const std::vector<BadInput> cases = {
       {"num_tokens over capacity", "DispatchArgs::num_tokens",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.num_tokens = hc.max_tokens + 1;
@@ -1410,14 +1337,14 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          b.dispatch(a, h, s);
        }},
       {"topk over max_topk", "topk.num_topk",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.topk.num_topk = hc.max_topk + 1;
          b.dispatch(a, h, s);
        }},
       {"null x", "DispatchArgs::x",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.num_tokens = a.topk.num_tokens = 4;
@@ -1425,21 +1352,21 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          b.dispatch(a, h, s);
        }},
       {"misaligned x", "16-byte aligned",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.x = static_cast<const char*>(a.x) + 2;
          b.dispatch(a, h, s);
        }},
       {"bad dtype", "DispatchArgs::dtype",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.dtype = static_cast<DType>(7);
          b.dispatch(a, h, s);
        }},
       {"fp8 without scales", "DispatchArgs::x_scales",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.num_tokens = a.topk.num_tokens = 4;
@@ -1448,38 +1375,38 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          b.dispatch(a, h, s);
        }},
       {"topk token count mismatch", "topk.num_tokens",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.topk.num_tokens = a.num_tokens + 1;
          b.dispatch(a, h, s);
        }},
       {"expert_alignment 0", "expert_alignment",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.expert_alignment = 0;
          b.dispatch(a, h, s);
        }},
       {"num_sms 0", "num_sms",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.num_sms = 0;
          b.dispatch(a, h, s);
        }},
       {"num_sms above the device", "num_sms",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.num_sms = 100000;
          b.dispatch(a, h, s);
        }},
       {"cached dispatch without a layout", "topk.idx",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) { b.dispatch(d.args(i, hc, false), h, s); }},
       {"layout without num_tokens_per_expert", "DispatchArgs::layout.num_tokens_per_expert",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.layout.num_tokens_per_rank = d.idx32.get();
@@ -1487,7 +1414,7 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          b.dispatch(a, h, s);
        }},
       {"layout without is_token_in_rank", "DispatchArgs::layout.is_token_in_rank",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, false);
          a.num_tokens = 4;
@@ -1496,35 +1423,35 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          b.dispatch(a, h, s);
        }},
       {"num_worst_tokens over the capacity", "DispatchArgs::num_worst_tokens",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.num_worst_tokens = worldSize() * hc.max_tokens + 1;
          b.dispatch(a, h, s);
        }},
       {"negative num_worst_tokens", "DispatchArgs::num_worst_tokens",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, true);
          a.num_worst_tokens = -1;
          b.dispatch(a, h, s);
        }},
       {"recv_topk_idx_out without top-k", "DispatchArgs::recv_topk_idx_out",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, false);
          a.recv_topk_idx_out = d.idx32.get();
          b.dispatch(a, h, s);
        }},
       {"recv_topk_weights_out without top-k", "DispatchArgs::recv_topk_weights_out",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          DispatchArgs a = d.args(i, hc, false);
          a.recv_topk_weights_out = reinterpret_cast<float*>(d.idx32.get());
          b.dispatch(a, h, s);
        }},
       {"combined_topk_weights without recv_topk_weights", "CombineArgs::combined_topk_weights",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          const DispatchResult r = b.dispatch(d.args(i, hc, true), h, s);
          b.sync(s);
@@ -1536,7 +1463,7 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          b.combine(a, h, s);
        }},
       {"scale_weights after a dispatch without top-k", "CombineArgs::scale_weights",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          const DeviceLayout layout(
              referenceLayout(i.topk_idx.data(), i.num_tokens, hc.topk, hc.experts, worldSize()));
@@ -1552,7 +1479,7 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          b.combine(a, h, s);
        }},
       {"recv_topk_weights after a dispatch without top-k", "CombineArgs::recv_topk_weights",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          const DeviceLayout layout(
              referenceLayout(i.topk_idx.data(), i.num_tokens, hc.topk, hc.experts, worldSize()));
@@ -1570,7 +1497,7 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          b.combine(a, h, s);
        }},
       {"combine before dispatch", "handle",
-       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const DeviceInputs& d, const HtCase& hc,
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
          CombineArgs a;
          a.x = d.x_bf16.get();
@@ -1636,7 +1563,7 @@ TEST(HtBadInput, OneRankRejectsOthersStopQuickly) {
   BufferConfig config = configOf(c);
   config.timeout_s = 30;
   const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 4));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   EpBuffer buffer(bs, config);
   EpHandle handle = buffer.createHandle();
   TestStream stream;
@@ -1687,7 +1614,7 @@ TEST(HtBadInput, ExpertIdOutOfRangeFailsEveryRankQuickly) {
     std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 5));
     all[0].topk_idx[3 * c.topk + 1] = bad.id;
     all[0].topk_idx32[3 * c.topk + 1] = static_cast<int32_t>(bad.id);
-    DeviceInputs dev(all[me], c);
+    HtDeviceInputs dev(all[me], c);
     BufferConfig config = configOf(c);
     config.timeout_s = 30;
     EpBuffer buffer(bs, config);
@@ -1727,7 +1654,7 @@ TEST(HtBadInput, GarbageCountsFromAPeerFailEveryRankWithoutWriting) {
   c.tokens = 32;
   c.max_tokens = 64;
   const std::vector<RankInputs> all = generateProblem(specOf(c, num_ranks, 8));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   BufferConfig config = configOf(c);
   config.timeout_s = 30;
   for (int32_t garbage : {num_ranks * c.max_tokens + 1, 0x7fffffff, -5}) {
@@ -1769,7 +1696,7 @@ TEST(HtBadInput, PerCallParametersMustMatchAcrossRanks) {
   c.tokens = 32;
   c.max_tokens = 64;
   const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 9));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   BufferConfig config = configOf(c);
   config.timeout_s = 30;
   struct Mismatch {
@@ -1833,7 +1760,7 @@ TEST(HtBadInput, CombinedWeightsMustBeSetOnEveryRankOrNone) {
   c.tokens = 32;
   c.max_tokens = 64;
   const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 47));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   BufferConfig config = configOf(c);
   config.timeout_s = 30;
   EpBuffer buffer(bs, config);
@@ -1883,7 +1810,7 @@ TEST(HtBadInput, PushCombineNeedsEveryRankToPassXAlike) {
   c.tokens = 32;
   c.max_tokens = 64;
   const std::vector<RankInputs> all = generateProblem(specOf(c, bs.size(), 48));
-  DeviceInputs dev(all[me], c);
+  HtDeviceInputs dev(all[me], c);
   BufferConfig config = configOf(c);
   config.timeout_s = 30;
   EpBuffer buffer(bs, config);
