@@ -199,6 +199,17 @@ uint16_t expertOutputValue(uint64_t seed, int global_expert, int src_rank, int s
   return bf16FromBits(h >> 20);
 }
 
+std::vector<float> columnMajorScales(const RankInputs& in) {
+  const int blocks = in.hidden / kFp8BlockSize;
+  std::vector<float> transposed(in.x_scales.size());
+  for (int t = 0; t < in.num_tokens; ++t) {
+    for (int b = 0; b < blocks; ++b) {
+      transposed[size_t(b) * in.num_tokens + t] = in.x_scales[size_t(t) * blocks + b];
+    }
+  }
+  return transposed;
+}
+
 std::vector<RankInputs> generateProblem(const ProblemSpec& spec) {
   validateSpec(spec);
   std::vector<RankInputs> all(spec.num_ranks);

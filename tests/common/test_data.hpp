@@ -100,6 +100,11 @@ struct RankInputs {
 // depend on the routing parameters. Throws std::invalid_argument on an inconsistent spec.
 std::vector<RankInputs> generateProblem(const ProblemSpec& spec);
 
+// The rank's FP8 scales column-major, [hidden / 128][num_tokens] (DispatchArgs with
+// scales_token_stride 1 and scales_col_stride num_tokens), from x_scales [num_tokens][hidden /
+// 128].
+std::vector<float> columnMajorScales(const RankInputs& in);
+
 // Reads the origin tag of a generated row (its first three bf16 columns). Returns false if the
 // columns do not look like a tag (not small positive integers).
 bool decodeRowOrigin(const uint16_t* row_bf16, int* src_rank, int* src_token);

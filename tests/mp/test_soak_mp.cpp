@@ -245,12 +245,7 @@ struct DeviceInputs {
     x_bf16.upload(in.x_bf16);
     x_fp8.upload(in.x_fp8);
     if (column_major_scales) {
-      const int blocks = in.hidden / kFp8BlockSize;
-      std::vector<float> transposed(in.x_scales.size());
-      for (int t = 0; t < in.num_tokens; ++t)
-        for (int b = 0; b < blocks; ++b)
-          transposed[size_t(b) * in.num_tokens + t] = in.x_scales[size_t(t) * blocks + b];
-      scales.upload(transposed);
+      scales.upload(columnMajorScales(in));
     } else {
       scales.upload(in.x_scales);
     }

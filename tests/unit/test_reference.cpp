@@ -975,6 +975,20 @@ TEST(ReferenceGenerator, ZeroTokenRankIsEmpty) {
   EXPECT_TRUE(all[1].topk_weights.empty());
 }
 
+TEST(ReferenceGenerator, ColumnMajorScalesTransposeTheRowMajorOnes) {
+  const auto all = generateProblem(smallSpec());
+  const RankInputs& in = all[2];  // 300 tokens of hidden 256: 2 scale blocks per token
+  const int blocks = in.hidden / kFp8BlockSize;
+  ASSERT_EQ(blocks, 2);
+  const std::vector<float> cols = columnMajorScales(in);
+  ASSERT_EQ(cols.size(), in.x_scales.size());
+  for (int t = 0; t < in.num_tokens; ++t) {
+    for (int b = 0; b < blocks; ++b) {
+      ASSERT_EQ(cols[size_t(b) * in.num_tokens + t], in.x_scales[size_t(t) * blocks + b]);
+    }
+  }
+}
+
 TEST(ReferenceGenerator, RowsCarryTheirOriginAndNonZeroValues) {
   const auto all = generateProblem(smallSpec());
   const RankInputs& in = all[2];
