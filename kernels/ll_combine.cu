@@ -108,8 +108,10 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   // and take rank s's weights from the combine_weights region iff s pushed them. A rank that
   // pushed and hears "none" from a rank that has tokens fails the op on every rank.
   __shared__ bool s_pushed[kMaxRanks];
+  // Relaxed: this post carries no data (its reader takes nothing from this rank's memory), and a
+  // release would fence before it, delaying block 0's first rows.
   if (p.weights_mode != kLlWeightsPushed && blockIdx.x == 0 && tid < num_ranks) {
-    stReleaseSys(&controlOf(ctx.peer_bases[tid])->ll_weights_flag[parity][me],
+    stRelaxedSys(&controlOf(ctx.peer_bases[tid])->ll_weights_flag[parity][me],
                  tag(epoch, llWeightsPost(p.weights_mode)));
   }
   if (tid < num_ranks) s_pushed[tid] = false;
