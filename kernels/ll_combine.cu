@@ -22,8 +22,9 @@ namespace stage = ll_combine_stage;
 // sending one partial per (token, rank), so the owner's weights must reach it first: one warp
 // per token of this rank writes the token's whole weight row [num_topk] into the
 // combine_weights[parity][me][token] slot of every rank one of its experts lives on (found from
-// topk_copy, the ids dispatch send kept, not from a rank bitmask); the last block then posts
-// llWeightsPost(kLlWeightsPushed) to every rank, which llCombineSend waits for.
+// topk_copy, the ids dispatch send kept, not from a rank bitmask), then tags the row there
+// (weights_tags[parity][me][token]), which llCombineSend waits for before it reads the row. No grid
+// arrival and no post: the mode post (llCombineSend) carries no data.
 // `fused`: the first part of llCombineFusedKernel, which checked rankFailed for the whole block;
 // every return below is block-uniform, so all threads of a block go on to the send half together.
 __device__ __forceinline__ void llCombineWeightsPush(const LlParams& p, bool fused) {
@@ -51,26 +52,23 @@ __device__ __forceinline__ void llCombineWeightsPush(const LlParams& p, bool fus
     // Each lane's rank base, loaded by all lanes at once (not one dependent load per rank).
     const uint64_t base = d >= 0 ? reinterpret_cast<uint64_t>(ctx.peer_bases[d]) : 0;
     const unsigned same = __match_any_sync(kFullMask, d);
-    for (unsigned leaders = __ballot_sync(kFullMask, d >= 0 && (same & ((1u << lane) - 1u)) == 0);
-         leaders != 0; leaders &= leaders - 1) {
+    const bool leader = d >= 0 && (same & ((1u << lane) - 1u)) == 0;
+    for (unsigned leaders = __ballot_sync(kFullMask, leader); leaders != 0;
+         leaders &= leaders - 1) {
       float* dst = reinterpret_cast<float*>(__shfl_sync(kFullMask, base, __ffs(leaders) - 1) +
                                             r.combine_weights[parity]) +
                    (int64_t{me} * r.max_tokens + t) * p.max_topk;
       if (entry) dst[lane] = weight;
     }
-  }
-  if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineWeights])) return;
-  if (p.parallel_posts) {  // thread d posts to rank d (see llDispatchSend)
-    const bool failed = __syncthreads_or(rankFailed(ctx));
-    if (!failed && tid < ctx.num_ranks) {
-      stReleaseSys(&controlOf(ctx.peer_bases[tid])->ll_weights_flag[parity][me],
-                   tag(epoch, llWeightsPost(kLlWeightsPushed)));
-    }
-  } else if (tid == 0 && !rankFailed(ctx)) {
-    // Thread 0 fenced in arriveLastBlock: release patterns.
-    for (int d = 0; d < ctx.num_ranks; ++d) {
-      stRelaxedSys(&controlOf(ctx.peer_bases[d])->ll_weights_flag[parity][me],
-                   tag(epoch, llWeightsPost(kLlWeightsPushed)));
+    // Then the row's tag at each of its ranks, by the lane that leads that rank: it fences, then
+    // stores (a release pattern, cumulative over every lane's weight stores that __syncwarp
+    // ordered before the fence).
+    __syncwarp();
+    if (leader) {
+      fenceAcqRelSys();
+      stRelaxedSys(reinterpret_cast<uint64_t*>(base + r.weights_tags[parity]) +
+                       int64_t{me} * r.max_tokens + t,
+                   tag(epoch, kLlWeightsTagged));
     }
   }
 }
@@ -103,20 +101,21 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   __shared__ uint8_t* s_peer[kMaxRanks];
   // The dispatch receive failed (or anything before): nothing here is valid, send nothing.
   if (!fused && rankFailed(ctx)) return;
-  // Combine-time weights (protocol in low_latency.cuh). Mode kLlWeightsNone (this rank used its
-  // dispatch weights) posts at once and never waits; the other modes wait for every rank's post
-  // and take rank s's weights from the combine_weights region iff s pushed them. A rank that
-  // pushed and hears "none" from a rank that has tokens fails the op on every rank.
+  // Combine-time weights (protocol in low_latency.cuh). Every rank posts its mode at once. Mode
+  // kLlWeightsNone (this rank used its dispatch weights) never waits; the other modes wait for
+  // every rank's post and take rank s's weights from the combine_weights region iff s pushed
+  // them, once their row tags are in. A rank that pushed and hears "none" from a rank that has
+  // tokens fails the op on every rank.
   __shared__ bool s_pushed[kMaxRanks];
-  // Relaxed: this post carries no data (its reader takes nothing from this rank's memory), and a
+  // Relaxed: the post carries only the mode (pushed weight rows have their own tags), and a
   // release would fence before it, delaying block 0's first rows.
-  if (p.weights_mode != kLlWeightsPushed && blockIdx.x == 0 && tid < num_ranks) {
+  if (blockIdx.x == 0 && tid < num_ranks) {
     stRelaxedSys(&controlOf(ctx.peer_bases[tid])->ll_weights_flag[parity][me],
                  tag(epoch, llWeightsPost(p.weights_mode)));
   }
   if (tid < num_ranks) s_pushed[tid] = false;
+  const WaitContext w{&ctx, OpId::kLlCombineSend, globalTimerNs()};
   if (p.weights_mode != kLlWeightsNone) {
-    const WaitContext w{&ctx, OpId::kLlCombineSend, globalTimerNs()};
     bool ok = true;
     if (tid < num_ranks) {
       uint64_t v = 0;
@@ -153,6 +152,33 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   }
   if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
   __syncthreads();
+  if (p.weights_mode != kLlWeightsNone) {
+    // Every pushed weight row this block may read: its tag, one poll per thread and row at once
+    // (a wait per row inside the loop below put an acquire before each row's loads). The
+    // barrier then orders every thread's reads after the acquires. A wait that ends unready
+    // recorded why (timeout, abort, a peer's fault): the op fails.
+    bool ok = true;
+    for (int s = 0; s < num_ranks; ++s) {
+      if (!s_pushed[s]) continue;
+      const int rows = (s_first_item[s + 1] - s_first_item[s]) / num_segments;
+      for (int row = tid; ok && row < rows; row += blockDim.x) {
+        const int64_t at = int64_t{s} * r.max_tokens + row;
+        const uint64_t row_tag =
+            reinterpret_cast<const uint64_t*>(ctx.local_base + r.row_tags[parity])[at];
+        // Loaded beside the row tag (one latency for both when the row is in; waitFor would
+        // load it twice more).
+        const uint64_t* weights_tag =
+            reinterpret_cast<const uint64_t*>(ctx.local_base + r.weights_tags[parity]) + at;
+        const uint64_t weights_tag_now = ldAcquireSys(weights_tag);
+        if (!llRowTagReady(row_tag, epoch) || !llRowIsPresent(tagValue(row_tag))) continue;
+        if (llRowTagReady(weights_tag_now, epoch)) continue;
+        ok = waitFor(
+            weights_tag, [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
+            kPhaseCombineWeights, s, epoch);
+      }
+    }
+    if (!__syncthreads_and(ok)) return;
+  }
   stageThread0(ctx, kStages, stage::kItemTable);
 
   const int items = s_first_item[num_ranks];
@@ -176,7 +202,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
                                       : 0.f;
     const int token = row;  // slot t holds token t (dispatch send)
     if (!llRowTagReady(row_tag, epoch) || !llRowIsPresent(tagValue(row_tag))) continue;
-    // Combine-time weights (pushed by rank s before its post, which this block acquired), else
+    // Combine-time weights (their row tags were acquired above), else
     // the dispatch's from the metadata. Pushed ones were written during this kernel: read them
     // through L2 (__ldcg), never from a stale L1 line.
     float lane_weight = 0.f;

@@ -20,16 +20,18 @@
 //                  token owner but the expert side needs them (it sends one weighted partial per
 //                  (token, rank), not one row per expert), so s first writes each token's weight
 //                  row into combine_weights[parity][s][token] of every rank the token went to
-//                  (ranks found from the ids dispatch send kept in topk_copy), then posts
-//                  (epoch, kLlWeightsPushed) to every rank's ll_weights_flag[parity][s]. Cost:
-//                  one small kernel, N * (ranks per token) * K * 4 bytes of NVLink writes (32 KiB
-//                  for 128 tokens, top-8 on 8 ranks, against 14 MiB of rows at hidden 7168), and
-//                  the combine send waits for every rank to have reached its combine.
-//   combine send   (rank d): a rank using its dispatch weights posts (epoch, kLlWeightsNone)
-//                  (a rank with no tokens and no weights kLlWeightsNoTokens) and does not wait;
+//                  (ranks found from the ids dispatch send kept in topk_copy), and after each
+//                  row its tag in weights_tags[parity][s][token] there (one fence per warp, no
+//                  grid arrival). Cost: N * (ranks per token) * (K * 4 + 8) bytes of NVLink
+//                  writes (40 KiB for 128 tokens, top-8 on 8 ranks, against 14 MiB of rows at
+//                  hidden 7168), and the combine send waits for every rank's mode post.
+//   combine send   (rank d): every rank posts its weights mode at once to every rank's
+//                  ll_weights_flag[parity][d]: kLlWeightsPushed, kLlWeightsNone (it uses its
+//                  dispatch weights) or kLlWeightsNoTokens. A rank in mode "none" does not wait;
 //                  a rank that pushed, or has no tokens, waits for every rank's post and takes
-//                  rank s's weights from combine_weights iff s pushed (a pusher hearing "none"
-//                  fails the op on every rank: the choice must match). Then, for each slot
+//                  rank s's weights from combine_weights iff s pushed, each row once its tag is
+//                  in (a pusher hearing "none" fails the op on every rank: the choice must
+//                  match). Then, for each slot
 //                  tagged present, sum weight * expert output over the row's local experts in
 //                  float32 and store that BF16 partial row into the token owner's combine staging
 //                  [parity][d][token]; the last block posts the epoch.

@@ -188,7 +188,6 @@ enum ArriveSlot : int {
   kArriveHtCombine = 1,
   kArriveLlCombineSend = 5,
   kArriveLlCombineRecv = 6,
-  kArriveLlCombineWeights = 9,
 };
 constexpr int kNumArriveSlots = 16;
 
@@ -285,6 +284,8 @@ inline constexpr SignatureField kLlCombineSignatureFields[] = {
 constexpr uint32_t kLlWeightsNone = 0;      // s uses its dispatch weights (s has tokens)
 constexpr uint32_t kLlWeightsPushed = 1;    // s pushed combine-time weights into combine_weights
 constexpr uint32_t kLlWeightsNoTokens = 2;  // s dispatched no tokens: nothing to give
+// LlRegions::weights_tags: a pushed weight row is in (ready as the row tags are: llRowTagReady).
+constexpr uint32_t kLlWeightsTagged = 1;
 EPCOMM_HOST_DEVICE constexpr uint32_t llWeightsPost(uint32_t mode) {
   return mode;
 }
@@ -380,8 +381,8 @@ struct alignas(128) ControlRegion {
   uint64_t ll_dispatch_flag[2][kMaxRanks];            // [parity][src] tagged llPost()
   uint64_t ll_combine_flag[2][kMaxRanks];             // [parity][src] epoch
 
-  // LL combine weights (low_latency.cuh): [parity][src] tagged llWeightsPost(), src's
-  // combine-time weights are in this rank's combine_weights region (or src passed none).
+  // LL combine weights (low_latency.cuh): [parity][src] tagged llWeightsPost(), src's weights
+  // mode (pushed: each of its rows in combine_weights is tagged in LlRegions::weights_tags).
   uint64_t ll_weights_flag[2][kMaxRanks];
   // This rank only: the LL epoch of the last dispatch send (a combine of a stopped round, whose
   // call counter moved on, sees another value and returns).
@@ -495,6 +496,9 @@ struct LlRegions {
   // [num_ranks][max_tokens][max_topk] float: each source's combine-time weights of the tokens it
   // sent here, by parity.
   uint64_t combine_weights[2] = {};
+  // [num_ranks][max_tokens] uint64, by parity: tag(epoch, kLlWeightsTagged) per source's token,
+  // stored after that token's weight row (the pushed weights' only signal; no grid arrival).
+  uint64_t weights_tags[2] = {};
   // [max_tokens][max_topk] int32: my tokens' valid, deduplicated expert ids (-1 otherwise), for
   // the combine-weights push (no rank bitmask needed).
   uint64_t topk_copy = 0;

@@ -55,12 +55,12 @@ struct BufferSizes {
                           //   rows), ht_recv_rows rows each
   size_t ll = 0;          // LL regions, 0 if ll_max_tokens_per_rank is 0: the four below
   size_t ll_dispatch_staging = 0;  //   2 x num_ranks * ll_max_tokens rows (+ metadata) peers write
-  size_t ll_combine_staging = 0;   //   2 x num_ranks * ll_max_tokens BF16 partials (+ weights)
-  size_t ll_outputs = 0;           //   expert-major receive views: num_local_experts *
-                                   //   num_ranks * ll_max_tokens rows (+ scales, src info)
-  size_t ll_bookkeeping = 0;       //   routing kept from dispatch for combine
-  size_t scratch = 0;              // BufferConfig::scratch_bytes, aligned
-  size_t padding = 0;              // rounding of the total up to the allocation granularity (2 MiB)
+  size_t ll_combine_staging = 0;  //   2 x num_ranks * ll_max_tokens BF16 partials (+ weights, tags)
+  size_t ll_outputs = 0;          //   expert-major receive views: num_local_experts *
+                                  //   num_ranks * ll_max_tokens rows (+ scales, src info)
+  size_t ll_bookkeeping = 0;      //   routing kept from dispatch for combine
+  size_t scratch = 0;             // BufferConfig::scratch_bytes, aligned
+  size_t padding = 0;             // rounding of the total up to the allocation granularity (2 MiB)
 };
 
 // Routing of one HT dispatch: what combine and a cached re-dispatch need, kept on the device.

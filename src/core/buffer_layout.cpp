@@ -103,6 +103,7 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved, const PerfFlags
     for (int parity = 0; parity < 2; ++parity) {
       ll.combine_rows[parity] = carver.take(staged * hidden * 2);
       ll.combine_weights[parity] = carver.take(staged * max_topk * sizeof(float));
+      ll.weights_tags[parity] = carver.take(staged * sizeof(uint64_t));
     }
     sizes.ll_combine_staging = carver.since(mark);
     mark = carver.end();

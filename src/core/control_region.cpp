@@ -27,8 +27,12 @@ void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht,
   }
   const size_t tag_bytes =
       sizeof(uint64_t) * static_cast<size_t>(num_ranks) * static_cast<size_t>(ll.max_tokens);
-  for (const uint64_t offset : ll.row_tags) {
-    if (tag_bytes != 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + offset, 0, tag_bytes, stream));
+  for (const uint64_t* offsets : {ll.row_tags, ll.weights_tags}) {
+    for (int parity = 0; parity < 2; ++parity) {
+      if (tag_bytes != 0) {
+        EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + offsets[parity], 0, tag_bytes, stream));
+      }
+    }
   }
 }
 

@@ -533,8 +533,9 @@ TEST(LlDispatchCombine, CallCounterWrapsPast2To32) {
   runCase(c, 6, true, (uint64_t{1} << 32) - 2);
 }
 
-// A buffer made in memory whose every byte was 0xFF: the first pairs, plain and split, are correct
-// (the dispatch's row tags, outside the control region, start zeroed: clearSignals).
+// A buffer made in memory whose every byte was 0xFF: the first pairs, plain and split, and with
+// combine-time weights, are correct (the dispatch's row tags and the pushed weights' tags, outside
+// the control region, start zeroed: clearSignals).
 TEST(LlDispatchCombine, FirstCallsAreCorrectOnPoisonedMemory) {
   LlCase c;
   c.hidden = 2048;
@@ -544,6 +545,11 @@ TEST(LlDispatchCombine, FirstCallsAreCorrectOnPoisonedMemory) {
   c.max_tokens = 16;
   c.tokens = 16;
   c.poisoned_memory = true;
+  runCase(c, 3, false);
+  if (anyRankFailed()) return;
+  runCase(c, 3, true);
+  if (anyRankFailed()) return;
+  c.weights = WeightsAt::kCombine;
   runCase(c, 3, false);
   if (anyRankFailed()) return;
   runCase(c, 3, true);
