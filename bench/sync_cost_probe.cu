@@ -3,13 +3,19 @@
 // "Where the LL fixed cost is not"). Each kernel body below runs 2000 times back to back (eager:
 // paced by the host's launch cost) and as a 20-kernel CUDA graph (the device cost alone); it
 // prints microseconds per kernel. Uses GPU 0, and GPU 1 as the peer when there is one. No MPI.
+// Then the host's floor for one op's enqueue (issue 13's "host enqueue" row): the median host
+// time of a bare launch, of a launch with an op-sized parameter block, and of what every op adds
+// around its launch (the capture query and event record of trackWork, the DeviceGuard).
 // A failing CUDA call ends it with the error (EPCOMM_CUDA_CHECK).
 //
 //   build/bench/sync_cost_probe
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <exception>
+#include <vector>
 
 #include "util/check.hpp"
 
@@ -123,6 +129,74 @@ __global__ void __launch_bounds__(kThreads) probeKernel(ProbeParams p) {
   if (sink == 12345) p.local[0].x = 1;  // keeps the loads
 }
 
+// An empty kernel with a parameter block the size of the LL kernels' (LlParams: 368 bytes).
+struct OpSizedParams {
+  unsigned char bytes[368];
+};
+__global__ void opSizedKernel(OpSizedParams p) {
+  if (p.bytes[0] == 255 && threadIdx.x == 1023) asm volatile("trap;");
+}
+
+// Median host microseconds of `call`, over 2000 calls after 100 warm-up calls; the stream is
+// drained every 200 calls (outside the timed calls), so the launch queue never fills.
+template <typename Call>
+double hostMedianUs(cudaStream_t stream, Call call) {
+  using Clock = std::chrono::steady_clock;
+  for (int i = 0; i < 100; ++i) call();
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> us;
+  for (int i = 0; i < 2000; ++i) {
+    if (i % 200 == 0) EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const auto t0 = Clock::now();
+    call();
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::nth_element(us.begin(), us.begin() + us.size() / 2, us.end());
+  return us[us.size() / 2];
+}
+
+void measureHost(const ProbeParams& base, cudaStream_t stream) {
+  ProbeParams p = base;
+  p.body = Body::kEmpty;
+  OpSizedParams big{};
+  cudaEvent_t done;
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  auto track = [&] {  // BufferCore::trackWork
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    EPCOMM_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    EPCOMM_CUDA_CHECK(cudaEventRecord(done, stream));
+  };
+  auto guard = [] {  // DeviceGuard on the current device
+    int device = -1;
+    EPCOMM_CUDA_CHECK(cudaGetDevice(&device));
+    int again = -1;
+    EPCOMM_CUDA_CHECK(cudaGetDevice(&again));
+  };
+  struct Row {
+    const char* name;
+    double us;
+  };
+  const Row rows[] = {
+      {"launch, 64 B params, 132 blocks",
+       hostMedianUs(stream, [&] { probeKernel<<<kMaxBlocks, kThreads, 0, stream>>>(p); })},
+      {"launch, 368 B params, 132 blocks",
+       hostMedianUs(stream, [&] { opSizedKernel<<<kMaxBlocks, kThreads, 0, stream>>>(big); })},
+      {"capture query + event record", hostMedianUs(stream, track)},
+      {"launch 368 B + capture query + event record",
+       hostMedianUs(stream,
+                    [&] {
+                      opSizedKernel<<<kMaxBlocks, kThreads, 0, stream>>>(big);
+                      track();
+                    })},
+      {"cudaGetDevice x2 (DeviceGuard)", hostMedianUs(stream, guard)},
+  };
+  EPCOMM_CUDA_CHECK(cudaGetLastError());
+  std::printf("\n%-44s %8s\n", "host call", "median us");
+  for (const Row& r : rows) std::printf("%-44s %8.2f\n", r.name, r.us);
+  EPCOMM_CUDA_CHECK(cudaEventDestroy(done));
+}
+
 struct Variant {
   const char* name;
   Body body;
@@ -233,6 +307,7 @@ static int runProbe() {
     if (needs_peer && !peer_ok) continue;
     measure(v, p, stream);
   }
+  measureHost(p, stream);
   EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
   return 0;
 }
