@@ -170,7 +170,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
         const uint64_t* weights_tag =
             reinterpret_cast<const uint64_t*>(ctx.local_base + r.weights_tags[parity]) + at;
         const uint64_t weights_tag_now = ldAcquireSys(weights_tag);
-        if (!llRowTagReady(row_tag, epoch) || !llRowIsPresent(tagValue(row_tag))) continue;
+        if (!llRowStaged(row_tag, epoch)) continue;
         if (llRowTagReady(weights_tag_now, epoch)) continue;
         ok = waitFor(
             weights_tag, [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
@@ -201,10 +201,10 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
                                       ? reinterpret_cast<const float*>(meta + p.max_topk)[lane]
                                       : 0.f;
     const int token = row;  // slot t holds token t (dispatch send)
-    if (!llRowTagReady(row_tag, epoch) || !llRowIsPresent(tagValue(row_tag))) continue;
-    // Combine-time weights (their row tags were acquired above), else
-    // the dispatch's from the metadata. Pushed ones were written during this kernel: read them
-    // through L2 (__ldcg), never from a stale L1 line.
+    if (!llRowStaged(row_tag, epoch)) continue;
+    // Combine-time weights (their row tags were acquired above), else the dispatch's from the
+    // metadata. Pushed ones were written during this kernel: read them through L2 (__ldcg), never
+    // from a stale L1 line.
     float lane_weight = 0.f;
     if (lane_row >= 0) {
       lane_weight =

@@ -31,10 +31,10 @@
 //                  a rank that pushed, or has no tokens, waits for every rank's post and takes
 //                  rank s's weights from combine_weights iff s pushed, each row once its tag is
 //                  in (a pusher hearing "none" fails the op on every rank: the choice must
-//                  match). Then, for each slot
-//                  tagged present, sum weight * expert output over the row's local experts in
-//                  float32 and store that BF16 partial row into the token owner's combine staging
-//                  [parity][d][token]; the last block posts the epoch.
+//                  match). Then, for each slot tagged present, sum weight * expert output over
+//                  the row's local experts in float32 and store that BF16 partial row into the
+//                  token owner's combine staging [parity][d][token]; the last block posts the
+//                  epoch.
 //   combine recv   (rank s): wait for every rank's post, then sum the partial rows of each token
 //                  over the ranks it went to (float32) and write BF16; every token's row is
 //                  written (zeros for a token routed nowhere).

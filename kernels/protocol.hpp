@@ -341,6 +341,10 @@ EPCOMM_HOST_DEVICE constexpr bool llRowTagReady(uint64_t word, uint64_t epoch) {
   return static_cast<uint32_t>(word >> 32) == static_cast<uint32_t>(epoch) &&
          static_cast<uint32_t>(word) != 0;
 }
+// A slot holding a row of this call (its tag is this call's and says present).
+EPCOMM_HOST_DEVICE constexpr bool llRowStaged(uint64_t word, uint64_t epoch) {
+  return llRowTagReady(word, epoch) && llRowIsPresent(static_cast<uint32_t>(word));
+}
 
 // ControlRegion::peer_faulted: a kernel of rank r found bad input (an expert id out of range) or
 // bad data from a peer, recorded it and stopped; it writes this word into every peer's control
