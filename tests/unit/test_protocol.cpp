@@ -90,6 +90,22 @@ TEST(ProtocolLimits, LlPostKeepsRowsAndSignature) {
   EXPECT_EQ(llPostSignature(post), signature);
 }
 
+// A slot's LL row tag: this call's epoch and "present" (any top-k mask) is a staged row; an
+// absent row, a zeroed word (a new buffer), the same value from two calls back, or the other
+// half of a 32-bit-wrapped counter is not.
+TEST(ProtocolLimits, LlRowStagedOnlyForThisCallsPresentRows) {
+  const uint64_t epochs[] = {1, 2, 0xffffffffull, uint64_t{1} << 32, (uint64_t{1} << 32) + 5};
+  for (const uint64_t epoch : epochs) {
+    for (const uint32_t k_mask : {0u, 1u, 0x80u, (1u << kMaxTopk) - 1u}) {
+      EXPECT_TRUE(llRowStaged(tag(epoch, llRowPresent(k_mask)), epoch)) << epoch << " " << k_mask;
+      EXPECT_FALSE(llRowStaged(tag(epoch - 2, llRowPresent(k_mask)), epoch)) << epoch;
+    }
+    EXPECT_FALSE(llRowStaged(tag(epoch, kLlRowAbsent), epoch)) << epoch;
+    EXPECT_TRUE(llRowTagReady(tag(epoch, kLlRowAbsent), epoch)) << epoch;
+    EXPECT_FALSE(llRowStaged(0, epoch)) << epoch;
+  }
+}
+
 TEST(ProtocolLimits, RankMaskWords) {
   EXPECT_EQ(rankMaskWords(1), 1);
   EXPECT_EQ(rankMaskWords(8), 1);
