@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// A rank's HT dispatch inputs (RankInputs) on the device, and the DispatchArgs that point at them:
-// shared by the rank-major and expert-major HT tests, whose cases derive from HtInputForm.
+// A rank's dispatch inputs (RankInputs) on the device, and the DispatchArgs that point at them:
+// shared by the rank-major and expert-major HT tests, whose cases derive from HtInputForm, and
+// the soak test (HT and LL inputs, reused every round).
 #pragma once
 
 #include <algorithm>
@@ -41,10 +42,23 @@ struct HtDeviceInputs {
     upload(in, form);
   }
 
+  // Sized for max_tokens tokens of hidden columns and max_topk entries, for inputs uploaded
+  // again every round (the soak test).
+  HtDeviceInputs(int max_tokens, int hidden, int max_topk)
+      : x_bf16(std::max<size_t>(size_t(max_tokens) * hidden, 8)),
+        x_fp8(std::max<size_t>(size_t(max_tokens) * hidden, 16)),
+        scales(std::max<size_t>(size_t(max_tokens) * (hidden / kFp8BlockSize), 4)),
+        idx64(std::max<size_t>(size_t(max_tokens) * max_topk, 1)),
+        idx32(std::max<size_t>(size_t(max_tokens) * max_topk, 1)),
+        weights(std::max<size_t>(size_t(max_tokens) * max_topk, 1)) {}
+
   void upload(const RankInputs& in, const HtInputForm& form) {
+    upload(in, form.column_major_scales);
+  }
+  void upload(const RankInputs& in, bool column_major_scales) {
     x_bf16.upload(in.x_bf16);
     x_fp8.upload(in.x_fp8);
-    if (form.column_major_scales) {
+    if (column_major_scales) {
       scales.upload(columnMajorScales(in));
     } else {
       scales.upload(in.x_scales);
@@ -52,6 +66,11 @@ struct HtDeviceInputs {
     idx64.upload(in.topk_idx);
     idx32.upload(in.topk_idx32);
     weights.upload(in.topk_weights);
+  }
+
+  const void* idx(IndexType type) const {
+    return type == IndexType::kInt64 ? static_cast<const void*>(idx64.get())
+                                     : static_cast<const void*>(idx32.get());
   }
 
   DispatchArgs args(const RankInputs& in, const HtInputForm& form, bool with_topk) const {
@@ -69,8 +88,7 @@ struct HtDeviceInputs {
       }
     }
     if (with_topk) {
-      a.topk.idx = form.idx_type == IndexType::kInt64 ? static_cast<const void*>(idx64.get())
-                                                      : static_cast<const void*>(idx32.get());
+      a.topk.idx = idx(form.idx_type);
       a.topk.idx_type = form.idx_type;
       a.topk.num_tokens = in.num_tokens;
       a.topk.num_topk = form.topk;

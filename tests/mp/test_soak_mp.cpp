@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/gpu_helpers.hpp"
+#include "common/ht_device_inputs.hpp"
 #include "common/mp_fixture.hpp"
 #include "common/reference.hpp"
 #include "common/test_data.hpp"
@@ -224,41 +225,6 @@ std::string describeLl(const Round& r) {
   return o.str();
 }
 
-// This rank's inputs on the device, sized for the segment's capacities; reused every round.
-struct DeviceInputs {
-  DeviceArray<uint16_t> x_bf16;
-  DeviceArray<uint8_t> x_fp8;
-  DeviceArray<float> scales;
-  DeviceArray<int64_t> idx64;
-  DeviceArray<int32_t> idx32;
-  DeviceArray<float> weights;
-
-  DeviceInputs(int max_tokens, const Shape& s)
-      : x_bf16(std::max<size_t>(size_t(max_tokens) * s.hidden, 8)),
-        x_fp8(std::max<size_t>(size_t(max_tokens) * s.hidden, 16)),
-        scales(std::max<size_t>(size_t(max_tokens) * (s.hidden / kFp8BlockSize), 4)),
-        idx64(std::max<size_t>(size_t(max_tokens) * s.max_topk, 1)),
-        idx32(std::max<size_t>(size_t(max_tokens) * s.max_topk, 1)),
-        weights(std::max<size_t>(size_t(max_tokens) * s.max_topk, 1)) {}
-
-  void upload(const RankInputs& in, bool column_major_scales) {
-    x_bf16.upload(in.x_bf16);
-    x_fp8.upload(in.x_fp8);
-    if (column_major_scales) {
-      scales.upload(columnMajorScales(in));
-    } else {
-      scales.upload(in.x_scales);
-    }
-    idx64.upload(in.topk_idx);
-    idx32.upload(in.topk_idx32);
-    weights.upload(in.topk_weights);
-  }
-  const void* idx(IndexType type) const {
-    return type == IndexType::kInt64 ? static_cast<const void*>(idx64.get())
-                                     : static_cast<const void*>(idx32.get());
-  }
-};
-
 // Output pointers that stay the same for the life of a buffer and handle (zero-copy views and
 // handle-owned arrays), learnt from the first call of each kind and poisoned before every
 // later round.
@@ -282,8 +248,8 @@ class Segment {
         capacity_(size_t(bs.size()) * shape.ht_max_tokens),
         buffer_(bs, configOf(shape)),
         handle_(buffer_.createHandle()),
-        ht_in_(shape.ht_max_tokens, shape),
-        ll_in_(shape.ll_max_tokens, shape),
+        ht_in_(shape.ht_max_tokens, shape.hidden, shape.max_topk),
+        ll_in_(shape.ll_max_tokens, shape.hidden, shape.max_topk),
         recv_copy_(capacity_ * shape.hidden * 2),
         scales_copy_(capacity_ * (shape.hidden / kFp8BlockSize)),
         combine_x_(std::max<size_t>(capacity_ * shape.hidden, 8)),
@@ -320,8 +286,8 @@ class Segment {
   EpBuffer buffer_;
   EpHandle handle_;
   TestStream stream_;
-  DeviceInputs ht_in_;
-  DeviceInputs ll_in_;
+  HtDeviceInputs ht_in_;  // this rank's inputs on the device, sized for the segment; every round
+  HtDeviceInputs ll_in_;
   DeviceArray<uint8_t> recv_copy_;
   DeviceArray<float> scales_copy_;
   DeviceArray<uint16_t> combine_x_;
