@@ -8,7 +8,7 @@
 namespace epcomm::kernels {
 namespace {
 
-constexpr WaitPhase kPhaseCombinePost = WaitPhase::kLlCombinePost;
+constexpr WaitPhase kPhaseCombineRows = WaitPhase::kLlCombineRows;
 constexpr WaitPhase kPhaseCombineWeights = WaitPhase::kLlWeightsPost;
 // Stage times (kernels/stage_times.hpp): recorded by the fused kernel's halves.
 constexpr StageKernel kStages = StageKernel::kLlCombine;
@@ -261,28 +261,36 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
     }
   }
 
-  stageBlock(ctx, kStages, stage::kReduced);
-  if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineSend])) return;
-  stageThread0(ctx, kStages, stage::kArrived);
-  if (p.parallel_posts) {  // thread s posts to rank s (see llDispatchSend)
-    if (tid < num_ranks) {
-      stReleaseSys(&controlOf(s_peer[tid])->ll_combine_flag[parity][me], epoch);
-      stageThread(ctx, kStages, stage::kPosted);
-    }
-  } else if (tid == 0) {
-    // Thread 0 fenced in arriveLastBlock: release patterns.
-    for (int s = 0; s < num_ranks; ++s) {
-      stRelaxedSys(&controlOf(s_peer[s])->ll_combine_flag[parity][me], epoch);
-    }
-    stageThread(ctx, kStages, stage::kPosted);
+  // The tags, no grid-wide arrival: each warp fences once after its items (all lanes: the
+  // fence with the strong tag store after it is a release pattern, cumulative over the lanes'
+  // partial stores that __syncwarp ordered before it), then tags every segment it stored, its
+  // lanes a segment each: the row-tag loads of up to 32 items are one memory latency, not a chain
+  // (a warp has several items at small SM budgets: 7 at 128 tokens on 16 SMs, EP=2).
+  __syncwarp();
+  fenceAcqRelSys();
+  __syncwarp();
+  const int grid_warps = gridDim.x * kWarpsPerBlock;
+  for (int item = blockIdx.x * kWarpsPerBlock + warp + lane * grid_warps; item < items;
+       item += kWarpSize * grid_warps) {
+    int s = 0;
+    while (item >= s_first_item[s + 1]) ++s;
+    const int row = (item - s_first_item[s]) / num_segments;
+    const int seg = (item - s_first_item[s]) % num_segments;
+    const uint64_t row_tag = reinterpret_cast<const uint64_t*>(
+        ctx.local_base + r.row_tags[parity])[int64_t{s} * r.max_tokens + row];
+    if (!llRowStaged(row_tag, epoch)) continue;
+    stRelaxedSys(reinterpret_cast<uint64_t*>(s_peer[s] + r.combine_tags[parity]) +
+                     (int64_t{me} * r.max_tokens + row) * num_segments + seg,
+                 tag(epoch, kLlPartialTagged));
   }
+  stageBlock(ctx, kStages, stage::kReduced);
 }
 
 // The receive half. `fused`: after the send half in the same grid. Its epoch is read here, after
 // the send half, as the separate kernel reads it after the send kernel: if a wait of the send
-// half found a peer's rejection of this combine, the call is marked skipped and this half either
-// sees the next epoch (and returns below) or waits for the rejecting rank's post, which also
-// ends on the rejection notice.
+// half found a peer's rejection of this combine, the call is marked skipped; the separate kernel
+// then sees the next epoch (and returns below), the fused one still this call (callEpoch knows
+// the launch that marked it), and its waits for the rejecting rank end on the rejection notice.
 __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
@@ -299,12 +307,10 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   // skipped; this kernel, queued behind it, then computes the next epoch. The round's epoch
   // (set by its dispatch send) tells: nothing to wait for, the host reports the rejection.
   if (ldVolatileU64(&own->ll_round_epoch) != epoch) return;
-  bool ok = true;
-  if (tid < num_ranks) {
-    ok = waitEpoch(&own->ll_combine_flag[parity][tid], epoch, w, kPhaseCombinePost, tid);
-  }
-  if (!__syncthreads_and(ok)) return;
-  stageThread0(ctx, kStages, stage::kRecvWaited);
+  __shared__ bool s_stopped;  // a tag wait of the block ended unready: the op is over here
+  if (tid == 0) s_stopped = false;
+  __syncthreads();
+  const uint64_t* tags = reinterpret_cast<const uint64_t*>(ctx.local_base + r.combine_tags[parity]);
 
   const int n = *reinterpret_cast<const int32_t*>(ctx.local_base + r.num_tokens);
   const uint32_t* token_masks = reinterpret_cast<const uint32_t*>(ctx.local_base + r.token_mask);
@@ -331,6 +337,20 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
       if (lane == num_dest) lane_rank = d;
       ++num_dest;
     });
+    // Lane i waits for rank lane_rank's tag of this segment (stored after the partial).
+    bool ready = true;
+    if (lane < num_dest) {
+      ready = !*static_cast<volatile bool*>(&s_stopped) &&
+              waitFor(
+                  tags + (int64_t{lane_rank} * r.max_tokens + token) * num_segments + seg,
+                  [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
+                  kPhaseCombineRows, lane_rank, epoch, nullptr, kTagWaitBackoffNs);
+    }
+    if (!__all_sync(kFullMask, ready)) {
+      if (lane == 0) s_stopped = true;
+      break;
+    }
+    __syncwarp();  // each lane's acquire orders its rank's partial before every lane's loads
     for (int i0 = 0; i0 < num_dest; i0 += kTopkBatch) {
       int4 loaded[kTopkBatch][kRoundsPerSegment];
       int src[kTopkBatch];
@@ -368,9 +388,39 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   }
 
   stageBlock(ctx, kStages, stage::kSummed);
-  if (!arriveLastBlock(&own->local.arrive[kArriveLlCombineRecv])) return;
-  if (tid == 0) own->local.epoch[kEpochLl] = epoch;
-  stageThread0(ctx, kStages, stage::kRecvArrived);
+  // Every rank took part in this combine, whether or not its partials came here: block 0 waits
+  // for each rank's weights post, which every rank stores at its combine's start. So a rank that
+  // rejected the call (it never posts; the wait ends on its notice) or failed it (notice) stops the
+  // op here too. A rank that pushed weights while this one used the dispatch's fails on hearing
+  // this rank's "none" (llCombineSend): its fault notice ends it here. This rank's mode is its own
+  // post (it posts to itself too): the receive kernel of a split combine does not get
+  // LlParams::weights_mode, which only the send call sets.
+  __shared__ uint32_t s_mode[kMaxRanks];  // each rank's weights post, kNoPost if none came
+  constexpr uint32_t kNoPost = 0xffffffffu;
+  __syncthreads();  // s_stopped
+  const bool check = !s_stopped && blockIdx.x == 0;
+  if (check && tid < num_ranks) {
+    uint64_t v = 0;
+    const bool posted =
+        waitTagged(&own->ll_weights_flag[parity][tid], epoch, w, kPhaseCombineWeights, tid, &v);
+    s_mode[tid] = posted ? tagValue(v) : kNoPost;
+  }
+  __syncthreads();
+  if (check && tid < num_ranks && s_mode[ctx.rank] == kLlWeightsNone &&
+      s_mode[tid] == kLlWeightsPushed) {
+    (void)waitFor(
+        &own->peer_faulted, [](uint64_t) { return false; }, false, w, kPhaseCombineWeights, tid,
+        epoch);
+  }
+  // The last block to finish closes the round here: a counting arrival (nothing to publish, so no
+  // fences), which every block makes, stopped or not, so the counter is back at 0 after every
+  // launch. A stopped call closes too: the rank's failure is sticky, and a skip of this call
+  // (callEpoch) names the same epoch.
+  __syncthreads();  // every thread's wait is over before the block counts as finished
+  if (tid == 0 && atomicAdd(&own->local.arrive[kArriveLlCombineRecv], 1) == gridDim.x - 1) {
+    own->local.arrive[kArriveLlCombineRecv] = 0;
+    own->local.epoch[kEpochLl] = epoch;
+  }
 }
 
 __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
@@ -383,12 +433,12 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
 
 // Both halves in one grid (PerfFlags::ll_fused_combine), after the combine-time weights push when
 // there is one (one launch instead of two: the host enqueue and the GPU gap of a kernel). The
-// receive half waits for every rank's combine post, this rank's included, which the last block
-// of each rank's send half makes, and the send half for every rank's weights post, which the
-// last block of the push makes: the grid (the SM budget, one block per SM) must be resident at
-// once, as the two-kernel path already needs across ranks. kPushWeights is a template parameter
-// so that the kernel without the push is the one measured before it (a runtime branch cost the
-// combine without combine-time weights 0.3-0.6 us on 2x H200).
+// receive half waits for partial-row tags that other blocks' send halves store (this rank's and
+// its peers'), and the send half for every rank's weights post, which the last block of the push
+// makes: the grid (the SM budget, one block per SM) must be resident at once, as the two-kernel
+// path already needs across ranks. kPushWeights is a template parameter so that the kernel
+// without the push is the one measured before it (a runtime branch cost the combine without
+// combine-time weights 0.3-0.6 us on 2x H200).
 template <bool kPushWeights>
 __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p) {
   stageStart(p.peers, kStages);

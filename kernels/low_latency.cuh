@@ -33,14 +33,17 @@
 //                  in (a pusher hearing "none" fails the op on every rank: the choice must
 //                  match). Then, for each slot tagged present, sum weight * expert output over
 //                  the row's local experts in float32 and store that BF16 partial row into the
-//                  token owner's combine staging [parity][d][token]; the last block posts the
-//                  epoch.
-//   combine recv   (rank s): wait for every rank's post, then sum the partial rows of each token
-//                  over the ranks it went to (float32) and write BF16; every token's row is
-//                  written (zeros for a token routed nowhere).
+//                  token owner's combine staging [parity][d][token], one 1024-column segment per
+//                  warp item; each warp then fences once and tags every segment it stored
+//                  (combine_tags; no arrival).
+//   combine recv   (rank s): per (token, segment), wait for the tags of the ranks the token went
+//                  to, sum their partials (float32) and write BF16; every token's row is written
+//                  (zeros for a token routed nowhere). Block 0 then waits for every rank's
+//                  weights post, so that a rank that rejected or failed the call stops it here.
 // Parity: consecutive calls alternate between two copies of every region peers write into, so a
 // rank may start call e+1 while a peer still reads call e. Call e+2 reuses call e's copy; by then
-// every peer has finished call e, because call e+1's combine could not complete without it.
+// every peer has finished call e: a rank's dispatch of call e+1 waits for every rank's count post
+// of e+1, which a rank makes only after its combine of call e (stream order).
 // Regions only this rank touches (outputs, bookkeeping) have one copy: its own stream orders them.
 //
 // This header holds what both halves share (constants, the staged metadata record); the kernels
@@ -56,6 +59,10 @@ namespace {
 using namespace device;
 
 constexpr int kSegmentCols = kLlSegmentCols;  // columns one warp moves per work item
+// A sleep between reads of a row tag that is not in yet: the receive's warps poll their tags while
+// the rows land beside them (the HT push combine's reducers slowed the landing pushes up to 10x
+// without one; kPushWaitBackoffNs).
+constexpr uint32_t kTagWaitBackoffNs = 100;
 constexpr int kColsPerRound = kWarpSize * 8;  // 8 BF16 (one 16-byte vector) per lane
 constexpr int kRoundsPerSegment = kSegmentCols / kColsPerRound;
 

@@ -102,7 +102,7 @@ enum class WaitPhase : int32_t {
   kHtCombineDone,    // HT combine: a peer finished pulling from this rank
   kHtCombinePushed,  // HT push combine: a peer's flag for a chunk of rows it pushed here
   kLlDispatchPost,   // LL dispatch receive: a source's rows-sent post
-  kLlCombinePost,    // LL combine receive: a rank's partials-sent post
+  kLlCombineRows,    // LL combine receive: the tag of a rank's partial row segment
   kLlWeightsPost,    // LL combine send: a rank's combine-weights post (weights pushed or not)
   kLayoutTiles,      // layout: an earlier tile's per-rank totals (this rank's own kernel)
   kLlDispatchRow,    // LL dispatch receive: a source's tags of one staged row (present or absent)
@@ -117,7 +117,7 @@ inline constexpr const char* kWaitPhaseNames[] = {"wait",
                                                   "done-pulling signal",
                                                   "pushed-rows flag",
                                                   "rows-sent post",
-                                                  "partials-sent post",
+                                                  "partial-row tags",
                                                   "combine-weights post",
                                                   "earlier layout tiles",
                                                   "staged-row tags"};
@@ -186,7 +186,6 @@ EPCOMM_HOST_DEVICE constexpr uint64_t skipMarker(uint32_t launch, uint64_t call)
 enum ArriveSlot : int {
   kArriveHtDispatch = 0,
   kArriveHtCombine = 1,
-  kArriveLlCombineSend = 5,
   kArriveLlCombineRecv = 6,
 };
 constexpr int kNumArriveSlots = 16;
@@ -337,6 +336,9 @@ EPCOMM_HOST_DEVICE constexpr bool llRowIsPresent(uint32_t value) {
 EPCOMM_HOST_DEVICE constexpr uint32_t llRowTopkMask(uint32_t value) {
   return value >> 2;
 }
+// LL combine partial-row tags (LlRegions::combine_tags): tag(epoch, kLlPartialTagged), ready as
+// the row tags are.
+constexpr uint32_t kLlPartialTagged = 1;
 EPCOMM_HOST_DEVICE constexpr bool llRowTagReady(uint64_t word, uint64_t epoch) {
   return static_cast<uint32_t>(word >> 32) == static_cast<uint32_t>(epoch) &&
          static_cast<uint32_t>(word) != 0;
@@ -383,7 +385,6 @@ struct alignas(128) ControlRegion {
                                                       // combine input ready
   uint64_t ht_combine_done[kMaxRanks];                // [src] epoch: src finished pulling
   uint64_t ll_dispatch_flag[2][kMaxRanks];            // [parity][src] tagged llPost()
-  uint64_t ll_combine_flag[2][kMaxRanks];             // [parity][src] epoch
 
   // LL combine weights (low_latency.cuh): [parity][src] tagged llWeightsPost(), src's weights
   // mode (pushed: each of its rows in combine_weights is tagged in LlRegions::weights_tags).
@@ -483,18 +484,22 @@ struct LlRegions {
   uint64_t meta[2] = {};          // [num_ranks][max_tokens][meta_bytes] their metadata
   uint64_t row_tags[2] = {};      // [num_ranks][max_tokens] uint64 row tags, by source
   uint64_t combine_rows[2] = {};  // [num_ranks][max_tokens][hidden] BF16 partial sums, by rank
-  uint64_t slot_of_row = 0;       // [num_ranks][max_tokens][max_topk] int32 output row or -1
-  uint64_t out_x = 0;             // [local_experts][rows_per_expert][hidden * 2 bytes]
-  uint64_t out_scales = 0;        // [local_experts][rows_per_expert][hidden / 128] float
-  uint64_t src_info = 0;          // [local_experts][rows_per_expert] int32
-  uint64_t expert_count = 0;      // [local_experts] int32
-  uint64_t token_mask = 0;        // [max_tokens][rankMaskWords(R)] uint32: ranks each of my
-                                  // tokens went to
-  uint64_t num_tokens = 0;        // int32: my token count in the current call
-  int64_t max_tokens = 0;         // ll_max_tokens_per_rank
-  int64_t rows_per_expert = 0;    // num_ranks * max_tokens
-  int64_t row_bytes = 0;          // staged row stride: hidden * 2 (FP8 rows + scales fit too)
-  int64_t meta_bytes = 0;         // metadata record stride
+  // [num_ranks][max_tokens][hidden / kLlSegmentCols] uint64: tag(epoch, 1) per partial segment,
+  // stored by the rank that summed it after the segment (the LL combine's only signal)
+  uint64_t combine_tags[2] = {};
+  uint64_t slot_of_row = 0;          // [num_ranks][max_tokens][max_topk] int32 output row or -1
+  uint64_t out_x = 0;                // [local_experts][rows_per_expert][hidden * 2 bytes]
+  uint64_t out_scales = 0;           // [local_experts][rows_per_expert][hidden / 128] float
+  uint64_t src_info = 0;             // [local_experts][rows_per_expert] int32
+  uint64_t expert_count = 0;         // [local_experts] int32
+  uint64_t token_mask = 0;           // [max_tokens][rankMaskWords(R)] uint32: ranks each of my
+                                     // tokens went to
+  uint64_t num_tokens = 0;           // int32: my token count in the current call
+  int64_t max_tokens = 0;            // ll_max_tokens_per_rank
+  int64_t rows_per_expert = 0;       // num_ranks * max_tokens
+  int64_t row_bytes = 0;             // staged row stride: hidden * 2 (FP8 rows + scales fit too)
+  int64_t meta_bytes = 0;            // metadata record stride
+  int32_t combine_tag_segments = 0;  // hidden / kLlSegmentCols, rounded up: tags per partial row
 
   // LL combine weights (low_latency.cuh).
   // [num_ranks][max_tokens][max_topk] float: each source's combine-time weights of the tokens it

@@ -110,15 +110,11 @@ namespace ll_combine_stage {
 enum : int {
   kStart = kStageStart,
   kAllStarted = kStageAllStarted,
-  kWeights,      // block: weights posts ("none") stored, pushed weights waited for
-  kItemTable,    // block: the per-source item table built from the dispatch posts
-  kReduced,      // block: the weighted sums stored into the token owners
-  kArrived,      // last block: arriveLastBlock returned (send half)
-  kPosted,       // last block, posting threads: the combine posts stored
-  kRecvWaited,   // block: every rank's combine post arrived
-  kSummed,       // block: the partial rows summed and written
-  kRecvArrived,  // last block: arriveLastBlock returned (receive half), epoch stored
-  kEnd,          // thread 0 of each block leaves
+  kWeights,    // block: weights posts ("none") stored, pushed weights waited for
+  kItemTable,  // block: the per-source item table built from the dispatch posts
+  kReduced,    // block: the weighted sums stored into the token owners, fenced and tagged
+  kSummed,     // block: the partial rows (their tags waited for) summed and written
+  kEnd,        // thread 0 of each block leaves
   kCount
 };
 }  // namespace ll_combine_stage
@@ -164,16 +160,8 @@ constexpr const char* kLlDispatch[] = {"start",
                                        "source posts waited",
                                        "rows placed",
                                        "end"};
-constexpr const char* kLlCombine[] = {"start",
-                                      "all blocks started",
-                                      "weights posts/waits",
-                                      "item table",
-                                      "weighted sums",
-                                      "arrived (last block)",
-                                      "posted",
-                                      "recv posts waited",
-                                      "partials summed",
-                                      "recv arrived (last)",
+constexpr const char* kLlCombine[] = {"start",      "all blocks started",   "weights posts/waits",
+                                      "item table", "weighted sums + tags", "partials summed",
                                       "end"};
 }  // namespace stage_names
 

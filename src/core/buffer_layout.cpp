@@ -92,6 +92,8 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved, const PerfFlags
     ll.row_bytes = static_cast<int64_t>(hidden * 2);
     ll.meta_bytes = static_cast<int64_t>(align16(sizeof(int32_t) * 2 * max_topk));
     const uint64_t staged = ranks * max_tokens;
+    const uint64_t segments = (hidden + kernels::kLlSegmentCols - 1) / kernels::kLlSegmentCols;
+    ll.combine_tag_segments = static_cast<int32_t>(segments);
     uint64_t mark = carver.end();
     for (int parity = 0; parity < 2; ++parity) {
       ll.rows[parity] = carver.take(staged * static_cast<uint64_t>(ll.row_bytes));
@@ -102,6 +104,7 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved, const PerfFlags
     mark = carver.end();
     for (int parity = 0; parity < 2; ++parity) {
       ll.combine_rows[parity] = carver.take(staged * hidden * 2);
+      ll.combine_tags[parity] = carver.take(staged * segments * sizeof(uint64_t));
       ll.combine_weights[parity] = carver.take(staged * max_topk * sizeof(float));
       ll.weights_tags[parity] = carver.take(staged * sizeof(uint64_t));
     }

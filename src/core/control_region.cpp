@@ -34,6 +34,10 @@ void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht,
       }
     }
   }
+  for (const uint64_t offset : ll.combine_tags) {
+    const size_t bytes = tag_bytes * static_cast<size_t>(ll.combine_tag_segments);
+    if (bytes != 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + offset, 0, bytes, stream));
+  }
 }
 
 uint64_t readCallsPassed(const void* region, kernels::EpochSlot family, cudaStream_t stream) {
@@ -59,7 +63,6 @@ void setCallCounters(kernels::ControlRegion& region, uint64_t calls) {
       for (uint64_t& w : region.ht_counts[parity][s]) w = tagged;
       for (uint64_t& w : region.ht_expert_counts[parity][s]) w = tagged;
       region.ll_dispatch_flag[parity][s] = tagged;
-      region.ll_combine_flag[parity][s] = calls;
     }
   }
 }

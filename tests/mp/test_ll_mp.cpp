@@ -406,8 +406,7 @@ void runCase(const LlCase& c, int pairs = 2, bool split = false, uint64_t start_
         buffer, stream.get(),
         {{kernels::StageKernel::kLlDispatch, dispatch_stages},
          {kernels::StageKernel::kLlCombine,
-          {cb::kAllStarted, cb::kWeights, cb::kItemTable, cb::kReduced, cb::kArrived, cb::kPosted,
-           cb::kRecvWaited, cb::kSummed, cb::kRecvArrived, cb::kEnd}}});
+          {cb::kAllStarted, cb::kWeights, cb::kItemTable, cb::kReduced, cb::kSummed, cb::kEnd}}});
   }
 }
 
