@@ -176,12 +176,12 @@ void validateOptions(const CLI::App& app, Options& o) {
       const size_t plus = rest.find('+');
       const std::string name = rest.substr(0, plus);
       require(name == "off" || name == "default" || name == "all" || name == "ll_fused_dispatch" ||
-                  name == "ll_fused_combine" || name == "ll_parallel_posts" ||
-                  name == "ht_counts_once" || name == "ht_fused_layout",
+                  name == "ll_fused_combine" || name == "ht_counts_once" ||
+                  name == "ht_fused_layout",
               "--perf-variants",
               "'" + variant +
                   "': names are off, default, all, ll_fused_dispatch, ll_fused_combine, "
-                  "ll_parallel_posts, ht_counts_once, ht_fused_layout, joined by '+'");
+                  "ht_counts_once, ht_fused_layout, joined by '+'");
       if (plus == std::string::npos) break;
       rest = rest.substr(plus + 1);
     }

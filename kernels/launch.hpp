@@ -250,9 +250,6 @@ struct LlParams {
   int32_t* cumulative_recv_counts;  // [L] or nullptr: += this call's (token, expert) rows
   const float* combine_weights;     // [N, num_topk] combine-time weights, or nullptr
   uint32_t weights_mode;            // kLlWeightsNone / kLlWeightsPushed / kLlWeightsNoTokens
-  // PerfFlags::ll_parallel_posts: the last block's posts to every rank are stored by threads
-  // tid < R at once instead of one after the other by thread 0 (same words, same values).
-  uint32_t parallel_posts;
 };
 
 // ---------------------------------------------------------------------------------------------

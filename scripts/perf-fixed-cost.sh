@@ -14,7 +14,7 @@
 #
 # Environment:
 #   PERF_VARIANTS      --perf-variants (default off,ll_fused_dispatch,ll_fused_combine,
-#                      ll_parallel_posts,ht_counts_once,all)
+#                      ht_counts_once,all)
 #   PERF_RUN_SECONDS   limit of each run (default 150); ep_bench is built before, unbounded
 #   PERF_RUNS          which runs, a subset of "1rank 2gpu mps2" (default all three)
 set -uo pipefail
@@ -23,7 +23,7 @@ OUT=${OUT:-$PWD/perf-out}
 # shellcheck source=scripts/perf-lib.sh
 source scripts/perf-lib.sh
 perf_setup
-variants=${PERF_VARIANTS:-off,ll_fused_dispatch,ll_fused_combine,ll_parallel_posts,ht_counts_once,all}
+variants=${PERF_VARIANTS:-off,ll_fused_dispatch,ll_fused_combine,ht_counts_once,all}
 limit=${PERF_RUN_SECONDS:-150}
 runs=${PERF_RUNS:-1rank 2gpu mps2}
 log_prefix=bench

@@ -179,7 +179,7 @@ PerfFlags perfFlagsFromEnv() {
   const char* env = envOrNull("EPCOMM_PERF");
   const std::string text = env != nullptr ? env : "";
   if (text.empty() || text == "default") return PerfFlags{};
-  PerfFlags flags{false, false, false, false, false, false};
+  PerfFlags flags{false, false, false, false, false};
   if (text == "none") return flags;
   size_t begin = 0;
   while (begin <= text.size()) {
@@ -190,8 +190,6 @@ PerfFlags perfFlagsFromEnv() {
       flags.ll_fused_dispatch = true;
     } else if (name == "ll_fused_combine") {
       flags.ll_fused_combine = true;
-    } else if (name == "ll_parallel_posts") {
-      flags.ll_parallel_posts = true;
     } else if (name == "ht_counts_once") {
       flags.ht_counts_once = true;
     } else if (name == "ht_fused_layout") {
@@ -201,15 +199,13 @@ PerfFlags perfFlagsFromEnv() {
     } else if (name == "all") {
       flags.ll_fused_dispatch = true;
       flags.ll_fused_combine = true;
-      flags.ll_parallel_posts = true;
       flags.ht_counts_once = true;
       flags.ht_fused_layout = true;
       flags.ht_push_combine = true;
     } else if (!name.empty()) {
-      EPCOMM_ARG_CHECK(
-          false, "EPCOMM_PERF", "'" << text << "'",
-          "default, none, all, or a comma-separated list of ll_fused_dispatch, "
-          "ll_fused_combine, ll_parallel_posts, ht_counts_once, ht_fused_layout, ht_push_combine");
+      EPCOMM_ARG_CHECK(false, "EPCOMM_PERF", "'" << text << "'",
+                       "default, none, all, or a comma-separated list of ll_fused_dispatch, "
+                       "ll_fused_combine, ht_counts_once, ht_fused_layout, ht_push_combine");
     }
     begin = end + 1;
   }

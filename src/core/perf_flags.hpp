@@ -18,10 +18,6 @@ struct PerfFlags {
   // receive half) instead of two; the combine-weights push stays its own launch. On: 2x H200,
   // EP=2: fixed cost 26.9 -> 24.2 us, host enqueue 7.4 -> 3.8 us.
   bool ll_fused_combine = true;
-  // "ll_parallel_posts": the LL kernels' last block posts to the R ranks from R threads at once
-  // (R overlapping release stores) instead of from thread 0 one after the other. On: a release
-  // store costs ~0.6 us, so 72 serial posts cost 43 us on an H200 and 72 parallel ones 1.5 us.
-  bool ll_parallel_posts = true;
   // "ht_counts_once": in HT dispatch (rank-major), only block 0 posts this rank's count row and
   // signature to every peer, instead of every block posting the same words. Off: measured no
   // faster (2x H200, EP=2, and 1 H200 with 1 and 2 ranks).

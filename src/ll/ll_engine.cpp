@@ -68,7 +68,6 @@ kernels::LlParams LlEngine::baseParams() const {
   p.num_experts = c.num_experts;
   p.num_local_experts = core_.num_local_experts;
   p.max_topk = c.max_topk;
-  p.parallel_posts = core_.perf.ll_parallel_posts ? 1 : 0;
   return p;
 }
 

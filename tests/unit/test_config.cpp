@@ -687,8 +687,7 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
   for (const char* value : {static_cast<const char*>(nullptr), "", "default"}) {
     ScopedEnv env("EPCOMM_PERF", value);
     const PerfFlags f = perfFlagsFromEnv();
-    EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts)
-        << (value != nullptr ? value : "unset");
+    EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine) << (value != nullptr ? value : "unset");
     EXPECT_FALSE(f.ht_counts_once);
     EXPECT_FALSE(f.ht_fused_layout);
     EXPECT_FALSE(f.ht_push_combine);
@@ -697,56 +696,48 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
     ScopedEnv env("EPCOMM_PERF", "ht_push_combine");
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ht_push_combine);
-    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts ||
-                 f.ht_counts_once || f.ht_fused_layout);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ht_counts_once ||
+                 f.ht_fused_layout);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "ht_fused_layout");
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ht_fused_layout);
-    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts ||
-                 f.ht_counts_once);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ht_counts_once);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "none");
     const PerfFlags f = perfFlagsFromEnv();
-    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts ||
-                 f.ht_counts_once);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ht_counts_once ||
+                 f.ht_fused_layout || f.ht_push_combine);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "ll_fused_dispatch");
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ll_fused_dispatch);
     EXPECT_FALSE(f.ll_fused_combine);
-    EXPECT_FALSE(f.ll_parallel_posts);
-  }
-  {
-    ScopedEnv env("EPCOMM_PERF", "ll_parallel_posts");
-    const PerfFlags f = perfFlagsFromEnv();
-    EXPECT_TRUE(f.ll_parallel_posts);
-    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ht_counts_once);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "ht_counts_once");
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ht_counts_once);
-    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine || f.ll_parallel_posts);
+    EXPECT_FALSE(f.ll_fused_dispatch || f.ll_fused_combine);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "ll_fused_combine,,ll_fused_dispatch");
     const PerfFlags f = perfFlagsFromEnv();
     EXPECT_TRUE(f.ll_fused_dispatch);
     EXPECT_TRUE(f.ll_fused_combine);
-    EXPECT_FALSE(f.ll_parallel_posts);
+    EXPECT_FALSE(f.ht_counts_once);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "all");
     const PerfFlags f = perfFlagsFromEnv();
-    EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ll_parallel_posts &&
-                f.ht_counts_once && f.ht_fused_layout && f.ht_push_combine);
+    EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine && f.ht_counts_once &&
+                f.ht_fused_layout && f.ht_push_combine);
   }
   for (const char* bad : {"ll_fused", "LL_FUSED_DISPATCH", "all,x", " ll_fused_dispatch",
-                          "none,all", "default,ht_counts_once"}) {
+                          "ll_parallel_posts", "none,all", "default,ht_counts_once"}) {
     ScopedEnv env("EPCOMM_PERF", bad);
     try {
       (void)perfFlagsFromEnv();
