@@ -182,15 +182,26 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   stageThread0(ctx, kStages, stage::kItemTable);
 
   const int items = s_first_item[num_ranks];
-  for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
-       item += gridDim.x * kWarpsPerBlock) {
+  // Work item `item` (source-major, then slot, then segment): its source, slot, segment and the
+  // slot's row tag. Slot `row` holds a row only if its tag says so (the dispatch receive acquired
+  // it).
+  struct SendItem {
+    int source;
+    int row;
+    int seg;
+    uint64_t row_tag;
+  };
+  auto sendItem = [&](int item) {
     int s = 0;
     while (item >= s_first_item[s + 1]) ++s;
     const int row = (item - s_first_item[s]) / num_segments;
-    const int seg = (item - s_first_item[s]) % num_segments;
-    // Slot `row` holds a row only if its tag says so (the dispatch receive acquired it).
     const uint64_t row_tag = reinterpret_cast<const uint64_t*>(
         ctx.local_base + r.row_tags[parity])[int64_t{s} * r.max_tokens + row];
+    return SendItem{s, row, (item - s_first_item[s]) % num_segments, row_tag};
+  };
+  for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
+       item += gridDim.x * kWarpsPerBlock) {
+    const auto [s, row, seg, row_tag] = sendItem(item);
     const int32_t* meta = metaOf(p, parity, s, row);
     const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base + r.slot_of_row) +
                                  (int64_t{s} * r.max_tokens + row) * p.max_topk;
@@ -272,12 +283,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   const int grid_warps = gridDim.x * kWarpsPerBlock;
   for (int item = blockIdx.x * kWarpsPerBlock + warp + lane * grid_warps; item < items;
        item += kWarpSize * grid_warps) {
-    int s = 0;
-    while (item >= s_first_item[s + 1]) ++s;
-    const int row = (item - s_first_item[s]) / num_segments;
-    const int seg = (item - s_first_item[s]) % num_segments;
-    const uint64_t row_tag = reinterpret_cast<const uint64_t*>(
-        ctx.local_base + r.row_tags[parity])[int64_t{s} * r.max_tokens + row];
+    const auto [s, row, seg, row_tag] = sendItem(item);
     if (!llRowStaged(row_tag, epoch)) continue;
     stRelaxedSys(reinterpret_cast<uint64_t*>(s_peer[s] + r.combine_tags[parity]) +
                      (int64_t{me} * r.max_tokens + row) * num_segments + seg,
