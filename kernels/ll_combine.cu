@@ -15,7 +15,12 @@ constexpr StageKernel kStages = StageKernel::kLlCombine;
 // Top-k entries whose expert rows one warp loads together in the combine send (registers:
 // kTopkBatch * kRoundsPerSegment 16-byte vectors per lane).
 constexpr int kTopkBatch = 4;
-static_assert(kMaxTopk + kTopkBatch - 1 < kWarpSize, "a batch's entries are lanes of one warp");
+// Small batches (llCombineFineItems: a four-warp group for every segment item; 1 token at EP=2
+// is 14 items for 528 groups): a group's warps take a round (256 columns) of the item each, and
+// each loads every top-8 entry's row at once, one memory latency per item instead of two.
+constexpr int kFineTopkBatch = 8;
+constexpr int kGroupsPerBlock = kWarpsPerBlock / kRoundsPerSegment;
+static_assert(kMaxTopk + kFineTopkBatch - 1 < kWarpSize, "a batch's entries are lanes of one warp");
 namespace stage = ll_combine_stage;
 
 // Combine-time weights (LlCombineArgs::topk_weights). The expert side sums weighted rows before
@@ -79,7 +84,9 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams
 
 // The send half. `fused`: called by llCombineFusedKernel, which checked rankFailed for the whole
 // block; every return below is block-uniform, so all threads of a block go on to the receive
-// half together.
+// half together. kFine: the item shape (chosen on the host, llCombineFineItems): segment items,
+// a warp each, or at small batches a four-warp group per segment item, its warps a round each.
+template <bool kFine>
 __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
@@ -199,95 +206,120 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
         ctx.local_base + r.row_tags[parity])[int64_t{s} * r.max_tokens + row];
     return SendItem{s, row, (item - s_first_item[s]) % num_segments, row_tag};
   };
-  for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
-       item += gridDim.x * kWarpsPerBlock) {
-    const auto [s, row, seg, row_tag] = sendItem(item);
-    const int32_t* meta = metaOf(p, parity, s, row);
-    const int32_t* slot_of_row = reinterpret_cast<const int32_t*>(ctx.local_base + r.slot_of_row) +
-                                 (int64_t{s} * r.max_tokens + row) * p.max_topk;
-    // Lane k reads entry k's slot and weight (max_topk <= kMaxTopk < 32); the tag, the slots and
-    // the dispatch's weights are independent loads: one memory latency for the three.
-    int32_t lane_row = lane < p.max_topk ? slot_of_row[lane] : -1;
-    const float dispatch_weight = !s_pushed[s] && lane < p.max_topk
-                                      ? reinterpret_cast<const float*>(meta + p.max_topk)[lane]
-                                      : 0.f;
-    const int token = row;  // slot t holds token t (dispatch send)
-    if (!llRowStaged(row_tag, epoch)) continue;
-    // Combine-time weights (their row tags were acquired above), else the dispatch's from the
-    // metadata. Pushed ones were written during this kernel: read them through L2 (__ldcg), never
-    // from a stale L1 line.
-    float lane_weight = 0.f;
-    if (lane_row >= 0) {
-      lane_weight =
-          s_pushed[s]
-              ? __ldcg(reinterpret_cast<const float*>(ctx.local_base + r.combine_weights[parity]) +
-                       (int64_t{s} * r.max_tokens + token) * p.max_topk + lane)
-              : dispatch_weight;
-    }
-    float acc[kRoundsPerSegment][8];
+  {
+    constexpr int kRounds = kFine ? 1 : kRoundsPerSegment;
+    constexpr int kBatch = kFine ? kFineTopkBatch : kTopkBatch;
+    constexpr int kWarpsPerItem = kRoundsPerSegment / kRounds;
+    constexpr int kItemsPerBlock = kWarpsPerBlock / kWarpsPerItem;
+    const int first_round = warp % kWarpsPerItem * kRounds;
+    for (int item = blockIdx.x * kItemsPerBlock + warp / kWarpsPerItem; item < items;
+         item += gridDim.x * kItemsPerBlock) {
+      const auto [s, row, seg, row_tag] = sendItem(item);
+      const int32_t* meta = metaOf(p, parity, s, row);
+      const int32_t* slot_of_row =
+          reinterpret_cast<const int32_t*>(ctx.local_base + r.slot_of_row) +
+          (int64_t{s} * r.max_tokens + row) * p.max_topk;
+      // Lane k reads entry k's slot and weight (max_topk <= kMaxTopk < 32); the tag, the slots
+      // and the dispatch's weights are independent loads: one memory latency for the three.
+      int32_t lane_row = lane < p.max_topk ? slot_of_row[lane] : -1;
+      const float dispatch_weight = !s_pushed[s] && lane < p.max_topk
+                                        ? reinterpret_cast<const float*>(meta + p.max_topk)[lane]
+                                        : 0.f;
+      const int token = row;  // slot t holds token t (dispatch send)
+      if (!llRowStaged(row_tag, epoch)) continue;
+      // Combine-time weights (their row tags were acquired above), else the dispatch's from the
+      // metadata. Pushed ones were written during this kernel: read them through L2 (__ldcg),
+      // never from a stale L1 line.
+      float lane_weight = 0.f;
+      if (lane_row >= 0) {
+        lane_weight = s_pushed[s] ? __ldcg(reinterpret_cast<const float*>(
+                                               ctx.local_base + r.combine_weights[parity]) +
+                                           (int64_t{s} * r.max_tokens + token) * p.max_topk + lane)
+                                  : dispatch_weight;
+      }
+      float acc[kRounds][8];
 #pragma unroll
-    for (int u = 0; u < kRoundsPerSegment; ++u) {
+      for (int u = 0; u < kRounds; ++u) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-    }
-    // kTopkBatch entries' rows are loaded before any is summed: one memory latency per batch,
-    // not per entry (the sum was a chain of max_topk dependent loads). Same order of additions.
-    for (int k0 = 0; k0 < p.max_topk; k0 += kTopkBatch) {
-      int4 loaded[kTopkBatch][kRoundsPerSegment];
-      int32_t out_row[kTopkBatch];
-      float weight[kTopkBatch];
+        for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
+      }
+      // kBatch entries' rows are loaded before any is summed: one memory latency per batch, not
+      // per entry (the sum was a chain of max_topk dependent loads). Same order of additions
+      // whatever kRounds and kBatch, so both item shapes give the same bits.
+      for (int k0 = 0; k0 < p.max_topk; k0 += kBatch) {
+        int4 loaded[kBatch][kRounds];
+        int32_t out_row[kBatch];
+        float weight[kBatch];
 #pragma unroll
-      for (int b = 0; b < kTopkBatch; ++b) {
-        const int k = k0 + b;  // warp-uniform; k < max_topk + kTopkBatch - 1 < 32 + 3
-        out_row[b] = __shfl_sync(kFullMask, lane_row, k % kWarpSize);
-        weight[b] = __shfl_sync(kFullMask, lane_weight, k % kWarpSize);
-        if (k >= p.max_topk) out_row[b] = -1;
-        const uint16_t* y = p.expert_out + int64_t{max(out_row[b], 0)} * p.hidden;
+        for (int b = 0; b < kBatch; ++b) {
+          const int k = k0 + b;  // warp-uniform; k < max_topk + kBatch - 1 < 32
+          out_row[b] = __shfl_sync(kFullMask, lane_row, k % kWarpSize);
+          weight[b] = __shfl_sync(kFullMask, lane_weight, k % kWarpSize);
+          if (k >= p.max_topk) out_row[b] = -1;
+          const uint16_t* y = p.expert_out + int64_t{max(out_row[b], 0)} * p.hidden;
 #pragma unroll
-        for (int u = 0; u < kRoundsPerSegment; ++u) {
-          const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-          loaded[b][u] = out_row[b] >= 0 && col < p.hidden
-                             ? ldInput(reinterpret_cast<const int4*>(y + col))
-                             : make_int4(0, 0, 0, 0);
+          for (int u = 0; u < kRounds; ++u) {
+            const int col = seg * kSegmentCols + (first_round + u) * kColsPerRound + lane * 8;
+            loaded[b][u] = out_row[b] >= 0 && col < p.hidden
+                               ? ldInput(reinterpret_cast<const int4*>(y + col))
+                               : make_int4(0, 0, 0, 0);
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (out_row[b] < 0) continue;
+#pragma unroll
+          for (int u = 0; u < kRounds; ++u) {
+            const int col = seg * kSegmentCols + (first_round + u) * kColsPerRound + lane * 8;
+            // Unfused: the partial is rounded to BF16 for transport, and a reproducible partial
+            // keeps that rounding identical to the reference model's.
+            if (col < p.hidden) accumulateBf16x8Unfused(acc[u], loaded[b][u], weight[b]);
+          }
         }
       }
+      uint16_t* dst = reinterpret_cast<uint16_t*>(s_peer[s] + r.combine_rows[parity]) +
+                      (int64_t{me} * r.max_tokens + token) * p.hidden;
 #pragma unroll
-      for (int b = 0; b < kTopkBatch; ++b) {
-        if (out_row[b] < 0) continue;
-#pragma unroll
-        for (int u = 0; u < kRoundsPerSegment; ++u) {
-          const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-          // Unfused: the partial is rounded to BF16 for transport, and a reproducible partial
-          // keeps that rounding identical to the reference model's.
-          if (col < p.hidden) accumulateBf16x8Unfused(acc[u], loaded[b][u], weight[b]);
-        }
+      for (int u = 0; u < kRounds; ++u) {
+        const int col = seg * kSegmentCols + (first_round + u) * kColsPerRound + lane * 8;
+        if (col < p.hidden) stNoAlloc(reinterpret_cast<int4*>(dst + col), packBf16x8(acc[u]));
       }
-    }
-    uint16_t* dst = reinterpret_cast<uint16_t*>(s_peer[s] + r.combine_rows[parity]) +
-                    (int64_t{me} * r.max_tokens + token) * p.hidden;
-#pragma unroll
-    for (int u = 0; u < kRoundsPerSegment; ++u) {
-      const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-      if (col < p.hidden) stNoAlloc(reinterpret_cast<int4*>(dst + col), packBf16x8(acc[u]));
     }
   }
 
-  // The tags, no grid-wide arrival: each warp fences once after its items (all lanes: the
-  // fence with the strong tag store after it is a release pattern, cumulative over the lanes'
-  // partial stores that __syncwarp ordered before it), then tags every segment it stored, its
-  // lanes a segment each: the row-tag loads of up to 32 items are one memory latency, not a chain
-  // (a warp has several items at small SM budgets: 7 at 128 tokens on 16 SMs, EP=2).
-  __syncwarp();
-  fenceAcqRelSys();
-  __syncwarp();
-  const int grid_warps = gridDim.x * kWarpsPerBlock;
-  for (int item = blockIdx.x * kWarpsPerBlock + warp + lane * grid_warps; item < items;
-       item += kWarpSize * grid_warps) {
+  // The tags, no grid-wide arrival. Each tags a segment whose row was staged, at its token's
+  // owner, after a fence that makes it a release pattern over the segment's partial stores.
+  auto tagItem = [&](int item) {
     const auto [s, row, seg, row_tag] = sendItem(item);
-    if (!llRowStaged(row_tag, epoch)) continue;
+    if (!llRowStaged(row_tag, epoch)) return;
     stRelaxedSys(reinterpret_cast<uint64_t*>(s_peer[s] + r.combine_tags[parity]) +
                      (int64_t{me} * r.max_tokens + row) * num_segments + seg,
                  tag(epoch, kLlPartialTagged));
+  };
+  if constexpr (kFine) {
+    // A group's four warps stored an item's rounds: after the barrier, the block's threads tag
+    // its items, each fencing once first (cumulative over the stores the barrier ordered before
+    // it). Thread j takes group j % kGroupsPerBlock's items from the (j / kGroupsPerBlock)-th on.
+    __syncthreads();
+    const int stride = kBlockThreads / kGroupsPerBlock * gridDim.x * kGroupsPerBlock;
+    int item = blockIdx.x * kGroupsPerBlock + tid % kGroupsPerBlock +
+               tid / kGroupsPerBlock * gridDim.x * kGroupsPerBlock;
+    if (item < items) fenceAcqRelSys();
+    for (; item < items; item += stride) tagItem(item);
+  } else {
+    // Each warp fences once after its items (all lanes: the fence with the strong tag store after
+    // it is a release pattern, cumulative over the lanes' partial stores that __syncwarp ordered
+    // before it), then tags every segment it stored, its lanes a segment each: the row-tag loads
+    // of up to 32 items are one memory latency, not a chain (a warp has several items at small SM
+    // budgets: 7 at 128 tokens on 16 SMs, EP=2).
+    __syncwarp();
+    fenceAcqRelSys();
+    __syncwarp();
+    const int grid_warps = gridDim.x * kWarpsPerBlock;
+    for (int item = blockIdx.x * kWarpsPerBlock + warp + lane * grid_warps; item < items;
+         item += kWarpSize * grid_warps) {
+      tagItem(item);
+    }
   }
   stageBlock(ctx, kStages, stage::kReduced);
 }
@@ -429,8 +461,9 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   }
 }
 
+template <bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
-  llCombineSend(p, false);
+  llCombineSend<kFine>(p, false);
 }
 
 __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
@@ -444,25 +477,42 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
 // makes: the grid (the SM budget, one block per SM) must be resident at once, as the two-kernel
 // path already needs across ranks. kPushWeights is a template parameter so that the kernel
 // without the push is the one measured before it (a runtime branch cost the combine without
-// combine-time weights 0.3-0.6 us on 2x H200).
-template <bool kPushWeights>
+// combine-time weights 0.3-0.6 us on 2x H200); kFine likewise, so that the segment items' kernel
+// is the one measured before the one-round items.
+template <bool kPushWeights, bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p) {
   stageStart(p.peers, kStages);
   if (__syncthreads_or(rankFailed(p.peers))) return;
   if constexpr (kPushWeights) llCombineWeightsPush(p, true);
-  llCombineSend(p, true);
+  llCombineSend<kFine>(p, true);
   llCombineRecv(p, true);
   stageThread0(p.peers, kStages, stage::kEnd);
+}
+
+// The send half's item shape for a grid of num_blocks: one-round items when every segment item
+// of a batch like this rank's (every rank with as many tokens, each sending a row to every rank)
+// has a four-warp group of its own. A guess only: any batch is summed right with either shape.
+bool llCombineFineItems(const LlParams& p, int num_blocks) {
+  const int64_t segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
+  return int64_t{p.num_tokens} * p.peers.num_ranks * segments <=
+         int64_t{num_blocks} * kGroupsPerBlock;
 }
 
 }  // namespace
 
 void launchLlCombineFused(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = std::max(1, sm_budget);
+  const bool fine = llCombineFineItems(params, num_blocks);
   if (params.weights_mode == kLlWeightsPushed) {
-    llCombineFusedKernel<true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    if (fine) {
+      llCombineFusedKernel<true, true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    } else {
+      llCombineFusedKernel<true, false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    }
+  } else if (fine) {
+    llCombineFusedKernel<false, true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   } else {
-    llCombineFusedKernel<false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    llCombineFusedKernel<false, false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(llCombineFusedKernel);
 }
@@ -476,7 +526,11 @@ void launchLlCombineWeights(const LlParams& params, int sm_budget, cudaStream_t 
 
 void launchLlCombineSend(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = sm_budget;
-  llCombineSendKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  if (llCombineFineItems(params, num_blocks)) {
+    llCombineSendKernel<true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    llCombineSendKernel<false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
   EPCOMM_KERNEL_LAUNCH_CHECK(llCombineSendKernel);
 }
 
