@@ -452,6 +452,27 @@ TEST(LlDispatchCombine, MaxTokensHidden7168) {
   runCase(c, 1);
 }
 
+// Small batches at DeepSeek-V3's hidden (a 14 KB BF16 row): the shapes whose LL kernels place
+// and sum with four-warp groups (llDispatchFineItems, llCombineFineItems), BF16 with the dispatch's
+// weights and FP8 with combine-time weights, 1 and 3 tokens per rank.
+TEST(LlDispatchCombine, SmallBatchesHidden7168) {
+  for (int tokens : {1, 3}) {
+    for (bool fp8 : {false, true}) {
+      LlCase c;
+      c.hidden = 7168;
+      c.experts = 32;
+      c.max_tokens = 8;
+      c.tokens = tokens;
+      c.fp8 = fp8;
+      c.weights = fp8 ? WeightsAt::kCombine : WeightsAt::kDispatch;
+      c.seed = 500 + 2 * tokens + (fp8 ? 1 : 0);
+      SCOPED_TRACE(std::to_string(tokens) + (fp8 ? " tokens, FP8" : " tokens, BF16"));
+      runCase(c);
+      if (anyRankFailed()) return;
+    }
+  }
+}
+
 TEST(LlDispatchCombine, NegativeEntriesInt32) {
   LlCase c;
   c.routing = Routing::kWithNegatives;
