@@ -127,6 +127,30 @@ __device__ __forceinline__ void warpCopyRow(Vec* dst, const Vec* src, int vecs, 
   }
 }
 
+// A barrier of group `group` (0 to 3) of kThreads threads of the block (whole warps), on
+// barrier 1 + group (0 is __syncthreads): a group of warps meets without stopping the block's other
+// warps. Like __syncthreads, it orders the group's memory accesses before it before those after
+// it. The ids are immediates: a register id makes ptxas reserve all 16 of the block's barriers.
+constexpr int kMaxGroupBarriers = 4;
+template <int kThreads>
+__device__ __forceinline__ void groupBarrier(int group) {
+  static_assert(kThreads % 32 == 0, "whole warps");
+  switch (group) {
+    case 0:
+      asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+      break;
+    case 1:
+      asm volatile("bar.sync 2, %0;" ::"n"(kThreads) : "memory");
+      break;
+    case 2:
+      asm volatile("bar.sync 3, %0;" ::"n"(kThreads) : "memory");
+      break;
+    default:
+      asm volatile("bar.sync 4, %0;" ::"n"(kThreads) : "memory");
+      break;
+  }
+}
+
 __device__ __forceinline__ void stNoAlloc(int4* p, const int4& v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x),
                "r"(v.y), "r"(v.z), "r"(v.w)

@@ -18,6 +18,14 @@ constexpr WaitPhase kPhaseDispatchPost = WaitPhase::kLlDispatchPost;
 constexpr WaitPhase kPhaseDispatchRow = WaitPhase::kLlDispatchRow;
 // Stage times (kernels/stage_times.hpp): recorded by the fused kernel's halves.
 constexpr StageKernel kStages = StageKernel::kLlDispatch;
+// Small batches (llDispatchFineItems): the receive places each (row, entry) item with a group of
+// four warps, each loading its quarter of the row at once (kGroupRuns runs of 32 vectors: a 14 KB
+// BF16 row is 28 runs, 7 per warp), so the row lands one memory latency after its position is
+// known instead of after the single warp's four copy batches.
+constexpr int kWarpsPerGroup = 4;
+constexpr int kGroupsPerBlock = kWarpsPerBlock / kWarpsPerGroup;
+constexpr int kGroupRuns = 8;
+static_assert(kGroupsPerBlock <= kMaxGroupBarriers, "a group barrier per group");
 namespace stage = ll_dispatch_stage;
 
 // The ranks token t goes to. An id outside [-1, num_experts) is bad input: recorded, announced
@@ -250,7 +258,9 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
 }
 
 // The receive half. `fused`: called by llDispatchFusedKernel after the send half of the same
-// grid (rankFailed checked block-uniformly by the caller).
+// grid (rankFailed checked block-uniformly by the caller). kFine: a four-warp group per item
+// (kWarpsPerGroup), else a warp.
+template <bool kFine>
 __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
@@ -312,90 +322,190 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
     const int count = s_count;
     int32_t* counters = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
     const int items = count * p.max_topk;
-    for (int item = sub * kWarpsPerBlock + warp; item < items;
-         item += blocks_per_source * kWarpsPerBlock) {
-      const int row = item / p.max_topk;
-      const int k = item % p.max_topk;
-      int32_t* slot_of_row = reinterpret_cast<int32_t*>(ctx.local_base + r.slot_of_row) +
-                             (int64_t{s} * r.max_tokens + row) * p.max_topk;
-      // The row's tag: present (the row and its metadata are in, released by the tag) or absent
-      // (token `row` of rank s does not come here).
-      bool ready = true;
-      uint64_t row_tag = 0;
-      if (lane == 0) {
-        ready = !*static_cast<volatile bool*>(&s_stopped) &&
-                waitFor(
-                    reinterpret_cast<const uint64_t*>(ctx.local_base + r.row_tags[parity]) +
-                        int64_t{s} * r.max_tokens + row,
-                    [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
-                    kPhaseDispatchRow, s, epoch, &row_tag);
-        if (!ready) s_stopped = true;
-      }
-      __syncwarp();  // lane 0's acquire orders the row before every lane's reads
-      if (!__shfl_sync(kFullMask, ready, 0)) break;
-      const uint32_t tag_value = tagValue(__shfl_sync(kFullMask, row_tag, 0));
-      // Entry k is one of this rank's experts (the tag says so; absent rows have none).
-      if (!llRowIsPresent(tag_value) || ((llRowTopkMask(tag_value) >> k) & 1u) == 0) {
-        if (lane == 0) slot_of_row[k] = -1;
-        continue;
-      }
-      const uint8_t* staged =
-          ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
-      const int4* src = reinterpret_cast<const int4*>(staged);
-      const int vecs = static_cast<int>(out_row_bytes / 16);
-      // The row's first vectors are loaded before the expert id and the slab position are known:
-      // their round trips overlap the copy's first one.
-      int4 head[kDispatchUnroll];
-#pragma unroll
-      for (int u = 0; u < kDispatchUnroll; ++u) {
-        if (lane + u * kWarpSize < vecs) head[u] = ldPeer(src + lane + u * kWarpSize);
-      }
-      const int32_t e = metaOf(p, parity, s, row)[k];
-      const int local = e - first_local;
-      if (e < 0 || local < 0 || local >= p.num_local_experts) {  // peer data against its tag
-        if (lane == 0) slot_of_row[k] = -1;
-        continue;
-      }
-      int32_t pos = 0;
-      if (lane == 0) pos = atomicAdd(&counters[local], 1);
-      pos = __shfl_sync(kFullMask, pos, 0);
-      // Each source sends a token to an expert at most once, so a slab (num_ranks * max_tokens
-      // rows) cannot overflow; a peer that breaks that rule is stopped here, not by a fault.
-      if (pos >= r.rows_per_expert) {
-        if (lane == 0) {
-          slot_of_row[k] = -1;
-          recordFault(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
-                      row, static_cast<uint64_t>(r.rows_per_expert),
-                      static_cast<uint64_t>(pos) + 1);
+    if constexpr (kFine) {
+      // Warp 0 of the group waits for the row's tag and takes its slab position; the group's
+      // barriers hand both to the other warps (its acquire then orders the row before their
+      // loads). Both words are double-buffered by item: warp 0 can be one item ahead of the
+      // others, never two (it meets them at the next item's first barrier).
+      __shared__ uint64_t s_group_tag[kGroupsPerBlock][2];  // 0: the wait ended unready
+      __shared__ int32_t s_group_pos[kGroupsPerBlock][2];   // -1: the row is not placed
+      const int group = warp / kWarpsPerGroup;
+      const int quarter = warp % kWarpsPerGroup;
+      const bool leader = quarter == 0 && lane == 0;
+      constexpr int kGroupThreads = kWarpsPerGroup * kWarpSize;
+      int buf = 0;
+      for (int item = sub * kGroupsPerBlock + group; item < items;
+           item += blocks_per_source * kGroupsPerBlock, buf ^= 1) {
+        const int row = item / p.max_topk;
+        const int k = item % p.max_topk;
+        int32_t* slot_of_row = reinterpret_cast<int32_t*>(ctx.local_base + r.slot_of_row) +
+                               (int64_t{s} * r.max_tokens + row) * p.max_topk;
+        if (leader) {
+          uint64_t row_tag = 0;
+          const bool ready =
+              !*static_cast<volatile bool*>(&s_stopped) &&
+              waitFor(
+                  reinterpret_cast<const uint64_t*>(ctx.local_base + r.row_tags[parity]) +
+                      int64_t{s} * r.max_tokens + row,
+                  [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
+                  kPhaseDispatchRow, s, epoch, &row_tag);
+          if (!ready) s_stopped = true;
+          s_group_tag[group][buf] = ready ? row_tag : 0;  // a ready tag is never 0
         }
-        continue;
-      }
-      const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
-      int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
+        groupBarrier<kGroupThreads>(group);
+        const uint64_t row_tag = s_group_tag[group][buf];
+        if (row_tag == 0) break;  // group-uniform, as is every branch below
+        const uint32_t tag_value = tagValue(row_tag);
+        if (!llRowIsPresent(tag_value) || ((llRowTopkMask(tag_value) >> k) & 1u) == 0) {
+          if (leader) slot_of_row[k] = -1;
+          continue;
+        }
+        const uint8_t* staged =
+            ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
+        const int4* src = reinterpret_cast<const int4*>(staged);
+        const int vecs = static_cast<int>(out_row_bytes / 16);
+        // This warp's runs: quarter, quarter + 4, ... (run j is vectors 32 j to 32 j + 31),
+        // loaded before the expert id and the position are known.
+        int4 head[kGroupRuns];
 #pragma unroll
-      for (int u = 0; u < kDispatchUnroll; ++u) {
-        if (lane + u * kWarpSize < vecs) dst[lane + u * kWarpSize] = head[u];
+        for (int u = 0; u < kGroupRuns; ++u) {
+          const int v = (quarter + u * kWarpsPerGroup) * kWarpSize + lane;
+          if (v < vecs) head[u] = ldPeer(src + v);
+        }
+        const int32_t e = metaOf(p, parity, s, row)[k];
+        const int local = e - first_local;
+        if (e < 0 || local < 0 || local >= p.num_local_experts) {  // peer data against its tag
+          if (leader) slot_of_row[k] = -1;
+          continue;
+        }
+        if (leader) {
+          int32_t pos = atomicAdd(&counters[local], 1);
+          // As in the warp path: a source sends a token to an expert at most once.
+          if (pos >= r.rows_per_expert) {
+            slot_of_row[k] = -1;
+            recordFault(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
+                        row, static_cast<uint64_t>(r.rows_per_expert),
+                        static_cast<uint64_t>(pos) + 1);
+            pos = -1;
+          }
+          s_group_pos[group][buf] = pos;
+        }
+        groupBarrier<kGroupThreads>(group);
+        const int32_t pos = s_group_pos[group][buf];
+        if (pos < 0) continue;
+        const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
+        int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
+#pragma unroll
+        for (int u = 0; u < kGroupRuns; ++u) {
+          const int v = (quarter + u * kWarpsPerGroup) * kWarpSize + lane;
+          if (v < vecs) dst[v] = head[u];
+        }
+        // Rows longer than kGroupRuns runs per warp (hidden above 8192 in BF16): the rest.
+        for (int v = (quarter + kGroupRuns * kWarpsPerGroup) * kWarpSize + lane; v < vecs;
+             v += kGroupThreads) {
+          dst[v] = ldPeer(src + v);
+        }
+        if (p.use_fp8) {
+          const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
+          float* out_scales =
+              reinterpret_cast<float*>(ctx.local_base + r.out_scales) + out_row * num_scales;
+          for (int c = quarter * kWarpSize + lane; c < num_scales; c += kGroupThreads) {
+            out_scales[c] = scales[c];
+          }
+        }
+        if (leader) {
+          reinterpret_cast<int32_t*>(ctx.local_base + r.src_info)[out_row] =
+              s * static_cast<int32_t>(r.max_tokens) + row;
+          slot_of_row[k] = static_cast<int32_t>(out_row);
+          if (p.cumulative_recv_counts != nullptr) atomicAdd(&p.cumulative_recv_counts[local], 1);
+        }
       }
-      // The rest with 8 loads in flight per lane: at a small SM budget this copy is bound by the
-      // bytes each SM keeps in flight (24 SMs: 15.8 us of a 128-token receive at 1 rank with 4).
-      constexpr int kHead = kDispatchUnroll * kWarpSize;
-      if (vecs > kHead) {
-        warpCopyRow<kDispatchUnroll>(dst + kHead, src + kHead, vecs - kHead, lane,
-                                     [](const int4* v) { return ldPeer(v); });
-      }
-      if (p.use_fp8) {
-        const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
-        float* out_scales =
-            reinterpret_cast<float*>(ctx.local_base + r.out_scales) + out_row * num_scales;
-        for (int c = lane; c < num_scales; c += kWarpSize) out_scales[c] = scales[c];
-      }
-      if (lane == 0) {
-        reinterpret_cast<int32_t*>(ctx.local_base + r.src_info)[out_row] =
-            s * static_cast<int32_t>(r.max_tokens) + row;
-        slot_of_row[k] = static_cast<int32_t>(out_row);
-        // One more row for this expert (load-balancing statistics, DeepEP's
-        // cumulative_local_expert_recv_stats): counted where the row is placed.
-        if (p.cumulative_recv_counts != nullptr) atomicAdd(&p.cumulative_recv_counts[local], 1);
+    } else {
+      for (int item = sub * kWarpsPerBlock + warp; item < items;
+           item += blocks_per_source * kWarpsPerBlock) {
+        const int row = item / p.max_topk;
+        const int k = item % p.max_topk;
+        int32_t* slot_of_row = reinterpret_cast<int32_t*>(ctx.local_base + r.slot_of_row) +
+                               (int64_t{s} * r.max_tokens + row) * p.max_topk;
+        // The row's tag: present (the row and its metadata are in, released by the tag) or absent
+        // (token `row` of rank s does not come here).
+        bool ready = true;
+        uint64_t row_tag = 0;
+        if (lane == 0) {
+          ready = !*static_cast<volatile bool*>(&s_stopped) &&
+                  waitFor(
+                      reinterpret_cast<const uint64_t*>(ctx.local_base + r.row_tags[parity]) +
+                          int64_t{s} * r.max_tokens + row,
+                      [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
+                      kPhaseDispatchRow, s, epoch, &row_tag);
+          if (!ready) s_stopped = true;
+        }
+        __syncwarp();  // lane 0's acquire orders the row before every lane's reads
+        if (!__shfl_sync(kFullMask, ready, 0)) break;
+        const uint32_t tag_value = tagValue(__shfl_sync(kFullMask, row_tag, 0));
+        // Entry k is one of this rank's experts (the tag says so; absent rows have none).
+        if (!llRowIsPresent(tag_value) || ((llRowTopkMask(tag_value) >> k) & 1u) == 0) {
+          if (lane == 0) slot_of_row[k] = -1;
+          continue;
+        }
+        const uint8_t* staged =
+            ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
+        const int4* src = reinterpret_cast<const int4*>(staged);
+        const int vecs = static_cast<int>(out_row_bytes / 16);
+        // The row's first vectors are loaded before the expert id and the slab position are known:
+        // their round trips overlap the copy's first one.
+        int4 head[kDispatchUnroll];
+#pragma unroll
+        for (int u = 0; u < kDispatchUnroll; ++u) {
+          if (lane + u * kWarpSize < vecs) head[u] = ldPeer(src + lane + u * kWarpSize);
+        }
+        const int32_t e = metaOf(p, parity, s, row)[k];
+        const int local = e - first_local;
+        if (e < 0 || local < 0 || local >= p.num_local_experts) {  // peer data against its tag
+          if (lane == 0) slot_of_row[k] = -1;
+          continue;
+        }
+        int32_t pos = 0;
+        if (lane == 0) pos = atomicAdd(&counters[local], 1);
+        pos = __shfl_sync(kFullMask, pos, 0);
+        // Each source sends a token to an expert at most once, so a slab (num_ranks * max_tokens
+        // rows) cannot overflow; a peer that breaks that rule is stopped here, not by a fault.
+        if (pos >= r.rows_per_expert) {
+          if (lane == 0) {
+            slot_of_row[k] = -1;
+            recordFault(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
+                        row, static_cast<uint64_t>(r.rows_per_expert),
+                        static_cast<uint64_t>(pos) + 1);
+          }
+          continue;
+        }
+        const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
+        int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
+#pragma unroll
+        for (int u = 0; u < kDispatchUnroll; ++u) {
+          if (lane + u * kWarpSize < vecs) dst[lane + u * kWarpSize] = head[u];
+        }
+        // The rest with 8 loads in flight per lane: at a small SM budget this copy is bound by the
+        // bytes each SM keeps in flight (24 SMs: 15.8 us of a 128-token receive at 1 rank with 4).
+        constexpr int kHead = kDispatchUnroll * kWarpSize;
+        if (vecs > kHead) {
+          warpCopyRow<kDispatchUnroll>(dst + kHead, src + kHead, vecs - kHead, lane,
+                                       [](const int4* v) { return ldPeer(v); });
+        }
+        if (p.use_fp8) {
+          const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
+          float* out_scales =
+              reinterpret_cast<float*>(ctx.local_base + r.out_scales) + out_row * num_scales;
+          for (int c = lane; c < num_scales; c += kWarpSize) out_scales[c] = scales[c];
+        }
+        if (lane == 0) {
+          reinterpret_cast<int32_t*>(ctx.local_base + r.src_info)[out_row] =
+              s * static_cast<int32_t>(r.max_tokens) + row;
+          slot_of_row[k] = static_cast<int32_t>(out_row);
+          // One more row for this expert (load-balancing statistics, DeepEP's
+          // cumulative_local_expert_recv_stats): counted where the row is placed.
+          if (p.cumulative_recv_counts != nullptr) atomicAdd(&p.cumulative_recv_counts[local], 1);
+        }
       }
     }
     __syncthreads();        // s_count is rewritten for the next source
@@ -411,8 +521,9 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p
   llDispatchSend<IdxT>(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), false);
 }
 
+template <bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p) {
-  llDispatchRecv(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), false);
+  llDispatchRecv<kFine>(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), false);
 }
 
 // Both halves in one grid (PerfFlags::ll_fused_dispatch). Every block runs the send half, then
@@ -424,24 +535,41 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchRecvKernel(LlParams p
 // One epoch for both halves, read at the start. A wait of the receive half that finds a peer's
 // rejection marks the call skipped; a block of this grid that starts after that still computes
 // this call (callEpoch() knows the launch that marked it), so none works on the next call.
-template <typename IdxT>
+template <typename IdxT, bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchFusedKernel(LlParams p) {
   stageStart(p.peers, kStages);
   const uint64_t epoch = callEpoch(controlOf(p.peers.local_base), kEpochLl);
   if (__syncthreads_or(rankFailed(p.peers))) return;
   llDispatchSend<IdxT>(p, epoch, true);
-  llDispatchRecv(p, epoch, true);
+  llDispatchRecv<kFine>(p, epoch, true);
   stageThread0(p.peers, kStages, stage::kEnd);
+}
+
+// The receive's item shape for a grid of num_blocks: four-warp groups when every (row, entry)
+// item of a source like this rank (as many tokens) has a group of its own among the source's
+// blocks. A guess only: any batch is placed right with either shape.
+bool llDispatchFineItems(const LlParams& p, int num_blocks) {
+  const int blocks_per_source = std::max(1, num_blocks / p.peers.num_ranks);
+  return int64_t{p.num_tokens} * p.max_topk <= int64_t{blocks_per_source} * kGroupsPerBlock;
+}
+
+template <bool kFine>
+void launchFused(const LlParams& params, int num_blocks, cudaStream_t stream) {
+  if (params.idx_is_64) {
+    llDispatchFusedKernel<int64_t, kFine><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    llDispatchFusedKernel<int32_t, kFine><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
 }
 
 }  // namespace
 
 void launchLlDispatchFused(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = std::max(1, sm_budget);
-  if (params.idx_is_64) {
-    llDispatchFusedKernel<int64_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  if (llDispatchFineItems(params, num_blocks)) {
+    launchFused<true>(params, num_blocks, stream);
   } else {
-    llDispatchFusedKernel<int32_t><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    launchFused<false>(params, num_blocks, stream);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(llDispatchFusedKernel);
 }
@@ -458,7 +586,11 @@ void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t st
 
 void launchLlDispatchRecv(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = sm_budget;
-  llDispatchRecvKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  if (llDispatchFineItems(params, num_blocks)) {
+    llDispatchRecvKernel<true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    llDispatchRecvKernel<false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
   EPCOMM_KERNEL_LAUNCH_CHECK(llDispatchRecvKernel);
 }
 
