@@ -10,7 +10,7 @@
 namespace epcomm::kernels {
 namespace {
 
-constexpr int kTile = kBlockThreads;  // tokens routed per pass of the send half (a thread each)
+constexpr int kTile = kBlockThreads;  // tokens routed per pass of the send half
 // The send half's destination lists: ranks in 8 bits, counts (or -1) in a signed 8 bits.
 static_assert(kMaxRanks <= 0xff && kMaxTopk <= 0x7f, "LL destination lists: 8-bit entries");
 
@@ -27,30 +27,6 @@ constexpr int kGroupsPerBlock = kWarpsPerBlock / kWarpsPerGroup;
 constexpr int kGroupRuns = 8;
 static_assert(kGroupsPerBlock <= kMaxGroupBarriers, "a group barrier per group");
 namespace stage = ll_dispatch_stage;
-
-// The ranks token t goes to. An id outside [-1, num_experts) is bad input: recorded, announced
-// to every peer (the op then fails on every rank), and never used as an address; `bad` says so.
-// `ids`: the token's top-k ids (loadTopkRow).
-template <typename IdxT>
-__device__ __forceinline__ RankMask tokenMask(const LlParams& p, int t, int64_t (&ids)[kMaxTopk],
-                                              bool& bad) {
-  loadTopkRow(static_cast<const IdxT*>(p.topk_idx) + int64_t{t} * p.num_topk, p.num_topk, ids);
-  RankMask mask = emptyRankMask();
-  bad = false;
-#pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) {
-    if (k >= p.num_topk) break;
-    const int64_t e = ids[k];
-    if (e >= 0 && e < p.num_experts) {
-      mask.set(static_cast<int>(e / p.num_local_experts));
-    } else if (e != -1) {
-      bad = true;
-      recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, WaitPhase::kNone, -1, t,
-                  static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(e));
-    }
-  }
-  return mask;
-}
 
 // Moves one 1024-column segment of a BF16 row into a staging row, casting to FP8 if asked.
 __device__ __forceinline__ void stageSegment(const LlParams& p, const uint16_t* x_row,
@@ -163,39 +139,84 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
   const int mask_words = rankMaskWords(num_ranks);
   const int max_dest = min(p.num_topk, num_ranks);
   uint32_t* token_masks = reinterpret_cast<uint32_t*>(ctx.local_base + r.token_mask);
+  // Routing: a group of G lanes per token (G = the power of two >= num_topk, 32 / G tokens per
+  // warp), lane k of the group taking top-k entry k: the ids are loaded, checked, deduplicated
+  // and divided into ranks at once. One thread per token did the same one entry after another
+  // (about 3 us of a 1-token dispatch at top-8).
   for (int tile = t_begin; tile < t_end; tile += kTile) {
     const int tile_len = min(kTile, t_end - tile);
-    if (tid < tile_len) {
-      const int t = tile + tid;
-      int64_t ids[kMaxTopk];
-      bool bad = false;
-      const RankMask mask = tokenMask<IdxT>(p, t, ids, bad);
-      storeRankMask(token_masks, t, mask_words, mask);
-      // The token's valid, deduplicated ids, for the combine-weights push (which must not rely
-      // on a rank bitmask: it iterates over these).
-      int32_t kept[kMaxTopk];
-      dedupTopkRow(ids, p.num_experts, kept);
-      int32_t* copy =
-          reinterpret_cast<int32_t*>(ctx.local_base + r.topk_copy) + int64_t{t} * p.max_topk;
-#pragma unroll
-      for (int k = 0; k < kMaxTopk; ++k) {
-        if (k < p.num_topk) copy[k] = kept[k];
+    const int group_lanes = 1 << (32 - __clz(max(p.num_topk, 1) - 1));
+    const int k = lane % group_lanes;  // the top-k entry this lane takes
+    const int group_lane0 = lane - k;
+    const int groups_per_block = kBlockThreads / group_lanes;
+    const IdxT* topk_idx = static_cast<const IdxT*>(p.topk_idx);
+    int32_t* topk_copy = reinterpret_cast<int32_t*>(ctx.local_base + r.topk_copy);
+    for (int base = 0; base < tile_len; base += groups_per_block) {
+      // Warp-uniform: the warp's first group is past the tile, so are all its groups from here.
+      if (base + warp * (kWarpSize / group_lanes) >= tile_len) break;
+      const int local_t = base + tid / group_lanes;
+      const int t = tile + local_t;
+      const bool has_entry = local_t < tile_len && k < p.num_topk;
+      const int64_t id =
+          has_entry ? static_cast<int64_t>(topk_idx[int64_t{t} * p.num_topk + k]) : int64_t{-1};
+      // An id outside [-1, num_experts) is bad input: recorded, announced to every peer (the op
+      // then fails on every rank), never used as an address, and its token is sent nowhere.
+      const bool valid = id >= 0 && id < p.num_experts;
+      const bool bad_entry = !valid && id != -1;
+      if (bad_entry) {
+        recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, WaitPhase::kNone, -1, t,
+                    static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(id));
       }
-      // The rank of each kept entry, divided once (this thread's work is on the 1-token path).
-      int32_t rank_of[kMaxTopk];
+      // Keys that no other lane has, for lanes without a valid id (the match below groups none).
+      const uint64_t lane_key = ~uint64_t{0} - static_cast<uint64_t>(lane);
+      const uint32_t lanes_below = (1u << lane) - 1u;
+      // The routing policy (ops.hpp): an entry repeating an earlier one of its token is -1.
+      const uint32_t same_id =
+          __match_any_sync(kFullMask, valid ? (uint64_t{static_cast<uint32_t>(local_t)} << 32) |
+                                                  static_cast<uint32_t>(id)
+                                            : lane_key);
+      const int32_t kept = valid && (same_id & lanes_below) == 0 ? static_cast<int32_t>(id) : -1;
+      const int rank = kept >= 0 ? kept / p.num_local_experts : -1;
+      RankMask mask = emptyRankMask();
+      if (rank >= 0) mask.set(rank);
+      for (int offset = 1; offset < group_lanes; offset <<= 1) {
 #pragma unroll
-      for (int k = 0; k < kMaxTopk; ++k) {
-        rank_of[k] = k < p.num_topk && kept[k] >= 0 ? kept[k] / p.num_local_experts : -1;
+        for (int j = 0; j < kRankMaskWords; ++j) {
+          if (j < mask_words) mask.w[j] |= __shfl_xor_sync(kFullMask, mask.w[j], offset);
+        }
       }
-      int num_dest = 0;
-      forEachRank(mask, [&](int d) {
-        uint32_t at_d = 0;
+      const uint32_t group_bits = ((1u << group_lanes) - 1u) << group_lane0;  // group_lanes <= 16
+      const bool bad = (__ballot_sync(kFullMask, bad_entry) & group_bits) != 0;
+      // The token's destination list in increasing rank order: each rank's first entry writes
+      // the rank and the token's entries at that rank (one bit per entry k), at its rank's
+      // position among the mask's ranks.
+      const uint32_t same_rank =
+          __match_any_sync(kFullMask, rank >= 0 ? (uint64_t{static_cast<uint32_t>(local_t)} << 32) |
+                                                      static_cast<uint32_t>(rank)
+                                                : lane_key);
+      if (rank >= 0 && (same_rank & lanes_below) == 0) {
+        // Each word read with a constant index, selected by its bits (a word picked by the
+        // rank's index would put the mask in local memory).
+        const int rank_word = rank >> 5;
+        const uint32_t bits_below = (1u << (rank & 31)) - 1u;
+        int position = 0;
 #pragma unroll
-        for (int k = 0; k < kMaxTopk; ++k) at_d |= rank_of[k] == d ? 1u << k : 0u;
-        s_dest_topk[tid][num_dest] = static_cast<uint16_t>(at_d);
-        s_dest_rank[tid][num_dest++] = static_cast<uint8_t>(d);
-      });
-      s_num_dest[tid] = static_cast<int8_t>(bad ? -1 : num_dest);
+        for (int j = 0; j < kRankMaskWords; ++j) {
+          position += __popc(mask.w[j] & (j < rank_word ? ~0u : j == rank_word ? bits_below : 0u));
+        }
+        s_dest_rank[local_t][position] = static_cast<uint8_t>(rank);
+        s_dest_topk[local_t][position] = static_cast<uint16_t>(same_rank >> group_lane0);
+      }
+      // The valid, deduplicated ids, for the combine-weights push (which must not rely on a rank
+      // bitmask: it iterates over these).
+      if (has_entry) topk_copy[int64_t{t} * p.max_topk + k] = kept;
+      if (k == 0 && local_t < tile_len) {
+        storeRankMask(token_masks, t, mask_words, mask);
+        int num_dest = 0;
+#pragma unroll
+        for (int j = 0; j < kRankMaskWords; ++j) num_dest += __popc(mask.w[j]);
+        s_num_dest[local_t] = static_cast<int8_t>(bad ? -1 : num_dest);
+      }
     }
     __syncthreads();
     stageThread0(ctx, kStages, stage::kRouted);
