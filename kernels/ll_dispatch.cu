@@ -167,14 +167,16 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
         recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, WaitPhase::kNone, -1, t,
                     static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(id));
       }
-      // Keys that no other lane has, for lanes without a valid id (the match below groups none).
-      const uint64_t lane_key = ~uint64_t{0} - static_cast<uint64_t>(lane);
+      // The lanes of this token holding the same value (a warp match on the key (token, value));
+      // a lane without a value matches no other (its key is one no other lane has).
+      auto sameInToken = [&](bool has_value, uint32_t value) {
+        return __match_any_sync(kFullMask,
+                                has_value ? (uint64_t{static_cast<uint32_t>(local_t)} << 32) | value
+                                          : ~uint64_t{0} - static_cast<uint64_t>(lane));
+      };
       const uint32_t lanes_below = (1u << lane) - 1u;
       // The routing policy (ops.hpp): an entry repeating an earlier one of its token is -1.
-      const uint32_t same_id =
-          __match_any_sync(kFullMask, valid ? (uint64_t{static_cast<uint32_t>(local_t)} << 32) |
-                                                  static_cast<uint32_t>(id)
-                                            : lane_key);
+      const uint32_t same_id = sameInToken(valid, static_cast<uint32_t>(id));
       const int32_t kept = valid && (same_id & lanes_below) == 0 ? static_cast<int32_t>(id) : -1;
       const int rank = kept >= 0 ? kept / p.num_local_experts : -1;
       RankMask mask = emptyRankMask();
@@ -190,10 +192,7 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       // The token's destination list in increasing rank order: each rank's first entry writes
       // the rank and the token's entries at that rank (one bit per entry k), at its rank's
       // position among the mask's ranks.
-      const uint32_t same_rank =
-          __match_any_sync(kFullMask, rank >= 0 ? (uint64_t{static_cast<uint32_t>(local_t)} << 32) |
-                                                      static_cast<uint32_t>(rank)
-                                                : lane_key);
+      const uint32_t same_rank = sameInToken(rank >= 0, static_cast<uint32_t>(rank));
       if (rank >= 0 && (same_rank & lanes_below) == 0) {
         // Each word read with a constant index, selected by its bits (a word picked by the
         // rank's index would put the mask in local memory).
