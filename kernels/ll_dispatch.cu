@@ -295,6 +295,17 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
   const int64_t out_row_bytes = p.use_fp8 ? p.hidden : int64_t{p.hidden} * 2;
   const int num_scales = p.hidden / kFp8BlockSize;
 
+  // Both item shapes below: source s's staged row in slot `row`, and the fault of a slab that a
+  // peer overfilled (each source sends a token to an expert at most once, so a slab of
+  // num_ranks * max_tokens rows cannot overflow; a peer that breaks that rule is stopped here).
+  auto stagedRow = [&](int s, int row) {
+    return ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
+  };
+  auto recordSlabOverflow = [&](int s, int row, int32_t pos) {
+    recordFault(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s, row,
+                static_cast<uint64_t>(r.rows_per_expert), static_cast<uint64_t>(pos) + 1);
+  };
+
   __shared__ int32_t s_count;
   __shared__ bool s_stopped;  // a row wait of the block ended unready: the op is over here
 
@@ -380,8 +391,7 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
           if (leader) slot_of_row[k] = -1;
           continue;
         }
-        const uint8_t* staged =
-            ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
+        const uint8_t* staged = stagedRow(s, row);
         const int4* src = reinterpret_cast<const int4*>(staged);
         const int vecs = static_cast<int>(out_row_bytes / 16);
         // This warp's runs: quarter, quarter + 4, ... (run j is vectors 32 j to 32 j + 31),
@@ -400,12 +410,9 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
         }
         if (leader) {
           int32_t pos = atomicAdd(&counters[local], 1);
-          // As in the warp path: a source sends a token to an expert at most once.
           if (pos >= r.rows_per_expert) {
             slot_of_row[k] = -1;
-            recordFault(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
-                        row, static_cast<uint64_t>(r.rows_per_expert),
-                        static_cast<uint64_t>(pos) + 1);
+            recordSlabOverflow(s, row, pos);
             pos = -1;
           }
           s_group_pos[group][buf] = pos;
@@ -468,8 +475,7 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
           if (lane == 0) slot_of_row[k] = -1;
           continue;
         }
-        const uint8_t* staged =
-            ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
+        const uint8_t* staged = stagedRow(s, row);
         const int4* src = reinterpret_cast<const int4*>(staged);
         const int vecs = static_cast<int>(out_row_bytes / 16);
         // The row's first vectors are loaded before the expert id and the slab position are known:
@@ -488,14 +494,10 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
         int32_t pos = 0;
         if (lane == 0) pos = atomicAdd(&counters[local], 1);
         pos = __shfl_sync(kFullMask, pos, 0);
-        // Each source sends a token to an expert at most once, so a slab (num_ranks * max_tokens
-        // rows) cannot overflow; a peer that breaks that rule is stopped here, not by a fault.
         if (pos >= r.rows_per_expert) {
           if (lane == 0) {
             slot_of_row[k] = -1;
-            recordFault(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s,
-                        row, static_cast<uint64_t>(r.rows_per_expert),
-                        static_cast<uint64_t>(pos) + 1);
+            recordSlabOverflow(s, row, pos);
           }
           continue;
         }
