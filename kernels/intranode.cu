@@ -466,9 +466,13 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
     s_peer[tid] = ctx.peer_bases[tid];
     int64_t first_row = 0;  // rows of lower-ranked sources come first in rank tid's region
     for (int s = 0; s < me; ++s) first_row += p.count_matrix[s * num_ranks + tid];
-    s_src[tid] = ctx.peer_bases[tid] + p.regions.combine_in + first_row * p.row_bytes;
+    // My own rows (sent to myself) are read where the caller has them: nobody else reads them,
+    // so a copy-in combine stages only the rows its peers pull (the host's copy skips these).
+    const bool own = tid == me;
+    s_src[tid] = (own ? p.x : ctx.peer_bases[tid] + p.regions.combine_in) + first_row * p.row_bytes;
     s_recv_weights[tid] =
-        reinterpret_cast<const float*>(ctx.peer_bases[tid] + p.recv_weights_offset) +
+        (own ? p.own_recv_weights
+             : reinterpret_cast<const float*>(ctx.peer_bases[tid] + p.recv_weights_offset)) +
         first_row * p.num_topk;
   }
   if (!__syncthreads_and(ok)) return;
@@ -688,13 +692,16 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
 // kUnroll's four: copy-in combine 4096 tokens on 2x H200 at 32 SMs 293 -> 280 us (session 8).
 constexpr int kCopyRowsInFlight = 8;
 
+// Rows [skip_begin, skip_begin + skipped) are left out; the warps stride over the others only.
 template <typename Vec>
-__device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows) {
+__device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows, int64_t skip_begin,
+                                int64_t skipped) {
   const int vecs = static_cast<int>(s.row_bytes / static_cast<int64_t>(sizeof(Vec)));
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = int64_t{gridDim.x} * kWarpsPerBlock;
-  for (int64_t row = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize; row < rows;
-       row += warps) {
+  for (int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
+       i < rows - skipped; i += warps) {
+    const int64_t row = i < skip_begin ? i : i + skipped;
     warpCopyRow<kCopyRowsInFlight>(reinterpret_cast<Vec*>(s.dst + row * s.dst_stride),
                                    reinterpret_cast<const Vec*>(s.src + row * s.src_stride), vecs,
                                    lane, [](const Vec* p) { return *p; });
@@ -705,14 +712,21 @@ __device__ void copySegmentRows(const CopyRowsSegment& s, int64_t rows) {
 __global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p) {
   const int64_t rows =
       p.fixed_rows > 0 ? p.fixed_rows : min(static_cast<int64_t>(*p.count), p.max_rows);
+  // The skipped range, clamped into [0, rows) (it comes from a dispatch of this rank).
+  int64_t skip_begin = 0;
+  int64_t skipped = 0;
+  if (p.skip != nullptr) {
+    skip_begin = min(max(int64_t{p.skip[0]}, int64_t{0}), rows);
+    skipped = min(max(int64_t{p.skip[1]}, skip_begin), rows) - skip_begin;
+  }
   const CopyRowsSegment& s = p.seg[blockIdx.y];
   const bool vec16 = ((s.row_bytes | s.dst_stride | s.src_stride |
                        reinterpret_cast<uintptr_t>(s.dst) | reinterpret_cast<uintptr_t>(s.src)) %
                       16) == 0;
   if (vec16) {
-    copySegmentRows<int4>(s, rows);
+    copySegmentRows<int4>(s, rows, skip_begin, skipped);
   } else {
-    copySegmentRows<int32_t>(s, rows);
+    copySegmentRows<int32_t>(s, rows, skip_begin, skipped);
   }
 }
 

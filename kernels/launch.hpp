@@ -133,10 +133,12 @@ struct HtCombineParams {
   uint64_t recv_weights_offset;
   float* combined_weights;
   uint32_t signature;  // htCombineSignature(): every rank must pass the same
-  // Push combine only (launchHtPushCombine): the caller's combine input rows [num_recv, hidden]
-  // (pushed and read straight from there, no staging) and the blocks that push (the rest
-  // reduce).
+  // The caller's combine input rows [num_recv, hidden] and received weights [num_recv, K] (or
+  // null): this rank's own rows are read from there (the pull combine: nobody else reads them,
+  // so they are not staged; the push combine: no row is staged, x is pushed from there).
   const uint8_t* x;
+  const float* own_recv_weights;
+  // Push combine only (launchHtPushCombine): the blocks that push (the rest reduce).
   int32_t pushers;
 };
 
@@ -224,6 +226,9 @@ struct CopyRowsParams {
   const int32_t* count;
   int64_t max_rows;
   int64_t fixed_rows = 0;
+  // Not null: rows [skip[0], skip[1]) (read on the device, within the rows copied) are left out
+  // of every segment (a combine's own rows, which nobody else reads).
+  const int32_t* skip = nullptr;
 };
 
 struct LlParams {

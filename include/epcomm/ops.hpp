@@ -220,7 +220,9 @@ struct DispatchResult {
 
 struct CombineArgs {
   // x [num_recv_tokens, hidden] BF16: one row per received row of the matching dispatch. If x
-  // is DispatchResult::combine_input no copy is made; otherwise the rows are first copied there.
+  // is DispatchResult::combine_input no copy is made; otherwise the rows the other ranks read
+  // (those not sent by this rank to itself) are first copied there. x must stay unchanged until
+  // the combine completes on its stream.
   const void* x = nullptr;
   // !!! Porting from DeepEP: leave scale_weights null. DeepEP's combine does NOT weight the
   // rows (the expert outputs arrive already weighted, or the caller weights after combine); set
@@ -244,7 +246,8 @@ struct CombineArgs {
   // DispatchResult::recv_topk_weights; router-weight gradients need it):
   // recv_topk_weights [num_recv_tokens, num_topk] float32, one row per received row as
   // dispatch delivered them (any device memory; DispatchResult::recv_topk_weights itself is
-  // read in place, other memory is first copied into the buffer), and combined_topk_weights
+  // read in place, other memory has the rows the other ranks read first copied into the
+  // buffer), and combined_topk_weights
   // [num_tokens, num_topk] float32 out: entry (t, k) = the sum, over the ranks token t went to
   // (in rank order, float32), of that rank's recv_topk_weights entry (row of t, k). Written for
   // every token (0 for a token that went nowhere). num_topk is the handle's (the top-k of its

@@ -514,6 +514,13 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
           weight_row, weight_row, weight_row};
     }
   }
+  // The rows this rank sent to itself are read from the caller's arrays by the pull combine
+  // (nobody else reads them): the staging copy leaves them out (2x H200 at 32 SMs: half of a
+  // copy-in combine's staging). The push combine reads its peers' weights rows staged in full.
+  if (!push) {
+    copy.skip = h->recv_rank_prefix + b.peers.rank;
+    if (b.peers.num_ranks == 1) copy.num_segments = 0;  // every row is this rank's own
+  }
   kernels::launchCopyRows(copy, sms, stream);  // nothing when there is nothing to stage
   kernels::HtCombineParams p{};
   p.peers = b.peers;
@@ -530,12 +537,15 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   p.scale_weights = args.scale_weights;
   p.recv_weights_offset = recv_weights_offset;
   p.combined_weights = args.combined_topk_weights;
+  p.x = static_cast<const uint8_t*>(args.x);
+  p.own_recv_weights = args.recv_topk_weights != nullptr
+                           ? args.recv_topk_weights
+                           : reinterpret_cast<const float*>(base + recv_weights_offset);
   p.signature =
       kernels::htCombineSignature(args.combined_topk_weights != nullptr, h->num_topk, push);
   p.bias = static_cast<const uint16_t*>(args.bias);
   p.out = static_cast<uint16_t*>(args.out);
   if (push) {
-    p.x = static_cast<const uint8_t*>(args.x);
     p.pushers = pushingBlocks(sms);
     kernels::launchHtPushCombine(p, sms, stream);
   } else {

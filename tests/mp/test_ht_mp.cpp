@@ -264,6 +264,10 @@ void runAndCheckCombine(EpBuffer& buffer, const EpHandle& handle, const Dispatch
     }
   } else {
     x_separate.upload(inputs[me]);
+    // NaN in every row of the combine-input region: a copy-in combine stages there only the rows
+    // its peers read, and reads its own rows from x, so no row of it may come from here unstaged.
+    EPCOMM_TEST_CUDA(
+        cudaMemsetAsync(r.combine_input, 0xff, size_t(r.capacity) * size_t(c.hidden) * 2, stream));
   }
   DeviceArray<uint16_t> bias(std::max<size_t>(size_t(in.num_tokens) * c.hidden, 8));
   const std::vector<uint16_t> bias_host = biasOf(in, c.hidden, c.seed);
