@@ -690,7 +690,7 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
 // warp per row (warpCopyRow): the old form (one vector per thread and a 64-bit division per
 // vector) staged a combine input at ~440 GB/s on 32 SMs. Eight vectors per lane in flight, not
 // kUnroll's four: copy-in combine 4096 tokens on 2x H200 at 32 SMs 293 -> 280 us (session 8).
-constexpr int kCopyRowsInFlight = 8;
+constexpr int kCopyRowsInFlight = 16;
 
 // Rows [skip_begin, skip_begin + skipped) are left out; the warps stride over the others only.
 template <typename Vec>
