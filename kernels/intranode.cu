@@ -688,8 +688,10 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
 
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t. One
 // warp per row (warpCopyRow): the old form (one vector per thread and a 64-bit division per
-// vector) staged a combine input at ~440 GB/s on 32 SMs. Eight vectors per lane in flight, not
-// kUnroll's four: copy-in combine 4096 tokens on 2x H200 at 32 SMs 293 -> 280 us (session 8).
+// vector) staged a combine input at ~440 GB/s on 32 SMs. The copy is bound by the bytes each SM
+// keeps in flight: 8 vectors per lane, not kUnroll's 4, took the copy-in combine (4096 tokens,
+// 2x H200, 32 SMs) 293 -> 280 us (session 8); 16 (116 registers, no spill) 241.1 -> 238.6
+// (24 / 16 SMs -0.6 %; session 14).
 constexpr int kCopyRowsInFlight = 16;
 
 // Rows [skip_begin, skip_begin + skipped) are left out; the warps stride over the others only.
