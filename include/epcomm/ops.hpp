@@ -250,9 +250,9 @@ struct CombineArgs {
   // buffer), and combined_topk_weights [num_tokens, num_topk] float32 out: entry (t, k) = the
   // sum, over the ranks token t went to (in rank order, float32), of that rank's
   // recv_topk_weights entry (row of t, k). Written for every token (0 for a token that went
-  // nowhere). num_topk is the handle's (the top-k of its
-  // layout); needs a handle laid out with top-k. Set on every rank or on none (checked: a
-  // mismatch fails the combine on every rank), since each rank reads the others' rows.
+  // nowhere). num_topk is the handle's (the top-k of its layout); needs a handle laid out with
+  // top-k. Set on every rank or on none (checked: a mismatch fails the combine on every rank),
+  // since each rank reads the others' rows.
   const float* recv_topk_weights = nullptr;
   float* combined_topk_weights = nullptr;
 
