@@ -301,6 +301,15 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
   auto stagedRow = [&](int s, int row) {
     return ctx.local_base + r.rows[parity] + (int64_t{s} * r.max_tokens + row) * r.row_bytes;
   };
+  // Source s's row `row`: its tag, and its entries' output rows (slot_of_row, one per top-k k).
+  auto rowTagOf = [&](int s, int row) {
+    return reinterpret_cast<const uint64_t*>(ctx.local_base + r.row_tags[parity]) +
+           int64_t{s} * r.max_tokens + row;
+  };
+  auto slotsOfRow = [&](int s, int row) {
+    return reinterpret_cast<int32_t*>(ctx.local_base + r.slot_of_row) +
+           (int64_t{s} * r.max_tokens + row) * p.max_topk;
+  };
   auto recordSlabOverflow = [&](int s, int row, int32_t pos) {
     recordFault(ctx, FailKind::kOverCapacity, OpId::kLlDispatchRecv, kPhaseDispatchPost, s, row,
                 static_cast<uint64_t>(r.rows_per_expert), static_cast<uint64_t>(pos) + 1);
@@ -369,17 +378,14 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
            item += blocks_per_source * kGroupsPerBlock, buf ^= 1) {
         const int row = item / p.max_topk;
         const int k = item % p.max_topk;
-        int32_t* slot_of_row = reinterpret_cast<int32_t*>(ctx.local_base + r.slot_of_row) +
-                               (int64_t{s} * r.max_tokens + row) * p.max_topk;
+        int32_t* slot_of_row = slotsOfRow(s, row);
         if (leader) {
           uint64_t row_tag = 0;
           const bool ready =
               !*static_cast<volatile bool*>(&s_stopped) &&
               waitFor(
-                  reinterpret_cast<const uint64_t*>(ctx.local_base + r.row_tags[parity]) +
-                      int64_t{s} * r.max_tokens + row,
-                  [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
-                  kPhaseDispatchRow, s, epoch, &row_tag);
+                  rowTagOf(s, row), [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true,
+                  w, kPhaseDispatchRow, s, epoch, &row_tag);
           if (!ready) s_stopped = true;
           s_group_tag[group][buf] = ready ? row_tag : 0;  // a ready tag is never 0
         }
@@ -452,8 +458,7 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
            item += blocks_per_source * kWarpsPerBlock) {
         const int row = item / p.max_topk;
         const int k = item % p.max_topk;
-        int32_t* slot_of_row = reinterpret_cast<int32_t*>(ctx.local_base + r.slot_of_row) +
-                               (int64_t{s} * r.max_tokens + row) * p.max_topk;
+        int32_t* slot_of_row = slotsOfRow(s, row);
         // The row's tag: present (the row and its metadata are in, released by the tag) or absent
         // (token `row` of rank s does not come here).
         bool ready = true;
@@ -461,10 +466,8 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
         if (lane == 0) {
           ready = !*static_cast<volatile bool*>(&s_stopped) &&
                   waitFor(
-                      reinterpret_cast<const uint64_t*>(ctx.local_base + r.row_tags[parity]) +
-                          int64_t{s} * r.max_tokens + row,
-                      [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
-                      kPhaseDispatchRow, s, epoch, &row_tag);
+                      rowTagOf(s, row), [epoch](uint64_t v) { return llRowTagReady(v, epoch); },
+                      true, w, kPhaseDispatchRow, s, epoch, &row_tag);
           if (!ready) s_stopped = true;
         }
         __syncwarp();  // lane 0's acquire orders the row before every lane's reads
