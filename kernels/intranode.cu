@@ -521,18 +521,21 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 // 555 -> 237 us with the sleep; 16 SMs, 5 pushing blocks: 390 -> 348).
 constexpr uint32_t kPushWaitBackoffNs = 100;
 
-// The push combine (EPCOMM_PERF ht_push_combine): blocks [0, pushers) store the rows this rank
-// holds for each token owner s (its block of s's rows, in s's token order) into s's
-// combine_gather region, kPushChunkRows at a time, each chunk released by an epoch flag in s's
-// combine_flags; blocks [pushers, grid) reduce this rank's tokens, a warp per token, each row
-// read locally once its chunk's flag is in (own rows straight from the caller's x). Stores cross
-// NVLink at the link's two-way rate where pulls stop at ~91 % of it ("Probes (session 6)"), and
-// the caller's x needs no staging copy, which is why the host uses it for copy-in combines only
-// (2x H200, 4096 tokens, copy-in at 32/24/16 SMs: 279/324/441 us pulled, 221/242/348 pushed;
-// with x already in the buffer the pull is faster: 194/212/281 against 221/240/348).
-// The ready and done handshakes are the pull kernel's:
-// a rank pushes only into an owner that posted "ready" for this call (its previous combine is
-// over), and leaves only when every rank is done (they pull its received top-k weights).
+// The push combine (copy-in combines; HtRegions::combine_flags): blocks [0, pushers) store the
+// rows this rank holds for each token owner s (its block of s's rows, in s's token order) into
+// s's combine_in region (every rank is copy-in: the signature says so), kPushChunkRows at a time,
+// each chunk released by an epoch flag in s's combine_flags; blocks [pushers, grid) reduce this
+// rank's tokens, a warp per token, each row read locally once its chunk's flag is in (own rows
+// straight from the caller's x). Stores cross NVLink at the link's two-way rate where pulls stop at
+// ~91 % of it ("Probes (session 6)"), and the caller's x needs no staging copy, which is why the
+// host uses it for copy-in combines only (2x H200, 4096 tokens, copy-in at 32/24/16 SMs:
+// 279/324/441 us pulled, 221/242/348 pushed; with x already in the buffer the pull is faster:
+// 194/212/281 against 221/240/348). The ready and done handshakes are the pull kernel's: a rank
+// pushes only into an owner that posted "ready" for this call (its previous combine is over, and
+// with it every peer's pull from its combine_in), and leaves only when every rank is done (they
+// pull its received top-k weights). An owner's kernel ends only after every chunk pushed to it is
+// in (each holds a row one of its tokens waits for), so no push lands in its combine_in after the
+// call.
 __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombineParams p) {
   const PeerContext& ctx = p.peers;
   stageStart(ctx, kCombineStages);
@@ -552,14 +555,14 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
   __shared__ float s_weight[kWarpsPerBlock][kMaxRanks];
   __shared__ const float* s_recv_weights[kMaxRanks];
 
-  // 1. ready: this rank's gather region is free (its previous combine is over) and its x is in
+  // 1. ready: this rank's combine_in is free (its previous combine is over) and its x is in
   //    place; wait for every rank's.
   if (postCombineReady(ctx, epoch, p.signature)) {
     stageThread(ctx, kCombineStages, cstage::kReadyPosted);
   }
   bool ok = true;
   const int64_t row_bytes = p.row_bytes;
-  const uint8_t* gather = ctx.local_base + p.regions.combine_gather;
+  const uint8_t* pushed_in = ctx.local_base + p.regions.combine_in;
   if (tid < num_ranks) {
     uint64_t v = 0;
     ok = waitTagged(&own->ht_combine_ready[tid], epoch, w, kPhaseReady, tid, &v);
@@ -581,11 +584,11 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
   }
   __syncthreads();
   if (tid < num_ranks) {
-    // Rank tid's rows of my tokens: my own from x, the others from my gather region.
+    // Rank tid's rows of my tokens: my own from x, the others from where they push them.
     const int64_t own_first = s_first_row[me];
-    const int gather_index = tid < me ? tid : tid - 1;
+    const int block_index = tid < me ? tid : tid - 1;
     s_src[tid] = tid == me ? p.x + own_first * row_bytes
-                           : gather + int64_t{gather_index} * p.regions.max_tokens * row_bytes;
+                           : pushed_in + int64_t{block_index} * p.regions.max_tokens * row_bytes;
   }
   if (!__syncthreads_and(ok)) return;
   stageThread0(ctx, kCombineStages, cstage::kReadyWaited);
@@ -603,8 +606,8 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
       const int rows = min(s_held[s], p.regions.max_tokens);
       const int chunks = (rows + kPushChunkRows - 1) / kPushChunkRows;
       const int index_at_s = me < s ? me : me - 1;
-      uint8_t* dst_block = s_peer[s] + p.regions.combine_gather +
-                           int64_t{index_at_s} * p.regions.max_tokens * row_bytes;
+      uint8_t* dst_block =
+          s_peer[s] + p.regions.combine_in + int64_t{index_at_s} * p.regions.max_tokens * row_bytes;
       const uint8_t* src_block = p.x + s_first_row[s] * row_bytes;
       for (int c = 0; c < chunks; ++c, ++item) {
         if (item % p.pushers != static_cast<int>(blockIdx.x)) continue;

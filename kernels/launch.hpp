@@ -281,8 +281,8 @@ void launchLayout(const LayoutParams& params, cudaStream_t stream);
 
 void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream);
 void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream);
-// The push combine (EPCOMM_PERF ht_push_combine): every rank stores the rows it holds for each
-// token owner into the owner's combine_gather region, a flag per chunk, while the owner's
+// The push combine (a copy-in combine on every rank): every rank stores the rows it holds for
+// each token owner into the owner's combine_in region, a flag per chunk, while the owner's
 // reducing blocks sum each token as soon as its rows are in. sm_budget >= 2.
 void launchHtPushCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream);
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream);

@@ -238,7 +238,9 @@ inline constexpr SignatureField kLlSignatureFields[] = {
 inline constexpr SignatureField kHtCombineSignatureFields[] = {
     {"CombineArgs::recv_topk_weights set", 0, 1, 1},
     {"the handle's num_topk (the recv_topk_weights row width)", 1, 5, 1},
-    {"pushed: copy-in with EPCOMM_PERF ht_push_combine (x outside the buffer)", 6, 1, 1},
+    {"pushed: copy-in (CombineArgs::x not the buffer's combine input; every rank passes x "
+     "alike) with num_sms >= 2 and EPCOMM_PERF's ht_push_combine on",
+     6, 1, 1},
 };
 inline constexpr uint64_t signatureBits(const SignatureField& f, int64_t value) {
   return (static_cast<uint64_t>(value / f.scale) & ((uint64_t{1} << f.bits) - 1)) << f.shift;
@@ -464,11 +466,11 @@ struct HtRegions {
   uint64_t combine_weights = 0;    // [capacity, max_topk] float (packed by num_topk): combine's
                                    // recv_topk_weights when they are not recv_topk_weights
   int64_t capacity = 0;            // rows = num_ranks * max_tokens_per_rank
-  // Push combine (EPCOMM_PERF ht_push_combine; 0 otherwise): the rows every other rank pushes
-  // back for this rank's tokens, [num_ranks - 1][max_tokens][hidden] BF16 (rank r's block at
-  // index r < me ? r : r - 1), and one epoch flag per pushed chunk, [num_ranks][push_chunks]
-  // uint64 (indexed by the pushing rank).
-  uint64_t combine_gather = 0;
+  // Push combine (htPushCombineKernel): every other rank pushes back the rows it holds for this
+  // rank's tokens into this rank's combine_in, [num_ranks - 1][max_tokens][hidden] BF16 (rank
+  // r's block at index r < me ? r : r - 1; a pushing combine is copy-in on every rank, so
+  // combine_in holds no caller rows then), each 32-row chunk released by an epoch flag,
+  // combine_flags [num_ranks][push_chunks] uint64 (indexed by the pushing rank).
   uint64_t combine_flags = 0;
   int32_t max_tokens = 0;
   int32_t push_chunks = 0;

@@ -61,7 +61,7 @@ size_t EpBuffer::bytesPerRank() const {
   return so_ ? so_->nodeBuffer().bytesPerRank() : impl_->core.memory->bytes();
 }
 BufferSizes EpBuffer::bytesFor(const BufferConfig& config, int num_ranks) {
-  return computeBufferLayout(resolveConfig(config, num_ranks), perfFlagsFromEnv()).sizes;
+  return computeBufferLayout(resolveConfig(config, num_ranks)).sizes;
 }
 
 void EpBuffer::barrier(cudaStream_t stream) {

@@ -220,9 +220,14 @@ struct DispatchResult {
 
 struct CombineArgs {
   // x [num_recv_tokens, hidden] BF16: one row per received row of the matching dispatch. If x
-  // is DispatchResult::combine_input no copy is made; otherwise the rows the other ranks read
-  // (those not sent by this rank to itself) are first copied there. x must stay unchanged until
-  // the combine completes on its stream.
+  // is DispatchResult::combine_input (zero-copy) the token owners pull the rows from there.
+  // Otherwise (copy-in: any other device memory, not a row inside the combine input) each
+  // rank pushes the rows it holds into their owners' combine inputs (rank-major handles with
+  // num_sms >= 2), or copies the rows the other ranks read into its own combine input first (an
+  // expert-major handle, num_sms 1, EPCOMM_PERF without ht_push_combine). Every rank of a combine
+  // passes x alike: all zero-copy or all copy-in (a mix fails on every rank, naming the field),
+  // and a copy-in combine leaves this rank's combine input overwritten. x must stay unchanged
+  // until the combine completes on its stream.
   const void* x = nullptr;
   // !!! Porting from DeepEP: leave scale_weights null. DeepEP's combine does NOT weight the
   // rows (the expert outputs arrive already weighted, or the caller weights after combine); set

@@ -69,7 +69,7 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
         node_key = core::localNodeKey(nvlinkDomainOf(resolved.config));
         perf = perfFlagsFromEnv();
         stage_times_on = stageTimesFromEnv();
-        layout = computeBufferLayout(resolved, perf);
+        layout = computeBufferLayout(resolved);
         return core::digestOf(resolved, layout);
       });
   core::requireSameConfig(digests);

@@ -39,7 +39,7 @@ uint64_t align16(uint64_t v) {
 
 }  // namespace
 
-BufferLayout computeBufferLayout(const ResolvedConfig& resolved, const PerfFlags& perf) {
+BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
   const BufferConfig& c = resolved.config;
   const uint64_t ranks = static_cast<uint64_t>(resolved.num_ranks);
   const uint64_t hidden = static_cast<uint64_t>(c.hidden);
@@ -69,14 +69,12 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved, const PerfFlags
     sizes.ht_recv = carver.since(sizes.control);
     ht.combine_in = carver.take(capacity * hidden * 2);
     ht.combine_weights = carver.take(capacity * max_topk * sizeof(float));
-    if (perf.ht_push_combine) {
-      const uint64_t max_tokens = static_cast<uint64_t>(c.max_tokens_per_rank);
-      const uint64_t chunks = (max_tokens + kernels::kPushChunkRows - 1) / kernels::kPushChunkRows;
-      ht.max_tokens = c.max_tokens_per_rank;
-      ht.push_chunks = static_cast<int32_t>(chunks);
-      ht.combine_gather = carver.take((ranks - 1) * max_tokens * hidden * 2);
-      ht.combine_flags = carver.take(ranks * chunks * sizeof(uint64_t));
-    }
+    // The push combine's chunk flags (its rows land in combine_in).
+    const uint64_t max_tokens = static_cast<uint64_t>(c.max_tokens_per_rank);
+    const uint64_t chunks = (max_tokens + kernels::kPushChunkRows - 1) / kernels::kPushChunkRows;
+    ht.max_tokens = c.max_tokens_per_rank;
+    ht.push_chunks = static_cast<int32_t>(chunks);
+    ht.combine_flags = carver.take(ranks * chunks * sizeof(uint64_t));
     sizes.ht = carver.since(sizes.control);
     sizes.ht_combine = sizes.ht - sizes.ht_recv;
   }

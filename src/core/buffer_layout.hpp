@@ -9,7 +9,6 @@
 
 #include <cstddef>
 
-#include "core/perf_flags.hpp"
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "kernels/protocol.hpp"
@@ -34,7 +33,6 @@ constexpr size_t kRegionAlignment = 4096;
 // the driver's granularity, so a coarser one would make bytesPerRank() larger than bytesFor().
 constexpr size_t kAllocationGranularity = size_t{2} << 20;
 
-// `perf` adds the regions of the fast paths that need them (PerfFlags::ht_push_combine).
-BufferLayout computeBufferLayout(const ResolvedConfig& config, const PerfFlags& perf = {});
+BufferLayout computeBufferLayout(const ResolvedConfig& config);
 
 }  // namespace epcomm

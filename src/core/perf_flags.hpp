@@ -29,18 +29,16 @@ struct PerfFlags {
   // For host-bound callers.
   bool ht_fused_layout = false;
   // "ht_push_combine": a copy-in HT combine (x outside the buffer's combine input, as every
-  // DeepEP-style caller passes it; rank-major) pushes each token owner's rows into a gather region
-  // of the owner's buffer (a flag per 32-row chunk) while the owner's reducing blocks sum the
-  // tokens whose rows are in, instead of staging x and letting the owners pull it
-  // (kernels/intranode.cu, htPushCombineKernel). 2x H200, 4096 tokens, copy-in at 32/24/16 SMs:
-  // 279/324/441 -> 221/242/348 us. A zero-copy combine still pulls (faster there), so with the
-  // flag on every rank must pass x alike (all in the buffer or none: the call fails with a
-  // signature mismatch otherwise). Adds (num_ranks - 1) * max_tokens_per_rank rows to the buffer,
-  // so every rank must set it alike (the layout is agreed at creation). Its reducing blocks wait
-  // for other ranks' pushing blocks, so every rank's grid must be resident at once: one rank per
-  // GPU, or few enough ranks sharing a GPU under MPS (the pull needs one block per rank resident).
-  // Off: it costs buffer memory, and that residency is not guaranteed under oversubscription.
-  bool ht_push_combine = false;
+  // DeepEP-style caller passes it; rank-major) pushes each token owner's rows into the owner's
+  // combine input (a flag per 32-row chunk) while the owner's reducing blocks sum the tokens
+  // whose rows are in, instead of staging x and letting the owners pull it
+  // (kernels/intranode.cu, htPushCombineKernel). A zero-copy combine still pulls (faster there),
+  // so every rank must pass x alike (all the buffer's combine input or none: the call fails on
+  // every rank with a signature mismatch otherwise), and every rank must set this flag alike.
+  // Its reducing blocks wait for other ranks' pushing blocks: every rank's grid must be resident
+  // at once, as the default SM budgets are (BufferCore::resolveSms). On: 2x H200, 4096 tokens,
+  // copy-in at 32/24/16 SMs (session 15, docs/perf-notes.md).
+  bool ht_push_combine = true;
 };
 
 // EPCOMM_PERF, parsed (src/config.cpp, where every environment override is read). Unset, "" or

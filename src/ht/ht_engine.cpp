@@ -470,6 +470,18 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
                 "4-byte aligned (float32)");
   check.require(args.x != nullptr, "CombineArgs::x", pointerText(args.x), "non-null");
   check.require(aligned16(args.x), "CombineArgs::x", pointerText(args.x), "16-byte aligned");
+  {
+    // x is the buffer's combine input (zero-copy) or memory outside it (copy-in): peers' pushes,
+    // or the staging copy, write the combine input while x is read.
+    const uint8_t* combine_in = b.localBase() + regions_.combine_in;
+    const auto* x = static_cast<const uint8_t*>(args.x);
+    check.require(
+        !enabled_ || x == combine_in || x < combine_in ||
+            x >= combine_in + regions_.capacity * int64_t{c.hidden} * 2,
+        "CombineArgs::x", pointerText(args.x),
+        "the start of the buffer's combine input (DispatchResult::combine_input) or memory "
+        "outside it, not a row inside it");
+  }
   check.require(aligned16(args.out), "CombineArgs::out", pointerText(args.out), "16-byte aligned");
   check.require(aligned16(args.bias), "CombineArgs::bias", pointerText(args.bias),
                 "16-byte aligned");
@@ -487,9 +499,12 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   copy.max_rows = ht.capacity;
   // The push combine reads the caller's x where it is (nobody pulls it), so it replaces the
   // staging copy of a copy-in combine; with x already in the buffer the pull is faster
-  // (kernels/intranode.cu, htPushCombineKernel). It needs a reducing block beside the pushing ones.
+  // (kernels/intranode.cu, htPushCombineKernel). It needs a reducing block beside the pushing
+  // ones, and the pushed rows must fit the owners' combine inputs (a smaller ht_recv_rows).
   const bool copy_in = args.x != base + ht.combine_in;
-  const bool push = b.perf.ht_push_combine && copy_in && !h->expert_major && sms >= 2;
+  const bool push = b.perf.ht_push_combine && copy_in && !h->expert_major && sms >= 2 &&
+                    b.peers.num_ranks >= 2 &&
+                    ht.capacity >= int64_t{b.peers.num_ranks - 1} * ht.max_tokens;
   if (copy_in && !push) {
     // Peers pull from the symmetric combine-input region; stage the rows there first.
     copy.seg[copy.num_segments++] = kernels::CopyRowsSegment{

@@ -1500,6 +1500,18 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
          a.combined_topk_weights = combined.get();
          b.combine(a, h, s);
        }},
+      // Peers push into the combine input (or the staging copy writes it) while x is read.
+      {"x a row inside the combine input", "CombineArgs::x",
+       [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
+          cudaStream_t s) {
+         const DispatchResult r = b.dispatch(d.args(i, hc, true), h, s);
+         b.sync(s);
+         DeviceArray<uint16_t> out(std::max<size_t>(size_t(i.num_tokens) * hc.hidden, 8));
+         CombineArgs a;
+         a.x = static_cast<uint16_t*>(r.combine_input) + hc.hidden;
+         a.out = out.get();
+         b.combine(a, h, s);
+       }},
       {"combine before dispatch", "handle",
        [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
@@ -1794,16 +1806,17 @@ TEST(HtBadInput, CombinedWeightsMustBeSetOnEveryRankOrNone) {
   EXPECT_LT(o.seconds, 3.0) << o.what;
 }
 
-// With EPCOMM_PERF ht_push_combine a copy-in combine pushes and a zero-copy one pulls, so every
-// rank must pass x alike: rank 0 copying in while the others pass the buffer's combine input fails
-// the combine on every rank naming the signature field, without waiting. Skipped unless the flag
-// is on (GPU_CHECK_PERF=all in scripts/gpu-check.sh runs the HT tests with it).
+// A copy-in combine pushes and a zero-copy one pulls (PerfFlags::ht_push_combine), so every rank
+// must pass x alike: rank 0 copying in while the others pass the buffer's combine input fails
+// the combine on every rank naming the signature field, without waiting. Skipped where
+// EPCOMM_PERF turns the push off (every rank then pulls, and mixing is allowed).
 TEST(HtBadInput, PushCombineNeedsEveryRankToPassXAlike) {
   EPCOMM_REQUIRE_GPU();
   const char* perf = std::getenv("EPCOMM_PERF");
   const std::string flags = perf != nullptr ? perf : "";
-  if (flags != "all" && flags.find("ht_push_combine") == std::string::npos) {
-    GTEST_SKIP() << "needs EPCOMM_PERF with ht_push_combine";
+  if (!flags.empty() && flags != "default" && flags != "all" &&
+      flags.find("ht_push_combine") == std::string::npos) {
+    GTEST_SKIP() << "EPCOMM_PERF=" << flags << " turns the push combine off";
   }
   Bootstrap& bs = *mpiBootstrap();
   if (bs.size() < 2) GTEST_SKIP() << "needs 2 ranks";

@@ -574,34 +574,30 @@ void expectBreakdownSums(const BufferSizes& s, const std::string& what) {
   EXPECT_EQ(s.control % 4096, 0u);
 }
 
-// PerfFlags::ht_push_combine adds the gather region ((R - 1) x max_tokens BF16 rows) and one
-// flag per 32-row chunk per rank to the HT combine regions, in bytesFor too.
-TEST_F(ConfigTest, PushCombineAddsItsGatherAndFlagRegions) {
+// The push combine's rows land in the owners' combine inputs; what it adds to the HT combine
+// regions is one flag per 32-row chunk per rank, whatever EPCOMM_PERF says (the layout is
+// agreed at creation, the flag may differ between processes).
+TEST_F(ConfigTest, PushCombineAddsOnlyItsChunkFlags) {
   const BufferConfig config = with([](BufferConfig& c) {
     c.hidden = 2048;
     c.num_experts = 64;
     c.max_tokens_per_rank = 500;
   });
   for (int ranks : {1, 2, 8}) {
-    const BufferLayout plain = computeBufferLayout(resolveConfig(config, ranks));
-    EXPECT_EQ(plain.ht.combine_gather, 0u);
-    EXPECT_EQ(plain.ht.combine_flags, 0u);
-    PerfFlags perf;
-    perf.ht_push_combine = true;
-    const BufferLayout push = computeBufferLayout(resolveConfig(config, ranks), perf);
-    const size_t gather = size_t(ranks - 1) * 500 * 2048 * 2;
+    const BufferLayout layout = computeBufferLayout(resolveConfig(config, ranks));
+    const size_t rows = size_t(ranks) * 500;
+    const size_t combine_in = rows * 2048 * 2;
+    const size_t weights = rows * 8 * sizeof(float);
     const size_t flags = size_t(ranks) * 16 * sizeof(uint64_t);  // ceil(500 / 32) chunks
-    EXPECT_EQ(push.ht.max_tokens, 500);
-    EXPECT_EQ(push.ht.push_chunks, 16);
-    EXPECT_GE(push.ht.combine_gather, plain.ht.combine_weights);
-    EXPECT_GE(push.ht.combine_flags, push.ht.combine_gather + gather);
-    EXPECT_EQ(push.sizes.ht_combine,
-              plain.sizes.ht_combine + alignTo(gather, 4096) + alignTo(flags, 4096));
-    // Everything before the new regions stays where it was.
-    EXPECT_EQ(push.ht.combine_in, plain.ht.combine_in);
-    EXPECT_EQ(push.ht.recv_x, plain.ht.recv_x);
-    ScopedEnv env("EPCOMM_PERF", "ht_push_combine");
-    EXPECT_EQ(EpBuffer::bytesFor(config, ranks).ht_combine, push.sizes.ht_combine);
+    EXPECT_EQ(layout.ht.max_tokens, 500);
+    EXPECT_EQ(layout.ht.push_chunks, 16);
+    EXPECT_GE(layout.ht.combine_flags, layout.ht.combine_weights + weights);
+    EXPECT_EQ(layout.sizes.ht_combine,
+              alignTo(combine_in, 4096) + alignTo(weights, 4096) + alignTo(flags, 4096));
+    for (const char* perf : {"none", "ht_push_combine"}) {
+      ScopedEnv env("EPCOMM_PERF", perf);
+      EXPECT_EQ(EpBuffer::bytesFor(config, ranks).ht_combine, layout.sizes.ht_combine) << perf;
+    }
   }
 }
 
@@ -617,9 +613,11 @@ TEST_F(ConfigTest, BytesForBreakdownSumsAndScales) {
     const BufferSizes s = EpBuffer::bytesFor(both, ranks);
     expectBreakdownSums(s, "both, " + str(ranks) + " ranks");
     // The HT combine regions: one BF16 row and one float32 top-k weight row (max_topk 8 by
-    // default) per (rank, token); scratch is the caller's bytes.
+    // default) per (rank, token), and the push combine's flag per (rank, 32 tokens); scratch is
+    // the caller's bytes.
     EXPECT_EQ(s.ht_combine, alignTo(size_t(ranks) * 512 * 2048 * 2, 4096) +
-                                alignTo(size_t(ranks) * 512 * 8 * 4, 4096));
+                                alignTo(size_t(ranks) * 512 * 8 * 4, 4096) +
+                                alignTo(size_t(ranks) * 16 * 8, 4096));
     EXPECT_EQ(s.scratch, alignTo(12345, 4096));
     // The control region does not depend on the shape.
     EXPECT_EQ(s.control, EpBuffer::bytesFor(BufferConfig{}, ranks).control);
@@ -681,8 +679,8 @@ TEST_F(ConfigTest, BytesForRejectsWhatTheConstructorRejects) {
 }
 
 // EPCOMM_PERF (core/perf_flags.hpp): unset/""/"default" give the measured defaults (the LL fast
-// paths on, ht_counts_once off), "none" turns every fast path off, a list names exactly the ones
-// on; a typo is an error.
+// paths and the push combine on, ht_counts_once and ht_fused_layout off), "none" turns every
+// fast path off, a list names exactly the ones on; a typo is an error.
 TEST(PerfFlags, DefaultsNoneAndNames) {
   for (const char* value : {static_cast<const char*>(nullptr), "", "default"}) {
     ScopedEnv env("EPCOMM_PERF", value);
@@ -690,7 +688,7 @@ TEST(PerfFlags, DefaultsNoneAndNames) {
     EXPECT_TRUE(f.ll_fused_dispatch && f.ll_fused_combine) << (value != nullptr ? value : "unset");
     EXPECT_FALSE(f.ht_counts_once);
     EXPECT_FALSE(f.ht_fused_layout);
-    EXPECT_FALSE(f.ht_push_combine);
+    EXPECT_TRUE(f.ht_push_combine);
   }
   {
     ScopedEnv env("EPCOMM_PERF", "ht_push_combine");
