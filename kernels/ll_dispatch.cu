@@ -167,12 +167,15 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
         recordFault(p.peers, FailKind::kBadExpertId, OpId::kLlDispatchSend, WaitPhase::kNone, -1, t,
                     static_cast<uint64_t>(p.num_experts), static_cast<uint64_t>(id));
       }
-      // The lanes of this token holding the same value (a warp match on the key (token, value));
-      // a lane without a value matches no other (its key is one no other lane has).
+      // The lanes of this token holding the same value (a warp match on the key (the token's
+      // group in the warp, value); a value is an expert id or a rank, < kMaxExperts); a lane
+      // without a value matches no other (its key is one no other lane has). 32-bit keys: a
+      // 64-bit match (MATCH.ANY.U64) is the slow form.
+      static_assert(kMaxExperts <= (1 << 26), "routing match keys: 5 bits of group, 27 of value");
+      const uint32_t group_key = static_cast<uint32_t>(lane / group_lanes) << 27;
       auto sameInToken = [&](bool has_value, uint32_t value) {
         return __match_any_sync(kFullMask,
-                                has_value ? (uint64_t{static_cast<uint32_t>(local_t)} << 32) | value
-                                          : ~uint64_t{0} - static_cast<uint64_t>(lane));
+                                has_value ? group_key | value : ~0u - static_cast<uint32_t>(lane));
       };
       const uint32_t lanes_below = (1u << lane) - 1u;
       // The routing policy (ops.hpp): an entry repeating an earlier one of its token is -1.
@@ -241,9 +244,12 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
           // Routing policy (ops.hpp): a repetition of an earlier entry of the token is -1, so an
           // expert gets a token at most once and a slab never holds more than its capacity.
           const unsigned lanes = (1u << p.num_topk) - 1u;  // num_topk <= kMaxTopk < 32
-          const unsigned same = __match_any_sync(lanes, static_cast<unsigned long long>(e));
+          // 32-bit keys (a 64-bit match is the slow form): every id outside [0, num_experts)
+          // shares one key no valid id has, and maps to -1 whatever it matches.
+          const bool valid = e >= 0 && e < p.num_experts;
+          const unsigned same = __match_any_sync(lanes, valid ? static_cast<uint32_t>(e) : ~0u);
           const bool first = (same & ((1u << lane) - 1u)) == 0;
-          meta[lane] = (first && e >= 0 && e < p.num_experts) ? static_cast<int32_t>(e) : -1;
+          meta[lane] = first && valid ? static_cast<int32_t>(e) : -1;
           // Without dispatch weights combine must get them (LlCombineArgs::topk_weights; the
           // host checks), so these zeros are never used.
           reinterpret_cast<float*>(meta + p.max_topk)[lane] =
