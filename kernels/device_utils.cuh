@@ -294,12 +294,13 @@ constexpr uint64_t kHostAbortPollNs = 200 * 1000;
 // `tagged`: the word is (epoch << 32) | value and the error record shows its epoch part.
 // `backoff_ns`: a sleep after every read that finds the word not ready, for waits that many warps
 // make at once (the push combine's reducers: hundreds of warps spinning on their flags slowed the
-// pushes landing beside them up to 10x); 0 (every other wait) spins.
+// pushes landing beside them up to 10x); 0 (every other wait) spins. The sleep doubles after
+// each read up to `max_backoff_ns` (0: it stays backoff_ns).
 template <typename Ready>
 __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
                                         const WaitContext& w, WaitPhase phase, int peer,
                                         uint64_t expected, uint64_t* value = nullptr,
-                                        uint32_t backoff_ns = 0) {
+                                        uint32_t backoff_ns = 0, uint32_t max_backoff_ns = 0) {
   const PeerContext& ctx = *w.ctx;
   ControlRegion* own = controlOf(ctx.local_base);
   const uint64_t timeout_ns = expected <= 1 ? ctx.first_op_timeout_ns : ctx.timeout_ns;
@@ -313,7 +314,10 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
       if (value != nullptr) *value = v;
       return true;
     }
-    if (backoff_ns != 0) __nanosleep(backoff_ns);
+    if (backoff_ns != 0) {
+      __nanosleep(backoff_ns);
+      if (backoff_ns < max_backoff_ns) backoff_ns = min(2 * backoff_ns, max_backoff_ns);
+    }
     if (++spins % kSlowCheckEvery != 0) continue;
     if (ldVolatileI32(&own->local.failed) != 0) return false;
     const uint64_t faulted = ldVolatileU64(&own->peer_faulted);
@@ -365,10 +369,10 @@ __device__ __forceinline__ bool waitTagged(const uint64_t* word, uint64_t epoch,
 }
 __device__ __forceinline__ bool waitEpoch(const uint64_t* word, uint64_t epoch,
                                           const WaitContext& w, WaitPhase phase, int peer,
-                                          uint32_t backoff_ns = 0) {
+                                          uint32_t backoff_ns = 0, uint32_t max_backoff_ns = 0) {
   return waitFor(
       word, [epoch](uint64_t v) { return v >= epoch; }, false, w, phase, peer, epoch, nullptr,
-      backoff_ns);
+      backoff_ns, max_backoff_ns);
 }
 
 // --- stage times (kernels/stage_times.hpp; EPCOMM_STAGE_TIMES) ---------------------------------

@@ -518,8 +518,13 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
 
 // The reducers' flag waits sleep this long after each read that finds a chunk missing: spinning,
 // they slowed the pushes landing beside them (2x H200, 4096 tokens, 32 SMs, 8 pushing blocks:
-// 555 -> 237 us with the sleep; 16 SMs, 5 pushing blocks: 390 -> 348).
+// 555 -> 237 us with the sleep; 16 SMs, 5 pushing blocks: 390 -> 348). The sleep doubles up to
+// kPushWaitMaxBackoffNs: with a fixed 100 ns, fewer pushing blocks than the default fell off a
+// cliff (the slower the pushes, the more polls, the slower the pushes: 20 % of 32 SMs pushing,
+// 7519 us; 25 % of 24 SMs, 2389 us); doubling to 800 ns made those 300 and 300 us, and the
+// default split 220.6 -> 218.6 us at 32 SMs (24 / 16 SMs unchanged; session 15).
 constexpr uint32_t kPushWaitBackoffNs = 100;
+constexpr uint32_t kPushWaitMaxBackoffNs = 800;
 
 // The push combine (copy-in combines; HtRegions::combine_flags): blocks [0, pushers) store the
 // rows this rank holds for each token owner s (its block of s's rows, in s's token order) into
@@ -646,8 +651,8 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
         src[d] = reinterpret_cast<const int4*>(s_src[d] + int64_t{slot} * row_bytes);
         if (d != me) {
           const uint64_t* flag = flags + int64_t{d} * p.regions.push_chunks + slot / kPushChunkRows;
-          arrived = arrived &&
-                    waitEpoch(flag, epoch, w, WaitPhase::kHtCombinePushed, d, kPushWaitBackoffNs);
+          arrived = arrived && waitEpoch(flag, epoch, w, WaitPhase::kHtCombinePushed, d,
+                                         kPushWaitBackoffNs, kPushWaitMaxBackoffNs);
         }
       }
       // The lanes that waited acquired their rank's rows; the warp barrier orders the other
