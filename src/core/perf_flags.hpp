@@ -36,8 +36,9 @@ struct PerfFlags {
   // so every rank must pass x alike (all the buffer's combine input or none: the call fails on
   // every rank with a signature mismatch otherwise), and every rank must set this flag alike.
   // Its reducing blocks wait for other ranks' pushing blocks: every rank's grid must be resident
-  // at once, as the default SM budgets are (BufferCore::resolveSms). On: 2x H200, 4096 tokens,
-  // copy-in at 32/24/16 SMs (session 15, docs/perf-notes.md).
+  // at once, as the default SM budgets are (BufferCore::resolveSms). On: 2x H200, EP=2, 4096
+  // tokens, copy-in combine at 32/24/16 SMs pulled 237.8/270.9/365.2 us, pushed 218.6/239.1/
+  // 347.0 (zero-copy 193.9/213.1/283.6; session 15, docs/perf-notes.md).
   bool ht_push_combine = true;
 };
 
