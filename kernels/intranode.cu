@@ -676,7 +676,7 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
 
   // 3. done: tell every rank; leave once every rank is done (they pull my received weights).
   //    Without combined weights no rank reads this rank's memory, so nobody waits: a peer's next
-  //    push into my gather region waits for my next "ready", and its next dispatch into my
+  //    push into my combine input waits for my next "ready", and its next dispatch into my
   //    receive regions for my next count row, both posted only after this kernel (stream order).
   //    The signature makes every rank agree on combined weights, so all skip or none does.
   stageBlock(ctx, kCombineStages, cstage::kPulled);
