@@ -533,9 +533,8 @@ constexpr uint32_t kPushWaitMaxBackoffNs = 800;
 // rank's tokens, a warp per token, each row read locally once its chunk's flag is in (own rows
 // straight from the caller's x). Stores cross NVLink at the link's two-way rate where pulls stop at
 // ~91 % of it ("Probes (session 6)"), and the caller's x needs no staging copy, which is why the
-// host uses it for copy-in combines only (2x H200, 4096 tokens, copy-in at 32/24/16 SMs:
-// 279/324/441 us pulled, 221/242/348 pushed; with x already in the buffer the pull is faster:
-// 194/212/281 against 221/240/348). The ready and done handshakes are the pull kernel's: a rank
+// host uses it for copy-in combines only (with x already in the buffer the pull is faster;
+// measured in core/perf_flags.hpp). The ready and done handshakes are the pull kernel's: a rank
 // pushes only into an owner that posted "ready" for this call (its previous combine is over, and
 // with it every peer's pull from its combine_in), and leaves only when every rank is done (they
 // pull its received top-k weights). An owner's kernel ends only after every chunk pushed to it is

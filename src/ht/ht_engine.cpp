@@ -476,8 +476,7 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
     const uint8_t* combine_in = b.localBase() + regions_.combine_in;
     const auto* x = static_cast<const uint8_t*>(args.x);
     check.require(
-        !enabled_ || x == combine_in || x < combine_in ||
-            x >= combine_in + regions_.capacity * int64_t{c.hidden} * 2,
+        !enabled_ || x <= combine_in || x >= combine_in + regions_.capacity * int64_t{c.hidden} * 2,
         "CombineArgs::x", pointerText(args.x),
         "the start of the buffer's combine input (DispatchResult::combine_input) or memory "
         "outside it, not a row inside it");
