@@ -8,8 +8,9 @@
 # Environment:
 #   PYTHON            interpreter for the venv (default python3)
 #   PY_VENV           venv folder, recreated on every run (default build-python/venv)
-#   PY_SYSTEM_SITE=1  the venv also sees the interpreter's packages (torch, mpi4py, nanobind on a
-#                     GPU machine); without it GPU tests that need torch are skipped
+#   PY_SYSTEM_SITE=1  the venv also sees the interpreter's packages, or its venv's when PYTHON is
+#                     in a venv (torch, mpi4py, nanobind on a GPU machine); without it GPU tests
+#                     that need torch are skipped
 #   PY_NO_BUILD_ISOLATION=1  build with the venv's scikit-build-core and nanobind instead of an
 #                     isolated build environment downloaded from PyPI (offline machines)
 #   PIP_NO_INDEX=1 PIP_FIND_LINKS=<dir>  pip's own switches for a local wheelhouse (offline)
@@ -38,6 +39,12 @@ venv_args=()
 if [ "${PY_SYSTEM_SITE:-0}" = 1 ]; then venv_args+=(--system-site-packages); fi
 "$PYTHON" -m venv "${venv_args[@]}" "$PY_VENV"
 py=$PY_VENV/bin/python
+if [ "${PY_SYSTEM_SITE:-0}" = 1 ]; then
+  # An interpreter that is itself a venv (torch in /opt/torch/.venv on the GPU machines): a venv
+  # made from it sees its base interpreter's packages, not the venv's; a .pth file adds them.
+  "$PYTHON" -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")' \
+    > "$("$py" -c 'import site; print(site.getsitepackages()[0])')/parent-venv.pth"
+fi
 
 # pip downloads nothing for a requirement the venv (or, with PY_SYSTEM_SITE=1, the system)
 # already satisfies.
