@@ -50,7 +50,7 @@ export EPCOMM_TIMEOUT_S=${EPCOMM_TIMEOUT_S:-8}
 export EPCOMM_FIRST_OP_TIMEOUT_S=${EPCOMM_FIRST_OP_TIMEOUT_S:-60}
 export BUILD_DIR=${BUILD_DIR:-build}
 # scripts/test.sh runs the Python tests after CTest; here only when GPU_CHECK_PYTHON=1, because a
-# GPU machine is often offline: then also set PYTHON (an interpreter that has torch, or its venv's),
+# GPU machine is often offline: then also set PYTHON (an interpreter that has torch; a venv's works),
 # PY_SYSTEM_SITE=1 PY_NO_BUILD_ISOLATION=1 PIP_NO_INDEX=1 PIP_FIND_LINKS=<wheelhouse with
 # scikit-build-core, nanobind, pytest> (docs/python.md).
 export EPCOMM_TEST_PYTHON=${GPU_CHECK_PYTHON:-0}
