@@ -1317,6 +1317,20 @@ struct BadInput {
       call;
 };
 
+// A zero-copy combine after a top-k dispatch, its arguments first edited by `edit(args, result)`.
+template <typename Edit>
+void combineAfterDispatch(EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d,
+                          const HtCase& hc, cudaStream_t s, Edit edit) {
+  const DispatchResult r = b.dispatch(d.args(i, hc, true), h, s);
+  b.sync(s);
+  DeviceArray<uint16_t> out(std::max<size_t>(size_t(i.num_tokens) * hc.hidden, 8));
+  CombineArgs a;
+  a.x = r.combine_input;
+  a.out = out.get();
+  edit(a, r);
+  b.combine(a, h, s);
+}
+
 TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
   EPCOMM_REQUIRE_GPU();
   Bootstrap& bs = *mpiBootstrap();
@@ -1457,14 +1471,9 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
       {"combined_topk_weights without recv_topk_weights", "CombineArgs::combined_topk_weights",
        [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
-         const DispatchResult r = b.dispatch(d.args(i, hc, true), h, s);
-         b.sync(s);
-         DeviceArray<uint16_t> out(std::max<size_t>(size_t(i.num_tokens) * hc.hidden, 8));
-         CombineArgs a;
-         a.x = r.combine_input;
-         a.out = out.get();
-         a.combined_topk_weights = const_cast<float*>(d.weights.get());
-         b.combine(a, h, s);
+         combineAfterDispatch(b, h, i, d, hc, s, [&](CombineArgs& a, const DispatchResult&) {
+           a.combined_topk_weights = const_cast<float*>(d.weights.get());
+         });
        }},
       {"scale_weights after a dispatch without top-k", "CombineArgs::scale_weights",
        [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
@@ -1504,13 +1513,9 @@ TEST(HtBadInput, RejectedOnEveryRankBeforeLaunch) {
       {"x a row inside the combine input", "CombineArgs::x",
        [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
           cudaStream_t s) {
-         const DispatchResult r = b.dispatch(d.args(i, hc, true), h, s);
-         b.sync(s);
-         DeviceArray<uint16_t> out(std::max<size_t>(size_t(i.num_tokens) * hc.hidden, 8));
-         CombineArgs a;
-         a.x = static_cast<uint16_t*>(r.combine_input) + hc.hidden;
-         a.out = out.get();
-         b.combine(a, h, s);
+         combineAfterDispatch(b, h, i, d, hc, s, [&](CombineArgs& a, const DispatchResult& r) {
+           a.x = static_cast<uint16_t*>(r.combine_input) + hc.hidden;
+         });
        }},
       {"combine before dispatch", "handle",
        [](EpBuffer& b, EpHandle& h, const RankInputs& i, const HtDeviceInputs& d, const HtCase& hc,
