@@ -364,6 +364,10 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
     }
     first_source = false;
     if (!__syncthreads_and(ok)) return;
+    // Orders s_count for compute-sanitizer's racecheck, which does not take the barrier-reduction
+    // above as ordering shared memory (the PTX ISA does): without it every racecheck run reports
+    // this write and read as a hazard.
+    __syncthreads();
     stageThread0(ctx, kStages, stage::kSourceWait);
     const int count = s_count;
     int32_t* counters = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
