@@ -464,82 +464,67 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
         }
       }
     } else {
-      for (int item = sub * kWarpsPerBlock + warp; item < items;
-           item += blocks_per_source * kWarpsPerBlock) {
+      // A warp takes up to 32 items at once, lane j the warp's j-th: their row tags, expert ids
+      // and slab positions come in together (one chain of round trips for all of them, not one
+      // per item: at a small SM budget a warp has several items, and the chains were most of
+      // the placement), then the warp copies the placed rows one after another.
+      const int stride = blocks_per_source * kWarpsPerBlock;
+      const int vecs = static_cast<int>(out_row_bytes / 16);
+      for (int base = sub * kWarpsPerBlock + warp; base < items; base += kWarpSize * stride) {
+        const int item = base + lane * stride;
         const int row = item / p.max_topk;
         const int k = item % p.max_topk;
-        int32_t* slot_of_row = slotsOfRow(s, row);
-        // The row's tag: present (the row and its metadata are in, released by the tag) or absent
-        // (token `row` of rank s does not come here).
         bool ready = true;
-        uint64_t row_tag = 0;
-        if (lane == 0) {
+        int64_t out_row = -1;  // where this lane's item goes; -1: nowhere (absent, or a fault)
+        if (item < items) {
+          // The row's tag: present (the row and its metadata are in, released by the tag) or
+          // absent (token `row` of rank s does not come here).
+          uint64_t row_tag = 0;
           ready = !*static_cast<volatile bool*>(&s_stopped) &&
                   waitFor(
                       rowTagOf(s, row), [epoch](uint64_t v) { return llRowTagReady(v, epoch); },
                       true, w, kPhaseDispatchRow, s, epoch, &row_tag);
           if (!ready) s_stopped = true;
-        }
-        __syncwarp();  // lane 0's acquire orders the row before every lane's reads
-        if (!__shfl_sync(kFullMask, ready, 0)) break;
-        const uint32_t tag_value = tagValue(__shfl_sync(kFullMask, row_tag, 0));
-        // Entry k is one of this rank's experts (the tag says so; absent rows have none).
-        if (!llRowIsPresent(tag_value) || ((llRowTopkMask(tag_value) >> k) & 1u) == 0) {
-          if (lane == 0) slot_of_row[k] = -1;
-          continue;
-        }
-        const uint8_t* staged = stagedRow(s, row);
-        const int4* src = reinterpret_cast<const int4*>(staged);
-        const int vecs = static_cast<int>(out_row_bytes / 16);
-        // The row's first vectors are loaded before the expert id and the slab position are known:
-        // their round trips overlap the copy's first one.
-        int4 head[kDispatchUnroll];
-#pragma unroll
-        for (int u = 0; u < kDispatchUnroll; ++u) {
-          if (lane + u * kWarpSize < vecs) head[u] = ldPeer(src + lane + u * kWarpSize);
-        }
-        const int32_t e = metaOf(p, parity, s, row)[k];
-        const int local = e - first_local;
-        if (e < 0 || local < 0 || local >= p.num_local_experts) {  // peer data against its tag
-          if (lane == 0) slot_of_row[k] = -1;
-          continue;
-        }
-        int32_t pos = 0;
-        if (lane == 0) pos = atomicAdd(&counters[local], 1);
-        pos = __shfl_sync(kFullMask, pos, 0);
-        if (pos >= r.rows_per_expert) {
-          if (lane == 0) {
-            slot_of_row[k] = -1;
-            recordSlabOverflow(s, row, pos);
+          const uint32_t tag_value = tagValue(row_tag);
+          int32_t* slot_of_row = slotsOfRow(s, row);
+          // Entry k is one of this rank's experts (the tag says so; absent rows have none).
+          if (ready && llRowIsPresent(tag_value) && ((llRowTopkMask(tag_value) >> k) & 1u) != 0) {
+            const int32_t e = metaOf(p, parity, s, row)[k];
+            const int local = e - first_local;
+            // (e, local: peer data against its tag)
+            const int32_t pos = e < 0 || local < 0 || local >= p.num_local_experts
+                                    ? -1
+                                    : atomicAdd(&counters[local], 1);
+            if (pos >= r.rows_per_expert) recordSlabOverflow(s, row, pos);
+            if (pos >= 0 && pos < r.rows_per_expert) {
+              out_row = int64_t{local} * r.rows_per_expert + pos;
+              reinterpret_cast<int32_t*>(ctx.local_base + r.src_info)[out_row] =
+                  s * static_cast<int32_t>(r.max_tokens) + row;
+              // One more row for this expert (load-balancing statistics, DeepEP's
+              // cumulative_local_expert_recv_stats): counted where the row is placed.
+              if (p.cumulative_recv_counts != nullptr) {
+                atomicAdd(&p.cumulative_recv_counts[local], 1);
+              }
+            }
           }
-          continue;
+          if (ready) slot_of_row[k] = static_cast<int32_t>(out_row);
         }
-        const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
-        int4* dst = reinterpret_cast<int4*>(ctx.local_base + r.out_x + out_row * out_row_bytes);
-#pragma unroll
-        for (int u = 0; u < kDispatchUnroll; ++u) {
-          if (lane + u * kWarpSize < vecs) dst[lane + u * kWarpSize] = head[u];
-        }
-        // The rest with 8 loads in flight per lane: at a small SM budget this copy is bound by the
-        // bytes each SM keeps in flight (24 SMs: 15.8 us of a 128-token receive at 1 rank with 4).
-        constexpr int kHead = kDispatchUnroll * kWarpSize;
-        if (vecs > kHead) {
-          warpCopyRow<kDispatchUnroll>(dst + kHead, src + kHead, vecs - kHead, lane,
-                                       [](const int4* v) { return ldPeer(v); });
-        }
-        if (p.use_fp8) {
-          const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
-          float* out_scales =
-              reinterpret_cast<float*>(ctx.local_base + r.out_scales) + out_row * num_scales;
-          for (int c = lane; c < num_scales; c += kWarpSize) out_scales[c] = scales[c];
-        }
-        if (lane == 0) {
-          reinterpret_cast<int32_t*>(ctx.local_base + r.src_info)[out_row] =
-              s * static_cast<int32_t>(r.max_tokens) + row;
-          slot_of_row[k] = static_cast<int32_t>(out_row);
-          // One more row for this expert (load-balancing statistics, DeepEP's
-          // cumulative_local_expert_recv_stats): counted where the row is placed.
-          if (p.cumulative_recv_counts != nullptr) atomicAdd(&p.cumulative_recv_counts[local], 1);
+        __syncwarp();  // each lane's acquire orders its row before every lane's reads
+        if (!__all_sync(kFullMask, ready)) break;
+        for (unsigned todo = __ballot_sync(kFullMask, out_row >= 0); todo != 0; todo &= todo - 1) {
+          const int j = __ffs(todo) - 1;
+          const uint8_t* staged = stagedRow(s, __shfl_sync(kFullMask, row, j));
+          const int64_t dst_row = __shfl_sync(kFullMask, out_row, j);
+          warpCopyRow<kDispatchUnroll>(
+              reinterpret_cast<int4*>(ctx.local_base + r.out_x + dst_row * out_row_bytes),
+              reinterpret_cast<const int4*>(staged), vecs, lane,
+              [](const int4* v) { return ldPeer(v); });
+          if (p.use_fp8) {
+            const float* scales = reinterpret_cast<const float*>(staged + p.hidden);
+            float* out_scales =
+                reinterpret_cast<float*>(ctx.local_base + r.out_scales) + dst_row * num_scales;
+            for (int c = lane; c < num_scales; c += kWarpSize) out_scales[c] = scales[c];
+          }
         }
       }
     }
