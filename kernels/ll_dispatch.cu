@@ -491,7 +491,8 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
           if (ready && llRowIsPresent(tag_value) && ((llRowTopkMask(tag_value) >> k) & 1u) != 0) {
             const int32_t e = metaOf(p, parity, s, row)[k];
             const int local = e - first_local;
-            // (e, local: peer data against its tag)
+            // An id that is not one of this rank's experts is peer data contradicting its tag:
+            // the entry gets no slot (pos -1).
             const int32_t pos = e < 0 || local < 0 || local >= p.num_local_experts
                                     ? -1
                                     : atomicAdd(&counters[local], 1);
