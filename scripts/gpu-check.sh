@@ -11,7 +11,10 @@
 #
 # Environment:
 #   GPU_CHECK_TESTS             ctest -R regex (empty = all tests)
-#   GPU_CHECK_TEST_SECONDS      wall-clock budget of the ctest phase (default 520)
+#   GPU_CHECK_TEST_SECONDS      wall-clock budget of the ctest phase, build included (default 520;
+#                               the summary names the entries it left out and the GPU_CHECK_TESTS
+#                               value that runs just them: on a fresh machine the build and all
+#                               entries do not fit in one 600-s device call)
 #   GPU_CHECK_BENCH=0           skip the benchmark (and do not build ep_bench)
 #   GPU_CHECK_README=1          run the README's two commands exactly as written instead
 #   GPU_CHECK_PYTHON=1          also run the Python tests (scripts/test.sh -> test-python.sh)
@@ -157,6 +160,16 @@ else
 fi
 test_rc=${PIPESTATUS[0]}
 test_s=$(( $(date +%s) - start ))
+# The entries the test budget left out: a fresh machine's build and every entry do not fit in one
+# device call (600 s). The summary names them and the GPU_CHECK_TESTS value that runs just them.
+not_run=()
+if [ "${GPU_CHECK_README:-0}" != 1 ]; then
+  mapfile -t listed < <(ctest --test-dir "$BUILD_DIR" -N ${GPU_CHECK_TESTS:+-R "$GPU_CHECK_TESTS"} \
+    2>/dev/null | sed -nE 's/^ *Test +#[0-9]+: //p')
+  for name in "${listed[@]}"; do
+    grep -qE "Test +#[0-9]+: $name " "$OUT/test.log" || not_run+=("$name")
+  done
+fi
 
 # --- the same tests with the EPCOMM_PERF fast paths on -----------------------------------------
 perf_rc=skipped
@@ -352,6 +365,11 @@ grep -E "tests passed|tests failed|Total Test time" "$OUT/test.log" | tail -3
 grep -E "SKIPPED \]|Skipped because|is not usable here|EPCOMM_SKIPPED_NO_GPU" "$OUT/test.log" |
   sort | uniq -c | head -10
 echo "tests: rc=$test_rc (${test_s}s)"
+if [ "${#not_run[@]}" -gt 0 ]; then
+  echo "not run (the test budget, GPU_CHECK_TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-520}, ran out):" \
+    "${#not_run[@]} entries; they alone:"
+  echo "  GPU_CHECK_TESTS='^($(IFS='|'; echo "${not_run[*]}"))\$' GPU_CHECK_BENCH=0 scripts/gpu-check.sh"
+fi
 if [ "$perf_rc" != skipped ]; then
   echo "-- tests with EPCOMM_PERF=$GPU_CHECK_PERF"
   grep -E "tests passed|tests failed" "$OUT/perf-tests.log" | tail -2
