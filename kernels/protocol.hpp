@@ -186,6 +186,7 @@ EPCOMM_HOST_DEVICE constexpr uint64_t skipMarker(uint32_t launch, uint64_t call)
 enum ArriveSlot : int {
   kArriveHtDispatch = 0,
   kArriveHtCombine = 1,
+  kUnitsHtDispatch = 2,  // not an arrival: the HT dispatch's next unit of work (reset alike)
   kArriveLlCombineRecv = 6,
 };
 constexpr int kNumArriveSlots = 16;
