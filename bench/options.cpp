@@ -175,13 +175,14 @@ void validateOptions(const CLI::App& app, Options& o) {
     while (true) {
       const size_t plus = rest.find('+');
       const std::string name = rest.substr(0, plus);
-      require(name == "off" || name == "default" || name == "all" || name == "ll_fused_dispatch" ||
-                  name == "ll_fused_combine" || name == "ht_counts_once" ||
-                  name == "ht_fused_layout",
+      require(name == "off" || name == "default" || name == "none" || name == "all" ||
+                  name == "ll_fused_dispatch" || name == "ll_fused_combine" ||
+                  name == "ht_counts_once" || name == "ht_fused_layout" ||
+                  name == "ht_push_combine",
               "--perf-variants",
               "'" + variant +
-                  "': names are off, default, all, ll_fused_dispatch, ll_fused_combine, "
-                  "ht_counts_once, ht_fused_layout, joined by '+'");
+                  "': names are off, default, none, all, ll_fused_dispatch, ll_fused_combine, "
+                  "ht_counts_once, ht_fused_layout, ht_push_combine, joined by '+'");
       if (plus == std::string::npos) break;
       rest = rest.substr(plus + 1);
     }
