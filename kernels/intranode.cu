@@ -504,8 +504,15 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   const int lane = tid % kWarpSize;
   const int num_vecs = static_cast<int>(p.row_bytes / 16);
   const int mask_words = rankMaskWords(num_ranks);
-  for (int t = blockIdx.x * kWarpsPerBlock + warp; t < p.num_tokens;
-       t += gridDim.x * kWarpsPerBlock) {
+  // Tokens from a per-rank counter, in order, to whichever warp asks next (as the dispatch's
+  // pieces; whole tokens here: pieces of tokens repeat each token's weights and row pointers and
+  // were 8-26 % slower, docs/perf-notes.md). The index is fetched a token ahead. The kernel's last
+  // block resets the counter.
+  uint32_t* token_counter = &own->local.arrive[kUnitsHtCombine];
+  uint32_t fetched = lane == 0 ? atomicAdd(token_counter, 1u) : 0u;
+  for (int t = static_cast<int>(__shfl_sync(kFullMask, fetched, 0)); t < p.num_tokens;
+       t = static_cast<int>(__shfl_sync(kFullMask, fetched, 0))) {
+    fetched = lane == 0 ? atomicAdd(token_counter, 1u) : 0u;
     const RankMask mask = loadRankMask(p.token_mask, t, mask_words);
     float* weight = s_weight[warp];
     const int4** src = s_row[warp];
@@ -529,6 +536,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   // 3. done pulling: tell every rank; leave once every rank is done pulling from me
   stageBlock(ctx, kCombineStages, cstage::kPulled);
   const bool last = arriveLastBlock(&own->local.arrive[kArriveHtCombine]);
+  if (last && tid == 0) own->local.arrive[kUnitsHtCombine] = 0;
   if (!last) {
     stageThread0(ctx, kCombineStages, cstage::kEnd);
     return;

@@ -187,6 +187,7 @@ enum ArriveSlot : int {
   kArriveHtDispatch = 0,
   kArriveHtCombine = 1,
   kUnitsHtDispatch = 2,  // not an arrival: the HT dispatch's next unit of work (reset alike)
+  kUnitsHtCombine = 3,   // the HT pull combine's next token (reset alike)
   kArriveLlCombineRecv = 6,
 };
 constexpr int kNumArriveSlots = 16;
