@@ -24,6 +24,7 @@
 // BF16 in token order; with combined top-k weights, the token's received-weight rows the same way
 // (lane k sums entry k). A final handshake ("done pulling") makes the combine input reusable as
 // soon as the kernel completes.
+#include "kernels/dependent_launch.cuh"
 #include "kernels/device_utils.cuh"
 #include "kernels/kernel_check.hpp"
 #include "kernels/launch.hpp"
@@ -70,6 +71,7 @@ __device__ __forceinline__ void copyRowToRanks(const int4* src, int4* const* dst
 template <typename IdxT, bool kFusedLayout>
 __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchParams p) {
   const PeerContext& ctx = p.peers;
+  waitPriorGrids();
   stageStart(ctx, kDispatchStages);
   ControlRegion* own = controlOf(ctx.local_base);
   const int num_ranks = ctx.num_ranks;
@@ -455,6 +457,7 @@ __device__ __forceinline__ void finishCombine(const PeerContext& ctx, uint8_t* c
 
 __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams p) {
   const PeerContext& ctx = p.peers;
+  waitPriorGrids();
   stageStart(ctx, kCombineStages);
   ControlRegion* own = controlOf(ctx.local_base);
   const int num_ranks = ctx.num_ranks;
@@ -571,6 +574,7 @@ constexpr uint32_t kPushWaitMaxBackoffNs = 800;
 // call.
 __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombineParams p) {
   const PeerContext& ctx = p.peers;
+  waitPriorGrids();
   stageStart(ctx, kCombineStages);
   ControlRegion* own = controlOf(ctx.local_base);
   const int num_ranks = ctx.num_ranks;
@@ -775,25 +779,25 @@ void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_
   const bool fused = params.fused_layout != 0;
   if (params.idx_is_64) {
     if (fused) {
-      htDispatchKernel<int64_t, true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+      launchDependent(htDispatchKernel<int64_t, true>, num_blocks, kBlockThreads, stream, params);
     } else {
-      htDispatchKernel<int64_t, false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+      launchDependent(htDispatchKernel<int64_t, false>, num_blocks, kBlockThreads, stream, params);
     }
   } else if (fused) {
-    htDispatchKernel<int32_t, true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    launchDependent(htDispatchKernel<int32_t, true>, num_blocks, kBlockThreads, stream, params);
   } else {
-    htDispatchKernel<int32_t, false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    launchDependent(htDispatchKernel<int32_t, false>, num_blocks, kBlockThreads, stream, params);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(htDispatchKernel);
 }
 
 void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream) {
-  htCombineKernel<<<sm_budget, kBlockThreads, 0, stream>>>(params);
+  launchDependent(htCombineKernel, sm_budget, kBlockThreads, stream, params);
   EPCOMM_KERNEL_LAUNCH_CHECK(htCombineKernel);
 }
 
 void launchHtPushCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream) {
-  htPushCombineKernel<<<sm_budget, kBlockThreads, 0, stream>>>(params);
+  launchDependent(htPushCombineKernel, sm_budget, kBlockThreads, stream, params);
   EPCOMM_KERNEL_LAUNCH_CHECK(htPushCombineKernel);
 }
 

@@ -18,6 +18,7 @@
 // is_token_in_rank instead, through the same scans; the caller's per-rank counts must equal the
 // column sums and its per-expert counts are bounded (or, with top-k, must equal the histogram),
 // each mismatch a fault of the same kind as a bad expert id.
+#include "kernels/dependent_launch.cuh"
 #include "kernels/kernel_check.hpp"
 #include "kernels/launch.hpp"
 #include "kernels/layout_tile.cuh"
@@ -30,6 +31,9 @@ using namespace layout_tile;
 template <typename IdxT>
 __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams p) {
   __shared__ LayoutShared sm;
+  // The dispatch kernel follows at once: its blocks may start now and wait for this grid.
+  allowDependentLaunch();
+  waitPriorGrids();
   stageStart(p.peers, kStages);
   layoutTile<IdxT>(p, blockIdx.x, gridDim.x, sm, nullptr, 0);
 }
@@ -39,9 +43,9 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
 void launchLayout(const LayoutParams& params, cudaStream_t stream) {
   const int tiles = layoutTiles(params.num_tokens);
   if (params.idx_is_64) {
-    layoutTileKernel<int64_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
+    launchDependent(layoutTileKernel<int64_t>, tiles, kLayoutThreads, stream, params);
   } else {
-    layoutTileKernel<int32_t><<<tiles, kLayoutThreads, 0, stream>>>(params);
+    launchDependent(layoutTileKernel<int32_t>, tiles, kLayoutThreads, stream, params);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(layoutTileKernel);
 }
