@@ -440,25 +440,49 @@ __device__ __forceinline__ bool arriveLastBlock(uint32_t* counter) {
 // A token's top-k ids in registers, every load issued before any is used: a loop that uses each id
 // before loading the next (or stores between the loads, which may alias) is a chain of num_topk
 // memory latencies, the largest part of a small layout or LL dispatch. Entries past num_topk: -1.
-template <typename IdxT>
-__device__ __forceinline__ void loadTopkRow(const IdxT* row, int num_topk,
-                                            int64_t (&ids)[kMaxTopk]) {
+// Every loop over the entries here stops at num_topk (a uniform branch): unrolled to kMaxTopk
+// without it, a top-8 row did the work of a top-16 one, and the dedup's compares grow with the
+// square (most of the layout's routing time, docs/perf-notes.md).
+template <int kSlots, typename IdxT>
+__device__ __forceinline__ void loadTopkRow(const IdxT* row, int num_topk, int64_t (&ids)[kSlots]) {
 #pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) ids[k] = k < num_topk ? static_cast<int64_t>(row[k]) : -1;
+  for (int k = 0; k < kSlots; ++k) ids[k] = -1;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    if (k >= num_topk) break;
+    ids[k] = static_cast<int64_t>(row[k]);
+  }
 }
 
 // The routing policy (ops.hpp) on registers: entry k kept iff a valid id not equal to an earlier
 // kept entry, else -1.
-__device__ __forceinline__ void dedupTopkRow(const int64_t (&ids)[kMaxTopk], int num_experts,
-                                             int32_t (&kept)[kMaxTopk]) {
+template <int kSlots>
+__device__ __forceinline__ void dedupTopkRow(const int64_t (&ids)[kSlots], int num_topk,
+                                             int num_experts, int32_t (&kept)[kSlots]) {
 #pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) {
+  for (int k = 0; k < kSlots; ++k) kept[k] = -1;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    if (k >= num_topk) break;
+    const int32_t id = static_cast<int32_t>(ids[k]);
     bool keep = ids[k] >= 0 && ids[k] < num_experts;
 #pragma unroll
-    for (int j = 0; j < k; ++j) keep = keep && kept[j] != static_cast<int32_t>(ids[k]);
-    kept[k] = keep ? static_cast<int32_t>(ids[k]) : -1;
+    for (int j = 0; j < k; ++j) keep = keep && kept[j] != id;
+    kept[k] = keep ? id : -1;
   }
 }
+
+// n / d by a multiply (an integer division is ~20 instructions): exact for n, d < 2^16, as
+// expert ids and experts per rank are (kMaxExperts).
+struct SmallDivisor {
+  uint64_t magic;  // ceil(2^32 / d)
+  __device__ __forceinline__ explicit SmallDivisor(int d)
+      : magic(((uint64_t{1} << 32) + static_cast<uint64_t>(d) - 1) / static_cast<uint64_t>(d)) {}
+  __device__ __forceinline__ int divide(int n) const {
+    return static_cast<int>((static_cast<uint64_t>(n) * magic) >> 32);
+  }
+};
+static_assert(kMaxExperts < (1 << 16), "SmallDivisor's exact range");
 
 // --- destination-rank masks ----------------------------------------------------------------------
 // A token's destination ranks, rankMaskWords(R) words (protocol.hpp). Held in registers: every

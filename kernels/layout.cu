@@ -28,24 +28,29 @@ namespace {
 
 using namespace layout_tile;
 
-template <typename IdxT>
+// kTopk: 0 for any top-k width, or the width itself (an instance for top-8, the common case:
+// its routing has no run-time bounds).
+template <typename IdxT, int kTopk>
 __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams p) {
   __shared__ LayoutShared sm;
   // The dispatch kernel follows at once: its blocks may start now and wait for this grid.
   allowDependentLaunch();
   waitPriorGrids();
   stageStart(p.peers, kStages);
-  layoutTile<IdxT>(p, blockIdx.x, gridDim.x, sm, nullptr, 0);
+  layoutTile<IdxT, kTopk>(p, blockIdx.x, gridDim.x, sm, nullptr, 0);
 }
 
 }  // namespace
 
 void launchLayout(const LayoutParams& params, cudaStream_t stream) {
   const int tiles = layoutTiles(params.num_tokens);
+  const bool top8 = params.num_topk == 8;
   if (params.idx_is_64) {
-    launchDependent(layoutTileKernel<int64_t>, tiles, kLayoutThreads, stream, params);
+    launchDependent(top8 ? layoutTileKernel<int64_t, 8> : layoutTileKernel<int64_t, 0>, tiles,
+                    kLayoutThreads, stream, params);
   } else {
-    launchDependent(layoutTileKernel<int32_t>, tiles, kLayoutThreads, stream, params);
+    launchDependent(top8 ? layoutTileKernel<int32_t, 8> : layoutTileKernel<int32_t, 0>, tiles,
+                    kLayoutThreads, stream, params);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(layoutTileKernel);
 }

@@ -37,21 +37,26 @@ __device__ __forceinline__ void signalLayoutDone(uint64_t* done, uint64_t value)
 constexpr StageKernel kStages = StageKernel::kLayout;
 namespace stage = layout_stage;
 
-template <typename IdxT>
+// kTopk > 0: the top-k width known at compile time (layoutTileKernel's top-8 instance): kTopk
+// register slots and no run-time bound; 0: any width up to kMaxTopk.
+template <typename IdxT, int kTopk>
 __device__ __forceinline__ RankMask routeToken(const LayoutParams& p, const IdxT* topk, int t,
-                                               int experts_per_rank, int32_t* expert_hist) {
+                                               SmallDivisor experts_per_rank,
+                                               int32_t* expert_hist) {
+  constexpr int kSlots = kTopk > 0 ? kTopk : kMaxTopk;
+  const int num_topk = kTopk > 0 ? kTopk : p.num_topk;
   RankMask mask = emptyRankMask();
-  int64_t ids[kMaxTopk];
-  int32_t kept[kMaxTopk];
-  loadTopkRow(topk + static_cast<int64_t>(t) * p.num_topk, p.num_topk, ids);
+  int64_t ids[kSlots];
+  int32_t kept[kSlots];
+  loadTopkRow<kSlots>(topk + static_cast<int64_t>(t) * num_topk, num_topk, ids);
   // A repetition of an earlier entry of this token counts as -1.
-  dedupTopkRow(ids, p.num_experts, kept);
-  int32_t* copy = p.topk_copy + static_cast<int64_t>(t) * p.num_topk;
+  dedupTopkRow<kSlots>(ids, num_topk, p.num_experts, kept);
+  int32_t* copy = p.topk_copy + static_cast<int64_t>(t) * num_topk;
 #pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) {
-    if (k >= p.num_topk) break;
+  for (int k = 0; k < kSlots; ++k) {
+    if (k >= num_topk) break;
     if (kept[k] >= 0) {
-      mask.set(kept[k] / experts_per_rank);
+      mask.set(experts_per_rank.divide(kept[k]));
       atomicAdd(&expert_hist[kept[k]], 1);
     } else if (ids[k] != -1 && (ids[k] < 0 || ids[k] >= p.num_experts)) {
       recordFault(p.peers, FailKind::kBadExpertId, OpId::kLayout, WaitPhase::kNone, -1, t,
@@ -182,7 +187,7 @@ __device__ inline bool finishTiles(const LayoutParams& p, int tile, int num_tile
 // a dispatch kernel that runs the layout first: any block, several tiles each). `done`, when not
 // null: the block that finishes the layout then stores `done_value` there (release, GPU scope),
 // after every output. Returns after __syncthreads (the shared storage may be reused).
-template <typename IdxT>
+template <typename IdxT, int kTopk = 0>
 __device__ inline void layoutTile(const LayoutParams& p, int tile, int num_tiles, LayoutShared& sm,
                                   uint64_t* done, uint64_t done_value) {
   int32_t* expert_hist = sm.expert_hist;
@@ -196,10 +201,11 @@ __device__ inline void layoutTile(const LayoutParams& p, int tile, int num_tiles
   const int t = tile * kLayoutThreads + tid;
   RankMask mask = emptyRankMask();
   if (t < p.num_tokens) {
-    const RankMask topk_mask = p.topk_idx != nullptr
-                                   ? routeToken(p, static_cast<const IdxT*>(p.topk_idx), t,
-                                                p.num_experts / p.num_ranks, expert_hist)
-                                   : emptyRankMask();
+    const RankMask topk_mask =
+        p.topk_idx != nullptr
+            ? routeToken<IdxT, kTopk>(p, static_cast<const IdxT*>(p.topk_idx), t,
+                                      SmallDivisor(p.num_experts / p.num_ranks), expert_hist)
+            : emptyRankMask();
     mask = topk_mask;
     if (p.in_rank != nullptr) {
       // The caller's layout decides where the token goes; its experts must be among those ranks
