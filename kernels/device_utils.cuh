@@ -440,9 +440,9 @@ __device__ __forceinline__ bool arriveLastBlock(uint32_t* counter) {
 // A token's top-k ids in registers, every load issued before any is used: a loop that uses each id
 // before loading the next (or stores between the loads, which may alias) is a chain of num_topk
 // memory latencies, the largest part of a small layout or LL dispatch. Entries past num_topk: -1.
-// Every loop over the entries here stops at num_topk (a uniform branch): unrolled to kMaxTopk
-// without it, a top-8 row did the work of a top-16 one, and the dedup's compares grow with the
-// square (most of the layout's routing time, docs/perf-notes.md).
+// kSlots register slots: the top-k width where it is known at compile time (the layout's top-8
+// instance: no run-time bound, ~2.5x fewer instructions than 16 predicated slots), else
+// kMaxTopk with every loop stopping at num_topk (docs/perf-notes.md, session 18).
 template <int kSlots, typename IdxT>
 __device__ __forceinline__ void loadTopkRow(const IdxT* row, int num_topk, int64_t (&ids)[kSlots]) {
 #pragma unroll
