@@ -29,28 +29,12 @@ __device__ __forceinline__ void allowDependentLaunch() {
 #endif
 }
 
-// Whether the current device has programmatic dependent launch (compute capability 9.0+),
-// cached per host thread for its last device.
-inline bool currentDeviceHasDependentLaunch() {
-  thread_local int cached_device = -1;
-  thread_local bool cached = false;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (device != cached_device) {
-    int major = 0;
-    cached =
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-        major >= 9;
-    cached_device = device;
-  }
-  return cached;
-}
-
-// <<<blocks, threads, 0, stream>>>(params) with the programmatic-serialization attribute where
-// the device has it; the caller checks with EPCOMM_KERNEL_LAUNCH_CHECK as after <<<>>>.
+// <<<blocks, threads, 0, stream>>>(params), with the programmatic-serialization attribute when
+// `allowed` (the device has it: BufferCore::dependent_launch, from the compute capability read
+// when the buffer was created); the caller checks with EPCOMM_KERNEL_LAUNCH_CHECK as after <<<>>>.
 template <typename Params>
 void launchDependent(void (*kernel)(Params), dim3 blocks, int threads, cudaStream_t stream,
-                     const Params& params) {
+                     const Params& params, bool allowed) {
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -59,7 +43,7 @@ void launchDependent(void (*kernel)(Params), dim3 blocks, int threads, cudaStrea
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.stream = stream;
   config.attrs = &attribute;
-  config.numAttrs = currentDeviceHasDependentLaunch() ? 1 : 0;
+  config.numAttrs = allowed ? 1 : 0;
   (void)cudaLaunchKernelEx(&config, kernel, params);  // an error stays as the last error
 }
 

@@ -774,30 +774,37 @@ __global__ void __launch_bounds__(kBlockThreads) copyRowsKernel(CopyRowsParams p
 
 }  // namespace
 
-void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream) {
+void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream,
+                      bool dependent_launch) {
   const int num_blocks = sm_budget;
   const bool fused = params.fused_layout != 0;
   if (params.idx_is_64) {
     if (fused) {
-      launchDependent(htDispatchKernel<int64_t, true>, num_blocks, kBlockThreads, stream, params);
+      launchDependent(htDispatchKernel<int64_t, true>, num_blocks, kBlockThreads, stream, params,
+                      dependent_launch);
     } else {
-      launchDependent(htDispatchKernel<int64_t, false>, num_blocks, kBlockThreads, stream, params);
+      launchDependent(htDispatchKernel<int64_t, false>, num_blocks, kBlockThreads, stream, params,
+                      dependent_launch);
     }
   } else if (fused) {
-    launchDependent(htDispatchKernel<int32_t, true>, num_blocks, kBlockThreads, stream, params);
+    launchDependent(htDispatchKernel<int32_t, true>, num_blocks, kBlockThreads, stream, params,
+                    dependent_launch);
   } else {
-    launchDependent(htDispatchKernel<int32_t, false>, num_blocks, kBlockThreads, stream, params);
+    launchDependent(htDispatchKernel<int32_t, false>, num_blocks, kBlockThreads, stream, params,
+                    dependent_launch);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(htDispatchKernel);
 }
 
-void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream) {
-  launchDependent(htCombineKernel, sm_budget, kBlockThreads, stream, params);
+void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream,
+                     bool dependent_launch) {
+  launchDependent(htCombineKernel, sm_budget, kBlockThreads, stream, params, dependent_launch);
   EPCOMM_KERNEL_LAUNCH_CHECK(htCombineKernel);
 }
 
-void launchHtPushCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream) {
-  launchDependent(htPushCombineKernel, sm_budget, kBlockThreads, stream, params);
+void launchHtPushCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream,
+                         bool dependent_launch) {
+  launchDependent(htPushCombineKernel, sm_budget, kBlockThreads, stream, params, dependent_launch);
   EPCOMM_KERNEL_LAUNCH_CHECK(htPushCombineKernel);
 }
 

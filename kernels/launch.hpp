@@ -276,15 +276,19 @@ const char* compiledArchitectures();
 
 // One kernel of layoutTiles(num_tokens) blocks of kLayoutThreads (each tile reads the totals of
 // the earlier ones, the last block to finish sums the counts). Writes every output (no memset
-// needed before it).
-void launchLayout(const LayoutParams& params, cudaStream_t stream);
+// needed before it). `dependent_launch` (here and below): the device has programmatic dependent
+// launch (BufferCore::dependent_launch; kernels/dependent_launch.cuh).
+void launchLayout(const LayoutParams& params, cudaStream_t stream, bool dependent_launch);
 
-void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream);
-void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream);
+void launchHtDispatch(const HtDispatchParams& params, int sm_budget, cudaStream_t stream,
+                      bool dependent_launch);
+void launchHtCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream,
+                     bool dependent_launch);
 // The push combine (a copy-in combine on every rank): every rank stores the rows it holds for
 // each token owner into the owner's combine_in region, a flag per chunk, while the owner's
 // reducing blocks sum each token as soon as its rows are in. sm_budget >= 2.
-void launchHtPushCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream);
+void launchHtPushCombine(const HtCombineParams& params, int sm_budget, cudaStream_t stream,
+                         bool dependent_launch);
 void launchCopyRows(const CopyRowsParams& params, int sm_budget, cudaStream_t stream);
 
 // Expert-major HT (kernels/ht_expert_major.cu). Pairs: zeroes the cursor, then one thread per

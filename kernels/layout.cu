@@ -42,15 +42,15 @@ __global__ void __launch_bounds__(kLayoutThreads) layoutTileKernel(LayoutParams 
 
 }  // namespace
 
-void launchLayout(const LayoutParams& params, cudaStream_t stream) {
+void launchLayout(const LayoutParams& params, cudaStream_t stream, bool dependent_launch) {
   const int tiles = layoutTiles(params.num_tokens);
   const bool top8 = params.num_topk == 8;
   if (params.idx_is_64) {
     launchDependent(top8 ? layoutTileKernel<int64_t, 8> : layoutTileKernel<int64_t, 0>, tiles,
-                    kLayoutThreads, stream, params);
+                    kLayoutThreads, stream, params, dependent_launch);
   } else {
     launchDependent(top8 ? layoutTileKernel<int32_t, 8> : layoutTileKernel<int32_t, 0>, tiles,
-                    kLayoutThreads, stream, params);
+                    kLayoutThreads, stream, params, dependent_launch);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(layoutTileKernel);
 }

@@ -160,6 +160,7 @@ BufferCore::BufferCore(Bootstrap& bs, const BufferConfig& config) : bootstrap(bs
         return d;
       });
   DeviceGuard guard(device);
+  dependent_launch = devices[rank].major >= 9;
   {
     const std::string mine(devices[rank].pci_bus_id, strnlen(devices[rank].pci_bus_id, 31));
     ranks_on_device = 0;

@@ -82,6 +82,9 @@ struct EPCOMM_LOCAL BufferCore {
   int num_ranks = 1;
   int device = 0;
   int device_sms = 0;
+  // The device has programmatic dependent launch (compute capability 9.0+,
+  // kernels/dependent_launch.cuh): known here once, passed to the launches that use it.
+  bool dependent_launch = false;
   // Ranks of this buffer whose GPU is this rank's (MPS, or several processes on one GPU). Their
   // kernels wait for each other, so together they must fit on the GPU at once: the default SM
   // budgets are divided among them (resolveSms).

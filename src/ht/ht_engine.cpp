@@ -173,7 +173,7 @@ kernels::LayoutParams layoutInto(const BufferCore& b, const TopkView& topk,
 
 void launchLayoutInto(const BufferCore& b, const TopkView& topk, const DispatchLayout* layout,
                       int num_tokens, EpHandle::Impl& h, cudaStream_t stream) {
-  kernels::launchLayout(layoutInto(b, topk, layout, num_tokens, h), stream);
+  kernels::launchLayout(layoutInto(b, topk, layout, num_tokens, h), stream, b.dependent_launch);
 }
 
 }  // namespace
@@ -345,7 +345,7 @@ DispatchResult HtEngine::dispatch(const DispatchArgs& args, EpHandle::Impl* hand
     p.host_count = &b.hostStateOnDevice()->ht_count;
     p.host_expert_counts = h.host_expert_counts.device<int32_t>();
   }
-  kernels::launchHtDispatch(p, sms, stream);
+  kernels::launchHtDispatch(p, sms, stream, b.dependent_launch);
   h.dispatched = true;
 
   copyReceivedRows(b, regions_, args, p.x_row_bytes, fp8 ? num_scales : 0, h.num_recv,
@@ -561,9 +561,9 @@ void HtEngine::combine(const CombineArgs& args, const EpHandle::Impl* handle, cu
   p.out = static_cast<uint16_t*>(args.out);
   if (push) {
     p.pushers = pushingBlocks(sms);
-    kernels::launchHtPushCombine(p, sms, stream);
+    kernels::launchHtPushCombine(p, sms, stream, b.dependent_launch);
   } else {
-    kernels::launchHtCombine(p, sms, stream);
+    kernels::launchHtCombine(p, sms, stream, b.dependent_launch);
   }
   b.trackWork(stream);
 }

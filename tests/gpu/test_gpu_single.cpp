@@ -244,11 +244,15 @@ void checkLayoutAt(int num_ranks, int experts, int topk, int tokens, bool idx_is
   if (source == LayoutSource::kMask) p.topk_idx = nullptr;
   // Twice: the second call finds the scratch as the first left it. Every output (and the
   // per-tile histograms) poisoned before each: the layout writes its counts, never adds to them.
+  // As an EpBuffer launches it: with programmatic dependent launch where the device has it.
+  int device = 0, major = 0;
+  EPCOMM_TEST_CUDA(cudaGetDevice(&device));
+  EPCOMM_TEST_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   for (int call = 0; call < 2; ++call) {
     for (const auto* a : {&slot, &rank_counts, &expert_counts, &copy, &tile_experts}) a->poison();
     mask.poison();
     in_rank.poison();
-    kernels::launchLayout(p, nullptr);
+    kernels::launchLayout(p, nullptr, major >= 9);
     EPCOMM_TEST_CUDA(cudaDeviceSynchronize());
     ASSERT_EQ(tiles.download(num_tiles * r), zero_tiles) << "call " << call;
     ASSERT_EQ(tiles_done.download(1), std::vector<uint32_t>(1, 0u)) << "call " << call;
