@@ -357,7 +357,11 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   const int items = n * num_segments;
   const int warp = tid / kWarpSize;  // one warp per (token, segment) item
   const int lane = tid % kWarpSize;
-  for (int item = blockIdx.x * kWarpsPerBlock + warp; item < items;
+  // The first items go to the last blocks: the send half gave its first items to the first
+  // blocks, so at small batches the partials are summed by blocks that reached this half early
+  // (their preamble done) instead of by the blocks still sending them.
+  const int block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
+  for (int item = block * kWarpsPerBlock + warp; item < items;
        item += gridDim.x * kWarpsPerBlock) {
     const int token = item / num_segments;
     const int seg = item % num_segments;
