@@ -21,6 +21,7 @@ constexpr int kTopkBatch = 4;
 constexpr int kFineTopkBatch = 8;
 constexpr int kGroupsPerBlock = kWarpsPerBlock / kRoundsPerSegment;
 static_assert(kMaxTopk + kFineTopkBatch - 1 < kWarpSize, "a batch's entries are lanes of one warp");
+static_assert(kGroupsPerBlock <= kMaxGroupBarriers, "a group barrier per group");
 namespace stage = ll_combine_stage;
 
 // Combine-time weights (LlCombineArgs::topk_weights). The expert side sums weighted rows before
@@ -206,6 +207,11 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
         ctx.local_base + r.row_tags[parity])[int64_t{s} * r.max_tokens + row];
     return SendItem{s, row, (item - s_first_item[s]) % num_segments, row_tag};
   };
+  // Where this rank tags segment `seg` of source s's slot `row`: at the token's owner.
+  auto partialTag = [&](int s, int row, int seg) {
+    return reinterpret_cast<uint64_t*>(s_peer[s] + r.combine_tags[parity]) +
+           (int64_t{me} * r.max_tokens + row) * num_segments + seg;
+  };
   {
     constexpr int kRounds = kFine ? 1 : kRoundsPerSegment;
     constexpr int kBatch = kFine ? kFineTopkBatch : kTopkBatch;
@@ -284,41 +290,35 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
         const int col = seg * kSegmentCols + (first_round + u) * kColsPerRound + lane * 8;
         if (col < p.hidden) stNoAlloc(reinterpret_cast<int4*>(dst + col), packBf16x8(acc[u]));
       }
+      if constexpr (kFine) {
+        // The group's four warps stored the item's rounds: after the group's barrier its first
+        // thread fences (cumulative over the stores the barrier ordered before it) and tags the
+        // segment. No block barrier, and the item's row tag is still in registers.
+        groupBarrier<kWarpsPerItem * kWarpSize>(warp / kWarpsPerItem);
+        if (warp % kWarpsPerItem == 0 && lane == 0) {
+          fenceAcqRelSys();
+          stRelaxedSys(partialTag(s, row, seg), tag(epoch, kLlPartialTagged));
+        }
+      }
     }
   }
 
-  // The tags, no grid-wide arrival. Each tags a segment whose row was staged, at its token's
-  // owner, after a fence that makes it a release pattern over the segment's partial stores.
-  auto tagItem = [&](int item) {
-    const auto [s, row, seg, row_tag] = sendItem(item);
-    if (!llRowStaged(row_tag, epoch)) return;
-    stRelaxedSys(reinterpret_cast<uint64_t*>(s_peer[s] + r.combine_tags[parity]) +
-                     (int64_t{me} * r.max_tokens + row) * num_segments + seg,
-                 tag(epoch, kLlPartialTagged));
-  };
-  if constexpr (kFine) {
-    // A group's four warps stored an item's rounds: after the barrier, the block's threads tag
-    // its items, each fencing once first (cumulative over the stores the barrier ordered before
-    // it). Thread j takes group j % kGroupsPerBlock's items from the (j / kGroupsPerBlock)-th on.
-    __syncthreads();
-    const int stride = kBlockThreads / kGroupsPerBlock * gridDim.x * kGroupsPerBlock;
-    int item = blockIdx.x * kGroupsPerBlock + tid % kGroupsPerBlock +
-               tid / kGroupsPerBlock * gridDim.x * kGroupsPerBlock;
-    if (item < items) fenceAcqRelSys();
-    for (; item < items; item += stride) tagItem(item);
-  } else {
-    // Each warp fences once after its items (all lanes: the fence with the strong tag store after
-    // it is a release pattern, cumulative over the lanes' partial stores that __syncwarp ordered
-    // before it), then tags every segment it stored, its lanes a segment each: the row-tag loads
-    // of up to 32 items are one memory latency, not a chain (a warp has several items at small SM
-    // budgets: 7 at 128 tokens on 16 SMs, EP=2).
+  // The tags of segment items (the four-warp groups tagged theirs above), no grid-wide arrival.
+  // Each warp fences once after its items (all lanes: the fence with the strong tag store after it
+  // is a release pattern, cumulative over the lanes' partial stores that __syncwarp ordered before
+  // it), then tags every segment it stored whose row was staged, at its token's owner, its lanes
+  // a segment each: the row-tag loads of up to 32 items are one memory latency, not a chain (a
+  // warp has several items at small SM budgets: 7 at 128 tokens on 16 SMs, EP=2).
+  if constexpr (!kFine) {
     __syncwarp();
     fenceAcqRelSys();
     __syncwarp();
     const int grid_warps = gridDim.x * kWarpsPerBlock;
     for (int item = blockIdx.x * kWarpsPerBlock + warp + lane * grid_warps; item < items;
          item += kWarpSize * grid_warps) {
-      tagItem(item);
+      const auto [s, row, seg, row_tag] = sendItem(item);
+      if (!llRowStaged(row_tag, epoch)) continue;
+      stRelaxedSys(partialTag(s, row, seg), tag(epoch, kLlPartialTagged));
     }
   }
   stageBlock(ctx, kStages, stage::kReduced);
@@ -361,8 +361,7 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   // blocks, so at small batches the partials are summed by blocks that reached this half early
   // (their preamble done) instead of by the blocks still sending them.
   const int block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  for (int item = block * kWarpsPerBlock + warp; item < items;
-       item += gridDim.x * kWarpsPerBlock) {
+  for (int item = block * kWarpsPerBlock + warp; item < items; item += gridDim.x * kWarpsPerBlock) {
     const int token = item / num_segments;
     const int seg = item % num_segments;
     const RankMask mask = loadRankMask(token_masks, token, rankMaskWords(num_ranks));
