@@ -83,12 +83,20 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams
   llCombineWeightsPush(p, false);
 }
 
+// The combine's epoch: the round's, set by its dispatch send (== callEpoch() in every normal
+// round). Not callEpoch(): when the send half's weights wait finds that a peer rejected this
+// combine it marks the call skipped, and a block of this grid starting after that must still use
+// this call's epoch and parity.
+__device__ __forceinline__ uint64_t roundEpoch(const LlParams& p) {
+  return controlOf(p.peers.local_base)->ll_round_epoch;
+}
+
 // The send half. `fused`: called by llCombineFusedKernel, which checked rankFailed for the whole
 // block; every return below is block-uniform, so all threads of a block go on to the receive
 // half together. kFine: the item shape (chosen on the host, llCombineFineItems): segment items,
 // a warp each, or at small batches a four-warp group per segment item, its warps a round each.
 template <bool kFine>
-__device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
+__device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
@@ -96,11 +104,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, bool fused) {
   const int lane = tid % kWarpSize;
   const int num_ranks = ctx.num_ranks;
   const int me = ctx.rank;
-  // The round's epoch, set by its dispatch send (== callEpoch() in every normal round). Not
-  // callEpoch(): when the weights wait below finds that a peer rejected this combine it marks the
-  // call skipped, and a block of this grid starting after that must still use this call's
-  // epoch and parity.
-  const uint64_t epoch = own->ll_round_epoch;
+  // `epoch`: the round's, set by its dispatch send (roundEpoch).
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
@@ -466,7 +470,7 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
 
 template <bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
-  llCombineSend<kFine>(p, false);
+  llCombineSend<kFine>(p, roundEpoch(p), false);
 }
 
 __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
@@ -485,9 +489,11 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
 template <bool kPushWeights, bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p) {
   stageStart(p.peers, kStages);
+  // Loaded beside the failure word, before the barrier: one memory latency for both.
+  const uint64_t epoch = roundEpoch(p);
   if (__syncthreads_or(rankFailed(p.peers))) return;
   if constexpr (kPushWeights) llCombineWeightsPush(p, true);
-  llCombineSend<kFine>(p, true);
+  llCombineSend<kFine>(p, epoch, true);
   llCombineRecv(p, true);
   stageThread0(p.peers, kStages, stage::kEnd);
 }
