@@ -79,6 +79,37 @@ __device__ __forceinline__ void stageSegment(const LlParams& p, const uint16_t* 
   }
 }
 
+// The send half's routing: a group of lanes per token (the power of two >= num_topk; 32 / G tokens
+// per warp), lane k of the group taking top-k entry k. The block's tokens are a contiguous chunk.
+struct RoutingLane {
+  int group_lanes;
+  int k;        // the top-k entry this lane takes
+  int token;    // the token of the pass (tid / group_lanes)
+  int t_begin;  // the block's chunk
+  int t_end;
+};
+__device__ __forceinline__ RoutingLane routingLaneOf(const LlParams& p) {
+  const int group_lanes = 1 << (32 - __clz(max(p.num_topk, 1) - 1));
+  const int chunk = (p.num_tokens + gridDim.x - 1) / gridDim.x;
+  const int t_begin = min(p.num_tokens, static_cast<int>(blockIdx.x) * chunk);
+  return RoutingLane{group_lanes, static_cast<int>(threadIdx.x % kWarpSize) % group_lanes,
+                     static_cast<int>(threadIdx.x) / group_lanes, t_begin,
+                     min(p.num_tokens, t_begin + chunk)};
+}
+// The id this thread routes in its block's first pass, -1 if none: loaded at the kernel's start,
+// beside the epoch and the failure word (one memory latency for all, where the routing's load
+// came after the barrier that reads the failure word). Reading the caller's ids is harmless when
+// the rank has failed: the send half then returns before using it.
+template <typename IdxT>
+__device__ __forceinline__ int64_t firstRoutedId(const LlParams& p) {
+  const RoutingLane route = routingLaneOf(p);
+  const int t = route.t_begin + route.token;
+  return t < route.t_end && route.k < p.num_topk
+             ? static_cast<int64_t>(
+                   static_cast<const IdxT*>(p.topk_idx)[int64_t{t} * p.num_topk + route.k])
+             : int64_t{-1};
+}
+
 // The send half. `fused`: called by llDispatchFusedKernel, whose caller checked rankFailed for
 // the whole block; every return below is block-uniform, so all threads of the block go on to the
 // receive half together (a thread leaving early would meet that half's barriers).
@@ -89,7 +120,8 @@ __device__ __forceinline__ void stageSegment(const LlParams& p, const uint16_t* 
 // none), and each block tags its tile's rows (present, with the top-k entries that are the
 // destination's, or absent) after one fence, so a receiver copies a row as soon as its tag is in.
 template <typename IdxT>
-__device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch, bool fused) {
+__device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch, int64_t first_id,
+                                               bool fused) {
   // A tile token's destination ranks: a token reaches at most num_topk ranks, so the list is
   // kMaxTopk long whatever the rank count. s_num_dest: -1 for a token with a bad id (sent and
   // tagged nowhere, so every rank's receive waits on it until the fault notice stops it).
@@ -132,21 +164,19 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
     }
   }
 
-  // This block's tokens: a contiguous chunk.
-  const int chunk = (n + gridDim.x - 1) / gridDim.x;
-  const int t_begin = min(n, blockIdx.x * chunk);
-  const int t_end = min(n, t_begin + chunk);
+  const RoutingLane route = routingLaneOf(p);
+  const int t_begin = route.t_begin;
+  const int t_end = route.t_end;
   const int mask_words = rankMaskWords(num_ranks);
   const int max_dest = min(p.num_topk, num_ranks);
   uint32_t* token_masks = reinterpret_cast<uint32_t*>(ctx.local_base + r.token_mask);
-  // Routing: a group of G lanes per token (G = the power of two >= num_topk, 32 / G tokens per
-  // warp), lane k of the group taking top-k entry k: the ids are loaded, checked, deduplicated
-  // and divided into ranks at once. One thread per token did the same one entry after another
-  // (about 3 us of a 1-token dispatch at top-8).
+  // Routing (RoutingLane): the ids are loaded, checked, deduplicated and divided into ranks at
+  // once. One thread per token did the same one entry after another (about 3 us of a 1-token
+  // dispatch at top-8).
   for (int tile = t_begin; tile < t_end; tile += kTile) {
     const int tile_len = min(kTile, t_end - tile);
-    const int group_lanes = 1 << (32 - __clz(max(p.num_topk, 1) - 1));
-    const int k = lane % group_lanes;  // the top-k entry this lane takes
+    const int group_lanes = route.group_lanes;
+    const int k = route.k;
     const int group_lane0 = lane - k;
     const int groups_per_block = kBlockThreads / group_lanes;
     const IdxT* topk_idx = static_cast<const IdxT*>(p.topk_idx);
@@ -154,11 +184,13 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
     for (int base = 0; base < tile_len; base += groups_per_block) {
       // Warp-uniform: the warp's first group is past the tile, so are all its groups from here.
       if (base + warp * (kWarpSize / group_lanes) >= tile_len) break;
-      const int local_t = base + tid / group_lanes;
+      const int local_t = base + route.token;
       const int t = tile + local_t;
       const bool has_entry = local_t < tile_len && k < p.num_topk;
-      const int64_t id =
-          has_entry ? static_cast<int64_t>(topk_idx[int64_t{t} * p.num_topk + k]) : int64_t{-1};
+      // The first pass's id was loaded at the kernel's start (firstRoutedId).
+      const int64_t id = tile == t_begin && base == 0 ? first_id
+                         : has_entry ? static_cast<int64_t>(topk_idx[int64_t{t} * p.num_topk + k])
+                                     : int64_t{-1};
       // An id outside [-1, num_experts) is bad input: recorded, announced to every peer (the op
       // then fails on every rank), never used as an address, and its token is sent nowhere.
       const bool valid = id >= 0 && id < p.num_experts;
@@ -539,7 +571,8 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
 
 template <typename IdxT>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p) {
-  llDispatchSend<IdxT>(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), false);
+  const int64_t first_id = firstRoutedId<IdxT>(p);
+  llDispatchSend<IdxT>(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), first_id, false);
 }
 
 template <bool kFine>
@@ -560,8 +593,9 @@ template <typename IdxT, bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchFusedKernel(LlParams p) {
   stageStart(p.peers, kStages);
   const uint64_t epoch = callEpoch(controlOf(p.peers.local_base), kEpochLl);
+  const int64_t first_id = firstRoutedId<IdxT>(p);
   if (__syncthreads_or(rankFailed(p.peers))) return;
-  llDispatchSend<IdxT>(p, epoch, true);
+  llDispatchSend<IdxT>(p, epoch, first_id, true);
   llDispatchRecv<kFine>(p, epoch, true);
   stageThread0(p.peers, kStages, stage::kEnd);
 }
