@@ -35,7 +35,8 @@
 //                  the row's local experts in float32 and store that BF16 partial row into the
 //                  token owner's combine staging [parity][d][token], one 1024-column segment per
 //                  warp item; each warp then fences once and tags every segment it stored
-//                  (combine_tags; no arrival).
+//                  (combine_tags; no arrival). At small batches an item is a four-warp group's,
+//                  whose first thread fences and tags it after the group's barrier.
 //   combine recv   (rank s): per (token, segment), wait for the tags of the ranks the token went
 //                  to, sum their partials (float32) and write BF16; every token's row is written
 //                  (zeros for a token routed nowhere). Block 0 then waits for every rank's
