@@ -91,12 +91,23 @@ __device__ __forceinline__ uint64_t roundEpoch(const LlParams& p) {
   return controlOf(p.peers.local_base)->ll_round_epoch;
 }
 
+// Thread s < num_ranks: the rows source s posted to this round's dispatch (peer data, bounded by
+// the caller), which sets where s's items start in the send half's item table. Loaded at the
+// kernel's start, beside the epoch: the words were acquired by this round's dispatch receive and
+// stay until the round after next (its parity), so nothing before them needs to be waited for.
+__device__ __forceinline__ uint32_t postedRows(const LlParams& p, uint64_t epoch) {
+  const int tid = threadIdx.x;
+  if (tid >= p.peers.num_ranks) return 0;
+  return llPostRows(tagValue(controlOf(p.peers.local_base)->ll_dispatch_flag[epoch & 1][tid]));
+}
+
 // The send half. `fused`: called by llCombineFusedKernel, which checked rankFailed for the whole
 // block; every return below is block-uniform, so all threads of a block go on to the receive
 // half together. kFine: the item shape (chosen on the host, llCombineFineItems): segment items,
 // a warp each, or at small batches a four-warp group per segment item, its warps a round each.
 template <bool kFine>
-__device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch, bool fused) {
+__device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
+                                              uint32_t posted_rows, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
@@ -110,6 +121,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
   __shared__ int32_t s_first_item[kMaxRanks + 1];
+  __shared__ int32_t s_items_of[kMaxRanks];  // each source's items (postedRows, bounded)
   __shared__ uint8_t* s_peer[kMaxRanks];
   // The dispatch receive failed (or anything before): nothing here is valid, send nothing.
   if (!fused && rankFailed(ctx)) return;
@@ -125,7 +137,11 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
     stRelaxedSys(&controlOf(ctx.peer_bases[tid])->ll_weights_flag[parity][me],
                  tag(epoch, llWeightsPost(p.weights_mode)));
   }
-  if (tid < num_ranks) s_pushed[tid] = false;
+  if (tid < num_ranks) {
+    s_pushed[tid] = false;
+    s_items_of[tid] =
+        min(static_cast<int32_t>(posted_rows), static_cast<int32_t>(r.max_tokens)) * num_segments;
+  }
   const WaitContext w{&ctx, OpId::kLlCombineSend, globalTimerNs()};
   if (p.weights_mode != kLlWeightsNone) {
     bool ok = true;
@@ -151,18 +167,18 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
     }
   }
   stageThread0(ctx, kStages, stage::kWeights);
+  if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
+  __syncthreads();
   if (tid == 0) {
     // Slots each source may have staged a row in this call: its token count (the posts arrived
     // before dispatch recv ended, which checked them; bounded again since they are peer data).
     int32_t total = 0;
     for (int s = 0; s < num_ranks; ++s) {
       s_first_item[s] = total;
-      const uint32_t rows = llPostRows(tagValue(own->ll_dispatch_flag[parity][s]));
-      total += min(static_cast<int32_t>(rows), static_cast<int32_t>(r.max_tokens)) * num_segments;
+      total += s_items_of[s];
     }
     s_first_item[num_ranks] = total;
   }
-  if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
   __syncthreads();
   if (p.weights_mode != kLlWeightsNone) {
     // Every pushed weight row this block may read: its tag, one poll per thread and row at once
@@ -470,7 +486,8 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
 
 template <bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
-  llCombineSend<kFine>(p, roundEpoch(p), false);
+  const uint64_t epoch = roundEpoch(p);
+  llCombineSend<kFine>(p, epoch, postedRows(p, epoch), false);
 }
 
 __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
@@ -491,9 +508,10 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p
   stageStart(p.peers, kStages);
   // Loaded beside the failure word, before the barrier: one memory latency for both.
   const uint64_t epoch = roundEpoch(p);
+  const uint32_t posted_rows = postedRows(p, epoch);
   if (__syncthreads_or(rankFailed(p.peers))) return;
   if constexpr (kPushWeights) llCombineWeightsPush(p, true);
-  llCombineSend<kFine>(p, epoch, true);
+  llCombineSend<kFine>(p, epoch, posted_rows, true);
   llCombineRecv(p, true);
   stageThread0(p.peers, kStages, stage::kEnd);
 }
