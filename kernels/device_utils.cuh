@@ -414,6 +414,41 @@ __device__ __forceinline__ void stageBlock(const PeerContext& ctx, StageKernel k
   }
 }
 
+// --- arrival shares (ControlRegion::ht_rows_in / ht_pulls_done, arrivalShare) ----------------
+// Every block, after its last access of the call that a peer must see done: thread d < R fences,
+// then adds the block's share to rank d's words[me] (a fence then a relaxed reduction: a release
+// pattern, cumulative over the block's accesses that the barrier ordered before it). No "last
+// block": the arrival's atomic round trip and second fence, and the posts after them, are off
+// the path (arriveLastBlock below).
+__device__ __forceinline__ void releaseArrivalShare(uint8_t* const* peer, int num_ranks, int me,
+                                                    uint64_t (ControlRegion::*words)[kMaxRanks]) {
+  __syncthreads();
+  const int tid = threadIdx.x;
+  if (tid < num_ranks) {
+    fenceAcqRelSys();
+    uint64_t* word = &(controlOf(peer[tid])->*words)[me];
+    asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(word),
+                 "l"(arrivalShare(static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x)))
+                 : "memory");
+  }
+}
+// One block, after its own share: thread s < R waits until every block of rank s added its share
+// here (acquire), then zeroes the word. The next call's shares come only after this rank's next
+// count row or "ready" post, which a later kernel makes. True in every thread when all are in.
+__device__ __forceinline__ bool waitArrivalShares(const WaitContext& w,
+                                                  uint64_t (ControlRegion::*words)[kMaxRanks],
+                                                  WaitPhase phase, uint64_t epoch) {
+  const int tid = threadIdx.x;
+  bool ok = true;
+  if (tid < w.ctx->num_ranks) {
+    uint64_t* word = &(controlOf(w.ctx->local_base)->*words)[tid];
+    ok = waitFor(
+        word, [](uint64_t v) { return v >= kArrivalShares; }, false, w, phase, tid, epoch);
+    if (ok) *word = 0;
+  }
+  return __syncthreads_and(ok);
+}
+
 // --- "last block" arrival
 // ------------------------------------------------------------------------- Every block calls this
 // after its last store. Returns true in exactly one block (the last to arrive), whose thread 0 then

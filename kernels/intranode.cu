@@ -12,8 +12,9 @@
 //      final offset — one pass over NVLink, no staging — plus scales, re-based top-k and source
 //      index. A token crosses to a rank once however many of its experts live there. The warps
 //      take pieces of rows from a per-rank counter (load balance), not a fixed share.
-//   4. the last block to finish tells every destination "my rows are written" and waits until
-//      every source said the same to this rank; it then sums the per-expert counts.
+//   4. every block adds its arrival share to every destination ("my rows are written": the
+//      shares of one rank's blocks sum to a constant whatever its grid); block 0 waits until
+//      every source's shares are in here.
 // A peer's count row for call e also means "I have finished with my receive region of call
 // e-1" (it is written by a kernel stream-ordered after that rank's earlier work), so writing into
 // a peer only after seeing its row never overwrites data it still reads.
@@ -36,10 +37,11 @@ namespace {
 using namespace device;
 
 constexpr WaitPhase kPhaseCounts = WaitPhase::kHtCounts;
-constexpr WaitPhase kPhaseDone = WaitPhase::kHtRowsWritten;
+constexpr WaitPhase kPhaseRowsShares = WaitPhase::kHtRowsShares;
 constexpr WaitPhase kPhaseExpertCounts = WaitPhase::kHtExpertCounts;
 constexpr WaitPhase kPhaseReady = WaitPhase::kHtCombineReady;
 constexpr WaitPhase kPhasePullDone = WaitPhase::kHtCombineDone;
+constexpr WaitPhase kPhasePullShares = WaitPhase::kHtPullShares;
 
 // Stage times (kernels/stage_times.hpp).
 constexpr StageKernel kDispatchStages = StageKernel::kHtDispatch;
@@ -363,28 +365,21 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
     for (int64_t i = start; i < pad_rows; i += stride) src_pad[i] = -1;
   }
 
-  // 4. the last block signals every destination and collects every source's signal
+  // 4. every block releases its rows to every destination (its arrival share); block 0 waits
+  //    until every source's blocks have released theirs here
   stageBlock(ctx, kDispatchStages, dstage::kRowsCopied);
-  const bool last = arriveLastBlock(&own->local.arrive[kArriveHtDispatch]);
-  if (last && tid == 0) own->local.arrive[kUnitsHtDispatch] = 0;  // every block took its last
-  if (!last) {
+  releaseArrivalShare(s_peer, num_ranks, me, &ControlRegion::ht_rows_in);
+  stageThread0(ctx, kDispatchStages, dstage::kArrived);
+  if (blockIdx.x != 0) {
     stageThread0(ctx, kDispatchStages, dstage::kEnd);
     return;
   }
-  stageThread0(ctx, kDispatchStages, dstage::kArrived);
-  if (tid == 0) {
-    // Thread 0 fenced in arriveLastBlock after every block's arrival: these are release patterns.
-    for (int d = 0; d < num_ranks; ++d) {
-      stRelaxedSys(&controlOf(s_peer[d])->ht_dispatch_done[me], epoch);
-    }
-    stageThread(ctx, kDispatchStages, dstage::kDonePosted);
+  // (The per-expert counts were collected by block 0 in step 2.) This rank's own shares are in
+  // too, so every block took its last unit of work: the counter is reset for the next call.
+  if (waitArrivalShares(w, &ControlRegion::ht_rows_in, kPhaseRowsShares, epoch) && tid == 0) {
+    own->local.arrive[kUnitsHtDispatch] = 0;
+    own->local.epoch[kEpochHtDispatch] = epoch;
   }
-  ok = true;
-  if (tid < num_ranks) {
-    ok = waitEpoch(&own->ht_dispatch_done[tid], epoch, w, kPhaseDone, tid);
-  }
-  // (The per-expert counts were collected by block 0 in step 2.)
-  if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtDispatch] = epoch;
   stageThread0(ctx, kDispatchStages, dstage::kDoneWaited);
   stageThread0(ctx, kDispatchStages, dstage::kEnd);
 }
@@ -509,8 +504,8 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   const int mask_words = rankMaskWords(num_ranks);
   // Tokens from a per-rank counter, in order, to whichever warp asks next (as the dispatch's
   // pieces; whole tokens here: pieces of tokens repeat each token's weights and row pointers and
-  // were 8-26 % slower, docs/perf-notes.md). The index is fetched a token ahead. The kernel's last
-  // block resets the counter.
+  // were 8-26 % slower, docs/perf-notes.md). The index is fetched a token ahead. Block 0 resets
+  // the counter at the end (step 3).
   uint32_t* token_counter = &own->local.arrive[kUnitsHtCombine];
   uint32_t fetched = lane == 0 ? atomicAdd(token_counter, 1u) : 0u;
   for (int t = static_cast<int>(__shfl_sync(kFullMask, fetched, 0)); t < p.num_tokens;
@@ -536,16 +531,23 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
     __syncwarp();  // the next token rewrites this warp's tables
   }
 
-  // 3. done pulling: tell every rank; leave once every rank is done pulling from me
+  // 3. done pulling: every block tells every rank (its arrival share); block 0 leaves once every
+  //    rank's blocks are done pulling from me (only then may the next call overwrite the rows
+  //    they read here)
   stageBlock(ctx, kCombineStages, cstage::kPulled);
-  const bool last = arriveLastBlock(&own->local.arrive[kArriveHtCombine]);
-  if (last && tid == 0) own->local.arrive[kUnitsHtCombine] = 0;
-  if (!last) {
+  releaseArrivalShare(s_peer, num_ranks, me, &ControlRegion::ht_pulls_done);
+  stageThread0(ctx, kCombineStages, cstage::kArrived);
+  if (blockIdx.x != 0) {
     stageThread0(ctx, kCombineStages, cstage::kEnd);
     return;
   }
-  stageThread0(ctx, kCombineStages, cstage::kArrived);
-  finishCombine(ctx, s_peer, epoch, w);
+  // This rank's own shares are in too, so every block took its last token: reset the counter.
+  if (waitArrivalShares(w, &ControlRegion::ht_pulls_done, kPhasePullShares, epoch) && tid == 0) {
+    own->local.arrive[kUnitsHtCombine] = 0;
+    own->local.epoch[kEpochHtCombine] = epoch;
+  }
+  stageThread0(ctx, kCombineStages, cstage::kDoneWaited);
+  stageThread0(ctx, kCombineStages, cstage::kEnd);
 }
 
 // The reducers' flag waits sleep this long after each read that finds a chunk missing: spinning,

@@ -106,6 +106,8 @@ enum class WaitPhase : int32_t {
   kLlWeightsPost,    // LL combine send: a rank's combine-weights post (weights pushed or not)
   kLayoutTiles,      // layout: an earlier tile's per-rank totals (this rank's own kernel)
   kLlDispatchRow,    // LL dispatch receive: a source's tags of one staged row (present or absent)
+  kHtRowsShares,     // HT dispatch (rank-major): a source's blocks' arrival shares (rows written)
+  kHtPullShares,     // HT pull combine: a peer's blocks' arrival shares (done pulling)
   kCount
 };
 inline constexpr const char* kWaitPhaseNames[] = {"wait",
@@ -120,7 +122,9 @@ inline constexpr const char* kWaitPhaseNames[] = {"wait",
                                                   "partial-row tags",
                                                   "combine-weights post",
                                                   "earlier layout tiles",
-                                                  "staged-row tags"};
+                                                  "staged-row tags",
+                                                  "rows-written shares",
+                                                  "done-pulling shares"};
 static_assert(std::size(kWaitPhaseNames) == static_cast<size_t>(WaitPhase::kCount),
               "one name per WaitPhase");
 inline const char* waitPhaseName(int phase) {
@@ -182,12 +186,26 @@ EPCOMM_HOST_DEVICE constexpr uint64_t skipMarker(uint32_t launch, uint64_t call)
   return static_cast<uint64_t>(launch) << 32 | static_cast<uint32_t>(call);
 }
 
+// ControlRegion::ht_rows_in / ht_pulls_done: every block of a rank's grid adds its share to a
+// word of every rank at the end of the call; block b of B adds arrivalShare(b, B), so one rank's
+// shares sum to kArrivalShares whatever its grid (ranks may run different SM budgets), and a
+// receiver knows that source is done without knowing its block count. Nothing is added in a call
+// that a peer rejected: no block gets past the count exchange (dispatch) or the "ready" wait
+// (combine) then.
+constexpr uint64_t kArrivalShares = uint64_t{1} << 32;
+EPCOMM_HOST_DEVICE constexpr uint64_t arrivalShare(int block, int blocks) {
+  return kArrivalShares * static_cast<uint64_t>(block + 1) / static_cast<uint64_t>(blocks) -
+         kArrivalShares * static_cast<uint64_t>(block) / static_cast<uint64_t>(blocks);
+}
+
 // LocalState::arrive: one "last block" counter per kernel.
 enum ArriveSlot : int {
   kArriveHtDispatch = 0,
   kArriveHtCombine = 1,
-  kUnitsHtDispatch = 2,  // not an arrival: the HT dispatch's next unit of work (reset alike)
-  kUnitsHtCombine = 3,   // the HT pull combine's next token (reset alike)
+  // Not arrivals: the HT dispatch's next unit of work and the HT pull combine's next token, reset
+  // by the kernel's block 0 once every block's arrival share is in (arrivalShare).
+  kUnitsHtDispatch = 2,
+  kUnitsHtCombine = 3,
   kArriveLlCombineRecv = 6,
 };
 constexpr int kNumArriveSlots = 16;
@@ -388,7 +406,12 @@ struct alignas(128) ControlRegion {
   uint64_t ht_combine_ready[kMaxRanks];               // [src] tagged htCombineSignature(): src's
                                                       // combine input ready
   uint64_t ht_combine_done[kMaxRanks];                // [src] epoch: src finished pulling
-  uint64_t ll_dispatch_flag[2][kMaxRanks];            // [parity][src] tagged llPost()
+  // Rank-major HT dispatch and pull combine (arrivalShare): [src] the shares src's blocks added
+  // after their rows into this rank (dispatch) / their pulls from it (combine); kArrivalShares
+  // when all are in, then zeroed by this rank for its next call.
+  uint64_t ht_rows_in[kMaxRanks];
+  uint64_t ht_pulls_done[kMaxRanks];
+  uint64_t ll_dispatch_flag[2][kMaxRanks];  // [parity][src] tagged llPost()
 
   // LL combine weights (low_latency.cuh): [parity][src] tagged llWeightsPost(), src's weights
   // mode (pushed: each of its rows in combine_weights is tagged in LlRegions::weights_tags).

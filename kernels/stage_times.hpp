@@ -67,9 +67,9 @@ enum : int {
   kChecked,       // block: signatures, capacity and offsets checked
   kExpertCounts,  // block 0: every source's expert counts waited for, receive counts written
   kRowsCopied,    // block: rows, scales, top-k and source index written (and the padding)
-  kArrived,       // last block: arriveLastBlock returned
-  kDonePosted,    // last block: "rows written" posted to every rank
-  kDoneWaited,    // last block: every source's "rows written" arrived
+  kArrived,       // block: its arrival share added to every rank (the latest block)
+  kDonePosted,    // (expert-major) last block: "rows written" posted to every rank
+  kDoneWaited,    // block 0 (expert-major: the last block): every source's rows are in
   kEnd,           // block: thread 0 leaves
   kCount
 };
@@ -82,9 +82,10 @@ enum : int {
   kReadyPosted,  // each block's posting threads: "ready" posted to every rank (one each)
   kReadyWaited,  // block: every rank's "ready" arrived (signatures checked)
   kPulled,       // block: every token pulled, summed and written
-  kArrived,      // last block: arriveLastBlock returned
-  kDonePosted,   // last block: "done pulling" posted to every rank
-  kDoneWaited,   // last block: every rank's "done pulling" arrived
+  kArrived,      // pull: block, its arrival share added to every rank (the latest block);
+                 // push: last block, arriveLastBlock returned
+  kDonePosted,   // push: last block, "done pulling" posted to every rank
+  kDoneWaited,   // every rank is done pulling (pull: block 0; push: the last block)
   kEnd,          // block: thread 0 leaves
   kCount
 };

@@ -59,6 +59,8 @@ void setCallCounters(kernels::ControlRegion& region, uint64_t calls) {
     region.ht_dispatch_done[s] = calls;
     region.ht_combine_ready[s] = tagged;
     region.ht_combine_done[s] = calls;
+    region.ht_rows_in[s] = 0;
+    region.ht_pulls_done[s] = 0;
     for (int parity = 0; parity < 2; ++parity) {
       for (uint64_t& w : region.ht_counts[parity][s]) w = tagged;
       for (uint64_t& w : region.ht_expert_counts[parity][s]) w = tagged;

@@ -109,15 +109,27 @@ std::string BufferCore::describeDeviceError(const kernels::DeviceErrorRecord& r)
   std::ostringstream os;
   const char* op = opName(r.op);
   switch (static_cast<kernels::FailKind>(r.kind)) {
-    case kernels::FailKind::kTimeout:
+    case kernels::FailKind::kTimeout: {
       // The first call of a family (epoch 1) waits up to first_op_timeout_s.
       os << op << " timed out after "
          << (r.expected <= 1 ? resolved.config.first_op_timeout_s : resolved.config.timeout_s)
          << " s (" << (r.expected <= 1 ? "first_op_timeout_s" : "timeout_s")
-         << ") waiting for rank " << r.peer << " (" << phaseName(r.phase) << ": expected call "
-         << r.expected << ", rank " << r.peer << " was at call " << r.observed << "). Rank "
-         << r.peer << " never got there: did it crash, hang, or issue a different sequence of ops?";
+         << ") waiting for rank " << r.peer << " (" << phaseName(r.phase) << ": ";
+      const auto phase = static_cast<kernels::WaitPhase>(r.phase);
+      if (phase == kernels::WaitPhase::kHtRowsShares ||
+          phase == kernels::WaitPhase::kHtPullShares) {
+        // An arrival-share word (kernels::arrivalShare): what part of the peer's grid signalled.
+        os << "call " << r.expected << ", "
+           << 100.0 * static_cast<double>(r.observed) / static_cast<double>(kernels::kArrivalShares)
+           << " % of rank " << r.peer << "'s blocks had signalled). Rank " << r.peer
+           << " never finished: did it crash, hang, or issue a different sequence of ops?";
+      } else {
+        os << "expected call " << r.expected << ", rank " << r.peer << " was at call " << r.observed
+           << "). Rank " << r.peer
+           << " never got there: did it crash, hang, or issue a different sequence of ops?";
+      }
       break;
+    }
     case kernels::FailKind::kAborted:
       os << op << " was aborted by EpBuffer::abort()";
       break;
