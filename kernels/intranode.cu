@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kBlockThreads) htDispatchKernel(HtDispatchPara
   //    until every source's blocks have released theirs here
   stageBlock(ctx, kDispatchStages, dstage::kRowsCopied);
   releaseArrivalShare(s_peer, num_ranks, me, &ControlRegion::ht_rows_in);
-  stageThread0(ctx, kDispatchStages, dstage::kArrived);
+  stageThread0(ctx, kDispatchStages, dstage::kDonePosted);
   if (blockIdx.x != 0) {
     stageThread0(ctx, kDispatchStages, dstage::kEnd);
     return;
@@ -536,7 +536,7 @@ __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams
   //    they read here)
   stageBlock(ctx, kCombineStages, cstage::kPulled);
   releaseArrivalShare(s_peer, num_ranks, me, &ControlRegion::ht_pulls_done);
-  stageThread0(ctx, kCombineStages, cstage::kArrived);
+  stageThread0(ctx, kCombineStages, cstage::kDonePosted);
   if (blockIdx.x != 0) {
     stageThread0(ctx, kCombineStages, cstage::kEnd);
     return;

@@ -67,9 +67,10 @@ enum : int {
   kChecked,       // block: signatures, capacity and offsets checked
   kExpertCounts,  // block 0: every source's expert counts waited for, receive counts written
   kRowsCopied,    // block: rows, scales, top-k and source index written (and the padding)
-  kArrived,       // block: its arrival share added to every rank (the latest block)
-  kDonePosted,    // (expert-major) last block: "rows written" posted to every rank
-  kDoneWaited,    // block 0 (expert-major: the last block): every source's rows are in
+  kArrived,       // expert-major: last block, arriveLastBlock returned (rank-major has none)
+  kDonePosted,    // "rows written" sent: rank-major, each block's arrival shares added (the
+                  // latest block); expert-major, the last block's posts
+  kDoneWaited,    // every source's rows are in (rank-major: block 0; expert-major: last block)
   kEnd,           // block: thread 0 leaves
   kCount
 };
@@ -82,9 +83,9 @@ enum : int {
   kReadyPosted,  // each block's posting threads: "ready" posted to every rank (one each)
   kReadyWaited,  // block: every rank's "ready" arrived (signatures checked)
   kPulled,       // block: every token pulled, summed and written
-  kArrived,      // pull: block, its arrival share added to every rank (the latest block);
-                 // push: last block, arriveLastBlock returned
-  kDonePosted,   // push: last block, "done pulling" posted to every rank
+  kArrived,      // push: last block, arriveLastBlock returned (the pull has none)
+  kDonePosted,   // "done pulling" sent: pull, each block's arrival shares added (the latest
+                 // block); push, the last block's posts
   kDoneWaited,   // every rank is done pulling (pull: block 0; push: the last block)
   kEnd,          // block: thread 0 leaves
   kCount

@@ -444,10 +444,10 @@ void runCase(const HtCase& c) {
         {{kernels::StageKernel::kLayout, layout_stages},
          {kernels::StageKernel::kHtDispatch,
           {d::kAllStarted, d::kCountsPosted, d::kCountsWaited, d::kChecked, d::kExpertCounts,
-           d::kRowsCopied, d::kArrived, d::kDonePosted, d::kDoneWaited, d::kEnd}},
+           d::kRowsCopied, d::kDonePosted, d::kDoneWaited, d::kEnd}},
          {kernels::StageKernel::kHtCombine,
-          {cb::kAllStarted, cb::kReadyPosted, cb::kReadyWaited, cb::kPulled, cb::kArrived,
-           cb::kDonePosted, cb::kDoneWaited, cb::kEnd}}});
+          {cb::kAllStarted, cb::kReadyPosted, cb::kReadyWaited, cb::kPulled, cb::kDonePosted,
+           cb::kDoneWaited, cb::kEnd}}});
   }
 }
 
