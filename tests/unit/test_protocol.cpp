@@ -146,5 +146,21 @@ TEST(ProtocolLimits, CombineReadyWordIsTaggedInEveryMode) {
   EXPECT_NE(htCombineSignature(false, 0), htCombineSignature(true, 8));
 }
 
+// The arrival shares (ControlRegion::ht_rows_in / ht_pulls_done): whatever a rank's grid, its
+// blocks' shares sum to kArrivalShares, none is zero (a block that added nothing would not be
+// waited for), and kMaxRanks sums fit a word.
+TEST(ProtocolLimits, ArrivalSharesSumToOneWholeForEveryGrid) {
+  for (int blocks = 1; blocks <= 1024; ++blocks) {
+    uint64_t sum = 0;
+    for (int b = 0; b < blocks; ++b) {
+      const uint64_t share = arrivalShare(b, blocks);
+      ASSERT_GT(share, 0u) << "block " << b << " of " << blocks;
+      sum += share;
+    }
+    ASSERT_EQ(sum, kArrivalShares) << blocks << " blocks";
+  }
+  EXPECT_LT(static_cast<double>(kArrivalShares) * kMaxRanks, 18446744073709551616.0);
+}
+
 }  // namespace
 }  // namespace epcomm::kernels
