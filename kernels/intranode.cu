@@ -40,7 +40,6 @@ constexpr WaitPhase kPhaseCounts = WaitPhase::kHtCounts;
 constexpr WaitPhase kPhaseRowsShares = WaitPhase::kHtRowsShares;
 constexpr WaitPhase kPhaseExpertCounts = WaitPhase::kHtExpertCounts;
 constexpr WaitPhase kPhaseReady = WaitPhase::kHtCombineReady;
-constexpr WaitPhase kPhasePullDone = WaitPhase::kHtCombineDone;
 constexpr WaitPhase kPhasePullShares = WaitPhase::kHtPullShares;
 
 // Stage times (kernels/stage_times.hpp).
@@ -427,29 +426,6 @@ __device__ __forceinline__ void tokenCombinedWeights(const HtCombineParams& p, i
   p.combined_weights[int64_t{t} * p.num_topk + lane] = sum;
 }
 
-// The end of a combine, run by its last block: tells every rank that this one is done pulling
-// from it, waits until every rank is done pulling from this one (only then may the next call
-// overwrite the rows they read here), and records the call as completed. Thread 0 fenced in
-// arriveLastBlock after every block's arrival: the relaxed stores are release patterns.
-__device__ __forceinline__ void finishCombine(const PeerContext& ctx, uint8_t* const* s_peer,
-                                              uint64_t epoch, const WaitContext& w) {
-  ControlRegion* own = controlOf(ctx.local_base);
-  const int tid = threadIdx.x;
-  if (tid == 0) {
-    for (int d = 0; d < ctx.num_ranks; ++d) {
-      stRelaxedSys(&controlOf(s_peer[d])->ht_combine_done[ctx.rank], epoch);
-    }
-    stageThread(ctx, kCombineStages, cstage::kDonePosted);
-  }
-  bool ok = true;
-  if (tid < ctx.num_ranks) {
-    ok = waitEpoch(&own->ht_combine_done[tid], epoch, w, kPhasePullDone, tid);
-  }
-  if (__syncthreads_and(ok) && tid == 0) own->local.epoch[kEpochHtCombine] = epoch;
-  stageThread0(ctx, kCombineStages, cstage::kDoneWaited);
-  stageThread0(ctx, kCombineStages, cstage::kEnd);
-}
-
 __global__ void __launch_bounds__(kBlockThreads) htCombineKernel(HtCombineParams p) {
   const PeerContext& ctx = p.peers;
   waitPriorGrids();
@@ -714,18 +690,28 @@ __global__ void __launch_bounds__(kBlockThreads) htPushCombineKernel(HtCombinePa
   //    receive regions for my next count row, both posted only after this kernel (stream order).
   //    The signature makes every rank agree on combined weights, so all skip or none does.
   stageBlock(ctx, kCombineStages, cstage::kPulled);
-  const bool last = arriveLastBlock(&own->local.arrive[kArriveHtCombine]);
-  if (!last) {
-    stageThread0(ctx, kCombineStages, cstage::kEnd);
-    return;
-  }
-  stageThread0(ctx, kCombineStages, cstage::kArrived);
   if (p.combined_weights == nullptr) {
-    if (tid == 0 && !rankFailed(ctx)) own->local.epoch[kEpochHtCombine] = epoch;
+    // A counting arrival (nothing to publish: no fences); the last block records the call.
+    __syncthreads();
+    if (tid == 0 && atomicAdd(&own->local.arrive[kArriveHtCombine], 1u) == gridDim.x - 1) {
+      own->local.arrive[kArriveHtCombine] = 0;
+      if (!rankFailed(ctx)) own->local.epoch[kEpochHtCombine] = epoch;
+    }
     stageThread0(ctx, kCombineStages, cstage::kEnd);
     return;
   }
-  finishCombine(ctx, s_peer, epoch, w);
+  // The pull combine's end: arrival shares, block 0 waits for every rank's.
+  releaseArrivalShare(s_peer, num_ranks, me, &ControlRegion::ht_pulls_done);
+  stageThread0(ctx, kCombineStages, cstage::kDonePosted);
+  if (blockIdx.x != 0) {
+    stageThread0(ctx, kCombineStages, cstage::kEnd);
+    return;
+  }
+  if (waitArrivalShares(w, &ControlRegion::ht_pulls_done, kPhasePullShares, epoch) && tid == 0) {
+    own->local.epoch[kEpochHtCombine] = epoch;
+  }
+  stageThread0(ctx, kCombineStages, cstage::kDoneWaited);
+  stageThread0(ctx, kCombineStages, cstage::kEnd);
 }
 
 // Vec is int4 when rows are 16-byte multiples (and pointers 16-byte aligned), else int32_t. One

@@ -83,10 +83,10 @@ enum : int {
   kReadyPosted,  // each block's posting threads: "ready" posted to every rank (one each)
   kReadyWaited,  // block: every rank's "ready" arrived (signatures checked)
   kPulled,       // block: every token pulled, summed and written
-  kArrived,      // push: last block, arriveLastBlock returned (the pull has none)
-  kDonePosted,   // "done pulling" sent: pull, each block's arrival shares added (the latest
-                 // block); push, the last block's posts
-  kDoneWaited,   // every rank is done pulling (pull: block 0; push: the last block)
+  kArrived,      // expert-major: last block, arriveLastBlock returned (rank-major has none)
+  kDonePosted,   // "done pulling" sent: rank-major, each block's arrival shares added (the
+                 // latest block; push only with combined weights); expert-major, the posts
+  kDoneWaited,   // every rank is done pulling (rank-major: block 0; expert-major: last block)
   kEnd,          // block: thread 0 leaves
   kCount
 };
