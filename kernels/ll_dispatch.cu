@@ -25,6 +25,9 @@ constexpr StageKernel kStages = StageKernel::kLlDispatch;
 constexpr int kWarpsPerGroup = 4;
 constexpr int kGroupsPerBlock = kWarpsPerBlock / kWarpsPerGroup;
 constexpr int kGroupRuns = 8;
+// Polls of a fine item's entry tag and row tag together before the row tag's own wait (each a
+// memory latency: tens of microseconds at most, beyond any entry tag's lead over its row tag).
+constexpr int kEntryTagPolls = 64;
 static_assert(kGroupsPerBlock <= kMaxGroupBarriers, "a group barrier per group");
 namespace stage = ll_dispatch_stage;
 
@@ -121,7 +124,7 @@ __device__ __forceinline__ int64_t firstRoutedId(const LlParams& p) {
 // destination's, or absent) after one fence, so a receiver copies a row as soon as its tag is in.
 template <typename IdxT>
 __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch, int64_t first_id,
-                                               bool fused) {
+                                               bool send_entry_tags, bool fused) {
   // A tile token's destination ranks: a token reaches at most num_topk ranks, so the list is
   // kMaxTopk long whatever the rank count. s_num_dest: -1 for a token with a bad id (sent and
   // tagged nowhere, so every rank's receive waits on it until the fault notice stops it).
@@ -224,6 +227,13 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       }
       const uint32_t group_bits = ((1u << group_lanes) - 1u) << group_lane0;  // group_lanes <= 16
       const bool bad = (__ballot_sync(kFullMask, bad_entry) & group_bits) != 0;
+      // The entry's expert to its rank ahead of the row (entry tags, protocol.hpp): the fine
+      // receive takes the row's slab position while the row is being staged.
+      if (send_entry_tags && rank >= 0 && !bad) {
+        const int64_t at = (int64_t{me} * r.max_tokens + t) * p.max_topk + k;
+        stRelaxedSys(reinterpret_cast<uint64_t*>(ctx.peer_bases[rank] + r.entry_tags[parity]) + at,
+                     tag(epoch, llEntryValue(kept - rank * p.num_local_experts)));
+      }
       // The token's destination list in increasing rank order: each rank's first entry writes
       // the rank and the token's entries at that rank (one bit per entry k), at its rank's
       // position among the mask's ranks.
@@ -411,10 +421,26 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
       // others, never two (it meets them at the next item's first barrier).
       __shared__ uint64_t s_group_tag[kGroupsPerBlock][2];  // 0: the wait ended unready
       __shared__ int32_t s_group_pos[kGroupsPerBlock][2];   // -1: the row is not placed
+      // The entry's local expert when its entry tag came before the row tag (its slab position
+      // is then in s_group_pos already), else -1.
+      __shared__ int32_t s_group_early[kGroupsPerBlock][2];
       const int group = warp / kWarpsPerGroup;
       const int quarter = warp % kWarpsPerGroup;
       const bool leader = quarter == 0 && lane == 0;
       constexpr int kGroupThreads = kWarpsPerGroup * kWarpSize;
+      auto entryTagOf = [&](int row, int k) {
+        return reinterpret_cast<const uint64_t*>(ctx.local_base + r.entry_tags[parity]) +
+               (int64_t{s} * r.max_tokens + row) * p.max_topk + k;
+      };
+      auto takeSlabPosition = [&](int row, int k, int local) {
+        int32_t pos = atomicAdd(&counters[local], 1);
+        if (pos >= r.rows_per_expert) {
+          slotsOfRow(s, row)[k] = -1;
+          recordSlabOverflow(s, row, pos);
+          pos = -1;
+        }
+        return pos;
+      };
       int buf = 0;
       for (int item = sub * kGroupsPerBlock + group; item < items;
            item += blocks_per_source * kGroupsPerBlock, buf ^= 1) {
@@ -422,14 +448,43 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
         const int k = item % p.max_topk;
         int32_t* slot_of_row = slotsOfRow(s, row);
         if (leader) {
+          // The entry tag (protocol.hpp) or the row tag, whichever comes first, for at most
+          // kEntryTagPolls polls; then the row tag's wait, with its deadline. An entry tag
+          // first: the slab position is taken now, while the row is still being staged.
+          bool ready = !*static_cast<volatile bool*>(&s_stopped);
+          int32_t early_local = -1;
+          int32_t early_pos = -1;
+          for (int poll = 0; ready && poll < kEntryTagPolls; ++poll) {
+            const uint64_t entry = ldRelaxedSys(entryTagOf(row, k));
+            if (llRowTagReady(entry, epoch)) {
+              const int32_t local = llEntryLocalExpert(tagValue(entry));
+              if (local >= 0 && local < p.num_local_experts) {  // peer data; else unused
+                early_local = local;
+                early_pos = takeSlabPosition(row, k, local);
+              }
+              break;
+            }
+            if (llRowTagReady(ldRelaxedSys(rowTagOf(s, row)), epoch)) break;
+          }
           uint64_t row_tag = 0;
-          const bool ready =
-              !*static_cast<volatile bool*>(&s_stopped) &&
-              waitFor(
-                  rowTagOf(s, row), [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true,
-                  w, kPhaseDispatchRow, s, epoch, &row_tag);
+          ready = ready &&
+                  waitFor(
+                      rowTagOf(s, row), [epoch](uint64_t v) { return llRowTagReady(v, epoch); },
+                      true, w, kPhaseDispatchRow, s, epoch, &row_tag);
+          const uint32_t entry_bit = 1u << k;
+          if (ready && early_local >= 0 &&
+              (!llRowIsPresent(tagValue(row_tag)) ||
+               (llRowTopkMask(tagValue(row_tag)) & entry_bit) == 0)) {
+            // An entry tag for an entry that the row tag does not give this rank: the slab
+            // position it took holds no row.
+            recordFault(ctx, FailKind::kBadPeerData, OpId::kLlDispatchRecv, kPhaseDispatchRow, s,
+                        row, llRowTopkMask(tagValue(row_tag)), entry_bit);
+            ready = false;
+          }
           if (!ready) s_stopped = true;
           s_group_tag[group][buf] = ready ? row_tag : 0;  // a ready tag is never 0
+          s_group_early[group][buf] = early_local;
+          s_group_pos[group][buf] = early_pos;
         }
         groupBarrier<kGroupThreads>(group);
         const uint64_t row_tag = s_group_tag[group][buf];
@@ -450,22 +505,18 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
           const int v = (quarter + u * kWarpsPerGroup) * kWarpSize + lane;
           if (v < vecs) head[u] = ldPeer(src + v);
         }
-        const int32_t e = metaOf(p, parity, s, row)[k];
-        const int local = e - first_local;
-        if (e < 0 || local < 0 || local >= p.num_local_experts) {  // peer data against its tag
-          if (leader) slot_of_row[k] = -1;
-          continue;
-        }
-        if (leader) {
-          int32_t pos = atomicAdd(&counters[local], 1);
-          if (pos >= r.rows_per_expert) {
-            slot_of_row[k] = -1;
-            recordSlabOverflow(s, row, pos);
-            pos = -1;
+        int local = s_group_early[group][buf];
+        if (local < 0) {
+          // No entry tag first: the expert id from the row's metadata, then the position.
+          const int32_t e = metaOf(p, parity, s, row)[k];
+          local = e - first_local;
+          if (e < 0 || local < 0 || local >= p.num_local_experts) {  // peer data against its tag
+            if (leader) slot_of_row[k] = -1;
+            continue;
           }
-          s_group_pos[group][buf] = pos;
+          if (leader) s_group_pos[group][buf] = takeSlabPosition(row, k, local);
+          groupBarrier<kGroupThreads>(group);
         }
-        groupBarrier<kGroupThreads>(group);
         const int32_t pos = s_group_pos[group][buf];
         if (pos < 0) continue;
         const int64_t out_row = int64_t{local} * r.rows_per_expert + pos;
@@ -572,7 +623,9 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
 template <typename IdxT>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p) {
   const int64_t first_id = firstRoutedId<IdxT>(p);
-  llDispatchSend<IdxT>(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), first_id, false);
+  // No entry tags: the two-kernel path's receive grid may differ from this one.
+  llDispatchSend<IdxT>(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), first_id, false,
+                       false);
 }
 
 template <bool kFine>
@@ -595,7 +648,7 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchFusedKernel(LlParams 
   const uint64_t epoch = callEpoch(controlOf(p.peers.local_base), kEpochLl);
   const int64_t first_id = firstRoutedId<IdxT>(p);
   if (__syncthreads_or(rankFailed(p.peers))) return;
-  llDispatchSend<IdxT>(p, epoch, first_id, true);
+  llDispatchSend<IdxT>(p, epoch, first_id, kFine, true);
   llDispatchRecv<kFine>(p, epoch, true);
   stageThread0(p.peers, kStages, stage::kEnd);
 }

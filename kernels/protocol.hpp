@@ -358,6 +358,19 @@ EPCOMM_HOST_DEVICE constexpr bool llRowIsPresent(uint32_t value) {
 EPCOMM_HOST_DEVICE constexpr uint32_t llRowTopkMask(uint32_t value) {
   return value >> 2;
 }
+// LL dispatch entry tags (LlRegions::entry_tags; sent at small batches, the fine receive's
+// shape): while routing, before the row is staged, the sender writes tag(epoch,
+// llEntryValue(local)) into entry k's word of the token's slot at the rank holding entry k's
+// expert (local: its index there), for every valid, deduplicated entry of a token without a bad
+// id. Relaxed: it publishes nothing (the row tag still releases the row and its metadata). A
+// receiver that sees it first takes the row's slab position while the row is being staged; one
+// that sees the row tag first goes on without it. Ready as the row tags are (llRowTagReady).
+EPCOMM_HOST_DEVICE constexpr uint32_t llEntryValue(int32_t local_expert) {
+  return static_cast<uint32_t>(local_expert) + 1u;
+}
+EPCOMM_HOST_DEVICE constexpr int32_t llEntryLocalExpert(uint32_t value) {
+  return static_cast<int32_t>(value - 1u);
+}
 // LL combine partial-row tags (LlRegions::combine_tags): tag(epoch, kLlPartialTagged), ready as
 // the row tags are.
 constexpr uint32_t kLlPartialTagged = 1;
@@ -510,6 +523,7 @@ struct LlRegions {
   uint64_t rows[2] = {};          // [num_ranks][max_tokens][row_bytes] staged rows, by source
   uint64_t meta[2] = {};          // [num_ranks][max_tokens][meta_bytes] their metadata
   uint64_t row_tags[2] = {};      // [num_ranks][max_tokens] uint64 row tags, by source
+  uint64_t entry_tags[2] = {};    // [num_ranks][max_tokens][max_topk] uint64 entry tags, by source
   uint64_t combine_rows[2] = {};  // [num_ranks][max_tokens][hidden] BF16 partial sums, by rank
   // [num_ranks][max_tokens][hidden / kLlSegmentCols] uint64: tag(epoch, 1) per partial segment,
   // stored by the rank that summed it after the segment (the LL combine's only signal)
@@ -527,6 +541,7 @@ struct LlRegions {
   int64_t row_bytes = 0;             // staged row stride: hidden * 2 (FP8 rows + scales fit too)
   int64_t meta_bytes = 0;            // metadata record stride
   int32_t combine_tag_segments = 0;  // hidden / kLlSegmentCols, rounded up: tags per partial row
+  int32_t entry_tags_per_slot = 0;   // max_topk: entry tags per staged slot
 
   // LL combine weights (low_latency.cuh).
   // [num_ranks][max_tokens][max_topk] float: each source's combine-time weights of the tokens it

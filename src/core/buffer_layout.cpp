@@ -97,7 +97,9 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
       ll.rows[parity] = carver.take(staged * static_cast<uint64_t>(ll.row_bytes));
       ll.meta[parity] = carver.take(staged * static_cast<uint64_t>(ll.meta_bytes));
       ll.row_tags[parity] = carver.take(staged * sizeof(uint64_t));
+      ll.entry_tags[parity] = carver.take(staged * max_topk * sizeof(uint64_t));
     }
+    ll.entry_tags_per_slot = static_cast<int32_t>(max_topk);
     sizes.ll_dispatch_staging = carver.since(mark);
     mark = carver.end();
     for (int parity = 0; parity < 2; ++parity) {

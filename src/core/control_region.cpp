@@ -34,6 +34,10 @@ void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht,
       }
     }
   }
+  for (const uint64_t offset : ll.entry_tags) {
+    const size_t bytes = tag_bytes * static_cast<size_t>(ll.entry_tags_per_slot);
+    if (bytes != 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + offset, 0, bytes, stream));
+  }
   for (const uint64_t offset : ll.combine_tags) {
     const size_t bytes = tag_bytes * static_cast<size_t>(ll.combine_tag_segments);
     if (bytes != 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + offset, 0, bytes, stream));

@@ -16,8 +16,8 @@ namespace epcomm {
 // long) on `stream`; the caller synchronizes. Signals start from zero on every rank before any
 // peer may write into them. They are the control region and the epoch words outside it (reused
 // memory may hold an earlier buffer's): the push combine's chunk flags (`ht.combine_flags`) and
-// the LL dispatch's row tags and the combine's weights and partial-row tags (`ll.row_tags`,
-// `ll.weights_tags`, `ll.combine_tags`).
+// the LL dispatch's row and entry tags and the combine's weights and partial-row tags
+// (`ll.row_tags`, `ll.entry_tags`, `ll.weights_tags`, `ll.combine_tags`).
 // With setPoisonNewBuffersForTesting on, every byte is first set to 0xFF, as such memory could be.
 void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht,
                   const kernels::LlRegions& ll, int num_ranks, cudaStream_t stream);
