@@ -12,10 +12,13 @@
 //                  absent (no grid-wide arrival, no prefix over the tokens). An id outside
 //                  [-1, num_experts) stops the op on every rank (fault notice; the token is
 //                  tagged nowhere, so every receiver waits on it until the notice stops it).
+//                  At small batches the routing also sends each entry's local expert ahead of
+//                  the row (entry tags, protocol.hpp).
 //   dispatch recv  (rank d): per source, wait for its post, check its signature and bound its
 //                  token count; then per slot, wait for its tag and copy a present row into the
 //                  expert-major output of every local expert it selected (positions taken with
-//                  atomics and bounded by the slab), remembering where each copy went.
+//                  atomics and bounded by the slab; at small batches as soon as the entry tag
+//                  is in), remembering where each copy went.
 //   combine weights (rank s, only with LlCombineArgs::topk_weights): the weights live with the
 //                  token owner but the expert side needs them (it sends one weighted partial per
 //                  (token, rank), not one row per expert), so s first writes each token's weight
