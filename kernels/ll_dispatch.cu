@@ -415,9 +415,10 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
     int32_t* counters = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
     const int items = count * p.max_topk;
     if constexpr (kFine) {
-      // Warp 0 of the group waits for the row's tag and takes its slab position; the group's
+      // Warp 0 of the group waits for the row's tag and takes its slab position (before the tag
+      // when the entry tag comes first: then one group barrier per item, else two); the group's
       // barriers hand both to the other warps (its acquire then orders the row before their
-      // loads). Both words are double-buffered by item: warp 0 can be one item ahead of the
+      // loads). The words are double-buffered by item: warp 0 can be one item ahead of the
       // others, never two (it meets them at the next item's first barrier).
       __shared__ uint64_t s_group_tag[kGroupsPerBlock][2];  // 0: the wait ended unready
       __shared__ int32_t s_group_pos[kGroupsPerBlock][2];   // -1: the row is not placed
