@@ -601,6 +601,46 @@ TEST_F(ConfigTest, PushCombineAddsOnlyItsChunkFlags) {
   }
 }
 
+// The LL dispatch staging: for each parity the rows, their metadata, the row tags and the entry
+// tags (one per top-k entry of every slot), each region disjoint from the others and all of them
+// within ll_dispatch_staging.
+TEST_F(ConfigTest, LlDispatchStagingHoldsRowsMetadataAndTags) {
+  const BufferConfig config = with([](BufferConfig& c) {
+    c.hidden = 2048;
+    c.num_experts = 64;
+    c.max_topk = 8;
+    c.ll_max_tokens_per_rank = 96;
+  });
+  for (int ranks : {1, 2, 8}) {
+    const BufferLayout layout = computeBufferLayout(resolveConfig(config, ranks));
+    const kernels::LlRegions& ll = layout.ll;
+    const uint64_t slots = uint64_t(ranks) * 96;
+    EXPECT_EQ(ll.entry_tags_per_slot, 8);
+    struct Region {
+      uint64_t offset;
+      uint64_t bytes;
+    };
+    std::vector<Region> regions;
+    for (int parity = 0; parity < 2; ++parity) {
+      regions.push_back({ll.rows[parity], slots * uint64_t(ll.row_bytes)});
+      regions.push_back({ll.meta[parity], slots * uint64_t(ll.meta_bytes)});
+      regions.push_back({ll.row_tags[parity], slots * sizeof(uint64_t)});
+      regions.push_back({ll.entry_tags[parity], slots * 8 * sizeof(uint64_t)});
+    }
+    const uint64_t start = ll.rows[0];
+    for (size_t i = 0; i < regions.size(); ++i) {
+      EXPECT_GE(regions[i].offset, start) << i;
+      EXPECT_LE(regions[i].offset + regions[i].bytes, start + layout.sizes.ll_dispatch_staging)
+          << ranks << " ranks, region " << i;
+      for (size_t j = 0; j < i; ++j) {
+        const bool apart = regions[i].offset >= regions[j].offset + regions[j].bytes ||
+                           regions[j].offset >= regions[i].offset + regions[i].bytes;
+        EXPECT_TRUE(apart) << ranks << " ranks, regions " << j << " and " << i;
+      }
+    }
+  }
+}
+
 TEST_F(ConfigTest, BytesForBreakdownSumsAndScales) {
   const BufferConfig both = with([](BufferConfig& c) {
     c.hidden = 2048;

@@ -106,6 +106,22 @@ TEST(ProtocolLimits, LlRowStagedOnlyForThisCallsPresentRows) {
   }
 }
 
+// Entry tags (protocol.hpp): every local expert round-trips, and its tag is ready (never a zero
+// value) only for this call.
+TEST(ProtocolLimits, LlEntryTagsKeepTheLocalExpertAndAreReadyOnlyForThisCall) {
+  const uint64_t epochs[] = {1, 2, 0xffffffffull, uint64_t{1} << 32, (uint64_t{1} << 32) + 5};
+  for (const uint64_t epoch : epochs) {
+    for (const int32_t local : {0, 1, 127, kMaxExperts - 1}) {
+      const uint64_t word = tag(epoch, llEntryValue(local));
+      EXPECT_NE(llEntryValue(local), 0u) << local;
+      EXPECT_EQ(llEntryLocalExpert(tagValue(word)), local) << epoch << " " << local;
+      EXPECT_TRUE(llRowTagReady(word, epoch)) << epoch << " " << local;
+      EXPECT_FALSE(llRowTagReady(tag(epoch - 2, llEntryValue(local)), epoch)) << epoch;
+    }
+    EXPECT_FALSE(llRowTagReady(0, epoch)) << epoch;  // a new buffer's cleared word
+  }
+}
+
 TEST(ProtocolLimits, RankMaskWords) {
   EXPECT_EQ(rankMaskWords(1), 1);
   EXPECT_EQ(rankMaskWords(8), 1);
