@@ -449,12 +449,11 @@ __device__ __forceinline__ bool waitArrivalShares(const WaitContext& w,
   return __syncthreads_and(ok);
 }
 
-// --- "last block" arrival
-// ------------------------------------------------------------------------- Every block calls this
-// after its last store. Returns true in exactly one block (the last to arrive), whose thread 0 then
-// issues the release stores: each arriving block's thread 0 fences at system scope before counting
-// itself, and the last one fences again after seeing the count, so every block's stores are ordered
-// before the signals the last block sends.
+// --- "last block" arrival ------------------------------------------------------------------------
+// Every block calls this after its last store. Returns true in exactly one block (the last to
+// arrive), whose thread 0 then issues the release stores: each arriving block's thread 0 fences at
+// system scope before counting itself, and the last one fences again after seeing the count, so
+// every block's stores are ordered before the signals the last block sends.
 __device__ __forceinline__ bool arriveLastBlock(uint32_t* counter) {
   __shared__ bool s_last;
   __syncthreads();
