@@ -157,6 +157,30 @@ __device__ __forceinline__ void stNoAlloc(int4* p, const int4& v) {
                : "memory");
 }
 
+// LL lines (protocol.hpp, llLineFlag): 16 payload bytes as two 16-byte lines, each 8-byte half
+// of a line 4 payload bytes beside the flag. Volatile vector accesses: each aligned 8-byte half
+// is stored and loaded whole, which is all the protocol needs (not a whole line).
+__device__ __forceinline__ void stLines(int4* lines, const int4& v, uint32_t flag) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(lines), "r"(v.x),
+               "r"(flag), "r"(v.y), "r"(flag));
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(lines + 1), "r"(v.z),
+               "r"(flag), "r"(v.w), "r"(flag));
+}
+__device__ __forceinline__ int4 ldLine(const int4* line) {
+  int4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(line));
+  return v;
+}
+__device__ __forceinline__ bool linesReady(const int4& a, const int4& b, uint32_t flag) {
+  const int f = static_cast<int>(flag);
+  return a.y == f && a.w == f && b.y == f && b.w == f;
+}
+__device__ __forceinline__ int4 linesPayload(const int4& a, const int4& b) {
+  return make_int4(a.x, a.z, b.x, b.z);
+}
+
 // Tagged words (tag, tagEpoch, tagValue, tagReached) are in protocol.hpp.
 
 __device__ __forceinline__ ControlRegion* controlOf(const uint8_t* base) {
@@ -283,24 +307,24 @@ __device__ __forceinline__ uint64_t ldRelaxedSys(const uint64_t* p) {
 constexpr uint32_t kSlowCheckEvery = 32;
 constexpr uint64_t kHostAbortPollNs = 200 * 1000;
 
-// Spins until ready(word) holds and returns true with the value in *value. The spin uses relaxed
-// loads (an acquire load on every iteration would invalidate L1 each time); one acquire load
-// after success orders everything the writer released before its store. Returns false, after
-// recording why, when the deadline passes, the host aborts or `peer` skipped this call because it
-// rejected its input (see "Rejected calls" in protocol.hpp: that ends the call without failing the
-// rank); also returns false when another thread of this rank already failed.
-// `peer`: the rank that writes the word. `expected`: the call's epoch (every wait waits for its
-// call's epoch); the first call of a family (epoch 1) waits up to first_op_timeout_ns.
-// `tagged`: the word is (epoch << 32) | value and the error record shows its epoch part.
-// `backoff_ns`: a sleep after every read that finds the word not ready, for waits that many warps
-// make at once (the push combine's reducers: hundreds of warps spinning on their flags slowed the
-// pushes landing beside them up to 10x); 0 (every other wait) spins. The sleep doubles after
-// each read up to `max_backoff_ns` (0: it stays backoff_ns).
-template <typename Ready>
-__device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
-                                        const WaitContext& w, WaitPhase phase, int peer,
-                                        uint64_t expected, uint64_t* value = nullptr,
-                                        uint32_t backoff_ns = 0, uint32_t max_backoff_ns = 0) {
+// Spins until poll() returns true, then returns true. poll() makes relaxed loads (an acquire
+// load on every iteration would invalidate L1 each time) and leaves in `observed` what the error
+// record shows. Returns false, after recording why, when the deadline passes, the host aborts or
+// `peer` skipped this call because it rejected its input (see "Rejected calls" in protocol.hpp:
+// that ends the call without failing the rank); also returns false when another thread of this
+// rank already failed.
+// `peer`: the rank that writes what poll() reads (poll() may change it). `expected`: the call's
+// epoch (every wait waits for its call's epoch); the first call of a family (epoch 1) waits up to
+// first_op_timeout_ns. `tagged`: `observed` is (epoch << 32) | value and the error record shows its
+// epoch part. `backoff_ns`: a sleep after every poll that finds nothing ready, for waits that many
+// warps make at once (the push combine's reducers: hundreds of warps spinning on their flags slowed
+// the pushes landing beside them up to 10x); 0 (every other wait) spins. The sleep doubles after
+// each poll up to `max_backoff_ns` (0: it stays backoff_ns).
+template <typename Poll>
+__device__ __forceinline__ bool waitUntil(Poll poll, const uint64_t& observed, bool tagged,
+                                          const WaitContext& w, WaitPhase phase, const int& peer,
+                                          uint64_t expected, uint32_t backoff_ns = 0,
+                                          uint32_t max_backoff_ns = 0) {
   const PeerContext& ctx = *w.ctx;
   ControlRegion* own = controlOf(ctx.local_base);
   const uint64_t timeout_ns = expected <= 1 ? ctx.first_op_timeout_ns : ctx.timeout_ns;
@@ -308,12 +332,7 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
   uint64_t next_host_poll = w.start_ns + kHostAbortPollNs;
   uint32_t spins = 0;
   while (true) {
-    uint64_t v = ldRelaxedSys(word);
-    if (ready(v)) {
-      v = ldAcquireSys(word);  // monotonic: still ready, and now ordered
-      if (value != nullptr) *value = v;
-      return true;
-    }
+    if (poll()) return true;
     if (backoff_ns != 0) {
       __nanosleep(backoff_ns);
       if (backoff_ns < max_backoff_ns) backoff_ns = min(2 * backoff_ns, max_backoff_ns);
@@ -329,13 +348,9 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
     if (peer >= 0 && peer < kMaxRanks &&
         ldVolatileU64(&own->peer_rejected[family][peer]) >= expected) {
       // The acquire orders every signal `peer` wrote before its notice (notices only grow): if
-      // the word is still not ready after it, `peer` skipped this call.
+      // nothing is ready after it, `peer` skipped this call.
       (void)ldAcquireSys(&own->peer_rejected[family][peer]);
-      v = ldAcquireSys(word);
-      if (ready(v)) {
-        if (value != nullptr) *value = v;
-        return true;
-      }
+      if (poll()) return true;
       markSkipped(own, family, expected);  // the call is over here too (see callEpoch)
       *reinterpret_cast<volatile uint64_t*>(ctx.rejection_report) =
           rejectionReport(peer, w.op, expected);
@@ -347,16 +362,36 @@ __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool 
       next_host_poll = now + kHostAbortPollNs;
       if (ldVolatileU32(ctx.abort_flag) != 0) {
         recordOpFailure(ctx, FailKind::kAborted, w.op, phase, peer, expected,
-                        tagged ? tagEpoch(v) : v);
+                        tagged ? tagEpoch(observed) : observed);
         return false;
       }
     }
     if (now - w.start_ns > timeout_ns) {
       recordOpFailure(ctx, FailKind::kTimeout, w.op, phase, peer, expected,
-                      tagged ? tagEpoch(v) : v);
+                      tagged ? tagEpoch(observed) : observed);
       return false;
     }
   }
+}
+
+// waitUntil for one word: until ready(word) holds; returns true with the value in *value. One
+// acquire load after success orders everything the writer released before its store.
+template <typename Ready>
+__device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
+                                        const WaitContext& w, WaitPhase phase, int peer,
+                                        uint64_t expected, uint64_t* value = nullptr,
+                                        uint32_t backoff_ns = 0, uint32_t max_backoff_ns = 0) {
+  uint64_t v = 0;
+  const bool ok = waitUntil(
+      [&] {
+        v = ldRelaxedSys(word);
+        return ready(v);
+      },
+      v, tagged, w, phase, peer, expected, backoff_ns, max_backoff_ns);
+  if (!ok) return false;
+  v = ldAcquireSys(word);  // monotonic: still ready, and now ordered
+  if (value != nullptr) *value = v;
+  return true;
 }
 
 // Waits until the epoch part of a tagged word (or a plain epoch word) reaches `epoch`.

@@ -20,6 +20,9 @@ constexpr int kTopkBatch = 4;
 // each loads every top-8 entry's row at once, one memory latency per item instead of two.
 constexpr int kFineTopkBatch = 8;
 constexpr int kGroupsPerBlock = kWarpsPerBlock / kRoundsPerSegment;
+// Polls of one rank's partial lines (combine receive) before the deadline wait takes over
+// (each ~0.3-0.5 us with the backoff: about 100 us).
+constexpr int kLineFastPolls = 256;
 static_assert(kMaxTopk + kFineTopkBatch - 1 < kWarpSize, "a batch's entries are lanes of one warp");
 static_assert(kGroupsPerBlock <= kMaxGroupBarriers, "a group barrier per group");
 namespace stage = ll_combine_stage;
@@ -119,9 +122,11 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
+  const uint32_t line_flag = llLineFlag(epoch);
 
   __shared__ int32_t s_first_item[kMaxRanks + 1];
   __shared__ int32_t s_items_of[kMaxRanks];  // each source's items (postedRows, bounded)
+  __shared__ bool s_lines[kMaxRanks];        // that source's partials go as lines (llLineFlag)
   __shared__ uint8_t* s_peer[kMaxRanks];
   // The dispatch receive failed (or anything before): nothing here is valid, send nothing.
   if (!fused && rankFailed(ctx)) return;
@@ -138,9 +143,10 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
                  tag(epoch, llWeightsPost(p.weights_mode)));
   }
   if (tid < num_ranks) {
+    const int32_t rows = min(static_cast<int32_t>(posted_rows), static_cast<int32_t>(r.max_tokens));
     s_pushed[tid] = false;
-    s_items_of[tid] =
-        min(static_cast<int32_t>(posted_rows), static_cast<int32_t>(r.max_tokens)) * num_segments;
+    s_items_of[tid] = rows * num_segments;
+    s_lines[tid] = rows <= r.line_tokens;
   }
   const WaitContext w{&ctx, OpId::kLlCombineSend, globalTimerNs()};
   if (p.weights_mode != kLlWeightsNone) {
@@ -303,21 +309,36 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
           }
         }
       }
-      uint16_t* dst = reinterpret_cast<uint16_t*>(s_peer[s] + r.combine_rows[parity]) +
-                      (int64_t{me} * r.max_tokens + token) * p.hidden;
+      // An owner with few tokens gets lines, which it polls (no fence, no tag); else the BF16
+      // partial and, below, its tag. Item-uniform, so group-uniform too.
+      const bool lines = s_lines[s];
+      if (lines) {
+        int4* dst = reinterpret_cast<int4*>(s_peer[s] + r.combine_lines[parity]) +
+                    (int64_t{me} * r.line_tokens + token) * (p.hidden / 4);
 #pragma unroll
-      for (int u = 0; u < kRounds; ++u) {
-        const int col = seg * kSegmentCols + (first_round + u) * kColsPerRound + lane * 8;
-        if (col < p.hidden) stNoAlloc(reinterpret_cast<int4*>(dst + col), packBf16x8(acc[u]));
+        for (int u = 0; u < kRounds; ++u) {
+          const int col = seg * kSegmentCols + (first_round + u) * kColsPerRound + lane * 8;
+          if (col < p.hidden) stLines(dst + col / 4, packBf16x8(acc[u]), line_flag);
+        }
+      } else {
+        uint16_t* dst = reinterpret_cast<uint16_t*>(s_peer[s] + r.combine_rows[parity]) +
+                        (int64_t{me} * r.max_tokens + token) * p.hidden;
+#pragma unroll
+        for (int u = 0; u < kRounds; ++u) {
+          const int col = seg * kSegmentCols + (first_round + u) * kColsPerRound + lane * 8;
+          if (col < p.hidden) stNoAlloc(reinterpret_cast<int4*>(dst + col), packBf16x8(acc[u]));
+        }
       }
       if constexpr (kFine) {
         // The group's four warps stored the item's rounds: after the group's barrier its first
         // thread fences (cumulative over the stores the barrier ordered before it) and tags the
         // segment. No block barrier, and the item's row tag is still in registers.
-        groupBarrier<kWarpsPerItem * kWarpSize>(warp / kWarpsPerItem);
-        if (warp % kWarpsPerItem == 0 && lane == 0) {
-          fenceAcqRelSys();
-          stRelaxedSys(partialTag(s, row, seg), tag(epoch, kLlPartialTagged));
+        if (!lines) {
+          groupBarrier<kWarpsPerItem * kWarpSize>(warp / kWarpsPerItem);
+          if (warp % kWarpsPerItem == 0 && lane == 0) {
+            fenceAcqRelSys();
+            stRelaxedSys(partialTag(s, row, seg), tag(epoch, kLlPartialTagged));
+          }
         }
       }
     }
@@ -337,11 +358,64 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
     for (int item = blockIdx.x * kWarpsPerBlock + warp + lane * grid_warps; item < items;
          item += kWarpSize * grid_warps) {
       const auto [s, row, seg, row_tag] = sendItem(item);
-      if (!llRowStaged(row_tag, epoch)) continue;
+      if (!llRowStaged(row_tag, epoch) || s_lines[s]) continue;
       stRelaxedSys(partialTag(s, row, seg), tag(epoch, kLlPartialTagged));
     }
   }
   stageBlock(ctx, kStages, stage::kReduced);
+}
+
+// Where one lane of the combine receive finds its columns of a token segment's partial lines.
+struct LinesAt {
+  const int4* lines;  // LlRegions::combine_lines of this call's parity
+  int line_tokens;
+  int hidden;
+  int token;
+  int seg;
+  int lane;
+  uint32_t flag;  // llLineFlag(epoch)
+  // Rank src's line pairs of this lane's columns: round u's at [u * kPairsPerRound], while
+  // inRow(u).
+  __device__ __forceinline__ const int4* pairs(int src) const {
+    return lines + (int64_t{src} * line_tokens + token) * (hidden / 4) +
+           (seg * kSegmentCols + lane * 8) / 4;
+  }
+  __device__ __forceinline__ bool inRow(int u) const {
+    return seg * kSegmentCols + u * kColsPerRound + lane * 8 < hidden;
+  }
+  static constexpr int kPairsPerRound = kColsPerRound / 4;  // int4 lines per round of columns
+  // Whether rank src's last line of this lane's columns carries the flag: one load, polled
+  // before all of them (a rank stores its lines together, so the rest are in by then or soon).
+  __device__ __forceinline__ bool lastLineIn(int src) const {
+    int u = kRoundsPerSegment - 1;
+    while (u > 0 && !inRow(u)) --u;
+    const int4 line = ldLine(pairs(src) + u * kPairsPerRound + 1);
+    return line.y == static_cast<int>(flag) && line.w == static_cast<int>(flag);
+  }
+};
+
+// One poll of rank src's lines of this lane's columns: true when every line carries the call's
+// flag; the payloads are in got either way. Every load first, then the checks: the volatile
+// loads stay in program order, so a check between them would wait for its load before the next
+// one was issued.
+static __device__ __forceinline__ bool pollLines(const LinesAt& at, int src,
+                                                 int4 (&got)[kRoundsPerSegment]) {
+  const int4* pairs = at.pairs(src);
+  int4 line[kRoundsPerSegment][2];
+#pragma unroll
+  for (int u = 0; u < kRoundsPerSegment; ++u) {
+    if (!at.inRow(u)) continue;
+    line[u][0] = ldLine(pairs + u * LinesAt::kPairsPerRound);
+    line[u][1] = ldLine(pairs + u * LinesAt::kPairsPerRound + 1);
+  }
+  bool all = true;
+#pragma unroll
+  for (int u = 0; u < kRoundsPerSegment; ++u) {
+    if (!at.inRow(u)) continue;
+    got[u] = linesPayload(line[u][0], line[u][1]);
+    all &= linesReady(line[u][0], line[u][1], at.flag);
+  }
+  return all;
 }
 
 // The receive half. `fused`: after the send half in the same grid. Its epoch is read here, after
@@ -349,6 +423,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
 // half found a peer's rejection of this combine, the call is marked skipped; the separate kernel
 // then sees the next epoch (and returns below), the fused one still this call (callEpoch knows
 // the launch that marked it), and its waits for the rejecting rank end on the rejection notice.
+template <bool kLines>
 __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
@@ -365,7 +440,7 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   // skipped; this kernel, queued behind it, then computes the next epoch. The round's epoch
   // (set by its dispatch send) tells: nothing to wait for, the host reports the rejection.
   if (ldVolatileU64(&own->ll_round_epoch) != epoch) return;
-  __shared__ bool s_stopped;  // a tag wait of the block ended unready: the op is over here
+  __shared__ bool s_stopped;  // a wait of the block ended unready: the op is over here
   if (tid == 0) s_stopped = false;
   __syncthreads();
   const uint64_t* tags = reinterpret_cast<const uint64_t*>(ctx.local_base + r.combine_tags[parity]);
@@ -377,6 +452,14 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   const int items = n * num_segments;
   const int warp = tid / kWarpSize;  // one warp per (token, segment) item
   const int lane = tid % kWarpSize;
+  // kLines: this rank has at most line_tokens tokens (llCombineLines), so its partials come as
+  // lines (llLineFlag), else as BF16 rows with a tag per segment (what every rank decides from
+  // this rank's token count). A template parameter: each kernel holds one receive path (both in
+  // one kernel spilled its registers).
+  const uint32_t line_flag = llLineFlag(epoch);
+  const int4* partial_lines =
+      reinterpret_cast<const int4*>(ctx.local_base + r.combine_lines[parity]);
+
   // The first items go to the last blocks: the send half gave its first items to the first
   // blocks, so at small batches the partials are summed by blocks that reached this half early
   // (their preamble done) instead of by the blocks still sending them.
@@ -391,51 +474,101 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
     }
-    // The token's ranks (at most num_topk <= kMaxTopk < 32), lane i holding the i-th; their
-    // partials are then loaded kTopkBatch at a time before any is summed (as in the send half).
+    // The token's ranks (at most num_topk <= kMaxTopk < 32), lane i holding the i-th.
     int lane_rank = -1, num_dest = 0;
     forEachRank(mask, [&](int d) {
       if (lane == num_dest) lane_rank = d;
       ++num_dest;
     });
-    // Lane i waits for rank lane_rank's tag of this segment (stored after the partial).
-    bool ready = true;
-    if (lane < num_dest) {
-      ready = !*static_cast<volatile bool*>(&s_stopped) &&
-              waitFor(
-                  tags + (int64_t{lane_rank} * r.max_tokens + token) * num_segments + seg,
-                  [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
-                  kPhaseCombineRows, lane_rank, epoch, nullptr, kTagWaitBackoffNs);
-    }
-    if (!__all_sync(kFullMask, ready)) {
-      if (lane == 0) s_stopped = true;
-      break;
-    }
-    __syncwarp();  // each lane's acquire orders its rank's partial before every lane's loads
-    for (int i0 = 0; i0 < num_dest; i0 += kTopkBatch) {
-      int4 loaded[kTopkBatch][kRoundsPerSegment];
-      int src[kTopkBatch];
-#pragma unroll
-      for (int b = 0; b < kTopkBatch; ++b) {
-        src[b] = __shfl_sync(kFullMask, lane_rank, (i0 + b) % kWarpSize);
-        if (i0 + b >= num_dest) src[b] = -1;
-        const uint16_t* row =
-            partials + (int64_t{max(src[b], 0)} * r.max_tokens + token) * p.hidden;
+    // The partials of the token's ranks, added into acc in rank order (the same bits either
+    // way). A wait that ends unready (recorded) ends the block's items.
+    if constexpr (kLines) {
+      // Lines: the token's ranks one after another, every lane polling its own columns' lines
+      // until all of them carry this call's flag; what the last poll loaded is the payload. Up
+      // to kLineFastPolls polls keep the lines in registers (a poll of the last line first,
+      // then of all of them); then waitUntil (its deadline and stop checks) polls the flags
+      // alone and the lines are loaded once more (a wait holding them across its checks spilled
+      // them).
+      const LinesAt at{partial_lines, r.line_tokens, p.hidden, token, seg, lane, line_flag};
+      bool ready = true;
+      for (int i = 0; ready && i < num_dest; ++i) {
+        const int src = __shfl_sync(kFullMask, lane_rank, i);
+        int4 got[kRoundsPerSegment];
+        bool in = pollLines(at, src, got);
+#pragma unroll 1
+        for (int poll = 0; !in && poll < kLineFastPolls; ++poll) {
+          __nanosleep(kTagWaitBackoffNs);
+          if (at.lastLineIn(src)) in = pollLines(at, src, got);
+        }
+        if (!in) {
+          uint64_t observed = 0;
+          auto flagsIn = [&] {
+            for (int u = 0; u < kRoundsPerSegment && at.inRow(u); ++u) {
+              const int4* pair = at.pairs(src) + u * LinesAt::kPairsPerRound;
+              const int4 first = ldLine(pair);
+              if (!linesReady(first, ldLine(pair + 1), at.flag)) {
+                observed = static_cast<uint32_t>(first.y);
+                return false;
+              }
+            }
+            return true;
+          };
+          in = !*static_cast<volatile bool*>(&s_stopped) &&
+               waitUntil(flagsIn, observed, false, w, kPhaseCombineRows, src, epoch,
+                         kTagWaitBackoffNs) &&
+               pollLines(at, src, got);  // ready once, ready for good: the flags are this call's
+        }
+        ready = __all_sync(kFullMask, in);
 #pragma unroll
         for (int u = 0; u < kRoundsPerSegment; ++u) {
-          const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-          loaded[b][u] = src[b] >= 0 && col < p.hidden
-                             ? ldPeer(reinterpret_cast<const int4*>(row + col))
-                             : make_int4(0, 0, 0, 0);
+          if (ready && at.inRow(u)) accumulateBf16x8Unfused(acc[u], got[u], 1.f);
         }
       }
+      if (!ready) {
+        if (lane == 0) s_stopped = true;
+        break;
+      }
+    } else {
+      // Lane i waits for rank lane_rank's tag of this segment (stored after the partial), then
+      // the partials are loaded kTopkBatch at a time before any is summed (as in the send half).
+      bool ready = true;
+      if (lane < num_dest) {
+        ready = !*static_cast<volatile bool*>(&s_stopped) &&
+                waitFor(
+                    tags + (int64_t{lane_rank} * r.max_tokens + token) * num_segments + seg,
+                    [epoch](uint64_t v) { return llRowTagReady(v, epoch); }, true, w,
+                    kPhaseCombineRows, lane_rank, epoch, nullptr, kTagWaitBackoffNs);
+      }
+      if (!__all_sync(kFullMask, ready)) {
+        if (lane == 0) s_stopped = true;
+        break;
+      }
+      __syncwarp();  // each lane's acquire orders its rank's partial before every lane's loads
+      for (int i0 = 0; i0 < num_dest; i0 += kTopkBatch) {
+        int4 loaded[kTopkBatch][kRoundsPerSegment];
+        int src[kTopkBatch];
 #pragma unroll
-      for (int b = 0; b < kTopkBatch; ++b) {
-        if (src[b] < 0) continue;
+        for (int b = 0; b < kTopkBatch; ++b) {
+          src[b] = __shfl_sync(kFullMask, lane_rank, (i0 + b) % kWarpSize);
+          if (i0 + b >= num_dest) src[b] = -1;
+          const uint16_t* row =
+              partials + (int64_t{max(src[b], 0)} * r.max_tokens + token) * p.hidden;
 #pragma unroll
-        for (int u = 0; u < kRoundsPerSegment; ++u) {
-          const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
-          if (col < p.hidden) accumulateBf16x8Unfused(acc[u], loaded[b][u], 1.f);
+          for (int u = 0; u < kRoundsPerSegment; ++u) {
+            const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+            loaded[b][u] = src[b] >= 0 && col < p.hidden
+                               ? ldPeer(reinterpret_cast<const int4*>(row + col))
+                               : make_int4(0, 0, 0, 0);
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kTopkBatch; ++b) {
+          if (src[b] < 0) continue;
+#pragma unroll
+          for (int u = 0; u < kRoundsPerSegment; ++u) {
+            const int col = seg * kSegmentCols + u * kColsPerRound + lane * 8;
+            if (col < p.hidden) accumulateBf16x8Unfused(acc[u], loaded[b][u], 1.f);
+          }
         }
       }
     }
@@ -490,8 +623,9 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p)
   llCombineSend<kFine>(p, epoch, postedRows(p, epoch), false);
 }
 
+template <bool kLines>
 __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
-  llCombineRecv(p, false);
+  llCombineRecv<kLines>(p, false);
 }
 
 // Both halves in one grid (PerfFlags::ll_fused_combine), after the combine-time weights push when
@@ -503,7 +637,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p)
 // without the push is the one measured before it (a runtime branch cost the combine without
 // combine-time weights 0.3-0.6 us on 2x H200); kFine likewise, so that the segment items' kernel
 // is the one measured before the one-round items.
-template <bool kPushWeights, bool kFine>
+template <bool kPushWeights, bool kFine, bool kLines>
 __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p) {
   stageStart(p.peers, kStages);
   // Loaded beside the failure word, before the barrier: one memory latency for both.
@@ -512,7 +646,7 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p
   if (__syncthreads_or(rankFailed(p.peers))) return;
   if constexpr (kPushWeights) llCombineWeightsPush(p, true);
   llCombineSend<kFine>(p, epoch, posted_rows, true);
-  llCombineRecv(p, true);
+  llCombineRecv<kLines>(p, true);
   stageThread0(p.peers, kStages, stage::kEnd);
 }
 
@@ -525,21 +659,38 @@ bool llCombineFineItems(const LlParams& p, int num_blocks) {
          int64_t{num_blocks} * kGroupsPerBlock;
 }
 
+// This rank's partials come as lines (what its peers decide from its dispatch post).
+bool llCombineLines(const LlParams& p, int num_tokens) {
+  return num_tokens <= p.regions.line_tokens;
+}
+
+template <bool kPushWeights, bool kFine>
+void launchFusedCombine(const LlParams& params, int num_blocks, bool lines, cudaStream_t stream) {
+  if (lines) {
+    llCombineFusedKernel<kPushWeights, kFine, true>
+        <<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    llCombineFusedKernel<kPushWeights, kFine, false>
+        <<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
+}
+
 }  // namespace
 
 void launchLlCombineFused(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = std::max(1, sm_budget);
   const bool fine = llCombineFineItems(params, num_blocks);
+  const bool lines = llCombineLines(params, params.num_tokens);
   if (params.weights_mode == kLlWeightsPushed) {
     if (fine) {
-      llCombineFusedKernel<true, true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+      launchFusedCombine<true, true>(params, num_blocks, lines, stream);
     } else {
-      llCombineFusedKernel<true, false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+      launchFusedCombine<true, false>(params, num_blocks, lines, stream);
     }
   } else if (fine) {
-    llCombineFusedKernel<false, true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    launchFusedCombine<false, true>(params, num_blocks, lines, stream);
   } else {
-    llCombineFusedKernel<false, false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    launchFusedCombine<false, false>(params, num_blocks, lines, stream);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(llCombineFusedKernel);
 }
@@ -568,7 +719,11 @@ void launchLlCombineRecv(const LlParams& params, int num_tokens, int sm_budget,
   const int work_blocks =
       static_cast<int>((int64_t{num_tokens} * segments + kWarpsPerBlock - 1) / kWarpsPerBlock);
   const int num_blocks = std::max(1, std::min(sm_budget, work_blocks));
-  llCombineRecvKernel<<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  if (llCombineLines(params, num_tokens)) {
+    llCombineRecvKernel<true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  } else {
+    llCombineRecvKernel<false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+  }
   EPCOMM_KERNEL_LAUNCH_CHECK(llCombineRecvKernel);
 }
 

@@ -39,11 +39,15 @@
 //                  token owner's combine staging [parity][d][token], one 1024-column segment per
 //                  warp item; each warp then fences once and tags every segment it stored
 //                  (combine_tags; no arrival). At small batches an item is a four-warp group's,
-//                  whose first thread fences and tags it after the group's barrier.
+//                  whose first thread fences and tags it after the group's barrier. An owner
+//                  with at most line_tokens tokens (its dispatch post says how many) gets the
+//                  partial as lines instead (combine_lines, protocol.hpp llLineFlag): the flag
+//                  travels in every 8 bytes, so no fence and no tag.
 //   combine recv   (rank s): per (token, segment), wait for the tags of the ranks the token went
-//                  to, sum their partials (float32) and write BF16; every token's row is written
-//                  (zeros for a token routed nowhere). Block 0 then waits for every rank's
-//                  weights post, so that a rank that rejected or failed the call stops it here.
+//                  to (or, with at most line_tokens tokens, poll their lines), sum their
+//                  partials (float32) and write BF16; every token's row is written (zeros for a
+//                  token routed nowhere). Block 0 then waits for every rank's weights post, so
+//                  that a rank that rejected or failed the call stops it here.
 // Parity: consecutive calls alternate between two copies of every region peers write into, so a
 // rank may start call e+1 while a peer still reads call e. Call e+2 reuses call e's copy; by then
 // every peer has finished call e: a rank's dispatch of call e+1 waits for every rank's count post

@@ -374,6 +374,21 @@ EPCOMM_HOST_DEVICE constexpr int32_t llEntryLocalExpert(uint32_t value) {
 // LL combine partial-row tags (LlRegions::combine_tags): tag(epoch, kLlPartialTagged), ready as
 // the row tags are.
 constexpr uint32_t kLlPartialTagged = 1;
+// LL combine partial lines (LlRegions::combine_lines), for a token owner with at most
+// LlRegions::line_tokens tokens in the call (both sides know that count: the owner its own, an
+// expert rank the owner's dispatch post). Each 16-byte line carries 8 payload bytes as two
+// 8-byte halves, each 4 payload bytes beside the call's flag (NCCL's LL protocol shape): a half
+// is stored and loaded whole (8-byte single-copy atomicity), so a half holding this call's flag
+// holds this call's payload. No fence and no tag: the owner polls the lines themselves. The
+// flag is never 0 (the region's cleared value), and consecutive calls of one parity differ.
+EPCOMM_HOST_DEVICE constexpr uint32_t llLineFlag(uint64_t epoch) {
+  return static_cast<uint32_t>(epoch % 0xffffffffull) + 1u;
+}
+// Owners with at most this many tokens get lines: the lines double the bytes and many warps poll
+// them, so small batches only, where the fence and the tag round trip cost more (one H200:
+// combine -6 to -13 % at 1 and 8 tokens, every SM budget; +7 to +10 % at 16 tokens on 16 and
+// 24 SMs; docs/perf-notes.md, session 21).
+constexpr int kLlLineTokens = 8;
 EPCOMM_HOST_DEVICE constexpr bool llRowTagReady(uint64_t word, uint64_t epoch) {
   return static_cast<uint32_t>(word >> 32) == static_cast<uint32_t>(epoch) &&
          static_cast<uint32_t>(word) != 0;
@@ -528,6 +543,9 @@ struct LlRegions {
   // [num_ranks][max_tokens][hidden / kLlSegmentCols] uint64: tag(epoch, 1) per partial segment,
   // stored by the rank that summed it after the segment (the LL combine's only signal)
   uint64_t combine_tags[2] = {};
+  // [num_ranks][line_tokens][hidden * 2] uint32 (lines: hidden * 4 bytes per partial row), by
+  // rank: the partials of a token owner with at most line_tokens tokens (llLineFlag)
+  uint64_t combine_lines[2] = {};
   uint64_t slot_of_row = 0;          // [num_ranks][max_tokens][max_topk] int32 output row or -1
   uint64_t out_x = 0;                // [local_experts][rows_per_expert][hidden * 2 bytes]
   uint64_t out_scales = 0;           // [local_experts][rows_per_expert][hidden / 128] float
@@ -542,6 +560,7 @@ struct LlRegions {
   int64_t meta_bytes = 0;            // metadata record stride
   int32_t combine_tag_segments = 0;  // hidden / kLlSegmentCols, rounded up: tags per partial row
   int32_t entry_tags_per_slot = 0;   // max_topk: entry tags per staged slot
+  int32_t line_tokens = 0;           // min(kLlLineTokens, max_tokens): combine_lines rows per rank
 
   // LL combine weights (low_latency.cuh).
   // [num_ranks][max_tokens][max_topk] float: each source's combine-time weights of the tokens it

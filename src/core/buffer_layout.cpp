@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/buffer_layout.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -92,6 +93,8 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
     const uint64_t staged = ranks * max_tokens;
     const uint64_t segments = (hidden + kernels::kLlSegmentCols - 1) / kernels::kLlSegmentCols;
     ll.combine_tag_segments = static_cast<int32_t>(segments);
+    const uint64_t line_tokens =
+        std::min<uint64_t>(max_tokens, static_cast<uint64_t>(kernels::kLlLineTokens));
     uint64_t mark = carver.end();
     for (int parity = 0; parity < 2; ++parity) {
       ll.rows[parity] = carver.take(staged * static_cast<uint64_t>(ll.row_bytes));
@@ -107,7 +110,11 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
       ll.combine_tags[parity] = carver.take(staged * segments * sizeof(uint64_t));
       ll.combine_weights[parity] = carver.take(staged * max_topk * sizeof(float));
       ll.weights_tags[parity] = carver.take(staged * sizeof(uint64_t));
+      // Whole segments (what clearSignals clears); a row of lines is hidden * 4 bytes.
+      ll.combine_lines[parity] =
+          carver.take(ranks * line_tokens * segments * kernels::kLlSegmentCols * 4);
     }
+    ll.line_tokens = static_cast<int32_t>(line_tokens);
     sizes.ll_combine_staging = carver.since(mark);
     mark = carver.end();
     const uint64_t out_rows = local_experts * ranks * max_tokens;

@@ -42,6 +42,13 @@ void clearSignals(uint8_t* base, size_t bytes, const kernels::HtRegions& ht,
     const size_t bytes = tag_bytes * static_cast<size_t>(ll.combine_tag_segments);
     if (bytes != 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + offset, 0, bytes, stream));
   }
+  // Partial lines carry their flags in the data: a cleared line is never ready (llLineFlag).
+  const size_t line_bytes = static_cast<size_t>(num_ranks) * static_cast<size_t>(ll.line_tokens) *
+                            static_cast<size_t>(ll.combine_tag_segments) * kernels::kLlSegmentCols *
+                            4;
+  for (const uint64_t offset : ll.combine_lines) {
+    if (line_bytes != 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(base + offset, 0, line_bytes, stream));
+  }
 }
 
 uint64_t readCallsPassed(const void* region, kernels::EpochSlot family, cudaStream_t stream) {

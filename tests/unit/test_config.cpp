@@ -5,6 +5,7 @@
 // leaves the choice to the library.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
@@ -636,6 +637,53 @@ TEST_F(ConfigTest, LlDispatchStagingHoldsRowsMetadataAndTags) {
         const bool apart = regions[i].offset >= regions[j].offset + regions[j].bytes ||
                            regions[j].offset >= regions[i].offset + regions[i].bytes;
         EXPECT_TRUE(apart) << ranks << " ranks, regions " << j << " and " << i;
+      }
+    }
+  }
+}
+
+// The LL combine staging: for each parity the BF16 partials with their segment tags, the pushed
+// weights with their tags, and the partial lines of min(kLlLineTokens, max_tokens) tokens per
+// rank (hidden * 4 bytes each, whole segments), disjoint and within ll_combine_staging.
+TEST_F(ConfigTest, LlCombineStagingHoldsPartialsLinesAndTags) {
+  for (const int max_tokens : {4, 96}) {
+    const BufferConfig config = with([&](BufferConfig& c) {
+      c.hidden = 2560;  // not a whole number of 1024-column segments
+      c.num_experts = 64;
+      c.max_topk = 8;
+      c.ll_max_tokens_per_rank = max_tokens;
+    });
+    for (int ranks : {1, 2, 8}) {
+      const BufferLayout layout = computeBufferLayout(resolveConfig(config, ranks));
+      const kernels::LlRegions& ll = layout.ll;
+      const uint64_t slots = uint64_t(ranks) * uint64_t(max_tokens);
+      const uint64_t segments = 3;
+      EXPECT_EQ(ll.combine_tag_segments, int(segments));
+      EXPECT_EQ(ll.line_tokens, std::min(max_tokens, kernels::kLlLineTokens));
+      struct Region {
+        uint64_t offset;
+        uint64_t bytes;
+      };
+      std::vector<Region> regions;
+      for (int parity = 0; parity < 2; ++parity) {
+        regions.push_back({ll.combine_rows[parity], slots * 2560 * 2});
+        regions.push_back({ll.combine_tags[parity], slots * segments * sizeof(uint64_t)});
+        regions.push_back({ll.combine_weights[parity], slots * 8 * sizeof(float)});
+        regions.push_back({ll.weights_tags[parity], slots * sizeof(uint64_t)});
+        regions.push_back({ll.combine_lines[parity],
+                           uint64_t(ranks) * uint64_t(ll.line_tokens) * segments * 1024 * 4});
+      }
+      const uint64_t start = ll.combine_rows[0];
+      for (size_t i = 0; i < regions.size(); ++i) {
+        const std::string where = str(ranks) + " ranks, " + str(max_tokens) + " tokens, region ";
+        EXPECT_GE(regions[i].offset, start) << where << i;
+        EXPECT_LE(regions[i].offset + regions[i].bytes, start + layout.sizes.ll_combine_staging)
+            << where << i;
+        for (size_t j = 0; j < i; ++j) {
+          const bool apart = regions[i].offset >= regions[j].offset + regions[j].bytes ||
+                             regions[j].offset >= regions[i].offset + regions[i].bytes;
+          EXPECT_TRUE(apart) << where << j << " and " << i;
+        }
       }
     }
   }

@@ -122,6 +122,24 @@ TEST(ProtocolLimits, LlEntryTagsKeepTheLocalExpertAndAreReadyOnlyForThisCall) {
   }
 }
 
+// The LL combine's line flag: never 0 (a cleared line is never ready) and different for the
+// calls of one parity that follow each other (a line of call e - 2 is not ready in call e).
+TEST(ProtocolLimits, LlLineFlagIsNeverZeroAndChangesBetweenCallsOfOneParity) {
+  const uint64_t epochs[] = {1,
+                             2,
+                             3,
+                             0xfffffffeull,
+                             0xffffffffull,
+                             uint64_t{1} << 32,
+                             (uint64_t{1} << 32) + 1,
+                             (uint64_t{1} << 33) + 7};
+  for (const uint64_t epoch : epochs) {
+    EXPECT_NE(llLineFlag(epoch), 0u) << epoch;
+    EXPECT_NE(llLineFlag(epoch), llLineFlag(epoch + 2)) << epoch;
+    EXPECT_NE(llLineFlag(epoch), llLineFlag(epoch + 4)) << epoch;
+  }
+}
+
 TEST(ProtocolLimits, RankMaskWords) {
   EXPECT_EQ(rankMaskWords(1), 1);
   EXPECT_EQ(rankMaskWords(8), 1);
