@@ -386,7 +386,7 @@ EPCOMM_HOST_DEVICE constexpr uint32_t llLineFlag(uint64_t epoch) {
 }
 // Owners with at most this many tokens get lines: the lines double the bytes and many warps poll
 // them, so small batches only, where the fence and the tag round trip cost more (one H200:
-// combine -6 to -13 % at 1 and 8 tokens, every SM budget; +7 to +10 % at 16 tokens on 16 and
+// combine -10 to -17 % at 1 and 8 tokens, every SM budget; +7 to +10 % at 16 tokens on 16 and
 // 24 SMs; docs/perf-notes.md, session 21).
 constexpr int kLlLineTokens = 8;
 EPCOMM_HOST_DEVICE constexpr bool llRowTagReady(uint64_t word, uint64_t epoch) {

@@ -56,6 +56,7 @@ struct BufferSizes {
   size_t ll = 0;          // LL regions, 0 if ll_max_tokens_per_rank is 0: the four below
   size_t ll_dispatch_staging = 0;  //   2 x num_ranks * ll_max_tokens rows (+ metadata, tags)
   size_t ll_combine_staging = 0;  //   2 x num_ranks * ll_max_tokens BF16 partials (+ weights, tags)
+                                  //   and 2 x num_ranks * min(8, ll_max_tokens) partial lines
   size_t ll_outputs = 0;          //   expert-major receive views: num_local_experts *
                                   //   num_ranks * ll_max_tokens rows (+ scales, src info)
   size_t ll_bookkeeping = 0;      //   routing kept from dispatch for combine
