@@ -602,6 +602,26 @@ TEST_F(ConfigTest, PushCombineAddsOnlyItsChunkFlags) {
   }
 }
 
+// A byte range of the buffer layout.
+struct LayoutRegion {
+  uint64_t offset;
+  uint64_t bytes;
+};
+
+// Every region inside [start, start + size) and disjoint from every other; `where` names the case.
+void expectDisjointWithin(const std::vector<LayoutRegion>& regions, uint64_t start, uint64_t size,
+                          const std::string& where) {
+  for (size_t i = 0; i < regions.size(); ++i) {
+    EXPECT_GE(regions[i].offset, start) << where << ", region " << i;
+    EXPECT_LE(regions[i].offset + regions[i].bytes, start + size) << where << ", region " << i;
+    for (size_t j = 0; j < i; ++j) {
+      const bool apart = regions[i].offset >= regions[j].offset + regions[j].bytes ||
+                         regions[j].offset >= regions[i].offset + regions[i].bytes;
+      EXPECT_TRUE(apart) << where << ", regions " << j << " and " << i;
+    }
+  }
+}
+
 // The LL dispatch staging: for each parity the rows, their metadata, the row tags and the entry
 // tags (one per top-k entry of every slot), each region disjoint from the others and all of them
 // within ll_dispatch_staging.
@@ -617,28 +637,15 @@ TEST_F(ConfigTest, LlDispatchStagingHoldsRowsMetadataAndTags) {
     const kernels::LlRegions& ll = layout.ll;
     const uint64_t slots = uint64_t(ranks) * 96;
     EXPECT_EQ(ll.entry_tags_per_slot, 8);
-    struct Region {
-      uint64_t offset;
-      uint64_t bytes;
-    };
-    std::vector<Region> regions;
+    std::vector<LayoutRegion> regions;
     for (int parity = 0; parity < 2; ++parity) {
       regions.push_back({ll.rows[parity], slots * uint64_t(ll.row_bytes)});
       regions.push_back({ll.meta[parity], slots * uint64_t(ll.meta_bytes)});
       regions.push_back({ll.row_tags[parity], slots * sizeof(uint64_t)});
       regions.push_back({ll.entry_tags[parity], slots * 8 * sizeof(uint64_t)});
     }
-    const uint64_t start = ll.rows[0];
-    for (size_t i = 0; i < regions.size(); ++i) {
-      EXPECT_GE(regions[i].offset, start) << i;
-      EXPECT_LE(regions[i].offset + regions[i].bytes, start + layout.sizes.ll_dispatch_staging)
-          << ranks << " ranks, region " << i;
-      for (size_t j = 0; j < i; ++j) {
-        const bool apart = regions[i].offset >= regions[j].offset + regions[j].bytes ||
-                           regions[j].offset >= regions[i].offset + regions[i].bytes;
-        EXPECT_TRUE(apart) << ranks << " ranks, regions " << j << " and " << i;
-      }
-    }
+    expectDisjointWithin(regions, ll.rows[0], layout.sizes.ll_dispatch_staging,
+                         str(ranks) + " ranks");
   }
 }
 
@@ -660,11 +667,7 @@ TEST_F(ConfigTest, LlCombineStagingHoldsPartialsLinesAndTags) {
       const uint64_t segments = 3;
       EXPECT_EQ(ll.combine_tag_segments, int(segments));
       EXPECT_EQ(ll.line_tokens, std::min(max_tokens, kernels::kLlLineTokens));
-      struct Region {
-        uint64_t offset;
-        uint64_t bytes;
-      };
-      std::vector<Region> regions;
+      std::vector<LayoutRegion> regions;
       for (int parity = 0; parity < 2; ++parity) {
         regions.push_back({ll.combine_rows[parity], slots * 2560 * 2});
         regions.push_back({ll.combine_tags[parity], slots * segments * sizeof(uint64_t)});
@@ -673,18 +676,8 @@ TEST_F(ConfigTest, LlCombineStagingHoldsPartialsLinesAndTags) {
         regions.push_back({ll.combine_lines[parity],
                            uint64_t(ranks) * uint64_t(ll.line_tokens) * segments * 1024 * 4});
       }
-      const uint64_t start = ll.combine_rows[0];
-      for (size_t i = 0; i < regions.size(); ++i) {
-        const std::string where = str(ranks) + " ranks, " + str(max_tokens) + " tokens, region ";
-        EXPECT_GE(regions[i].offset, start) << where << i;
-        EXPECT_LE(regions[i].offset + regions[i].bytes, start + layout.sizes.ll_combine_staging)
-            << where << i;
-        for (size_t j = 0; j < i; ++j) {
-          const bool apart = regions[i].offset >= regions[j].offset + regions[j].bytes ||
-                             regions[j].offset >= regions[i].offset + regions[i].bytes;
-          EXPECT_TRUE(apart) << where << j << " and " << i;
-        }
-      }
+      expectDisjointWithin(regions, ll.combine_rows[0], layout.sizes.ll_combine_staging,
+                           str(ranks) + " ranks, " + str(max_tokens) + " tokens");
     }
   }
 }
