@@ -374,14 +374,21 @@ __device__ __forceinline__ bool waitUntil(Poll poll, const uint64_t& observed, b
   }
 }
 
-// waitUntil for one word: until ready(word) holds; returns true with the value in *value. One
-// acquire load after success orders everything the writer released before its store.
+// waitUntil for one word: until ready(word) holds; returns true with the value in *value, read
+// by an acquire load (it orders everything the writer released before its store). The first
+// read is that acquire: a word that is ready already (a post or tag stored well before) costs
+// one memory latency, not a relaxed poll and then the acquire. The polls after it are relaxed
+// (an acquire on every iteration would invalidate L1 each time), then one acquire.
 template <typename Ready>
 __device__ __forceinline__ bool waitFor(const uint64_t* word, Ready ready, bool tagged,
                                         const WaitContext& w, WaitPhase phase, int peer,
                                         uint64_t expected, uint64_t* value = nullptr,
                                         uint32_t backoff_ns = 0, uint32_t max_backoff_ns = 0) {
-  uint64_t v = 0;
+  uint64_t v = ldAcquireSys(word);
+  if (ready(v)) {
+    if (value != nullptr) *value = v;
+    return true;
+  }
   const bool ok = waitUntil(
       [&] {
         v = ldRelaxedSys(word);
