@@ -113,9 +113,12 @@ __device__ __forceinline__ int64_t firstRoutedId(const LlParams& p) {
              : int64_t{-1};
 }
 
-// The send half. `fused`: called by llDispatchFusedKernel, whose caller checked rankFailed for
-// the whole block; every return below is block-uniform, so all threads of the block go on to the
-// receive half together (a thread leaving early would meet that half's barriers).
+// The send half. Its kernel checked rankFailed for the whole block (a rank that failed sends
+// nothing: its peers stop on its fault notice or their own failure) and, before that barrier,
+// filled s_peer with the peer table (loaded beside the epoch and the first id: the routing lanes
+// address their entry tags with it). Every return below is block-uniform, so in the fused kernel
+// all threads of the block go on to the receive half together (a thread leaving early would meet
+// that half's barriers).
 //
 // No count round trip and no grid-wide arrival: token t of this rank is staged in slot t of every
 // destination (slots are per source and max_tokens long), the last block posts the token count to
@@ -124,14 +127,13 @@ __device__ __forceinline__ int64_t firstRoutedId(const LlParams& p) {
 // destination's, or absent) after one fence, so a receiver copies a row as soon as its tag is in.
 template <typename IdxT>
 __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch, int64_t first_id,
-                                               bool send_entry_tags, bool fused) {
+                                               bool send_entry_tags, uint8_t* const* s_peer) {
   // A tile token's destination ranks: a token reaches at most num_topk ranks, so the list is
   // kMaxTopk long whatever the rank count. s_num_dest: -1 for a token with a bad id (sent and
   // tagged nowhere, so every rank's receive waits on it until the fault notice stops it).
   __shared__ uint8_t s_dest_rank[kTile][kMaxTopk];
   __shared__ uint16_t s_dest_topk[kTile][kMaxTopk];  // the token's top-k entries at that rank
   __shared__ int8_t s_num_dest[kTile];
-  __shared__ uint8_t* s_peer[kMaxRanks];
 
   const PeerContext& ctx = p.peers;
   const int tid = threadIdx.x;
@@ -144,9 +146,6 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
   const LlRegions& r = p.regions;
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
-  // A rank that failed sends nothing: its peers stop on its fault notice (or their own failure).
-  if (!fused && rankFailed(ctx)) return;
-  if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
   if (blockIdx.x == gridDim.x - 1) {
     // This rank's receive side of the call starts from empty expert lists.
     int32_t* counts = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
@@ -161,7 +160,7 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
     // slots to watch. Release: the fused receive half waits for its own post before it counts
     // into the zeroed counters.
     if (tid < num_ranks) {
-      stReleaseSys(&controlOf(ctx.peer_bases[tid])->ll_dispatch_flag[parity][me],
+      stReleaseSys(&controlOf(s_peer[tid])->ll_dispatch_flag[parity][me],
                    tag(epoch, llPost(static_cast<uint32_t>(n), p.signature)));
       stageThread(ctx, kStages, stage::kPosted);
     }
@@ -231,7 +230,7 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       // receive takes the row's slab position while the row is being staged.
       if (send_entry_tags && rank >= 0 && !bad) {
         const int64_t at = (int64_t{me} * r.max_tokens + t) * p.max_topk + k;
-        stRelaxedSys(reinterpret_cast<uint64_t*>(ctx.peer_bases[rank] + r.entry_tags[parity]) + at,
+        stRelaxedSys(reinterpret_cast<uint64_t*>(s_peer[rank] + r.entry_tags[parity]) + at,
                      tag(epoch, llEntryValue(kept - rank * p.num_local_experts)));
       }
       // The token's destination list in increasing rank order: each rank's first entry writes
@@ -621,12 +620,21 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
   // counters already hold the capped counts, and the host reports the error at its next check.
 }
 
+// The peer table into shared memory, before the kernel's first barrier (which orders it).
+__device__ __forceinline__ void loadPeerTable(const PeerContext& ctx, uint8_t** s_peer) {
+  if (static_cast<int>(threadIdx.x) < ctx.num_ranks)
+    s_peer[threadIdx.x] = ctx.peer_bases[threadIdx.x];
+}
+
 template <typename IdxT>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p) {
+  __shared__ uint8_t* s_peer[kMaxRanks];
+  const uint64_t epoch = callEpoch(controlOf(p.peers.local_base), kEpochLl);
   const int64_t first_id = firstRoutedId<IdxT>(p);
+  loadPeerTable(p.peers, s_peer);
+  if (__syncthreads_or(rankFailed(p.peers))) return;
   // No entry tags: the two-kernel path's receive grid may differ from this one.
-  llDispatchSend<IdxT>(p, callEpoch(controlOf(p.peers.local_base), kEpochLl), first_id, false,
-                       false);
+  llDispatchSend<IdxT>(p, epoch, first_id, false, s_peer);
 }
 
 template <bool kFine>
@@ -648,8 +656,10 @@ __global__ void __launch_bounds__(kBlockThreads) llDispatchFusedKernel(LlParams 
   stageStart(p.peers, kStages);
   const uint64_t epoch = callEpoch(controlOf(p.peers.local_base), kEpochLl);
   const int64_t first_id = firstRoutedId<IdxT>(p);
+  __shared__ uint8_t* s_peer[kMaxRanks];
+  loadPeerTable(p.peers, s_peer);
   if (__syncthreads_or(rankFailed(p.peers))) return;
-  llDispatchSend<IdxT>(p, epoch, first_id, kFine, true);
+  llDispatchSend<IdxT>(p, epoch, first_id, kFine, s_peer);
   llDispatchRecv<kFine>(p, epoch, true);
   stageThread0(p.peers, kStages, stage::kEnd);
 }
