@@ -276,26 +276,29 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
       uint8_t* peer = s_peer[d];
       const int64_t slot = int64_t{me} * r.max_tokens + token;
       uint8_t* staged = peer + r.rows[parity] + slot * r.row_bytes;
+      // The metadata's loads (segment 0's warp) before the segment's: in flight together.
+      const bool meta_lane = seg == 0 && lane < p.num_topk;
+      const int64_t e = meta_lane ? static_cast<int64_t>(static_cast<const IdxT*>(
+                                        p.topk_idx)[int64_t{token} * p.num_topk + lane])
+                                  : -1;
+      // Without dispatch weights combine must get them (LlCombineArgs::topk_weights; the host
+      // checks), so these zeros are never used.
+      const float weight = meta_lane && p.topk_weights != nullptr
+                               ? p.topk_weights[int64_t{token} * p.num_topk + lane]
+                               : 0.0f;
       stageSegment(p, p.x + int64_t{token} * p.hidden, staged, seg, lane);
-      if (seg == 0) {
+      if (meta_lane) {
         int32_t* meta = reinterpret_cast<int32_t*>(peer + r.meta[parity] + slot * r.meta_bytes);
-        if (lane < p.num_topk) {
-          const int64_t e = static_cast<int64_t>(
-              static_cast<const IdxT*>(p.topk_idx)[int64_t{token} * p.num_topk + lane]);
-          // Routing policy (ops.hpp): a repetition of an earlier entry of the token is -1, so an
-          // expert gets a token at most once and a slab never holds more than its capacity.
-          const unsigned lanes = (1u << p.num_topk) - 1u;  // num_topk <= kMaxTopk < 32
-          // 32-bit keys (a 64-bit match is the slow form): every id outside [0, num_experts)
-          // shares one key no valid id has, and maps to -1 whatever it matches.
-          const bool valid = e >= 0 && e < p.num_experts;
-          const unsigned same = __match_any_sync(lanes, valid ? static_cast<uint32_t>(e) : ~0u);
-          const bool first = (same & ((1u << lane) - 1u)) == 0;
-          meta[lane] = first && valid ? static_cast<int32_t>(e) : -1;
-          // Without dispatch weights combine must get them (LlCombineArgs::topk_weights; the
-          // host checks), so these zeros are never used.
-          reinterpret_cast<float*>(meta + p.max_topk)[lane] =
-              p.topk_weights != nullptr ? p.topk_weights[int64_t{token} * p.num_topk + lane] : 0.0f;
-        }
+        // Routing policy (ops.hpp): a repetition of an earlier entry of the token is -1, so an
+        // expert gets a token at most once and a slab never holds more than its capacity.
+        const unsigned lanes = (1u << p.num_topk) - 1u;  // num_topk <= kMaxTopk < 32
+        // 32-bit keys (a 64-bit match is the slow form): every id outside [0, num_experts)
+        // shares one key no valid id has, and maps to -1 whatever it matches.
+        const bool valid = e >= 0 && e < p.num_experts;
+        const unsigned same = __match_any_sync(lanes, valid ? static_cast<uint32_t>(e) : ~0u);
+        const bool first = (same & ((1u << lane) - 1u)) == 0;
+        meta[lane] = first && valid ? static_cast<int32_t>(e) : -1;
+        reinterpret_cast<float*>(meta + p.max_topk)[lane] = weight;
       }
     }
     __syncthreads();  // the tile's rows are issued by every warp of the block
