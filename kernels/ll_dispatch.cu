@@ -631,8 +631,9 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
 
 // The peer table into shared memory, before the kernel's first barrier (which orders it).
 __device__ __forceinline__ void loadPeerTable(const PeerContext& ctx, uint8_t** s_peer) {
-  if (static_cast<int>(threadIdx.x) < ctx.num_ranks)
+  if (static_cast<int>(threadIdx.x) < ctx.num_ranks) {
     s_peer[threadIdx.x] = ctx.peer_bases[threadIdx.x];
+  }
 }
 
 template <typename IdxT>
