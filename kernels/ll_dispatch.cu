@@ -378,14 +378,8 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
   // instead of by the blocks still staging them.
   const int sub = blocks_per_source - 1 - static_cast<int>(blockIdx.x) / num_ranks;
   bool first_source = true;
-  // This block's first item of a source (the shapes below).
-  const int first_item = kFine ? sub * kGroupsPerBlock : sub * kWarpsPerBlock;
   for (int s = blockIdx.x % num_ranks; s < num_ranks;
        s += min(num_ranks, static_cast<int>(gridDim.x))) {
-    // This rank's own rows number this call's tokens: a block with none of their items has
-    // nothing to wait for (the post would order the zeroed counters before its atomics only).
-    // At small batches that is most blocks, among them those that staged the rows.
-    if (s == ctx.rank && first_item >= p.num_tokens * p.max_topk) continue;
     bool ok = true;
     if (tid == 0) {
       uint64_t v = 0;
