@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// One LL case: LL dispatch (BF16, FP8), LL combine and the LL graph round trip at one token count.
+// One LL case: LL dispatch (BF16, FP8), LL combine, both split in their phases, and the LL graph
+// round trip at one token count.
 #include <string>
 #include <vector>
 
@@ -60,6 +61,7 @@ class LlCase {
 
   void makeInputs();
   void timeDispatchCombine(const CaseRows& rows);
+  void timeSplit(const CaseRows& rows);
   void timeGraph(const CaseRows& rows);
 
   const CaseEnv& env_;
@@ -123,6 +125,28 @@ void LlCase::timeDispatchCombine(const CaseRows& rows) {
                   combine_samples[weights ? 1 : 0], rows.bytes(bf16RowBytes(spec_.hidden)),
                   nccl_.combine);
   }
+  timeSplit(rows);
+}
+
+// Each op called in its two phases back to back (LlPhase::kSend, then kRecv; DeepEP's
+// return_recv_hook form with no work between): the send and the receive kernels of the split
+// path, timed together.
+void LlCase::timeSplit(const CaseRows& rows) {
+  TimedLoop loop(env_.loop, env_.stream, 2);
+  loop.run(buffer_, [&](int it) {
+    const LlDispatchArgs a = dispatchArgs(in_[setOf(it)], false);
+    loop.start(0);
+    buffer_.lowLatencyDispatch(a, env_.stream, LlPhase::kSend);
+    buffer_.lowLatencyDispatch(a, env_.stream, LlPhase::kRecv);
+    loop.stop(0);
+    loop.start(1);
+    buffer_.lowLatencyCombine(combine_args_, env_.stream, LlPhase::kSend);
+    buffer_.lowLatencyCombine(combine_args_, env_.stream, LlPhase::kRecv);
+    loop.stop(1);
+  });
+  const Bytes bytes = rows.bytes(bf16RowBytes(spec_.hidden));
+  env_.rows.add(row("ll dispatch (split)", "bf16"), loop.samples(0), bytes, nccl_.bf16);
+  env_.rows.add(row("ll combine (split)", "bf16"), loop.samples(1), bytes, nccl_.combine);
 }
 
 void LlCase::timeGraph(const CaseRows& rows) {
