@@ -139,6 +139,10 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
   }
   if (recv) {
     if (!fused) {
+      // This rank's token count from the send phase: the receive kernel's item shape is chosen
+      // from it (llDispatchFineItems; a receive called alone had 0 and took the small-batch
+      // shape at every batch).
+      p.num_tokens = num_tokens_;
       p.cumulative_recv_counts = args.cumulative_recv_counts;
       p.use_fp8 = use_fp8_;
       p.signature = kernels::llSignature(c.hidden, use_fp8_);
