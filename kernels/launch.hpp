@@ -299,6 +299,15 @@ void launchHtExpertMajorDispatch(const HtExpertMajorParams& params, int sm_budge
 void launchHtExpertMajorCombine(const HtExpertMajorCombineParams& params, int sm_budget,
                                 cudaStream_t stream);
 
+// The LL ops' grid when the caller sets no SM budget: a block per kLlItemsPerBlock (token, top-k
+// entry) items of every source, were the sources like this rank (`num_tokens` of them, the batch
+// this rank knows), at least kLlMinBlocks. One H200, 1 rank (docs/perf-notes.md): every SM cost a
+// 1-token op ~0.4 us more than 32 blocks, and an 8-token op ~0.4 us more than 32 blocks with 2
+// items each, while 4 items per block were 9 to 11 % slower than every SM (a block's groups then
+// share its SM's bandwidth). A peer with more tokens than this rank is placed by fewer blocks.
+constexpr int kLlItemsPerBlock = 2;
+constexpr int kLlMinBlocks = 32;
+int llBlocksForBatch(int num_tokens, int max_topk, int num_ranks);
 // At most one block per token (idle blocks would only add arrivals to the last-block count).
 void launchLlDispatchSend(const LlParams& params, int sm_budget, cudaStream_t stream);
 void launchLlDispatchRecv(const LlParams& params, int sm_budget, cudaStream_t stream);

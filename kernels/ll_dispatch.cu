@@ -3,6 +3,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "kernels/kernel_check.hpp"
 #include "kernels/low_latency.cuh"
@@ -686,6 +687,12 @@ void launchFused(const LlParams& params, int num_blocks, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int llBlocksForBatch(int num_tokens, int max_topk, int num_ranks) {
+  const int64_t per_source =
+      (int64_t{num_tokens} * max_topk + kLlItemsPerBlock - 1) / kLlItemsPerBlock;
+  return static_cast<int>(std::clamp<int64_t>(per_source * num_ranks, kLlMinBlocks, INT32_MAX));
+}
 
 void launchLlDispatchFused(const LlParams& params, int sm_budget, cudaStream_t stream) {
   const int num_blocks = std::max(1, sm_budget);

@@ -93,11 +93,11 @@ struct BufferConfig {
   // must be >= timeout_s.
   double first_op_timeout_s = kAuto;
 
-  // Default SM budget of HT ops (kAuto: the library's tuned default) and of LL ops
-  // (kAuto: every SM; measured fastest, docs/design.md §6). Each call may override it. When
-  // several ranks of the buffer share one GPU (MPS), the kAuto budgets are divided among them
-  // (at most SMs / ranks-on-that-GPU each): their kernels wait for each other and must all be
-  // resident at once. An explicit budget is taken as given.
+  // Default SM budget of HT ops (kAuto: the library's tuned default) and of LL ops (kAuto: sized
+  // to the call's batch, LlDispatchArgs::num_sms; docs/design.md §6). Each call may override it.
+  // When several ranks of the buffer share one GPU (MPS), the kAuto budgets are divided among
+  // them (at most SMs / ranks-on-that-GPU each): their kernels wait for each other and must all
+  // be resident at once. An explicit budget is taken as given.
   int num_sms = kAuto;
   int ll_num_sms = kAuto;
 

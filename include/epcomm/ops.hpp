@@ -309,7 +309,9 @@ struct LlDispatchArgs {
   // cumulative_local_expert_recv_stats, for load balancing). Taken from the call that runs the
   // receive half (kRecv or kBoth); stream-ordered, atomic adds, never reset by the library.
   int32_t* cumulative_recv_counts = nullptr;
-  int num_sms = kAuto;  // SM budget; kAuto = BufferConfig::ll_num_sms, else every SM
+  // SM budget; kAuto = BufferConfig::ll_num_sms, else sized to this rank's batch (a block per two
+  // (token, top-k entry) pairs per rank, at least 32, at most every SM).
+  int num_sms = kAuto;
 };
 
 struct LlDispatchResult {
@@ -346,7 +348,7 @@ struct LlCombineArgs {
   // rank, not per expert); the partials are summed in float32. Every token's row is written,
   // zeros for a token routed nowhere (all top-k ids -1). Written by the kRecv half.
   void* out = nullptr;
-  int num_sms = kAuto;
+  int num_sms = kAuto;  // as LlDispatchArgs::num_sms, for the matching dispatch's batch
 };
 
 }  // namespace epcomm

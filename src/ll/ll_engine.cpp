@@ -53,10 +53,14 @@ bool LlEngine::beginCall(LlPhase phase, const SequenceRule& rule, Problem& probl
   return problem.empty();
 }
 
-// Every SM: on 2x H200 at 128 tokens (ep_bench, docs/design.md §6) an LL op took half the time
-// with all 132 SMs that it took with 24 (dispatch 34.9 vs 70.4 us, combine 35.5 vs 82.9 us).
-int LlEngine::defaultSms() const {
-  return core_.device_sms;
+// Sized to the batch (kernels::llBlocksForBatch), at most every SM: on 2x H200 at 128 tokens
+// (ep_bench, docs/design.md §6) an LL op took half the time with all 132 SMs that it took with 24
+// (dispatch 34.9 vs 70.4 us, combine 35.5 vs 82.9 us), while a 1-token op took ~0.5 us less with
+// 16 to 32 blocks than with 132 (one H200, 1 rank).
+int LlEngine::defaultSms(int num_tokens) const {
+  const int blocks =
+      kernels::llBlocksForBatch(num_tokens, core_.resolved.config.max_topk, core_.num_ranks);
+  return std::min(core_.device_sms, blocks);
 }
 
 kernels::LlParams LlEngine::baseParams() const {
@@ -110,8 +114,9 @@ LlDispatchResult LlEngine::dispatch(const LlDispatchArgs& args, cudaStream_t str
                   recv && !send ? kernels::OpId::kLlDispatchRecv : kernels::OpId::kLlDispatchSend,
                   problem.text());
   }
-  const int sms = b.resolveSms(stream, kernels::OpId::kLlDispatchSend, args.num_sms, c.ll_num_sms,
-                               defaultSms(), "LlDispatchArgs::num_sms");
+  const int sms =
+      b.resolveSms(stream, kernels::OpId::kLlDispatchSend, args.num_sms, c.ll_num_sms,
+                   defaultSms(send ? args.num_tokens : num_tokens_), "LlDispatchArgs::num_sms");
 
   DeviceGuard guard(b.device);
   kernels::LlParams p = baseParams();
@@ -196,7 +201,7 @@ void LlEngine::combine(const LlCombineArgs& args, cudaStream_t stream, LlPhase p
                   problem.text());
   }
   const int sms = b.resolveSms(stream, kernels::OpId::kLlCombineSend, args.num_sms, c.ll_num_sms,
-                               defaultSms(), "LlCombineArgs::num_sms");
+                               defaultSms(num_tokens_), "LlCombineArgs::num_sms");
 
   DeviceGuard guard(b.device);
   kernels::LlParams p = baseParams();

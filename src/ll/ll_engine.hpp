@@ -35,8 +35,9 @@ class EPCOMM_LOCAL LlEngine {
   // LlPhase and the call comes in sequence. False, with the reason in `problem`, if not.
   bool beginCall(LlPhase phase, const SequenceRule& rule, Problem& problem) const;
   kernels::LlParams baseParams() const;
-  // The SM budget when neither the call nor the config sets one: every SM of the device.
-  int defaultSms() const;
+  // The SM budget when neither the call nor the config sets one, for this rank's batch of
+  // `num_tokens`: sized to it, at most every SM of the device.
+  int defaultSms(int num_tokens) const;
 
   BufferCore& core_;
   bool enabled_;                   // BufferConfig::ll_max_tokens_per_rank > 0

@@ -21,6 +21,7 @@
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
+#include "kernels/launch.hpp"
 #include "kernels/stage_times.hpp"
 
 namespace epcomm {
@@ -866,6 +867,21 @@ TEST(StageTimes, EveryStageNamedAndSlotsDisjoint) {
     }
   }
   for (int slot = 0; slot < kernels::kStageSlots; ++slot) EXPECT_LE(seen[slot], 1) << slot;
+}
+
+// The LL ops' default grid (ll_num_sms = kAuto): a block per two (token, top-k entry) items of
+// every source, at least kLlMinBlocks; the engine then caps it at the device's SMs.
+TEST(LlDefaultGrid, SizedToTheBatch) {
+  static_assert(kernels::kLlItemsPerBlock == 2 && kernels::kLlMinBlocks == 32, "the cases below");
+  EXPECT_EQ(kernels::llBlocksForBatch(0, 8, 1), 32);
+  EXPECT_EQ(kernels::llBlocksForBatch(1, 8, 1), 32);
+  EXPECT_EQ(kernels::llBlocksForBatch(1, 8, 8), 32);   // 4 per source
+  EXPECT_EQ(kernels::llBlocksForBatch(8, 8, 1), 32);   // 64 items
+  EXPECT_EQ(kernels::llBlocksForBatch(8, 8, 2), 64);   // 32 per source
+  EXPECT_EQ(kernels::llBlocksForBatch(9, 7, 4), 128);  // 63 items: 32 blocks per source
+  EXPECT_EQ(kernels::llBlocksForBatch(128, 8, 1), 512);
+  // The largest LL batch at the largest rank count does not overflow.
+  EXPECT_GT(kernels::llBlocksForBatch(1 << 20, kMaxTopk, kMaxRanks), 0);
 }
 
 }  // namespace
