@@ -240,6 +240,8 @@ struct LlParams {
   int32_t max_topk;
   // dispatch inputs
   const uint16_t* x;  // [N, H] BF16
+  // This rank's tokens of the call (dispatch) or of the matching dispatch (combine, both halves;
+  // and the dispatch receive, which picks its item shape from it).
   int32_t num_tokens;
   const void* topk_idx;
   int32_t idx_is_64;

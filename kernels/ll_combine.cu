@@ -36,14 +36,13 @@ namespace stage = ll_combine_stage;
 // arrival and no post: the mode post (llCombineSend) carries no data.
 // `fused`: the first part of llCombineFusedKernel, which checked rankFailed for the whole block;
 // every return below is block-uniform, so all threads of a block go on to the send half together.
-__device__ __forceinline__ void llCombineWeightsPush(const LlParams& p, bool fused) {
+// `epoch`: the round's; `s_peer`: the peer table (loadPeerTable, ordered by a barrier).
+__device__ __forceinline__ void llCombineWeightsPush(const LlParams& p, uint64_t epoch, bool fused,
+                                                     uint8_t* const* s_peer) {
   const PeerContext& ctx = p.peers;
-  ControlRegion* own = controlOf(ctx.local_base);
-  const int tid = threadIdx.x;
-  const int warp = tid / kWarpSize;
-  const int lane = tid % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
   const int me = ctx.rank;
-  const uint64_t epoch = callEpoch(own, kEpochLl);
   const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
   if (!fused && rankFailed(ctx)) return;
@@ -58,8 +57,7 @@ __device__ __forceinline__ void llCombineWeightsPush(const LlParams& p, bool fus
     const int32_t e = entry ? topk_copy[int64_t{t} * p.max_topk + lane] : -1;
     const float weight = entry ? p.combine_weights[int64_t{t} * p.num_topk + lane] : 0.f;
     const int d = e >= 0 ? e / p.num_local_experts : -1;
-    // Each lane's rank base, loaded by all lanes at once (not one dependent load per rank).
-    const uint64_t base = d >= 0 ? reinterpret_cast<uint64_t>(ctx.peer_bases[d]) : 0;
+    const uint64_t base = d >= 0 ? reinterpret_cast<uint64_t>(s_peer[d]) : 0;
     const unsigned same = __match_any_sync(kFullMask, d);
     const bool leader = d >= 0 && (same & ((1u << lane) - 1u)) == 0;
     for (unsigned leaders = __ballot_sync(kFullMask, leader); leaders != 0;
@@ -83,7 +81,11 @@ __device__ __forceinline__ void llCombineWeightsPush(const LlParams& p, bool fus
 }
 
 __global__ void __launch_bounds__(kBlockThreads) llCombineWeightsKernel(LlParams p) {
-  llCombineWeightsPush(p, false);
+  __shared__ uint8_t* s_peer[kMaxRanks];
+  const uint64_t epoch = callEpoch(controlOf(p.peers.local_base), kEpochLl);
+  loadPeerTable(p.peers, s_peer);
+  __syncthreads();
+  llCombineWeightsPush(p, epoch, false, s_peer);
 }
 
 // The combine's epoch: the round's, set by its dispatch send (== callEpoch() in every normal
@@ -110,7 +112,8 @@ __device__ __forceinline__ uint32_t postedRows(const LlParams& p, uint64_t epoch
 // a warp each, or at small batches a four-warp group per segment item, its warps a round each.
 template <bool kFine>
 __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
-                                              uint32_t posted_rows, bool fused) {
+                                              uint32_t posted_rows, bool fused,
+                                              uint8_t* const* s_peer) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
@@ -127,7 +130,6 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
   __shared__ int32_t s_first_item[kMaxRanks + 1];
   __shared__ int32_t s_items_of[kMaxRanks];  // each source's items (postedRows, bounded)
   __shared__ bool s_lines[kMaxRanks];        // that source's partials go as lines (llLineFlag)
-  __shared__ uint8_t* s_peer[kMaxRanks];
   // The dispatch receive failed (or anything before): nothing here is valid, send nothing.
   if (!fused && rankFailed(ctx)) return;
   // Combine-time weights (protocol in low_latency.cuh). Every rank posts its mode at once. Mode
@@ -139,7 +141,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
   // Relaxed: the post carries only the mode (pushed weight rows have their own tags), and a
   // release would fence before it, delaying block 0's first rows.
   if (blockIdx.x == 0 && tid < num_ranks) {
-    stRelaxedSys(&controlOf(ctx.peer_bases[tid])->ll_weights_flag[parity][me],
+    stRelaxedSys(&controlOf(s_peer[tid])->ll_weights_flag[parity][me],
                  tag(epoch, llWeightsPost(p.weights_mode)));
   }
   if (tid < num_ranks) {
@@ -173,8 +175,7 @@ __device__ __forceinline__ void llCombineSend(const LlParams& p, uint64_t epoch,
     }
   }
   stageThread0(ctx, kStages, stage::kWeights);
-  if (tid < num_ranks) s_peer[tid] = ctx.peer_bases[tid];
-  __syncthreads();
+  __syncthreads();  // s_items_of
   if (tid == 0) {
     // Slots each source may have staged a row in this call: its token count (the posts arrived
     // before dispatch recv ended, which checked them; bounded again since they are peer data).
@@ -423,15 +424,29 @@ static __device__ __forceinline__ bool pollLines(const LinesAt& at, int src,
 // half found a peer's rejection of this combine, the call is marked skipped; the separate kernel
 // then sees the next epoch (and returns below), the fused one still this call (callEpoch knows
 // the launch that marked it), and its waits for the rejecting rank end on the rejection notice.
+// `round_epoch`: the fused kernel's epoch (roundEpoch, read at its start; the same as callEpoch's
+// here), which lets block 0 load the weights posts of its end check (below) beside the words
+// above instead of after the items; 0 in the separate kernel.
 template <bool kLines>
-__device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
+__device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused,
+                                              uint64_t round_epoch_hint) {
   const PeerContext& ctx = p.peers;
   ControlRegion* own = controlOf(ctx.local_base);
   const int tid = threadIdx.x;
   const int num_ranks = ctx.num_ranks;
-  const uint64_t epoch = callEpoch(own, kEpochLl);
-  const int parity = static_cast<int>(epoch & 1);
   const LlRegions& r = p.regions;
+  // The epoch, the round's epoch and the failure word are independent loads: one memory latency
+  // for all (they were a chain of three with the token count's, on the tail of a block that had
+  // sent the last partials). The token count is this rank's of the dispatch, from the host.
+  const uint64_t epoch = callEpoch(own, kEpochLl);
+  const uint64_t round_epoch = ldVolatileU64(&own->ll_round_epoch);
+  const int n = p.num_tokens;
+  __shared__ uint64_t s_early_post[kMaxRanks];  // block 0: each rank's weights post, or 0
+  if (blockIdx.x == 0 && tid < num_ranks) {
+    s_early_post[tid] =
+        round_epoch_hint == 0 ? 0 : ldVolatileU64(&own->ll_weights_flag[round_epoch_hint & 1][tid]);
+  }
+  const int parity = static_cast<int>(epoch & 1);
   const WaitContext w{&ctx, OpId::kLlCombineRecv, globalTimerNs()};
   const int num_segments = (p.hidden + kSegmentCols - 1) / kSegmentCols;
 
@@ -439,13 +454,12 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   // A peer that rejected this combine stops this rank's combine send, which marks the call
   // skipped; this kernel, queued behind it, then computes the next epoch. The round's epoch
   // (set by its dispatch send) tells: nothing to wait for, the host reports the rejection.
-  if (ldVolatileU64(&own->ll_round_epoch) != epoch) return;
+  if (round_epoch != epoch) return;
   __shared__ bool s_stopped;  // a wait of the block ended unready: the op is over here
   if (tid == 0) s_stopped = false;
   __syncthreads();
   const uint64_t* tags = reinterpret_cast<const uint64_t*>(ctx.local_base + r.combine_tags[parity]);
 
-  const int n = *reinterpret_cast<const int32_t*>(ctx.local_base + r.num_tokens);
   const uint32_t* token_masks = reinterpret_cast<const uint32_t*>(ctx.local_base + r.token_mask);
   const uint16_t* partials =
       reinterpret_cast<const uint16_t*>(ctx.local_base + r.combine_rows[parity]);
@@ -581,6 +595,15 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
     }
   }
 
+  // This block's arrival for the round's close (at the end), by the last warp once its items are
+  // done: the close needs only every block's epoch fixed, and at small batches that warp has no
+  // items, so the atomic's round trip overlaps the other warps' receive instead of following a
+  // block barrier on the kernel's tail.
+  constexpr int kArrivalThread = kBlockThreads - kWarpSize;
+  __shared__ uint32_t s_arrived_before;
+  if (tid == kArrivalThread) {
+    s_arrived_before = atomicAdd(&own->local.arrive[kArriveLlCombineRecv], 1);
+  }
   stageBlock(ctx, kStages, stage::kSummed);
   // Every rank took part in this combine, whether or not its partials came here: block 0 waits
   // for each rank's weights post, which every rank stores at its combine's start. So a rank that
@@ -594,8 +617,9 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
   __syncthreads();  // s_stopped
   const bool check = !s_stopped && blockIdx.x == 0;
   if (check && tid < num_ranks) {
-    uint64_t v = 0;
+    uint64_t v = s_early_post[tid];  // loaded at the start; a post not in then is waited for
     const bool posted =
+        (round_epoch_hint == epoch && tagReached(v, epoch)) ||
         waitTagged(&own->ll_weights_flag[parity][tid], epoch, w, kPhaseCombineWeights, tid, &v);
     s_mode[tid] = posted ? tagValue(v) : kNoPost;
   }
@@ -606,12 +630,11 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
         &own->peer_faulted, [](uint64_t) { return false; }, false, w, kPhaseCombineWeights, tid,
         epoch);
   }
-  // The last block to finish closes the round here: a counting arrival (nothing to publish, so no
+  // The last block to arrive closes the round: a counting arrival (nothing to publish, so no
   // fences), which every block makes, stopped or not, so the counter is back at 0 after every
   // launch. A stopped call closes too: the rank's failure is sticky, and a skip of this call
   // (callEpoch) names the same epoch.
-  __syncthreads();  // every thread's wait is over before the block counts as finished
-  if (tid == 0 && atomicAdd(&own->local.arrive[kArriveLlCombineRecv], 1) == gridDim.x - 1) {
+  if (tid == kArrivalThread && s_arrived_before == gridDim.x - 1) {
     own->local.arrive[kArriveLlCombineRecv] = 0;
     own->local.epoch[kEpochLl] = epoch;
   }
@@ -619,13 +642,17 @@ __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused) {
 
 template <bool kFine>
 __global__ void __launch_bounds__(kBlockThreads) llCombineSendKernel(LlParams p) {
+  __shared__ uint8_t* s_peer[kMaxRanks];
   const uint64_t epoch = roundEpoch(p);
-  llCombineSend<kFine>(p, epoch, postedRows(p, epoch), false);
+  const uint32_t posted_rows = postedRows(p, epoch);
+  loadPeerTable(p.peers, s_peer);
+  __syncthreads();
+  llCombineSend<kFine>(p, epoch, posted_rows, false, s_peer);
 }
 
 template <bool kLines>
 __global__ void __launch_bounds__(kBlockThreads) llCombineRecvKernel(LlParams p) {
-  llCombineRecv<kLines>(p, false);
+  llCombineRecv<kLines>(p, false, 0);
 }
 
 // Both halves in one grid (PerfFlags::ll_fused_combine), after the combine-time weights push when
@@ -643,10 +670,12 @@ __global__ void __launch_bounds__(kBlockThreads) llCombineFusedKernel(LlParams p
   // Loaded beside the failure word, before the barrier: one memory latency for both.
   const uint64_t epoch = roundEpoch(p);
   const uint32_t posted_rows = postedRows(p, epoch);
+  __shared__ uint8_t* s_peer[kMaxRanks];
+  loadPeerTable(p.peers, s_peer);
   if (__syncthreads_or(rankFailed(p.peers))) return;
-  if constexpr (kPushWeights) llCombineWeightsPush(p, true);
-  llCombineSend<kFine>(p, epoch, posted_rows, true);
-  llCombineRecv<kLines>(p, true);
+  if constexpr (kPushWeights) llCombineWeightsPush(p, epoch, true, s_peer);
+  llCombineSend<kFine>(p, epoch, posted_rows, true, s_peer);
+  llCombineRecv<kLines>(p, true, epoch);
   stageThread0(p.peers, kStages, stage::kEnd);
 }
 
@@ -719,10 +748,12 @@ void launchLlCombineRecv(const LlParams& params, int num_tokens, int sm_budget,
   const int work_blocks =
       static_cast<int>((int64_t{num_tokens} * segments + kWarpsPerBlock - 1) / kWarpsPerBlock);
   const int num_blocks = std::max(1, std::min(sm_budget, work_blocks));
+  LlParams recv = params;
+  recv.num_tokens = num_tokens;
   if (llCombineLines(params, num_tokens)) {
-    llCombineRecvKernel<true><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    llCombineRecvKernel<true><<<num_blocks, kBlockThreads, 0, stream>>>(recv);
   } else {
-    llCombineRecvKernel<false><<<num_blocks, kBlockThreads, 0, stream>>>(params);
+    llCombineRecvKernel<false><<<num_blocks, kBlockThreads, 0, stream>>>(recv);
   }
   EPCOMM_KERNEL_LAUNCH_CHECK(llCombineRecvKernel);
 }

@@ -624,13 +624,6 @@ __device__ __forceinline__ void llDispatchRecv(const LlParams& p, uint64_t epoch
   // counters already hold the capped counts, and the host reports the error at its next check.
 }
 
-// The peer table into shared memory, before the kernel's first barrier (which orders it).
-__device__ __forceinline__ void loadPeerTable(const PeerContext& ctx, uint8_t** s_peer) {
-  if (static_cast<int>(threadIdx.x) < ctx.num_ranks) {
-    s_peer[threadIdx.x] = ctx.peer_bases[threadIdx.x];
-  }
-}
-
 template <typename IdxT>
 __global__ void __launch_bounds__(kBlockThreads) llDispatchSendKernel(LlParams p) {
   __shared__ uint8_t* s_peer[kMaxRanks];

@@ -82,5 +82,14 @@ __device__ __forceinline__ int32_t* metaOf(const LlParams& p, int parity, int sr
                                         p.regions.meta_bytes);
 }
 
+// The peer table into shared memory, before the kernel's first barrier (which orders it): loaded
+// beside the kernel's other first words, one memory latency for all, instead of a dependent load
+// of ctx.peer_bases wherever a peer is first addressed.
+__device__ __forceinline__ void loadPeerTable(const PeerContext& ctx, uint8_t** s_peer) {
+  if (static_cast<int>(threadIdx.x) < ctx.num_ranks) {
+    s_peer[threadIdx.x] = ctx.peer_bases[threadIdx.x];
+  }
+}
+
 }  // namespace
 }  // namespace epcomm::kernels
