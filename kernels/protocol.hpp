@@ -553,7 +553,6 @@ struct LlRegions {
   uint64_t expert_count = 0;         // [local_experts] int32
   uint64_t token_mask = 0;           // [max_tokens][rankMaskWords(R)] uint32: ranks each of my
                                      // tokens went to
-  uint64_t num_tokens = 0;           // int32: my token count in the current call
   int64_t max_tokens = 0;            // ll_max_tokens_per_rank
   int64_t rows_per_expert = 0;       // num_ranks * max_tokens
   int64_t row_bytes = 0;             // staged row stride: hidden * 2 (FP8 rows + scales fit too)

@@ -128,7 +128,6 @@ BufferLayout computeBufferLayout(const ResolvedConfig& resolved) {
     ll.topk_copy = carver.take(max_tokens * max_topk * sizeof(int32_t));
     ll.token_mask = carver.take(max_tokens * sizeof(uint32_t) *
                                 static_cast<uint64_t>(kernels::rankMaskWords(resolved.num_ranks)));
-    ll.num_tokens = carver.take(sizeof(int32_t));
     sizes.ll_bookkeeping = carver.since(mark);
   }
   sizes.ll = carver.since(ll_start);

@@ -747,8 +747,7 @@ TEST_F(ConfigTest, BytesForLlBookkeepingHoldsEveryRankMaskWord) {
     expectBreakdownSums(s, str(ranks) + " ranks");
     EXPECT_EQ(s.ll_bookkeeping, alignTo(size_t(ranks) * 1024 * 8 * 4, 4096) +  // slot_of_row
                                     alignTo(1024 * 8 * 4, 4096) +              // topk_copy
-                                    alignTo(1024 * 4 * words, 4096) +          // token masks
-                                    alignTo(4, 4096))                          // num_tokens
+                                    alignTo(1024 * 4 * words, 4096))           // token masks
         << ranks << " ranks";
   }
 }
