@@ -424,9 +424,9 @@ static __device__ __forceinline__ bool pollLines(const LinesAt& at, int src,
 // half found a peer's rejection of this combine, the call is marked skipped; the separate kernel
 // then sees the next epoch (and returns below), the fused one still this call (callEpoch knows
 // the launch that marked it), and its waits for the rejecting rank end on the rejection notice.
-// `round_epoch`: the fused kernel's epoch (roundEpoch, read at its start; the same as callEpoch's
-// here), which lets block 0 load the weights posts of its end check (below) beside the words
-// above instead of after the items; 0 in the separate kernel.
+// `round_epoch_hint`: the fused kernel's epoch (roundEpoch, read at its start; the same as
+// callEpoch's here), which lets block 0 load the weights posts of its end check (below) beside
+// its first words instead of after the items; 0 in the separate kernel.
 template <bool kLines>
 __device__ __forceinline__ void llCombineRecv(const LlParams& p, bool fused,
                                               uint64_t round_epoch_hint) {

@@ -151,8 +151,9 @@ __device__ __forceinline__ void llDispatchSend(const LlParams& p, uint64_t epoch
     // This rank's receive side of the call starts from empty expert lists.
     int32_t* counts = reinterpret_cast<int32_t*>(ctx.local_base + r.expert_count);
     for (int e = tid; e < p.num_local_experts; e += kBlockThreads) counts[e] = 0;
-    if (tid == 0)
+    if (tid == 0) {
       controlOf(ctx.local_base)->ll_round_epoch = epoch;  // read by this round's combine
+    }
     __syncthreads();
     stageThread0(ctx, kStages, stage::kSetup);
     // The token count (and the call's signature) to every rank, at once: receivers learn how many
